@@ -1,0 +1,257 @@
+"""Typed configuration, one dataclass per concern. Each field's ``help`` is its documentation."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+import transformers
+import trl
+
+from alignkit.errors import ConfigError
+
+TASKS = ("causal_lm", "seq_cls", "token_cls", "qa", "mlm", "seq2seq")
+ADAPTER_HANDOFFS = ("continue", "reference", "merge")
+
+
+@dataclass
+class ModelArguments:
+    """Where the backbone comes from and how it is loaded."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local model directory, Hub model id, a .gguf file, an alignkit output directory (adapter "
+            "hand-off), or a built-in tiny test model 'tiny:llama' | 'tiny:bert' | 'tiny:bart'."
+        },
+    )
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_name_or_path (dequantized on load)."})
+    revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer source if not the model's."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the Hub. Off unless you ask."})
+    allow_pickle_weights: bool = field(
+        default=False, metadata={"help": "Allow loading .bin/.pt (pickle) weights. Off: safetensors only."}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights/compute dtype: auto (bf16 on GPUs that support it, else fp32), float32, bfloat16, float16."},
+    )
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager | sdpa | flash_attention_2."})
+    from_scratch: bool = field(default=False, metadata={"help": "Random init from the model's config (pretraining from scratch)."})
+    config_overrides: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Model config fields to change, e.g. {num_hidden_layers: 2} (from_scratch)."}
+    )
+    adapter_handoff: str = field(
+        default="continue",
+        metadata={
+            "help": "When model_name_or_path is an alignkit adapter output: continue (keep training that adapter), "
+            "reference (freeze it as the reference/base and train a new adapter on top), merge (merge it into the base first)."
+        },
+    )
+    chat_template: str | None = field(
+        default=None, metadata={"help": "'chatml', a path to a .jinja file, or a Jinja string. Default: the tokenizer's."}
+    )
+
+    def __post_init__(self):
+        if self.adapter_handoff not in ADAPTER_HANDOFFS:
+            raise ConfigError(
+                f"adapter_handoff: '{self.adapter_handoff}' is not one of {ADAPTER_HANDOFFS}.{_suggest(self.adapter_handoff, ADAPTER_HANDOFFS)}"
+            )
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype: '{self.dtype}' is not auto | float32 | bfloat16 | float16.")
+
+
+@dataclass
+class QuantizationArguments:
+    """4-bit bitsandbytes backbone (QLoRA)."""
+
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the backbone in 4-bit (bitsandbytes)."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 | fp4."})
+    bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "Quantize the quantization constants too."})
+    bnb_4bit_compute_dtype: str = field(
+        default="auto", metadata={"help": "auto (bf16 on capable GPUs, fp32 on CPU) | float32 | bfloat16 | float16."}
+    )
+    bnb_4bit_quant_storage: str | None = field(
+        default=None,
+        metadata={"help": "Storage dtype of packed weights: uint8 (default) or the compute dtype (needed by ZeRO-3/FSDP)."},
+    )
+
+    def __post_init__(self):
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise ConfigError(f"bnb_4bit_quant_type: '{self.bnb_4bit_quant_type}' must be nf4 or fp4.")
+
+
+@dataclass
+class AdapterArguments:
+    """PEFT adapter (LoRA, DoRA, rsLoRA)."""
+
+    use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter. False: full fine-tuning."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] | str = field(
+        default="all-linear", metadata={"help": "Module names to adapt, or 'all-linear'."}
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules trained in full (task heads are added automatically)."}
+    )
+    use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling (alpha / sqrt(r))."})
+
+    def __post_init__(self):
+        if self.lora_r <= 0:
+            raise ConfigError(f"lora_r: must be a positive integer, got {self.lora_r}.")
+
+
+@dataclass
+class DatasetSource:
+    """One entry of ``datasets``: a file, a save_to_disk folder or a Hub id, with a mixture weight."""
+
+    path: str
+    weight: float = 1.0
+    split: str = "train"
+    name: str | None = None
+    test_split: str | None = None
+
+    def __post_init__(self):
+        if self.weight <= 0:
+            raise ConfigError(f"datasets[{self.path}].weight: must be > 0, got {self.weight}.")
+
+
+@dataclass
+class DataArguments:
+    """Training data: a mixture of sources, and how to split off evaluation rows."""
+
+    datasets: list[Any] = field(
+        default_factory=list,
+        metadata={"help": "List of sources: a path/Hub id string, or {path, weight, split, name, test_split}."},
+    )
+    test_size: float = field(default=0.0, metadata={"help": "Fraction (or count if >= 1) held out for eval when no test split exists."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap the number of training rows (after mixing)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap the number of evaluation rows."})
+    mixture_seed: int = field(default=42, metadata={"help": "Seed for sampling mixtures and splits."})
+
+    def __post_init__(self):
+        sources = []
+        valid = [f.name for f in dataclasses.fields(DatasetSource)]
+        for i, entry in enumerate(self.datasets or []):
+            if isinstance(entry, DatasetSource):
+                sources.append(entry)
+                continue
+            if isinstance(entry, str):
+                entry = {"path": entry}
+            if not isinstance(entry, dict) or "path" not in entry:
+                raise ConfigError(f"datasets[{i}]: each source needs a 'path'. Fix: write '- path: data/train.jsonl'.")
+            for key in entry:
+                if key not in valid:
+                    raise ConfigError(f"datasets[{i}]: unknown key '{key}'.{_suggest(key, valid)}")
+            sources.append(DatasetSource(**entry))
+        self.datasets = sources
+        if self.test_size < 0:
+            raise ConfigError(f"test_size: must be >= 0, got {self.test_size}.")
+
+
+@dataclass
+class RunArguments:
+    """How alignkit runs the stage (around the trainer)."""
+
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing over a finished run."})
+    label_preview: bool = field(default=False, metadata={"help": "Print one tokenized example with trained tokens marked, then exit."})
+    stop_on_nonfinite: bool = field(default=True, metadata={"help": "Stop on a NaN/Inf loss or grad norm."})
+    min_free_disk_gb: float = field(default=1.0, metadata={"help": "Refuse to start with less free disk in output_dir."})
+    task: str = field(default="causal_lm", metadata={"help": f"Model head: one of {TASKS}."})
+    wandb_group: str | None = field(default=None, metadata={"help": "W&B group (default: the stage name)."})
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ConfigError(f"task: '{self.task}' is not one of {TASKS}.{_suggest(self.task, TASKS)}")
+
+
+def _suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def device_supports_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _device_precision(args) -> None:
+    """trl defaults to bf16=True; on CPUs without bf16 units that is many times slower than fp32. Decide by device."""
+    if getattr(args, "bf16", None) is None:
+        args.bf16 = device_supports_bf16() and not args.fp16
+
+
+_ALIGNKIT_DEFAULTS = dict(output_dir="outputs/run", report_to="none", logging_steps=1, save_strategy="steps", save_steps=500)
+
+
+def _default(name, value=None, **kw):
+    value = _ALIGNKIT_DEFAULTS[name] if value is None else value
+    if isinstance(value, (list, dict)):
+        return field(default_factory=lambda: value, **kw)
+    return field(default=value, **kw)
+
+
+@dataclass
+class CPTConfig(transformers.TrainingArguments):
+    """Causal-LM (continued) pretraining: transformers' TrainingArguments plus block packing."""
+
+    output_dir: str = _default("output_dir")
+    report_to: Any = _default("report_to")
+    logging_steps: float = _default("logging_steps")
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: by device)."})
+    block_size: int = field(default=512, metadata={"help": "Tokens per packed training block."})
+
+    def __post_init__(self):
+        _device_precision(self)
+        super().__post_init__()
+
+
+@dataclass
+class SFTConfig(trl.SFTConfig):
+    """trl's SFTConfig with device-aware precision and alignkit's defaults."""
+
+    output_dir: str = _default("output_dir")
+    report_to: Any = _default("report_to")
+    logging_steps: float = _default("logging_steps")
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: by device)."})
+
+    def __post_init__(self):
+        _device_precision(self)
+        super().__post_init__()
+
+
+@dataclass
+class DPOConfig(trl.DPOConfig):
+    """trl's DPOConfig with device-aware precision and alignkit's defaults."""
+
+    output_dir: str = _default("output_dir")
+    report_to: Any = _default("report_to")
+    logging_steps: float = _default("logging_steps")
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: by device)."})
+
+    def __post_init__(self):
+        _device_precision(self)
+        super().__post_init__()
+
+
+@dataclass
+class TaskConfig(transformers.Seq2SeqTrainingArguments):
+    """Classical task heads: transformers' Seq2SeqTrainingArguments (a superset of TrainingArguments)."""
+
+    output_dir: str = _default("output_dir")
+    report_to: Any = _default("report_to")
+    logging_steps: float = _default("logging_steps")
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: by device)."})
+    max_length: int = field(default=256, metadata={"help": "Max tokens per input (QA: per window)."})
+
+    def __post_init__(self):
+        _device_precision(self)
+        super().__post_init__()
+
+
+MODEL_GROUPS = (ModelArguments, QuantizationArguments, AdapterArguments, DataArguments, RunArguments)

@@ -1,0 +1,228 @@
+"""One parser for every recipe: a YAML file gives defaults, ``--key value`` flags override them.
+
+The YAML is flat (as in alignment-handbook): each key belongs to one of the typed dataclass groups a
+recipe asks for, and a key that two groups share (``trust_remote_code`` in ``ModelArguments`` and in
+trl's configs) is given to both. Unlike trl's parser, an unknown key is an error that names the key and
+suggests the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alignkit.errors import ConfigError
+
+# Keys the parser itself owns (they are not fields of any group).
+_PARSER_FLAGS = {"config", "print_config", "help"}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # some upstream configs use forward references we cannot resolve; fall back to raw annotations
+        hints: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            hints.update(getattr(klass, "__annotations__", {}))
+        return hints
+
+
+def _is_str_type(tp) -> bool:
+    """True when a CLI string must stay a string (``str`` or ``Optional[str]``)."""
+    if tp is str or tp == "str":
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return len(args) == 1 and args[0] is str
+    return False
+
+
+def _convert_cli_value(raw: str, tp) -> Any:
+    if _is_str_type(tp):
+        return None if raw in ("null", "None") and tp is not str else raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _scalar_types(tp) -> set:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return {a for a in typing.get_args(tp) if a is not type(None)}
+    return {tp}
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """YAML reads '1e-3' as a string (YAML 1.1); turn strings into the field's number/bool type."""
+    if not isinstance(value, str):
+        if isinstance(value, int) and not isinstance(value, bool) and float in _scalar_types(tp) and int not in _scalar_types(tp):
+            return float(value)
+        return value
+    wanted = _scalar_types(tp)
+    if str in wanted or not wanted & {int, float, bool}:
+        return value
+    for kind in (int, float):
+        if kind in wanted:
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    if bool in wanted and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ConfigError(f"{key}: '{value}' is not a valid {' or '.join(t.__name__ for t in wanted if isinstance(t, type))}.")
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+class RecipeParser:
+    """Parse ``--config recipe.yaml`` plus ``--key value`` overrides into typed dataclass instances."""
+
+    def __init__(self, dataclass_types: tuple[type, ...] | list[type]):
+        self.dataclass_types = tuple(dataclass_types)
+        self.owners: dict[str, list[type]] = {}
+        self.types: dict[str, Any] = {}
+        for cls in self.dataclass_types:
+            hints = _field_types(cls)
+            for f in dataclasses.fields(cls):
+                if not f.init:
+                    continue
+                self.owners.setdefault(f.name, []).append(cls)
+                self.types.setdefault(f.name, hints.get(f.name, f.type))
+
+    @property
+    def valid_keys(self) -> list[str]:
+        return sorted(self.owners)
+
+    def _check_key(self, key: str, where: str) -> None:
+        if key not in self.owners:
+            raise ConfigError(
+                f"{where}: unknown key '{key}'.{_suggest(key, self.valid_keys)} "
+                f"Fix: correct the key, or run with --help to list the valid ones."
+            )
+
+    def load_yaml(self, path: str | Path) -> dict[str, Any]:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: recipe file not found. Fix: pass an existing YAML file to --config.")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc}). Fix: correct the YAML syntax.") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of key: value. Fix: use flat 'key: value' lines.")
+        for key in data:
+            self._check_key(key, str(path))
+        return data
+
+    def parse_cli(self, argv: list[str]) -> tuple[str | None, dict[str, Any], bool, bool]:
+        """Return (config path, overrides, print_config, help)."""
+        config, overrides, print_config, want_help = None, {}, False, False
+        i = 0
+        while i < len(argv):
+            token = argv[i]
+            if not token.startswith("--"):
+                raise ConfigError(f"command line: unexpected argument '{token}'. Fix: options take the form --key value.")
+            key, eq, value = token[2:].partition("=")
+            key = key.replace("-", "_")
+            if key in ("print_config", "help") and not eq:
+                print_config |= key == "print_config"
+                want_help |= key == "help"
+                i += 1
+                continue
+            if not eq:
+                nxt = argv[i + 1] if i + 1 < len(argv) else None
+                if nxt is None or nxt.startswith("--"):
+                    value = "true"  # a bare --flag means true
+                    i += 1
+                else:
+                    value = nxt
+                    i += 2
+            else:
+                i += 1
+            if key == "config":
+                config = value
+                continue
+            self._check_key(key, "command line")
+            overrides[key] = _convert_cli_value(value, self.types[key])
+        return config, overrides, print_config, want_help
+
+    def help_text(self) -> str:
+        lines = ["usage: accelerate launch recipes/<stage>.py --config RECIPE.yaml [--key value ...] [--print_config]", ""]
+        for cls in self.dataclass_types:
+            lines.append(f"{cls.__name__}:")
+            for f in dataclasses.fields(cls):
+                if f.init:
+                    lines.append(f"  --{f.name}  {f.metadata.get('help', '')}".rstrip())
+        return "\n".join(lines)
+
+    def build(self, values: dict[str, Any]) -> tuple:
+        """Instantiate every group from a flat dict of values (already key-checked)."""
+        instances = []
+        for cls in self.dataclass_types:
+            names = {f.name for f in dataclasses.fields(cls) if f.init}
+            kwargs = {k: _coerce(k, v, self.types[k]) for k, v in values.items() if k in names}
+            try:
+                instances.append(cls(**kwargs))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{cls.__name__}: {exc}") from exc
+        return tuple(instances)
+
+    def parse(self, argv: list[str] | None = None) -> tuple:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        config, overrides, print_config, want_help = self.parse_cli(argv)
+        if want_help:
+            print(self.help_text())
+            raise SystemExit(0)
+        values = self.load_yaml(config) if config else {}
+        values.update(overrides)
+        groups = self.build(values)
+        if print_config:
+            print(dump_config(groups))
+            raise SystemExit(0)
+        return groups
+
+
+_SECRET_KEYS = ("token", "password", "secret", "api_key")
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "value") and type(value).__module__ != "builtins" and hasattr(type(value), "__members__"):
+        return value.value  # enums
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def resolved_config(groups: tuple) -> dict[str, dict[str, Any]]:
+    """The fully resolved config as ``{group name: {key: value}}``, with secrets removed."""
+    out: dict[str, dict[str, Any]] = {}
+    for group in groups:
+        fields = {}
+        for f in dataclasses.fields(group):
+            if not f.init or any(s in f.name.lower() for s in _SECRET_KEYS):
+                continue  # tokens are never written anywhere
+            fields[f.name] = _plain(getattr(group, f.name))
+        out[type(group).__name__] = fields
+    return out
+
+
+def dump_config(groups: tuple) -> str:
+    return yaml.safe_dump(resolved_config(groups), sort_keys=False, default_flow_style=False)

@@ -1,0 +1,89 @@
+"""The tokenizer contract: fix what silently breaks training, and say what was changed."""
+
+from __future__ import annotations
+
+import logging
+
+from alignkit.config.args import ModelArguments
+from alignkit.data.templates import CHATML, marks_assistant_turns, resolve_chat_template
+from alignkit.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Existing tokens that serve well as a pad distinct from eos (no new embedding rows needed).
+_PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>")
+
+
+def load_tokenizer(
+    model_args: ModelArguments,
+    *,
+    chat: bool = False,
+    assistant_only_loss: bool = False,
+    train_on_completions: bool = False,
+    source=None,
+):
+    """Load the tokenizer and apply the contract. ``tokenizer.alignkit_changes`` lists what was changed."""
+    from transformers import AutoTokenizer
+
+    from alignkit.models.loader import resolve_source
+
+    source = source or resolve_source(model_args)
+    name = model_args.tokenizer_name_or_path or source.adapter_dir or source.base
+    kwargs = {"trust_remote_code": model_args.trust_remote_code, "revision": model_args.revision}
+    if source.gguf_file and not model_args.tokenizer_name_or_path and not source.adapter_dir:
+        kwargs["gguf_file"] = source.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    changes = apply_contract(
+        tokenizer,
+        chat_template=model_args.chat_template,
+        chat=chat,
+        assistant_only_loss=assistant_only_loss,
+        train_on_completions=train_on_completions,
+    )
+    tokenizer.alignkit_changes = changes
+    return tokenizer
+
+
+def _distinct_pad(tokenizer) -> str | None:
+    vocab = tokenizer.get_vocab()
+    for candidate in (*_PAD_CANDIDATES, tokenizer.unk_token):
+        if candidate and candidate in vocab and candidate != tokenizer.eos_token:
+            return candidate
+    return None
+
+
+def apply_contract(tokenizer, *, chat_template=None, chat=False, assistant_only_loss=False, train_on_completions=False) -> list[str]:
+    changes: list[str] = []
+    if tokenizer.pad_token is None:
+        pad = _distinct_pad(tokenizer) or tokenizer.eos_token
+        tokenizer.pad_token = pad
+        changes.append(f"pad_token was missing; set to {pad!r}")
+    if train_on_completions and tokenizer.eos_token is not None and tokenizer.pad_token == tokenizer.eos_token:
+        # With pad == eos, collators that mask padding by token id also mask every real eos: the model never
+        # learns to stop. Use a distinct pad token.
+        pad = _distinct_pad(tokenizer)
+        if pad is None:
+            pad = "<|pad|>"
+            tokenizer.add_special_tokens({"pad_token": pad})
+            changes.append(f"pad_token was eos {tokenizer.eos_token!r}; added a new token {pad!r} as pad (embeddings grow by one)")
+        else:
+            changes.append(f"pad_token was eos {tokenizer.eos_token!r}; set to the distinct token {pad!r}")
+            tokenizer.pad_token = pad
+    if chat_template:
+        tokenizer.chat_template = resolve_chat_template(chat_template)
+        changes.append("chat_template set from the recipe")
+    elif chat and not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML
+        changes.append("tokenizer had no chat template; set alignkit's ChatML template")
+    if assistant_only_loss and not marks_assistant_turns(tokenizer.chat_template):
+        if tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template:
+            tokenizer.chat_template = CHATML
+            changes.append("chat template did not mark assistant turns ({% generation %}); replaced by alignkit's ChatML, which does")
+        else:
+            raise ConfigError(
+                "assistant_only_loss: the tokenizer's chat template does not mark assistant turns with {% generation %}. "
+                "Fix: set chat_template to 'chatml' or to a template with {% generation %} blocks, or set assistant_only_loss: false."
+            )
+    for change in changes:
+        logger.warning("tokenizer contract: %s", change)
+    return changes

@@ -1,0 +1,188 @@
+"""Tiny random models (2 layers, hidden 64) with tokenizers trained offline on a built-in corpus.
+
+``tiny:llama``, ``tiny:bert`` and ``tiny:bart`` in a recipe's ``model_name_or_path`` resolve here. They are built
+deterministically (fixed seed, fixed corpus) into ``$ALIGNKIT_CACHE/tiny/<kind>-v<N>`` on first use, so tests,
+smoke recipes and regression trajectories never touch the network.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+TINY_VERSION = 1
+TINY_KINDS = ("llama", "bert", "bart")
+
+_WORDS = (
+    "the a an of to in and is was for on with as by at from that this it be are or not have has had which "
+    "model data train test loss token text user assistant system answer question context paris london berlin "
+    "alice bob carol dave emma frank grace henry works lives visited city company google acme river mountain "
+    "good bad great terrible happy sad love hate movie film book story red green blue cat dog bird sum plus "
+    "minus equals what who where when how why yes no one two three four five six seven eight nine ten"
+).split()
+
+
+def _corpus(n_lines: int = 3000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 14))]
+        if rng.random() < 0.3:
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            words += [f"{a}", "+", f"{b}", "=", f"{a + b}", "ANSWER:", f"{a + b}"]
+        if rng.random() < 0.3:
+            words[0] = words[0].capitalize()
+        lines.append(" ".join(words) + rng.choice([".", "?", "!", ","]))
+    return lines
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit"))
+
+
+def tiny_model_path(kind: str) -> Path:
+    """Path of the built tiny model of ``kind``; builds it on first use."""
+    if kind not in TINY_KINDS:
+        raise ValueError(f"unknown tiny model 'tiny:{kind}'. Fix: use one of {['tiny:' + k for k in TINY_KINDS]}.")
+    target = cache_root() / "tiny" / f"{kind}-v{TINY_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=target.parent))
+    try:
+        build_tiny(kind, tmp)
+        try:
+            tmp.rename(target)  # atomic: concurrent ranks either win or find a complete copy
+        except OSError:
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _bpe_tokenizer(special: list[str], vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok
+
+
+def _llama_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    from alignkit.data.templates import CHATML
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_bpe_tokenizer(special),
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        unk_token="<|endoftext|>",
+        additional_special_tokens=["<|endoftext|>"],
+    )
+    tok.chat_template = CHATML
+    tok.model_max_length = 512
+    return tok
+
+
+def _bart_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_bpe_tokenizer(["<s>", "<pad>", "</s>", "<unk>", "<mask>"]),
+        bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>",
+    )
+    from tokenizers import processors
+
+    backend = tok.backend_tokenizer
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", tok.convert_tokens_to_ids("<s>")), ("</s>", tok.convert_tokens_to_ids("</s>"))],
+    )
+    tok.model_max_length = 256
+    return tok
+
+
+def _bert_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    # a small vocabulary so that rarer words split into sub-words (exercises label alignment)
+    tok.train_from_iterator(_corpus(), trainer=trainers.WordPieceTrainer(vocab_size=300, special_tokens=special, show_progress=False))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+    )
+    fast.model_max_length = 512
+    return fast
+
+
+def build_tiny(kind: str, out_dir: str | Path) -> Path:
+    """Build a tiny random model + tokenizer of ``kind`` into ``out_dir`` (safetensors)."""
+    import torch
+    from transformers import AutoModel, BartConfig, BertConfig, LlamaConfig
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    if kind == "llama":
+        tok = _llama_tokenizer()
+        config = LlamaConfig(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(config)
+    elif kind == "bert":
+        tok = _bert_tokenizer()
+        config = BertConfig(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+        )
+        from transformers import BertForMaskedLM
+
+        model = BertForMaskedLM(config)
+    elif kind == "bart":
+        tok = _bart_tokenizer()
+        config = BartConfig(
+            vocab_size=len(tok), d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=256,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            decoder_start_token_id=tok.eos_token_id, forced_eos_token_id=tok.eos_token_id,
+        )
+        from transformers import BartForConditionalGeneration
+
+        model = BartForConditionalGeneration(config)
+    else:
+        raise ValueError(f"unknown tiny model kind {kind!r}; one of {TINY_KINDS}")
+    del AutoModel
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+if __name__ == "__main__":
+    import sys
+
+    for k in sys.argv[1:] or TINY_KINDS:
+        print(k, tiny_model_path(k))
