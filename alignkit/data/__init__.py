@@ -1,0 +1,19 @@
+"""One data layer: sources (files, folders, Hub ids), mixtures, splits, per-stage schema checks, chat templates."""
+
+from alignkit.data.schemas import CPT, DPO, SFT, STAGE_SCHEMAS, Schema
+from alignkit.data.sources import load_datasets, load_source_split, mixture_indices
+from alignkit.data.templates import CHATML, marks_assistant_turns, resolve_chat_template
+
+__all__ = [
+    "CHATML",
+    "CPT",
+    "DPO",
+    "SFT",
+    "STAGE_SCHEMAS",
+    "Schema",
+    "load_datasets",
+    "load_source_split",
+    "marks_assistant_turns",
+    "mixture_indices",
+    "resolve_chat_template",
+]

@@ -1,0 +1,119 @@
+"""Per-stage schema checks. Each runs over every row before training and fails with file, row and fix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from alignkit.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Schema:
+    """A stage's data contract: which column sets are accepted, and a per-row check."""
+
+    name: str
+    column_sets: tuple[tuple[str, ...], ...]
+    check_row: Callable[[dict, str, int], None]
+    fix_hint: str
+
+    def columns_for(self, dataset, source: str) -> tuple[str, ...]:
+        present = set(dataset.column_names)
+        for columns in self.column_sets:
+            if set(columns) <= present:
+                return columns
+        wanted = " or ".join("/".join(c) for c in self.column_sets)
+        have = ", ".join(sorted(present)) or "none"
+        raise DataError(source, None, f"missing columns for {self.name}: needs {wanted}, has {have}", self.fix_hint)
+
+    def check(self, dataset, source: str):
+        """Check every row; return the dataset with only this stage's columns."""
+        columns = self.columns_for(dataset, source)
+        for i, row in enumerate(dataset.select_columns(list(columns))):
+            self.check_row(row, source, i + 1)
+        extra = [c for c in dataset.column_names if c not in columns]
+        return dataset.remove_columns(extra) if extra else dataset
+
+
+def _text(value, source, row, column, fix) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(source, row, f"'{column}' is empty or not text", fix)
+
+
+def _messages(value, source, row, column="messages", must_end_on_assistant=True) -> None:
+    if not isinstance(value, list) or not value:
+        raise DataError(source, row, f"'{column}' is not a non-empty list of messages", 'write [{"role": "user", "content": "..."}, ...]')
+    for j, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(source, row, f"{column}[{j}] lacks 'role' or 'content'", "give every message a role and a content")
+        if message["role"] not in ROLES:
+            raise DataError(
+                source, row, f"{column}[{j}] has role '{message['role']}'", f"use one of {ROLES} (e.g. rename 'human' to 'user', 'gpt' to 'assistant')"
+            )
+        if not isinstance(message["content"], str) or not message["content"].strip():
+            raise DataError(source, row, f"{column}[{j}] ({message['role']}) has empty content", "remove the message or give it text")
+        if message["role"] == "system" and j != 0:
+            raise DataError(source, row, f"{column}[{j}] is a system message after the first turn", "put the system message first")
+    if must_end_on_assistant and value[-1]["role"] != "assistant":
+        raise DataError(
+            source, row, f"conversation ends on '{value[-1]['role']}', so it has nothing to learn from at the end",
+            "end every conversation with an assistant message, or drop the trailing user turn",
+        )
+
+
+def _check_text(row, source, i):
+    _text(row["text"], source, i, "text", "give every row non-empty text, or drop the row")
+
+
+def _check_sft(row, source, i):
+    if "messages" in row:
+        _messages(row["messages"], source, i)
+        if not any(m["role"] == "assistant" for m in row["messages"]):
+            raise DataError(source, i, "conversation has no assistant turn", "add the assistant's answer")
+        return
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, list):
+        _messages(prompt, source, i, "prompt", must_end_on_assistant=False)
+        _messages(completion, source, i, "completion")
+    else:
+        _text(prompt, source, i, "prompt", "give every row a non-empty prompt")
+        _text(completion, source, i, "completion", "give every row a non-empty completion")
+
+
+def _as_text(value) -> str:
+    if isinstance(value, list):
+        return "\n".join(m.get("content", "") for m in value if isinstance(m, dict))
+    return value if isinstance(value, str) else ""
+
+
+def _check_dpo(row, source, i):
+    prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    if isinstance(prompt, list):
+        _messages(prompt, source, i, "prompt", must_end_on_assistant=False)
+    else:
+        _text(prompt, source, i, "prompt", "give every row a non-empty prompt")
+    for column, value in (("chosen", chosen), ("rejected", rejected)):
+        if isinstance(value, list):
+            _messages(value, source, i, column)
+        else:
+            _text(value, source, i, column, f"give every row a non-empty {column} response")
+    if _as_text(chosen).strip() == _as_text(rejected).strip():
+        raise DataError(source, i, "chosen and rejected are identical, so there is no preference to learn", "drop the row or fix one response")
+    prompt_text = _as_text(prompt).strip()
+    for column, value in (("chosen", chosen), ("rejected", rejected)):
+        if len(prompt_text) > 16 and _as_text(value).strip().startswith(prompt_text):
+            raise DataError(
+                source, i, f"'{column}' repeats the prompt at its start; the trainer prepends the prompt itself",
+                f"store only the response in '{column}'",
+            )
+
+
+CPT = Schema("cpt", (("text",),), _check_text, "give each row a 'text' column of raw text")
+SFT = Schema(
+    "sft", (("messages",), ("prompt", "completion")), _check_sft,
+    "use a 'messages' column (chat) or 'prompt' + 'completion' columns",
+)
+DPO = Schema("dpo", (("prompt", "chosen", "rejected"),), _check_dpo, "give each row 'prompt', 'chosen' and 'rejected'")
+STAGE_SCHEMAS = {"cpt": CPT, "sft": SFT, "dpo": DPO}

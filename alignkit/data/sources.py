@@ -1,0 +1,131 @@
+"""Dataset sources -> one DatasetDict: local files, save_to_disk folders, Hub ids, weighted mixtures, splits.
+
+Every source is schema-checked on its own before mixing, so an error names the file and the row in it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+from alignkit.config.args import DataArguments, DatasetSource
+from alignkit.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def _check_jsonl(path: Path) -> None:
+    """datasets' JSON reader fails with a pyarrow trace; find the bad line ourselves first."""
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(str(path), lineno, f"line is not valid JSON ({exc.msg})", "make each line one JSON object") from exc
+            if not isinstance(value, dict):
+                raise DataError(str(path), lineno, "line is not a JSON object", 'write each row as {"column": value, ...}')
+
+
+def _label(source: DatasetSource, split: str) -> str:
+    return source.path if split == "train" and source.split == "train" else f"{source.path} [{split}]"
+
+
+def load_source_split(source: DatasetSource, split: str | None = None):
+    """Load one split of one source as a ``datasets.Dataset``. Returns None if the split does not exist."""
+    import datasets
+
+    split = split or source.split
+    path = Path(source.path)
+    if path.is_file():
+        builder = _FILE_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise DataError(str(path), None, f"unsupported file type '{path.suffix}'", f"use one of {sorted(_FILE_BUILDERS)}")
+        if split != source.split:
+            return None  # a single file has one split
+        if path.suffix == ".jsonl" or (path.suffix == ".json" and not path.read_text(encoding="utf-8").lstrip().startswith("[")):
+            _check_jsonl(path)
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as exc:
+            raise DataError(str(path), None, f"could not be read as {builder} ({exc})", "check the file's format") from exc
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                return loaded[split] if split in loaded else None
+            return loaded if split == source.split else None
+        try:
+            loaded = datasets.load_dataset(str(path))
+        except Exception as exc:
+            raise DataError(str(path), None, f"folder could not be loaded ({exc})", "point to data files or a save_to_disk folder") from exc
+        return loaded[split] if split in loaded else None
+    if path.suffix in _FILE_BUILDERS or source.path.startswith((".", "/")):
+        raise DataError(source.path, None, "file not found", "check the path (relative paths start from the current directory)")
+    try:  # a Hub dataset id
+        loaded = datasets.load_dataset(source.path, source.name)
+    except Exception as exc:
+        raise DataError(
+            source.path, None, f"not a local file or folder, and loading it from the Hub failed ({type(exc).__name__})",
+            "check the path, or the dataset id and your network access",
+        ) from exc
+    return loaded[split] if split in loaded else None
+
+
+def mixture_indices(n_rows: int, weight: float, rng: random.Random) -> list[int]:
+    """Row indices for one source: weight 0.5 keeps half, 1 keeps all, 2.5 keeps all twice plus half again."""
+    target = int(round(weight * n_rows))
+    whole, rest = divmod(target, n_rows) if n_rows else (0, 0)
+    indices = list(range(n_rows)) * whole + rng.sample(range(n_rows), rest)
+    rng.shuffle(indices)
+    return indices
+
+
+def load_datasets(data_args: DataArguments, schema=None):
+    """Load, check, mix and split every source into ``DatasetDict({'train', ['test']})``.
+
+    ``schema`` (from :mod:`alignkit.data.schemas`) checks each source and selects the stage's columns.
+    """
+    import datasets
+
+    if not data_args.datasets:
+        raise DataError("recipe", None, "no datasets given", "add 'datasets: [- path: data/train.jsonl]' to the recipe")
+    rng = random.Random(data_args.mixture_seed)
+    trains, tests = [], []
+    for source in data_args.datasets:
+        train = load_source_split(source)
+        if train is None:
+            raise DataError(source.path, None, f"has no split '{source.split}'", "set 'split:' on this source to an existing split")
+        if len(train) == 0:
+            raise DataError(_label(source, source.split), None, "split is empty", "add rows, or remove this source")
+        if schema is not None:
+            train = schema.check(train, _label(source, source.split))
+        trains.append(train.select(mixture_indices(len(train), source.weight, rng)) if source.weight != 1 else train)
+        test = load_source_split(source, source.test_split) if source.test_split else None
+        if test is not None:
+            if schema is not None:
+                test = schema.check(test, _label(source, source.test_split))
+            tests.append(test)
+    train = datasets.concatenate_datasets(trains) if len(trains) > 1 else trains[0]
+    if len(trains) > 1:
+        train = train.shuffle(seed=data_args.mixture_seed)
+    out = {"train": train}
+    if tests:
+        out["test"] = datasets.concatenate_datasets(tests) if len(tests) > 1 else tests[0]
+    elif data_args.test_size:
+        size = int(data_args.test_size) if data_args.test_size >= 1 else data_args.test_size
+        if (size if isinstance(size, int) else math.ceil(size * len(train))) >= len(train):
+            raise DataError("recipe", None, f"test_size {data_args.test_size} leaves no training rows", "lower test_size")
+        split = train.train_test_split(test_size=size, seed=data_args.mixture_seed)
+        out = {"train": split["train"], "test": split["test"]}
+    if data_args.max_train_samples:
+        out["train"] = out["train"].select(range(min(data_args.max_train_samples, len(out["train"]))))
+    if "test" in out and data_args.max_eval_samples:
+        out["test"] = out["test"].select(range(min(data_args.max_eval_samples, len(out["test"]))))
+    return datasets.DatasetDict(out)

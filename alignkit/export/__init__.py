@@ -1,0 +1,1 @@
+"""Adapters out: model cards, merging, pushing."""

@@ -1,0 +1,5 @@
+"""The one run loop: seed, preflight, resume, train, eval, save, card."""
+
+from alignkit.train.runner import Run
+
+__all__ = ["Run"]

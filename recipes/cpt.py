@@ -1,0 +1,35 @@
+"""CPT: causal-LM pretraining on raw ``text``, packed into fixed blocks; continued from a pretrained model (LoRA,
+QLoRA or full) or from scratch (``from_scratch: true``: random init from the model's config, full training).
+
+    accelerate launch recipes/cpt.py --config recipes/tiny/cpt.yaml [--key value ...]
+"""
+
+from transformers import DataCollatorForLanguageModeling, Trainer
+
+from alignkit.config import CPTConfig, parse_recipe
+from alignkit.data import CPT
+from alignkit.data.packing import pack_text_blocks
+from alignkit.train import Run
+
+
+def main(argv=None):
+    recipe = parse_recipe(CPTConfig, argv)
+    run = Run(recipe, stage="cpt")
+    tokenizer = run.load_tokenizer()
+    data = run.load_data(CPT)
+    with recipe.train.main_process_first(desc="pack text"):
+        blocks = {split: pack_text_blocks(ds, tokenizer, recipe.train.block_size) for split, ds in data.items()}
+    model = run.load_model("causal_lm")
+    trainer = Trainer(
+        model=model,
+        args=recipe.train,
+        train_dataset=blocks["train"],
+        eval_dataset=blocks.get("test"),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,
+    )
+    return run.train(trainer)
+
+
+if __name__ == "__main__":
+    main()

