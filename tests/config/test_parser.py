@@ -1,0 +1,100 @@
+"""The one config system: YAML defaults, CLI overrides, strict keys with suggestions, resolved config."""
+
+import pytest
+import yaml
+
+from alignkit.config import CPTConfig, DPOConfig, SFTConfig, TaskConfig, parse_recipe
+from alignkit.errors import ConfigError
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "model_name_or_path: tiny:llama\n"
+        "learning_rate: 1e-3\n"  # YAML 1.1 reads this as a string; the parser must give a float
+        "lora_r: 4\n"
+        f"output_dir: {tmp_path / 'out'}\n"
+        "datasets:\n  - path: a.jsonl\n    weight: 2\n"
+    )
+    return path
+
+
+def test_yaml_values_are_typed(recipe_file):
+    recipe = parse_recipe(SFTConfig, ["--config", str(recipe_file)])
+    assert recipe.train.learning_rate == pytest.approx(1e-3)
+    assert recipe.adapter.lora_r == 4
+    assert recipe.data.datasets[0].path == "a.jsonl" and recipe.data.datasets[0].weight == 2
+
+
+def test_cli_overrides_yaml(recipe_file):
+    recipe = parse_recipe(SFTConfig, ["--config", str(recipe_file), "--lora_r", "8", "--learning_rate=2e-4", "--packing"])
+    assert recipe.adapter.lora_r == 8
+    assert recipe.train.learning_rate == pytest.approx(2e-4)
+    assert recipe.train.packing is True
+
+
+def test_misspelled_yaml_key_names_key_and_suggestion(recipe_file):
+    recipe_file.write_text(recipe_file.read_text() + "learning_rat: 3\n")
+    with pytest.raises(ConfigError) as err:
+        parse_recipe(SFTConfig, ["--config", str(recipe_file)])
+    message = str(err.value)
+    assert str(recipe_file) in message and "'learning_rat'" in message and "Did you mean 'learning_rate'" in message
+
+
+def test_misspelled_cli_key_names_key_and_suggestion(recipe_file):
+    with pytest.raises(ConfigError) as err:
+        parse_recipe(SFTConfig, ["--config", str(recipe_file), "--lora_alpah", "16"])
+    assert "command line" in str(err.value) and "'lora_alpah'" in str(err.value) and "'lora_alpha'" in str(err.value)
+
+
+def test_misspelled_dataset_source_key(recipe_file):
+    recipe_file.write_text(recipe_file.read_text().replace("weight: 2", "wieght: 2"))
+    with pytest.raises(ConfigError, match="Did you mean 'weight'"):
+        parse_recipe(SFTConfig, ["--config", str(recipe_file)])
+
+
+def test_stage_keys_belong_to_their_stage(recipe_file):
+    # 'beta' is a DPO key: an SFT recipe must reject it rather than drop it.
+    with pytest.raises(ConfigError, match="'beta'"):
+        parse_recipe(SFTConfig, ["--config", str(recipe_file), "--beta", "0.1"])
+    assert parse_recipe(DPOConfig, ["--config", str(recipe_file), "--beta", "0.3"]).train.beta == pytest.approx(0.3)
+
+
+def test_shared_key_reaches_every_group(recipe_file):
+    recipe = parse_recipe(SFTConfig, ["--config", str(recipe_file), "--trust_remote_code", "true"])
+    assert recipe.model.trust_remote_code is True and recipe.train.trust_remote_code is True
+
+
+def test_precision_follows_the_device(recipe_file):
+    # trl defaults to bf16=True; on a CPU without bf16 units alignkit picks fp32 compute.
+    import torch
+
+    for cls in (CPTConfig, SFTConfig, DPOConfig, TaskConfig):
+        recipe = parse_recipe(cls, ["--config", str(recipe_file)])
+        assert recipe.train.bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def test_print_config_prints_resolved_yaml_without_secrets(recipe_file, capsys):
+    with pytest.raises(SystemExit) as done:
+        parse_recipe(SFTConfig, ["--config", str(recipe_file), "--print_config", "--hub_token", "hf_secret123"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    resolved = yaml.safe_load(printed)
+    assert resolved["AdapterArguments"]["lora_r"] == 4
+    assert resolved["SFTConfig"]["learning_rate"] == pytest.approx(1e-3)
+    assert "hf_secret123" not in printed and "hub_token" not in printed
+
+
+def test_bad_values_fail_with_fix(recipe_file):
+    with pytest.raises(ConfigError, match="lora_r"):
+        parse_recipe(SFTConfig, ["--config", str(recipe_file), "--lora_r", "0"])
+    with pytest.raises(ConfigError, match="use_peft: true"):
+        parse_recipe(SFTConfig, ["--config", str(recipe_file), "--load_in_4bit", "--use_peft", "false"])
+    with pytest.raises(ConfigError, match="not a valid int"):
+        parse_recipe(SFTConfig, ["--config", str(recipe_file), "--max_steps", "ten"])
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        parse_recipe(SFTConfig, ["--config", str(tmp_path / "nope.yaml")])
