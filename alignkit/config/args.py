@@ -24,7 +24,8 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Local model directory, Hub model id, a .gguf file, an alignkit output directory (adapter "
-            "hand-off), or a built-in tiny test model 'tiny:llama' | 'tiny:bert' | 'tiny:bart'."
+            "hand-off), a built-in tiny test model 'tiny:llama' | 'tiny:bert' | 'tiny:bart', or the embedded default "
+            "'smollm2:SmolLM2-135M-Instruct' (from PyPI, converted once)."
         },
     )
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_name_or_path (dequantized on load)."})
@@ -136,6 +137,8 @@ class DataArguments:
     def __post_init__(self):
         sources = []
         valid = [f.name for f in dataclasses.fields(DatasetSource)]
+        if isinstance(self.datasets, (str, dict)):  # one source, e.g. --datasets data/train.jsonl on the command line
+            self.datasets = [self.datasets]
         for i, entry in enumerate(self.datasets or []):
             if isinstance(entry, DatasetSource):
                 sources.append(entry)
@@ -180,10 +183,22 @@ def device_supports_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def _device_precision(args) -> None:
-    """trl defaults to bf16=True; on CPUs without bf16 units that is many times slower than fp32. Decide by device."""
+def _device_defaults(args) -> None:
+    """Decide by device, before transformers sets up its state in __post_init__. Precision: trl defaults to bf16=True;
+    on CPUs without bf16 units that is many times slower than fp32. Backend: see fit_backend_to_device."""
+    import importlib.util
+
+    import torch
+
+    from alignkit.train.distributed import fit_backend_to_device
+
     if getattr(args, "bf16", None) is None:
         args.bf16 = device_supports_bf16() and not args.fp16
+    if getattr(args, "gradient_checkpointing", False) is None:  # trl's True recomputes activations: ~1/3 more compute
+        args.gradient_checkpointing = torch.cuda.is_available()
+    if getattr(args, "use_liger_kernel", False) is None:
+        args.use_liger_kernel = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+    fit_backend_to_device(args)
 
 
 _ALIGNKIT_DEFAULTS = dict(output_dir="outputs/run", report_to="none", logging_steps=1, save_strategy="steps", save_steps=500)
@@ -207,7 +222,7 @@ class CPTConfig(transformers.TrainingArguments):
     block_size: int = field(default=512, metadata={"help": "Tokens per packed training block."})
 
     def __post_init__(self):
-        _device_precision(self)
+        _device_defaults(self)
         super().__post_init__()
 
 
@@ -219,9 +234,24 @@ class SFTConfig(trl.SFTConfig):
     report_to: Any = _default("report_to")
     logging_steps: float = _default("logging_steps")
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: by device)."})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in backward: less memory, more compute (default: GPU on, CPU off)."},
+    )
+    use_liger_kernel: bool | None = field(
+        default=None, metadata={"help": "Liger's fused kernels (default: on GPU when liger-kernel is installed)."}
+    )
+    padding_free_batches: bool = field(
+        default=True,
+        metadata={
+            "help": "Concatenate each batch's rows into one sequence instead of padding them: no compute on pad tokens, "
+            "same loss per row (position ids restart per row). max_length still truncates; trl's own padding_free "
+            "needs packing or max_length: null."
+        },
+    )
 
     def __post_init__(self):
-        _device_precision(self)
+        _device_defaults(self)
         super().__post_init__()
 
 
@@ -233,9 +263,16 @@ class DPOConfig(trl.DPOConfig):
     report_to: Any = _default("report_to")
     logging_steps: float = _default("logging_steps")
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: by device)."})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in backward: less memory, more compute (default: GPU on, CPU off)."},
+    )
+    use_liger_kernel: bool | None = field(
+        default=None, metadata={"help": "Liger's fused kernels (default: on GPU when liger-kernel is installed)."}
+    )
 
     def __post_init__(self):
-        _device_precision(self)
+        _device_defaults(self)
         super().__post_init__()
 
 
@@ -250,7 +287,7 @@ class TaskConfig(transformers.Seq2SeqTrainingArguments):
     max_length: int = field(default=256, metadata={"help": "Max tokens per input (QA: per window)."})
 
     def __post_init__(self):
-        _device_precision(self)
+        _device_defaults(self)
         super().__post_init__()
 
 

@@ -63,6 +63,8 @@ def _scalar_types(tp) -> set:
 
 def _coerce(key: str, value: Any, tp) -> Any:
     """YAML reads '1e-3' as a string (YAML 1.1); turn strings into the field's number/bool type."""
+    if isinstance(value, bool) and str in _scalar_types(tp) and bool not in _scalar_types(tp):
+        return "yes" if value else "no"  # YAML 1.1 reads `save_strategy: no` as False; the field wants the word
     if not isinstance(value, str):
         if isinstance(value, int) and not isinstance(value, bool) and float in _scalar_types(tp) and int not in _scalar_types(tp):
             return float(value)

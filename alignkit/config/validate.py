@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
+from alignkit.config.args import device_supports_bf16
 from alignkit.errors import ConfigError
 
 
@@ -24,14 +23,22 @@ def check_quantization(recipe) -> None:
             "load_in_4bit with use_peft: false: 4-bit weights cannot be trained directly. Fix: set use_peft: true (QLoRA) "
             "or load_in_4bit: false."
         )
-    t = recipe.train
-    if q.load_in_4bit and t is not None:
-        fsdp = bool(getattr(t, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-        if fsdp and q.bnb_4bit_quant_storage in (None, "uint8"):
-            raise ConfigError(
-                "load_in_4bit under FSDP with bnb_4bit_quant_storage uint8: FSDP cannot shard packed uint8 weights "
-                "alongside float ones. Fix: set bnb_4bit_quant_storage to the compute dtype (e.g. bfloat16)."
-            )
+    storages = ("uint8", "float32", "bfloat16", "float16")
+    if q.bnb_4bit_quant_storage not in (None, *storages):
+        raise ConfigError(f"bnb_4bit_quant_storage: '{q.bnb_4bit_quant_storage}' is not one of {storages}.")
+    from alignkit.train.distributed import parameter_sharding
+
+    sharding = parameter_sharding(recipe.train) if q.load_in_4bit else None
+    compute = q.bnb_4bit_compute_dtype
+    if compute == "auto":
+        compute = "bfloat16" if device_supports_bf16() else "float32"
+    if sharding and q.bnb_4bit_quant_storage not in (None, compute):
+        raise ConfigError(
+            f"load_in_4bit under {sharding} with bnb_4bit_quant_storage {q.bnb_4bit_quant_storage}: {sharding} flattens "
+            f"and splits all parameters together, so the packed 4-bit weights must be stored in the compute dtype "
+            f"({compute}) like the rest. Fix: set bnb_4bit_quant_storage: {compute}, or leave it unset (alignkit then "
+            "picks the compute dtype)."
+        )
 
 
 def check_training(recipe) -> None:
@@ -42,7 +49,29 @@ def check_training(recipe) -> None:
         raise ConfigError("bf16 and fp16 are both true. Fix: pick one.")
 
 
-CHECKS = (check_model_source, check_quantization, check_training)
+def check_distributed(recipe) -> None:
+    """Combinations that only break once several ranks run, caught before any rank loads a model."""
+    from alignkit.train.distributed import launched_distributed, parameter_sharding, zero_stage
+
+    t = recipe.train
+    if t is None:
+        return
+    if getattr(t, "auto_find_batch_size", False) and parameter_sharding(t) == "ZeRO-3":
+        raise ConfigError(
+            "auto_find_batch_size under ZeRO-3: DeepSpeed cannot rebuild its engine with a smaller batch. Fix: set "
+            "auto_find_batch_size: false and choose per_device_train_batch_size yourself."
+        )
+    ddp = launched_distributed() and zero_stage(t) is None and parameter_sharding(t) is None
+    reentrant = (getattr(t, "gradient_checkpointing_kwargs", None) or {}).get("use_reentrant", False)
+    if ddp and t.gradient_checkpointing and reentrant and recipe.adapter.use_peft and t.ddp_find_unused_parameters is not False:
+        raise ConfigError(
+            "gradient_checkpointing with use_reentrant: true under DDP with an adapter: the first backward fails with "
+            "'Expected to mark a variable ready only once'. Fix: set gradient_checkpointing_kwargs: {use_reentrant: "
+            "false} (the default), or ddp_find_unused_parameters: false."
+        )
+
+
+CHECKS = (check_model_source, check_quantization, check_training, check_distributed)
 
 
 def validate(recipe) -> None:

@@ -1,4 +1,4 @@
-"""Causal-LM pretraining data: tokenize raw text and pack it into fixed-size blocks (no padding at all)."""
+"""No compute on padding: CPT text packed into fixed-size blocks, SFT batches concatenated instead of padded."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ def pack_text_blocks(dataset, tokenizer, block_size: int, num_proc: int | None =
         stream = [tok for ids in batch["input_ids"] for tok in ids]
         usable = (len(stream) // block_size) * block_size
         blocks = [stream[i : i + block_size] for i in range(0, usable, block_size)]
-        return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks]}
+        # Labels are the blocks themselves: no collator masks "padding" by token id, which would also hide every
+        # document-separating eos when pad == eos (SmolLM2, GPT-2). Blocks are full, so there is no padding.
+        labels = [list(block) for block in blocks]
+        return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": labels}
 
     tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="tokenize")
     packed = tokenized.map(group, batched=True, batch_size=1000, num_proc=num_proc, desc=f"pack into {block_size}-token blocks")
@@ -26,3 +29,14 @@ def pack_text_blocks(dataset, tokenizer, block_size: int, num_proc: int | None =
 
         raise DataError("datasets", None, f"the text is shorter than one block of {block_size} tokens", "lower block_size or add text")
     return packed
+
+
+def concatenate_rows(trainer) -> None:
+    """Switch trl's SFT collator from padding each batch to concatenating its rows into one sequence whose position ids
+    restart at every row (trl's padding-free mode, without trl's requirement of packing or max_length: null, so
+    max_length still truncates). transformers derives a block-diagonal causal mask from those position ids (sdpa, eager
+    and flash attention alike), so every row's loss and gradients are the padded ones: tests/regression checks it."""
+    collator = trainer.data_collator
+    if getattr(collator, "padding_free", True):  # not trl's language-modeling collator, or already padding-free
+        return
+    collator.padding_free = True

@@ -11,13 +11,9 @@ def label_preview(trainer, index: int = 0, max_tokens: int = 400) -> str:
     labels = batch.get("labels", batch["input_ids"])[index].tolist()
     if "completion_mask" in batch and "labels" not in batch:
         labels = [t if m else -100 for t, m in zip(ids, batch["completion_mask"][index].tolist())]
-    pieces, trained = [], 0
-    for token_id, label in list(zip(ids, labels))[:max_tokens]:
-        text = tokenizer.decode([token_id])
-        if label != -100:
-            trained += 1
-            pieces.append(f"[{text}]")
-        else:
-            pieces.append(text)
-    legend = f"label preview: {trained}/{len(ids)} tokens are trained; trained tokens are shown [in brackets]"
+    trained = sum(label != -100 for label in labels)
+    shown_pairs = list(zip(ids, labels))[:max_tokens]
+    pieces = [f"[{tokenizer.decode([t])}]" if label != -100 else tokenizer.decode([t]) for t, label in shown_pairs]
+    shown = f" (the first {max_tokens} shown)" if len(ids) > max_tokens else ""
+    legend = f"label preview: {trained}/{len(ids)} tokens are trained{shown}; trained tokens are shown [in brackets]"
     return legend + "\n" + "".join(pieces)

@@ -69,9 +69,7 @@ def _check_text(row, source, i):
 
 def _check_sft(row, source, i):
     if "messages" in row:
-        _messages(row["messages"], source, i)
-        if not any(m["role"] == "assistant" for m in row["messages"]):
-            raise DataError(source, i, "conversation has no assistant turn", "add the assistant's answer")
+        _messages(row["messages"], source, i)  # ends on an assistant turn, so it has one
         return
     prompt, completion = row["prompt"], row["completion"]
     if isinstance(prompt, list):

@@ -21,6 +21,7 @@ _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": 
 
 def _check_jsonl(path: Path) -> None:
     """datasets' JSON reader fails with a pyarrow trace; find the bad line ourselves first."""
+    rows = 0
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -31,6 +32,9 @@ def _check_jsonl(path: Path) -> None:
                 raise DataError(str(path), lineno, f"line is not valid JSON ({exc.msg})", "make each line one JSON object") from exc
             if not isinstance(value, dict):
                 raise DataError(str(path), lineno, "line is not a JSON object", 'write each row as {"column": value, ...}')
+            rows += 1
+    if not rows:
+        raise DataError(str(path), None, "file has no rows (the split is empty)", "add rows, or remove this source")
 
 
 def _label(source: DatasetSource, split: str) -> str:

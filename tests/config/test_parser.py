@@ -98,3 +98,10 @@ def test_bad_values_fail_with_fix(recipe_file):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         parse_recipe(SFTConfig, ["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_yaml_words_that_look_like_booleans_stay_words(recipe_file):
+    recipe_file.write_text(recipe_file.read_text() + "save_strategy: no\n")
+    assert parse_recipe(SFTConfig, ["--config", str(recipe_file)]).train.save_strategy == "no"
+    recipe = parse_recipe(SFTConfig, ["--config", str(recipe_file), "--save_strategy", "no", "--eval_strategy", "no"])
+    assert recipe.train.save_strategy == "no" and recipe.train.eval_strategy == "no"

@@ -1,0 +1,100 @@
+"""The ``alignkit`` console script: ``alignkit <command> [options]``. Each command is a function taking its argv;
+add one by adding it to ``COMMANDS``. Training stages run as recipes (``accelerate launch recipes/<stage>.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from alignkit.errors import AlignkitError
+
+
+def merge(argv: list[str]) -> int:
+    """Merge an adapter output into a standalone model (parity-gated); optionally push it to the Hub."""
+    from alignkit.export.hub import preflight_push, push_folder
+    from alignkit.export.merge import MERGE_METHODS, merge_adapter
+
+    p = argparse.ArgumentParser(prog="alignkit merge", description="Merge an adapter output into a standalone model.")
+    p.add_argument("adapter_output", help="Output dir of an adapter run (or any PEFT adapter folder).")
+    p.add_argument("--output", help="Where to save the merged model (default: <adapter_output>-merged).")
+    p.add_argument("--method", choices=MERGE_METHODS, help="4-bit adapters: dequantize (default) or full_precision.")
+    p.add_argument(
+        "--max_logit_diff",
+        type=float,
+        help="Parity bound (default 1e-3 when both sides compute in float32, else 1e-1).",
+    )
+    p.add_argument(
+        "--push_to_hub", action="store_true", help="Push the merged model (only if parity passes, or --force)."
+    )
+    p.add_argument("--hub_model_id", help="Repo id, 'user/name' or 'name' (in your namespace).")
+    p.add_argument("--private", action="store_true", help="Create the Hub repo private.")
+    p.add_argument("--force", action="store_true", help="Push even when the parity check fails.")
+    args = p.parse_args(argv)
+    repo_id = None
+    if args.push_to_hub:
+        if not args.hub_model_id:
+            p.error("--push_to_hub needs --hub_model_id")
+        repo_id = preflight_push(args.hub_model_id, private=args.private)  # before the merge: fail fast
+    result = merge_adapter(args.adapter_output, args.output, method=args.method, max_logit_diff=args.max_logit_diff)
+    if repo_id is None:
+        return 0
+    if not result.parity.passed and not args.force:
+        raise AlignkitError(
+            f"not pushing: the merged model's logits differ from base + adapter by {result.parity.max_abs_diff:.3g} > "
+            f"{result.parity.bound:g}. Fix: check the merge method (dequantize reproduces a 4-bit-trained model), raise "
+            "--max_logit_diff if the difference is expected, or pass --force."
+        )
+    push_folder(result.output_dir, repo_id, private=args.private)
+    return 0
+
+
+def push(argv: list[str]) -> int:
+    """Push a finished adapter run or merged model to the Hub (card, weights, tokenizer, template, metadata)."""
+    from alignkit.export.hub import preflight_push, push_folder
+
+    p = argparse.ArgumentParser(prog="alignkit push", description=push.__doc__)
+    p.add_argument("output_dir", help="A finished run's output dir, or a merged model from `alignkit merge`.")
+    p.add_argument("--hub_model_id", required=True, help="Repo id, 'user/name' or 'name' (in your namespace).")
+    p.add_argument("--private", action="store_true", help="Create the Hub repo private.")
+    args = p.parse_args(argv)
+    push_folder(args.output_dir, preflight_push(args.hub_model_id, private=args.private), private=args.private)
+    return 0
+
+
+def report(argv: list[str]) -> int:
+    """Plot runs' training curves into PNGs and one HTML page."""
+    from alignkit.export.report import write_report
+
+    p = argparse.ArgumentParser(
+        prog="alignkit report", description="Plot runs' training curves into PNGs and one HTML page."
+    )
+    p.add_argument("output_dirs", nargs="+", help="Output dirs of finished runs (several are overlaid).")
+    p.add_argument(
+        "--out", help="Report folder (default: <output_dir>/report for one run, ./alignkit_report for several)."
+    )
+    args = p.parse_args(argv)
+    write_report(args.output_dirs, args.out)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"merge": merge, "push": push, "report": report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        wants_help = bool(argv) and argv[0] in ("-h", "--help")
+        usage = "usage: alignkit <command> [options]   (alignkit <command> --help for its options)\n\ncommands:\n"
+        usage += "".join(f"  {name:<8} {(fn.__doc__ or '').strip()}\n" for name, fn in COMMANDS.items())
+        print(usage, file=sys.stdout if wants_help else sys.stderr)
+        return 0 if wants_help else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except AlignkitError as exc:
+        print(f"alignkit {argv[0]}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Push adapter and merged outputs to the Hugging Face Hub (huggingface_hub's HfApi), with an exact file list.
+
+``preflight_push`` runs before any work (training or merging): it finds the token, checks that the Hub accepts it,
+creates the repo if needed and checks write access, so a run never trains for hours and then fails to push.
+The token is never printed, logged or written; error messages that could quote it are scrubbed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+
+from alignkit.errors import PreflightError
+
+# What a pushed repo holds: card, weights, configs, tokenizer, chat template, alignkit's metadata and curves.
+# Everything else stays local: checkpoints, pickled training_args.bin, merged_base/, a DPO reference adapter folder.
+PUSH_PATTERNS = (
+    "README.md", "*.safetensors", "*.safetensors.index.json", "adapter_config.json", "config.json",
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "alignkit_run.json", "alignkit_config.yaml", "trainer_state.json",
+)  # fmt: skip
+_TEXT_SUFFIXES = (".json", ".yaml", ".md", ".jinja", ".txt")
+
+
+def _token(token: str | None) -> str:
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise PreflightError(
+            "push_to_hub: no Hugging Face token found. Fix: run `hf auth login`, or set the HF_TOKEN environment "
+            "variable to a token with write access, or set push_to_hub: false."
+        )
+    return token
+
+
+def _scrub(exc: Exception, token: str) -> str:
+    return f"{type(exc).__name__}: {str(exc).replace(token, '***')}".strip()
+
+
+def preflight_push(hub_model_id: str, private: bool | None = None, token: str | None = None) -> str:
+    """Check token and repo access before any work; create the repo if missing. Returns the full repo id."""
+    from huggingface_hub import HfApi
+
+    token = _token(token)
+    api = HfApi(token=token)
+    try:
+        user = api.whoami()
+    except Exception as exc:
+        raise PreflightError(
+            f"push_to_hub: the Hub did not accept the token or could not be reached ({_scrub(exc, token)}). Fix: check "
+            "network access and HF_HUB_OFFLINE, and that the token (`hf auth whoami`) is valid."
+        ) from None
+    repo_id = hub_model_id if "/" in hub_model_id else f"{user['name']}/{hub_model_id}"
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.auth_check(repo_id, write=True)
+    except Exception as exc:
+        raise PreflightError(
+            f"push_to_hub: no write access to {repo_id} as {user['name']} ({_scrub(exc, token)}). Fix: use a token with "
+            "write permission for that namespace, or change hub_model_id."
+        ) from None
+    return repo_id
+
+
+def files_to_push(folder: str | Path) -> list[str]:
+    """The exact top-level files of ``folder`` a push uploads; fails when the card, weights or config are missing."""
+    folder = Path(folder)
+    names = sorted(
+        p.name for p in folder.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in PUSH_PATTERNS)
+    )
+    missing = [
+        what
+        for what, ok in (
+            ("README.md (model card)", "README.md" in names),
+            ("*.safetensors weights", any(n.endswith(".safetensors") for n in names)),
+            ("config.json or adapter_config.json", "config.json" in names or "adapter_config.json" in names),
+        )
+        if not ok
+    ]
+    if missing:
+        raise PreflightError(
+            f"{folder}: nothing fit to push, missing {', '.join(missing)}. Fix: push a finished run or merged output."
+        )
+    return names
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> list[str]:
+    """Upload exactly :func:`files_to_push` of ``folder`` to ``repo_id`` (created if missing). Returns the file names."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    token = _token(token)
+    files = files_to_push(folder)
+    for name in files:  # defence in depth: a token pasted into a recipe or card must not leave this machine
+        if name.endswith(_TEXT_SUFFIXES) and token in (folder / name).read_text(errors="ignore"):
+            raise PreflightError(f"{folder / name}: contains the Hugging Face token; refusing to push. Fix: remove it.")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        allow_patterns=files,
+        commit_message=commit_message or f"alignkit: upload {folder.name}",
+    )
+    print(f"pushed {len(files)} files from {folder} to https://huggingface.co/{repo_id}")
+    return files

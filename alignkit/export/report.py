@@ -1,0 +1,132 @@
+"""Training report: PNG plots and one self-contained HTML page from runs' trainer_state.json, several runs overlaid.
+
+Plots: loss (train/eval), learning rate, grad norm, and for DPO the rewards (chosen/rejected), margins and accuracy.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignkit.errors import ConfigError
+from alignkit.models.loader import RUN_METADATA
+
+# file stem -> (title, log_history keys drawn on it). Train keys solid, eval keys dashed.
+PLOTS = {
+    "loss": ("Loss", ("loss", "eval_loss")),
+    "learning_rate": ("Learning rate", ("learning_rate",)),
+    "grad_norm": ("Gradient norm", ("grad_norm",)),
+    "rewards": ("DPO rewards", ("rewards/chosen", "rewards/rejected", "eval_rewards/chosen", "eval_rewards/rejected")),
+    "margins": ("DPO reward margin (chosen - rejected)", ("rewards/margins", "eval_rewards/margins")),
+    "accuracy": ("DPO reward accuracy", ("rewards/accuracies", "eval_rewards/accuracies")),
+}
+_STYLES = {"rewards/rejected": ":", "eval_rewards/rejected": "-."}
+
+Series = tuple[list[float], list[float]]  # (steps, values)
+
+
+@dataclass
+class RunLog:
+    name: str
+    stage: str
+    log_history: list[dict]
+
+
+@dataclass
+class Report:
+    html: Path
+    pngs: dict[str, Path]
+    # plot -> run name -> key -> (steps, values), read back from the drawn matplotlib lines
+    series: dict[str, dict[str, dict[str, Series]]]
+
+
+def load_run(output_dir: str | Path) -> RunLog:
+    output_dir = Path(output_dir)
+    state = output_dir / "trainer_state.json"
+    if not state.is_file():
+        raise ConfigError(f"{output_dir}: no trainer_state.json. Fix: pass the output_dir of a finished run.")
+    meta = json.loads((output_dir / RUN_METADATA).read_text()) if (output_dir / RUN_METADATA).is_file() else {}
+    stage = meta.get("stage", "run")
+    return RunLog(
+        name=f"{stage}:{output_dir.name}", stage=stage, log_history=json.loads(state.read_text())["log_history"]
+    )
+
+
+def key_series(log_history: list[dict], key: str) -> Series:
+    points = [(e["step"], e[key]) for e in log_history if isinstance(e.get(key), (int, float))]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def write_report(output_dirs: list[str | Path], out_dir: str | Path | None = None) -> Report:
+    """Plot every run in ``output_dirs`` into ``out_dir`` (default: ``<run>/report`` for one run,
+    ``alignkit_report`` for several) and write ``report.html`` there."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    runs = [load_run(d) for d in output_dirs]
+    names = [r.name for r in runs]
+    if len(set(names)) < len(names):  # two runs in folders of the same name: tell them apart by full path
+        for r, d in zip(runs, output_dirs):
+            r.name = f"{r.stage}:{d}"
+    out = Path(out_dir) if out_dir else (Path(output_dirs[0]) / "report" if len(runs) == 1 else Path("alignkit_report"))
+    out.mkdir(parents=True, exist_ok=True)
+    pngs: dict[str, Path] = {}
+    series: dict[str, dict[str, dict[str, Series]]] = {}
+    for stem, (title, keys) in PLOTS.items():
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        drawn: dict[str, dict[str, Series]] = {}
+        for i, run in enumerate(runs):
+            for key in keys:
+                steps, values = key_series(run.log_history, key)
+                if not steps:
+                    continue
+                style = _STYLES.get(key, "--" if key.startswith("eval_") else "-")
+                marker = ("x" if "rejected" in key else "o") if len(steps) < 3 else None  # lone eval points show
+                (line,) = ax.plot(
+                    steps, values, style, color=f"C{i}", marker=marker, markersize=4, label=f"{run.name} {key}"
+                )
+                drawn.setdefault(run.name, {})[key] = (line.get_xdata().tolist(), line.get_ydata().tolist())
+        if drawn:
+            ax.set(title=title, xlabel="step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            pngs[stem] = out / f"{stem}.png"
+            fig.savefig(pngs[stem])
+            series[stem] = drawn
+        plt.close(fig)
+    page = out / "report.html"
+    page.write_text(_html(runs, pngs))
+    print(f"report: {page} ({len(pngs)} plots)")
+    return Report(html=page, pngs=pngs, series=series)
+
+
+def _final(run: RunLog, key: str) -> str:
+    _, values = key_series(run.log_history, key)
+    return f"{values[-1]:.4g}" if values else "-"
+
+
+def _html(runs: list[RunLog], pngs: dict[str, Path]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(r.name)}</td><td>{r.stage}</td><td>{_final(r, 'loss')}</td><td>{_final(r, 'eval_loss')}</td>"
+        f"<td>{_final(r, 'rewards/accuracies')}</td></tr>"
+        for r in runs
+    )
+    images = "".join(
+        f'<h2>{html.escape(PLOTS[stem][0])}</h2><img alt="{stem}" src="data:image/png;base64,'
+        f'{base64.b64encode(path.read_bytes()).decode()}">'
+        for stem, path in pngs.items()
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>alignkit training report</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;border-bottom:1px solid #ddd}</style>"
+        "</head><body><h1>alignkit training report</h1><table><tr><th>run</th><th>stage</th><th>final train loss</th>"
+        f"<th>final eval loss</th><th>final reward accuracy</th></tr>{rows}</table>{images}</body></html>\n"
+    )

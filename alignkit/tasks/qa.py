@@ -1,0 +1,208 @@
+"""Extractive question answering (SQuAD format): long contexts split into overlapping windows (stride + offset
+mapping), start/end token labels, n-best post-processing back to context spans, exact match and F1."""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+
+import numpy as np
+
+from alignkit.data.schemas import Schema
+from alignkit.errors import ConfigError, DataError
+from alignkit.tasks.base import Task, require_text
+
+QA_COLUMNS = ("question", "context", "answers")
+_PUNCTUATION = set(string.punctuation)
+
+
+def _check_row(row, source, i):
+    require_text(row["question"], source, i, "question")
+    require_text(row["context"], source, i, "context")
+    answers, context = row["answers"], row["context"]
+    fix = 'write answers as {"text": ["..."], "answer_start": [character offset in context]}'
+    if (
+        not isinstance(answers, dict)
+        or not isinstance(answers.get("text"), list)
+        or not isinstance(answers.get("answer_start"), list)
+    ):
+        raise DataError(source, i, "'answers' is not a SQuAD answers object", fix)
+    if not answers["text"] or len(answers["text"]) != len(answers["answer_start"]):
+        raise DataError(
+            source,
+            i,
+            "'answers' needs as many answer_start values as texts, and at least one",
+            fix + " (unanswerable rows are not supported)",
+        )
+    for text, start in zip(answers["text"], answers["answer_start"]):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(
+                source, i, "an answer text is empty", "give every answer its text as it appears in the context"
+            )
+        if not isinstance(start, int) or context[start : start + len(text)] != text:
+            found = context.find(text) if isinstance(text, str) else -1
+            hint = (
+                f"set answer_start to {found}, where the text occurs"
+                if found >= 0
+                else "the answer text does not occur in the context; copy it from the context"
+            )
+            raise DataError(
+                source, i, f"answer_start {start} does not point at the answer text {text!r} in the context", hint
+            )
+
+
+def window_features(tokenizer, questions, contexts, answers, max_length: int, doc_stride: int):
+    """Tokenize (question, context) pairs into windows. Each window gets start/end token positions of the first
+    answer (0, 0 when the answer is not inside it), its example index and offsets (None outside the context)."""
+    enc = tokenizer(
+        [q.strip() for q in questions],
+        contexts,
+        truncation="only_second",
+        max_length=max_length,
+        stride=doc_stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+    )
+    example_of = enc.pop("overflow_to_sample_mapping")
+    starts, ends, offsets_out = [], [], []
+    for k, offsets in enumerate(enc["offset_mapping"]):
+        seq_ids = enc.sequence_ids(k)
+        context_tokens = [j for j, s in enumerate(seq_ids) if s == 1]
+        first, last = context_tokens[0], context_tokens[-1]
+        answer = answers[example_of[k]]
+        start_char = answer["answer_start"][0]
+        end_char = start_char + len(answer["text"][0])
+        if offsets[first][0] > start_char or offsets[last][1] < end_char:
+            starts.append(0)
+            ends.append(0)
+        else:
+            start = first
+            while start <= last and offsets[start][0] <= start_char:
+                start += 1
+            end = last
+            while end >= first and offsets[end][1] >= end_char:
+                end -= 1
+            starts.append(start - 1)
+            ends.append(end + 1)
+        offsets_out.append([tuple(o) if seq_ids[j] == 1 else None for j, o in enumerate(offsets)])
+    enc["start_positions"], enc["end_positions"] = starts, ends
+    enc["offset_mapping"], enc["example_index"] = offsets_out, list(example_of)
+    return enc
+
+
+def postprocess_qa(
+    contexts, example_index, offsets, start_logits, end_logits, n_best_size=20, max_answer_length=30
+) -> list[str]:
+    """The best-scoring span per example: over its windows, the ``n_best_size`` top starts x ends that lie inside the
+    context, in order, and no longer than ``max_answer_length`` tokens, scored by start + end logit."""
+    windows = collections.defaultdict(list)
+    for k, example in enumerate(example_index):
+        windows[example].append(k)
+    answers = []
+    for i, context in enumerate(contexts):
+        best, best_score = "", -np.inf
+        for k in windows[i]:
+            window_offsets = offsets[k]
+            top_starts = np.argsort(start_logits[k])[::-1][:n_best_size]
+            top_ends = np.argsort(end_logits[k])[::-1][:n_best_size]
+            for s in top_starts:
+                for e in top_ends:
+                    if (
+                        s >= len(window_offsets)
+                        or e >= len(window_offsets)
+                        or window_offsets[s] is None
+                        or window_offsets[e] is None
+                    ):
+                        continue
+                    if e < s or e - s + 1 > max_answer_length:
+                        continue
+                    score = start_logits[k][s] + end_logits[k][e]
+                    if score > best_score:
+                        best, best_score = context[window_offsets[s][0] : window_offsets[e][1]], score
+        answers.append(best)
+    return answers
+
+
+def _normalize(text: str) -> str:
+    """SQuAD's answer normalization: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def _f1(prediction: str, gold: str) -> float:
+    pred, ref = _normalize(prediction).split(), _normalize(gold).split()
+    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+    if not pred or not ref:
+        return float(pred == ref)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_metrics(predictions: list[str], gold_answers: list[list[str]]) -> dict[str, float]:
+    """SQuAD v1 exact match and token F1 in percent, each the best over an example's gold answers."""
+    exact = [max(float(_normalize(p) == _normalize(g)) for g in golds) for p, golds in zip(predictions, gold_answers)]
+    f1 = [max(_f1(p, g) for g in golds) for p, golds in zip(predictions, gold_answers)]
+    return {"exact_match": 100 * float(np.mean(exact)), "f1": 100 * float(np.mean(f1))}
+
+
+class QuestionAnswering(Task):
+    name = "qa"
+
+    def __init__(self, args, tokenizer, train_args):
+        super().__init__(args, tokenizer, train_args)
+        if not tokenizer.is_fast:
+            raise ConfigError("qa: needs a fast tokenizer (offset mapping). Fix: use a model with a tokenizer.json.")
+        if args.doc_stride >= self.max_length // 2:
+            raise ConfigError(
+                f"doc_stride {args.doc_stride} must be below half of max_length {self.max_length}. Fix: lower doc_stride."
+            )
+
+    @property
+    def schema(self) -> Schema:
+        return Schema(self.name, (QA_COLUMNS,), _check_row, "give each row 'question', 'context' and SQuAD 'answers'")
+
+    def preprocess(self, datasets):
+        def features(batch, indices):
+            enc = window_features(
+                self.tokenizer,
+                batch["question"],
+                batch["context"],
+                batch["answers"],
+                self.max_length,
+                self.args.doc_stride,
+            )
+            enc["example_index"] = [indices[j] for j in enc["example_index"]]
+            return enc
+
+        windows = datasets.map(
+            features, batched=True, with_indices=True, remove_columns=datasets["train"].column_names, desc="qa windows"
+        )
+        if "test" in windows:  # post-processing maps eval windows back to their examples' contexts
+            self.eval_contexts = list(datasets["test"]["context"])
+            self.eval_answers = [a["text"] for a in datasets["test"]["answers"]]
+            self.eval_offsets, self.eval_example_index = (
+                list(windows["test"]["offset_mapping"]),
+                list(windows["test"]["example_index"]),
+            )
+        return windows.remove_columns(["offset_mapping", "example_index"])
+
+    def collator(self, model):
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(self.tokenizer)
+
+    def compute_metrics(self, eval_pred) -> dict[str, float]:
+        start_logits, end_logits = eval_pred.predictions[:2]
+        predictions = postprocess_qa(
+            self.eval_contexts,
+            self.eval_example_index,
+            self.eval_offsets,
+            start_logits,
+            end_logits,
+            self.args.n_best_size,
+            self.args.max_answer_length,
+        )
+        return squad_metrics(predictions, self.eval_answers)

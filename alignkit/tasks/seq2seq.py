@@ -1,0 +1,68 @@
+"""Sequence-to-sequence translation and summarization (encoder-decoder models): target tokenization, generation at
+eval (``predict_with_generate``), BLEU (sacrebleu) and ROUGE (rouge-score)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from alignkit.data.schemas import Schema
+from alignkit.tasks.base import Task, require_text
+
+
+def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus BLEU (sacrebleu, 0-100) and mean ROUGE-1/2/L F-measures (rouge-score, 0-1, with stemming)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
+    rouge = {key: float(np.mean([s[key].fmeasure for s in scores])) for key in ("rouge1", "rouge2", "rougeL")}
+    return {"bleu": sacrebleu.corpus_bleu(predictions, [references]).score, **rouge}
+
+
+class Seq2Seq(Task):
+    name = "seq2seq"
+    generates = True
+
+    def __init__(self, args, tokenizer, train_args):
+        super().__init__(args, tokenizer, train_args)
+        if not train_args.predict_with_generate:
+            self.compute_metrics = None  # without generation there is no text to score; eval reports the loss
+
+    @property
+    def schema(self) -> Schema:
+        columns = (self.args.source_column, self.args.target_column)
+
+        def check_row(row, source, i):
+            for column in columns:
+                require_text(row[column], source, i, column)
+
+        return Schema(self.name, (columns,), check_row, f"give each row '{columns[0]}' and '{columns[1]}'")
+
+    def preprocess(self, datasets):
+        def features(batch):
+            sources = [self.args.source_prefix + s for s in batch[self.args.source_column]]
+            enc = self.tokenizer(sources, max_length=self.max_length, truncation=True)
+            targets = self.tokenizer(
+                text_target=batch[self.args.target_column], max_length=self.args.max_target_length, truncation=True
+            )
+            return {
+                "input_ids": enc["input_ids"],
+                "attention_mask": enc["attention_mask"],
+                "labels": targets["input_ids"],
+            }
+
+        return self._map(datasets, features)
+
+    def collator(self, model):
+        from transformers import DataCollatorForSeq2Seq
+
+        return DataCollatorForSeq2Seq(self.tokenizer, model=model)
+
+    def decode(self, token_ids) -> list[str]:
+        token_ids = np.where(token_ids != -100, token_ids, self.tokenizer.pad_token_id)  # -100 pads labels and batches
+        return [t.strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+
+    def compute_metrics(self, eval_pred) -> dict[str, float]:
+        predictions = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+        return text_metrics(self.decode(predictions), self.decode(eval_pred.label_ids))

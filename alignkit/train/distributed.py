@@ -1,0 +1,150 @@
+"""Multi-process runs launched with ``accelerate launch --config_file accelerate_configs/<x>.yaml``.
+
+Here: making every rank know its place on machines without GPUs; reading what the launch shards (the loader's 4-bit
+storage dtype and config validation depend on it); and an opt-in debug log that lets tests (and users chasing a
+sharding problem) see what each rank really trained on and held.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+# Set to 1 to have every rank write distributed_debug_rank<r>.json (rows it trained on, ZeRO-3 shard sizes) and rank 0
+# write distributed_debug_logits.safetensors (outputs of the gathered model on PROBE_IDS) to the output dir.
+DEBUG_ENV = "ALIGNKIT_DISTRIBUTED_DEBUG"
+PROBE_IDS = list(range(4, 36))
+
+
+def launched_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
+
+
+def fit_backend_to_device(args) -> None:
+    """Give a multi-process launch on a machine without GPUs a CPU backend, before transformers builds its state.
+
+    accelerate 1.15 ``PartialState._prepare_backend`` picks a backend only for a device it finds (nccl for CUDA, ...)
+    or, for CPUs, only when ``cpu=True``. A DeepSpeed launch never passes ``cpu=True`` (that would disable DeepSpeed),
+    so on a GPU-less machine the backend stays None: DeepSpeed still joins its process group, but ``__init__`` then
+    takes the "no backend == no distributed training" branch and every rank reports process_index 0 of 1, so no rank
+    gets its own shard of the data. A DDP (MULTI_GPU) launch falls into the same branch. Here: DeepSpeed gets
+    ``ddp_backend="gloo"`` (PartialState then reads rank and world size from the process group) and plain data
+    parallel gets ``use_cpu=True`` (accelerate's MULTI_CPU path, gloo as well).
+    """
+    if not launched_distributed() or torch.cuda.is_available() or args.use_cpu:
+        return
+    if _env_true("ACCELERATE_USE_DEEPSPEED") or args.deepspeed:
+        args.ddp_backend = args.ddp_backend or "gloo"
+    elif not _env_true("ACCELERATE_USE_FSDP"):
+        args.use_cpu = True
+
+
+def parameter_sharding(train_args=None) -> str | None:
+    """'ZeRO-3' or 'FSDP' when this launch splits the parameters themselves across ranks, else None."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if getattr(train_args, "fsdp", None) or _env_true("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    if zero_stage(train_args) == 3 or is_deepspeed_zero3_enabled():
+        return "ZeRO-3"
+    return None
+
+
+def zero_stage(train_args=None) -> int | None:
+    """The ZeRO stage of the TrainingArguments ``deepspeed`` config, else of the one ``accelerate launch`` passed on;
+    None without DeepSpeed."""
+    deepspeed = getattr(train_args, "deepspeed", None)
+    if not deepspeed and not _env_true("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    config = deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if config != "none":
+        config = config if isinstance(config, dict) else json.loads(Path(config).read_text())
+        return int(config.get("zero_optimization", {}).get("stage", 0))
+    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
+
+
+def debug_callback(output_dir: Path) -> TrainerCallback | None:
+    return DistributedDebugLog(output_dir) if os.environ.get(DEBUG_ENV) == "1" else None
+
+
+def _row_hash(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> str:
+    tokens = input_ids if attention_mask is None else input_ids[attention_mask.bool()]
+    return hashlib.sha1(json.dumps(tokens.tolist()).encode()).hexdigest()[:16]
+
+
+class DistributedDebugLog(TrainerCallback):
+    """Record, per rank, a hash of every training row the model saw and (under ZeRO-3) how much of each parameter
+    this rank holds; at the end, rank 0 saves the gathered model's outputs on a fixed probe.
+
+    Off unless ``ALIGNKIT_DISTRIBUTED_DEBUG=1``: it adds a forward pre-hook and a ``.tolist()`` per row.
+    """
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = Path(output_dir)
+        self.rows: list[str] = []
+        self.shards: dict[str, int] = {}
+        self.handle = None
+
+    def _record_rows(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if module.training and input_ids is not None:
+            mask = kwargs.get("attention_mask")
+            self.rows += [_row_hash(ids, None if mask is None else mask[i]) for i, ids in enumerate(input_ids)]
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.handle = model.register_forward_pre_hook(self._record_rows, with_kwargs=True)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1:  # after a full step ZeRO-3 has released every non-persistent parameter
+            self.shards = _shard_sizes(model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.handle.remove()
+        rank = int(os.environ.get("RANK", "0"))
+        record = {"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "rows": self.rows, **self.shards}
+        (self.output_dir / f"distributed_debug_rank{rank}.json").write_text(json.dumps(record))
+        outputs = _probe_outputs(model)  # every rank runs it: under ZeRO-3 the forward gathers parameters collectively
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file(outputs, str(self.output_dir / "distributed_debug_logits.safetensors"))
+
+
+def _shard_sizes(model) -> dict[str, int]:
+    """Elements of all parameters (ds_numel), of this rank's partitions (ds_tensor) and of parameters materialised in
+    full on this rank right now (persistent ones stay so; see stage3_param_persistence_threshold)."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_numel")]
+    if not params:
+        return {}
+    trainable = [p for p in params if p.requires_grad]
+    packed_4bit = [p for p in params if type(p).__name__ == "Params4bit"]
+    return {
+        "zero3_numel": sum(p.ds_numel for p in params),
+        "zero3_local_numel": sum(p.ds_tensor.numel() for p in params),
+        "zero3_materialised_numel": sum(p.data.numel() for p in params),
+        "zero3_trainable_numel": sum(p.ds_numel for p in trainable),
+        "zero3_trainable_local_numel": sum(p.ds_tensor.numel() for p in trainable),
+        "zero3_4bit_numel": sum(p.ds_numel for p in packed_4bit),
+        "zero3_4bit_local_numel": sum(p.ds_tensor.numel() for p in packed_4bit),
+    }
+
+
+@torch.no_grad()
+def _probe_outputs(model) -> dict[str, torch.Tensor]:
+    """Every tensor the model's forward returns on PROBE_IDS (logits; start/end logits for QA)."""
+    was_training = model.training
+    model.eval()
+    ids = torch.tensor([PROBE_IDS], device=next(model.parameters()).device)
+    extra = {"decoder_input_ids": ids} if getattr(model.config, "is_encoder_decoder", False) else {}
+    output = model(input_ids=ids, **extra)
+    model.train(was_training)
+    return {k: v.float().cpu().contiguous() for k, v in output.items() if torch.is_tensor(v)}

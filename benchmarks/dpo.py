@@ -1,0 +1,131 @@
+"""DPO throughput and memory: alignkit's default DPO recipe vs a plain trl DPOTrainer script, with trl's defaults and
+with trl's best settings for the device, on the same model, preference pairs, effective batch and step count.
+
+    python benchmarks/dpo.py --size tiny
+    flock /tmp/alignkit-heavy.lock python benchmarks/dpo.py --size smollm2
+
+Both start from the base model with a fresh LoRA adapter; the reference policy is the base (adapter disabled), as trl
+does for PEFT models. Throughput is preference pairs per second over steps 2..N. trl 1.16's DPO has no padding-free
+mode (it warns and pads), so "tuned" is fp32 and no activation recomputation on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import harness
+
+VARIANTS = ["alignkit", "trl_defaults", "trl_tuned"]
+
+
+def trl_settings(variant: str) -> dict:
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if variant == "trl_defaults":  # trl 1.16: bf16=True, gradient_checkpointing=True; a CPU also needs use_cpu
+        return {} if on_gpu else {"use_cpu": True}
+    return {"bf16": on_gpu and torch.cuda.is_bf16_supported(), "gradient_checkpointing": on_gpu}
+
+
+def plain_trl(size: harness.Size, data: Path, out: Path, steps: int, overrides: dict) -> dict:
+    import datasets
+    import transformers
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    transformers.set_seed(harness.SEED)
+    tokenizer = AutoTokenizer.from_pretrained(size.path())
+    model = AutoModelForCausalLM.from_pretrained(size.path())
+    args = DPOConfig(
+        output_dir=str(out), per_device_train_batch_size=size.dpo_batch, max_steps=steps,
+        learning_rate=harness.LEARNING_RATE, logging_steps=1, save_strategy="no", report_to="none", seed=harness.SEED,
+        disable_tqdm=True, **overrides,
+    )  # fmt: skip
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.load_dataset("json", data_files=str(data), split="train"),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(task_type="CAUSAL_LM", **harness.LORA),
+    )
+    timer = harness.step_timer()
+    trainer.add_callback(timer)
+    trainer.train()
+    return _describe(trainer, harness.train_measurements(trainer, timer, size.dpo_batch))
+
+
+def alignkit_default(size: harness.Size, data: Path, out: Path, steps: int) -> dict:
+    timer = harness.step_timer()
+    argv = [
+        "--model_name_or_path", size.alignkit_name, "--datasets", f"[{data}]",
+        "--per_device_train_batch_size", str(size.dpo_batch), "--max_steps", str(steps),
+        "--learning_rate", str(harness.LEARNING_RATE), "--seed", str(harness.SEED), "--disable_tqdm", "true",
+        "--output_dir", str(out), "--overwrite_output_dir", "true",
+    ]  # fmt: skip
+    with harness.timed_alignkit_trainer(timer) as captured:
+        harness.run_recipe("dpo", argv)
+    trainer = captured["trainer"]
+    return _describe(trainer, harness.train_measurements(trainer, timer, size.dpo_batch))
+
+
+def _describe(trainer, result: dict) -> dict:
+    result.pop("tokens_per_s", None)  # DPO is measured in preference pairs
+    return {
+        **result,
+        "grad_ckpt": bool(trainer.args.gradient_checkpointing),
+        "dtype": "bf16" if result["bf16"] else "fp32",
+    }
+
+
+def run_variant(variant: str, size: harness.Size, data: Path, work: Path, steps: int) -> dict:
+    if variant == "alignkit":
+        return alignkit_default(size, data, work / variant, steps)
+    return plain_trl(size, data, work / variant, steps, trl_settings(variant))
+
+
+def main(argv=None, in_process: bool = False) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(harness.SIZES), default="tiny")
+    parser.add_argument("--steps", type=int, help="optimizer steps per variant (default: the size's)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds per variant, interleaved; the fastest is shown")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    size = harness.SIZES[args.size]
+    steps = args.steps or size.dpo_steps
+    if args.child:
+        harness.emit(run_variant(args.child, size, Path(args.data), Path(args.work), steps))
+        return []
+
+    with tempfile.TemporaryDirectory(prefix="alignkit-bench-dpo-") as tmp:
+        data = harness.write_jsonl(Path(tmp) / "dpo.jsonl", harness.dpo_rows())
+        common = ["--size", args.size, "--steps", str(steps), "--data", str(data), "--work", tmp]
+        run_here = (lambda v: run_variant(v, size, data, Path(tmp), steps)) if in_process else None
+        rows = harness.run_variants(__file__, args.variants, common, args.repeats, in_process=run_here)
+
+    mine = next((r for r in rows if r["variant"] == "alignkit"), None)
+    for row in rows:
+        if mine:
+            row.update(
+                speedup=mine["samples_per_s"] / row["samples_per_s"],
+                memory_ratio=mine["peak_mib"] / row["peak_mib"],
+                loss_ratio=mine["final_loss"] / row["final_loss"],
+            )
+    print(f"\nDPO, {size.name} ({size.alignkit_name}): batch {size.dpo_batch} pairs, {steps} steps (timed: 2..{steps}), best of {args.repeats} rounds, "
+          f"LoRA r16, {harness.machine()}")  # fmt: skip
+    print(harness.table(rows, [
+        ("variant", "variant", "s"), ("dtype", "dtype", "s"), ("grad ckpt", "grad_ckpt", "d"),
+        ("pairs/s", "samples_per_s", ".2f"), ("pairs/s per round", "rounds", "s"), ("peak MiB", "peak_mib", ".0f"),
+        ("final loss", "final_loss", ".4f"),
+        ("alignkit/this pairs/s", "speedup", ".2f"), ("mem", "memory_ratio", ".2f"), ("loss", "loss_ratio", ".3f"),
+    ]))  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    main()

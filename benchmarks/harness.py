@@ -1,0 +1,232 @@
+"""What every benchmark shares: the models, the data, one child process per variant, step timing, peak memory and the
+table. Benchmarks print tables; they assert nothing about speed (tests do not time things)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+@dataclass(frozen=True)
+class Size:
+    """One model size: what alignkit's recipes call it, where plain trl loads it from, and the work per run."""
+
+    name: str
+    alignkit_name: str  # model_name_or_path for alignkit's recipes
+    max_length: int  # the sequence length every variant uses (rows are built to fit, so nothing is truncated)
+    batch: int  # effective batch (per device, no accumulation)
+    steps: int  # the first step is warm-up; throughput is measured over the rest
+    dpo_batch: int
+    dpo_steps: int
+
+    def path(self) -> str:
+        """A plain model directory, for the plain trl scripts."""
+        if self.alignkit_name.startswith("tiny:"):
+            from alignkit.testing import tiny_model_path
+
+            return str(tiny_model_path(self.alignkit_name.split(":", 1)[1]))
+        from alignkit.demo.smollm2 import smollm2_path
+
+        return str(smollm2_path())
+
+
+SIZES = {
+    "tiny": Size("tiny", "tiny:llama", max_length=256, batch=8, steps=6, dpo_batch=8, dpo_steps=6),
+    "smollm2": Size(
+        "smollm2", "smollm2:SmolLM2-135M-Instruct", max_length=256, batch=8, steps=6, dpo_batch=4, dpo_steps=5
+    ),
+}
+
+LORA = dict(
+    r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"
+)  # = alignkit's AdapterArguments defaults
+LEARNING_RATE = 2e-4
+SEED = 42
+
+
+# ------------------------------------------------------------------------------------------------------------- data
+def sft_rows(tokenizer, max_length: int, n: int = 256, seed: int = 0) -> list[dict]:
+    """Chat rows whose token lengths spread from ~1/5 of max_length up to max_length, as real SFT data does (the demo's
+    rows are all alike, which would hide what padding costs). Rows that would not fit are dropped, so no variant
+    truncates and all of them train on the same tokens."""
+    from alignkit.demo.data import prompt_messages
+
+    rng = random.Random(seed)
+    rows = []
+    while len(rows) < n:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        steps = " ".join(f"Step {k}: {a} + {b} = {a + b}." for k in range(1, rng.randint(1, 16)))
+        messages = [*prompt_messages(a, b), {"role": "assistant", "content": f"{steps}\nANSWER: {a + b}".strip()}]
+        if len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]) <= max_length:
+            rows.append({"messages": messages})
+    return rows
+
+
+def dpo_rows(n: int = 128) -> list[dict]:
+    from alignkit.demo.data import make_rows
+
+    return make_rows(n_train=n, n_eval=8, n_dpo_test=8)["dpo"][:n]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------- measuring
+def step_timer():
+    """A callback that stamps the end of every optimizer step (built lazily: transformers is slow to import)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.stamps.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def peak_memory_mib() -> float:
+    """Peak device memory on GPU, else this process's peak RSS (imports included: the same for every variant)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def matmul_parameters(model) -> tuple[int, int]:
+    """(frozen, trainable) parameters that enter matmuls: every Linear weight, LoRA's included; embeddings are lookups
+    and not counted, a tied lm_head is (it is a matmul)."""
+    import torch
+
+    frozen = trainable = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            n = module.weight.numel()
+            if module.weight.requires_grad:
+                trainable += n
+            else:
+                frozen += n
+        elif type(module).__name__ == "Linear4bit":  # bitsandbytes packs two 4-bit weights per byte
+            frozen += module.in_features * module.out_features
+    return frozen, trainable
+
+
+def train_measurements(trainer, timer, batch: int) -> dict:
+    """Steady-state throughput over steps 2..N (step 1 is warm-up), from the trainer's own logs."""
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    stamps = timer.stamps
+    seconds = stamps[-1] - stamps[0]
+    steps = len(stamps) - 1
+    result = {
+        "steps_timed": steps,
+        "seconds": seconds,
+        "samples_per_s": steps * batch / seconds,
+        "final_loss": logs[-1]["loss"],
+        "losses": [round(e["loss"], 4) for e in logs],
+        "peak_mib": peak_memory_mib(),
+        "bf16": bool(trainer.args.bf16),
+    }
+    if "num_tokens" in logs[-1]:  # trl counts non-padding tokens (attention mask, or positions when padding-free)
+        result["tokens_per_s"] = (logs[-1]["num_tokens"] - logs[0]["num_tokens"]) / seconds
+    frozen, trainable = matmul_parameters(trainer.model)
+    result.update(frozen_params=frozen, trainable_params=trainable)
+    return result
+
+
+@contextmanager
+def timed_alignkit_trainer(timer):
+    """Let alignkit's recipe run untouched, but time its trainer: Run.train gets the timer callback first. Yields a
+    dict that holds the trainer afterwards."""
+    from alignkit.train import runner
+
+    captured = {}
+    original = runner.Run.train
+
+    def timed_train(self, trainer, *args, **kwargs):
+        trainer.add_callback(timer)
+        captured["trainer"] = trainer
+        return original(self, trainer, *args, **kwargs)
+
+    runner.Run.train = timed_train
+    try:
+        yield captured
+    finally:
+        runner.Run.train = original
+
+
+def run_recipe(stage: str, argv: list[str]):
+    import runpy
+
+    return runpy.run_path(str(REPO / "recipes" / f"{stage}.py"), run_name="alignkit_recipe")["main"](argv)
+
+
+# ------------------------------------------------------------------------------------------------- process tree
+def run_variants(script: str, variants: list[str], common: list[str], repeats: int = 1, in_process=None) -> list[dict]:
+    """Each variant in its own child process (clean peak memory, no shared caches), one after the other, ``repeats``
+    rounds interleaved (A B C A B C): on a shared machine a neighbour's burst hits one run, not one variant. A row keeps
+    its fastest round (``rate``) and lists every round's rate. With ``in_process`` (a function variant -> result), run
+    them here instead: the CI smoke run, where time is short."""
+    rounds: dict[str, list[dict]] = {v: [] for v in variants}
+    for _ in range(repeats):
+        for variant in variants:
+            if in_process is not None:
+                rounds[variant].append(in_process(variant))
+                continue
+            cmd = [sys.executable, script, "--child", variant, *common]
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+            if proc.returncode != 0 or not lines:
+                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+                raise SystemExit(f"variant {variant} failed (exit {proc.returncode}): {' '.join(cmd)}")
+            rounds[variant].append(json.loads(lines[-1][len(RESULT_PREFIX) :]))
+    rows = []
+    for variant, results in rounds.items():
+        best = max(results, key=lambda r: r["samples_per_s"])
+        rows.append({"variant": variant, **best, "rounds": "/".join(f"{r['samples_per_s']:.2f}" for r in results)})
+    return rows
+
+
+def emit(result: dict) -> None:
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (header, key, format). Missing values print as '-'."""
+    cells = [[h for h, _, _ in columns]]
+    for row in rows:
+        cells.append([format(row[k], f) if row.get(k) is not None else "-" for _, k, f in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"

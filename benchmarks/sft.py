@@ -1,0 +1,174 @@
+"""SFT throughput and memory: alignkit's default SFT recipe vs a plain trl SFTTrainer script, with trl's defaults and
+with trl's best settings for the device, on the same model, data, sequence length, effective batch and step count.
+
+    python benchmarks/sft.py --size tiny            # seconds
+    flock /tmp/alignkit-heavy.lock python benchmarks/sft.py --size smollm2   # minutes
+
+One process tree: each variant runs in its own child process, one after the other, after a GEMM probe. Throughput
+counts non-padding tokens over steps 2..N (step 1 is warm-up). MFU = model FLOPs / probe FLOP/s in the row's compute
+dtype, with model FLOPs per token = 6 x params for full training and, for LoRA, 4 x frozen + 6 x trainable matmul
+params (frozen weights need no weight gradient: forward 2, input-gradient 2; attention score FLOPs are not counted;
+recomputation by gradient checkpointing is not model FLOPs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import harness
+
+# The plain trl script's settings per variant, on top of what every variant shares (see plain_trl).
+VARIANTS = ["alignkit", "trl_defaults", "trl_tuned"]
+
+
+def trl_settings(variant: str) -> dict:
+    """trl_defaults: trl 1.16's own (bf16=True, packing and padding_free off, gradient_checkpointing on), plus the one
+    flag a CPU needs to start at all (transformers refuses bf16 on CPU without use_cpu=True). trl_tuned: trl's best for
+    the device: fp32 where bf16 autocast is slow (CPU), padding-free (rows concatenated; trl then needs max_length=None,
+    and the rows are built to fit, so nothing would be truncated anyway), no activation recomputation where memory is
+    plentiful (CPU RAM), liger-kernel on GPU when installed."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if variant == "trl_defaults":
+        return {} if on_gpu else {"use_cpu": True}
+    return {
+        "bf16": on_gpu and torch.cuda.is_bf16_supported(),
+        "padding_free": True,
+        "max_length": None,
+        "gradient_checkpointing": on_gpu,
+        "use_liger_kernel": on_gpu and _liger_installed(),
+    }
+
+
+def _liger_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def plain_trl(size: harness.Size, data: Path, out: Path, steps: int, overrides: dict) -> dict:
+    """What a user writes with trl alone: load, LoraConfig, SFTConfig, SFTTrainer, train."""
+    import datasets
+    import transformers
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    transformers.set_seed(harness.SEED)
+    tokenizer = AutoTokenizer.from_pretrained(size.path())
+    model = AutoModelForCausalLM.from_pretrained(size.path())
+    settings = {"max_length": size.max_length, **overrides}
+    args = SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=size.batch,
+        max_steps=steps,
+        learning_rate=harness.LEARNING_RATE,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=harness.SEED,
+        disable_tqdm=True,
+        **settings,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.load_dataset("json", data_files=str(data), split="train"),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(task_type="CAUSAL_LM", **harness.LORA),
+    )
+    timer = harness.step_timer()
+    trainer.add_callback(timer)
+    trainer.train()
+    return _describe(trainer, harness.train_measurements(trainer, timer, size.batch))
+
+
+def alignkit_default(size: harness.Size, data: Path, out: Path, steps: int) -> dict:
+    """alignkit's SFT recipe with nothing but the shared work set: every other setting is alignkit's default."""
+    timer = harness.step_timer()
+    argv = [
+        "--model_name_or_path", size.alignkit_name, "--datasets", f"[{data}]", "--max_length", str(size.max_length),
+        "--per_device_train_batch_size", str(size.batch), "--max_steps", str(steps),
+        "--learning_rate", str(harness.LEARNING_RATE), "--seed", str(harness.SEED), "--disable_tqdm", "true",
+        "--output_dir", str(out), "--overwrite_output_dir", "true",
+    ]  # fmt: skip
+    with harness.timed_alignkit_trainer(timer) as captured:
+        harness.run_recipe("sft", argv)
+    trainer = captured["trainer"]
+    return _describe(trainer, harness.train_measurements(trainer, timer, size.batch))
+
+
+def _describe(trainer, result: dict) -> dict:
+    args = trainer.args
+    padding_free = getattr(trainer.data_collator, "padding_free", False)
+    packing = "packed" if args.packing else ("padding-free" if padding_free else "padded")
+    return {**result, "batching": packing, "grad_ckpt": bool(args.gradient_checkpointing)}
+
+
+def run_variant(variant: str, size: harness.Size, data: Path, work: Path, steps: int) -> dict:
+    out = work / variant
+    if variant == "alignkit":
+        return alignkit_default(size, data, out, steps)
+    return plain_trl(size, data, out, steps, trl_settings(variant))
+
+
+def main(argv=None, in_process: bool = False) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(harness.SIZES), default="tiny")
+    parser.add_argument("--steps", type=int, help="optimizer steps per variant (default: the size's)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds per variant, interleaved; the fastest is shown")
+    parser.add_argument("--gemm_n", type=int, default=2048, help="matrix size of the GEMM probe")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    size = harness.SIZES[args.size]
+    steps = args.steps or size.steps
+    if args.child:
+        harness.emit(run_variant(args.child, size, Path(args.data), Path(args.work), steps))
+        return []
+
+    import gemm
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="alignkit-bench-sft-") as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(size.path())
+        data = harness.write_jsonl(Path(tmp) / "sft.jsonl", harness.sft_rows(tokenizer, size.max_length))
+        peaks = {name: gemm.matmul_flops(name, args.gemm_n) for name in ("float32", "bfloat16")}
+        common = ["--size", args.size, "--steps", str(steps), "--data", str(data), "--work", tmp]
+        run_here = (lambda v: run_variant(v, size, data, Path(tmp), steps)) if in_process else None
+        rows = harness.run_variants(__file__, args.variants, common, args.repeats, in_process=run_here)
+
+    for row in rows:
+        flops_per_token = 4 * row["frozen_params"] + 6 * row["trainable_params"]
+        peak = peaks["bfloat16" if row["bf16"] else "float32"]
+        row.update(dtype="bf16" if row["bf16"] else "fp32", mfu=100 * flops_per_token * row["tokens_per_s"] / peak)
+    mine = next((r for r in rows if r["variant"] == "alignkit"), None)
+    for row in rows:
+        if mine:
+            row.update(
+                speedup=mine["tokens_per_s"] / row["tokens_per_s"],
+                memory_ratio=mine["peak_mib"] / row["peak_mib"],
+                loss_ratio=mine["final_loss"] / row["final_loss"],
+            )
+    print(
+        f"\nSFT, {size.name} ({size.alignkit_name}): max_length {size.max_length}, batch {size.batch}, {steps} steps (timed: 2..{steps}), best of {args.repeats} rounds, LoRA r16, "
+        f"{harness.machine()}"
+    )
+    print(f"GEMM probe: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
+    print(harness.table(rows, [
+        ("variant", "variant", "s"), ("dtype", "dtype", "s"), ("batching", "batching", "s"), ("grad ckpt", "grad_ckpt", "d"),
+        ("tokens/s", "tokens_per_s", ".0f"), ("samples/s", "samples_per_s", ".2f"), ("samples/s per round", "rounds", "s"),
+        ("peak MiB", "peak_mib", ".0f"),
+        ("final loss", "final_loss", ".4f"), ("MFU %", "mfu", ".1f"), ("alignkit/this tok/s", "speedup", ".2f"),
+        ("mem", "memory_ratio", ".2f"), ("loss", "loss_ratio", ".3f"),
+    ]))  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""DPO: preference tuning with trl's DPOTrainer on a LoRA / 4-bit QLoRA backbone, usually starting from SFT output.
+
+    accelerate launch recipes/dpo.py --config recipes/tiny/dpo.yaml [--key value ...]
+
+Data: ``prompt`` / ``chosen`` / ``rejected`` columns, plain text or conversational (the chat template comes from the
+SFT output's tokenizer). ``beta`` and ``loss_type`` (sigmoid, ipo, hinge, ...) are trl's DPOConfig fields.
+
+The reference policy is the model DPO starts from (the SFT model after a hand-off), computed from the same backbone,
+never a second model: trl keeps the adapter's initial state as a frozen adapter ``ref`` (saved under ``ref/`` next
+to the trained adapter). ``adapter_handoff`` (continue | reference | merge) chooses what is trained; see
+:func:`alignkit.models.loader.load_model`.
+"""
+
+from trl import DPOTrainer
+
+from alignkit.config import DPOConfig, parse_recipe
+from alignkit.data import DPO
+from alignkit.train import Run
+
+
+def main(argv=None):
+    recipe = parse_recipe(DPOConfig, argv)
+    if not recipe.adapter.use_peft:  # full fine-tuning: score the starting model once as the reference, no 2nd copy
+        recipe.train.precompute_ref_log_probs = True
+    run = Run(recipe, stage="dpo")
+    tokenizer = run.load_tokenizer(chat=True)
+    data = run.load_data(DPO)
+    model = run.load_model("causal_lm")
+    trainer = DPOTrainer(
+        model=model,
+        args=recipe.train,
+        train_dataset=data["train"],
+        eval_dataset=data.get("test"),
+        processing_class=tokenizer,
+    )
+    return run.train(trainer)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The benchmarks run end to end at tiny size, in this process, so that they cannot rot. No timing assertions: timings
+are what benchmarks/ prints, on a quiet machine."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # the scripts import their harness by name, as `python benchmarks/x.py` does
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sft_benchmark_prints_its_table(capsys):
+    rows = _load("sft").main(["--size", "tiny", "--steps", "2", "--repeats", "1", "--gemm_n", "256"], in_process=True)
+    assert [r["variant"] for r in rows] == ["alignkit", "trl_defaults", "trl_tuned"]
+    assert [r["dtype"] for r in rows] == ["fp32", "bf16", "fp32"]
+    assert rows[2]["batching"] == "padding-free" and not rows[2]["grad_ckpt"]
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 100 and math.isfinite(row["final_loss"])
+    out = capsys.readouterr().out
+    assert "alignkit/this tok/s" in out and "MFU %" in out and out.count("trl_") == 2
+
+
+def test_dpo_benchmark_prints_its_table(capsys):
+    rows = _load("dpo").main(["--size", "tiny", "--steps", "2", "--repeats", "1"], in_process=True)
+    assert [r["variant"] for r in rows] == ["alignkit", "trl_defaults", "trl_tuned"]
+    for row in rows:
+        assert row["samples_per_s"] > 0 and math.isfinite(row["final_loss"])
+    assert "pairs/s" in capsys.readouterr().out
+
+
+def test_4bit_memory_benchmark_counts_packed_weights():
+    full, quantized = _load("memory_4bit").main(["--size", "tiny"])
+    assert full["4-bit packed"] == 0 and quantized["4-bit packed"] > 0 and quantized["quant constants"] > 0
+    assert 0 < quantized["ratio"] < 1

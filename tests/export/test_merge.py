@@ -1,0 +1,170 @@
+"""alignkit merge: the merged model reproduces base + adapter (full precision: 1e-4; 4-bit: stated bounds), loads with
+plain AutoModelForCausalLM, generates and stops at the chat template's end-of-turn token; the parity gate blocks a
+push until forced."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alignkit.cli import main as cli
+from alignkit.config.args import ModelArguments, QuantizationArguments
+from alignkit.data.templates import CHATML
+from alignkit.errors import ConfigError
+from alignkit.export.merge import end_of_turn_ids, merge_adapter
+from alignkit.models.loader import load_base_model
+
+from .conftest import HubRecorder
+
+PROMPTS = ["What is 12 + 30? ANSWER: 42", "Alice visited the river with her dog."]
+# Stated bounds. Float32 on both sides: 1e-4. The dequantize path is held to the same 1e-4 against the 4-bit base +
+# adapter, since the 4-bit reference dequantizes each weight to its fp32 compute dtype (alignkit keeps bitsandbytes'
+# training layout on CPU; its bf16 inference kernel would add ~4e-3). The full_precision path of a 4-bit adapter is
+# exact against the full-precision base + adapter and differs from the trained 4-bit model by the quantization error.
+EXACT = 1e-4
+QUANTIZATION_GAP = 1e-2  # the full_precision merge of the tiny 4-bit adapter differs by more than this (~0.5)
+
+
+def _logits(model, tokenizer):
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model.eval()(**batch).logits
+    return logits[batch["attention_mask"].bool()]
+
+
+def _base(path_or_name, four_bit=False):
+    return load_base_model(
+        ModelArguments(model_name_or_path=path_or_name), QuantizationArguments(load_in_4bit=four_bit)
+    )
+
+
+def _tiny_base_of(adapter_dir):
+    return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def test_full_precision_merge_matches_base_plus_adapter_and_generates(sft_fp, tmp_path):
+    adapter = sft_fp.output_dir
+    result = merge_adapter(adapter, tmp_path / "merged")
+    assert result.method == "full_precision" and result.parity.passed and result.parity.max_abs_diff < EXACT
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers, nothing from alignkit
+    base = _base(_tiny_base_of(adapter))
+    base_logits = _logits(base, tokenizer)
+    reference = _logits(PeftModel.from_pretrained(base, adapter), tokenizer)
+    assert (_logits(merged, tokenizer) - reference).abs().max() < EXACT
+    assert (reference - base_logits).abs().max() > 0.05  # the adapter changes the model: the check above has teeth
+
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
+        "README.md", "alignkit_run.json", "chat_template.jinja", "config.json", "generation_config.json",
+        "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    ]  # fmt: skip
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(adapter).chat_template
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = merged.generation_config.eos_token_id
+    assert im_end in (eos if isinstance(eos, list) else [eos])
+    assert merged.generation_config.pad_token_id == tokenizer.pad_token_id
+
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = merged.generate(**chat, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > chat["input_ids"].shape[1]
+    meta = json.loads((tmp_path / "merged" / "alignkit_run.json").read_text())
+    assert meta["merge"]["method"] == "full_precision" and [e["stage"] for e in meta["lineage"]] == ["sft", "merge"]
+    assert "method: `full_precision`" in (tmp_path / "merged" / "README.md").read_text()
+
+
+def test_dequantize_merge_of_4bit_dpo_chain(chain, tmp_path):
+    """The default for a 4-bit adapter: merge into the dequantized base, i.e. the model that was trained."""
+    result = merge_adapter(chain.dpo, tmp_path / "merged")
+    assert result.method == "dequantize"
+    assert result.parity.max_abs_diff < EXACT and result.parity.passed  # vs 4-bit base + adapter
+    assert abs(result.parity.loss_delta) < 1e-3
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    four_bit = _base(_tiny_base_of(chain.dpo), four_bit=True)
+    trained = _logits(PeftModel.from_pretrained(four_bit, chain.dpo), tokenizer)
+    assert (_logits(merged, tokenizer) - trained).abs().max() < EXACT
+    # The merge itself: against the dequantized base + the unmerged adapter.
+    dequantized = _base(_tiny_base_of(chain.dpo), four_bit=True).dequantize(dtype=torch.float32)
+    assert (
+        _logits(merged, tokenizer) - _logits(PeftModel.from_pretrained(dequantized, chain.dpo), tokenizer)
+    ).abs().max() < EXACT
+
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert (
+        "# CPT -> SFT -> DPO merged model" in card
+        and "method: `dequantize`" in card
+        and "library_name: transformers" in card
+    )
+    assert json.loads((tmp_path / "merged" / "alignkit_run.json").read_text())["merge"]["method"] == "dequantize"
+
+
+def test_full_precision_merge_of_4bit_adapter_is_gated_before_push(chain, tmp_path, monkeypatch, capsys):
+    """Merging a 4-bit-trained adapter into the full-precision base is exact against that base + adapter, but not
+    the model that was trained: the gate reports the gap and refuses to push unless forced."""
+    hub = HubRecorder().install(monkeypatch)
+    out = tmp_path / "merged"
+    argv = [
+        "merge",
+        str(chain.sft),
+        "--output",
+        str(out),
+        "--method",
+        "full_precision",
+        "--push_to_hub",
+        "--hub_model_id",
+        "tiny-merged",
+    ]
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    assert "not pushing" in err and "--force" in err and not hub.named("upload_folder")
+    meta = json.loads((out / "alignkit_run.json").read_text())["merge"]
+    assert (
+        meta["method"] == "full_precision"
+        and not meta["parity_passed"]
+        and meta["max_abs_logit_diff"] > QUANTIZATION_GAP
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    full = _base(_tiny_base_of(chain.sft))
+    assert (
+        _logits(merged, tokenizer) - _logits(PeftModel.from_pretrained(full, chain.sft), tokenizer)
+    ).abs().max() < EXACT
+
+    assert cli([*argv, "--force", "--private"]) == 0
+    (upload,) = hub.named("upload_folder")
+    assert upload["repo_id"] == "alice/tiny-merged" and upload["folder_path"] == str(out)
+    assert sorted(upload["allow_patterns"]) == [
+        "README.md", "alignkit_run.json", "chat_template.jinja", "config.json", "generation_config.json",
+        "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    ]  # fmt: skip
+    assert {"repo_id": "alice/tiny-merged", "private": True, "exist_ok": True} in hub.named("create_repo")
+
+
+def test_merge_refuses_wrong_requests_before_loading(sft_fp, tmp_path):
+    with pytest.raises(ConfigError, match="full_precision"):
+        merge_adapter(sft_fp.output_dir, tmp_path / "m", method="dequantize")
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not an earlier merge"):
+        merge_adapter(sft_fp.output_dir, tmp_path / "precious")
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+def test_generation_stops_at_the_templates_end_of_turn_when_eos_differs(tiny_llama):
+    """A base whose eos is <|endoftext|> but whose chat template closes turns with <|im_end|>: generate() must stop
+    at both, or a merged chat model runs on past its answer."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.chat_template = CHATML
+    ids = end_of_turn_ids(tokenizer)
+    assert ids == [tokenizer.convert_tokens_to_ids("<|endoftext|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")]

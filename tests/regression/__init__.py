@@ -1,0 +1,1 @@
+"""Regression suite: pinned tiny-model trajectories and training invariants (pytest -m regression)."""

@@ -1,0 +1,24 @@
+"""Each stage's recipe, run on the tiny model with alignkit's defaults, reproduces its pinned per-step trajectory."""
+
+import pytest
+
+from regression.golden import ATOL, RTOL, RUNS, load_golden, mismatches, trajectory
+
+pytestmark = pytest.mark.regression
+
+
+@pytest.mark.parametrize("run", RUNS, ids=[r.name for r in RUNS])
+def test_trajectory_matches_golden(run, tmp_path):
+    golden = load_golden()["runs"].get(run.name)
+    assert golden is not None, (
+        f"{run.name}: no golden trajectory. Fix: python -m tests.regression.regenerate {run.name}"
+    )
+    assert golden.get("command") == run.command, (
+        f"{run.name}: its command changed. Fix: python -m tests.regression.regenerate {run.name}"
+    )
+    problems = mismatches(run.name, golden["metrics"], trajectory(run, tmp_path / run.name))
+    assert not problems, (
+        f"training no longer computes what it did (rtol {RTOL}, atol {ATOL}):\n  "
+        + "\n  ".join(problems)
+        + "\nIf the change is intended, run `python -m tests.regression.regenerate` and review the diff of golden.json."
+    )

@@ -1,0 +1,247 @@
+"""Bad input, across stages and tasks, fails with one clear error (where: file/row/key; and a 'Fix') before any
+training step, and leaves everything it was given untouched.
+
+'Before any training step' is checked through the output dir: the run loop writes alignkit_run.json (status
+running) right before trainer.train(), so an unchanged snapshot of the case's folder (recipe, data, output dir)
+means training never started, and nothing the user had there was replaced or deleted.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY_DATA, run_recipe
+
+from alignkit.errors import ConfigError, DataError, PreflightError
+
+
+def _rows(name: str, n: int = 8) -> list[dict]:
+    return [json.loads(line) for line in (TINY_DATA / name).read_text().splitlines()[:n]]
+
+
+SFT_ROWS, DPO_ROWS, CPT_ROWS = _rows("sft.jsonl"), _rows("dpo.jsonl"), _rows("cpt.jsonl")
+NER_ROWS, QA_ROWS, CLS_ROWS = _rows("tasks/ner.jsonl"), _rows("tasks/qa.jsonl"), _rows("tasks/cls.jsonl")
+LLM = dict(model_name_or_path="tiny:llama", lora_r=4, lora_alpha=8, max_steps=2, per_device_train_batch_size=2,
+           save_steps=1, disable_tqdm=True)  # fmt: skip
+BERT = dict(LLM, model_name_or_path="tiny:bert", max_length=32)
+BASE = {
+    "sft": dict(LLM, max_length=128, assistant_only_loss=True),
+    "dpo": dict(LLM, max_length=128),
+    "cpt": dict(LLM, block_size=32),
+    "token_cls": dict(BERT, task="token_cls", label_list=["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]),
+    "qa": dict(BERT, task="qa", max_length=64, doc_stride=16),
+    "seq_cls": dict(BERT, task="seq_cls", label_list=["sports", "food", "tech"]),
+}
+GOOD_ROWS = dict(sft=SFT_ROWS, dpo=DPO_ROWS, cpt=CPT_ROWS, token_cls=NER_ROWS, qa=QA_ROWS, seq_cls=CLS_ROWS)
+RECIPE = {"sft": "sft", "dpo": "dpo", "cpt": "cpt", "token_cls": "task", "qa": "task", "seq_cls": "task"}
+
+
+def edit_row(index: int, change: Callable[[dict], None]) -> Callable[[list[dict]], list[dict]]:
+    def apply(rows):
+        rows = copy.deepcopy(rows)
+        change(rows[index])
+        return rows
+
+    return apply
+
+
+def _set(path, value):
+    """Set rows[...] by a path of keys/indices, e.g. _set(("messages", 1, "role"), "human")."""
+
+    def change(row):
+        target = row
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+
+    return change
+
+
+def checkpoint_without_manifest(case_dir: Path, out: Path, mp) -> None:
+    # what a kill during a save leaves: the files written so far, and no completion manifest
+    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"\0" * 32)
+
+
+def finished_run(case_dir: Path, out: Path, mp) -> None:
+    (out / "alignkit_run.json").write_text(json.dumps({"status": "finished", "stage": "sft"}))
+    (out / "adapter_model.safetensors").write_bytes(b"weights of a finished run")
+
+
+def output_dir_under_a_file(case_dir: Path, out: Path, mp) -> None:
+    (case_dir / "a_file").write_text("not a folder")
+
+
+def no_hub_token(case_dir: Path, out: Path, mp) -> None:
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        mp.setenv(name, "")
+        mp.delenv(name)
+    mp.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(case_dir / "no-token-file"))
+
+
+def hub_token_set(case_dir: Path, out: Path, mp) -> None:
+    mp.setenv("HF_TOKEN", "hf_validLookingTokenButTheHubIsOffline")  # the suite runs with HF_HUB_OFFLINE=1
+
+
+def fsdp_launch(case_dir: Path, out: Path, mp) -> None:
+    mp.setenv("ACCELERATE_USE_FSDP", "true")
+
+
+@dataclass
+class Case:
+    id: str
+    stage: str
+    error: type[Exception]
+    says: tuple[str, ...]  # the message names these (file/row/key); {data}, {recipe}, {out}, {case} are filled in
+    config: dict = field(default_factory=dict)
+    rows: Callable[[list[dict]], list[dict]] | None = None
+    data_text: str | None = None  # raw file content instead of rows
+    cli: tuple[str, ...] = ()
+    prepare: Callable | None = None
+    recipe_text: str | None = None
+
+
+CASES = [
+    # ---------------------------------------------------------------- data (SFT)
+    Case("sft-bad-json-line", "sft", DataError, ("{data}", "row 3", "not valid JSON"),
+         data_text="".join(json.dumps(r) + "\n" for r in SFT_ROWS[:2]) + '{"messages": [{"role": "user",\n'),
+    Case("sft-empty-split", "sft", DataError, ("{data}", "no rows"), data_text="\n"),
+    Case("sft-missing-column", "sft", DataError, ("{data}", "missing columns", "messages"),
+         rows=lambda rows: [{"question": "1 + 1?", "answer": "2"} for _ in rows]),
+    Case("sft-wrong-role", "sft", DataError, ("{data}", "row 2", "'human'"), rows=edit_row(1, _set(("messages", 1, "role"), "human"))),
+    Case("sft-ends-on-user", "sft", DataError, ("{data}", "row 1", "ends on 'user'"),
+         rows=edit_row(0, lambda r: r["messages"].pop())),
+    Case("sft-system-not-first", "sft", DataError, ("{data}", "row 4", "system message"),
+         rows=edit_row(3, lambda r: r["messages"].insert(2, {"role": "system", "content": "be brief"}))),
+    Case("sft-empty-content", "sft", DataError, ("{data}", "row 5", "empty content"),
+         rows=edit_row(4, _set(("messages", 2, "content"), "  "))),
+    Case("sft-empty-completion", "sft", DataError, ("{data}", "row 2", "'completion'"),
+         rows=lambda rows: [{"prompt": "1 + 1 =", "completion": " 2"}, {"prompt": "2 + 2 =", "completion": ""}]),
+    Case("sft-data-file-missing", "sft", DataError, ("{case}/nowhere.jsonl", "not found"),
+         config=dict(datasets=[{"path": "{case}/nowhere.jsonl"}])),
+    Case("sft-test-size-too-big", "sft", DataError, ("test_size",), config=dict(test_size=8)),
+    Case("sft-every-row-beyond-max-length", "sft", PreflightError, ("max_length", "no rows left"), config=dict(max_length=24)),
+    # ---------------------------------------------------------------- config
+    Case("yaml-misspelled-key", "sft", ConfigError, ("{recipe}", "'learning_rat'", "Did you mean 'learning_rate'"),
+         config=dict(learning_rat=1e-3)),
+    Case("cli-misspelled-key", "sft", ConfigError, ("command line", "'lora_alpah'", "Did you mean 'lora_alpha'"),
+         cli=("--lora_alpah", "16")),
+    Case("yaml-syntax", "sft", ConfigError, ("{recipe}", "not valid YAML"), recipe_text="model_name_or_path: [tiny:llama\n"),
+    Case("no-model", "sft", ConfigError, ("model_name_or_path",), config=dict(model_name_or_path=None)),
+    Case("unknown-tiny-model", "sft", ConfigError, ("model_name_or_path", "tiny:gpt2"), config=dict(model_name_or_path="tiny:gpt2")),
+    Case("4bit-without-peft", "sft", ConfigError, ("load_in_4bit", "use_peft"), config=dict(load_in_4bit=True, use_peft=False)),
+    Case("4bit-under-fsdp-uint8-storage", "sft", ConfigError, ("FSDP", "bnb_4bit_quant_storage"),
+         config=dict(load_in_4bit=True), prepare=fsdp_launch),
+    Case("template-without-generation-marks", "sft", ConfigError, ("assistant_only_loss", "chat_template"),
+         config=dict(chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")),
+    # ---------------------------------------------------------------- model / adapter
+    Case("lora-target-not-in-model", "sft", ConfigError, ("lora_target_modules", "q_projj"),
+         config=dict(lora_target_modules=["q_projj", "v_proj"])),
+    Case("pickle-only-weights", "sft", PreflightError, ("{pickle_model}", "pickle", "allow_pickle_weights"),
+         config=dict(model_name_or_path="{pickle_model}")),
+    # ---------------------------------------------------------------- output dir, resume, disk, Hub
+    Case("output-dir-unwritable", "sft", PreflightError, ("output_dir", "{case}/a_file/out", "not writable"),
+         config=dict(output_dir="{case}/a_file/out"), prepare=output_dir_under_a_file),
+    Case("finished-run-without-overwrite", "sft", PreflightError, ("{out}", "finished", "overwrite_output_dir"),
+         prepare=finished_run),
+    Case("unfinished-checkpoints-without-resume", "sft", PreflightError, ("{out}", "resume_from_checkpoint"),
+         prepare=checkpoint_without_manifest),
+    Case("resume-without-checkpoint", "sft", PreflightError, ("resume_from_checkpoint", "{out}", "no checkpoint"),
+         config=dict(resume_from_checkpoint=True)),
+    Case("resume-latest-only-incomplete", "sft", PreflightError, ("resume_from_checkpoint", "checkpoint-2", "cut short"),
+         config=dict(resume_from_checkpoint=True), prepare=checkpoint_without_manifest),
+    Case("resume-path-incomplete", "sft", PreflightError, ("{out}/checkpoint-2", "incomplete"),
+         config=dict(resume_from_checkpoint="{out}/checkpoint-2"), prepare=checkpoint_without_manifest),
+    Case("disk-below-minimum", "sft", PreflightError, ("min_free_disk_gb",), config=dict(min_free_disk_gb=1e9)),
+    Case("checkpoints-will-not-fit", "sft", PreflightError, ("planned checkpoints", "save_total_limit"),
+         config=dict(use_peft=False, max_steps=10**9, save_steps=1)),
+    Case("push-to-hub-without-token", "sft", PreflightError, ("push_to_hub", "token", "HF_TOKEN"),
+         config=dict(push_to_hub=True), prepare=no_hub_token),
+    Case("push-to-hub-unreachable", "sft", PreflightError, ("push_to_hub", "could not be reached"),
+         config=dict(push_to_hub=True), prepare=hub_token_set),
+    # ---------------------------------------------------------------- DPO, CPT
+    Case("dpo-chosen-equals-rejected", "dpo", DataError, ("{data}", "row 2", "identical"),
+         rows=edit_row(1, lambda r: r.update(rejected=r["chosen"]))),
+    Case("dpo-missing-rejected", "dpo", DataError, ("{data}", "missing columns", "rejected"),
+         rows=lambda rows: [{k: v for k, v in r.items() if k != "rejected"} for r in rows]),
+    Case("dpo-wrong-role", "dpo", DataError, ("{data}", "row 3", "'gpt'"), rows=edit_row(2, _set(("chosen", 0, "role"), "gpt"))),
+    Case("cpt-empty-text", "cpt", DataError, ("{data}", "row 4", "'text'"), rows=edit_row(3, _set(("text",), ""))),
+    # ---------------------------------------------------------------- task heads
+    Case("ner-tag-not-in-label-list", "token_cls", DataError, ("{data}", "row 3", "B-MISC"),
+         rows=edit_row(2, lambda r: r["ner_tags"].__setitem__(0, "B-MISC"))),
+    Case("ner-tags-and-words-differ", "token_cls", DataError, ("{data}", "row 1", "tags"),
+         rows=edit_row(0, lambda r: r["ner_tags"].pop())),
+    Case("qa-answer-start-mismatch", "qa", DataError, ("{data}", "row 2", "answer_start"),
+         rows=edit_row(1, lambda r: r["answers"]["answer_start"].__setitem__(0, r["answers"]["answer_start"][0] + 3))),
+    Case("cls-label-id-out-of-range", "seq_cls", DataError, ("{data}", "row 1", "outside"), rows=edit_row(0, _set(("label",), 7))),
+    Case("cls-without-label-list", "seq_cls", ConfigError, ("label_list",), config=dict(label_list=None)),
+]  # fmt: skip
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+@pytest.fixture(scope="module")
+def pickle_model(tmp_path_factory, tiny_llama):
+    """The tiny Llama with its weights as a pickle (pytorch_model.bin) only."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path_factory.mktemp("pickle_model")
+    for item in Path(tiny_llama).iterdir():
+        if item.suffix != ".safetensors":
+            shutil.copy(item, folder / item.name)
+    torch.save(load_file(str(Path(tiny_llama) / "model.safetensors")), folder / "pytorch_model.bin")
+    return folder
+
+
+def test_table_covers_stages_tasks_and_at_least_20_cases():
+    assert len(CASES) >= 20
+    assert {c.stage for c in CASES} == set(BASE)
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input_fails_before_training_with_a_clear_error(case, tmp_path, pickle_model, monkeypatch):
+    out, data = tmp_path / "out", tmp_path / "data" / f"{case.stage}.jsonl"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file: must survive")
+    data.parent.mkdir()
+    names = {"case": str(tmp_path), "out": str(out), "data": str(data), "pickle_model": str(pickle_model)}
+    rows = (case.rows or (lambda r: r))(GOOD_ROWS[case.stage])
+    data.write_text(case.data_text if case.data_text is not None else "".join(json.dumps(r) + "\n" for r in rows))
+    config = {**BASE[case.stage], "datasets": [{"path": str(data)}], "output_dir": str(out), **case.config}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(case.recipe_text or _fill(yaml.safe_dump(config), names))
+    names["recipe"] = str(recipe)
+    if case.prepare:
+        case.prepare(tmp_path, out, monkeypatch)
+    before = snapshot(tmp_path)
+
+    with pytest.raises(case.error) as raised:
+        run_recipe(RECIPE[case.stage], ["--config", str(recipe), *case.cli])
+
+    message = str(raised.value)
+    for fragment in case.says:
+        assert _fill(fragment, names) in message, f"{case.id}: {fragment!r} not in: {message}"
+    assert "Fix" in message, f"{case.id}: no fix in: {message}"
+    assert snapshot(tmp_path) == before, f"{case.id}: the case's files changed"
+
+
+def _fill(text: str, names: dict[str, str]) -> str:
+    for key, value in names.items():
+        text = text.replace("{" + key + "}", value)
+    return text

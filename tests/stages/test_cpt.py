@@ -1,0 +1,99 @@
+"""CPT stage: recipes/cpt.py on the tiny Llama. Loss falls with QLoRA, LoRA and from scratch; every token of a packed
+block is trained (eos too, when pad == eos); `accelerate launch` runs it end to end."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO, run_recipe, train_losses
+from safetensors import safe_open
+
+from alignkit.train import runner
+
+TINY = ["--config", "recipes/tiny/cpt.yaml", "--test_size", "0", "--disable_tqdm", "true"]
+
+
+@pytest.fixture
+def trainers(monkeypatch):
+    """The trainers the recipe hands to the run loop (the real ones; the run loop still trains them)."""
+    seen, real_train = [], runner.Run.train
+
+    def train(self, trainer):
+        seen.append(trainer)
+        return real_train(self, trainer)
+
+    monkeypatch.setattr(runner.Run, "train", train)
+    return seen
+
+
+def _falls(losses):
+    third = max(1, len(losses) // 3)
+    return sum(losses[-third:]) / third < sum(losses[:third]) / third - 0.05
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["--load_in_4bit", "false"]],
+    ids=["qlora", "lora"],
+)
+def test_cpt_loss_falls(argv, tmp_path):
+    run_recipe("cpt", [*TINY, *argv, "--max_steps", "8", "--output_dir", str(tmp_path)])
+    losses = train_losses(tmp_path)
+    assert len(losses) == 8 and _falls(losses), losses
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_cpt_from_scratch_trains_a_new_model(tmp_path):
+    argv = "--from_scratch true --use_peft false --load_in_4bit false --max_steps 8".split()
+    run_recipe("cpt", [*TINY, *argv, "--config_overrides", "{num_hidden_layers: 1}", "--output_dir", str(tmp_path)])
+    losses = train_losses(tmp_path)
+    assert len(losses) == 8 and _falls(losses), losses
+    assert losses[0] > 5.5  # random init: about ln(vocab) = ln(512) = 6.2, nothing pretrained
+    assert json.loads((tmp_path / "config.json").read_text())["num_hidden_layers"] == 1
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as weights:  # a full 1-layer model, not an adapter
+        names = list(weights.keys())
+    assert any("layers.0." in n for n in names) and not any("layers.1." in n or "lora" in n for n in names)
+
+
+def test_every_block_token_is_trained_even_eos_when_pad_is_eos(tiny_llama, trainers, tmp_path, capsys):
+    model = tmp_path / "pad_is_eos"  # as SmolLM2 and GPT-2 ship their tokenizers
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": config["eos_token"]}))
+    out = tmp_path / "out"
+    metrics = run_recipe(
+        "cpt", [*TINY, "--model_name_or_path", str(model), "--output_dir", str(out), "--label_preview"]
+    )
+    assert metrics == {} and not list(out.iterdir()), "label_preview must print and exit without training or writing"
+    assert "64/64 tokens are trained" in capsys.readouterr().out
+    trainer = trainers[0]
+    assert trainer.processing_class.pad_token_id == trainer.processing_class.eos_token_id
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape == (4, 64)
+    assert (batch["labels"] == batch["input_ids"]).all(), "a block token (e.g. a document-ending eos) is not trained"
+    assert (batch["input_ids"] == trainer.processing_class.eos_token_id).any()
+
+
+def test_accelerate_launch_cpt_saves_every_output(tmp_path):
+    out = tmp_path / "cpt"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--cpu",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "recipes/cpt.py", *TINY, "--max_steps", "2", "--output_dir", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert not [p.name for p in out.glob("*.bin") if p.name != "training_args.bin"], "weights: safetensors only"
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    resolved = yaml.safe_load((out / "alignkit_config.yaml").read_text())
+    assert resolved["CPTConfig"]["block_size"] == 64 and resolved["CPTConfig"]["max_steps"] == 2
+    run = json.loads((out / "alignkit_run.json").read_text())
+    assert run["status"] == "finished" and run["stage"] == "cpt"
