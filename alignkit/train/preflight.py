@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 
 
 def wants_resume(resume) -> bool:
-    return resume not in (None, False, "", "false", "False")
+    # a YAML true/false reaches this str field as "yes"/"no" (alignkit.config.parser._coerce)
+    return resume not in (None, False) and str(resume).lower() not in ("", "false", "no")
 
 
 def check_output_dir(output_dir: Path, run_args, resume) -> None:
@@ -64,7 +65,7 @@ def resolve_resume(output_dir: Path, resume) -> str | None:
     checkpoint, if complete. A checkpoint a kill cut short is never resumed from."""
     if not wants_resume(resume):
         return None
-    if str(resume).lower() in ("true", "latest"):
+    if str(resume).lower() in ("true", "yes", "latest"):
         last = last_complete_checkpoint(output_dir)
         if last is None:
             partial = ", ".join(p.name for p in checkpoints(output_dir))

@@ -103,3 +103,11 @@ def test_reentrant_checkpointing_with_an_adapter_under_ddp_is_refused(monkeypatc
         validate(recipe)
     recipe.train.ddp_find_unused_parameters = False
     validate(recipe)
+
+
+def test_debug_log_hashes_rows_alike_padded_or_padding_free():
+    from alignkit.train.distributed import _row_hashes
+
+    padded = _row_hashes(torch.tensor([[5, 6, 7], [8, 9, 0]]), attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    free = _row_hashes(torch.tensor([[5, 6, 7, 8, 9]]), position_ids=torch.tensor([[0, 1, 2, 0, 1]]))
+    assert padded == free and len(set(free)) == 2

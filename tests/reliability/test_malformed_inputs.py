@@ -140,7 +140,7 @@ CASES = [
     Case("unknown-tiny-model", "sft", ConfigError, ("model_name_or_path", "tiny:gpt2"), config=dict(model_name_or_path="tiny:gpt2")),
     Case("4bit-without-peft", "sft", ConfigError, ("load_in_4bit", "use_peft"), config=dict(load_in_4bit=True, use_peft=False)),
     Case("4bit-under-fsdp-uint8-storage", "sft", ConfigError, ("FSDP", "bnb_4bit_quant_storage"),
-         config=dict(load_in_4bit=True), prepare=fsdp_launch),
+         config=dict(load_in_4bit=True, bnb_4bit_quant_storage="uint8"), prepare=fsdp_launch),
     Case("template-without-generation-marks", "sft", ConfigError, ("assistant_only_loss", "chat_template"),
          config=dict(chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")),
     # ---------------------------------------------------------------- model / adapter
