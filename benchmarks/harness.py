@@ -97,10 +97,10 @@ def step_timer():
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.stamps: list[float] = []
+            self.stamps: list[tuple[float, float]] = []  # (wall, this process's CPU time over all its threads)
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.stamps.append(time.perf_counter())
+            self.stamps.append((time.perf_counter(), time.process_time()))
 
     return StepTimer()
 
@@ -133,22 +133,26 @@ def matmul_parameters(model) -> tuple[int, int]:
 
 
 def train_measurements(trainer, timer, batch: int) -> dict:
-    """Steady-state throughput over steps 2..N (step 1 is warm-up), from the trainer's own logs."""
+    """Steady-state throughput over steps 2..N (step 1 is warm-up), from the trainer's own logs. Per wall second and
+    per CPU second: on a shared machine a neighbour's load stretches wall time far more than CPU time."""
     logs = [e for e in trainer.state.log_history if "loss" in e]
-    stamps = timer.stamps
-    seconds = stamps[-1] - stamps[0]
-    steps = len(stamps) - 1
+    (wall_0, cpu_0), (wall_n, cpu_n) = timer.stamps[0], timer.stamps[-1]
+    seconds, cpu_seconds = wall_n - wall_0, cpu_n - cpu_0
+    steps = len(timer.stamps) - 1
     result = {
         "steps_timed": steps,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "samples_per_s": steps * batch / seconds,
+        "samples_per_cpu_s": steps * batch / cpu_seconds,
         "final_loss": logs[-1]["loss"],
         "losses": [round(e["loss"], 4) for e in logs],
         "peak_mib": peak_memory_mib(),
         "bf16": bool(trainer.args.bf16),
     }
     if "num_tokens" in logs[-1]:  # trl counts non-padding tokens (attention mask, or positions when padding-free)
-        result["tokens_per_s"] = (logs[-1]["num_tokens"] - logs[0]["num_tokens"]) / seconds
+        tokens = logs[-1]["num_tokens"] - logs[0]["num_tokens"]
+        result.update(tokens_per_s=tokens / seconds, tokens_per_cpu_s=tokens / cpu_seconds)
     frozen, trainable = matmul_parameters(trainer.model)
     result.update(frozen_params=frozen, trainable_params=trainable)
     return result

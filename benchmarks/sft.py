@@ -152,6 +152,7 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
         if mine:
             row.update(
                 speedup=mine["tokens_per_s"] / row["tokens_per_s"],
+                cpu_speedup=mine["tokens_per_cpu_s"] / row["tokens_per_cpu_s"],
                 memory_ratio=mine["peak_mib"] / row["peak_mib"],
                 loss_ratio=mine["final_loss"] / row["final_loss"],
             )
@@ -163,8 +164,9 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
     print(harness.table(rows, [
         ("variant", "variant", "s"), ("dtype", "dtype", "s"), ("batching", "batching", "s"), ("grad ckpt", "grad_ckpt", "d"),
         ("tokens/s", "tokens_per_s", ".0f"), ("samples/s", "samples_per_s", ".2f"), ("samples/s per round", "rounds", "s"),
-        ("peak MiB", "peak_mib", ".0f"),
+        ("tok/CPU-s", "tokens_per_cpu_s", ".0f"), ("peak MiB", "peak_mib", ".0f"),
         ("final loss", "final_loss", ".4f"), ("MFU %", "mfu", ".1f"), ("alignkit/this tok/s", "speedup", ".2f"),
+        ("alignkit/this tok/CPU-s", "cpu_speedup", ".2f"),
         ("mem", "memory_ratio", ".2f"), ("loss", "loss_ratio", ".3f"),
     ]))  # fmt: skip
     return rows

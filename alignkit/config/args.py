@@ -212,14 +212,14 @@ def _default(name, value=None, **kw):
 
 
 @dataclass
-class CPTConfig(transformers.TrainingArguments):
-    """Causal-LM (continued) pretraining: transformers' TrainingArguments plus block packing."""
+class _StageDefaults:
+    """What every stage's trainer config shares on top of its trl/transformers base: alignkit's defaults and the
+    device-aware choices (made before the base's __post_init__ sets up transformers' state)."""
 
     output_dir: str = _default("output_dir")
     report_to: Any = _default("report_to")
     logging_steps: float = _default("logging_steps")
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: by device)."})
-    block_size: int = field(default=512, metadata={"help": "Tokens per packed training block."})
 
     def __post_init__(self):
         _device_defaults(self)
@@ -227,13 +227,9 @@ class CPTConfig(transformers.TrainingArguments):
 
 
 @dataclass
-class SFTConfig(trl.SFTConfig):
-    """trl's SFTConfig with device-aware precision and alignkit's defaults."""
+class _LanguageModelSpeed:
+    """trl trainers' speed settings whose trl defaults suit a GPU only."""
 
-    output_dir: str = _default("output_dir")
-    report_to: Any = _default("report_to")
-    logging_steps: float = _default("logging_steps")
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: by device)."})
     gradient_checkpointing: bool | None = field(
         default=None,
         metadata={"help": "Recompute activations in backward: less memory, more compute (default: GPU on, CPU off)."},
@@ -241,6 +237,19 @@ class SFTConfig(trl.SFTConfig):
     use_liger_kernel: bool | None = field(
         default=None, metadata={"help": "Liger's fused kernels (default: on GPU when liger-kernel is installed)."}
     )
+
+
+@dataclass
+class CPTConfig(_StageDefaults, transformers.TrainingArguments):
+    """Causal-LM (continued) pretraining: transformers' TrainingArguments plus block packing."""
+
+    block_size: int = field(default=512, metadata={"help": "Tokens per packed training block."})
+
+
+@dataclass
+class SFTConfig(_StageDefaults, _LanguageModelSpeed, trl.SFTConfig):
+    """trl's SFTConfig with device-aware precision and alignkit's defaults."""
+
     padding_free_batches: bool = field(
         default=True,
         metadata={
@@ -250,45 +259,17 @@ class SFTConfig(trl.SFTConfig):
         },
     )
 
-    def __post_init__(self):
-        _device_defaults(self)
-        super().__post_init__()
-
 
 @dataclass
-class DPOConfig(trl.DPOConfig):
+class DPOConfig(_StageDefaults, _LanguageModelSpeed, trl.DPOConfig):
     """trl's DPOConfig with device-aware precision and alignkit's defaults."""
 
-    output_dir: str = _default("output_dir")
-    report_to: Any = _default("report_to")
-    logging_steps: float = _default("logging_steps")
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: by device)."})
-    gradient_checkpointing: bool | None = field(
-        default=None,
-        metadata={"help": "Recompute activations in backward: less memory, more compute (default: GPU on, CPU off)."},
-    )
-    use_liger_kernel: bool | None = field(
-        default=None, metadata={"help": "Liger's fused kernels (default: on GPU when liger-kernel is installed)."}
-    )
-
-    def __post_init__(self):
-        _device_defaults(self)
-        super().__post_init__()
-
 
 @dataclass
-class TaskConfig(transformers.Seq2SeqTrainingArguments):
+class TaskConfig(_StageDefaults, transformers.Seq2SeqTrainingArguments):
     """Classical task heads: transformers' Seq2SeqTrainingArguments (a superset of TrainingArguments)."""
 
-    output_dir: str = _default("output_dir")
-    report_to: Any = _default("report_to")
-    logging_steps: float = _default("logging_steps")
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: by device)."})
     max_length: int = field(default=256, metadata={"help": "Max tokens per input (QA: per window)."})
-
-    def __post_init__(self):
-        _device_defaults(self)
-        super().__post_init__()
 
 
 MODEL_GROUPS = (ModelArguments, QuantizationArguments, AdapterArguments, DataArguments, RunArguments)

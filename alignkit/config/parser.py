@@ -80,7 +80,10 @@ def _coerce(key: str, value: Any, tp) -> Any:
                 pass
     if bool in wanted and value.lower() in ("true", "false", "yes", "no", "1", "0"):
         return value.lower() in ("true", "yes", "1")
-    raise ConfigError(f"{key}: '{value}' is not a valid {' or '.join(t.__name__ for t in wanted if isinstance(t, type))}.")
+    kinds = " or ".join(t.__name__ for t in wanted if isinstance(t, type))
+    example = {"int": "8", "float": "2e-4", "bool": "true"}
+    examples = ", ".join(example[t.__name__] for t in wanted if isinstance(t, type) and t.__name__ in example)
+    raise ConfigError(f"{key}: '{value}' is not a valid {kinds}. Fix: give {key} a {kinds} value (e.g. {examples}).")
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -124,9 +127,24 @@ class RecipeParser:
             raise ConfigError(f"{path}: not valid YAML ({exc}). Fix: correct the YAML syntax.") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of key: value. Fix: use flat 'key: value' lines.")
+        data = self._flatten_groups(data, path)
         for key in data:
             self._check_key(key, str(path))
         return data
+
+    def _flatten_groups(self, data: dict[str, Any], path: Path) -> dict[str, Any]:
+        """A run's alignkit_config.yaml is grouped by section ({ModelArguments: {...}, SFTConfig: {...}}): accept it
+        as a recipe, so a run can be repeated with ``--config <output_dir>/alignkit_config.yaml``."""
+        groups = {cls.__name__ for cls in self.dataclass_types}
+        if not data or not all(key in groups and isinstance(value, dict) for key, value in data.items()):
+            return data
+        flat: dict[str, Any] = {}
+        for values in data.values():
+            for key, value in values.items():
+                if key in flat and flat[key] != value:
+                    raise ConfigError(f"{path}: '{key}' is set twice, to {flat[key]!r} and {value!r}. Fix: keep one.")
+                flat[key] = value
+        return flat
 
     def parse_cli(self, argv: list[str]) -> tuple[str | None, dict[str, Any], bool, bool]:
         """Return (config path, overrides, print_config, help)."""
@@ -196,7 +214,15 @@ class RecipeParser:
         return groups
 
 
-_SECRET_KEYS = ("token", "password", "secret", "api_key")
+# Credentials, never written anywhere. Matched on whole names or suffixes: pad_token or tokenizer_name_or_path are not
+# secrets and belong in the resolved config.
+_SECRET_NAMES = {"token", "hub_token", "push_to_hub_token", "hf_token", "api_key", "password", "secret"}
+_SECRET_SUFFIXES = ("_api_key", "_password", "_secret", "_auth_token", "_access_token")
+
+
+def is_secret(name: str) -> bool:
+    name = name.lower()
+    return name in _SECRET_NAMES or name.endswith(_SECRET_SUFFIXES)
 
 
 def _plain(value: Any) -> Any:
@@ -219,7 +245,7 @@ def resolved_config(groups: tuple) -> dict[str, dict[str, Any]]:
     for group in groups:
         fields = {}
         for f in dataclasses.fields(group):
-            if not f.init or any(s in f.name.lower() for s in _SECRET_KEYS):
+            if not f.init or is_secret(f.name):
                 continue  # tokens are never written anywhere
             fields[f.name] = _plain(getattr(group, f.name))
         out[type(group).__name__] = fields

@@ -358,6 +358,10 @@ def load_model(
     elif handoff == "reference" or (handoff and not adapter_args.use_peft):
         source = dataclasses.replace(source, adapter_dir=None, fold_adapters=[*source.fold_adapters, source.adapter_dir])
     model = load_base_model(model_args, quant_args, task, source, **head_kwargs)
+    if task != "causal_lm":
+        # These heads' losses are plain means that ignore num_items_in_batch, yet their forward takes **kwargs: on
+        # several ranks transformers' Trainer would then multiply their loss and gradients by the number of ranks.
+        model.accepts_loss_kwargs = False
     if tokenizer is not None:
         _fit_embeddings(model, tokenizer)
     if source.adapter_dir is None:

@@ -84,6 +84,9 @@ def test_print_config_prints_resolved_yaml_without_secrets(recipe_file, capsys):
     assert resolved["AdapterArguments"]["lora_r"] == 4
     assert resolved["SFTConfig"]["learning_rate"] == pytest.approx(1e-3)
     assert "hf_secret123" not in printed and "hub_token" not in printed
+    # Only credentials are left out: token-named settings that are not secrets stay in the record of the run.
+    assert "pad_token" in resolved["SFTConfig"] and "eos_token" in resolved["SFTConfig"]
+    assert "tokenizer_name_or_path" in resolved["ModelArguments"]
 
 
 def test_bad_values_fail_with_fix(recipe_file):

@@ -120,6 +120,14 @@ def test_qlora_sft_loss_falls(tmp_path):
     assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 8
 
 
+def test_a_runs_saved_config_repeats_the_run(tmp_path):
+    """alignkit_config.yaml, grouped by section with every resolved value, is itself a recipe: the same losses."""
+    first, again = tmp_path / "first", tmp_path / "again"
+    run_recipe("sft", [*TINY, "--output_dir", str(first), "--max_steps", "2"])
+    run_recipe("sft", ["--config", str(first / "alignkit_config.yaml"), "--output_dir", str(again)])
+    assert train_losses(again) == train_losses(first)
+
+
 def test_lora_packed_sft_trains_and_saves_its_tokenizer(smollm2_like, trainers, tmp_path):
     argv = ["--model_name_or_path", str(smollm2_like), *"--load_in_4bit false --packing true --max_steps 8".split()]
     run_recipe("sft", [*TINY, *argv, "--output_dir", str(tmp_path)])
