@@ -185,7 +185,9 @@ def device_supports_bf16() -> bool:
 
 def _device_defaults(args) -> None:
     """Decide by device, before transformers sets up its state in __post_init__. Precision: trl defaults to bf16=True;
-    on CPUs without bf16 units that is many times slower than fp32. Backend: see fit_backend_to_device."""
+    alignkit takes bf16 only on GPUs that support it. On CPUs without bf16 units bf16 is many times slower than fp32;
+    even with AMX (measured, benchmarks/sft.py on SmolLM2) a bf16-autocast LoRA step is only ~1.2x faster than fp32
+    and the loss after 6 steps is 8% off the fp32 one. Backend: see fit_backend_to_device."""
     import importlib.util
 
     import torch

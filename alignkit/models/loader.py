@@ -65,7 +65,8 @@ class ModelSource:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """'auto' is bf16 on GPUs that support it and fp32 everywhere else (bf16 on CPUs without bf16 units is slow)."""
+    """'auto' is bf16 on GPUs that support it and fp32 everywhere else (CPU bf16 is slow or, with AMX, drifts: see
+    _device_defaults in alignkit/config/args.py)."""
     if name == "auto":
         return torch.bfloat16 if device_supports_bf16() else torch.float32
     return _DTYPES[name]

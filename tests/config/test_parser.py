@@ -67,7 +67,7 @@ def test_shared_key_reaches_every_group(recipe_file):
 
 
 def test_precision_follows_the_device(recipe_file):
-    # trl defaults to bf16=True; on a CPU without bf16 units alignkit picks fp32 compute.
+    # trl defaults to bf16=True; on a CPU alignkit picks fp32 compute (see _device_defaults).
     import torch
 
     for cls in (CPTConfig, SFTConfig, DPOConfig, TaskConfig):
