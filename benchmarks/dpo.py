@@ -11,7 +11,6 @@ mode (it warns and pads), so "tuned" is fp32 and no activation recomputation on 
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -87,14 +86,7 @@ def run_variant(variant: str, size: harness.Size, data: Path, work: Path, steps:
 
 
 def main(argv=None, in_process: bool = False) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(harness.SIZES), default="tiny")
-    parser.add_argument("--steps", type=int, help="optimizer steps per variant (default: the size's)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
-    parser.add_argument("--repeats", type=int, default=2, help="rounds per variant, interleaved; the fastest is shown")
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser = harness.variant_parser(__doc__, VARIANTS)
     args = parser.parse_args(argv)
     size = harness.SIZES[args.size]
     steps = args.steps or size.dpo_steps
@@ -108,15 +100,7 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
         run_here = (lambda v: run_variant(v, size, data, Path(tmp), steps)) if in_process else None
         rows = harness.run_variants(__file__, args.variants, common, args.repeats, in_process=run_here)
 
-    mine = next((r for r in rows if r["variant"] == "alignkit"), None)
-    for row in rows:
-        if mine:
-            row.update(
-                speedup=mine["samples_per_s"] / row["samples_per_s"],
-                cpu_speedup=mine["samples_per_cpu_s"] / row["samples_per_cpu_s"],
-                memory_ratio=mine["peak_mib"] / row["peak_mib"],
-                loss_ratio=mine["final_loss"] / row["final_loss"],
-            )
+    harness.add_ratios(rows, "samples_per_s")
     print(f"\nDPO, {size.name} ({size.alignkit_name}): batch {size.dpo_batch} pairs, {steps} steps (timed: 2..{steps}), best of {args.repeats} rounds, "
           f"LoRA r16, {harness.machine()}")  # fmt: skip
     print(harness.table(rows, [

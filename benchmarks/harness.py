@@ -3,6 +3,7 @@ table. Benchmarks print tables; they assert nothing about speed (tests do not ti
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -209,6 +210,34 @@ def run_variants(script: str, variants: list[str], common: list[str], repeats: i
         best = max(results, key=lambda r: r["samples_per_s"])
         rows.append({"variant": variant, **best, "rounds": "/".join(f"{r['samples_per_s']:.2f}" for r in results)})
     return rows
+
+
+def variant_parser(doc: str, variants: list[str]) -> argparse.ArgumentParser:
+    """The command line every comparison script shares; --child/--data/--work are how it calls itself per variant."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--steps", type=int, help="optimizer steps per variant (default: the size's)")
+    parser.add_argument("--variants", nargs="+", choices=variants, default=variants)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds per variant, interleaved; the fastest is shown")
+    parser.add_argument("--child", choices=variants, help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    return parser
+
+
+def add_ratios(rows: list[dict], rate: str) -> None:
+    """alignkit's row over each row: throughput (``rate`` per wall and per CPU second), peak memory, final loss."""
+    mine = next((r for r in rows if r["variant"] == "alignkit"), None)
+    if mine is None:
+        return
+    cpu_rate = rate.replace("_per_s", "_per_cpu_s")
+    for row in rows:
+        row.update(
+            speedup=mine[rate] / row[rate],
+            cpu_speedup=mine[cpu_rate] / row[cpu_rate],
+            memory_ratio=mine["peak_mib"] / row["peak_mib"],
+            loss_ratio=mine["final_loss"] / row["final_loss"],
+        )
 
 
 def emit(result: dict) -> None:

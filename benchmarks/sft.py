@@ -13,7 +13,6 @@ recomputation by gradient checkpointing is not model FLOPs).
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -116,15 +115,8 @@ def run_variant(variant: str, size: harness.Size, data: Path, work: Path, steps:
 
 
 def main(argv=None, in_process: bool = False) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(harness.SIZES), default="tiny")
-    parser.add_argument("--steps", type=int, help="optimizer steps per variant (default: the size's)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
-    parser.add_argument("--repeats", type=int, default=2, help="rounds per variant, interleaved; the fastest is shown")
+    parser = harness.variant_parser(__doc__, VARIANTS)
     parser.add_argument("--gemm_n", type=int, default=2048, help="matrix size of the GEMM probe")
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     size = harness.SIZES[args.size]
     steps = args.steps or size.steps
@@ -147,15 +139,7 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
         flops_per_token = 4 * row["frozen_params"] + 6 * row["trainable_params"]
         peak = peaks["bfloat16" if row["bf16"] else "float32"]
         row.update(dtype="bf16" if row["bf16"] else "fp32", mfu=100 * flops_per_token * row["tokens_per_s"] / peak)
-    mine = next((r for r in rows if r["variant"] == "alignkit"), None)
-    for row in rows:
-        if mine:
-            row.update(
-                speedup=mine["tokens_per_s"] / row["tokens_per_s"],
-                cpu_speedup=mine["tokens_per_cpu_s"] / row["tokens_per_cpu_s"],
-                memory_ratio=mine["peak_mib"] / row["peak_mib"],
-                loss_ratio=mine["final_loss"] / row["final_loss"],
-            )
+    harness.add_ratios(rows, "tokens_per_s")
     print(
         f"\nSFT, {size.name} ({size.alignkit_name}): max_length {size.max_length}, batch {size.batch}, {steps} steps (timed: 2..{steps}), best of {args.repeats} rounds, LoRA r16, "
         f"{harness.machine()}"

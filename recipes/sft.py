@@ -17,7 +17,9 @@ def main(argv=None):
     recipe = parse_recipe(SFTConfig, argv)
     run = Run(recipe, stage="sft")
     # train_on_completions: a pad equal to eos would hide the eos the model must learn to emit.
-    tokenizer = run.load_tokenizer(chat=True, assistant_only_loss=recipe.train.assistant_only_loss, train_on_completions=True)
+    tokenizer = run.load_tokenizer(
+        chat=True, assistant_only_loss=recipe.train.assistant_only_loss, train_on_completions=True
+    )
     data = run.load_data(SFT)
     model = run.load_model("causal_lm")
     trainer = SFTTrainer(

@@ -7,7 +7,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _commands():
-    block = re.search(r"## Two commands for a fresh machine.*?```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    block = re.search(
+        r"## Two commands for a fresh machine.*?```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S
+    )
     return [line for line in block.group(1).splitlines() if line and not line.startswith("#")]
 
 

@@ -28,19 +28,27 @@ class ModelArguments:
             "'smollm2:SmolLM2-135M-Instruct' (from PyPI, converted once)."
         },
     )
-    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_name_or_path (dequantized on load)."})
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "GGUF file inside model_name_or_path (dequantized on load)."}
+    )
     revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer source if not the model's."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the Hub. Off unless you ask."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run model code from the Hub. Off unless you ask."}
+    )
     allow_pickle_weights: bool = field(
         default=False, metadata={"help": "Allow loading .bin/.pt (pickle) weights. Off: safetensors only."}
     )
     dtype: str = field(
         default="auto",
-        metadata={"help": "Weights/compute dtype: auto (bf16 on GPUs that support it, else fp32), float32, bfloat16, float16."},
+        metadata={
+            "help": "Weights/compute dtype: auto (bf16 on GPUs that support it, else fp32), float32, bfloat16, float16."
+        },
     )
     attn_implementation: str | None = field(default=None, metadata={"help": "eager | sdpa | flash_attention_2."})
-    from_scratch: bool = field(default=False, metadata={"help": "Random init from the model's config (pretraining from scratch)."})
+    from_scratch: bool = field(
+        default=False, metadata={"help": "Random init from the model's config (pretraining from scratch)."}
+    )
     config_overrides: dict[str, Any] | None = field(
         default=None, metadata={"help": "Model config fields to change, e.g. {num_hidden_layers: 2} (from_scratch)."}
     )
@@ -52,7 +60,8 @@ class ModelArguments:
         },
     )
     chat_template: str | None = field(
-        default=None, metadata={"help": "'chatml', a path to a .jinja file, or a Jinja string. Default: the tokenizer's."}
+        default=None,
+        metadata={"help": "'chatml', a path to a .jinja file, or a Jinja string. Default: the tokenizer's."},
     )
 
     def __post_init__(self):
@@ -76,7 +85,9 @@ class QuantizationArguments:
     )
     bnb_4bit_quant_storage: str | None = field(
         default=None,
-        metadata={"help": "Storage dtype of packed weights: uint8 (default) or the compute dtype (needed by ZeRO-3/FSDP)."},
+        metadata={
+            "help": "Storage dtype of packed weights: uint8 (default) or the compute dtype (needed by ZeRO-3/FSDP)."
+        },
     )
 
     def __post_init__(self):
@@ -129,8 +140,12 @@ class DataArguments:
         default_factory=list,
         metadata={"help": "List of sources: a path/Hub id string, or {path, weight, split, name, test_split}."},
     )
-    test_size: float = field(default=0.0, metadata={"help": "Fraction (or count if >= 1) held out for eval when no test split exists."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cap the number of training rows (after mixing)."})
+    test_size: float = field(
+        default=0.0, metadata={"help": "Fraction (or count if >= 1) held out for eval when no test split exists."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Cap the number of training rows (after mixing)."}
+    )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap the number of evaluation rows."})
     mixture_seed: int = field(default=42, metadata={"help": "Seed for sampling mixtures and splits."})
 
@@ -161,9 +176,13 @@ class RunArguments:
     """How alignkit runs the stage (around the trainer)."""
 
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing over a finished run."})
-    label_preview: bool = field(default=False, metadata={"help": "Print one tokenized example with trained tokens marked, then exit."})
+    label_preview: bool = field(
+        default=False, metadata={"help": "Print one tokenized example with trained tokens marked, then exit."}
+    )
     stop_on_nonfinite: bool = field(default=True, metadata={"help": "Stop on a NaN/Inf loss or grad norm."})
-    min_free_disk_gb: float = field(default=1.0, metadata={"help": "Refuse to start with less free disk in output_dir."})
+    min_free_disk_gb: float = field(
+        default=1.0, metadata={"help": "Refuse to start with less free disk in output_dir."}
+    )
     task: str = field(default="causal_lm", metadata={"help": f"Model head: one of {TASKS}."})
     wandb_group: str | None = field(default=None, metadata={"help": "W&B group (default: the stage name)."})
 
@@ -203,7 +222,9 @@ def _device_defaults(args) -> None:
     fit_backend_to_device(args)
 
 
-_ALIGNKIT_DEFAULTS = dict(output_dir="outputs/run", report_to="none", logging_steps=1, save_strategy="steps", save_steps=500)
+_ALIGNKIT_DEFAULTS = dict(
+    output_dir="outputs/run", report_to="none", logging_steps=1, save_strategy="steps", save_steps=500
+)
 
 
 def _default(name, value=None, **kw):

@@ -66,7 +66,12 @@ def _coerce(key: str, value: Any, tp) -> Any:
     if isinstance(value, bool) and str in _scalar_types(tp) and bool not in _scalar_types(tp):
         return "yes" if value else "no"  # YAML 1.1 reads `save_strategy: no` as False; the field wants the word
     if not isinstance(value, str):
-        if isinstance(value, int) and not isinstance(value, bool) and float in _scalar_types(tp) and int not in _scalar_types(tp):
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and float in _scalar_types(tp)
+            and int not in _scalar_types(tp)
+        ):
             return float(value)
         return value
     wanted = _scalar_types(tp)
@@ -153,7 +158,9 @@ class RecipeParser:
         while i < len(argv):
             token = argv[i]
             if not token.startswith("--"):
-                raise ConfigError(f"command line: unexpected argument '{token}'. Fix: options take the form --key value.")
+                raise ConfigError(
+                    f"command line: unexpected argument '{token}'. Fix: options take the form --key value."
+                )
             key, eq, value = token[2:].partition("=")
             key = key.replace("-", "_")
             if key in ("print_config", "help") and not eq:
@@ -179,7 +186,10 @@ class RecipeParser:
         return config, overrides, print_config, want_help
 
     def help_text(self) -> str:
-        lines = ["usage: accelerate launch recipes/<stage>.py --config RECIPE.yaml [--key value ...] [--print_config]", ""]
+        lines = [
+            "usage: accelerate launch recipes/<stage>.py --config RECIPE.yaml [--key value ...] [--print_config]",
+            "",
+        ]
         for cls in self.dataclass_types:
             lines.append(f"{cls.__name__}:")
             for f in dataclasses.fields(cls):

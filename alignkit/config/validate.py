@@ -9,11 +9,17 @@ from alignkit.errors import ConfigError
 def check_model_source(recipe) -> None:
     m = recipe.model
     if not m.model_name_or_path:
-        raise ConfigError("model_name_or_path: required. Fix: set it to a model directory, Hub id, .gguf file or 'tiny:llama'.")
+        raise ConfigError(
+            "model_name_or_path: required. Fix: set it to a model directory, Hub id, .gguf file or 'tiny:llama'."
+        )
     if m.from_scratch and recipe.adapter.use_peft:
-        raise ConfigError("from_scratch with use_peft: a randomly initialised model needs full training. Fix: set use_peft: false.")
+        raise ConfigError(
+            "from_scratch with use_peft: a randomly initialised model needs full training. Fix: set use_peft: false."
+        )
     if m.from_scratch and recipe.quant.load_in_4bit:
-        raise ConfigError("from_scratch with load_in_4bit: random weights cannot be trained in 4-bit. Fix: set load_in_4bit: false.")
+        raise ConfigError(
+            "from_scratch with load_in_4bit: random weights cannot be trained in 4-bit. Fix: set load_in_4bit: false."
+        )
 
 
 def check_quantization(recipe) -> None:
@@ -63,7 +69,13 @@ def check_distributed(recipe) -> None:
         )
     ddp = launched_distributed() and zero_stage(t) is None and parameter_sharding(t) is None
     reentrant = (getattr(t, "gradient_checkpointing_kwargs", None) or {}).get("use_reentrant", False)
-    if ddp and t.gradient_checkpointing and reentrant and recipe.adapter.use_peft and t.ddp_find_unused_parameters is not False:
+    if (
+        ddp
+        and t.gradient_checkpointing
+        and reentrant
+        and recipe.adapter.use_peft
+        and t.ddp_find_unused_parameters is not False
+    ):
         raise ConfigError(
             "gradient_checkpointing with use_reentrant: true under DDP with an adapter: the first backward fails with "
             "'Expected to mark a variable ready only once'. Fix: set gradient_checkpointing_kwargs: {use_reentrant: "

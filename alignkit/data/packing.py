@@ -22,12 +22,21 @@ def pack_text_blocks(dataset, tokenizer, block_size: int, num_proc: int | None =
         labels = [list(block) for block in blocks]
         return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": labels}
 
-    tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="tokenize")
-    packed = tokenized.map(group, batched=True, batch_size=1000, num_proc=num_proc, desc=f"pack into {block_size}-token blocks")
+    tokenized = dataset.map(
+        tokenize, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="tokenize"
+    )
+    packed = tokenized.map(
+        group, batched=True, batch_size=1000, num_proc=num_proc, desc=f"pack into {block_size}-token blocks"
+    )
     if len(packed) == 0:
         from alignkit.errors import DataError
 
-        raise DataError("datasets", None, f"the text is shorter than one block of {block_size} tokens", "lower block_size or add text")
+        raise DataError(
+            "datasets",
+            None,
+            f"the text is shorter than one block of {block_size} tokens",
+            "lower block_size or add text",
+        )
     return packed
 
 

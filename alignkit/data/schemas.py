@@ -44,21 +44,40 @@ def _text(value, source, row, column, fix) -> None:
 
 def _messages(value, source, row, column="messages", must_end_on_assistant=True) -> None:
     if not isinstance(value, list) or not value:
-        raise DataError(source, row, f"'{column}' is not a non-empty list of messages", 'write [{"role": "user", "content": "..."}, ...]')
+        raise DataError(
+            source,
+            row,
+            f"'{column}' is not a non-empty list of messages",
+            'write [{"role": "user", "content": "..."}, ...]',
+        )
     for j, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(source, row, f"{column}[{j}] lacks 'role' or 'content'", "give every message a role and a content")
+            raise DataError(
+                source, row, f"{column}[{j}] lacks 'role' or 'content'", "give every message a role and a content"
+            )
         if message["role"] not in ROLES:
             raise DataError(
-                source, row, f"{column}[{j}] has role '{message['role']}'", f"use one of {ROLES} (e.g. rename 'human' to 'user', 'gpt' to 'assistant')"
+                source,
+                row,
+                f"{column}[{j}] has role '{message['role']}'",
+                f"use one of {ROLES} (e.g. rename 'human' to 'user', 'gpt' to 'assistant')",
             )
         if not isinstance(message["content"], str) or not message["content"].strip():
-            raise DataError(source, row, f"{column}[{j}] ({message['role']}) has empty content", "remove the message or give it text")
+            raise DataError(
+                source,
+                row,
+                f"{column}[{j}] ({message['role']}) has empty content",
+                "remove the message or give it text",
+            )
         if message["role"] == "system" and j != 0:
-            raise DataError(source, row, f"{column}[{j}] is a system message after the first turn", "put the system message first")
+            raise DataError(
+                source, row, f"{column}[{j}] is a system message after the first turn", "put the system message first"
+            )
     if must_end_on_assistant and value[-1]["role"] != "assistant":
         raise DataError(
-            source, row, f"conversation ends on '{value[-1]['role']}', so it has nothing to learn from at the end",
+            source,
+            row,
+            f"conversation ends on '{value[-1]['role']}', so it has nothing to learn from at the end",
             "end every conversation with an assistant message, or drop the trailing user turn",
         )
 
@@ -98,19 +117,28 @@ def _check_dpo(row, source, i):
         else:
             _text(value, source, i, column, f"give every row a non-empty {column} response")
     if _as_text(chosen).strip() == _as_text(rejected).strip():
-        raise DataError(source, i, "chosen and rejected are identical, so there is no preference to learn", "drop the row or fix one response")
+        raise DataError(
+            source,
+            i,
+            "chosen and rejected are identical, so there is no preference to learn",
+            "drop the row or fix one response",
+        )
     prompt_text = _as_text(prompt).strip()
     for column, value in (("chosen", chosen), ("rejected", rejected)):
         if len(prompt_text) > 16 and _as_text(value).strip().startswith(prompt_text):
             raise DataError(
-                source, i, f"'{column}' repeats the prompt at its start; the trainer prepends the prompt itself",
+                source,
+                i,
+                f"'{column}' repeats the prompt at its start; the trainer prepends the prompt itself",
                 f"store only the response in '{column}'",
             )
 
 
 CPT = Schema("cpt", (("text",),), _check_text, "give each row a 'text' column of raw text")
 SFT = Schema(
-    "sft", (("messages",), ("prompt", "completion")), _check_sft,
+    "sft",
+    (("messages",), ("prompt", "completion")),
+    _check_sft,
     "use a 'messages' column (chat) or 'prompt' + 'completion' columns",
 )
 DPO = Schema("dpo", (("prompt", "chosen", "rejected"),), _check_dpo, "give each row 'prompt', 'chosen' and 'rejected'")

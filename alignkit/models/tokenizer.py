@@ -52,7 +52,9 @@ def _distinct_pad(tokenizer) -> str | None:
     return None
 
 
-def apply_contract(tokenizer, *, chat_template=None, chat=False, assistant_only_loss=False, train_on_completions=False) -> list[str]:
+def apply_contract(
+    tokenizer, *, chat_template=None, chat=False, assistant_only_loss=False, train_on_completions=False
+) -> list[str]:
     changes: list[str] = []
     if tokenizer.pad_token is None:
         pad = _distinct_pad(tokenizer) or tokenizer.eos_token
@@ -65,7 +67,9 @@ def apply_contract(tokenizer, *, chat_template=None, chat=False, assistant_only_
         if pad is None:
             pad = "<|pad|>"
             tokenizer.add_special_tokens({"pad_token": pad})
-            changes.append(f"pad_token was eos {tokenizer.eos_token!r}; added a new token {pad!r} as pad (embeddings grow by one)")
+            changes.append(
+                f"pad_token was eos {tokenizer.eos_token!r}; added a new token {pad!r} as pad (embeddings grow by one)"
+            )
         else:
             changes.append(f"pad_token was eos {tokenizer.eos_token!r}; set to the distinct token {pad!r}")
             tokenizer.pad_token = pad
@@ -78,7 +82,9 @@ def apply_contract(tokenizer, *, chat_template=None, chat=False, assistant_only_
     if assistant_only_loss and not marks_assistant_turns(tokenizer.chat_template):
         if tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template:
             tokenizer.chat_template = CHATML
-            changes.append("chat template did not mark assistant turns ({% generation %}); replaced by alignkit's ChatML, which does")
+            changes.append(
+                "chat template did not mark assistant turns ({% generation %}); replaced by alignkit's ChatML, which does"
+            )
         else:
             raise ConfigError(
                 "assistant_only_loss: the tokenizer's chat template does not mark assistant turns with {% generation %}. "

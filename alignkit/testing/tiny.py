@@ -70,7 +70,10 @@ def _bpe_tokenizer(special: list[str], vocab_size: int = 512):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     return tok
@@ -100,13 +103,18 @@ def _bart_tokenizer():
 
     tok = PreTrainedTokenizerFast(
         tokenizer_object=_bpe_tokenizer(["<s>", "<pad>", "</s>", "<unk>", "<mask>"]),
-        bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
     )
     from tokenizers import processors
 
     backend = tok.backend_tokenizer
     backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
         special_tokens=[("<s>", tok.convert_tokens_to_ids("<s>")), ("</s>", tok.convert_tokens_to_ids("</s>"))],
     )
     tok.model_max_length = 256
@@ -123,13 +131,22 @@ def _bert_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     # a small vocabulary so that rarer words split into sub-words (exercises label alignment)
-    tok.train_from_iterator(_corpus(), trainer=trainers.WordPieceTrainer(vocab_size=300, special_tokens=special, show_progress=False))
+    tok.train_from_iterator(
+        _corpus(), trainer=trainers.WordPieceTrainer(vocab_size=300, special_tokens=special, show_progress=False)
+    )
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
     )
     fast.model_max_length = 512
     return fast
@@ -146,9 +163,17 @@ def build_tiny(kind: str, out_dir: str | Path) -> Path:
     if kind == "llama":
         tok = _llama_tokenizer()
         config = LlamaConfig(
-            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         )
         from transformers import LlamaForCausalLM
 
@@ -156,8 +181,13 @@ def build_tiny(kind: str, out_dir: str | Path) -> Path:
     elif kind == "bert":
         tok = _bert_tokenizer()
         config = BertConfig(
-            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            pad_token_id=tok.pad_token_id,
         )
         from transformers import BertForMaskedLM
 
@@ -165,10 +195,20 @@ def build_tiny(kind: str, out_dir: str | Path) -> Path:
     elif kind == "bart":
         tok = _bart_tokenizer()
         config = BartConfig(
-            vocab_size=len(tok), d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=256,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-            decoder_start_token_id=tok.eos_token_id, forced_eos_token_id=tok.eos_token_id,
+            vocab_size=len(tok),
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            max_position_embeddings=256,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            decoder_start_token_id=tok.eos_token_id,
+            forced_eos_token_id=tok.eos_token_id,
         )
         from transformers import BartForConditionalGeneration
 

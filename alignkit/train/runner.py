@@ -47,7 +47,9 @@ class Run:
     def _setup(self) -> None:
         import transformers
 
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
+        logging.basicConfig(
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
+        )
         transformers.set_seed(self.recipe.train.seed)
         t = self.recipe.train
         preflight.check_output_dir(self.output_dir, self.recipe.run, t.resume_from_checkpoint)
@@ -95,9 +97,14 @@ class Run:
         r = self.recipe
         task = task or r.run.task
         self.model = load_model(
-            r.model, r.quant, r.adapter, task,
+            r.model,
+            r.quant,
+            r.adapter,
+            task,
             gradient_checkpointing=bool(getattr(r.train, "gradient_checkpointing", False)),
-            tokenizer=self.tokenizer, source=self.source, **head_kwargs,
+            tokenizer=self.tokenizer,
+            source=self.source,
+            **head_kwargs,
         )
         if self.tokenizer is not None and getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -132,7 +139,9 @@ class Run:
         # evaluate() before train() leaves DeepSpeed without a training engine (transformers#30205, #44889): there the
         # untrained model is evaluated at step 0 inside train() instead.
         trainer.args.eval_on_start = trainer.args.eval_on_start or (evaluate_before and trainer.is_deepspeed_enabled)
-        before = trainer.evaluate(metric_key_prefix="before") if evaluate_before and not trainer.is_deepspeed_enabled else {}
+        before = (
+            trainer.evaluate(metric_key_prefix="before") if evaluate_before and not trainer.is_deepspeed_enabled else {}
+        )
         started = time.time()
         try:
             result = trainer.train(resume_from_checkpoint=self.resume_checkpoint)
@@ -191,7 +200,9 @@ class Run:
             "gguf_file": r.model.gguf_file,
         }
         loaded = getattr(self.model, "alignkit_source", None)
-        if entry["adapter_handoff"] == "merge" and loaded:  # the new adapter belongs to the merged base the loader wrote
+        if (
+            entry["adapter_handoff"] == "merge" and loaded
+        ):  # the new adapter belongs to the merged base the loader wrote
             base_args = {"model_name_or_path": loaded.base, "gguf_file": None}
         meta = {
             "alignkit_version": _version(),

@@ -28,7 +28,9 @@ def test_yaml_values_are_typed(recipe_file):
 
 
 def test_cli_overrides_yaml(recipe_file):
-    recipe = parse_recipe(SFTConfig, ["--config", str(recipe_file), "--lora_r", "8", "--learning_rate=2e-4", "--packing"])
+    recipe = parse_recipe(
+        SFTConfig, ["--config", str(recipe_file), "--lora_r", "8", "--learning_rate=2e-4", "--packing"]
+    )
     assert recipe.adapter.lora_r == 8
     assert recipe.train.learning_rate == pytest.approx(2e-4)
     assert recipe.train.packing is True

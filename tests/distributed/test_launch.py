@@ -119,7 +119,9 @@ def test_loss_matches_one_process_with_twice_the_batch(launched, reference):
     name, four_bit, out = launched
     distributed, single = train_losses(out), train_losses(reference[four_bit])
     assert len(distributed) == STEPS and len(single) == STEPS
-    print(f"{name}: losses {distributed} vs {single}, max diff {max(abs(a - b) for a, b in zip(distributed, single)):.1e}")
+    print(
+        f"{name}: losses {distributed} vs {single}, max diff {max(abs(a - b) for a, b in zip(distributed, single)):.1e}"
+    )
     assert distributed == pytest.approx(single, abs=LOSS_ATOL, rel=0), f"{name}: {distributed} vs {single}"
     assert distributed[-1] < distributed[0]
 
@@ -174,7 +176,9 @@ def test_task_head_evaluates_before_training_under_deepspeed_at_one_process_scal
     assert metrics["before_perplexity"] == pytest.approx(single["before_perplexity"], rel=1e-5)
 
 
-@pytest.mark.parametrize("recipe, config", [("cpt", "cpt"), ("dpo", "dpo"), ("task", "task_ner"), ("task", "task_seq2seq")])
+@pytest.mark.parametrize(
+    "recipe, config", [("cpt", "cpt"), ("dpo", "dpo"), ("task", "task_ner"), ("task", "task_seq2seq")]
+)
 def test_every_stage_shards_rows_and_parameters_under_zero3(recipe, config, tmp_path):
     """The other stages and an encoder and an encoder-decoder head, under the shipped ZeRO-3 config (4-bit, as the
     tiny recipes are): each rank trains its own rows and holds half of the partitioned parameters. Row hashes may
@@ -185,7 +189,9 @@ def test_every_stage_shards_rows_and_parameters_under_zero3(recipe, config, tmp_
     ranks = _debug(out)
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == RANKS for r in ranks)
     rows = [r["rows"] for r in ranks]
-    assert all(rows) and len(set(rows[0]) & set(rows[1])) <= _repeated_rows(config), f"{config}: both ranks saw the same rows"
+    assert all(rows) and len(set(rows[0]) & set(rows[1])) <= _repeated_rows(config), (
+        f"{config}: both ranks saw the same rows"
+    )
     for rank in ranks:
         assert rank["zero3_numel"] / 2 <= rank["zero3_local_numel"] < rank["zero3_numel"] / 2 + 1000
     assert train_losses(out) and (out / "adapter_model.safetensors").is_file()

@@ -35,9 +35,13 @@ def test_every_task_loads_through_the_one_loader(task, name, head_kwargs, four_b
     if four_bit:
         assert linear4, "4-bit load produced no bitsandbytes Linear4bit layers"
         base_linears = [
-            n for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and "lora_" not in n and "modules_to_save" not in n
-            and "original_module" not in n and not any(h in n for h in ("lm_head", "score", "classifier", "qa_outputs", "cls."))
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+            and "lora_" not in n
+            and "modules_to_save" not in n
+            and "original_module" not in n
+            and not any(h in n for h in ("lm_head", "score", "classifier", "qa_outputs", "cls."))
         ]
         assert set(base_linears) <= set(linear4), f"unquantized backbone linears: {set(base_linears) - set(linear4)}"
     else:
@@ -74,7 +78,10 @@ def test_full_finetuning_trains_everything():
 
 
 def test_dora_and_rslora_reach_peft():
-    model = load_model(ModelArguments(model_name_or_path="tiny:llama"), adapter_args=AdapterArguments(lora_r=4, use_dora=True, use_rslora=True))
+    model = load_model(
+        ModelArguments(model_name_or_path="tiny:llama"),
+        adapter_args=AdapterArguments(lora_r=4, use_dora=True, use_rslora=True),
+    )
     config = model.peft_config["default"]
     assert config.use_dora and config.use_rslora
     assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
@@ -82,7 +89,10 @@ def test_dora_and_rslora_reach_peft():
 
 def test_unknown_target_module_is_a_clear_error():
     with pytest.raises(ConfigError, match="not found in the model. Fix"):
-        load_model(ModelArguments(model_name_or_path="tiny:llama"), adapter_args=AdapterArguments(lora_target_modules=["q_proj", "qkv"]))
+        load_model(
+            ModelArguments(model_name_or_path="tiny:llama"),
+            adapter_args=AdapterArguments(lora_target_modules=["q_proj", "qkv"]),
+        )
 
 
 def test_pickle_only_weights_are_refused(tmp_path, tiny_llama):
