@@ -88,7 +88,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
     kinds = " or ".join(t.__name__ for t in wanted if isinstance(t, type))
     example = {"int": "8", "float": "2e-4", "bool": "true"}
     examples = ", ".join(example[t.__name__] for t in wanted if isinstance(t, type) and t.__name__ in example)
-    raise ConfigError(f"{key}: '{value}' is not a valid {kinds}. Fix: give {key} a {kinds} value (e.g. {examples}).")
+    raise ConfigError(f"{key}: '{value}' is not a valid {kinds}. Fix: set {key} to a value of type {kinds} (e.g. {examples}).")
 
 
 def _suggest(key: str, valid: list[str]) -> str:

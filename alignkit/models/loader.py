@@ -90,6 +90,12 @@ def resolve_source(model_args: ModelArguments) -> ModelSource:
 
         return ModelSource(base=str(smollm2_path(name)))
     path = Path(name)
+    if not path.exists() and (name.count("/") > 1 or name.startswith((".", "/", "~"))):
+        # not a Hub id ('namespace/name') either: say so, rather than the Hub client's "Repo id must be in the form"
+        raise ConfigError(
+            f"model_name_or_path: '{name}' does not exist. Fix: point it at a model or an earlier stage's output_dir "
+            "(run that stage first), a Hub id, or a built-in name such as tiny:llama or smollm2:SmolLM2-135M-Instruct."
+        )
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ConfigError(f"model_name_or_path: GGUF file {path} not found.")

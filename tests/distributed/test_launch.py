@@ -184,8 +184,10 @@ def test_every_stage_shards_rows_and_parameters_under_zero3(recipe, config, tmp_
     tiny recipes are): each rank trains its own rows and holds half of the partitioned parameters. Row hashes may
     repeat across ranks only where the data itself repeats rows (the tiny NER and seq2seq sets do)."""
     out = tmp_path / "out"
+    # recipes/tiny/dpo.yaml starts from the tiny SFT stage's output: start from the base model instead
+    base = ["--model_name_or_path", "tiny:llama"] if recipe == "dpo" else []
     _launch(REPO / "accelerate_configs/zero3.yaml", f"recipes/{recipe}.py",
-            ["--config", f"recipes/tiny/{config}.yaml", "--max_steps", "2", "--output_dir", str(out), "--overwrite_output_dir"])  # fmt: skip
+            ["--config", f"recipes/tiny/{config}.yaml", *base, "--max_steps", "2", "--output_dir", str(out), "--overwrite_output_dir"])  # fmt: skip
     ranks = _debug(out)
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == RANKS for r in ranks)
     rows = [r["rows"] for r in ranks]

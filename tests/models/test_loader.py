@@ -111,3 +111,10 @@ def test_pickle_only_weights_are_refused(tmp_path, tiny_llama):
 def test_unknown_tiny_model():
     with pytest.raises(ConfigError, match="tiny:llama"):
         load_model(ModelArguments(model_name_or_path="tiny:gpt9"))
+
+
+@pytest.mark.parametrize("name", ["outputs/tiny/never_trained", "./missing_model", "/no/such/dir"])
+def test_a_missing_local_model_path_is_named_with_a_fix(name):
+    """Not a Hub id either (those are 'namespace/name'): the error names the path, not the Hub client's repo-id rule."""
+    with pytest.raises(ConfigError, match=f"'{name}' does not exist. Fix: .*run that stage first"):
+        load_model(ModelArguments(model_name_or_path=name))

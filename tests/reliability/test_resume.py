@@ -1,7 +1,8 @@
 """Exact resume. A run killed mid-epoch and resumed with ``resume_from_checkpoint: true`` logs the same per-step
 losses and learning rates as the same run uninterrupted (within 1e-5 on CPU). For that the checkpoint must restore
 the adapter weights, the optimizer moments, the scheduler (a linear decay: a fresh one would restart at the peak
-rate), the RNG (LoRA dropout) and the dataloader position (32 batches per epoch, so every kill here is mid-epoch).
+rate), the RNG (LoRA dropout) and the dataloader position (every kill here is mid-epoch). Checked for SFT (4-bit),
+DPO, CPT (packed blocks) and a task head (NER, 4-bit): one run loop serves them all.
 The first step after the resume checks weights, data position and RNG; the second also the optimizer and scheduler.
 
 The kill is an exception nothing in the stack handles (SimulatedKill is a BaseException), raised either at the start
@@ -21,8 +22,9 @@ from alignkit.train import runner
 from alignkit.train.callbacks import checkpoint_is_complete, last_complete_checkpoint
 
 STEPS = 3
-COMMON = ["--test_size", "0", "--max_steps", str(STEPS), "--save_steps", "1", "--max_length", "128",
-          "--per_device_train_batch_size", "2", "--lr_scheduler_type", "linear", "--disable_tqdm", "true"]  # fmt: skip
+SCHEDULE = ["--test_size", "0", "--max_steps", str(STEPS), "--save_strategy", "steps", "--save_steps", "1",
+            "--per_device_train_batch_size", "2", "--lr_scheduler_type", "linear", "--disable_tqdm", "true"]  # fmt: skip
+COMMON = [*SCHEDULE, "--max_length", "128"]
 SFT_LORA = ["--config", "recipes/tiny/sft.yaml", "--load_in_4bit", "false", *COMMON]
 SFT_QLORA = ["--config", "recipes/tiny/sft.yaml", "--load_in_4bit", "true", *COMMON]
 DPO_LORA = [
@@ -34,6 +36,10 @@ DPO_LORA = [
     "false",
     *COMMON,
 ]
+
+# The same run loop serves CPT (packed blocks) and the task heads: resume is checked there too, on full precision.
+CPT_LORA = ["--config", "recipes/tiny/cpt.yaml", "--load_in_4bit", "false", *SCHEDULE]
+NER_QLORA = ["--config", "recipes/tiny/task_ner.yaml", "--load_in_4bit", "true", *COMMON]
 
 
 class SimulatedKill(BaseException):
@@ -87,7 +93,11 @@ def assert_same_trajectory(resumed, reference) -> None:
     assert want[-1][1] < 1  # all within the first epoch: the kills below are mid-epoch
 
 
-@pytest.mark.parametrize("stage, argv", [("sft", SFT_QLORA), ("dpo", DPO_LORA)], ids=["sft-qlora-4bit", "dpo-lora"])
+@pytest.mark.parametrize(
+    "stage, argv",
+    [("sft", SFT_QLORA), ("dpo", DPO_LORA), ("cpt", CPT_LORA), ("task", NER_QLORA)],
+    ids=["sft-qlora-4bit", "dpo-lora", "cpt-lora", "ner-qlora-4bit"],
+)
 def test_killed_after_a_checkpoint_resumes_exactly(stage, argv, callbacks, tmp_path):
     reference, out = tmp_path / "uninterrupted", tmp_path / "run"
     run_recipe(stage, [*argv, "--output_dir", str(reference)])
