@@ -51,6 +51,31 @@ def run_recipe(stage: str, argv: list[str]):
     return module["main"](argv)
 
 
+def accelerate_launch_one_process(stage: str, argv: list[str], output_dir: Path, steps: int) -> dict:
+    """``accelerate launch`` recipes/<stage>.py on one CPU process; checks what every stage saves and returns the
+    resolved config it wrote (alignkit_config.yaml, grouped by section)."""
+    import subprocess
+
+    import yaml
+
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--cpu",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        f"recipes/{stage}.py", *argv, "--max_steps", str(steps), "--output_dir", str(output_dir),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = Path(output_dir)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert not [p.name for p in out.glob("*.bin")], "weights: safetensors only, and no pickled training_args.bin"
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == steps
+    run = json.loads((out / "alignkit_run.json").read_text())
+    assert run["status"] == "finished" and run["stage"] == stage
+    return yaml.safe_load((out / "alignkit_config.yaml").read_text())
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -2,14 +2,10 @@
 block is trained (eos too, when pad == eos); `accelerate launch` runs it end to end."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-import yaml
-from conftest import REPO, run_recipe, train_losses
+from conftest import accelerate_launch_one_process, run_recipe, train_losses
 from safetensors import safe_open
 
 from alignkit.train import runner
@@ -79,21 +75,5 @@ def test_every_block_token_is_trained_even_eos_when_pad_is_eos(tiny_llama, train
 
 
 def test_accelerate_launch_cpt_saves_every_output(tmp_path):
-    out = tmp_path / "cpt"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--cpu",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "recipes/cpt.py", *TINY, "--max_steps", "2", "--output_dir", str(out),
-    ]  # fmt: skip
-    done = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"}
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
-    assert not [p.name for p in out.glob("*.bin") if p.name != "training_args.bin"], "weights: safetensors only"
-    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
-    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
-    resolved = yaml.safe_load((out / "alignkit_config.yaml").read_text())
+    resolved = accelerate_launch_one_process("cpt", TINY, tmp_path / "cpt", steps=2)
     assert resolved["CPTConfig"]["block_size"] == 64 and resolved["CPTConfig"]["max_steps"] == 2
-    run = json.loads((out / "alignkit_run.json").read_text())
-    assert run["status"] == "finished" and run["stage"] == "cpt"

@@ -3,15 +3,11 @@ tokens carry labels; packed rows do not attend to each other; the chat template 
 adapter and reload identically; `accelerate launch` runs it end to end."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-import yaml
-from conftest import REPO, run_recipe, train_losses, write_jsonl
+from conftest import accelerate_launch_one_process, run_recipe, train_losses, write_jsonl
 from transformers import AutoTokenizer
 
 from alignkit.config import SFTConfig, parse_recipe
@@ -171,25 +167,9 @@ def test_prompt_completion_data_trains_on_completions_only(trainers, tmp_path):
 
 def test_accelerate_launch_sft_saves_every_output(tmp_path):
     out = tmp_path / "sft"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--cpu",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "recipes/sft.py", *TINY, "--max_steps", "2", "--output_dir", str(out),
-    ]  # fmt: skip
-    done = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"}
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
-    assert not [p.name for p in out.glob("*.bin") if p.name != "training_args.bin"], "weights: safetensors only"
+    resolved = accelerate_launch_one_process("sft", TINY, out, steps=2)  # every group, CLI overrides applied
     assert (out / "chat_template.jinja").read_text() == CHATML
     assert json.loads((out / "tokenizer_config.json").read_text())["pad_token"] == "<pad>"
-    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
-    resolved = yaml.safe_load((out / "alignkit_config.yaml").read_text())  # every group, CLI overrides applied
     assert resolved["SFTConfig"]["max_steps"] == 2 and resolved["SFTConfig"]["assistant_only_loss"]
-    assert (
-        resolved["QuantizationArguments"]["load_in_4bit"]
-        and resolved["ModelArguments"]["model_name_or_path"] == "tiny:llama"
-    )
-    run = json.loads((out / "alignkit_run.json").read_text())
-    assert run["status"] == "finished" and run["stage"] == "sft"
+    assert resolved["QuantizationArguments"]["load_in_4bit"]
+    assert resolved["ModelArguments"]["model_name_or_path"] == "tiny:llama"
