@@ -76,6 +76,21 @@ def accelerate_launch_one_process(stage: str, argv: list[str], output_dir: Path,
     return yaml.safe_load((out / "alignkit_config.yaml").read_text())
 
 
+@pytest.fixture
+def trainers(monkeypatch):
+    """The trainers the recipe hands to the run loop (the real ones; the run loop still trains them)."""
+    from alignkit.train import runner
+
+    seen, real_train = [], runner.Run.train
+
+    def train(self, trainer):
+        seen.append(trainer)
+        return real_train(self, trainer)
+
+    monkeypatch.setattr(runner.Run, "train", train)
+    return seen
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

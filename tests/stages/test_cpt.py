@@ -8,22 +8,7 @@ import pytest
 from conftest import accelerate_launch_one_process, run_recipe, train_losses
 from safetensors import safe_open
 
-from alignkit.train import runner
-
 TINY = ["--config", "recipes/tiny/cpt.yaml", "--test_size", "0", "--disable_tqdm", "true"]
-
-
-@pytest.fixture
-def trainers(monkeypatch):
-    """The trainers the recipe hands to the run loop (the real ones; the run loop still trains them)."""
-    seen, real_train = [], runner.Run.train
-
-    def train(self, trainer):
-        seen.append(trainer)
-        return real_train(self, trainer)
-
-    monkeypatch.setattr(runner.Run, "train", train)
-    return seen
 
 
 def _falls(losses):

@@ -13,7 +13,6 @@ from transformers import AutoTokenizer
 from alignkit.config import SFTConfig, parse_recipe
 from alignkit.data.templates import CHATML
 from alignkit.models.tokenizer import load_tokenizer
-from alignkit.train import runner
 
 TINY = ["--config", "recipes/tiny/sft.yaml", "--test_size", "0", "--disable_tqdm", "true"]
 CHAT = [
@@ -21,19 +20,6 @@ CHAT = [
     {"role": "user", "content": "What is 12 + 30?"},
     {"role": "assistant", "content": "12 + 30 = 42.\nANSWER: 42"},
 ]
-
-
-@pytest.fixture
-def trainers(monkeypatch):
-    """The trainers the recipe hands to the run loop (the real ones; the run loop still trains them)."""
-    seen, real_train = [], runner.Run.train
-
-    def train(self, trainer):
-        seen.append(trainer)
-        return real_train(self, trainer)
-
-    monkeypatch.setattr(runner.Run, "train", train)
-    return seen
 
 
 @pytest.fixture(scope="module")
