@@ -29,45 +29,11 @@ def trl_settings(variant: str) -> dict:
 
 
 def plain_trl(size: harness.Size, data: Path, out: Path, steps: int, overrides: dict) -> dict:
-    import datasets
-    import transformers
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-
-    transformers.set_seed(harness.SEED)
-    tokenizer = AutoTokenizer.from_pretrained(size.path())
-    model = AutoModelForCausalLM.from_pretrained(size.path())
-    args = DPOConfig(
-        output_dir=str(out), per_device_train_batch_size=size.dpo_batch, max_steps=steps,
-        learning_rate=harness.LEARNING_RATE, logging_steps=1, save_strategy="no", report_to="none", seed=harness.SEED,
-        disable_tqdm=True, **overrides,
-    )  # fmt: skip
-    trainer = DPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets.load_dataset("json", data_files=str(data), split="train"),
-        processing_class=tokenizer,
-        peft_config=LoraConfig(task_type="CAUSAL_LM", **harness.LORA),
-    )
-    timer = harness.step_timer()
-    trainer.add_callback(timer)
-    trainer.train()
-    return _describe(trainer, harness.train_measurements(trainer, timer, size.dpo_batch))
+    return _describe(*harness.train_plain_trl("dpo", size, data, out, steps, size.dpo_batch, overrides))
 
 
 def alignkit_default(size: harness.Size, data: Path, out: Path, steps: int) -> dict:
-    timer = harness.step_timer()
-    argv = [
-        "--model_name_or_path", size.alignkit_name, "--datasets", f"[{data}]",
-        "--per_device_train_batch_size", str(size.dpo_batch), "--max_steps", str(steps),
-        "--learning_rate", str(harness.LEARNING_RATE), "--seed", str(harness.SEED), "--disable_tqdm", "true",
-        "--output_dir", str(out), "--overwrite_output_dir", "true",
-    ]  # fmt: skip
-    with harness.timed_alignkit_trainer(timer) as captured:
-        harness.run_recipe("dpo", argv)
-    trainer = captured["trainer"]
-    return _describe(trainer, harness.train_measurements(trainer, timer, size.dpo_batch))
+    return _describe(*harness.train_alignkit("dpo", size, data, out, steps, size.dpo_batch))
 
 
 def _describe(trainer, result: dict) -> dict:

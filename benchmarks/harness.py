@@ -212,6 +212,50 @@ def run_variants(script: str, variants: list[str], common: list[str], repeats: i
     return rows
 
 
+def train_plain_trl(stage: str, size: Size, data: Path, out: Path, steps: int, batch: int, settings: dict):
+    """What a user writes with trl alone: load, LoraConfig, <Stage>Config, <Stage>Trainer, train. Returns the trainer
+    and its measurements."""
+    import datasets
+    import transformers
+    import trl
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config_cls, trainer_cls = {"sft": (trl.SFTConfig, trl.SFTTrainer), "dpo": (trl.DPOConfig, trl.DPOTrainer)}[stage]
+    transformers.set_seed(SEED)
+    args = config_cls(
+        output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps, learning_rate=LEARNING_RATE,
+        logging_steps=1, save_strategy="no", report_to="none", seed=SEED, disable_tqdm=True, **settings,
+    )  # fmt: skip
+    trainer = trainer_cls(
+        model=AutoModelForCausalLM.from_pretrained(size.path()),
+        args=args,
+        train_dataset=datasets.load_dataset("json", data_files=str(data), split="train"),
+        processing_class=AutoTokenizer.from_pretrained(size.path()),
+        peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA),
+    )
+    timer = step_timer()
+    trainer.add_callback(timer)
+    trainer.train()
+    return trainer, train_measurements(trainer, timer, batch)
+
+
+def train_alignkit(stage: str, size: Size, data: Path, out: Path, steps: int, batch: int, argv: list[str] = ()):
+    """alignkit's recipe with nothing but the shared work set (and ``argv``): every other setting is its default.
+    Returns the trainer and its measurements."""
+    timer = step_timer()
+    argv = [
+        "--model_name_or_path", size.alignkit_name, "--datasets", f"[{data}]", *argv,
+        "--per_device_train_batch_size", str(batch), "--max_steps", str(steps),
+        "--learning_rate", str(LEARNING_RATE), "--seed", str(SEED), "--disable_tqdm", "true",
+        "--output_dir", str(out), "--overwrite_output_dir", "true",
+    ]  # fmt: skip
+    with timed_alignkit_trainer(timer) as captured:
+        run_recipe(stage, argv)
+    trainer = captured["trainer"]
+    return trainer, train_measurements(trainer, timer, batch)
+
+
 def variant_parser(doc: str, variants: list[str]) -> argparse.ArgumentParser:
     """The command line every comparison script shares; --child/--data/--work are how it calls itself per variant."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])

@@ -49,55 +49,13 @@ def _liger_installed() -> bool:
 
 
 def plain_trl(size: harness.Size, data: Path, out: Path, steps: int, overrides: dict) -> dict:
-    """What a user writes with trl alone: load, LoraConfig, SFTConfig, SFTTrainer, train."""
-    import datasets
-    import transformers
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
-    transformers.set_seed(harness.SEED)
-    tokenizer = AutoTokenizer.from_pretrained(size.path())
-    model = AutoModelForCausalLM.from_pretrained(size.path())
     settings = {"max_length": size.max_length, **overrides}
-    args = SFTConfig(
-        output_dir=str(out),
-        per_device_train_batch_size=size.batch,
-        max_steps=steps,
-        learning_rate=harness.LEARNING_RATE,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=harness.SEED,
-        disable_tqdm=True,
-        **settings,
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets.load_dataset("json", data_files=str(data), split="train"),
-        processing_class=tokenizer,
-        peft_config=LoraConfig(task_type="CAUSAL_LM", **harness.LORA),
-    )
-    timer = harness.step_timer()
-    trainer.add_callback(timer)
-    trainer.train()
-    return _describe(trainer, harness.train_measurements(trainer, timer, size.batch))
+    return _describe(*harness.train_plain_trl("sft", size, data, out, steps, size.batch, settings))
 
 
 def alignkit_default(size: harness.Size, data: Path, out: Path, steps: int) -> dict:
-    """alignkit's SFT recipe with nothing but the shared work set: every other setting is alignkit's default."""
-    timer = harness.step_timer()
-    argv = [
-        "--model_name_or_path", size.alignkit_name, "--datasets", f"[{data}]", "--max_length", str(size.max_length),
-        "--per_device_train_batch_size", str(size.batch), "--max_steps", str(steps),
-        "--learning_rate", str(harness.LEARNING_RATE), "--seed", str(harness.SEED), "--disable_tqdm", "true",
-        "--output_dir", str(out), "--overwrite_output_dir", "true",
-    ]  # fmt: skip
-    with harness.timed_alignkit_trainer(timer) as captured:
-        harness.run_recipe("sft", argv)
-    trainer = captured["trainer"]
-    return _describe(trainer, harness.train_measurements(trainer, timer, size.batch))
+    argv = ["--max_length", str(size.max_length)]
+    return _describe(*harness.train_alignkit("sft", size, data, out, steps, size.batch, argv))
 
 
 def _describe(trainer, result: dict) -> dict:
