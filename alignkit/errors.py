@@ -24,3 +24,19 @@ class PreflightError(AlignkitError, RuntimeError):
 
 class NonFiniteLossError(AlignkitError, RuntimeError):
     """Training produced a NaN/Inf loss or gradient norm."""
+
+
+def run_cli(main, argv=None):
+    """Run a command-line entry point. Bad input (an AlignkitError, found before training starts) prints its message,
+    which names the file, row or key and the fix, instead of a traceback through alignkit's internals, and exits 2;
+    a run stopped on a NaN/Inf loss exits 1. ``ALIGNKIT_TRACEBACK=1`` re-raises, for debugging."""
+    import os
+    import sys
+
+    try:
+        return main(argv)
+    except AlignkitError as exc:
+        if os.environ.get("ALIGNKIT_TRACEBACK") == "1":
+            raise
+        print(f"alignkit: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(1 if isinstance(exc, NonFiniteLossError) else 2) from None

@@ -9,6 +9,7 @@ from transformers import Trainer, default_data_collator
 from alignkit.config import CPTConfig, parse_recipe
 from alignkit.data import CPT
 from alignkit.data.packing import pack_text_blocks
+from alignkit.errors import run_cli
 from alignkit.train import Run
 
 
@@ -32,4 +33,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -15,6 +15,7 @@ from trl import DPOTrainer
 
 from alignkit.config import DPOConfig, parse_recipe
 from alignkit.data import DPO
+from alignkit.errors import run_cli
 from alignkit.train import Run
 
 
@@ -37,4 +38,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -10,6 +10,7 @@ from trl import SFTTrainer
 
 from alignkit.config import SFTConfig, parse_recipe
 from alignkit.data import SFT
+from alignkit.errors import run_cli
 from alignkit.train import Run
 
 
@@ -33,4 +34,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

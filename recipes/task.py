@@ -9,6 +9,7 @@ target; BLEU/ROUGE with predict_with_generate). Rows are checked before the mode
 
 from transformers import Seq2SeqTrainer, Trainer
 
+from alignkit.errors import run_cli
 from alignkit.tasks import build_task, parse_task_recipe
 from alignkit.train import Run
 
@@ -36,4 +37,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -110,3 +110,17 @@ def test_yaml_words_that_look_like_booleans_stay_words(recipe_file):
     assert parse_recipe(SFTConfig, ["--config", str(recipe_file)]).train.save_strategy == "no"
     recipe = parse_recipe(SFTConfig, ["--config", str(recipe_file), "--save_strategy", "no", "--eval_strategy", "no"])
     assert recipe.train.save_strategy == "no" and recipe.train.eval_strategy == "no"
+
+
+def test_a_recipe_given_bad_input_prints_the_fix_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "out"
+    argv = ["--config", "recipes/tiny/sft.yaml", "--max_steps", "ten", "--output_dir", str(out)]
+    done = subprocess.run([sys.executable, "recipes/sft.py", *argv], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "alignkit: ConfigError: max_steps: 'ten' is not a valid int. Fix:" in done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
