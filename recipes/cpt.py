@@ -20,16 +20,9 @@ def main(argv=None):
     data = run.load_data(CPT)
     with recipe.train.main_process_first(desc="pack text"):
         blocks = {split: pack_text_blocks(ds, tokenizer, recipe.train.block_size) for split, ds in data.items()}
-    model = run.load_model("causal_lm")
-    trainer = Trainer(
-        model=model,
-        args=recipe.train,
-        train_dataset=blocks["train"],
-        eval_dataset=blocks.get("test"),
-        data_collator=default_data_collator,  # blocks carry their labels (alignkit.data.packing)
-        processing_class=tokenizer,
-    )
-    return run.train(trainer)
+    run.load_model("causal_lm")
+    # blocks carry their labels (alignkit.data.packing): the default collator only stacks them
+    return run.train(run.build_trainer(Trainer, blocks, data_collator=default_data_collator))
 
 
 if __name__ == "__main__":

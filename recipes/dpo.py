@@ -24,17 +24,10 @@ def main(argv=None):
     if not recipe.adapter.use_peft:  # full fine-tuning: score the starting model once as the reference, no 2nd copy
         recipe.train.precompute_ref_log_probs = True
     run = Run(recipe, stage="dpo")
-    tokenizer = run.load_tokenizer(chat=True)
+    run.load_tokenizer(chat=True)
     data = run.load_data(DPO)
-    model = run.load_model("causal_lm")
-    trainer = DPOTrainer(
-        model=model,
-        args=recipe.train,
-        train_dataset=data["train"],
-        eval_dataset=data.get("test"),
-        processing_class=tokenizer,
-    )
-    return run.train(trainer)
+    run.load_model("causal_lm")
+    return run.train(run.build_trainer(DPOTrainer, data))
 
 
 if __name__ == "__main__":

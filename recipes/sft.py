@@ -18,19 +18,10 @@ def main(argv=None):
     recipe = parse_recipe(SFTConfig, argv)
     run = Run(recipe, stage="sft")
     # train_on_completions: a pad equal to eos would hide the eos the model must learn to emit.
-    tokenizer = run.load_tokenizer(
-        chat=True, assistant_only_loss=recipe.train.assistant_only_loss, train_on_completions=True
-    )
+    run.load_tokenizer(chat=True, assistant_only_loss=recipe.train.assistant_only_loss, train_on_completions=True)
     data = run.load_data(SFT)
-    model = run.load_model("causal_lm")
-    trainer = SFTTrainer(
-        model=model,
-        args=recipe.train,
-        train_dataset=data["train"],
-        eval_dataset=data.get("test"),
-        processing_class=tokenizer,
-    )
-    return run.train(trainer)
+    run.load_model("causal_lm")
+    return run.train(run.build_trainer(SFTTrainer, data))
 
 
 if __name__ == "__main__":

@@ -23,13 +23,10 @@ def main(argv=None):
     with recipe.train.main_process_first(desc="task features"):
         features = task.preprocess(data)
     model = run.load_model(**task.head_kwargs())
-    trainer = (Seq2SeqTrainer if task.generates else Trainer)(
-        model=model,
-        args=recipe.train,
-        train_dataset=features["train"],
-        eval_dataset=features.get("test"),
+    trainer = run.build_trainer(
+        Seq2SeqTrainer if task.generates else Trainer,
+        features,
         data_collator=task.collator(model),
-        processing_class=tokenizer,
         compute_metrics=task.compute_metrics,
         preprocess_logits_for_metrics=task.preprocess_logits_for_metrics,
     )

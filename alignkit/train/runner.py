@@ -110,6 +110,19 @@ class Run:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         return self.model
 
+    def build_trainer(self, trainer_cls, splits: dict, **kwargs):
+        """``trainer_cls`` (a trl or transformers trainer) on the loaded model and tokenizer, the recipe's training
+        args, the 'train' split and the 'test' split if there is one; ``kwargs`` are the stage's own (collator,
+        metrics)."""
+        return trainer_cls(
+            model=self.model,
+            args=self.recipe.train,
+            train_dataset=splits["train"],
+            eval_dataset=splits.get("test"),
+            processing_class=self.tokenizer,
+            **kwargs,
+        )
+
     # ------------------------------------------------------------------ train
     def train(self, trainer, evaluate_before: bool = False) -> dict[str, Any]:
         """Resume if asked, train, evaluate, save outputs and metadata. Returns the final metrics.
