@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_VERSION = 1
+TINY_VERSION = 2  # 2: the BERT vocabulary is written out (v1's trained one differed per build)
 TINY_KINDS = ("llama", "bert", "bart")
 
 _WORDS = (
@@ -121,19 +121,32 @@ def _bart_tokenizer():
     return tok
 
 
-def _bert_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def _bert_vocab() -> list[str]:
+    """The tiny BERT's WordPiece vocabulary, written out rather than trained: tokenizers' WordPiece trainer numbers the
+    '##' continuation pieces in the order it meets them while iterating a hash map, which differs from one process
+    to the next, so every fresh build gave the same text other ids (and golden trajectories another model). Fixed
+    here: the special tokens, every printable ASCII character, its '##' continuation for letters and digits, the
+    corpus's words of up to 6 letters, and each longer word as two pieces (its first 4 letters and the '##' rest), so
+    that sub-word label alignment is exercised; other words split into letters."""
+    import string
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    continuations = ["##" + c for c in string.ascii_lowercase + string.digits]
+    words = sorted({w for w in _WORDS if len(w) <= 6 and w not in chars})
+    pieces = sorted({p for w in _WORDS if len(w) > 6 for p in (w[:4], "##" + w[4:])} - set(words))
+    return special + chars + continuations + words + pieces
+
+
+def _bert_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(_bert_vocab())}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    # a small vocabulary so that rarer words split into sub-words (exercises label alignment)
-    tok.train_from_iterator(
-        _corpus(), trainer=trainers.WordPieceTrainer(vocab_size=300, special_tokens=special, show_progress=False)
-    )
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -150,6 +163,14 @@ def _bert_tokenizer():
     )
     fast.model_max_length = 512
     return fast
+
+
+def tiny_tokenizer(kind: str):
+    """The tokenizer of tiny model ``kind``, built (deterministically) without the model."""
+    builders = {"llama": _llama_tokenizer, "bert": _bert_tokenizer, "bart": _bart_tokenizer}
+    if kind not in builders:
+        raise ValueError(f"unknown tiny model kind {kind!r}; one of {TINY_KINDS}")
+    return builders[kind]()
 
 
 def build_tiny(kind: str, out_dir: str | Path) -> Path:

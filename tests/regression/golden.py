@@ -19,8 +19,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).with_name("golden.json")
-RTOL, ATOL = 1e-4, 1e-6  # CPU fp32 is bitwise reproducible here; the slack absorbs other CPUs' kernels
 SIGNIFICANT_DIGITS = 7
+# Per metric (rtol, atol), derived from `python -m tests.regression.spread`: the largest relative difference between
+# numerics variants of one CPU (oneDNN/MKL/ATen at AVX-512+AMX vs capped at AVX2, 1 vs 2 threads) at any step of any
+# run, times a safety factor of at least 10 (the measured figures are in the closing note of issue 15 and in
+# tests/regression/README.md). Step metrics derived from counts and the schedule alone (learning_rate, num_tokens)
+# are exact on every CPU: any difference there is a changed default.
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "loss": (1e-4, 1e-6),  # measured spread 9.0e-7 (task_seq_cls step 5)
+    "grad_norm": (1e-4, 1e-6),  # measured spread 8.5e-7 (sft step 2)
+    "rewards/*": (1e-3, 1e-6),  # DPO rewards/chosen, rejected, margins: measured spread 1.6e-5 (dpo step 2)
+    "learning_rate": (1e-7, 0.0),  # exact: the schedule
+    "num_tokens": (0.0, 0.0),  # exact: what was trained
+}
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,54 @@ def _round(value: float) -> float:
     return float(f"{float(value):.{SIGNIFICANT_DIGITS}g}")
 
 
+def tolerance(key: str) -> tuple[float, float]:
+    return TOLERANCES["rewards/*" if key.startswith("rewards/") else key]
+
+
+def machine_facts() -> dict:
+    """What decides the floating-point results of a run on this machine: CPU model and vendor, the instruction sets
+    that matter for float kernels, what torch, oneDNN and MKL use of them (and the caps set in the environment), the
+    library versions and the intra-op thread count."""
+    import platform
+    import re
+
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+
+    def field(name: str) -> str:
+        match = re.search(rf"^{name}\s*:\s*(.*)$", cpuinfo, re.M)
+        return match.group(1).strip() if match else platform.processor() or "unknown"
+
+    flags = set(field("flags").split())
+    config = torch.__config__.show()
+    mkl = re.search(r"Math Kernel Library Version ([\w.\-]+)", config)
+    onednn = re.search(r"MKL-DNN v([\w.]+)", config)
+    return {
+        "cpu": field("model name"),
+        "vendor": field("vendor_id"),
+        "isa": sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "caps": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY",
+                                          "MKL_CBWR") if k in os.environ},  # fmt: skip
+        "torch": torch.__version__,
+        "mkl": mkl.group(1) if mkl else None,
+        "onednn": onednn.group(1) if onednn else None,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def describe_machine(facts: dict | None) -> str:
+    if not facts:
+        return "unknown machine (golden.json predates machine facts)"
+    caps = ", ".join(f"{k}={v}" for k, v in facts.get("caps", {}).items()) or "none"
+    return (
+        f"{facts['cpu']} ({facts['vendor']}; {' '.join(facts['isa'])}); torch {facts['torch']} with CPU capability "
+        f"{facts['cpu_capability']}, MKL {facts['mkl']}, oneDNN {facts['onednn']}; caps: {caps}; "
+        f"{facts['threads']} thread(s)"
+    )
+
+
 def load_golden() -> dict:
     return json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {"runs": {}}
 
@@ -131,11 +190,13 @@ def save_golden(runs: dict[str, dict]) -> None:
     from importlib.metadata import version
 
     golden = {
-        "tolerance": {"rtol": RTOL, "atol": ATOL},
+        "tolerances": {k: {"rtol": r, "atol": a} for k, (r, a) in TOLERANCES.items()},
         "regenerate": "python -m tests.regression.regenerate",
         "generated_with": {
-            p: version(p) for p in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes")
+            p: version(p)
+            for p in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "tokenizers", "datasets")
         },
+        "machine": machine_facts(),
         "runs": runs,
     }
     GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
@@ -149,8 +210,9 @@ def mismatches(name: str, golden: dict, now: dict[str, list[float]]) -> list[str
         if want is None or got is None or len(want) != len(got):
             problems.append(f"{name}/{key}: golden {want} vs now {got}")
             continue
-        bad = [i for i, (w, g) in enumerate(zip(want, got)) if not math.isclose(g, w, rel_tol=RTOL, abs_tol=ATOL)]
+        rtol, atol = tolerance(key)
+        bad = [i for i, (w, g) in enumerate(zip(want, got)) if not math.isclose(g, w, rel_tol=rtol, abs_tol=atol)]
         if bad:
             steps = ", ".join(f"step {i + 1}: {want[i]} -> {got[i]}" for i in bad)
-            problems.append(f"{name}/{key} differs at {len(bad)}/{len(want)} steps ({steps})")
+            problems.append(f"{name}/{key} differs at {len(bad)}/{len(want)} steps, rtol {rtol:g} ({steps})")
     return problems

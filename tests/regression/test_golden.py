@@ -2,14 +2,15 @@
 
 import pytest
 
-from regression.golden import ATOL, RTOL, RUNS, load_golden, mismatches, trajectory
+from regression.golden import RUNS, describe_machine, load_golden, machine_facts, mismatches, trajectory
 
 pytestmark = pytest.mark.regression
 
 
 @pytest.mark.parametrize("run", RUNS, ids=[r.name for r in RUNS])
 def test_trajectory_matches_golden(run, tmp_path):
-    golden = load_golden()["runs"].get(run.name)
+    stored = load_golden()
+    golden = stored["runs"].get(run.name)
     assert golden is not None, (
         f"{run.name}: no golden trajectory. Fix: python -m tests.regression.regenerate {run.name}"
     )
@@ -18,7 +19,9 @@ def test_trajectory_matches_golden(run, tmp_path):
     )
     problems = mismatches(run.name, golden["metrics"], trajectory(run, tmp_path / run.name))
     assert not problems, (
-        f"training no longer computes what it did (rtol {RTOL}, atol {ATOL}):\n  "
+        "training no longer computes what it did (tolerances per metric: tests/regression/golden.py TOLERANCES):\n  "
         + "\n  ".join(problems)
+        + f"\ngolden recorded on: {describe_machine(stored.get('machine'))}"
+        + f"\nthis machine:       {describe_machine(machine_facts())}"
         + "\nIf the change is intended, run `python -m tests.regression.regenerate` and review the diff of golden.json."
     )
