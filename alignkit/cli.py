@@ -1,13 +1,20 @@
-"""The ``alignkit`` console script: ``alignkit <command> [options]``. Each command is a function taking its argv;
-add one by adding it to ``COMMANDS``. Training stages run as recipes (``accelerate launch recipes/<stage>.py``)."""
+"""The ``alignkit`` console script: ``alignkit <command> [options]``.
+
+Training stages (``alignkit cpt|sft|dpo|task --config X.yaml [--key value ...]``) come from the stage registry
+(alignkit.stages) and run the same ``main`` as ``accelerate launch recipes/<stage>.py``; the other commands are
+functions taking their argv, listed in ``COMMANDS``. Every command exits 2 on bad input (message with the fix, no
+traceback; ``ALIGNKIT_TRACEBACK=1`` shows one), 1 when training stopped on a NaN/Inf loss, 0 otherwise.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 
-from alignkit.errors import AlignkitError
+from alignkit.errors import AlignkitError, run_cli
+from alignkit.stages import STAGES
 
 
 def merge(argv: list[str]) -> int:
@@ -81,19 +88,34 @@ def report(argv: list[str]) -> int:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"merge": merge, "push": push, "report": report}
 
 
+def _stage_main(name: str) -> Callable[[list[str]], object]:
+    return importlib.import_module(f"alignkit.recipes.{name}").main
+
+
+def usage() -> str:
+    lines = ["usage: alignkit <command> [options]   (alignkit <command> --help for its options)", "", "stages:"]
+    lines += [f"  {s.name:<8} {s.summary} (recipes/{s.name}.py)" for s in STAGES.values()]
+    lines += ["", "commands:"]
+    lines += [f"  {name:<8} {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in COMMANDS.items()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] not in COMMANDS:
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in STAGES):
         wants_help = bool(argv) and argv[0] in ("-h", "--help")
-        usage = "usage: alignkit <command> [options]   (alignkit <command> --help for its options)\n\ncommands:\n"
-        usage += "".join(f"  {name:<8} {(fn.__doc__ or '').strip()}\n" for name, fn in COMMANDS.items())
-        print(usage, file=sys.stdout if wants_help else sys.stderr)
+        if argv and not wants_help:
+            from alignkit.errors import suggest
+
+            print(f"alignkit: unknown command '{argv[0]}'.{suggest(argv[0], [*STAGES, *COMMANDS])}\n", file=sys.stderr)
+        print(usage(), file=sys.stdout if wants_help else sys.stderr)
         return 0 if wants_help else 2
+    command = _stage_main(argv[0]) if argv[0] in STAGES else COMMANDS[argv[0]]
     try:
-        return COMMANDS[argv[0]](argv[1:])
-    except AlignkitError as exc:
-        print(f"alignkit {argv[0]}: error: {exc}", file=sys.stderr)
-        return 1
+        result = run_cli(command, argv[1:])
+    except SystemExit as exit_:  # run_cli's exit 2 / 1, argparse's 2, --help's 0
+        return exit_.code if isinstance(exit_.code, int) else 1
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

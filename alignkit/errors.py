@@ -1,6 +1,14 @@
 """Errors alignkit raises for bad input. Each message names where the problem is and how to fix it."""
 
 
+def suggest(key: str, valid) -> str:
+    """' Did you mean 'x'?' for the closest of ``valid`` to a mistyped ``key``, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
 class AlignkitError(Exception):
     """Base class: a problem with the user's input, found before training starts."""
 
@@ -38,5 +46,5 @@ def run_cli(main, argv=None):
     except AlignkitError as exc:
         if os.environ.get("ALIGNKIT_TRACEBACK") == "1":
             raise
-        print(f"alignkit: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"alignkit: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1 if isinstance(exc, NonFiniteLossError) else 2) from None

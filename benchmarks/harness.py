@@ -42,9 +42,9 @@ class Size:
             from alignkit.testing import tiny_model_path
 
             return str(tiny_model_path(self.alignkit_name.split(":", 1)[1]))
-        from alignkit.demo.smollm2 import smollm2_path
+        from alignkit.models.packaged import packaged_path
 
-        return str(smollm2_path())
+        return str(packaged_path(self.alignkit_name))
 
 
 SIZES = {

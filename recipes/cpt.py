@@ -1,28 +1,29 @@
 """CPT: causal-LM pretraining on raw ``text``, packed into fixed blocks; continued from a pretrained model (LoRA,
 QLoRA or full) or from scratch (``from_scratch: true``: random init from the model's config, full training).
 
-    accelerate launch recipes/cpt.py --config recipes/tiny/cpt.yaml [--key value ...]
+    accelerate launch recipes/cpt.py --config recipes/tiny/cpt.yaml [--key value ...]      (or: alignkit cpt ...)
 """
 
-from transformers import Trainer, default_data_collator
+from transformers import default_data_collator
 
-from alignkit.config import CPTConfig, parse_recipe
-from alignkit.data import CPT
 from alignkit.data.packing import pack_text_blocks
 from alignkit.errors import run_cli
+from alignkit.stages import STAGES
 from alignkit.train import Run
+
+STAGE = STAGES["cpt"]
 
 
 def main(argv=None):
-    recipe = parse_recipe(CPTConfig, argv)
-    run = Run(recipe, stage="cpt")
+    recipe = STAGE.parse(argv)
+    run = Run(recipe, stage=STAGE.name)
     tokenizer = run.load_tokenizer()
-    data = run.load_data(CPT)
+    data = run.load_data(STAGE.data_schema)
     with recipe.train.main_process_first(desc="pack text"):
         blocks = {split: pack_text_blocks(ds, tokenizer, recipe.train.block_size) for split, ds in data.items()}
     run.load_model("causal_lm")
     # blocks carry their labels (alignkit.data.packing): the default collator only stacks them
-    return run.train(run.build_trainer(Trainer, blocks, data_collator=default_data_collator))
+    return run.train(run.build_trainer(STAGE.trainer_class, blocks, data_collator=default_data_collator))
 
 
 if __name__ == "__main__":

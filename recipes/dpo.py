@@ -1,6 +1,6 @@
 """DPO: preference tuning with trl's DPOTrainer on a LoRA / 4-bit QLoRA backbone, usually starting from SFT output.
 
-    accelerate launch recipes/dpo.py --config recipes/tiny/dpo.yaml [--key value ...]
+    accelerate launch recipes/dpo.py --config recipes/tiny/dpo.yaml [--key value ...]      (or: alignkit dpo ...)
 
 Data: ``prompt`` / ``chosen`` / ``rejected`` columns, plain text or conversational (the chat template comes from the
 SFT output's tokenizer). ``beta`` and ``loss_type`` (sigmoid, ipo, hinge, ...) are trl's DPOConfig fields.
@@ -11,23 +11,22 @@ to the trained adapter). ``adapter_handoff`` (continue | reference | merge) choo
 :func:`alignkit.models.loader.load_model`.
 """
 
-from trl import DPOTrainer
-
-from alignkit.config import DPOConfig, parse_recipe
-from alignkit.data import DPO
 from alignkit.errors import run_cli
+from alignkit.stages import STAGES
 from alignkit.train import Run
+
+STAGE = STAGES["dpo"]
 
 
 def main(argv=None):
-    recipe = parse_recipe(DPOConfig, argv)
+    recipe = STAGE.parse(argv)
     if not recipe.adapter.use_peft:  # full fine-tuning: score the starting model once as the reference, no 2nd copy
         recipe.train.precompute_ref_log_probs = True
-    run = Run(recipe, stage="dpo")
+    run = Run(recipe, stage=STAGE.name)
     run.load_tokenizer(chat=True)
-    data = run.load_data(DPO)
+    data = run.load_data(STAGE.data_schema)
     run.load_model("causal_lm")
-    return run.train(run.build_trainer(DPOTrainer, data))
+    return run.train(run.build_trainer(STAGE.trainer_class, data))
 
 
 if __name__ == "__main__":

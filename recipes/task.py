@@ -1,6 +1,6 @@
 """Classical task heads on the shared backbone (full precision, or 4-bit QLoRA with the head trained in full):
 
-    accelerate launch recipes/task.py --config recipes/tiny/task_ner.yaml [--key value ...]
+    accelerate launch recipes/task.py --config recipes/tiny/task_ner.yaml [--key value ...]      (or: alignkit task ...)
 
 ``task:`` picks the head and its module in alignkit/tasks/: token_cls (NER/POS: words + tags), seq_cls (text or text
 pairs + label), qa (SQuAD: question, context, answers), mlm (text; perplexity before and after), seq2seq (source,
@@ -16,13 +16,13 @@ from alignkit.train import Run
 
 def main(argv=None):
     recipe = parse_task_recipe(argv)
-    run = Run(recipe, stage=recipe.run.task)
+    run = Run(recipe, stage=recipe.extra[0].task)
     tokenizer = run.load_tokenizer()
     task = build_task(recipe, tokenizer)
     data = run.load_data(task.schema)
     with recipe.train.main_process_first(desc="task features"):
         features = task.preprocess(data)
-    model = run.load_model(**task.head_kwargs())
+    model = run.load_model(task.name, **task.head_kwargs())
     trainer = run.build_trainer(
         Seq2SeqTrainer if task.generates else Trainer,
         features,

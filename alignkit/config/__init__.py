@@ -16,6 +16,7 @@ from alignkit.config.args import (
     QuantizationArguments,
     RunArguments,
     SFTConfig,
+    TaskArguments,
     TaskConfig,
 )
 from alignkit.config.parser import RecipeParser, dump_config, resolved_config
@@ -45,13 +46,24 @@ class Recipe:
         return dump_config(self.groups)
 
 
-def parse_recipe(train_config_cls, argv: list[str] | None = None, extra: tuple[type, ...] = ()) -> Recipe:
-    """Parse ``--config recipe.yaml`` and CLI overrides into a validated :class:`Recipe`."""
-    parser = RecipeParser((*MODEL_GROUPS, train_config_cls, *extra))
-    groups = parser.parse(argv)
+def recipe_parser(train_config_cls, extra: tuple[type, ...] = (), elsewhere=None) -> RecipeParser:
+    """The parser of a stage's recipe: the shared groups, the stage's trainer config, and ``extra`` groups.
+    ``elsewhere``: see :class:`RecipeParser`."""
+    return RecipeParser((*MODEL_GROUPS, train_config_cls, *extra), elsewhere)
+
+
+def build_recipe(parser: RecipeParser, values: dict[str, Any], print_config: bool = False) -> Recipe:
+    """A validated :class:`Recipe` from checked values (``RecipeParser.read``)."""
+    groups = parser.finish(values, print_config)
     recipe = Recipe(*groups[:6], extra=tuple(groups[6:]))
     validate(recipe)
     return recipe
+
+
+def parse_recipe(train_config_cls, argv: list[str] | None = None, extra: tuple[type, ...] = ()) -> Recipe:
+    """Parse ``--config recipe.yaml`` and CLI overrides into a validated :class:`Recipe`."""
+    parser = recipe_parser(train_config_cls, extra)
+    return build_recipe(parser, *parser.read(argv))
 
 
 __all__ = [
@@ -66,7 +78,10 @@ __all__ = [
     "RecipeParser",
     "RunArguments",
     "SFTConfig",
+    "TaskArguments",
     "TaskConfig",
+    "build_recipe",
     "parse_recipe",
+    "recipe_parser",
     "validate",
 ]

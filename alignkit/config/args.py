@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
 import transformers
 import trl
 
-from alignkit.errors import ConfigError
+from alignkit import runtime
+from alignkit.errors import ConfigError, suggest
 
-TASKS = ("causal_lm", "seq_cls", "token_cls", "qa", "mlm", "seq2seq")
 ADAPTER_HANDOFFS = ("continue", "reference", "merge")
 
 
@@ -67,9 +66,9 @@ class ModelArguments:
     def __post_init__(self):
         if self.adapter_handoff not in ADAPTER_HANDOFFS:
             raise ConfigError(
-                f"adapter_handoff: '{self.adapter_handoff}' is not one of {ADAPTER_HANDOFFS}.{_suggest(self.adapter_handoff, ADAPTER_HANDOFFS)}"
+                f"adapter_handoff: '{self.adapter_handoff}' is not one of {ADAPTER_HANDOFFS}.{suggest(self.adapter_handoff, ADAPTER_HANDOFFS)}"
             )
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        if self.dtype not in runtime.DTYPE_NAMES:
             raise ConfigError(f"dtype: '{self.dtype}' is not auto | float32 | bfloat16 | float16.")
 
 
@@ -164,7 +163,7 @@ class DataArguments:
                 raise ConfigError(f"datasets[{i}]: each source needs a 'path'. Fix: write '- path: data/train.jsonl'.")
             for key in entry:
                 if key not in valid:
-                    raise ConfigError(f"datasets[{i}]: unknown key '{key}'.{_suggest(key, valid)}")
+                    raise ConfigError(f"datasets[{i}]: unknown key '{key}'.{suggest(key, valid)}")
             sources.append(DatasetSource(**entry))
         self.datasets = sources
         if self.test_size < 0:
@@ -183,43 +182,34 @@ class RunArguments:
     min_free_disk_gb: float = field(
         default=1.0, metadata={"help": "Refuse to start with less free disk in output_dir."}
     )
-    task: str = field(default="causal_lm", metadata={"help": f"Model head: one of {TASKS}."})
     wandb_group: str | None = field(default=None, metadata={"help": "W&B group (default: the stage name)."})
-
-    def __post_init__(self):
-        if self.task not in TASKS:
-            raise ConfigError(f"task: '{self.task}' is not one of {TASKS}.{_suggest(self.task, TASKS)}")
-
-
-def _suggest(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
-def device_supports_bf16() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def _device_defaults(args) -> None:
     """Decide by device, before transformers sets up its state in __post_init__. Precision: trl defaults to bf16=True;
     alignkit takes bf16 only on GPUs that support it. On CPUs without bf16 units bf16 is many times slower than fp32;
     even with AMX (measured, benchmarks/sft.py on SmolLM2) a bf16-autocast LoRA step is only ~1.2x faster than fp32
-    and the loss after 6 steps is 8% off the fp32 one. Backend: see fit_backend_to_device."""
+    and the loss after 6 steps is 8% off the fp32 one. Backend: see alignkit.runtime.fit_backend_to_device."""
     import importlib.util
 
-    import torch
-
-    from alignkit.train.distributed import fit_backend_to_device
-
     if getattr(args, "bf16", None) is None:
-        args.bf16 = device_supports_bf16() and not args.fp16
+        args.bf16 = runtime.device_supports_bf16() and not args.fp16
     if getattr(args, "gradient_checkpointing", False) is None:  # trl's True recomputes activations: ~1/3 more compute
-        args.gradient_checkpointing = torch.cuda.is_available()
+        args.gradient_checkpointing = runtime.gpu_available()
     if getattr(args, "use_liger_kernel", False) is None:
-        args.use_liger_kernel = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
-    fit_backend_to_device(args)
+        args.use_liger_kernel = runtime.gpu_available() and importlib.util.find_spec("liger_kernel") is not None
+    runtime.fit_backend_to_device(args)
+
+
+@dataclass
+class TaskArguments:
+    """The task recipe's own key: which head to train. Each task module adds its own group of keys
+    (``alignkit.tasks.base.Task.Arguments``)."""
+
+    task: str | None = field(
+        default=None,
+        metadata={"help": "The model head: token_cls (NER/POS), seq_cls, qa, mlm, seq2seq (alignkit/tasks/)."},
+    )
 
 
 _ALIGNKIT_DEFAULTS = dict(

@@ -9,7 +9,6 @@ suggests the closest valid one.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import sys
 import types
 import typing
@@ -18,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from alignkit.errors import ConfigError
+from alignkit.errors import ConfigError, suggest
 
 # Keys the parser itself owns (they are not fields of any group).
 _PARSER_FLAGS = {"config", "print_config", "help"}
@@ -88,19 +87,19 @@ def _coerce(key: str, value: Any, tp) -> Any:
     kinds = " or ".join(t.__name__ for t in wanted if isinstance(t, type))
     example = {"int": "8", "float": "2e-4", "bool": "true"}
     examples = ", ".join(example[t.__name__] for t in wanted if isinstance(t, type) and t.__name__ in example)
-    raise ConfigError(f"{key}: '{value}' is not a valid {kinds}. Fix: set {key} to a value of type {kinds} (e.g. {examples}).")
-
-
-def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(
+        f"{key}: '{value}' is not a valid {kinds}. Fix: set {key} to a value of type {kinds} (e.g. {examples})."
+    )
 
 
 class RecipeParser:
     """Parse ``--config recipe.yaml`` plus ``--key value`` overrides into typed dataclass instances."""
 
-    def __init__(self, dataclass_types: tuple[type, ...] | list[type]):
+    def __init__(self, dataclass_types: tuple[type, ...] | list[type], elsewhere=None):
+        """``elsewhere(key)``: for a key this recipe does not know, the name of the recipe that does (or None), so the
+        error can say where the key belongs."""
         self.dataclass_types = tuple(dataclass_types)
+        self.elsewhere = elsewhere
         self.owners: dict[str, list[type]] = {}
         self.types: dict[str, Any] = {}
         for cls in self.dataclass_types:
@@ -117,9 +116,12 @@ class RecipeParser:
 
     def _check_key(self, key: str, where: str) -> None:
         if key not in self.owners:
+            hint = suggest(key, self.valid_keys)
+            owner = self.elsewhere(key) if self.elsewhere and not hint else None
+            if owner:
+                hint = f" '{key}' is a key of the {owner} recipe (alignkit {owner}), not of this one."
             raise ConfigError(
-                f"{where}: unknown key '{key}'.{_suggest(key, self.valid_keys)} "
-                f"Fix: correct the key, or run with --help to list the valid ones."
+                f"{where}: unknown key '{key}'.{hint} Fix: correct the key, or run with --help to list the valid ones."
             )
 
     def load_yaml(self, path: str | Path) -> dict[str, Any]:
@@ -209,7 +211,9 @@ class RecipeParser:
                 raise ConfigError(f"{cls.__name__}: {exc}") from exc
         return tuple(instances)
 
-    def parse(self, argv: list[str] | None = None) -> tuple:
+    def read(self, argv: list[str] | None = None) -> tuple[dict[str, Any], bool]:
+        """The recipe's values (YAML, then the command line's overrides), every key checked; and whether
+        ``--print_config`` was given. ``--help`` prints the keys and exits."""
         argv = sys.argv[1:] if argv is None else list(argv)
         config, overrides, print_config, want_help = self.parse_cli(argv)
         if want_help:
@@ -217,11 +221,18 @@ class RecipeParser:
             raise SystemExit(0)
         values = self.load_yaml(config) if config else {}
         values.update(overrides)
+        return values, print_config
+
+    def finish(self, values: dict[str, Any], print_config: bool) -> tuple:
+        """Build the groups from ``values``; with ``print_config``, print the resolved recipe and exit."""
         groups = self.build(values)
         if print_config:
             print(dump_config(groups))
             raise SystemExit(0)
         return groups
+
+    def parse(self, argv: list[str] | None = None) -> tuple:
+        return self.finish(*self.read(argv))
 
 
 # Credentials, never written anywhere. Matched on whole names or suffixes: pad_token or tokenizer_name_or_path are not

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from alignkit.config.args import device_supports_bf16
+from alignkit import runtime
 from alignkit.errors import ConfigError
 
 
@@ -32,13 +32,9 @@ def check_quantization(recipe) -> None:
     storages = ("uint8", "float32", "bfloat16", "float16")
     if q.bnb_4bit_quant_storage not in (None, *storages):
         raise ConfigError(f"bnb_4bit_quant_storage: '{q.bnb_4bit_quant_storage}' is not one of {storages}.")
-    from alignkit.train.distributed import parameter_sharding
-
-    sharding = parameter_sharding(recipe.train) if q.load_in_4bit else None
-    compute = q.bnb_4bit_compute_dtype
-    if compute == "auto":
-        compute = "bfloat16" if device_supports_bf16() else "float32"
-    if sharding and q.bnb_4bit_quant_storage not in (None, compute):
+    sharding = runtime.parameter_sharding(recipe.train) if q.load_in_4bit else None
+    compute = runtime.auto_dtype_name(q.bnb_4bit_compute_dtype)
+    if sharding and runtime.quant_storage_name(q.bnb_4bit_quant_storage, compute, recipe.train) != compute:
         raise ConfigError(
             f"load_in_4bit under {sharding} with bnb_4bit_quant_storage {q.bnb_4bit_quant_storage}: {sharding} flattens "
             f"and splits all parameters together, so the packed 4-bit weights must be stored in the compute dtype "
@@ -57,17 +53,15 @@ def check_training(recipe) -> None:
 
 def check_distributed(recipe) -> None:
     """Combinations that only break once several ranks run, caught before any rank loads a model."""
-    from alignkit.train.distributed import launched_distributed, parameter_sharding, zero_stage
-
     t = recipe.train
     if t is None:
         return
-    if getattr(t, "auto_find_batch_size", False) and parameter_sharding(t) == "ZeRO-3":
+    if getattr(t, "auto_find_batch_size", False) and runtime.parameter_sharding(t) == "ZeRO-3":
         raise ConfigError(
             "auto_find_batch_size under ZeRO-3: DeepSpeed cannot rebuild its engine with a smaller batch. Fix: set "
             "auto_find_batch_size: false and choose per_device_train_batch_size yourself."
         )
-    ddp = launched_distributed() and zero_stage(t) is None and parameter_sharding(t) is None
+    ddp = runtime.uses_data_parallel(t)
     reentrant = (getattr(t, "gradient_checkpointing_kwargs", None) or {}).get("use_reentrant", False)
     if (
         ddp

@@ -1,6 +1,6 @@
 """One data layer: sources (files, folders, Hub ids), mixtures, splits, per-stage schema checks, chat templates."""
 
-from alignkit.data.schemas import CPT, DPO, SFT, STAGE_SCHEMAS, Schema
+from alignkit.data.schemas import CPT, DPO, SFT, Schema
 from alignkit.data.sources import load_datasets, load_source_split, mixture_indices
 from alignkit.data.templates import CHATML, marks_assistant_turns, resolve_chat_template
 
@@ -9,7 +9,6 @@ __all__ = [
     "CPT",
     "DPO",
     "SFT",
-    "STAGE_SCHEMAS",
     "Schema",
     "load_datasets",
     "load_source_split",

@@ -142,4 +142,3 @@ SFT = Schema(
     "use a 'messages' column (chat) or 'prompt' + 'completion' columns",
 )
 DPO = Schema("dpo", (("prompt", "chosen", "rejected"),), _check_dpo, "give each row 'prompt', 'chosen' and 'rejected'")
-STAGE_SCHEMAS = {"cpt": CPT, "sft": SFT, "dpo": DPO}

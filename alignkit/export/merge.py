@@ -14,18 +14,16 @@ adapter's small updates; neither method does that.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from alignkit.config.args import ModelArguments, QuantizationArguments
 from alignkit.errors import ConfigError
-from alignkit.models.loader import RUN_METADATA, ModelSource, _fit_embeddings, load_base_model, resolve_source
-from alignkit.models.tokenizer import apply_contract
+from alignkit.models import ModelSource, apply_contract, fit_embeddings, load_base_model, resolve_source
+from alignkit.runs import BaseModelRef, LineageEntry, MergeInfo, RunRecord
 
 MERGE_METHODS = ("dequantize", "full_precision")
 # Default parity bounds (max |logit difference|). When both sides compute in float32 they agree to rounding (~1e-6;
@@ -94,11 +92,11 @@ def merge_adapter(
         raise ConfigError(
             f"{adapter_dir}: no adapter_config.json, so not an adapter output. Fix: pass a run's output_dir."
         )
-    meta = _read_meta(adapter_dir)
-    last = (meta.get("lineage") or [{}])[-1]
-    if last.get("task", "causal_lm") != "causal_lm":
-        raise ConfigError(f"{adapter_dir}: a {last['task']} adapter; merge supports causal_lm adapters.")
-    model_args, quant_args = _trained_args(adapter_dir, last.get("config") or {})
+    record = RunRecord.read(adapter_dir)
+    last = record.last if record else None
+    if last and (last.task or "causal_lm") != "causal_lm":
+        raise ConfigError(f"{adapter_dir}: a {last.task} adapter; merge supports causal_lm adapters.")
+    model_args, quant_args = _trained_args(adapter_dir, last)
     quantized = quant_args.load_in_4bit
     method = method or ("dequantize" if quantized else "full_precision")
     if method not in MERGE_METHODS:
@@ -108,7 +106,8 @@ def merge_adapter(
             f"method dequantize: {adapter_dir} was trained on a full-precision base. Fix: use full_precision."
         )
     output_dir = Path(output_dir) if output_dir else adapter_dir.with_name(adapter_dir.name + "-merged")
-    if output_dir.exists() and any(output_dir.iterdir()) and "merge" not in _read_meta(output_dir):
+    previous = RunRecord.read(output_dir) if output_dir.exists() else None
+    if output_dir.exists() and any(output_dir.iterdir()) and not (previous and previous.merge):
         raise ConfigError(f"{output_dir}: exists and is not an earlier merge. Fix: choose another output folder.")
     source = _trained_base(model_args)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()  # alignkit outputs do; bare PEFT folders may not
@@ -145,7 +144,7 @@ def merge_adapter(
     parity = Parity(max_abs_diff=diff, loss_adapter=ref_loss, loss_merged=merged_loss, bound=bound)
     print(f"merged {adapter_dir} -> {output_dir} (method {method})\n{parity.summary()}")
 
-    _write_metadata(tmp, meta, adapter_dir, output_dir, method, parity, model_args)
+    _write_record(tmp, record, adapter_dir, output_dir, method, parity, model_args)
     shutil.rmtree(output_dir, ignore_errors=True)
     tmp.rename(output_dir)
     from alignkit.export.card import write_model_card
@@ -154,19 +153,11 @@ def merge_adapter(
     return MergeResult(output_dir=output_dir, method=method, parity=parity)
 
 
-def _read_meta(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / RUN_METADATA).read_text()) if (folder / RUN_METADATA).is_file() else {}
-
-
-def _trained_args(adapter_dir: Path, config: dict[str, Any]) -> tuple[ModelArguments, QuantizationArguments]:
+def _trained_args(adapter_dir: Path, last: LineageEntry | None) -> tuple[ModelArguments, QuantizationArguments]:
     """The model/quantization args the adapter's run used, pointed at the adapter (which resolves to its base)."""
-
-    def build(cls, values):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-    model_args = build(ModelArguments, {**config.get("ModelArguments", {}), "model_name_or_path": str(adapter_dir)})
-    return model_args, build(QuantizationArguments, config.get("QuantizationArguments", {}))
+    if last is None:  # a bare PEFT folder: its base as adapter_config.json names it, full precision
+        return ModelArguments(model_name_or_path=str(adapter_dir)), QuantizationArguments()
+    return last.group(ModelArguments, model_name_or_path=str(adapter_dir)), last.group(QuantizationArguments)
 
 
 def _trained_base(model_args: ModelArguments) -> ModelSource:
@@ -177,7 +168,7 @@ def _trained_base(model_args: ModelArguments) -> ModelSource:
 
 def _base(model_args, quant_args, source: ModelSource, tokenizer):
     base = load_base_model(model_args, quant_args, "causal_lm", source)
-    _fit_embeddings(base, tokenizer)  # the run may have added a pad token
+    fit_embeddings(base, tokenizer)  # the run may have added a pad token
     return base
 
 
@@ -220,25 +211,18 @@ def _generation_config(model, tokenizer):
     return gen
 
 
-def _write_metadata(
-    folder: Path, meta: dict, adapter_dir: Path, output_dir: Path, method: str, parity: Parity, model_args
-):
-    merge = {
-        "method": method,
-        "from_adapter": str(adapter_dir),
-        "max_abs_logit_diff": parity.max_abs_diff,
-        "max_logit_diff_bound": parity.bound,
-        "parity_passed": parity.passed,
-        "loss_base_plus_adapter": parity.loss_adapter,
-        "loss_merged": parity.loss_merged,
-        "loss_delta": parity.loss_delta,
-    }
-    base_args = meta.get("base_model_args") or {"model_name_or_path": resolve_source(model_args).base}
-    merged_meta = {
-        **meta,
-        "status": "finished",
-        "base_model_args": base_args,
-        "lineage": [*meta.get("lineage", []), {"stage": "merge", "output_dir": str(output_dir), **merge}],
-        "merge": merge,
-    }
-    (folder / RUN_METADATA).write_text(json.dumps(merged_meta, indent=2, default=str))
+def _write_record(
+    folder: Path, record: RunRecord | None, adapter_dir: Path, output_dir: Path, method: str, parity: Parity, model_args
+) -> None:
+    merge = MergeInfo(
+        method=method,
+        max_abs_logit_diff=parity.max_abs_diff,
+        max_logit_diff_bound=parity.bound,
+        parity_passed=parity.passed,
+        loss_base_plus_adapter=parity.loss_adapter,
+        loss_merged=parity.loss_merged,
+        loss_delta=parity.loss_delta,
+    )
+    record = record or RunRecord(stage="merge", base_model_args=BaseModelRef(resolve_source(model_args).base))
+    entry = LineageEntry(stage="merge", output_dir=str(output_dir), from_adapter=str(adapter_dir), merge=merge)
+    dataclasses.replace(record, status="finished", lineage=[*record.lineage, entry], merge=merge).write(folder)

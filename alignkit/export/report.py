@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.errors import ConfigError
-from alignkit.models.loader import RUN_METADATA
+from alignkit.runs import RunRecord
 
 # file stem -> (title, log_history keys drawn on it). Train keys solid, eval keys dashed.
 PLOTS = {
@@ -48,8 +48,8 @@ def load_run(output_dir: str | Path) -> RunLog:
     state = output_dir / "trainer_state.json"
     if not state.is_file():
         raise ConfigError(f"{output_dir}: no trainer_state.json. Fix: pass the output_dir of a finished run.")
-    meta = json.loads((output_dir / RUN_METADATA).read_text()) if (output_dir / RUN_METADATA).is_file() else {}
-    stage = meta.get("stage", "run")
+    record = RunRecord.read(output_dir)
+    stage = record.stage if record else "run"
     return RunLog(
         name=f"{stage}:{output_dir.name}", stage=stage, log_history=json.loads(state.read_text())["log_history"]
     )

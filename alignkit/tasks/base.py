@@ -1,4 +1,4 @@
-"""What every task module provides, and the recipe keys the tasks share (one typed group, ``TaskDataArguments``)."""
+"""What every task module provides: the :class:`Task` interface and registry, and helpers the tasks share."""
 
 from __future__ import annotations
 
@@ -9,61 +9,38 @@ from alignkit.errors import ConfigError, DataError
 
 
 @dataclass
-class TaskDataArguments:
-    """Columns, labels and task-specific preprocessing for the classical task heads (recipes/task.py)."""
+class LabelArguments:
+    """Keys shared by the classification heads."""
 
     label_list: list[str] | None = field(
         default=None, metadata={"help": "token_cls/seq_cls: every label, in id order, e.g. [O, B-PER, I-PER]."}
     )
-    text_column: str = field(default="text", metadata={"help": "seq_cls/mlm: the text column."})
-    text_pair_column: str | None = field(
-        default=None, metadata={"help": "seq_cls: second text of a pair (NLI, paraphrase)."}
-    )
-    label_column: str = field(
-        default="label", metadata={"help": "seq_cls: the label column (a name in label_list, or its id)."}
-    )
-    tokens_column: str = field(default="tokens", metadata={"help": "token_cls: the column of word lists."})
-    tags_column: str = field(
-        default="ner_tags", metadata={"help": "token_cls: the column of tag lists (names or ids)."}
-    )
-    label_all_tokens: bool = field(
-        default=False,
-        metadata={"help": "token_cls: label every sub-token (B- becomes I- after the first) instead of -100."},
-    )
-    doc_stride: int = field(
-        default=128, metadata={"help": "qa: tokens shared by consecutive windows of a long context."}
-    )
-    n_best_size: int = field(default=20, metadata={"help": "qa: start/end candidates per window in post-processing."})
-    max_answer_length: int = field(default=30, metadata={"help": "qa: longest answer span, in tokens."})
-    whole_word_masking: bool = field(default=True, metadata={"help": "mlm: mask all sub-tokens of a word together."})
-    mlm_probability: float = field(default=0.15, metadata={"help": "mlm: fraction of words (tokens) masked."})
-    source_column: str = field(default="source", metadata={"help": "seq2seq: the input text column."})
-    target_column: str = field(default="target", metadata={"help": "seq2seq: the output text column."})
-    source_prefix: str = field(
-        default="", metadata={"help": "seq2seq: text put before every source (T5: 'translate ...: ')."}
-    )
-    max_target_length: int = field(default=128, metadata={"help": "seq2seq: max target tokens."})
-
-    def __post_init__(self):
-        if self.doc_stride <= 0 or self.n_best_size <= 0 or self.max_answer_length <= 0:
-            raise ConfigError("doc_stride, n_best_size and max_answer_length must be positive.")
-        if not 0 < self.mlm_probability < 1:
-            raise ConfigError(f"mlm_probability: must be between 0 and 1, got {self.mlm_probability}.")
 
 
 class Task:
     """Preprocessing, collation, metrics and post-processing of one task. The recipe builds the trainer around it.
 
+    A subclass is a task: ``name`` is its ``task:`` value and its model head (a row of alignkit.models.heads.HEADS),
+    ``Arguments`` the dataclass of its own recipe keys. Subclasses register themselves (``REGISTRY``) when their
+    module is imported; alignkit.tasks imports every module of the package.
+
     ``preprocess`` turns the checked rows into model-ready features (only model and collator columns).
     """
 
+    REGISTRY: dict[str, type[Task]] = {}
     name = ""
+    Arguments: type | None = None
     generates = False  # Seq2SeqTrainer: generate at eval (predict_with_generate)
     evaluate_before_training = False  # report the eval metrics of the untrained model too
     compute_metrics = None
     preprocess_logits_for_metrics = None
 
-    def __init__(self, args: TaskDataArguments, tokenizer, train_args):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            Task.REGISTRY[cls.name] = cls
+
+    def __init__(self, args, tokenizer, train_args):
         self.args, self.tokenizer, self.train_args = args, tokenizer, train_args
         self.max_length = train_args.max_length
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from alignkit.data.schemas import Schema
-from alignkit.tasks.base import Labels, Task, require_text
+from alignkit.tasks.base import LabelArguments, Labels, Task, require_text
 
 
 def classification_metrics(labels, predictions) -> dict[str, float]:
@@ -17,8 +19,22 @@ def classification_metrics(labels, predictions) -> dict[str, float]:
     }
 
 
+@dataclass
+class SequenceClassificationArguments(LabelArguments):
+    """seq_cls: a text (or a pair of texts) and its label."""
+
+    text_column: str = field(default="text", metadata={"help": "seq_cls/mlm: the text column."})
+    text_pair_column: str | None = field(
+        default=None, metadata={"help": "seq_cls: second text of a pair (NLI, paraphrase)."}
+    )
+    label_column: str = field(
+        default="label", metadata={"help": "seq_cls: the label column (a name in label_list, or its id)."}
+    )
+
+
 class SequenceClassification(Task):
     name = "seq_cls"
+    Arguments = SequenceClassificationArguments
 
     def __init__(self, args, tokenizer, train_args):
         super().__init__(args, tokenizer, train_args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,8 +43,22 @@ def masked_token_nll(logits, labels):
     return nll.view(labels.shape)
 
 
+@dataclass
+class MaskedLMArguments:
+    """mlm: masked-LM training on plain text."""
+
+    text_column: str = field(default="text", metadata={"help": "seq_cls/mlm: the text column."})
+    whole_word_masking: bool = field(default=True, metadata={"help": "mlm: mask all sub-tokens of a word together."})
+    mlm_probability: float = field(default=0.15, metadata={"help": "mlm: fraction of words (tokens) masked."})
+
+    def __post_init__(self):
+        if not 0 < self.mlm_probability < 1:
+            raise ConfigError(f"mlm_probability: must be between 0 and 1, got {self.mlm_probability}.")
+
+
 class MaskedLM(Task):
     name = "mlm"
+    Arguments = MaskedLMArguments
     evaluate_before_training = True
 
     def __init__(self, args, tokenizer, train_args):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import re
 import string
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -148,8 +149,24 @@ def squad_metrics(predictions: list[str], gold_answers: list[list[str]]) -> dict
     return {"exact_match": 100 * float(np.mean(exact)), "f1": 100 * float(np.mean(f1))}
 
 
+@dataclass
+class QuestionAnsweringArguments:
+    """qa: extractive question answering over windows of long contexts."""
+
+    doc_stride: int = field(
+        default=128, metadata={"help": "qa: tokens shared by consecutive windows of a long context."}
+    )
+    n_best_size: int = field(default=20, metadata={"help": "qa: start/end candidates per window in post-processing."})
+    max_answer_length: int = field(default=30, metadata={"help": "qa: longest answer span, in tokens."})
+
+    def __post_init__(self):
+        if self.doc_stride <= 0 or self.n_best_size <= 0 or self.max_answer_length <= 0:
+            raise ConfigError("doc_stride, n_best_size and max_answer_length must be positive.")
+
+
 class QuestionAnswering(Task):
     name = "qa"
+    Arguments = QuestionAnsweringArguments
 
     def __init__(self, args, tokenizer, train_args):
         super().__init__(args, tokenizer, train_args)

@@ -3,6 +3,8 @@ eval (``predict_with_generate``), BLEU (sacrebleu) and ROUGE (rouge-score)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from alignkit.data.schemas import Schema
@@ -20,8 +22,21 @@ def text_metrics(predictions: list[str], references: list[str]) -> dict[str, flo
     return {"bleu": sacrebleu.corpus_bleu(predictions, [references]).score, **rouge}
 
 
+@dataclass
+class Seq2SeqArguments:
+    """seq2seq: source text to target text (translation, summarisation)."""
+
+    source_column: str = field(default="source", metadata={"help": "seq2seq: the input text column."})
+    target_column: str = field(default="target", metadata={"help": "seq2seq: the output text column."})
+    source_prefix: str = field(
+        default="", metadata={"help": "seq2seq: text put before every source (T5: 'translate ...: ')."}
+    )
+    max_target_length: int = field(default=128, metadata={"help": "seq2seq: max target tokens."})
+
+
 class Seq2Seq(Task):
     name = "seq2seq"
+    Arguments = Seq2SeqArguments
     generates = True
 
     def __init__(self, args, tokenizer, train_args):

@@ -3,11 +3,13 @@ entities out."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from alignkit.data.schemas import Schema
 from alignkit.errors import ConfigError, DataError
-from alignkit.tasks.base import Labels, Task
+from alignkit.tasks.base import LabelArguments, Labels, Task
 
 
 def align_labels(
@@ -39,8 +41,23 @@ def entity_metrics(true_tags: list[list[str]], predicted_tags: list[list[str]]) 
     }
 
 
+@dataclass
+class TokenClassificationArguments(LabelArguments):
+    """token_cls (NER, POS): word lists and their tags."""
+
+    tokens_column: str = field(default="tokens", metadata={"help": "token_cls: the column of word lists."})
+    tags_column: str = field(
+        default="ner_tags", metadata={"help": "token_cls: the column of tag lists (names or ids)."}
+    )
+    label_all_tokens: bool = field(
+        default=False,
+        metadata={"help": "token_cls: label every sub-token (B- becomes I- after the first) instead of -100."},
+    )
+
+
 class TokenClassification(Task):
     name = "token_cls"
+    Arguments = TokenClassificationArguments
 
     def __init__(self, args, tokenizer, train_args):
         super().__init__(args, tokenizer, train_args)

@@ -1,17 +1,20 @@
 """Tiny random models (2 layers, hidden 64) with tokenizers trained offline on a built-in corpus.
 
-``tiny:llama``, ``tiny:bert`` and ``tiny:bart`` in a recipe's ``model_name_or_path`` resolve here. They are built
+``tiny:llama``, ``tiny:bert`` and ``tiny:bart`` in a recipe's ``model_name_or_path`` resolve here (a model-source
+plug-in: ``[project.entry-points."alignkit.model_sources"]`` in pyproject.toml; the library never imports this
+package). They are built
 deterministically (fixed seed, fixed corpus) into ``$ALIGNKIT_CACHE/tiny/<kind>-v<N>`` on first use, so tests,
 smoke recipes and regression trajectories never touch the network.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import tempfile
 from pathlib import Path
+
+from alignkit.models.packaged import cache_dir
 
 TINY_VERSION = 2  # 2: the BERT vocabulary is written out (v1's trained one differed per build)
 TINY_KINDS = ("llama", "bert", "bart")
@@ -39,15 +42,11 @@ def _corpus(n_lines: int = 3000, seed: int = 0) -> list[str]:
     return lines
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit"))
-
-
 def tiny_model_path(kind: str) -> Path:
     """Path of the built tiny model of ``kind``; builds it on first use."""
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny model 'tiny:{kind}'. Fix: use one of {['tiny:' + k for k in TINY_KINDS]}.")
-    target = cache_root() / "tiny" / f"{kind}-v{TINY_VERSION}"
+    target = cache_dir() / "tiny" / f"{kind}-v{TINY_VERSION}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,7 @@
 """Multi-process runs launched with ``accelerate launch --config_file accelerate_configs/<x>.yaml``.
 
-Here: making every rank know its place on machines without GPUs; reading what the launch shards (the loader's 4-bit
-storage dtype and config validation depend on it); and an opt-in debug log that lets tests (and users chasing a
-sharding problem) see what each rank really trained on and held.
+Here: an opt-in debug log that lets tests (and users chasing a sharding problem) see what each rank really trained on
+and held. The launch facts themselves (world size, ZeRO stage, sharding, the CPU backend) are in alignkit.runtime.
 """
 
 from __future__ import annotations
@@ -19,57 +18,6 @@ from transformers import TrainerCallback
 # write distributed_debug_logits.safetensors (outputs of the gathered model on PROBE_IDS) to the output dir.
 DEBUG_ENV = "ALIGNKIT_DISTRIBUTED_DEBUG"
 PROBE_IDS = list(range(4, 36))
-
-
-def launched_distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "false").lower() == "true"
-
-
-def fit_backend_to_device(args) -> None:
-    """Give a multi-process launch on a machine without GPUs a CPU backend, before transformers builds its state.
-
-    accelerate 1.15 ``PartialState._prepare_backend`` picks a backend only for a device it finds (nccl for CUDA, ...)
-    or, for CPUs, only when ``cpu=True``. A DeepSpeed launch never passes ``cpu=True`` (that would disable DeepSpeed),
-    so on a GPU-less machine the backend stays None: DeepSpeed still joins its process group, but ``__init__`` then
-    takes the "no backend == no distributed training" branch and every rank reports process_index 0 of 1, so no rank
-    gets its own shard of the data. A DDP (MULTI_GPU) launch falls into the same branch. Here: DeepSpeed gets
-    ``ddp_backend="gloo"`` (PartialState then reads rank and world size from the process group) and plain data
-    parallel gets ``use_cpu=True`` (accelerate's MULTI_CPU path, gloo as well).
-    """
-    if not launched_distributed() or torch.cuda.is_available() or args.use_cpu:
-        return
-    if _env_true("ACCELERATE_USE_DEEPSPEED") or args.deepspeed:
-        args.ddp_backend = args.ddp_backend or "gloo"
-    elif not _env_true("ACCELERATE_USE_FSDP"):
-        args.use_cpu = True
-
-
-def parameter_sharding(train_args=None) -> str | None:
-    """'ZeRO-3' or 'FSDP' when this launch splits the parameters themselves across ranks, else None."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if getattr(train_args, "fsdp", None) or _env_true("ACCELERATE_USE_FSDP"):
-        return "FSDP"
-    if zero_stage(train_args) == 3 or is_deepspeed_zero3_enabled():
-        return "ZeRO-3"
-    return None
-
-
-def zero_stage(train_args=None) -> int | None:
-    """The ZeRO stage of the TrainingArguments ``deepspeed`` config, else of the one ``accelerate launch`` passed on;
-    None without DeepSpeed."""
-    deepspeed = getattr(train_args, "deepspeed", None)
-    if not deepspeed and not _env_true("ACCELERATE_USE_DEEPSPEED"):
-        return None
-    config = deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
-    if config != "none":
-        config = config if isinstance(config, dict) else json.loads(Path(config).read_text())
-        return int(config.get("zero_optimization", {}).get("stage", 0))
-    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
 
 
 def debug_callback(output_dir: Path) -> TrainerCallback | None:

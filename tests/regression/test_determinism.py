@@ -30,7 +30,9 @@ def test_tiny_tokenizers_are_the_same_in_every_process():
     runs = []
     for _ in range(2):
         out = subprocess.check_output([sys.executable, "-c", _PRINT_VOCABS], text=True)
-        runs.append(dict(line.split() for line in out.splitlines() if line.split()[:1] in (["llama"], ["bert"], ["bart"])))
+        runs.append(
+            dict(line.split() for line in out.splitlines() if line.split()[:1] in (["llama"], ["bert"], ["bart"]))
+        )
     assert runs[0] == runs[1], f"the tiny tokenizers differ between two builds: {runs}"
     assert runs[0] == VOCAB_SHA256, (
         f"the tiny tokenizers are not the pinned ones: {runs[0]}. A tokenizers upgrade that changes them changes every "

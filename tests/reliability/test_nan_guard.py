@@ -4,8 +4,6 @@ complete, loads, and computes finite outputs; nothing is saved after the NaN."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import run_recipe
@@ -13,7 +11,8 @@ from transformers import TrainerCallback
 
 from alignkit.config import ModelArguments
 from alignkit.errors import NonFiniteLossError
-from alignkit.models.loader import RUN_METADATA, load_model
+from alignkit.models.loader import load_model
+from alignkit.runs import RunRecord
 from alignkit.train import runner
 from alignkit.train.callbacks import checkpoint_is_complete, checkpoints
 
@@ -48,7 +47,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     message, good = str(raised.value), out / "checkpoint-2"
     assert "step 3" in message and poison.poisoned in message and str(good) in message and "Fix" in message
     assert checkpoints(out) == [good] and checkpoint_is_complete(good)  # nothing saved after the NaN
-    assert json.loads((out / RUN_METADATA).read_text())["status"] == "stopped: non-finite loss"
+    assert RunRecord.read(out).status == "stopped: non-finite loss"
     assert not (out / "adapter_model.safetensors").exists()  # no final save of poisoned weights
 
     model = load_model(ModelArguments(model_name_or_path=str(good)))  # the loader takes it as an adapter dir

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from alignkit.config import AdapterArguments, ModelArguments, QuantizationArguments
 from alignkit.errors import ConfigError, DataError
-from alignkit.models.loader import load_model, resolve_source
+from alignkit.models import load_model, resolve_source
 from alignkit.train import runner
 
 FAST = ["--disable_tqdm", "true", "--save_steps", "1000", "--gradient_checkpointing", "false", "--lora_dropout", "0"]

@@ -4,7 +4,7 @@ import pytest
 from conftest import run_recipe, write_jsonl
 
 from alignkit.errors import ConfigError, DataError
-from alignkit.tasks.synthetic import ner_rows, qa_rows
+from alignkit.testing.synthetic import ner_rows, qa_rows
 
 
 def _run(tmp_path, recipe, rows, *extra):

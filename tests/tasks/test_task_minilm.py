@@ -11,7 +11,7 @@ from conftest import run_recipe
 def test_packaged_model_names_resolve_offline():
     from alignkit.config import ModelArguments
     from alignkit.errors import ConfigError
-    from alignkit.models.loader import resolve_source
+    from alignkit.models import resolve_source
 
     source = resolve_source(ModelArguments(model_name_or_path="minilm:all-MiniLM-L6-v2"))
     assert (Path(source.base) / "config.json").is_file() and (Path(source.base) / "model.safetensors").is_file()
@@ -34,7 +34,7 @@ def test_minilm_qlora_ner_reaches_entity_f1_on_held_out_rows(tmp_path):
     assert metrics["eval_f1"] >= 0.8, metrics
 
     config = json.loads((out / "alignkit_run.json").read_text())["lineage"][-1]["config"]
-    labels = config["TaskDataArguments"]["label_list"]
+    labels = config["TokenClassificationArguments"]["label_list"]
     model = load_model(
         ModelArguments(model_name_or_path=str(out)),
         QuantizationArguments(load_in_4bit=True),

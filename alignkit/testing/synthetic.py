@@ -1,6 +1,6 @@
 """Small generated data sets for the classical tasks, deterministic by seed, so tests and recipes share them offline.
 
-python -m alignkit.tasks.synthetic recipes/tiny/data/tasks   # (re)writes <task>.jsonl for every task
+python -m alignkit.testing.synthetic recipes/tiny/data/tasks   # (re)writes <task>.jsonl for every task
 """
 
 from __future__ import annotations

@@ -1,0 +1,103 @@
+"""Range checks for every numeric key a recipe sets: alignkit's and the upstream ones (transformers'
+TrainingArguments, trl's SFTConfig / DPOConfig, peft's LoRA settings) that the recipes pass through. Each row is the
+key, the rule, and a value that would do; a value that breaks the rule stops the recipe before any model loads,
+with the key, the value and the fix.
+
+Sources of the rules: what the upstream code divides by, indexes with or feeds to a sampler (a batch size of 0, a
+``save_steps`` of 0, a dropout of 1.5 fail there with raw errors), and what trains silently wrong (a learning rate or
+``lora_alpha`` of 0 trains nothing; ``max_steps: 0`` still takes a step; DPO's ``beta`` must be positive).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from alignkit.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Rule:
+    text: str  # what a valid value is, as the message says it
+    ok: Callable[[Any], bool]
+    example: str  # a value that would do
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+POSITIVE = Rule("a number > 0", lambda x: _num(x) and x > 0, "2e-4")
+POSITIVE_INT = Rule("a whole number >= 1", lambda x: _int(x) and x >= 1, "8")
+NON_NEGATIVE = Rule("a number >= 0", lambda x: _num(x) and x >= 0, "0.0")
+NON_NEGATIVE_INT = Rule("a whole number >= 0", lambda x: _int(x) and x >= 0, "0")
+FRACTION = Rule("a number in [0, 1)", lambda x: _num(x) and 0 <= x < 1, "0.05")
+UNIT = Rule("a number in [0, 1]", lambda x: _num(x) and 0 <= x <= 1, "0.1")
+STEPS = Rule("-1 (train num_train_epochs) or a whole number >= 1", lambda x: _int(x) and (x == -1 or x >= 1), "100")
+EVERY = Rule("a whole number >= 1, or a fraction in (0, 1) of the total steps", lambda x: _num(x) and x > 0 and (x < 1 or float(x).is_integer()), "500")  # fmt: skip
+OPTIONAL_POSITIVE_INT = Rule("null or a whole number >= 1", lambda x: x is None or (_int(x) and x >= 1), "512")
+
+# key -> rule. A key absent from a recipe's groups is skipped (every stage has its own subset).
+RANGES: dict[str, Rule] = {
+    # optimisation
+    "learning_rate": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "max_grad_norm": NON_NEGATIVE,
+    "adam_beta1": FRACTION,
+    "adam_beta2": FRACTION,
+    "adam_epsilon": POSITIVE,
+    "warmup_ratio": UNIT,
+    "warmup_steps": NON_NEGATIVE,
+    # length of the run and its batches
+    "max_steps": STEPS,
+    "num_train_epochs": POSITIVE,
+    "per_device_train_batch_size": POSITIVE_INT,
+    "per_device_eval_batch_size": POSITIVE_INT,
+    "gradient_accumulation_steps": POSITIVE_INT,
+    "logging_steps": EVERY,
+    "save_steps": EVERY,
+    "eval_steps": Rule("null (= logging_steps) or " + EVERY.text, lambda x: x is None or EVERY.ok(x), "500"),
+    "save_total_limit": OPTIONAL_POSITIVE_INT,
+    "seed": NON_NEGATIVE_INT,
+    "dataloader_num_workers": NON_NEGATIVE_INT,
+    # adapter
+    "lora_r": POSITIVE_INT,
+    "lora_alpha": POSITIVE,
+    "lora_dropout": FRACTION,
+    # data and lengths
+    "test_size": NON_NEGATIVE,
+    "max_train_samples": OPTIONAL_POSITIVE_INT,
+    "max_eval_samples": OPTIONAL_POSITIVE_INT,
+    "block_size": Rule("a whole number >= 2", lambda x: _int(x) and x >= 2, "512"),
+    "max_length": OPTIONAL_POSITIVE_INT,
+    "max_prompt_length": OPTIONAL_POSITIVE_INT,
+    "max_completion_length": OPTIONAL_POSITIVE_INT,
+    "min_free_disk_gb": NON_NEGATIVE,
+    # preference tuning (trl DPOConfig)
+    "beta": POSITIVE,
+    "label_smoothing": Rule("a number in [0, 0.5)", lambda x: _num(x) and 0 <= x < 0.5, "0.0"),
+}
+
+
+def check_ranges(groups) -> None:
+    """Every key of ``groups`` that has a rule in ``RANGES`` obeys it; the first that does not raises ConfigError."""
+    for group in groups:
+        if group is None:
+            continue
+        for f in dataclasses.fields(group):
+            rule = RANGES.get(f.name)
+            if rule is None or not f.init:
+                continue
+            value = getattr(group, f.name)
+            if not rule.ok(value):
+                raise ConfigError(
+                    f"{f.name}: {value!r} is out of range: it must be {rule.text}. Fix: set {f.name} to a valid value "
+                    f"(e.g. {f.name}: {rule.example}), or remove it to use the default."
+                )

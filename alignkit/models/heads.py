@@ -1,0 +1,54 @@
+"""Model heads: one row per head, everything the loader needs to know about it. A new task head is this row plus
+its task module in ``alignkit/tasks/`` (which names the row by ``Task.name``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alignkit.errors import ConfigError, suggest
+
+
+@dataclass(frozen=True)
+class Head:
+    """``auto_class``: the transformers auto class. ``modules``: the head's module names, kept out of 4-bit
+    quantization (bitsandbytes asserts in their forward otherwise). ``new``: the head is freshly initialised on a
+    pretrained backbone, so it is trained in full next to the adapter (PEFT ``modules_to_save``). ``peft_task_type``:
+    PEFT's ``TaskType`` name (None: PEFT has none, the adapter wraps the model as it is)."""
+
+    name: str
+    auto_class: str
+    modules: tuple[str, ...]
+    new: bool
+    peft_task_type: str | None
+
+    def auto(self):
+        import transformers
+
+        return getattr(transformers, self.auto_class)
+
+
+HEADS: dict[str, Head] = {
+    h.name: h
+    for h in (
+        Head("causal_lm", "AutoModelForCausalLM", ("lm_head",), False, "CAUSAL_LM"),
+        # pooler / pre_classifier feed the classifier and are new in checkpoints saved without them (MLM-only BERTs,
+        # DistilBERT)
+        Head(
+            "seq_cls",
+            "AutoModelForSequenceClassification",
+            ("classifier", "score", "pooler.dense", "pre_classifier"),
+            True,
+            "SEQ_CLS",
+        ),
+        Head("token_cls", "AutoModelForTokenClassification", ("classifier", "score"), True, "TOKEN_CLS"),
+        Head("qa", "AutoModelForQuestionAnswering", ("qa_outputs",), True, "QUESTION_ANS"),
+        Head("mlm", "AutoModelForMaskedLM", ("cls", "lm_head", "vocab_projector"), False, None),
+        Head("seq2seq", "AutoModelForSeq2SeqLM", ("lm_head",), False, "SEQ_2_SEQ_LM"),
+    )
+}
+
+
+def get_head(name: str) -> Head:
+    if name not in HEADS:
+        raise ConfigError(f"task: unknown model head '{name}'.{suggest(name, HEADS)} Fix: use one of {sorted(HEADS)}.")
+    return HEADS[name]

@@ -1,0 +1,157 @@
+"""Where a model comes from: one table of source schemes, tried in order, each turning ``model_name_or_path`` into a
+:class:`ModelSource` (the directory the weights load from, plus the adapter hand-off and lineage of an earlier
+alignkit stage).
+
+| scheme | example | resolves to |
+|---|---|---|
+| plug-in | ``tiny:llama`` | a directory from a registered plug-in (entry point group ``alignkit.model_sources``; alignkit's tiny test models register ``tiny``) |
+| packaged | ``smollm2:SmolLM2-135M-Instruct`` | a model inside a PyPI wheel (alignkit.models.packaged) |
+| gguf | ``model.Q4_1.gguf`` | the file converted once to safetensors |
+| adapter output | ``outputs/sft`` | the adapter's base, with the adapter to hand off and its lineage |
+| run output | ``outputs/dpo-merged`` | a plain model written by alignkit, with its lineage |
+| local dir | ``/models/llama`` | itself (with ``gguf_file``: that file, converted once) |
+| hub id | ``HuggingFaceTB/SmolLM2-135M-Instruct`` | itself (transformers downloads it, if the Hub is reachable) |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from alignkit.config.args import ModelArguments
+from alignkit.errors import ConfigError
+from alignkit.models import packaged
+from alignkit.runs import LineageEntry, RunRecord
+
+PLUGIN_GROUP = "alignkit.model_sources"
+
+
+@dataclass
+class ModelSource:
+    """Where the weights really come from, after resolving plug-ins, packaged and GGUF models and alignkit outputs."""
+
+    base: str
+    adapter_dir: str | None = None  # an alignkit/PEFT adapter to hand off from
+    parent_run: RunRecord | None = None  # the run record of that adapter's (or plain model's) run
+    # adapters merged into the full-precision base right after loading, in order (see the 'reference' hand-off)
+    fold_adapters: list[str] = field(default_factory=list)
+    lineage: list[LineageEntry] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    example: str
+    matches: Callable[[str, ModelArguments], bool]
+    resolve: Callable[[str, ModelArguments], ModelSource]
+
+
+def _plugins() -> dict[str, Callable[[str], str | Path]]:
+    return {ep.name: ep for ep in entry_points(group=PLUGIN_GROUP)}
+
+
+def _is_plugin(name: str, _) -> bool:
+    return ":" in name and name.split(":", 1)[0] in _plugins()
+
+
+def _plugin(name: str, _) -> ModelSource:
+    prefix, rest = name.split(":", 1)
+    try:
+        return ModelSource(base=str(_plugins()[prefix].load()(rest)))
+    except ValueError as exc:
+        raise ConfigError(f"model_name_or_path: {exc}") from exc
+
+
+def _is_gguf(name: str, model_args: ModelArguments) -> bool:
+    return name.endswith(".gguf") or bool(model_args.gguf_file and Path(name).is_dir())
+
+
+def _gguf(name: str, model_args: ModelArguments) -> ModelSource:
+    path = Path(name) / model_args.gguf_file if model_args.gguf_file and Path(name).is_dir() else Path(name)
+    return ModelSource(base=str(packaged.converted_gguf(path)))
+
+
+def _is_adapter_output(name: str, _) -> bool:
+    return (Path(name) / "adapter_config.json").is_file()
+
+
+def _adapter_output(name: str, model_args: ModelArguments) -> ModelSource:
+    path = Path(name)
+    adapter_cfg = json.loads((path / "adapter_config.json").read_text())
+    parent = RunRecord.read(path)
+    base_args = dataclasses.replace(model_args, model_name_or_path=adapter_cfg["base_model_name_or_path"])
+    if parent and parent.base_model_args.model_name_or_path:  # the base as the parent run named it (GGUF, tiny:)
+        base_args.model_name_or_path = parent.base_model_args.model_name_or_path
+        base_args.gguf_file = parent.base_model_args.gguf_file
+    base = resolve_source(base_args)
+    lineage = list(parent.lineage) if parent else []
+    fold = list(base.fold_adapters)
+    if lineage and lineage[-1].adapter_handoff == "reference":  # this adapter sits on top of its parent's
+        under = resolve_source(dataclasses.replace(model_args, model_name_or_path=lineage[-1].from_adapter))
+        fold = [*under.fold_adapters, under.adapter_dir]
+    return ModelSource(base=base.base, adapter_dir=str(path), parent_run=parent, lineage=lineage, fold_adapters=fold)
+
+
+def _run_output(name: str, _) -> ModelSource:
+    parent = RunRecord.read(name)  # a merged/full alignkit output: a plain model with a lineage
+    return ModelSource(base=name, parent_run=parent, lineage=list(parent.lineage))
+
+
+def _is_missing_path(name: str, _) -> bool:
+    # not a Hub id ('namespace/name') either: say so, rather than the Hub client's "Repo id must be in the form"
+    return not Path(name).exists() and (name.count("/") > 1 or name.startswith((".", "/", "~")))
+
+
+def _missing(name: str, _) -> ModelSource:
+    raise ConfigError(
+        f"model_name_or_path: '{name}' does not exist. Fix: point it at a model or an earlier stage's output_dir "
+        "(run that stage first), a Hub id, or a built-in name such as tiny:llama or smollm2:SmolLM2-135M-Instruct."
+    )
+
+
+def _is_unknown_prefix(name: str, _) -> bool:
+    prefix = name.split(":", 1)[0]
+    return ":" in name and prefix.isidentifier() and not Path(name).exists()
+
+
+def _unknown_prefix(name: str, _) -> ModelSource:
+    known = sorted({*(p + ":" for p in _plugins()), *packaged.PREFIXES})
+    raise ConfigError(
+        f"model_name_or_path: '{name}' names no known model scheme. Fix: use one of the prefixes {known}, a local "
+        "path or a Hub id."
+    )
+
+
+SCHEMES: tuple[Scheme, ...] = (
+    Scheme("plug-in", "tiny:llama", _is_plugin, _plugin),
+    Scheme("packaged", "smollm2:SmolLM2-135M-Instruct", lambda n, _: packaged.is_packaged(n),
+           lambda n, _: ModelSource(base=str(packaged.packaged_path(n)))),
+    Scheme("unknown prefix", "nosuch:model", _is_unknown_prefix, _unknown_prefix),
+    Scheme("missing path", "./no/such/dir", _is_missing_path, _missing),
+    Scheme("gguf", "model.Q4_1.gguf", _is_gguf, _gguf),
+    Scheme("adapter output", "outputs/sft", _is_adapter_output, _adapter_output),
+    Scheme("run output", "outputs/dpo-merged", lambda n, _: RunRecord.exists(n), _run_output),
+    Scheme("local dir or hub id", "HuggingFaceTB/SmolLM2-135M-Instruct", lambda n, _: True,
+           lambda n, _: ModelSource(base=n)),
+)  # fmt: skip
+
+
+def resolve_source(model_args: ModelArguments) -> ModelSource:
+    """The :class:`ModelSource` for ``model_args.model_name_or_path``: the first scheme of ``SCHEMES`` that matches.
+    Raises ConfigError for a missing name, an unknown packaged or plug-in model and a path that does not exist."""
+    name = model_args.model_name_or_path
+    if not name:
+        raise ConfigError(
+            "model_name_or_path: required. Fix: set it to a model directory, Hub id, .gguf file or 'tiny:llama'."
+        )
+    scheme = next(s for s in SCHEMES if s.matches(name, model_args))
+    return scheme.resolve(name, model_args)
+
+
+def is_hub_id(name: str | None) -> bool:
+    """A name the Hub would resolve ('namespace/name'), not a local path or one of alignkit's schemes."""
+    return bool(name) and ":" not in name and name.count("/") == 1 and not Path(name).exists()

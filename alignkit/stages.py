@@ -1,0 +1,95 @@
+"""The stage registry: one row per training stage, naming its trainer config, its data schema and its trainer.
+
+A new trl-backed stage (KTO, ORPO, reward modeling, GRPO...) is a recipe file ``recipes/<name>.py`` (its ``main``), a
+config class in alignkit.config, a schema in alignkit.data.schemas, and one row here; ``alignkit <name>`` and
+``accelerate launch recipes/<name>.py`` then both run it. Rows name their classes as strings, resolved on use, so
+that listing the stages (``alignkit --help``) imports neither torch nor trl.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from functools import cached_property
+
+from alignkit.errors import ConfigError, suggest
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    summary: str
+    config: str  # trainer config class in alignkit.config
+    schema: str | None  # row schema in alignkit.data.schemas (None: the task module gives it)
+    trainer: str  # "module:Class"
+    extra: tuple[str, ...] = ()  # further config groups of this stage's recipe, in alignkit.config
+
+    @cached_property
+    def config_class(self) -> type:
+        return getattr(importlib.import_module("alignkit.config"), self.config)
+
+    @cached_property
+    def extra_classes(self) -> tuple[type, ...]:
+        config = importlib.import_module("alignkit.config")
+        return tuple(getattr(config, name) for name in self.extra)
+
+    @cached_property
+    def data_schema(self):
+        return getattr(importlib.import_module("alignkit.data.schemas"), self.schema) if self.schema else None
+
+    @cached_property
+    def trainer_class(self) -> type:
+        module, name = self.trainer.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def parser(self, extra: tuple[type, ...] = ()):
+        """The recipe parser of this stage; a key that only another stage knows is named as that stage's."""
+        from alignkit.config import recipe_parser
+
+        return recipe_parser(self.config_class, (*self.extra_classes, *extra), elsewhere=self.owner_elsewhere)
+
+    def parse(self, argv: list[str] | None = None):
+        """``--config X.yaml`` and ``--key value`` overrides -> a validated :class:`alignkit.config.Recipe`."""
+        from alignkit.config import build_recipe
+
+        parser = self.parser()
+        return build_recipe(parser, *parser.read(argv))
+
+    def owner_elsewhere(self, key: str) -> str | None:
+        """The first other stage whose recipe has ``key``."""
+        import dataclasses
+
+        for other in STAGES.values():
+            if other.name != self.name:
+                groups = (other.config_class, *other.extra_classes)
+                if any(key in {f.name for f in dataclasses.fields(g)} for g in groups):
+                    return other.name
+        return None
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage(
+            "cpt", "causal-LM pretraining on raw text, packed into blocks", "CPTConfig", "CPT", "transformers:Trainer"
+        ),
+        Stage(
+            "sft", "supervised fine-tuning on chats or prompt/completion pairs", "SFTConfig", "SFT", "trl:SFTTrainer"
+        ),
+        Stage("dpo", "preference tuning on prompt/chosen/rejected", "DPOConfig", "DPO", "trl:DPOTrainer"),
+        Stage(
+            "task",
+            "classical task heads: token_cls, seq_cls, qa, mlm, seq2seq",
+            "TaskConfig",
+            None,
+            "transformers:Trainer",
+            extra=("TaskArguments",),
+        ),
+    )
+}
+
+
+def get_stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise ConfigError(f"unknown stage '{name}'.{suggest(name, STAGES)} Fix: use one of {sorted(STAGES)}.")
+    return STAGES[name]

@@ -1,0 +1,106 @@
+"""One owner per concern: the run record, the model-source table, the head table, the task and stage registries."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignkit.config import ModelArguments, QuantizationArguments
+from alignkit.errors import ConfigError
+from alignkit.models import HEADS, packaged, resolve_source
+from alignkit.runs import FORMAT, BaseModelRef, LineageEntry, MergeInfo, RunRecord
+from alignkit.stages import STAGES
+from alignkit.tasks import TASKS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _record() -> RunRecord:
+    config = {"QuantizationArguments": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "retired_key": 1}}
+    sft = LineageEntry(stage="sft", output_dir="out/sft", task="causal_lm", adapter="lora", config=config)
+    merge = MergeInfo("dequantize", 1e-4, 1e-3, True, 2.5, 2.5, 0.0)
+    return RunRecord(
+        stage="sft",
+        status="finished",
+        base_model_args=BaseModelRef("tiny:llama"),
+        lineage=[sft, LineageEntry(stage="merge", output_dir="out/m", from_adapter="out/sft", merge=merge)],
+        metrics={"eval_loss": 1.5, "bad": float("nan")},
+        merge=merge,
+    )
+
+
+def test_run_record_round_trips_and_builds_typed_groups(tmp_path):
+    _record().write(tmp_path)
+    back = RunRecord.read(tmp_path)
+    assert back.format == FORMAT and back.finished and back.last.merge.method == "dequantize"
+    assert back.lineage[0].group(QuantizationArguments) == QuantizationArguments(load_in_4bit=True)
+    assert back.metrics == {"eval_loss": 1.5, "bad": "nan"}  # JSON has no NaN
+    assert json.loads(RunRecord.path(tmp_path).read_text())["lineage"][1]["method"] == "dequantize"
+
+
+def test_run_record_refuses_an_unknown_format_with_the_fix(tmp_path):
+    data = _record().to_json()
+    del data["format"]  # written before the field existed: format 1's layout
+    RunRecord.path(tmp_path).write_text(json.dumps(data))
+    assert RunRecord.read(tmp_path).stage == "sft"
+    RunRecord.path(tmp_path).write_text(json.dumps({**data, "format": FORMAT + 1}))
+    with pytest.raises(ConfigError, match=r"alignkit_run.json: run record format 2.*Fix: upgrade alignkit"):
+        RunRecord.read(tmp_path)
+
+
+def test_one_cache_dir_even_when_the_variable_is_empty(monkeypatch):
+    monkeypatch.setenv("ALIGNKIT_CACHE", "")
+    assert packaged.cache_dir() == Path.home() / ".cache" / "alignkit"
+    monkeypatch.setenv("ALIGNKIT_CACHE", "/tmp/x")
+    assert packaged.cache_dir() == Path("/tmp/x")
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("nosuch:model", r"names no known model scheme.*'smollm2:', 'tiny:'"),
+        ("tiny:gpt9", r"unknown tiny model 'tiny:gpt9'"),
+        ("smollm2:Other", r"unknown packaged model 'smollm2:Other'"),
+        ("./no/such/model", r"'./no/such/model' does not exist"),
+        ("model.gguf", r"GGUF file model.gguf not found"),
+    ],
+)
+def test_model_source_errors_name_the_fix(name, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_source(ModelArguments(model_name_or_path=name))
+
+
+def test_a_head_is_one_task_module_and_one_row():
+    assert set(TASKS) == set(HEADS) - {"causal_lm"}
+    for name, task in TASKS.items():
+        assert task.name == name and dataclasses.is_dataclass(task.Arguments), name
+
+
+def test_every_stage_resolves_and_has_a_short_recipe():
+    for name, stage in STAGES.items():
+        assert stage.config_class.__name__ == stage.config and isinstance(stage.trainer_class, type)
+        recipe = REPO / "recipes" / f"{name}.py"
+        assert len(recipe.read_text().splitlines()) < 40, f"{recipe} grew past 40 lines"
+
+
+@pytest.mark.parametrize("stage", ["cpt", "sft", "dpo"])
+def test_stage_recipes_refuse_the_task_key(stage):
+    done = subprocess.run(
+        [sys.executable, f"recipes/{stage}.py", "--config", f"recipes/tiny/{stage}.yaml", "--task", "qa"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "unknown key 'task'" in done.stderr and "a key of the task recipe" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_task_recipe_refuses_another_tasks_key():
+    from alignkit.tasks import parse_task_recipe
+
+    with pytest.raises(ConfigError, match="doc_stride: a key of task qa, not of task token_cls"):
+        parse_task_recipe(["--config", str(REPO / "recipes/tiny/task_ner.yaml"), "--doc_stride", "8"])
+    with pytest.raises(ConfigError, match="task: 'ner' is not a task"):
+        parse_task_recipe(["--config", str(REPO / "recipes/tiny/task_ner.yaml"), "--task", "ner"])
