@@ -1,5 +1,20 @@
 """Errors alignkit raises for bad input. Each message names where the problem is and how to fix it."""
 
+import re
+
+# Secrets by value (Hugging Face tokens, 40-hex W&B API keys) and by the flag or variable that carries them.
+_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{8,}|[0-9a-f]{40})\b")
+_SECRET_NAMED = re.compile(
+    r"((?<![A-Za-z0-9_])(?:--)?(?:hub_token|hf_token|token|api_key|wandb_api_key|password|secret)\b['\"]?\s*[=:,]?\s*['\"]?)([^\s'\",]+)",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with every secret replaced by ``<redacted>``: by value pattern and after a secret's key name."""
+    text = _SECRET_NAMED.sub(lambda m: m.group(1) + "<redacted>", text)
+    return _SECRET_VALUE.sub("<redacted>", text)
+
 
 def suggest(key: str, valid) -> str:
     """' Did you mean 'x'?' for the closest of ``valid`` to a mistyped ``key``, or ''."""
@@ -46,5 +61,6 @@ def run_cli(main, argv=None):
     except AlignkitError as exc:
         if os.environ.get("ALIGNKIT_TRACEBACK") == "1":
             raise
-        print(f"alignkit: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # under a launcher every rank fails alike: say it once
+            print(f"alignkit: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr, flush=True)
         raise SystemExit(1 if isinstance(exc, NonFiniteLossError) else 2) from None

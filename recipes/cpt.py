@@ -16,14 +16,14 @@ STAGE = STAGES["cpt"]
 
 def main(argv=None):
     recipe = STAGE.parse(argv)
-    run = Run(recipe, stage=STAGE.name)
-    tokenizer = run.load_tokenizer()
-    data = run.load_data(STAGE.data_schema)
-    with recipe.train.main_process_first(desc="pack text"):
-        blocks = {split: pack_text_blocks(ds, tokenizer, recipe.train.block_size) for split, ds in data.items()}
-    run.load_model("causal_lm")
-    # blocks carry their labels (alignkit.data.packing): the default collator only stacks them
-    return run.train(run.build_trainer(STAGE.trainer_class, blocks, data_collator=default_data_collator))
+    with Run(recipe, stage=STAGE.name) as run:
+        tokenizer = run.load_tokenizer()
+        data = run.load_data(STAGE.data_schema)
+        with recipe.train.main_process_first(desc="pack text"):
+            blocks = {split: pack_text_blocks(ds, tokenizer, recipe.train.block_size) for split, ds in data.items()}
+        run.load_model("causal_lm")
+        # blocks carry their labels (alignkit.data.packing): the default collator only stacks them
+        return run.train(run.build_trainer(STAGE.trainer_class, blocks, data_collator=default_data_collator))
 
 
 if __name__ == "__main__":

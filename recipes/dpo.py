@@ -22,11 +22,11 @@ def main(argv=None):
     recipe = STAGE.parse(argv)
     if not recipe.adapter.use_peft:  # full fine-tuning: score the starting model once as the reference, no 2nd copy
         recipe.train.precompute_ref_log_probs = True
-    run = Run(recipe, stage=STAGE.name)
-    run.load_tokenizer(chat=True)
-    data = run.load_data(STAGE.data_schema)
-    run.load_model("causal_lm")
-    return run.train(run.build_trainer(STAGE.trainer_class, data))
+    with Run(recipe, stage=STAGE.name) as run:
+        run.load_tokenizer(chat=True)
+        data = run.load_data(STAGE.data_schema)
+        run.load_model("causal_lm")
+        return run.train(run.build_trainer(STAGE.trainer_class, data))
 
 
 if __name__ == "__main__":

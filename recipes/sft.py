@@ -15,12 +15,12 @@ STAGE = STAGES["sft"]
 
 def main(argv=None):
     recipe = STAGE.parse(argv)
-    run = Run(recipe, stage=STAGE.name)
-    # train_on_completions: a pad equal to eos would hide the eos the model must learn to emit.
-    run.load_tokenizer(chat=True, assistant_only_loss=recipe.train.assistant_only_loss, train_on_completions=True)
-    data = run.load_data(STAGE.data_schema)
-    run.load_model("causal_lm")
-    return run.train(run.build_trainer(STAGE.trainer_class, data))
+    with Run(recipe, stage=STAGE.name) as run:
+        # train_on_completions: a pad equal to eos would hide the eos the model must learn to emit.
+        run.load_tokenizer(chat=True, assistant_only_loss=recipe.train.assistant_only_loss, train_on_completions=True)
+        data = run.load_data(STAGE.data_schema)
+        run.load_model("causal_lm")
+        return run.train(run.build_trainer(STAGE.trainer_class, data))
 
 
 if __name__ == "__main__":

@@ -16,21 +16,21 @@ from alignkit.train import Run
 
 def main(argv=None):
     recipe = parse_task_recipe(argv)
-    run = Run(recipe, stage=recipe.extra[0].task)
-    tokenizer = run.load_tokenizer()
-    task = build_task(recipe, tokenizer)
-    data = run.load_data(task.schema)
-    with recipe.train.main_process_first(desc="task features"):
-        features = task.preprocess(data)
-    model = run.load_model(task.name, **task.head_kwargs())
-    trainer = run.build_trainer(
-        Seq2SeqTrainer if task.generates else Trainer,
-        features,
-        data_collator=task.collator(model),
-        compute_metrics=task.compute_metrics,
-        preprocess_logits_for_metrics=task.preprocess_logits_for_metrics,
-    )
-    return run.train(trainer, evaluate_before=task.evaluate_before_training)
+    with Run(recipe, stage=recipe.extra[0].task) as run:
+        tokenizer = run.load_tokenizer()
+        task = build_task(recipe, tokenizer)
+        data = run.load_data(task.schema)
+        with recipe.train.main_process_first(desc="task features"):
+            features = task.preprocess(data)
+        model = run.load_model(task.name, **task.head_kwargs())
+        trainer = run.build_trainer(
+            Seq2SeqTrainer if task.generates else Trainer,
+            features,
+            data_collator=task.collator(model),
+            compute_metrics=task.compute_metrics,
+            preprocess_logits_for_metrics=task.preprocess_logits_for_metrics,
+        )
+        return run.train(trainer, evaluate_before=task.evaluate_before_training)
 
 
 if __name__ == "__main__":

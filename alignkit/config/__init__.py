@@ -34,6 +34,7 @@ class Recipe:
     run: RunArguments
     train: Any  # the stage's trainer config (CPTConfig, SFTConfig, DPOConfig, TaskConfig)
     extra: tuple = ()
+    explicit: frozenset = frozenset()  # the keys the recipe (YAML or command line) set; the rest are defaults
 
     @property
     def groups(self) -> tuple:
@@ -55,7 +56,7 @@ def recipe_parser(train_config_cls, extra: tuple[type, ...] = (), elsewhere=None
 def build_recipe(parser: RecipeParser, values: dict[str, Any], print_config: bool = False) -> Recipe:
     """A validated :class:`Recipe` from checked values (``RecipeParser.read``)."""
     groups = parser.finish(values, print_config)
-    recipe = Recipe(*groups[:6], extra=tuple(groups[6:]))
+    recipe = Recipe(*groups[:6], extra=tuple(groups[6:]), explicit=frozenset(values))
     validate(recipe)
     return recipe
 

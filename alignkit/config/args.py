@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import transformers
@@ -68,8 +69,30 @@ class ModelArguments:
             raise ConfigError(
                 f"adapter_handoff: '{self.adapter_handoff}' is not one of {ADAPTER_HANDOFFS}.{suggest(self.adapter_handoff, ADAPTER_HANDOFFS)}"
             )
+        if self.chat_template:
+            _check_chat_template_spec(self.chat_template)
         if self.dtype not in runtime.DTYPE_NAMES:
-            raise ConfigError(f"dtype: '{self.dtype}' is not auto | float32 | bfloat16 | float16.")
+            raise ConfigError(
+                f"dtype: '{self.dtype}' is not a dtype alignkit loads. Fix: use one of {runtime.DTYPE_NAMES}."
+            )
+
+
+NAMED_CHAT_TEMPLATES = ("chatml",)  # alignkit.data.templates.NAMED_TEMPLATES
+
+
+def _check_chat_template_spec(spec: str) -> None:
+    """A chat_template is a name, an existing template file, or Jinja text; a path that does not exist is an error,
+    never template text (every row would train on the path string)."""
+    if spec in NAMED_CHAT_TEMPLATES or "{{" in spec or "{%" in spec:
+        return
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return
+    what = "file does not exist" if path.suffix or "/" in spec else "is neither a template name, a file nor Jinja text"
+    raise ConfigError(
+        f"chat_template: '{spec}' {what}. Fix: give an existing .jinja file, one of {list(NAMED_CHAT_TEMPLATES)}, "
+        "or the template's Jinja text."
+    )
 
 
 @dataclass
@@ -91,7 +114,9 @@ class QuantizationArguments:
 
     def __post_init__(self):
         if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
-            raise ConfigError(f"bnb_4bit_quant_type: '{self.bnb_4bit_quant_type}' must be nf4 or fp4.")
+            raise ConfigError(
+                f"bnb_4bit_quant_type: '{self.bnb_4bit_quant_type}' is not a 4-bit type. Fix: use nf4 or fp4."
+            )
 
 
 @dataclass
@@ -112,8 +137,11 @@ class AdapterArguments:
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling (alpha / sqrt(r))."})
 
     def __post_init__(self):
-        if self.lora_r <= 0:
-            raise ConfigError(f"lora_r: must be a positive integer, got {self.lora_r}.")
+        if isinstance(self.lora_target_modules, str) and "," in self.lora_target_modules:
+            raise ConfigError(
+                f"lora_target_modules: '{self.lora_target_modules}' is one string. Fix: write a list, e.g. "
+                "[q_proj, v_proj], or 'all-linear'."
+            )
 
 
 @dataclass
@@ -127,8 +155,18 @@ class DatasetSource:
     test_split: str | None = None
 
     def __post_init__(self):
-        if self.weight <= 0:
-            raise ConfigError(f"datasets[{self.path}].weight: must be > 0, got {self.weight}.")
+        weight = self.weight
+        if isinstance(weight, str):
+            try:
+                weight = float(weight)
+            except ValueError:
+                pass
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(
+                f"datasets[{self.path}].weight: {self.weight!r} is not a number > 0. Fix: give a mixture weight such "
+                "as 0.5 (keep half the rows), 1 (all) or 2 (every row twice), or drop the source."
+            )
+        self.weight = float(weight)
 
 
 @dataclass
@@ -163,11 +201,15 @@ class DataArguments:
                 raise ConfigError(f"datasets[{i}]: each source needs a 'path'. Fix: write '- path: data/train.jsonl'.")
             for key in entry:
                 if key not in valid:
-                    raise ConfigError(f"datasets[{i}]: unknown key '{key}'.{suggest(key, valid)}")
+                    raise ConfigError(
+                        f"datasets[{i}]: unknown key '{key}'.{suggest(key, valid)} Fix: use only {valid}."
+                    )
             sources.append(DatasetSource(**entry))
         self.datasets = sources
         if self.test_size < 0:
-            raise ConfigError(f"test_size: must be >= 0, got {self.test_size}.")
+            raise ConfigError(
+                f"test_size: must be >= 0, got {self.test_size}. Fix: set a fraction (0.1) or a row count."
+            )
 
 
 @dataclass

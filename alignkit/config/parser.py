@@ -92,6 +92,25 @@ def _coerce(key: str, value: Any, tp) -> Any:
     )
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key, first: int, second: int):
+        self.key, self.first, self.second = key, first, second
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 class RecipeParser:
     """Parse ``--config recipe.yaml`` plus ``--key value`` overrides into typed dataclass instances."""
 
@@ -129,8 +148,12 @@ class RecipeParser:
         if not path.is_file():
             raise ConfigError(f"{path}: recipe file not found. Fix: pass an existing YAML file to --config.")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
+            data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_StrictLoader) or {}
+        except _DuplicateKey as exc:
+            raise ConfigError(
+                f"{path}: '{exc.key}' is set twice, on line {exc.first} and line {exc.second}. Fix: keep one of them."
+            ) from None
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc}). Fix: correct the YAML syntax.") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of key: value. Fix: use flat 'key: value' lines.")
@@ -200,15 +223,23 @@ class RecipeParser:
         return "\n".join(lines)
 
     def build(self, values: dict[str, Any]) -> tuple:
-        """Instantiate every group from a flat dict of values (already key-checked)."""
+        """Instantiate every group from a flat dict of values (already key-checked). The values the recipe sets are
+        range-checked first (alignkit.config.ranges), so that upstream classes never see them."""
+        from alignkit.config.ranges import check_values
+
+        check_values({k: _coerce(k, v, self.types[k]) for k, v in values.items()})
         instances = []
         for cls in self.dataclass_types:
             names = {f.name for f in dataclasses.fields(cls) if f.init}
             kwargs = {k: _coerce(k, v, self.types[k]) for k, v in values.items() if k in names}
             try:
                 instances.append(cls(**kwargs))
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{cls.__name__}: {exc}") from exc
+            except ConfigError:
+                raise
+            except (TypeError, ValueError) as exc:  # an upstream config's own check (transformers, trl)
+                raise ConfigError(
+                    f"{cls.__name__}: {exc}. Fix: correct the value it names (--help lists every key)."
+                ) from exc
         return tuple(instances)
 
     def read(self, argv: list[str] | None = None) -> tuple[dict[str, Any], bool]:

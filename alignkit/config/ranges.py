@@ -86,18 +86,18 @@ RANGES: dict[str, Rule] = {
 }
 
 
+def check_values(values: dict[str, Any]) -> None:
+    """Every value a recipe sets whose key has a rule in ``RANGES`` obeys it; the first that does not raises
+    ConfigError naming the key, the value and the fix."""
+    for key, value in values.items():
+        rule = RANGES.get(key)
+        if rule is not None and not rule.ok(value):
+            raise ConfigError(
+                f"{key}: {value!r} is out of range: it must be {rule.text}. Fix: set {key} to a valid value "
+                f"(e.g. {key}: {rule.example}), or remove it to use the default."
+            )
+
+
 def check_ranges(groups) -> None:
-    """Every key of ``groups`` that has a rule in ``RANGES`` obeys it; the first that does not raises ConfigError."""
-    for group in groups:
-        if group is None:
-            continue
-        for f in dataclasses.fields(group):
-            rule = RANGES.get(f.name)
-            if rule is None or not f.init:
-                continue
-            value = getattr(group, f.name)
-            if not rule.ok(value):
-                raise ConfigError(
-                    f"{f.name}: {value!r} is out of range: it must be {rule.text}. Fix: set {f.name} to a valid value "
-                    f"(e.g. {f.name}: {rule.example}), or remove it to use the default."
-                )
+    """:func:`check_values` over every field of the built ``groups`` (defaults included)."""
+    check_values({f.name: getattr(g, f.name) for g in groups if g is not None for f in dataclasses.fields(g) if f.init})

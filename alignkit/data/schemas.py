@@ -28,11 +28,12 @@ class Schema:
         have = ", ".join(sorted(present)) or "none"
         raise DataError(source, None, f"missing columns for {self.name}: needs {wanted}, has {have}", self.fix_hint)
 
-    def check(self, dataset, source: str):
-        """Check every row; return the dataset with only this stage's columns."""
+    def check(self, dataset, source: str, row_numbers: list[int] | None = None):
+        """Check every row; return the dataset with only this stage's columns. ``row_numbers``: each row's line in
+        its file (JSON lines), so that errors name the line an editor shows; else rows count from 1."""
         columns = self.columns_for(dataset, source)
         for i, row in enumerate(dataset.select_columns(list(columns))):
-            self.check_row(row, source, i + 1)
+            self.check_row(row, source, row_numbers[i] if row_numbers else i + 1)
         extra = [c for c in dataset.column_names if c not in columns]
         return dataset.remove_columns(extra) if extra else dataset
 
@@ -62,13 +63,16 @@ def _messages(value, source, row, column="messages", must_end_on_assistant=True)
                 f"{column}[{j}] has role '{message['role']}'",
                 f"use one of {ROLES} (e.g. rename 'human' to 'user', 'gpt' to 'assistant')",
             )
-        if not isinstance(message["content"], str) or not message["content"].strip():
-            raise DataError(
-                source,
-                row,
-                f"{column}[{j}] ({message['role']}) has empty content",
-                "remove the message or give it text",
+        content = message["content"]
+        if not isinstance(content, str) or not content.strip():
+            problem = (
+                "empty content"
+                if isinstance(content, str) or content is None
+                else f"content that is not text (a {type(content).__name__}: {content!r:.40})"
             )
+            raise DataError(
+                source, row, f"{column}[{j}] ({message['role']}) has {problem}", "give every message its text as a string, or remove it"
+            )  # fmt: skip
         if message["role"] == "system" and j != 0:
             raise DataError(
                 source, row, f"{column}[{j}] is a system message after the first turn", "put the system message first"

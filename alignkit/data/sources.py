@@ -19,24 +19,50 @@ logger = logging.getLogger(__name__)
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
+def read_text(path: Path) -> str:
+    """The file's text (UTF-8; a byte-order mark is dropped), or a DataError naming the file, the line and the byte
+    of an encoding error, or the permission problem."""
+    try:
+        raw = path.read_bytes()
+    except PermissionError as exc:
+        raise DataError(
+            str(path), None, "cannot be read (permission denied)", f"make it readable: chmod a+r {path}"
+        ) from exc
+    except OSError as exc:
+        raise DataError(str(path), None, f"cannot be read ({exc.strerror})", "check the path and the disk") from exc
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            str(path), line, f"is not UTF-8 text: byte {exc.start} (0x{raw[exc.start]:02x}) on this line",
+            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or fix that byte",
+        ) from None  # fmt: skip
+
+
+def row_lines(path: Path) -> list[int] | None:
+    """The line of each row of a JSON-lines file (blank lines skipped), or None for other sources."""
+    if not path.is_file() or path.suffix not in (".jsonl", ".json") or read_text(path).lstrip().startswith("["):
+        return None
+    return [n for n, line in enumerate(read_text(path).splitlines(), start=1) if line.strip()]
+
+
 def _check_jsonl(path: Path) -> None:
-    """datasets' JSON reader fails with a pyarrow trace; find the bad line ourselves first."""
+    """datasets' JSON reader fails with a pyarrow trace; find the bad line ourselves first. Rows are numbered by
+    their line in the file, here and in every schema error (blank lines count)."""
     rows = 0
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    str(path), lineno, f"line is not valid JSON ({exc.msg})", "make each line one JSON object"
-                ) from exc
-            if not isinstance(value, dict):
-                raise DataError(
-                    str(path), lineno, "line is not a JSON object", 'write each row as {"column": value, ...}'
-                )
-            rows += 1
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                str(path), lineno, f"line is not valid JSON ({exc.msg})", "make each line one JSON object"
+            ) from exc
+        if not isinstance(value, dict):
+            raise DataError(str(path), lineno, "line is not a JSON object", 'write each row as {"column": value, ...}')
+        rows += 1
     if not rows:
         raise DataError(str(path), None, "file has no rows (the split is empty)", "add rows, or remove this source")
 
@@ -59,9 +85,8 @@ def load_source_split(source: DatasetSource, split: str | None = None):
             )
         if split != source.split:
             return None  # a single file has one split
-        if path.suffix == ".jsonl" or (
-            path.suffix == ".json" and not path.read_text(encoding="utf-8").lstrip().startswith("[")
-        ):
+        text = read_text(path) if path.suffix in (".jsonl", ".json", ".csv", ".txt") else None
+        if path.suffix == ".jsonl" or (path.suffix == ".json" and not text.lstrip().startswith("[")):
             _check_jsonl(path)
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
@@ -127,8 +152,16 @@ def load_datasets(data_args: DataArguments, schema=None):
         if len(train) == 0:
             raise DataError(_label(source, source.split), None, "split is empty", "add rows, or remove this source")
         if schema is not None:
-            train = schema.check(train, _label(source, source.split))
-        trains.append(train.select(mixture_indices(len(train), source.weight, rng)) if source.weight != 1 else train)
+            train = schema.check(train, _label(source, source.split), row_lines(Path(source.path)))
+        if source.weight != 1:
+            n_rows = len(train)
+            train = train.select(mixture_indices(n_rows, source.weight, rng))
+            if len(train) == 0:
+                raise DataError(
+                    source.path, None, f"weight {source.weight:g} keeps 0 of its {n_rows} rows",
+                    f"raise the weight to at least {1 / n_rows:.3g}, or remove the source",
+                )  # fmt: skip
+        trains.append(train)
         test = load_source_split(source, source.test_split) if source.test_split else None
         if test is not None:
             if schema is not None:

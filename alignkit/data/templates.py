@@ -23,9 +23,9 @@ def resolve_chat_template(spec: str) -> str:
     """A template name ('chatml'), a path to a .jinja file, or a literal Jinja string."""
     if spec in NAMED_TEMPLATES:
         return NAMED_TEMPLATES[spec]
-    path = Path(spec)
-    if len(spec) < 4096 and path.suffix in (".jinja", ".j2", ".txt") and path.is_file():
-        return path.read_text()
+    path = Path(spec).expanduser()
+    if "{{" not in spec and "{%" not in spec and path.is_file():  # checked to exist (ModelArguments)
+        return path.read_text(encoding="utf-8-sig")
     return spec
 
 

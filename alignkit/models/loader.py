@@ -188,12 +188,21 @@ def apply_adapter(
 
 def _check_target_modules(model, peft_config) -> None:
     targets = peft_config.target_modules
-    if targets in (None, "all-linear") or isinstance(targets, str):
+    if targets in (None, "all-linear"):
+        return
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    if isinstance(targets, str):  # peft reads one string as a regular expression over the full module names
+        import re
+
+        if not any(re.fullmatch(targets, n) for n, _ in model.named_modules()):
+            raise ConfigError(
+                f"lora_target_modules: '{targets}' (one string: a regular expression over full module names, as peft "
+                f"reads it) matches no module. Fix: write a list, e.g. [{', '.join(linear[:2])}], or 'all-linear'."
+            )
         return
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
+    missing = sorted(t for t in targets if t not in names)
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(
             f"lora_target_modules: {missing} not found in the model. Fix: use 'all-linear' or some of {linear}."
         )

@@ -53,7 +53,9 @@ class MaskedLMArguments:
 
     def __post_init__(self):
         if not 0 < self.mlm_probability < 1:
-            raise ConfigError(f"mlm_probability: must be between 0 and 1, got {self.mlm_probability}.")
+            raise ConfigError(
+                f"mlm_probability: must be between 0 and 1, got {self.mlm_probability}. Fix: use e.g. 0.15 (BERT's)."
+            )
 
 
 class MaskedLM(Task):

@@ -161,7 +161,10 @@ class QuestionAnsweringArguments:
 
     def __post_init__(self):
         if self.doc_stride <= 0 or self.n_best_size <= 0 or self.max_answer_length <= 0:
-            raise ConfigError("doc_stride, n_best_size and max_answer_length must be positive.")
+            raise ConfigError(
+                "doc_stride, n_best_size and max_answer_length must be positive. Fix: e.g. doc_stride: 128, "
+                "n_best_size: 20, max_answer_length: 30 (the defaults)."
+            )
 
 
 class QuestionAnswering(Task):

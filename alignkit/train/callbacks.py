@@ -19,14 +19,23 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteGuard(TrainerCallback):
-    """Stop on a NaN/Inf loss or gradient *before* the optimizer step writes it into the weights.
+    """Stop on a NaN/Inf loss or gradient *before* the optimizer step writes it into the weights, and on a run that
+    has diverged without a NaN: a gradient norm of exactly 0 for ``ZERO_GRAD_STEPS`` logged steps at a non-zero
+    learning rate (saturated weights: ``learning_rate: 1e6`` gives a flat loss and grad norm 0 from step 2), or a
+    loss above ``LOSS_JUMP`` x the median of the last logged ones.
 
-    Raising here leaves the output dir as it was after the last save, so the last good checkpoint is intact.
+    Raising here leaves the output dir as it was after the last save; the message names the last checkpoint saved
+    before the trouble began, and a command that trains on from it.
     """
+
+    ZERO_GRAD_STEPS = 3
+    LOSS_JUMP = 4.0
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.model = None
+        self.losses: list[float] = []
+        self.zero_since: int | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.model = model
@@ -41,19 +50,48 @@ class NonFiniteGuard(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.enabled or not logs:
             return
+        step = state.global_step
         for key in ("loss", "grad_norm"):
             value = logs.get(key)
             if isinstance(value, float) and not math.isfinite(value):
-                raise _stopped(args, f"step {state.global_step}: {key} is {value}; training stopped")
+                raise _stopped(args, f"step {step}: {key} is {value}; training stopped")
+        grad_norm, lr, loss = logs.get("grad_norm"), logs.get("learning_rate") or 0, logs.get("loss")
+        if grad_norm is not None:
+            self.zero_since = (self.zero_since or step) if grad_norm == 0 and lr > 0 else None
+            if self.zero_since is not None and step - self.zero_since + 1 >= self.ZERO_GRAD_STEPS:
+                raise _stopped(
+                    args,
+                    f"steps {self.zero_since}-{step}: gradient norm 0 at learning_rate {lr:g}, so the model has stopped "
+                    "learning (its weights diverged)",
+                    before=self.zero_since - 1,  # step k's gradient is of the weights step k-1 wrote
+                )
+        if isinstance(loss, float):
+            if len(self.losses) >= 5:
+                typical = sorted(self.losses[-10:])[len(self.losses[-10:]) // 2]
+                if loss > self.LOSS_JUMP * typical:
+                    raise _stopped(args, f"step {step}: loss {loss:.4g} jumped from ~{typical:.4g}", before=step - 1)
+            self.losses.append(loss)
 
 
-def _stopped(args, what: str) -> NonFiniteLossError:
-    last = last_complete_checkpoint(args.output_dir)
-    kept = f"the last good checkpoint, {last}, is intact" if last else f"no checkpoint in {args.output_dir} yet"
-    return NonFiniteLossError(
-        f"{what}; {kept}. Fix: lower learning_rate (or raise warmup_steps), check the data for extreme values, then "
-        "rerun with resume_from_checkpoint: true."
+def _stopped(args, what: str, before: int | None = None) -> NonFiniteLossError:
+    """The error for a run stopped at ``what``, naming the last complete checkpoint saved before step ``before``."""
+    last = last_complete_checkpoint(args.output_dir, before=before)
+    lower = f"{min(args.learning_rate / 10, 2e-4):g}"
+    if last:
+        fix = (
+            f"train on from the last good weights as a new run with a lower rate: --model_name_or_path {last} "
+            f"--learning_rate {lower} --output_dir <a new folder> (a resume would repeat the same steps with the same "
+            "rate, and refuses a changed one)"
+        )
+    else:
+        fix = f"start over with a lower rate: --learning_rate {lower} --overwrite_output_dir true"
+    none = (
+        f"no checkpoint in {args.output_dir} from before step {before + 1}"
+        if before is not None
+        else f"no checkpoint in {args.output_dir} yet"
     )
+    kept = f"the last good checkpoint, {last}, is intact" if last else none
+    return NonFiniteLossError(f"{what}; {kept}. Fix: {fix}; or raise warmup_steps; check the data for extreme values.")
 
 
 class ResolvedConfigToWandb(TrainerCallback):
@@ -111,8 +149,10 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def last_complete_checkpoint(output_dir: Path) -> Path | None:
-    return next((p for p in reversed(checkpoints(output_dir)) if checkpoint_is_complete(p)), None)
+def last_complete_checkpoint(output_dir: Path, before: int | None = None) -> Path | None:
+    """The newest complete checkpoint (of a step < ``before``, if given)."""
+    found = [p for p in checkpoints(output_dir) if before is None or checkpoint_step(p) < before]
+    return next((p for p in reversed(found) if checkpoint_is_complete(p)), None)
 
 
 def _fsync(path: Path) -> None:
@@ -125,7 +165,13 @@ def _fsync(path: Path) -> None:
 
 class AtomicCheckpoints(TrainerCallback):
     """Mark each checkpoint complete once transformers has written all of it (model, optimizer, scheduler, RNG,
-    trainer state), with its files flushed to disk first; and unmark checkpoints this run will write again."""
+    trainer state), with its files flushed to disk first; unmark checkpoints this run will write again; and rotate
+    (``save_total_limit``) only after the new checkpoint is complete, so that a kill at any moment leaves a complete
+    checkpoint to resume from. The run loop turns transformers' own rotation off: it deletes the old checkpoints
+    before the new one is marked."""
+
+    def __init__(self, save_total_limit: int | None = None):
+        self.save_total_limit = save_total_limit
 
     def on_train_begin(self, args, state, control, **kwargs):
         # Checkpoints past the step this run starts from belong to another trajectory (an overwritten run, or the
@@ -152,3 +198,18 @@ class AtomicCheckpoints(TrainerCallback):
         _fsync(tmp)
         tmp.replace(folder / CHECKPOINT_MANIFEST)
         _fsync(folder)
+        self._rotate(Path(args.output_dir), state)
+
+    def _rotate(self, output_dir: Path, state) -> None:
+        if not self.save_total_limit:
+            return
+        import shutil
+
+        best = Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None
+        complete = [p for p in checkpoints(output_dir) if checkpoint_is_complete(p)]
+        keep = set(p.name for p in complete[-self.save_total_limit :]) | ({best} if best else set())
+        for folder in checkpoints(output_dir):  # incomplete leftovers older than the newest complete one go too
+            if folder.name not in keep and checkpoint_step(folder) < checkpoint_step(complete[-1]):
+                (folder / CHECKPOINT_MANIFEST).unlink(missing_ok=True)  # first: a kill mid-delete leaves no candidate
+                shutil.rmtree(folder, ignore_errors=True)
+                logger.info("deleted %s (save_total_limit %d)", folder, self.save_total_limit)

@@ -7,17 +7,81 @@ write access when push_to_hub is set (alignkit.export.hub.preflight_push).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from alignkit.errors import PreflightError
+from alignkit.errors import PreflightError, redact
 from alignkit.runs import RunRecord
 from alignkit.train.callbacks import checkpoint_is_complete, checkpoints, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
+
+
+class OutputDirLock:
+    """An exclusive lock on ``output_dir`` for the life of one run, so a second run into it is refused instead of
+    writing over the first. It is a ``flock`` on the directory itself: nothing is written into the folder, and the
+    kernel drops the lock when the holding process ends however it ends, so a lock is never stale. Rank 0 takes it
+    for all ranks of a launch. ``release(failed=True)`` also removes the folder if this run created it and it is
+    still empty (a run that failed before writing anything leaves nothing behind)."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = Path(output_dir)
+        self.fd: int | None = None
+        self.created = False
+
+    def acquire(self) -> None:
+        import fcntl
+
+        out = self.output_dir
+        self.created = not out.exists()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise PreflightError(
+                f"output_dir {out}: not writable ({exc.strerror}). Fix: choose a writable output_dir."
+            ) from exc
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(out)
+            self.release(failed=True)
+            raise PreflightError(
+                f"output_dir {out}: in use by another alignkit run that is still going ({holder}). Fix: wait for it "
+                "to finish, or choose another output_dir. Do not resume into or overwrite a live run."
+            ) from None
+
+    def release(self, failed: bool = False) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # drops the flock
+            self.fd = None
+        if failed and self.created:
+            try:
+                self.output_dir.rmdir()  # only if still empty
+            except OSError:
+                pass
+
+
+def _lock_holder(folder: Path) -> str:
+    """'pid N on host H: <command>' of the process holding the flock on ``folder`` (from /proc/locks)."""
+    import socket
+
+    st = os.stat(folder)
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and ident in fields:
+                pid = fields[fields.index(ident) - 1]
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                return f"pid {pid} on host {socket.gethostname()}: {redact(cmd)[:160]}"
+    except OSError:
+        pass
+    return "another process"
 
 
 def wants_resume(resume) -> bool:
@@ -88,6 +152,64 @@ def resolve_resume(output_dir: Path, resume) -> str | None:
             f"Fix: give a complete checkpoint{f' such as {last}' if last else ''}, or start the run without resuming."
         )
     return str(path)
+
+
+# Keys a resumed run may change: they say how long to go on, how often to save and log, where to report; none of
+# them changes what a step computes.
+RESUMABLE_CHANGES = {
+    "resume_from_checkpoint", "overwrite_output_dir", "max_steps", "num_train_epochs", "save_steps", "save_strategy",
+    "save_total_limit", "logging_steps", "logging_strategy", "eval_steps", "eval_strategy", "report_to", "run_name",
+    "disable_tqdm", "min_free_disk_gb", "push_to_hub", "hub_model_id", "hub_private_repo", "wandb_group",
+    "output_dir", "logging_dir", "dataloader_num_workers", "label_preview",
+}  # fmt: skip
+
+
+def check_resume_unchanged(saved_config: Path, resolved: dict) -> None:
+    """A resumed run restores the optimizer and scheduler of its checkpoint, so a changed learning rate, batch,
+    adapter or data would be silently ignored (or silently mixed): refuse, naming every changed key."""
+    import yaml
+
+    if not saved_config.is_file():
+        return
+    before = {k: v for group in (yaml.safe_load(saved_config.read_text()) or {}).values() for k, v in group.items()}
+    now = {k: v for group in resolved.values() for k, v in group.items()}
+    changed = sorted(k for k in now if k in before and before[k] != now[k] and k not in RESUMABLE_CHANGES)
+    if changed:
+        diff = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
+        raise PreflightError(
+            f"resume_from_checkpoint: the recipe differs from the run being resumed ({diff}); a resume restores the "
+            "checkpoint's optimizer and schedule and would not apply it. Fix: resume with the run's own values (they are "
+            f"in {saved_config}), or start a new run (another output_dir, or overwrite_output_dir: true) with the new ones."
+        )
+
+
+# Adapter settings that a 'continue' hand-off cannot apply: the adapter being continued already has its own.
+_ADAPTER_KEYS = {
+    "lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "use_dora": "use_dora",
+    "use_rslora": "use_rslora", "lora_target_modules": "target_modules",
+}  # fmt: skip
+
+
+def check_handoff(recipe, source) -> None:
+    """With ``adapter_handoff: continue`` the earlier stage's adapter keeps training as it is: an adapter setting
+    the recipe sets to another value cannot apply, and is refused rather than silently ignored."""
+    if source.adapter_dir is None or recipe.model.adapter_handoff != "continue" or not recipe.adapter.use_peft:
+        return
+    config = json.loads((Path(source.adapter_dir) / "adapter_config.json").read_text())
+    clashes = []
+    for key, peft_key in _ADAPTER_KEYS.items():
+        if key not in recipe.explicit or peft_key not in config:
+            continue
+        want, have = getattr(recipe.adapter, key), config[peft_key]
+        if key == "lora_target_modules" and not isinstance(want, str):
+            want, have = sorted(want), sorted(have) if isinstance(have, list) else have
+        if want != have:
+            clashes.append(f"{key} {want!r} (the adapter has {have!r})")
+    if clashes:
+        raise PreflightError(
+            f"adapter_handoff continue: {source.adapter_dir}'s adapter keeps training as it is, so {', '.join(clashes)} "
+            "cannot apply. Fix: drop those keys, or set adapter_handoff: merge to merge it and train a new adapter with them."
+        )
 
 
 def protect_hub_token(train_args) -> None:

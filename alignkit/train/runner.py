@@ -31,16 +31,35 @@ _USER_WANDB_GROUP = os.environ.get("WANDB_RUN_GROUP")
 
 
 class Run:
-    """One stage's run. Construct it with the parsed recipe and the stage name, then call its steps in order."""
+    """One stage's run: ``with Run(recipe, stage) as run:``, then call its steps in order (load_tokenizer,
+    load_data, load_model, build_trainer, train).
+
+    Setup (seed, output-dir lock and checks, resume, hand-off checks, Hub and W&B) runs on construction; leaving
+    the ``with`` block releases the output dir, and on an error before anything was written removes the folder if
+    this run created it."""
 
     def __init__(self, recipe: Recipe, stage: str):
         self.recipe, self.stage = recipe, stage
         self.output_dir = Path(recipe.train.output_dir)
-        self.source = resolve_source(recipe.model)
         self.tokenizer = None
         self.model = None
         self.head = "causal_lm"
-        self._setup()
+        self.lock = preflight.OutputDirLock(self.output_dir)
+        try:
+            self.source = resolve_source(recipe.model)
+            self._setup()
+        except BaseException:
+            self.close(failed=True)
+            raise
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(failed=exc_type is not None)
+
+    def close(self, failed: bool = False) -> None:
+        self.lock.release(failed=failed)
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -51,8 +70,13 @@ class Run:
         )
         transformers.set_seed(self.recipe.train.seed)
         t = self.recipe.train
+        if runtime.is_main_process():
+            self.lock.acquire()  # before any check: a live run's folder is never judged, resumed or overwritten
         preflight.check_output_dir(self.output_dir, self.recipe.run, t.resume_from_checkpoint)
         self.resume_checkpoint = preflight.resolve_resume(self.output_dir, t.resume_from_checkpoint)
+        if self.resume_checkpoint:
+            preflight.check_resume_unchanged(self.output_dir / CONFIG_FILE, self.recipe.resolved())
+        preflight.check_handoff(self.recipe, self.source)
         preflight.protect_hub_token(t)
         self.hub_repo = self._claim_hub_push()
         self._setup_tracking()
@@ -142,12 +166,17 @@ class Run:
             concatenate_rows(trainer)
         preflight.check_trainer(trainer, r.run)
         trainer.add_callback(NonFiniteGuard(enabled=r.run.stop_on_nonfinite))
-        trainer.add_callback(AtomicCheckpoints())
+        # alignkit rotates checkpoints itself, after the new one is marked complete: transformers deletes the old
+        # ones before that, so a kill in between would leave nothing to resume from
+        keep, trainer.args.save_total_limit = trainer.args.save_total_limit, None
+        trainer.add_callback(AtomicCheckpoints(save_total_limit=keep))
         if (debug_log := debug_callback(self.output_dir)) is not None:
             trainer.add_callback(debug_log)
         if "wandb" in (trainer.args.report_to or []):
             trainer.add_callback(ResolvedConfigToWandb(r.resolved()))
         self._write_metadata(status="running")
+        if runtime.is_main_process():  # what this run trains with, for a resume to compare against
+            (self.output_dir / CONFIG_FILE).write_text(self.recipe.dump())
         evaluate_before = evaluate_before and trainer.eval_dataset is not None
         # evaluate() before train() leaves DeepSpeed without a training engine (transformers#30205, #44889): there the
         # untrained model is evaluated at step 0 inside train() instead.
@@ -161,6 +190,8 @@ class Run:
         except NonFiniteLossError:
             self._write_metadata(status="stopped: non-finite loss")
             raise
+        finally:
+            trainer.args.save_total_limit = keep  # the saved config says what the recipe asked
         if evaluate_before and trainer.is_deepspeed_enabled:
             step0 = next(e for e in trainer.state.log_history if "eval_loss" in e)
             before = {k.replace("eval_", "before_", 1): v for k, v in step0.items() if k.startswith("eval_")}

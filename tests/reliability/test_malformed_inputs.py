@@ -105,6 +105,7 @@ class Case:
     config: dict = field(default_factory=dict)
     rows: Callable[[list[dict]], list[dict]] | None = None
     data_text: str | None = None  # raw file content instead of rows
+    data_bytes: bytes | None = None  # raw bytes instead of rows
     cli: tuple[str, ...] = ()
     prepare: Callable | None = None
     recipe_text: str | None = None
@@ -184,6 +185,54 @@ CASES = [
          rows=edit_row(1, lambda r: r["answers"]["answer_start"].__setitem__(0, r["answers"]["answer_start"][0] + 3))),
     Case("cls-label-id-out-of-range", "seq_cls", DataError, ("{data}", "row 1", "outside"), rows=edit_row(0, _set(("label",), 7))),
     Case("cls-without-label-list", "seq_cls", ConfigError, ("label_list",), config=dict(label_list=None)),
+    # ---------------------------------------------------------------- values out of range (alignkit.config.ranges)
+    *[Case(f"range-{stage}-{key}-{value}", stage, ConfigError, (key, "out of range"), config={key: value}) for stage, key, value in (
+        ("sft", "learning_rate", 0), ("sft", "learning_rate", -1e-3), ("sft", "lora_alpha", 0), ("sft", "lora_r", 0),
+        ("sft", "lora_dropout", 1.5), ("sft", "max_steps", 0), ("sft", "max_steps", -2),
+        ("sft", "gradient_accumulation_steps", 0), ("sft", "per_device_train_batch_size", 0),
+        ("sft", "per_device_eval_batch_size", 0), ("sft", "save_steps", 0), ("sft", "logging_steps", 0),
+        ("sft", "warmup_steps", -1), ("sft", "weight_decay", -0.1), ("sft", "max_grad_norm", -1.0),
+        ("sft", "save_total_limit", 0), ("sft", "seed", -1), ("sft", "test_size", -1), ("sft", "max_length", 0),
+        ("sft", "adam_beta1", 1.0), ("sft", "adam_epsilon", 0), ("sft", "max_train_samples", 0),
+        ("sft", "num_train_epochs", 0), ("cpt", "block_size", 0), ("cpt", "block_size", 1), ("dpo", "beta", -0.1),
+        ("dpo", "beta", 0), ("dpo", "label_smoothing", 0.7), ("dpo", "max_length", -5), ("token_cls", "learning_rate", 0),
+    )],
+    Case("epochs-zero-without-max-steps", "sft", ConfigError, ("num_train_epochs", "out of range"),
+         config=dict(max_steps=-1, num_train_epochs=0)),
+    Case("eval-without-eval-data", "sft", ConfigError, ("eval_strategy", "no evaluation data", "test_size"),
+         config=dict(test_size=0, eval_strategy="steps")),
+    Case("wrong-type", "sft", ConfigError, ("max_steps", "'ten'", "int"), config=dict(max_steps="ten")),
+    Case("yaml-duplicate-key", "sft", ConfigError, ("{recipe}", "'learning_rate' is set twice", "line 2", "line 3"),
+         recipe_text="model_name_or_path: tiny:llama\nlearning_rate: 1e-3\nlearning_rate: 5e-3\n"),
+    Case("yaml-not-a-mapping", "sft", ConfigError, ("{recipe}", "mapping"), recipe_text="- model_name_or_path\n"),
+    Case("recipe-file-missing", "sft", ConfigError, ("{case}/nope.yaml", "not found"), cli=("--config", "{case}/nope.yaml")),
+    Case("chat-template-path-missing", "sft", ConfigError, ("chat_template", "/no/such/template.jinja", "does not exist"),
+         config=dict(chat_template="/no/such/template.jinja")),
+    Case("chat-template-neither", "sft", ConfigError, ("chat_template", "chatmll"), config=dict(chat_template="chatmll")),
+    Case("lora-targets-one-string", "sft", ConfigError, ("lora_target_modules", "foo_proj", "matches no module"),
+         config=dict(lora_target_modules="foo_proj")),
+    Case("lora-targets-comma-string", "sft", ConfigError, ("lora_target_modules", "write a list"),
+         config=dict(lora_target_modules="q_proj,v_proj")),
+    Case("weight-not-a-number", "sft", ConfigError, ("weight", "'two'", "not a number"),
+         config=dict(datasets=[{"path": "{data}", "weight": "two"}])),
+    Case("weight-zero", "sft", ConfigError, ("weight", "not a number > 0"), config=dict(datasets=[{"path": "{data}", "weight": 0}])),
+    Case("weight-keeps-no-rows", "sft", DataError, ("{data}", "weight 0.005 keeps 0 of its 8 rows", "at least 0.125"),
+         config=dict(datasets=[{"path": "{data}", "weight": 0.005}])),
+    Case("dataset-key-unknown", "sft", ConfigError, ("datasets[0]", "'wieght'", "Did you mean 'weight'"),
+         config=dict(datasets=[{"path": "{data}", "wieght": 2}])),
+    Case("non-utf8-byte", "sft", DataError, ("{data}", "row 2", "not UTF-8", "byte"),
+         data_bytes=(json.dumps(SFT_ROWS[0]) + "\n").encode() + b'{"messages": "caf\xe9"}\n'),
+    Case("content-not-text", "sft", DataError, ("{data}", "row 3", "not text (a int"),
+         rows=edit_row(2, _set(("messages", 2, "content"), 42))),
+    Case("content-a-list", "sft", DataError, ("{data}", "row 1", "not text (a list"),
+         rows=edit_row(0, _set(("messages", 1, "content"), ["a", "b"]))),
+    Case("row-number-is-the-file-line", "sft", DataError, ("{data}", "row 4", "'human'"),
+         data_text="".join(json.dumps(r) + "\n" for r in SFT_ROWS[:2]) + "\n"
+         + json.dumps({"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n"),
+    Case("task-key-of-another-task", "token_cls", ConfigError, ("doc_stride", "task qa"), config=dict(doc_stride=8)),
+    Case("task-unknown", "token_cls", ConfigError, ("task", "'ner'", "is not a task"), config=dict(task="ner")),
+    Case("stage-key-of-another-stage", "sft", ConfigError, ("'beta'", "dpo recipe"), config=dict(beta=0.1)),
+    Case("task-key-in-stage-recipe", "sft", ConfigError, ("'task'", "task recipe"), cli=("--task", "qa")),
 ]  # fmt: skip
 
 
@@ -208,8 +257,8 @@ def pickle_model(tmp_path_factory, tiny_llama):
     return folder
 
 
-def test_table_covers_stages_tasks_and_at_least_20_cases():
-    assert len(CASES) >= 20
+def test_table_covers_stages_tasks_and_at_least_60_cases():
+    assert len(CASES) >= 60
     assert {c.stage for c in CASES} == set(BASE)
     assert len({c.id for c in CASES}) == len(CASES)
 
@@ -222,7 +271,10 @@ def test_bad_input_fails_before_training_with_a_clear_error(case, tmp_path, pick
     data.parent.mkdir()
     names = {"case": str(tmp_path), "out": str(out), "data": str(data), "pickle_model": str(pickle_model)}
     rows = (case.rows or (lambda r: r))(GOOD_ROWS[case.stage])
-    data.write_text(case.data_text if case.data_text is not None else "".join(json.dumps(r) + "\n" for r in rows))
+    if case.data_bytes is not None:
+        data.write_bytes(case.data_bytes)
+    else:
+        data.write_text(case.data_text if case.data_text is not None else "".join(json.dumps(r) + "\n" for r in rows))
     config = {**BASE[case.stage], "datasets": [{"path": str(data)}], "output_dir": str(out), **case.config}
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(case.recipe_text or _fill(yaml.safe_dump(config), names))
@@ -232,7 +284,7 @@ def test_bad_input_fails_before_training_with_a_clear_error(case, tmp_path, pick
     before = snapshot(tmp_path)
 
     with pytest.raises(case.error) as raised:
-        run_recipe(RECIPE[case.stage], ["--config", str(recipe), *case.cli])
+        run_recipe(RECIPE[case.stage], ["--config", str(recipe), *(_fill(a, names) for a in case.cli)])
 
     message = str(raised.value)
     for fragment in case.says:

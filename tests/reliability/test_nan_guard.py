@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_recipe
+from conftest import log_history, run_recipe
 from transformers import TrainerCallback
 
 from alignkit.config import ModelArguments
@@ -57,3 +57,28 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[5, 17, 42, 9, 3]])).logits
     assert torch.isfinite(logits).all()
+
+    # the advice works: the command it names trains on from the good weights (without the poison)
+    monkeypatch.setattr(runner.Run, "train", real_train)
+    assert f"--model_name_or_path {good} --learning_rate 0.0002" in message
+    after = tmp_path / "after"
+    run_recipe(
+        "sft", [*SFT, "--model_name_or_path", str(good), "--learning_rate", "0.0002", "--output_dir", str(after)]
+    )
+    assert RunRecord.read(after).finished and RunRecord.read(after).lineage[-1].from_adapter == str(good)
+
+
+def test_a_diverged_run_without_nan_stops_and_the_advice_works(tmp_path):
+    """learning_rate 1e6 saturates the tiny model after one step: loss flat, grad norm 0, no NaN ever. The guard stops
+    it on the third zero-gradient step. Step 1's update already broke the weights, so no checkpoint is good (the
+    one at step 1 holds them): the fix is to start over with a sane rate, and following it trains."""
+    out = tmp_path / "run"
+    argv = [*SFT, "--learning_rate", "1e6", "--max_steps", "8", "--save_steps", "1"]
+    with pytest.raises(NonFiniteLossError) as raised:
+        run_recipe("sft", [*argv, "--output_dir", str(out)])
+    message = str(raised.value)
+    assert "steps 2-4: gradient norm 0" in message and "stopped learning" in message
+    assert "no checkpoint in" in message and "--learning_rate 0.0002 --overwrite_output_dir true" in message
+    run_recipe("sft", [*argv, "--output_dir", str(out), "--learning_rate", "0.0002", "--overwrite_output_dir", "true"])
+    losses = [e for e in log_history(out) if "loss" in e]
+    assert len(losses) == 8 and all(e["grad_norm"] > 0 for e in losses)
