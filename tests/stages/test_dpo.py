@@ -253,7 +253,7 @@ def test_reference_handoff_on_a_4bit_backbone_is_refused_before_training(sft_out
     out = tmp_path / "dpo"
     with pytest.raises(ConfigError, match="adapter_handoff: merge"):
         run_recipe("dpo", [*HANDOFF, "--model_name_or_path", str(sft_out), "--adapter_handoff", "reference", "--output_dir", str(out)])  # fmt: skip
-    assert not list(out.iterdir())
+    assert not out.exists()  # refused before writing anything: no folder left behind
 
 
 GOOD = {"prompt": "Tell me which city is the capital of France, please.", "chosen": "Paris.", "rejected": "Rome."}
