@@ -38,6 +38,8 @@ def merge(argv: list[str]) -> int:
     p.add_argument("--private", action="store_true", help="Create the Hub repo private.")
     p.add_argument("--force", action="store_true", help="Push even when the parity check fails.")
     args = p.parse_args(argv)
+    if args.max_logit_diff is not None and not args.max_logit_diff >= 0:
+        p.error("--max_logit_diff must be >= 0 (a bound on max |logit difference|)")
     repo_id = None
     if args.push_to_hub:
         if not args.hub_model_id:

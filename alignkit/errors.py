@@ -46,7 +46,15 @@ class PreflightError(AlignkitError, RuntimeError):
 
 
 class NonFiniteLossError(AlignkitError, RuntimeError):
-    """Training produced a NaN/Inf loss or gradient norm."""
+    """Training produced a NaN/Inf loss or gradient norm (``status``: what the run record says)."""
+
+    status = "non-finite loss"
+
+
+class DivergenceError(NonFiniteLossError):
+    """Training diverged without a NaN: a gradient norm stuck at 0, or a loss that jumped."""
+
+    status = "diverged"
 
 
 def run_cli(main, argv=None):

@@ -83,16 +83,32 @@ NAMED_CHAT_TEMPLATES = ("chatml",)  # alignkit.data.templates.NAMED_TEMPLATES
 def _check_chat_template_spec(spec: str) -> None:
     """A chat_template is a name, an existing template file, or Jinja text; a path that does not exist is an error,
     never template text (every row would train on the path string)."""
-    if spec in NAMED_CHAT_TEMPLATES or "{{" in spec or "{%" in spec:
+    if spec in NAMED_CHAT_TEMPLATES:
         return
     path = Path(spec).expanduser()
-    if path.is_file():
-        return
-    what = "file does not exist" if path.suffix or "/" in spec else "is neither a template name, a file nor Jinja text"
-    raise ConfigError(
-        f"chat_template: '{spec}' {what}. Fix: give an existing .jinja file, one of {list(NAMED_CHAT_TEMPLATES)}, "
-        "or the template's Jinja text."
-    )
+    if "{{" in spec or "{%" in spec:
+        text, where = spec, "chat_template"
+    elif path.is_file():
+        text, where = path.read_text(encoding="utf-8-sig", errors="replace"), f"chat_template {spec}"
+        if "{{" not in text and "{%" not in text:
+            raise ConfigError(
+                f"{where}: the file holds no Jinja ({{{{ ... }}}} or {{% ... %}}), so it cannot render a conversation. "
+                "Fix: point chat_template at a chat template file, or use 'chatml'."
+            )
+    else:
+        what = "is a folder, not a file" if path.is_dir() else "file does not exist" if path.suffix or "/" in spec else "is neither a template name, a file nor Jinja text"  # fmt: skip
+        raise ConfigError(
+            f"chat_template: '{spec}' {what}. Fix: give an existing .jinja file, one of {list(NAMED_CHAT_TEMPLATES)}, "
+            "or the template's Jinja text."
+        )
+    import jinja2
+
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError(
+            f"{where}: not a valid Jinja template (line {exc.lineno}: {exc.message}). Fix: correct the template."
+        ) from None
 
 
 @dataclass
@@ -161,9 +177,9 @@ class DatasetSource:
                 weight = float(weight)
             except ValueError:
                 pass
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < 1e4:
             raise ConfigError(
-                f"datasets[{self.path}].weight: {self.weight!r} is not a number > 0. Fix: give a mixture weight such "
+                f"datasets[{self.path}].weight: {self.weight!r} is not a number in (0, 10000). Fix: give a mixture weight such "
                 "as 0.5 (keep half the rows), 1 (all) or 2 (every row twice), or drop the source."
             )
         self.weight = float(weight)

@@ -153,7 +153,9 @@ class RecipeParser:
             raise ConfigError(
                 f"{path}: '{exc.key}' is set twice, on line {exc.first} and line {exc.second}. Fix: keep one of them."
             ) from None
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}). Fix: save the recipe as UTF-8.") from None
+        except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc}). Fix: correct the YAML syntax.") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of key: value. Fix: use flat 'key: value' lines.")
@@ -196,6 +198,11 @@ class RecipeParser:
             if not eq:
                 nxt = argv[i + 1] if i + 1 < len(argv) else None
                 if nxt is None or nxt.startswith("--"):
+                    if key in self.types and bool not in _scalar_types(self.types[key]):
+                        raise ConfigError(
+                            f"command line: --{key} needs a value. Fix: write --{key} VALUE (a bare flag means true, "
+                            "for true/false keys only)."
+                        )
                     value = "true"  # a bare --flag means true
                     i += 1
                 else:
@@ -212,7 +219,8 @@ class RecipeParser:
 
     def help_text(self) -> str:
         lines = [
-            "usage: accelerate launch recipes/<stage>.py --config RECIPE.yaml [--key value ...] [--print_config]",
+            "usage: alignkit <stage> --config RECIPE.yaml [--key value ...] [--print_config]",
+            "   or: accelerate launch [launcher options] recipes/<stage>.py --config RECIPE.yaml [--key value ...]",
             "",
         ]
         for cls in self.dataclass_types:

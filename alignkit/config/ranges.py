@@ -72,7 +72,11 @@ RANGES: dict[str, Rule] = {
     "lora_alpha": POSITIVE,
     "lora_dropout": FRACTION,
     # data and lengths
-    "test_size": NON_NEGATIVE,
+    "test_size": Rule(
+        "a fraction in [0, 1) or a whole count of rows",
+        lambda x: _num(x) and x >= 0 and (x < 1 or float(x).is_integer()),
+        "0.1",
+    ),  # fmt: skip
     "max_train_samples": OPTIONAL_POSITIVE_INT,
     "max_eval_samples": OPTIONAL_POSITIVE_INT,
     "block_size": Rule("a whole number >= 2", lambda x: _int(x) and x >= 2, "512"),
@@ -81,7 +85,15 @@ RANGES: dict[str, Rule] = {
     "max_completion_length": OPTIONAL_POSITIVE_INT,
     "min_free_disk_gb": NON_NEGATIVE,
     # preference tuning (trl DPOConfig)
-    "beta": POSITIVE,
+    "beta": Rule("a number > 0", POSITIVE.ok, "0.1"),
+    # task heads and generation (Seq2SeqTrainingArguments, alignkit.tasks)
+    "max_target_length": POSITIVE_INT,
+    "generation_max_length": OPTIONAL_POSITIVE_INT,
+    "generation_num_beams": OPTIONAL_POSITIVE_INT,
+    "doc_stride": POSITIVE_INT,
+    "n_best_size": POSITIVE_INT,
+    "max_answer_length": POSITIVE_INT,
+    "mlm_probability": Rule("a number in (0, 1)", lambda x: _num(x) and 0 < x < 1, "0.15"),
     "label_smoothing": Rule("a number in [0, 0.5)", lambda x: _num(x) and 0 <= x < 0.5, "0.0"),
 }
 

@@ -34,9 +34,10 @@ def read_text(path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         raise DataError(
-            str(path), line, f"is not UTF-8 text: byte {exc.start} (0x{raw[exc.start]:02x}) on this line",
-            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or fix that byte",
+            str(path), line, f"is not UTF-8 text: byte 0x{raw[exc.start]:02x} at column {column} (file offset {exc.start})",
+            "save the file as UTF-8 (iconv -f <its encoding> -t utf-8), or fix that byte",
         ) from None  # fmt: skip
 
 
@@ -142,7 +143,7 @@ def load_datasets(data_args: DataArguments, schema=None):
     if not data_args.datasets:
         raise DataError("recipe", None, "no datasets given", "add 'datasets: [- path: data/train.jsonl]' to the recipe")
     rng = random.Random(data_args.mixture_seed)
-    trains, tests = [], []
+    trains, tests = [], []  # trains: (source, its checked rows, unweighted)
     for source in data_args.datasets:
         train = load_source_split(source)
         if train is None:
@@ -153,34 +154,61 @@ def load_datasets(data_args: DataArguments, schema=None):
             raise DataError(_label(source, source.split), None, "split is empty", "add rows, or remove this source")
         if schema is not None:
             train = schema.check(train, _label(source, source.split), row_lines(Path(source.path)))
+        if source.test_split and Path(source.path).is_file():
+            raise DataError(
+                source.path, None, f"is one file, so it has no '{source.test_split}' split",
+                "give the held-out rows as a second file (with split: the file) in a source of their own, or use test_size",
+            )  # fmt: skip
+        trains.append((source, train))
+        test = load_source_split(source, source.test_split) if source.test_split else None
+        if test is not None:
+            if schema is not None:
+                test = schema.check(test, _label(source, source.test_split))
+            tests.append(test)
+    out = {}
+    if tests:
+        out["test"] = datasets.concatenate_datasets(tests) if len(tests) > 1 else tests[0]
+    elif data_args.test_size:  # held out before the mixture weights, so no upsampled copy of an eval row trains
+        tagged = [train.add_column("__alignkit_source", [i] * len(train)) for i, (_, train) in enumerate(trains)]
+        pool = datasets.concatenate_datasets(tagged) if len(tagged) > 1 else tagged[0]
+        size = int(data_args.test_size) if data_args.test_size >= 1 else data_args.test_size
+        if (size if isinstance(size, int) else math.ceil(size * len(pool))) >= len(pool):
+            raise DataError(
+                "recipe", None, f"test_size {data_args.test_size} leaves no training rows", "lower test_size"
+            )
+        split = pool.train_test_split(test_size=size, seed=data_args.mixture_seed)
+        out["test"] = split["test"].remove_columns("__alignkit_source")
+        kept = split["train"]
+        trains = [
+            (s, kept.filter(lambda tag, i=i: tag == i, input_columns="__alignkit_source").remove_columns("__alignkit_source"))
+            for i, (s, _) in enumerate(trains)
+        ]  # fmt: skip
+        if len(trains) == 1:
+            trains = [(trains[0][0], split["train"].remove_columns("__alignkit_source"))]
+    weighted = []
+    for source, train in trains:
         if source.weight != 1:
             n_rows = len(train)
+            if n_rows == 0:
+                raise DataError(source.path, None, "test_size leaves none of its rows for training", "lower test_size")
+            if source.weight * n_rows > 1e8:
+                raise DataError(
+                    source.path,
+                    None,
+                    f"weight {source.weight:g} asks for {source.weight * n_rows:.3g} rows",
+                    "lower the weight",
+                )
             train = train.select(mixture_indices(n_rows, source.weight, rng))
             if len(train) == 0:
                 raise DataError(
                     source.path, None, f"weight {source.weight:g} keeps 0 of its {n_rows} rows",
                     f"raise the weight to at least {1 / n_rows:.3g}, or remove the source",
                 )  # fmt: skip
-        trains.append(train)
-        test = load_source_split(source, source.test_split) if source.test_split else None
-        if test is not None:
-            if schema is not None:
-                test = schema.check(test, _label(source, source.test_split))
-            tests.append(test)
-    train = datasets.concatenate_datasets(trains) if len(trains) > 1 else trains[0]
-    if len(trains) > 1:
+        weighted.append(train)
+    train = datasets.concatenate_datasets(weighted) if len(weighted) > 1 else weighted[0]
+    if len(weighted) > 1:
         train = train.shuffle(seed=data_args.mixture_seed)
-    out = {"train": train}
-    if tests:
-        out["test"] = datasets.concatenate_datasets(tests) if len(tests) > 1 else tests[0]
-    elif data_args.test_size:
-        size = int(data_args.test_size) if data_args.test_size >= 1 else data_args.test_size
-        if (size if isinstance(size, int) else math.ceil(size * len(train))) >= len(train):
-            raise DataError(
-                "recipe", None, f"test_size {data_args.test_size} leaves no training rows", "lower test_size"
-            )
-        split = train.train_test_split(test_size=size, seed=data_args.mixture_seed)
-        out = {"train": split["train"], "test": split["test"]}
+    out = {"train": train, **out}
     if data_args.max_train_samples:
         out["train"] = out["train"].select(range(min(data_args.max_train_samples, len(out["train"]))))
     if "test" in out and data_args.max_eval_samples:

@@ -95,7 +95,10 @@ def merge_adapter(
     record = RunRecord.read(adapter_dir)
     last = record.last if record else None
     if last and (last.task or "causal_lm") != "causal_lm":
-        raise ConfigError(f"{adapter_dir}: a {last.task} adapter; merge supports causal_lm adapters.")
+        raise ConfigError(
+            f"{adapter_dir}: a {last.task} adapter; merge supports causal_lm adapters. Fix: load it with its head as "
+            "the task tests do (alignkit.models.load_model(..., task, num_labels=...)), or merge a causal-LM stage."
+        )
     model_args, quant_args = _trained_args(adapter_dir, last)
     quantized = quant_args.load_in_4bit
     method = method or ("dequantize" if quantized else "full_precision")

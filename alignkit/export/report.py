@@ -50,9 +50,14 @@ def load_run(output_dir: str | Path) -> RunLog:
         raise ConfigError(f"{output_dir}: no trainer_state.json. Fix: pass the output_dir of a finished run.")
     record = RunRecord.read(output_dir)
     stage = record.stage if record else "run"
-    return RunLog(
-        name=f"{stage}:{output_dir.name}", stage=stage, log_history=json.loads(state.read_text())["log_history"]
-    )
+    try:
+        history = json.loads(state.read_text())["log_history"]
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"{state}: not a readable trainer state ({exc}). Fix: pass the output_dir of a finished run (a run cut "
+            "short while saving leaves a broken file: rerun or resume it)."
+        ) from None
+    return RunLog(name=f"{stage}:{output_dir.name}", stage=stage, log_history=history)
 
 
 def key_series(log_history: list[dict], key: str) -> Series:
@@ -75,7 +80,12 @@ def write_report(output_dirs: list[str | Path], out_dir: str | Path | None = Non
         for r, d in zip(runs, output_dirs):
             r.name = f"{r.stage}:{d}"
     out = Path(out_dir) if out_dir else (Path(output_dirs[0]) / "report" if len(runs) == 1 else Path("alignkit_report"))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"--out {out}: cannot be a report folder ({exc.strerror}). Fix: choose another --out."
+        ) from None
     pngs: dict[str, Path] = {}
     series: dict[str, dict[str, dict[str, Series]]] = {}
     for stem, (title, keys) in PLOTS.items():

@@ -94,7 +94,13 @@ def load_config(model_args: ModelArguments, source: ModelSource | None = None, *
 
     source = source or resolve_source(model_args)
     kwargs: dict[str, Any] = {"trust_remote_code": model_args.trust_remote_code, "revision": model_args.revision}
-    config = AutoConfig.from_pretrained(source.base, **kwargs, **config_kwargs)
+    try:
+        config = AutoConfig.from_pretrained(source.base, **kwargs, **config_kwargs)
+    except OSError as exc:  # a Hub id without the Hub, a folder without config.json
+        raise PreflightError(
+            f"model_name_or_path: could not load '{model_args.model_name_or_path}' ({str(exc).splitlines()[0]}). Fix: "
+            "point it at a local model directory or .gguf file; Hub ids need network access."
+        ) from None
     for key, value in (model_args.config_overrides or {}).items():
         if not hasattr(config, key):
             raise ConfigError(f"config_overrides: the model config has no field '{key}'.")
@@ -116,6 +122,7 @@ def load_base_model(
     auto = get_head(task).auto()
     dtype = runtime.resolve_dtype(quant_args.bnb_4bit_compute_dtype if quant_args.load_in_4bit else model_args.dtype)
     config = load_config(model_args, source, **head_kwargs)
+    _check_head_fits(model_args, config, task, source)
     if model_args.from_scratch:
         torch_model = auto.from_config(config, trust_remote_code=model_args.trust_remote_code)
         return torch_model.to(dtype)
@@ -147,6 +154,29 @@ def load_base_model(
     if quantization_config is not None:
         _keep_trainable_4bit_layout(model)
     return _fold(model, source.fold_adapters)
+
+
+def _check_head_fits(model_args, config, task: str, source: ModelSource) -> None:
+    """A causal-LM stage needs a decoder: an encoder (BERT) loaded as a causal LM sees the tokens it predicts, an
+    encoder-decoder loses its encoder. And an earlier stage's output continues only with the head it trained."""
+    trained = source.lineage[-1].task if source.lineage else None
+    if trained and trained != task and source.adapter_dir:
+        raise ConfigError(
+            f"model_name_or_path: {source.adapter_dir} holds a {trained} adapter, and this stage trains a {task} head. "
+            "Fix: start this stage from a model with that head (for a causal-LM stage: a causal LM or its SFT/CPT output)."
+        )
+    if task != "causal_lm":
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+    if getattr(config, "is_encoder_decoder", False) or encoder:
+        kind = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "an encoder (bidirectional)"
+        raise ConfigError(
+            f"model_name_or_path: '{model_args.model_name_or_path}' is {kind} model ({config.model_type}), not a causal "
+            "LM: trained as one it would see the tokens it predicts. Fix: use a decoder model (Llama, SmolLM2, ...) for "
+            "cpt/sft/dpo, or the task recipe (alignkit task: mlm, seq2seq, ...) for this model."
+        )
 
 
 def _keep_trainable_4bit_layout(model) -> None:

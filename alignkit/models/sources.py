@@ -98,7 +98,24 @@ def _adapter_output(name: str, model_args: ModelArguments) -> ModelSource:
 
 def _run_output(name: str, _) -> ModelSource:
     parent = RunRecord.read(name)  # a merged/full alignkit output: a plain model with a lineage
+    if not parent.finished:
+        raise ConfigError(
+            f"model_name_or_path: {name} holds a {parent.stage} run that did not finish (status: {parent.status}), so "
+            "there is no model to start from. Fix: finish or rerun that stage, or resume it (resume_from_checkpoint: "
+            "true), or start from one of its checkpoint-N folders."
+        )
     return ModelSource(base=name, parent_run=parent, lineage=list(parent.lineage))
+
+
+def _is_plain_file(name: str, model_args: ModelArguments) -> bool:
+    return Path(name).is_file() and not name.endswith(".gguf")
+
+
+def _plain_file(name: str, _) -> ModelSource:
+    raise ConfigError(
+        f"model_name_or_path: '{name}' is a file, not a model. Fix: point it at a model folder (with config.json), a "
+        ".gguf file, an earlier stage's output_dir, a Hub id or a built-in name such as tiny:llama."
+    )
 
 
 def _is_missing_path(name: str, _) -> bool:
@@ -132,6 +149,7 @@ SCHEMES: tuple[Scheme, ...] = (
            lambda n, _: ModelSource(base=str(packaged.packaged_path(n)))),
     Scheme("unknown prefix", "nosuch:model", _is_unknown_prefix, _unknown_prefix),
     Scheme("missing path", "./no/such/dir", _is_missing_path, _missing),
+    Scheme("plain file", "README.md", _is_plain_file, _plain_file),
     Scheme("gguf", "model.Q4_1.gguf", _is_gguf, _gguf),
     Scheme("adapter output", "outputs/sft", _is_adapter_output, _adapter_output),
     Scheme("run output", "outputs/dpo-merged", lambda n, _: RunRecord.exists(n), _run_output),

@@ -6,7 +6,7 @@ import logging
 
 from alignkit.config.args import ModelArguments
 from alignkit.data.templates import CHATML, marks_assistant_turns, resolve_chat_template
-from alignkit.errors import ConfigError
+from alignkit.errors import ConfigError, PreflightError
 from alignkit.models.sources import resolve_source
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,13 @@ def load_tokenizer(
     source = source or resolve_source(model_args)
     name = model_args.tokenizer_name_or_path or source.adapter_dir or source.base
     kwargs = {"trust_remote_code": model_args.trust_remote_code, "revision": model_args.revision}
-    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    except OSError as exc:  # a Hub id without the Hub, a folder without tokenizer files
+        raise PreflightError(
+            f"tokenizer: could not load '{name}' ({str(exc).splitlines()[0]}). Fix: point model_name_or_path (or "
+            "tokenizer_name_or_path) at a local model directory or .gguf file; Hub ids need network access."
+        ) from None
     changes = apply_contract(
         tokenizer,
         chat_template=model_args.chat_template,

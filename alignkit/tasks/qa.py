@@ -42,9 +42,12 @@ def _check_row(row, source, i):
                 source, i, "an answer text is empty", "give every answer its text as it appears in the context"
             )
         if not isinstance(start, int) or context[start : start + len(text)] != text:
-            found = context.find(text) if isinstance(text, str) else -1
+            places = [m.start() for m in re.finditer(re.escape(text), context)]
+            near = start if isinstance(start, int) else 0
+            found = min(places, key=lambda p: abs(p - near)) if places else -1
             hint = (
                 f"set answer_start to {found}, where the text occurs"
+                + (f" nearest to {start} ({len(places)} places in all)" if len(places) > 1 else "")
                 if found >= 0
                 else "the answer text does not occur in the context; copy it from the context"
             )

@@ -13,7 +13,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from alignkit.errors import NonFiniteLossError
+from alignkit.errors import DivergenceError, NonFiniteLossError
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +64,22 @@ class NonFiniteGuard(TrainerCallback):
                     f"steps {self.zero_since}-{step}: gradient norm 0 at learning_rate {lr:g}, so the model has stopped "
                     "learning (its weights diverged)",
                     before=self.zero_since - 1,  # step k's gradient is of the weights step k-1 wrote
+                    error=DivergenceError,
                 )
         if isinstance(loss, float):
             if len(self.losses) >= 5:
                 typical = sorted(self.losses[-10:])[len(self.losses[-10:]) // 2]
                 if loss > self.LOSS_JUMP * typical:
-                    raise _stopped(args, f"step {step}: loss {loss:.4g} jumped from ~{typical:.4g}", before=step - 1)
+                    raise _stopped(
+                        args,
+                        f"step {step}: loss {loss:.4g} jumped from ~{typical:.4g}",
+                        before=step - 1,
+                        error=DivergenceError,
+                    )
             self.losses.append(loss)
 
 
-def _stopped(args, what: str, before: int | None = None) -> NonFiniteLossError:
+def _stopped(args, what: str, before: int | None = None, error=NonFiniteLossError) -> NonFiniteLossError:
     """The error for a run stopped at ``what``, naming the last complete checkpoint saved before step ``before``."""
     last = last_complete_checkpoint(args.output_dir, before=before)
     lower = f"{min(args.learning_rate / 10, 2e-4):g}"
@@ -91,7 +97,7 @@ def _stopped(args, what: str, before: int | None = None) -> NonFiniteLossError:
         else f"no checkpoint in {args.output_dir} yet"
     )
     kept = f"the last good checkpoint, {last}, is intact" if last else none
-    return NonFiniteLossError(f"{what}; {kept}. Fix: {fix}; or raise warmup_steps; check the data for extreme values.")
+    return error(f"{what}; {kept}. Fix: {fix}; or raise warmup_steps; check the data for extreme values.")
 
 
 class ResolvedConfigToWandb(TrainerCallback):

@@ -25,8 +25,8 @@ class OutputDirLock:
     """An exclusive lock on ``output_dir`` for the life of one run, so a second run into it is refused instead of
     writing over the first. It is a ``flock`` on the directory itself: nothing is written into the folder, and the
     kernel drops the lock when the holding process ends however it ends, so a lock is never stale. Rank 0 takes it
-    for all ranks of a launch. ``release(failed=True)`` also removes the folder if this run created it and it is
-    still empty (a run that failed before writing anything leaves nothing behind)."""
+    for all ranks of a launch. ``release`` also removes the folder if this run created it and it is still empty (a
+    run that failed before writing anything leaves nothing behind)."""
 
     def __init__(self, output_dir: Path):
         self.output_dir = Path(output_dir)
@@ -49,17 +49,17 @@ class OutputDirLock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _lock_holder(out)
-            self.release(failed=True)
+            self.release()
             raise PreflightError(
                 f"output_dir {out}: in use by another alignkit run that is still going ({holder}). Fix: wait for it "
                 "to finish, or choose another output_dir. Do not resume into or overwrite a live run."
             ) from None
 
-    def release(self, failed: bool = False) -> None:
+    def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # drops the flock
             self.fd = None
-        if failed and self.created:
+        if self.created:
             try:
                 self.output_dir.rmdir()  # only if still empty
             except OSError:
@@ -154,14 +154,26 @@ def resolve_resume(output_dir: Path, resume) -> str | None:
     return str(path)
 
 
-# Keys a resumed run may change: they say how long to go on, how often to save and log, where to report; none of
-# them changes what a step computes.
+# Keys a resumed run may change, and that take effect when it does: how long to go on, how many checkpoints to keep,
+# where to report. (How often to save, log or evaluate is restored from the checkpoint's trainer state by
+# transformers, so a change there would be silently ignored: it is refused like the rest.)
 RESUMABLE_CHANGES = {
-    "resume_from_checkpoint", "overwrite_output_dir", "max_steps", "num_train_epochs", "save_steps", "save_strategy",
-    "save_total_limit", "logging_steps", "logging_strategy", "eval_steps", "eval_strategy", "report_to", "run_name",
-    "disable_tqdm", "min_free_disk_gb", "push_to_hub", "hub_model_id", "hub_private_repo", "wandb_group",
-    "output_dir", "logging_dir", "dataloader_num_workers", "label_preview",
+    "resume_from_checkpoint", "overwrite_output_dir", "max_steps", "num_train_epochs", "save_total_limit",
+    "report_to", "run_name", "disable_tqdm", "min_free_disk_gb", "push_to_hub", "hub_model_id", "hub_private_repo",
+    "wandb_group", "output_dir", "logging_dir", "dataloader_num_workers", "label_preview",
 }  # fmt: skip
+
+
+def check_resume_has_steps_left(checkpoint: str, train_args) -> None:
+    """A resume from the step ``max_steps`` already reached would train past it (transformers takes one more step)."""
+    from alignkit.train.callbacks import checkpoint_step
+
+    step = checkpoint_step(Path(checkpoint))
+    if train_args.max_steps > 0 and step is not None and step >= train_args.max_steps:
+        raise PreflightError(
+            f"resume_from_checkpoint: {checkpoint} is at step {step}, and max_steps is {train_args.max_steps}: nothing "
+            f"is left to train. Fix: raise max_steps (e.g. --max_steps {2 * step}) to train on, or use the run as it is."
+        )
 
 
 def check_resume_unchanged(saved_config: Path, resolved: dict) -> None:
@@ -178,7 +190,7 @@ def check_resume_unchanged(saved_config: Path, resolved: dict) -> None:
         diff = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
         raise PreflightError(
             f"resume_from_checkpoint: the recipe differs from the run being resumed ({diff}); a resume restores the "
-            "checkpoint's optimizer and schedule and would not apply it. Fix: resume with the run's own values (they are "
+            "checkpoint's optimizer, schedule and trainer state, and would not apply it. Fix: resume with the run's own values (they are "
             f"in {saved_config}), or start a new run (another output_dir, or overwrite_output_dir: true) with the new ones."
         )
 
@@ -190,9 +202,16 @@ _ADAPTER_KEYS = {
 }  # fmt: skip
 
 
-def check_handoff(recipe, source) -> None:
-    """With ``adapter_handoff: continue`` the earlier stage's adapter keeps training as it is: an adapter setting
-    the recipe sets to another value cannot apply, and is refused rather than silently ignored."""
+def check_handoff(recipe, source, head: str = "causal_lm") -> None:
+    """An earlier stage's adapter continues only with the head it trained. With ``adapter_handoff: continue`` it
+    keeps training as it is: an adapter setting the recipe sets to another value cannot apply, and is refused
+    rather than silently ignored."""
+    trained = source.lineage[-1].task if source.lineage else None
+    if source.adapter_dir and trained and trained != head:
+        raise PreflightError(
+            f"model_name_or_path: {source.adapter_dir} holds a {trained} adapter, and this stage trains a {head} head. "
+            "Fix: start this stage from a model with that head (for cpt/sft/dpo: a causal LM or its CPT/SFT output)."
+        )
     if source.adapter_dir is None or recipe.model.adapter_handoff != "continue" or not recipe.adapter.use_peft:
         return
     config = json.loads((Path(source.adapter_dir) / "adapter_config.json").read_text())

@@ -49,17 +49,18 @@ class Run:
             self.source = resolve_source(recipe.model)
             self._setup()
         except BaseException:
-            self.close(failed=True)
+            self.close()
             raise
 
     def __enter__(self) -> Run:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(failed=exc_type is not None)
+        self.close()
 
-    def close(self, failed: bool = False) -> None:
-        self.lock.release(failed=failed)
+    def close(self) -> None:
+        """Release the output dir; remove it if this run created it and left it empty (refused, or label_preview)."""
+        self.lock.release()
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -75,8 +76,10 @@ class Run:
         preflight.check_output_dir(self.output_dir, self.recipe.run, t.resume_from_checkpoint)
         self.resume_checkpoint = preflight.resolve_resume(self.output_dir, t.resume_from_checkpoint)
         if self.resume_checkpoint:
+            preflight.check_resume_has_steps_left(self.resume_checkpoint, t)
             preflight.check_resume_unchanged(self.output_dir / CONFIG_FILE, self.recipe.resolved())
-        preflight.check_handoff(self.recipe, self.source)
+        head = self.recipe.extra[0].task if self.recipe.extra else "causal_lm"  # the task recipe's extra[0]: task
+        preflight.check_handoff(self.recipe, self.source, head)
         preflight.protect_hub_token(t)
         self.hub_repo = self._claim_hub_push()
         self._setup_tracking()
@@ -187,8 +190,8 @@ class Run:
         started = time.time()
         try:
             result = trainer.train(resume_from_checkpoint=self.resume_checkpoint)
-        except NonFiniteLossError:
-            self._write_metadata(status="stopped: non-finite loss")
+        except NonFiniteLossError as exc:
+            self._write_metadata(status=f"stopped: {exc.status}")
             raise
         finally:
             trainer.args.save_total_limit = keep  # the saved config says what the recipe asked

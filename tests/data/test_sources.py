@@ -101,3 +101,16 @@ def test_test_size_fraction_and_count(tmp_path):
     assert (len(count["train"]), len(count["test"])) == (5, 3)
     with pytest.raises(DataError, match="leaves no training rows"):
         load_datasets(DataArguments(datasets=[str(path)], test_size=10), CPT)
+
+
+def test_held_out_rows_never_train_even_when_upsampled(tmp_path):
+    """test_size is held out before the mixture weights: an upsampled source's copies of an eval row do not train.
+    (Splitting after upsampling put 6 of 8 eval rows of a weight-2 source into training too.)"""
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"a{i}"} for i in range(20)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"b{i}"} for i in range(10)])
+    data = load_datasets(DataArguments(datasets=[{"path": str(a), "weight": 2}, {"path": str(b)}], test_size=8), CPT)
+    held = set(data["test"]["text"])
+    assert len(data["test"]) == 8 and not held & set(data["train"]["text"])
+    counts = Counter(t[0] for t in data["train"]["text"])
+    held_a = sum(t[0] == "a" for t in held)
+    assert counts == {"a": 2 * (20 - held_a), "b": 10 - (8 - held_a)}  # the weight applies to the training rows

@@ -81,6 +81,26 @@ def output_dir_under_a_file(case_dir: Path, out: Path, mp) -> None:
     (case_dir / "a_file").write_text("not a folder")
 
 
+def junk_template_file(case_dir: Path, out: Path, mp) -> None:
+    (case_dir / "t.txt").write_text("x")
+
+
+def crashed_run(case_dir: Path, out: Path, mp) -> None:
+    (case_dir / "crashed").mkdir()
+    (case_dir / "crashed" / "alignkit_run.json").write_text(
+        json.dumps({"format": 1, "status": "running", "stage": "sft"})
+    )
+
+
+def ner_adapter_output(case_dir: Path, out: Path, mp) -> None:
+    folder = case_dir / "ner_out"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "tiny:bert", "r": 4}))
+    record = {"format": 1, "status": "finished", "stage": "token_cls", "base_model_args": {"model_name_or_path": "tiny:bert"},
+              "lineage": [{"stage": "token_cls", "task": "token_cls", "adapter": "lora"}]}  # fmt: skip
+    (folder / "alignkit_run.json").write_text(json.dumps(record))
+
+
 def no_hub_token(case_dir: Path, out: Path, mp) -> None:
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         mp.setenv(name, "")
@@ -215,7 +235,7 @@ CASES = [
          config=dict(lora_target_modules="q_proj,v_proj")),
     Case("weight-not-a-number", "sft", ConfigError, ("weight", "'two'", "not a number"),
          config=dict(datasets=[{"path": "{data}", "weight": "two"}])),
-    Case("weight-zero", "sft", ConfigError, ("weight", "not a number > 0"), config=dict(datasets=[{"path": "{data}", "weight": 0}])),
+    Case("weight-zero", "sft", ConfigError, ("weight", "not a number in (0, 10000)"), config=dict(datasets=[{"path": "{data}", "weight": 0}])),
     Case("weight-keeps-no-rows", "sft", DataError, ("{data}", "weight 0.005 keeps 0 of its 8 rows", "at least 0.125"),
          config=dict(datasets=[{"path": "{data}", "weight": 0.005}])),
     Case("dataset-key-unknown", "sft", ConfigError, ("datasets[0]", "'wieght'", "Did you mean 'weight'"),
@@ -233,6 +253,29 @@ CASES = [
     Case("task-unknown", "token_cls", ConfigError, ("task", "'ner'", "is not a task"), config=dict(task="ner")),
     Case("stage-key-of-another-stage", "sft", ConfigError, ("'beta'", "dpo recipe"), config=dict(beta=0.1)),
     Case("task-key-in-stage-recipe", "sft", ConfigError, ("'task'", "task recipe"), cli=("--task", "qa")),
+    # ---------------------------------------------------------------- found by a fresh user's session
+    Case("sft-on-an-encoder", "sft", ConfigError, ("tiny:bert", "not a causal", "alignkit task"), config=dict(model_name_or_path="tiny:bert")),
+    Case("dpo-from-a-task-adapter", "dpo", PreflightError, ("{case}/ner_out", "token_cls adapter", "causal_lm head"),
+         config=dict(model_name_or_path="{case}/ner_out"), prepare=ner_adapter_output),
+    Case("start-from-an-unfinished-run", "dpo", ConfigError, ("{case}/crashed", "did not finish"),
+         config=dict(model_name_or_path="{case}/crashed"), prepare=crashed_run),
+    Case("model-path-is-a-file", "sft", ConfigError, ("{data}", "is a file, not a model"), config=dict(model_name_or_path="{data}")),
+    Case("hub-id-without-the-hub", "sft", PreflightError, ("nosuchorg/nosuchmodel", "Hub ids need network access"),
+         config=dict(model_name_or_path="nosuchorg/nosuchmodel")),
+    Case("chat-template-file-without-jinja", "sft", ConfigError, ("{case}/t.txt", "holds no Jinja"),
+         config=dict(chat_template="{case}/t.txt", assistant_only_loss=False), prepare=junk_template_file),
+    Case("chat-template-bad-jinja", "sft", ConfigError, ("chat_template", "not a valid Jinja template", "line 1"),
+         config=dict(chat_template="{% for m in messages %}{{ m.content", assistant_only_loss=False)),
+    Case("chat-template-a-folder", "sft", ConfigError, ("chat_template", "is a folder"), config=dict(chat_template="{case}")),
+    Case("range-qa-doc_stride-0", "qa", ConfigError, ("doc_stride", "out of range"), config=dict(doc_stride=0)),
+    Case("range-generation-beams-0", "token_cls", ConfigError, ("generation_num_beams", "out of range"),
+         config=dict(generation_num_beams=0)),
+    Case("range-test-size-fractional-count", "sft", ConfigError, ("test_size", "out of range"), config=dict(test_size=2.5)),
+    Case("weight-infinite", "sft", ConfigError, ("weight", "not a number in (0, 10000)"),
+         config=dict(datasets=[{"path": "{data}", "weight": float("inf")}])),
+    Case("test-split-on-one-file", "sft", DataError, ("{data}", "is one file", "test_size"),
+         config=dict(datasets=[{"path": "{data}", "test_split": "validation"}])),
+    Case("cli-number-key-without-value", "sft", ConfigError, ("--max_steps needs a value",), cli=("--max_steps",)),
 ]  # fmt: skip
 
 

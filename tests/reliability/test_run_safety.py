@@ -56,8 +56,12 @@ def test_resume_with_a_changed_learning_rate_is_refused(callbacks, tmp_path):  #
     resume = [*SFT_LORA, "--output_dir", str(out), "--resume_from_checkpoint", "true"]
     with pytest.raises(PreflightError, match=r"learning_rate: 0\.005 -> 0\.001.*Fix: resume with the run's own values"):
         run_recipe("sft", [*resume, "--learning_rate", "1e-3"])
+    with pytest.raises(PreflightError, match=r"save_steps: 1(\.0)? -> 2"):  # restored from the checkpoint: refused too
+        run_recipe("sft", [*resume, "--save_steps", "2"])
     run_recipe("sft", [*resume, "--max_steps", "4"])  # how long to go on may change
     assert json.loads((out / "alignkit_run.json").read_text())["status"] == "finished"
+    with pytest.raises(PreflightError, match=r"checkpoint-4 is at step 4, and max_steps is 4: nothing is left"):
+        run_recipe("sft", [*resume, "--max_steps", "4"])  # transformers would take a 5th step
 
 
 def test_continue_handoff_refuses_adapter_settings_it_cannot_apply(tmp_path):

@@ -61,3 +61,21 @@ def test_missing_label_list_and_wrong_task_are_config_errors(tmp_path):
     assert isinstance(error, ConfigError) and "label_list" in str(error)
     error, _ = _run(tmp_path, "task_ner", ner_rows(4), "--task", "causal_lm")
     assert isinstance(error, ConfigError) and "recipes/sft.py" in str(error)
+
+
+def test_answer_start_fix_names_the_nearest_occurrence():
+    """A context can hold the answer text several times: the fix points at the occurrence nearest the given offset,
+    not the first (which would label another span)."""
+    from alignkit.tasks.qa import QuestionAnswering
+    from alignkit.tasks.qa import QuestionAnsweringArguments as Args
+
+    context = "Alice works in London. Later, Dave moved to London too."
+    row = {
+        "question": "Where did Dave move?",
+        "context": context,
+        "answers": {"text": ["London"], "answer_start": [47]},
+    }
+    task = QuestionAnswering.__new__(QuestionAnswering)
+    task.args = Args()
+    with pytest.raises(DataError, match=r"set answer_start to 44, where the text occurs nearest to 47 \(2 places"):
+        task.schema.check_row(row, "qa.jsonl", 4)
