@@ -9,6 +9,7 @@ smoke recipes and regression trajectories never touch the network.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import tempfile
@@ -52,7 +53,9 @@ def tiny_model_path(kind: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=target.parent))
     try:
-        build_tiny(kind, tmp)
+        _build_in_clean_process(kind, tmp)
+        if target.exists() and not (target / "config.json").is_file():
+            shutil.rmtree(target, ignore_errors=True)  # a broken copy (an older alignkit built one under ZeRO-3)
         try:
             tmp.rename(target)  # atomic: concurrent ranks either win or find a complete copy
         except OSError:
@@ -60,6 +63,23 @@ def tiny_model_path(kind: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _build_in_clean_process(kind: str, out_dir: Path) -> None:
+    """Build in a fresh interpreter without the launcher's environment: a rank of a DeepSpeed ZeRO-3 launch would
+    otherwise construct (and save) the model partitioned, and the caller's RNG and thread settings must not matter."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "DEEPSPEED", "TORCHELASTIC"))}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"):
+        env.pop(key, None)
+    done = subprocess.run(
+        [sys.executable, "-c", f"from alignkit.testing.tiny import build_tiny; build_tiny({kind!r}, {str(out_dir)!r})"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0 or not (out_dir / "config.json").is_file() or not (out_dir / "model.safetensors").is_file():
+        raise RuntimeError(f"building tiny:{kind} failed:\n{done.stderr[-3000:]}")
 
 
 def _bpe_tokenizer(special: list[str], vocab_size: int = 512):
