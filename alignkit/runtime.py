@@ -116,6 +116,19 @@ def fit_backend_to_device(args) -> None:
         args.use_cpu = True
 
 
+_LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without the launcher's variables: for a helper process that must run as a plain
+    single process (building a model inside a ZeRO-3 rank would construct and save it partitioned)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ACCELERATE_", "DEEPSPEED", "TORCHELASTIC")) and k not in _LAUNCH_VARIABLES
+    }
+
+
 def gpu_available() -> bool:
     import torch
 

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignkit import runtime
 from alignkit.errors import ConfigError, PreflightError
 
 logger = logging.getLogger(__name__)
@@ -148,11 +149,8 @@ def converted_gguf(gguf: str | Path) -> Path:
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """Dequantize ``gguf`` with transformers' GGUF loader (float32) and save model + tokenizer as safetensors, in a
     fresh interpreter without a launcher's environment (a ZeRO-3 rank would build and save the model partitioned)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "DEEPSPEED", "TORCHELASTIC"))}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"):
-        env.pop(key, None)
     code = f"from pathlib import Path; from alignkit.models.packaged import _convert; _convert(Path({str(gguf)!r}), Path({str(out_dir)!r}))"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], env=runtime.clean_env(), capture_output=True, text=True)
     if done.returncode != 0 or not (out_dir / "config.json").is_file():
         raise PreflightError(
             f"{gguf}: could not be converted to safetensors ({done.stderr.strip().splitlines()[-1:]}). Fix: check that "

@@ -9,7 +9,6 @@ smoke recipes and regression trajectories never touch the network.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import tempfile
@@ -71,12 +70,11 @@ def _build_in_clean_process(kind: str, out_dir: Path) -> None:
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "DEEPSPEED", "TORCHELASTIC"))}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"):
-        env.pop(key, None)
+    from alignkit.runtime import clean_env
+
     done = subprocess.run(
         [sys.executable, "-c", f"from alignkit.testing.tiny import build_tiny; build_tiny({kind!r}, {str(out_dir)!r})"],
-        env=env, capture_output=True, text=True,
+        env=clean_env(), capture_output=True, text=True,
     )  # fmt: skip
     if done.returncode != 0 or not (out_dir / "config.json").is_file() or not (out_dir / "model.safetensors").is_file():
         raise RuntimeError(f"building tiny:{kind} failed:\n{done.stderr[-3000:]}")
