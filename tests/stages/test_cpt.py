@@ -49,7 +49,9 @@ def test_every_block_token_is_trained_even_eos_when_pad_is_eos(tiny_llama, train
     metrics = run_recipe(
         "cpt", [*TINY, "--model_name_or_path", str(model), "--output_dir", str(out), "--label_preview"]
     )
-    assert metrics == {} and not out.exists(), "label_preview must print and exit without training or writing (not even the folder)"
+    assert metrics == {} and not out.exists(), (
+        "label_preview must print and exit without training or writing (not even the folder)"
+    )
     assert "64/64 tokens are trained" in capsys.readouterr().out
     trainer = trainers[0]
     assert trainer.processing_class.pad_token_id == trainer.processing_class.eos_token_id

@@ -55,7 +55,9 @@ def _label_spans(batch, tokenizer):
 def test_assistant_only_loss_labels_no_user_or_system_token(packing, trainers, tmp_path, capsys):
     out = tmp_path / "out"
     metrics = run_recipe("sft", [*TINY, "--output_dir", str(out), "--packing", str(packing), "--label_preview"])
-    assert metrics == {} and not out.exists(), "label_preview must print and exit without training or writing (not even the folder)"
+    assert metrics == {} and not out.exists(), (
+        "label_preview must print and exit without training or writing (not even the folder)"
+    )
     assert "tokens are trained" in capsys.readouterr().out
     trainer = trainers[0]
     tokenizer = trainer.processing_class

@@ -104,3 +104,17 @@ def test_task_recipe_refuses_another_tasks_key():
         parse_task_recipe(["--config", str(REPO / "recipes/tiny/task_ner.yaml"), "--doc_stride", "8"])
     with pytest.raises(ConfigError, match="task: 'ner' is not a task"):
         parse_task_recipe(["--config", str(REPO / "recipes/tiny/task_ner.yaml"), "--task", "ner"])
+
+
+def test_every_default_obeys_the_range_table():
+    """The range rules (alignkit.config.ranges) check what a recipe sets; the defaults themselves must pass them."""
+    from alignkit.config import AdapterArguments, DataArguments, QuantizationArguments, RunArguments
+    from alignkit.config.ranges import check_ranges
+
+    for stage in STAGES.values():
+        groups = [stage.config_class(output_dir="/tmp/alignkit-unused"), *(c() for c in stage.extra_classes)]
+        check_ranges(
+            [*groups, ModelArguments(), QuantizationArguments(), AdapterArguments(), DataArguments(), RunArguments()]
+        )
+    for task in TASKS.values():
+        check_ranges([task.Arguments()])
