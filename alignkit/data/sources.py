@@ -179,12 +179,13 @@ def load_datasets(data_args: DataArguments, schema=None):
         split = pool.train_test_split(test_size=size, seed=data_args.mixture_seed)
         out["test"] = split["test"].remove_columns("__alignkit_source")
         kept = split["train"]
-        trains = [
-            (s, kept.filter(lambda tag, i=i: tag == i, input_columns="__alignkit_source").remove_columns("__alignkit_source"))
-            for i, (s, _) in enumerate(trains)
-        ]  # fmt: skip
         if len(trains) == 1:
-            trains = [(trains[0][0], split["train"].remove_columns("__alignkit_source"))]
+            trains = [(trains[0][0], kept.remove_columns("__alignkit_source"))]
+        else:  # each source's share of the training rows, for its own weight
+            trains = [
+                (s, kept.filter(lambda tag, i=i: tag == i, input_columns="__alignkit_source").remove_columns("__alignkit_source"))
+                for i, (s, _) in enumerate(trains)
+            ]  # fmt: skip
     weighted = []
     for source, train in trains:
         if source.weight != 1:

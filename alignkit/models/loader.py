@@ -156,15 +156,21 @@ def load_base_model(
     return _fold(model, source.fold_adapters)
 
 
+def check_source_head(source: ModelSource, task: str) -> None:
+    """An earlier stage's adapter continues only with the head it trained (the run loop calls this before anything
+    loads; the loader again, for direct callers)."""
+    trained = source.lineage[-1].task if source.lineage else None
+    if source.adapter_dir and trained and trained != task:
+        raise PreflightError(
+            f"model_name_or_path: {source.adapter_dir} holds a {trained} adapter, and this stage trains a {task} head. "
+            "Fix: start this stage from a model with that head (for cpt/sft/dpo: a causal LM or its CPT/SFT output)."
+        )
+
+
 def _check_head_fits(model_args, config, task: str, source: ModelSource) -> None:
     """A causal-LM stage needs a decoder: an encoder (BERT) loaded as a causal LM sees the tokens it predicts, an
     encoder-decoder loses its encoder. And an earlier stage's output continues only with the head it trained."""
-    trained = source.lineage[-1].task if source.lineage else None
-    if trained and trained != task and source.adapter_dir:
-        raise ConfigError(
-            f"model_name_or_path: {source.adapter_dir} holds a {trained} adapter, and this stage trains a {task} head. "
-            "Fix: start this stage from a model with that head (for a causal-LM stage: a causal LM or its SFT/CPT output)."
-        )
+    check_source_head(source, task)
     if task != "causal_lm":
         return
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES

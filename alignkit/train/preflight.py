@@ -206,12 +206,9 @@ def check_handoff(recipe, source, head: str = "causal_lm") -> None:
     """An earlier stage's adapter continues only with the head it trained. With ``adapter_handoff: continue`` it
     keeps training as it is: an adapter setting the recipe sets to another value cannot apply, and is refused
     rather than silently ignored."""
-    trained = source.lineage[-1].task if source.lineage else None
-    if source.adapter_dir and trained and trained != head:
-        raise PreflightError(
-            f"model_name_or_path: {source.adapter_dir} holds a {trained} adapter, and this stage trains a {head} head. "
-            "Fix: start this stage from a model with that head (for cpt/sft/dpo: a causal LM or its CPT/SFT output)."
-        )
+    from alignkit.models.loader import check_source_head
+
+    check_source_head(source, head)
     if source.adapter_dir is None or recipe.model.adapter_handoff != "continue" or not recipe.adapter.use_peft:
         return
     config = json.loads((Path(source.adapter_dir) / "adapter_config.json").read_text())
