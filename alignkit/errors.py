@@ -4,9 +4,12 @@ import re
 
 # Secrets by value (Hugging Face tokens, 40-hex W&B API keys) and by the flag or variable that carries them.
 _SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{8,}|[0-9a-f]{40})\b")
-_SECRET_NAMED = re.compile(
-    r"((?<![A-Za-z0-9_])(?:--)?(?:hub_token|hf_token|token|api_key|wandb_api_key|password|secret)\b['\"]?\s*[=:,]?\s*['\"]?)([^\s'\",]+)",
-    re.IGNORECASE,
+_SECRET_KEYS = r"(?:hub_token|hf_token|token|api_key|wandb_api_key|password|secret)"
+_SECRET_NAMED = (
+    re.compile(  # `--hub_token VALUE`, `--token=VALUE`, `hub_token: VALUE`, `HF_TOKEN=VALUE`, `"token": "VALUE"`
+        rf"((?<![A-Za-z0-9_])(?:--{_SECRET_KEYS}(?:\s+|=)|{_SECRET_KEYS}['\"]?\s*[=:]\s*['\"]?))([^\s'\",]+)",
+        re.IGNORECASE,
+    )
 )
 
 

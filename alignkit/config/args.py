@@ -77,7 +77,7 @@ class ModelArguments:
             )
 
 
-NAMED_CHAT_TEMPLATES = ("chatml",)  # alignkit.data.templates.NAMED_TEMPLATES
+NAMED_CHAT_TEMPLATES = ("chatml", "chatml_eos")  # alignkit.data.templates.NAMED_TEMPLATES
 
 
 def _check_chat_template_spec(spec: str) -> None:
@@ -102,9 +102,10 @@ def _check_chat_template_spec(spec: str) -> None:
             "or the template's Jinja text."
         )
     import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    try:
-        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    try:  # transformers' own compiler: its sandbox and extensions ({% generation %}, loop controls)
+        _compile_jinja_template(text)
     except jinja2.TemplateSyntaxError as exc:
         raise ConfigError(
             f"{where}: not a valid Jinja template (line {exc.lineno}: {exc.message}). Fix: correct the template."
@@ -237,6 +238,14 @@ class RunArguments:
         default=False, metadata={"help": "Print one tokenized example with trained tokens marked, then exit."}
     )
     stop_on_nonfinite: bool = field(default=True, metadata={"help": "Stop on a NaN/Inf loss or grad norm."})
+    max_truncated_fraction: float = field(
+        default=0.05,
+        metadata={
+            "help": "Fraction of a split's rows (0-1) that max_length may cut before their stop token (eos / "
+            "end-of-turn) before the run is refused; any such row is reported. A row cut there teaches the model "
+            "not to stop."
+        },
+    )
     min_free_disk_gb: float = field(
         default=1.0, metadata={"help": "Refuse to start with less free disk in output_dir."}
     )

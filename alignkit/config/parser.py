@@ -235,7 +235,7 @@ class RecipeParser:
         range-checked first (alignkit.config.ranges), so that upstream classes never see them."""
         from alignkit.config.ranges import check_values
 
-        check_values({k: _coerce(k, v, self.types[k]) for k, v in values.items()})
+        check_values({k: _coerce(k, v, self.types[k]) for k, v in values.items()}, self.owners)
         instances = []
         for cls in self.dataclass_types:
             names = {f.name for f in dataclasses.fields(cls) if f.init}

@@ -84,6 +84,7 @@ RANGES: dict[str, Rule] = {
     "max_prompt_length": OPTIONAL_POSITIVE_INT,
     "max_completion_length": OPTIONAL_POSITIVE_INT,
     "min_free_disk_gb": NON_NEGATIVE,
+    "max_truncated_fraction": UNIT,
     # preference tuning (trl DPOConfig)
     "beta": Rule("a number > 0", POSITIVE.ok, "0.1"),
     # task heads and generation (Seq2SeqTrainingArguments, alignkit.tasks)
@@ -98,10 +99,88 @@ RANGES: dict[str, Rule] = {
 }
 
 
-def check_values(values: dict[str, Any]) -> None:
-    """Every value a recipe sets whose key has a rule in ``RANGES`` obeys it; the first that does not raises
-    ConfigError naming the key, the value and the fix."""
+# key -> {config class name -> the values it accepts}, for string keys that upstream checks only once training runs
+# (trl's DPO loss is looked up at the first step; transformers checks report_to when the Trainer is built). "*": any
+# class. A field whose upstream metadata lists "choices" (trl's SFTConfig.loss_type, ...) is checked against that
+# list and needs no row here. Keys that upstream checks when the config is built (optim, lr_scheduler_type,
+# eval_strategy, ...) are left to it: the parser reports those. A list value (loss_type, report_to) is checked item
+# by item.
+CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    # trl 1.16 DPOConfig.loss_type (DPOTrainer._compute_loss); tests/structure checks it against trl's help text
+    "loss_type": {
+        "DPOConfig": (
+            "sigmoid",
+            "hinge",
+            "ipo",
+            "exo_pair",
+            "nca_pair",
+            "robust",
+            "bco_pair",
+            "sppo_hard",
+            "aot",
+            "aot_unpaired",
+            "apo_zero",
+            "apo_down",
+            "discopop",
+            "sft",
+            "sigmoid_norm",
+        )
+    },  # fmt: skip
+    "f_divergence_type": {"DPOConfig": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")},
+    # transformers 5.23 integrations (INTEGRATION_TO_CALLBACK), plus its "all" and "none"
+    "report_to": {
+        "*": (
+            "none",
+            "all",
+            "azure_ml",
+            "comet_ml",
+            "mlflow",
+            "neptune",
+            "tensorboard",
+            "trackio",
+            "wandb",
+            "codecarbon",
+            "clearml",
+            "dagshub",
+            "flyte",
+            "dvclive",
+            "swanlab",
+            "kubeflow",
+        )
+    },  # fmt: skip
+}
+
+
+def allowed_values(key: str, owners) -> tuple | None:
+    """The values ``key`` may take in the config classes ``owners`` (its field's upstream ``choices`` metadata, or
+    a row of CHOICES for the class or one of its bases), or None when any value may be given."""
+    for cls in owners:
+        for f in dataclasses.fields(cls):
+            if f.name == key and f.metadata.get("choices"):
+                return tuple(f.metadata["choices"])
+    row = CHOICES.get(key, {})
+    for cls in owners:
+        for base in cls.__mro__:
+            if base.__name__ in row:
+                return row[base.__name__]
+    return row.get("*")
+
+
+def check_values(values: dict[str, Any], owners: dict[str, list[type]] | None = None) -> None:
+    """Every value a recipe sets whose key has a rule in ``RANGES`` obeys it, and one with a list of allowed values
+    (:func:`allowed_values` in the classes ``owners[key]``) is in it; the first that does not raises ConfigError
+    naming the key, the value and the fix."""
+    from alignkit.errors import suggest
+
     for key, value in values.items():
+        allowed = allowed_values(key, (owners or {}).get(key, []))
+        if allowed is not None and value is not None:
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if item not in allowed:
+                    raise ConfigError(
+                        f"{key}: {item!r} is not one of {list(allowed)}.{suggest(str(item), allowed)} "
+                        f"Fix: set {key} to one of them, or remove it to use the default."
+                    )
         rule = RANGES.get(key)
         if rule is not None and not rule.ok(value):
             raise ConfigError(
@@ -112,4 +191,7 @@ def check_values(values: dict[str, Any]) -> None:
 
 def check_ranges(groups) -> None:
     """:func:`check_values` over every field of the built ``groups`` (defaults included)."""
-    check_values({f.name: getattr(g, f.name) for g in groups if g is not None for f in dataclasses.fields(g) if f.init})
+    for g in groups:
+        if g is not None:
+            fields = [f.name for f in dataclasses.fields(g) if f.init]
+            check_values({name: getattr(g, name) for name in fields}, {name: [type(g)] for name in fields})

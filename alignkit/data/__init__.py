@@ -2,7 +2,7 @@
 
 from alignkit.data.schemas import CPT, DPO, SFT, Schema
 from alignkit.data.sources import load_datasets, load_source_split, mixture_indices
-from alignkit.data.templates import CHATML, marks_assistant_turns, resolve_chat_template
+from alignkit.data.templates import CHATML, CHATML_EOS, check_turn_ends, resolve_chat_template
 
 __all__ = [
     "CHATML",
@@ -12,7 +12,8 @@ __all__ = [
     "Schema",
     "load_datasets",
     "load_source_split",
-    "marks_assistant_turns",
+    "check_turn_ends",
+    "CHATML_EOS",
     "mixture_indices",
     "resolve_chat_template",
 ]

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from alignkit.errors import DataError
 
+logger = logging.getLogger(__name__)
+
 ROLES = ("system", "user", "assistant")
+# Columns trl 1.16's SFT and DPO trainers pass to the chat template with each row (SFTTrainer/DPOTrainer tokenize:
+# ``tools`` and ``chat_template_kwargs``): kept whenever present, with the stage's own columns.
+CHAT_TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
+# Columns that would make trl treat the data as vision data: alignkit trains text models, so they are refused.
+VISION_COLUMNS = ("image", "images")
 
 
 @dataclass
@@ -18,6 +26,7 @@ class Schema:
     column_sets: tuple[tuple[str, ...], ...]
     check_row: Callable[[dict, str, int], None]
     fix_hint: str
+    passthrough: tuple[str, ...] = ()  # optional columns the trainer consumes: kept when present
 
     def columns_for(self, dataset, source: str) -> tuple[str, ...]:
         present = set(dataset.column_names)
@@ -32,9 +41,19 @@ class Schema:
         """Check every row; return the dataset with only this stage's columns. ``row_numbers``: each row's line in
         its file (JSON lines), so that errors name the line an editor shows; else rows count from 1."""
         columns = self.columns_for(dataset, source)
+        if self.passthrough:  # a chat stage: refuse what trl would read as images instead of dropping it
+            vision = [c for c in VISION_COLUMNS if c in dataset.column_names]
+            if vision:
+                raise DataError(
+                    source, None, f"has an image column ({', '.join(vision)}): alignkit trains text models",
+                    f"drop the {vision[0]} column, or train the vision model with trl directly",
+                )  # fmt: skip
         for i, row in enumerate(dataset.select_columns(list(columns))):
             self.check_row(row, source, row_numbers[i] if row_numbers else i + 1)
-        extra = [c for c in dataset.column_names if c not in columns]
+        kept = [*columns, *(c for c in self.passthrough if c in dataset.column_names)]
+        extra = [c for c in dataset.column_names if c not in kept]
+        if extra:
+            logger.warning("%s: columns %s are not used by the %s stage and are dropped", source, extra, self.name)
         return dataset.remove_columns(extra) if extra else dataset
 
 
@@ -144,5 +163,12 @@ SFT = Schema(
     (("messages",), ("prompt", "completion")),
     _check_sft,
     "use a 'messages' column (chat) or 'prompt' + 'completion' columns",
+    passthrough=CHAT_TEMPLATE_COLUMNS,
 )
-DPO = Schema("dpo", (("prompt", "chosen", "rejected"),), _check_dpo, "give each row 'prompt', 'chosen' and 'rejected'")
+DPO = Schema(
+    "dpo",
+    (("prompt", "chosen", "rejected"),),
+    _check_dpo,
+    "give each row 'prompt', 'chosen' and 'rejected'",
+    passthrough=CHAT_TEMPLATE_COLUMNS,
+)

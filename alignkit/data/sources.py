@@ -42,8 +42,23 @@ def read_text(path: Path) -> str:
 
 
 def row_lines(path: Path) -> list[int] | None:
-    """The line of each row of a JSON-lines file (blank lines skipped), or None for other sources."""
-    if not path.is_file() or path.suffix not in (".jsonl", ".json") or read_text(path).lstrip().startswith("["):
+    """The file line each row starts on, for JSON-lines and CSV files (blank lines skipped, a CSV header is line 1,
+    a quoted CSV field may span lines), or None for other sources."""
+    if not path.is_file():
+        return None
+    if path.suffix == ".csv":
+        import csv
+        import io
+
+        reader = csv.reader(io.StringIO(read_text(path)))
+        next(reader, None)  # the header
+        lines, end = [], reader.line_num
+        for record in reader:
+            if record:  # a blank line: no row (datasets' CSV reader skips it too)
+                lines.append(end + 1)
+            end = reader.line_num
+        return lines
+    if path.suffix not in (".jsonl", ".json") or read_text(path).lstrip().startswith("["):
         return None
     return [n for n, line in enumerate(read_text(path).splitlines(), start=1) if line.strip()]
 
@@ -96,11 +111,16 @@ def load_source_split(source: DatasetSource, split: str | None = None):
                 str(path), None, f"could not be read as {builder} ({exc})", "check the file's format"
             ) from exc
     if path.is_dir():
-        if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                return loaded[split] if split in loaded else None
-            return loaded if split == source.split else None
+        if (path / "dataset_dict.json").is_file():  # a DatasetDict: load only the split asked for
+            try:
+                splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+            except (ValueError, KeyError, OSError) as exc:
+                raise DataError(
+                    f"{path}/dataset_dict.json", None, f"is not a save_to_disk index ({exc})", "save the data again with DatasetDict.save_to_disk"
+                ) from None  # fmt: skip
+            return _load_saved(path / split, f"{path} [{split}]") if split in splits else None
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            return _load_saved(path, str(path)) if split == source.split else None
         try:
             loaded = datasets.load_dataset(str(path))
         except Exception as exc:
@@ -122,6 +142,28 @@ def load_source_split(source: DatasetSource, split: str | None = None):
             "check the path, or the dataset id and your network access",
         ) from exc
     return loaded[split] if split in loaded else None
+
+
+def _load_saved(folder: Path, label: str):
+    """One split saved with ``save_to_disk``; an empty one (datasets writes no data file for it, and its loader fails
+    with an IndexError) is a DataError naming the split."""
+    import datasets
+
+    state = folder / "state.json"
+    try:
+        if state.is_file() and not json.loads(state.read_text()).get("_data_files"):
+            raise DataError(
+                label, None, "this split was saved with 0 rows",
+                "drop the empty split before save_to_disk, or name another split (split: / test_split:)",
+            )  # fmt: skip
+        return datasets.load_from_disk(str(folder))
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged folder: name it
+        raise DataError(
+            label, None, f"could not be loaded from disk ({type(exc).__name__}: {exc})",
+            "save it again with save_to_disk, or point to data files",
+        ) from None  # fmt: skip
 
 
 def mixture_indices(n_rows: int, weight: float, rng: random.Random) -> list[int]:

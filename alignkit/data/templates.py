@@ -1,9 +1,17 @@
-"""Chat templates. alignkit's ChatML marks assistant turns with {% generation %} so trl can build assistant-only
-loss masks (``return_assistant_tokens_mask``)."""
+"""Chat templates, and what a template trains, proven by rendering a probe conversation.
+
+alignkit's ChatML marks assistant turns with ``{% generation %}`` so trl can build assistant-only loss masks
+(``return_assistant_tokens_mask``, transformers' ``apply_chat_template``). A model learns to stop only if each
+assistant turn's trained tokens end on a token that generation stops on: a special token of the vocabulary (eos, or
+an end-of-turn token such as ``<|im_end|>`` or ``<|eot_id|>``), not text pieces. :func:`check_turn_ends` renders
+:data:`PROBE_CHAT` and checks exactly that, for any template; nothing here matches template text against patterns.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from alignkit.errors import ConfigError
 
 CHATML = (
     "{%- for message in messages %}"
@@ -16,11 +24,34 @@ CHATML = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-NAMED_TEMPLATES = {"chatml": CHATML}
+# ChatML's layout for a vocabulary without ChatML's tokens (a base Llama/Mistral-style tokenizer: <s>, </s>, <unk>):
+# the role headers are plain text, and every turn ends with the tokenizer's own eos, the token its generation config
+# already stops on. No new tokens, no embedding rows to train.
+CHATML_EOS = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}{% generation %}{{- message['content'] + eos_token }}{% endgeneration %}{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + eos_token + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+NAMED_TEMPLATES = {"chatml": CHATML, "chatml_eos": CHATML_EOS}
+
+# Two assistant turns, a system prompt and content without special tokens: what every check renders.
+PROBE_CHAT = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "It is 4."},
+    {"role": "user", "content": "And 3 + 3?"},
+    {"role": "assistant", "content": "It is 6."},
+]
 
 
 def resolve_chat_template(spec: str) -> str:
-    """A template name ('chatml'), a path to a .jinja file, or a literal Jinja string."""
+    """A template name ('chatml', 'chatml_eos'), a path to a .jinja file, or a literal Jinja string."""
     if spec in NAMED_TEMPLATES:
         return NAMED_TEMPLATES[spec]
     path = Path(spec).expanduser()
@@ -29,5 +60,111 @@ def resolve_chat_template(spec: str) -> str:
     return spec
 
 
-def marks_assistant_turns(template: str | None) -> bool:
-    return bool(template) and "{% generation %}" in template.replace("{%- generation %}", "{% generation %}")
+def default_template(tokenizer) -> tuple[str, str]:
+    """(name, template) alignkit installs on a tokenizer without one: ChatML when ``<|im_end|>`` is one special token
+    of the vocabulary, else ChatML closed by the tokenizer's eos."""
+    if _single_special(tokenizer, "<|im_end|>") or tokenizer.eos_token is None:
+        return "chatml", CHATML  # no eos either: check_turn_ends then says what the vocabulary lacks
+    return "chatml_eos", CHATML_EOS
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Ids of the vocabulary's special tokens (eos, bos, pad, and added special tokens such as <|im_end|>)."""
+    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
+def _single_special(tokenizer, token: str) -> bool:
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    return len(ids) == 1 and ids[0] in special_ids(tokenizer)
+
+
+def _is_blank(tokenizer, token_id: int) -> bool:
+    return not tokenizer.decode([token_id]).strip()
+
+
+def assistant_spans(mask: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of 1s in an assistant-tokens mask (or of trained labels, given labels != -100)."""
+    spans, start = [], None
+    for i, m in enumerate([*mask, 0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def span_stop(ids: list[int], special: set[int], tokenizer) -> int | None:
+    """The stop token a trained span ends on: its last special token, followed by whitespace at most; else None."""
+    for token in reversed(ids):
+        if token in special:
+            return token
+        if not _is_blank(tokenizer, token):
+            return None
+    return None
+
+
+def check_turn_ends(tokenizer, assistant_only_loss: bool) -> list[int]:
+    """Render :data:`PROBE_CHAT` with the tokenizer's chat template and check that each assistant turn ends on a
+    token generation can stop on; return those stop-token ids.
+
+    With ``assistant_only_loss`` the template must mark assistant turns (``{% generation %}``, any whitespace
+    control) and each marked span must end on a special token: ``<|im_end|>`` left outside the block, or written
+    as text pieces by a vocabulary without it, is never learned. Without it, the token after each reply must be a
+    special token. Raises ConfigError with the fix otherwise."""
+    if assistant_only_loss:
+        out = tokenizer.apply_chat_template(
+            PROBE_CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids, spans = list(out["input_ids"]), assistant_spans(list(out["assistant_masks"]))
+        if len(spans) != 2:
+            raise ConfigError(
+                "assistant_only_loss: the chat template does not mark assistant turns with {% generation %} ... "
+                "{% endgeneration %} (rendered, a conversation with 2 assistant turns has "
+                f"{len(spans)} marked spans). Fix: set chat_template to 'chatml' (or 'chatml_eos' for a vocabulary "
+                "without <|im_end|>), or to a template with generation blocks, or set assistant_only_loss: false."
+            )
+        stops = [span_stop(ids[a:b], special_ids(tokenizer), tokenizer) for a, b in spans]
+        ends = [tokenizer.decode(ids[b - 3 : b]) for a, b in spans]
+    else:
+        marker = "ALIGNKIT-REPLY-END"
+        probe = [dict(m, content=marker) if m["role"] == "assistant" else m for m in PROBE_CHAT]
+        rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+        stops, ends = [], []
+        for after in rendered.split(marker)[1:]:
+            following = tokenizer(after, add_special_tokens=False)["input_ids"][:4]
+            stops.append(_first_stop(following, special_ids(tokenizer), tokenizer))
+            ends.append(marker[-3:] + tokenizer.decode(following[:3]))
+    if any(stop is None for stop in stops):
+        bad = ends[stops.index(None)]
+        where = "trained part of an assistant turn" if assistant_only_loss else "text after an assistant reply"
+        eos = tokenizer.eos_token
+        raise ConfigError(
+            f"chat_template: the {where} ends on {bad!r}, not on a token generation stops on (a special token such "
+            f"as eos {eos!r}), so the model would not learn to stop. Fix: put the end-of-turn token inside "
+            "{% generation %} ... {% endgeneration %}; for a vocabulary without that token (e.g. <|im_end|> is "
+            f"not one token here) set chat_template: chatml_eos, which ends turns with {eos!r}."
+        )
+    return sorted(set(stops))
+
+
+def _first_stop(ids: list[int], special: set[int], tokenizer) -> int | None:
+    for token in ids:
+        if token in special:
+            return token
+        if not _is_blank(tokenizer, token):
+            return None
+    return None
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: eos, plus the special token the chat template closes turns with
+    (``<|im_end|>`` in ChatML) when that differs from eos. generate() must stop at either."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if tokenizer.chat_template:
+        try:
+            stops = check_turn_ends(tokenizer, assistant_only_loss=False)
+        except ConfigError:
+            stops = []
+        ids += [i for i in stops if i not in ids]
+    return ids

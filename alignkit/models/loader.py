@@ -122,7 +122,7 @@ def load_base_model(
     auto = get_head(task).auto()
     dtype = runtime.resolve_dtype(quant_args.bnb_4bit_compute_dtype if quant_args.load_in_4bit else model_args.dtype)
     config = load_config(model_args, source, **head_kwargs)
-    _check_head_fits(model_args, config, task, source)
+    check_head_fits(model_args, config, task, source)
     if model_args.from_scratch:
         torch_model = auto.from_config(config, trust_remote_code=model_args.trust_remote_code)
         return torch_model.to(dtype)
@@ -167,7 +167,7 @@ def check_source_head(source: ModelSource, task: str) -> None:
         )
 
 
-def _check_head_fits(model_args, config, task: str, source: ModelSource) -> None:
+def check_head_fits(model_args, config, task: str, source: ModelSource) -> None:
     """A causal-LM stage needs a decoder: an encoder (BERT) loaded as a causal LM sees the tokens it predicts, an
     encoder-decoder loses its encoder. And an earlier stage's output continues only with the head it trained."""
     check_source_head(source, task)

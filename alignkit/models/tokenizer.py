@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 from alignkit.config.args import ModelArguments
-from alignkit.data.templates import CHATML, marks_assistant_turns, resolve_chat_template
-from alignkit.errors import ConfigError, PreflightError
+from alignkit.data.templates import check_turn_ends, default_template, end_of_turn_ids, resolve_chat_template
+from alignkit.errors import PreflightError
 from alignkit.models.sources import resolve_source
 
 logger = logging.getLogger(__name__)
@@ -80,19 +80,18 @@ def apply_contract(
         tokenizer.chat_template = resolve_chat_template(chat_template)
         changes.append("chat_template set from the recipe")
     elif chat and not tokenizer.chat_template:
-        tokenizer.chat_template = CHATML
-        changes.append("tokenizer had no chat template; set alignkit's ChatML template")
-    if assistant_only_loss and not marks_assistant_turns(tokenizer.chat_template):
-        if tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template:
-            tokenizer.chat_template = CHATML
-            changes.append(
-                "chat template did not mark assistant turns ({% generation %}); replaced by alignkit's ChatML, which does"
-            )
-        else:
-            raise ConfigError(
-                "assistant_only_loss: the tokenizer's chat template does not mark assistant turns with {% generation %}. "
-                "Fix: set chat_template to 'chatml' or to a template with {% generation %} blocks, or set assistant_only_loss: false."
-            )
+        name, tokenizer.chat_template = default_template(tokenizer)
+        why = (
+            ""
+            if name == "chatml"
+            else f" (<|im_end|> is not a token of this vocabulary: turns end with eos {tokenizer.eos_token!r})"
+        )
+        changes.append(f"tokenizer had no chat template; set alignkit's '{name}' template{why}")
+    if chat:
+        # Never replaced: a template the recipe or the tokenizer brings is checked by rendering, and refused with
+        # the fix if its assistant turns do not end on a stop token (or, for assistant_only_loss, are not marked).
+        check_turn_ends(tokenizer, assistant_only_loss=assistant_only_loss)
+        tokenizer.alignkit_stop_ids = end_of_turn_ids(tokenizer)
     for change in changes:
         logger.warning("tokenizer contract: %s", change)
     return changes

@@ -29,6 +29,35 @@ def align_labels(
     return labels
 
 
+def encode_words(tokenizer, rows: list[list[str]], max_length: int | None):
+    """Tokenize word lists the way :func:`predict` tokenizes raw text: the words joined by single spaces, as one
+    string (so a byte-level BPE word gets its leading-space form, and a SentencePiece word its '▁', exactly as
+    in running text; ``is_split_into_words`` would tokenize each word alone, and predict() would see other tokens).
+    Returns the encoding and, per row, each token's word index (None for special tokens), from the offsets."""
+    texts, starts = [], []
+    for words in rows:
+        text, begin = "", []
+        for word in words:
+            text += " " if text else ""
+            begin.append(len(text))
+            text += word
+        texts.append(text)
+        starts.append(begin)
+    enc = tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=True)
+    word_ids = []
+    for offsets, begin, text in zip(enc.pop("offset_mapping"), starts, texts):
+        owner = [-1] * len(text)
+        for w, b in enumerate(begin):
+            end = begin[w + 1] - 1 if w + 1 < len(begin) else len(text)
+            owner[b:end] = [w] * (end - b)
+        row = []
+        for start, end in offsets:
+            hits = [owner[c] for c in range(start, min(end, len(text))) if owner[c] >= 0]
+            row.append(hits[-1] if hits and end > start else None)
+        word_ids.append(row)
+    return enc, word_ids
+
+
 def entity_metrics(true_tags: list[list[str]], predicted_tags: list[list[str]]) -> dict[str, float]:
     """seqeval entity-level precision/recall/F1 (CoNLL rules) and token accuracy."""
     from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
@@ -89,6 +118,11 @@ class TokenClassification(Task):
                     raise DataError(
                         source, i, f"'{tokens_col}'[{j}] is an empty token", "remove empty strings from the word list"
                     )
+                if len(token.split()) != 1:
+                    raise DataError(
+                        source, i, f"'{tokens_col}'[{j}] {token!r} holds whitespace (predict() splits text into words at "
+                        "whitespace, so it would never see this word)", "split it into one word per whitespace-free piece",
+                    )  # fmt: skip
             if not isinstance(tags, list) or len(tags) != len(tokens):
                 n_tags = len(tags) if isinstance(tags, list) else "no"
                 raise DataError(
@@ -111,13 +145,11 @@ class TokenClassification(Task):
         ids = self.labels.ids
 
         def features(batch):
-            enc = self.tokenizer(
-                batch[self.args.tokens_column], is_split_into_words=True, truncation=True, max_length=self.max_length
-            )
+            enc, word_ids = encode_words(self.tokenizer, batch[self.args.tokens_column], self.max_length)
             enc["labels"] = [
                 align_labels(
                     [t if isinstance(t, int) else ids[t] for t in tags],
-                    enc.word_ids(k),
+                    word_ids[k],
                     self.args.label_all_tokens,
                     self.continuation_ids,
                 )
@@ -142,17 +174,66 @@ class TokenClassification(Task):
         return entity_metrics(true_tags, predicted_tags)
 
 
-def predict(model, tokenizer, texts: str | list[str], aggregation_strategy: str = "first") -> list:
-    """Grouped entities per text, as transformers' token-classification pipeline gives them:
-    ``[{'entity_group': 'PER', 'score': 0.98, 'word': 'alice smith', 'start': 0, 'end': 11}, ...]``.
+def predict(model, tokenizer, texts: str | list[str], max_length: int | None = None) -> list:
+    """Grouped entities per text, in the format of transformers' token-classification pipeline
+    (``aggregation_strategy='first'``): ``[{'entity_group': 'PER', 'score': 0.98, 'word': 'Alice Smith',
+    'start': 0, 'end': 11}, ...]``; ``start``/``end`` are character offsets into the text, ``score`` the mean over
+    the entity's words of the probability of the word's tag.
 
-    ``first`` takes each word's label from its first sub-token, which is the token the head was trained on.
-    """
-    from transformers import pipeline
+    Text is split into words at whitespace and encoded by :func:`encode_words`, the encoding training and
+    evaluation use, and each word takes the tag predicted at its first sub-token (the one the head was trained on):
+    what the reported eval metrics measure is what this returns, for WordPiece, SentencePiece and byte-level BPE
+    tokenizers alike (the pipeline's own word grouping differs from training's for byte-level BPE)."""
+    import re
 
-    model.eval()
-    ner = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy=aggregation_strategy)
+    import torch
+
     single = isinstance(texts, str)
-    results = ner([texts] if single else list(texts))
-    grouped = [[{**e, "score": float(e["score"])} for e in entities] for entities in results]
-    return grouped[0] if single else grouped
+    texts = [texts] if single else list(texts)
+    names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
+    model.eval()
+    results = []
+    for text in texts:
+        spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+        if not spans:
+            results.append([])
+            continue
+        enc, word_ids = encode_words(tokenizer, [[text[a:b] for a, b in spans]], max_length)
+        with torch.no_grad():
+            logits = model(**{k: torch.tensor(v).to(model.device) for k, v in enc.items()}).logits[0]
+        probs = logits.float().softmax(-1).cpu()
+        tags = word_tags(probs, word_ids[0], len(spans))
+        results.append(_group(tags, spans, text, names))
+    return results[0] if single else results
+
+
+def word_tags(probs, word_ids: list[int | None], n_words: int) -> list[tuple[int, float] | None]:
+    """(tag id, probability) per word, from its first sub-token; None for a word truncation cut."""
+    tags: list[tuple[int, float] | None] = [None] * n_words
+    for position, word in enumerate(word_ids):
+        if word is not None and tags[word] is None:
+            tag = int(probs[position].argmax())
+            tags[word] = (tag, float(probs[position, tag]))
+    return tags
+
+
+def _group(tags, spans, text: str, names: list[str]) -> list[dict]:
+    """BIO word tags -> entities (a B- or a changed type starts one; I- of the same type continues it)."""
+    entities: list[dict] = []
+    current = None
+    for tag, (start, end) in zip(tags, spans):
+        name = names[tag[0]] if tag else "O"
+        kind = name[2:] if name[:2] in ("B-", "I-") else (None if name == "O" else name)
+        if kind is None:
+            current = None
+            continue
+        if current is None or name.startswith("B-") or current["entity_group"] != kind:
+            current = {"entity_group": kind, "scores": [], "start": start, "end": end}
+            entities.append(current)
+        current["scores"].append(tag[1])
+        current["end"] = end
+    return [
+        {"entity_group": e["entity_group"], "score": sum(e["scores"]) / len(e["scores"]),
+         "word": text[e["start"] : e["end"]], "start": e["start"], "end": e["end"]}
+        for e in entities
+    ]  # fmt: skip

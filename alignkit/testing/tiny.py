@@ -17,7 +17,7 @@ from pathlib import Path
 from alignkit.models.packaged import cache_dir
 
 TINY_VERSION = 2  # 2: the BERT vocabulary is written out (v1's trained one differed per build)
-TINY_KINDS = ("llama", "bert", "bart")
+TINY_KINDS = ("llama", "llama_base", "bert", "bart")
 
 _WORDS = (
     "the a an of to in and is was for on with as by at from that this it be are or not have has had which "
@@ -115,6 +115,30 @@ def _llama_tokenizer():
     return tok
 
 
+def _base_llama_tokenizer():
+    """A base (not instruction-tuned) Llama-2-style tokenizer: SentencePiece-style BPE (the '\u2581' word marker),
+    <s>/</s>/<unk> only, <s> prepended, no pad and no chat template: none of ChatML's tokens."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    alphabet = sorted(set(string.printable) - set(string.whitespace)) + ["\u2581", "\n"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=alphabet, show_progress=False
+    )
+    backend.train_from_iterator(_corpus(), trainer=trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))]
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.model_max_length = 512
+    return tok
+
+
 def _bart_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
@@ -184,7 +208,9 @@ def _bert_tokenizer():
 
 def tiny_tokenizer(kind: str):
     """The tokenizer of tiny model ``kind``, built (deterministically) without the model."""
-    builders = {"llama": _llama_tokenizer, "bert": _bert_tokenizer, "bart": _bart_tokenizer}
+    builders = {
+        "llama": _llama_tokenizer, "llama_base": _base_llama_tokenizer, "bert": _bert_tokenizer, "bart": _bart_tokenizer
+    }  # fmt: skip
     if kind not in builders:
         raise ValueError(f"unknown tiny model kind {kind!r}; one of {TINY_KINDS}")
     return builders[kind]()
@@ -198,8 +224,8 @@ def build_tiny(kind: str, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    if kind == "llama":
-        tok = _llama_tokenizer()
+    if kind in ("llama", "llama_base"):
+        tok = _llama_tokenizer() if kind == "llama" else _base_llama_tokenizer()
         config = LlamaConfig(
             vocab_size=len(tok),
             hidden_size=64,

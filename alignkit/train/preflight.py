@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from alignkit.errors import PreflightError, redact
+from alignkit.errors import DataError, PreflightError, redact
 from alignkit.runs import RunRecord
 from alignkit.train.callbacks import checkpoint_is_complete, checkpoints, last_complete_checkpoint
 
@@ -228,6 +228,37 @@ def check_handoff(recipe, source, head: str = "causal_lm") -> None:
         )
 
 
+LENGTH_KEYS = ("block_size", "max_length", "max_seq_length", "max_target_length", "generation_max_length")
+
+
+def check_model_fits(recipe, source, head: str = "causal_lm") -> None:
+    """Before the tokenizer and data: the model's config fits the stage (a causal-LM stage needs a decoder, an
+    earlier stage's adapter continues only with its head: models.loader.check_head_fits), and so do the sequence
+    lengths the recipe sets (``block_size``, ``max_length``, ``max_target_length``, ``generation_max_length``) fit
+    its positions (``max_position_embeddings`` / ``n_positions``): beyond them learned position embeddings index out
+    of range and RoPE models train on positions they never saw. A model whose RoPE is scaled (``rope_type`` other
+    than ``default``: linear, dynamic, yarn, ...) extends its context on purpose, and its lengths are not checked.
+    Only lengths the recipe sets are checked: the upstream defaults are cut to the data."""
+    from alignkit.models.loader import check_head_fits, load_config
+
+    config = load_config(recipe.model, source)
+    check_head_fits(recipe.model, config, head, source)
+    set_here = [k for k in LENGTH_KEYS if k in recipe.explicit]
+    config = getattr(config, "text_config", None) or config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(limit, int) or rope.get("rope_type", "default") != "default":
+        return
+    for key in set_here:
+        value = next((getattr(g, key) for g in recipe.groups if g is not None and hasattr(g, key)), None)
+        if isinstance(value, int) and value > limit:
+            raise PreflightError(
+                f"{key}: {value} tokens is more than '{recipe.model.model_name_or_path}' has positions for "
+                f"(max_position_embeddings {limit}). Fix: set {key} to at most {limit}, or extend the model's context "
+                "on purpose (a RoPE model: config_overrides with rope_parameters of rope_type linear/dynamic/yarn)."
+            )
+
+
 def protect_hub_token(train_args) -> None:
     """Keep a hub_token out of everything the run writes. transformers pickles its arguments into its saves, and W&B
     records the command line in its run metadata. The Hub client reads HF_TOKEN from the environment, so the token
@@ -237,6 +268,51 @@ def protect_hub_token(train_args) -> None:
         os.environ["HF_TOKEN"] = token
         train_args.hub_token = None
         sys.argv[:] = [arg.replace(token, "<hub_token>") for arg in sys.argv]
+
+
+def check_stop_tokens(trainer, split: str, data, max_fraction: float) -> int:
+    """Count the rows of a tokenized SFT split whose trained tokens lost a stop token (eos, end-of-turn) to
+    truncation: fewer stop tokens among the labels than trained spans (assistant turns, or the completion); for DPO
+    rows, prompt + the longer response beyond max_length (trl's collator keeps the start). Warns with the count;
+    refuses the run above ``max_fraction`` of the rows. Returns the count. Packed data is not checked."""
+    import numpy as np
+
+    tokenizer = trainer.processing_class
+    stops = getattr(tokenizer, "alignkit_stop_ids", None)
+    columns = data.column_names or []
+    max_length = getattr(trainer.args, "max_length", None)
+    if not stops or getattr(trainer.args, "packing", False):
+        return 0
+    stops, cut = np.asarray(stops), 0
+    if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(columns):
+        # DPO: trl's collator cuts prompt + response to max_length from the end (keep_start): the response's eos goes
+        if max_length is None or getattr(trainer.args, "truncation_mode", "keep_start") != "keep_start":
+            return 0
+        for prompt, chosen, rejected in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"]):
+            cut += len(prompt) + max(len(chosen), len(rejected)) > max_length
+    elif "labels" in columns:
+        for labels in data["labels"]:
+            labels = np.asarray(labels)
+            trained = labels != -100
+            spans = int(trained[0]) + int(np.count_nonzero(trained[1:] & ~trained[:-1])) if len(labels) else 0
+            if spans and np.count_nonzero(np.isin(labels[trained], stops)) < spans:
+                cut += 1
+    else:
+        return 0
+    if cut:
+        share = cut / len(data)
+        what = (
+            f"max_length {max_length} cuts the stop token ({tokenizer.convert_ids_to_tokens(stops[0].item())!r}) "
+            f"off {cut} of {len(data)} {split} rows ({share:.0%}): trained so, the model learns not to stop"
+        )
+        if share > max_fraction:
+            raise DataError(
+                f"{split} split", None, what,
+                f"raise max_length (the longest rows need more tokens), shorten those rows, or set "
+                f"max_truncated_fraction above {share:.2f} to train on them anyway",
+            )  # fmt: skip
+        logger.warning("%s (max_truncated_fraction %g allows it)", what, max_fraction)
+    return cut
 
 
 def _checkpoint_bytes(model) -> int:
@@ -254,12 +330,20 @@ def _planned_checkpoints(args) -> int:
 
 def check_trainer(trainer, run_args) -> None:
     """What is known only once the trainer has tokenized the data and wrapped the model."""
-    args, rows = trainer.args, getattr(trainer.train_dataset, "__len__", None)  # streamed data has no length
-    if rows is not None and rows() == 0:
-        raise PreflightError(
-            "training data: no rows left after tokenization (rows whose trained part falls beyond max_length are "
-            "dropped). Fix: raise max_length, or shorten the prompts."
-        )
+    args = trainer.args
+    for split, data in (("train", trainer.train_dataset), ("test", trainer.eval_dataset)):
+        if data is None or not hasattr(data, "__len__"):  # streamed data has no length
+            continue
+        if len(data) == 0:
+            max_length = getattr(args, "max_length", None)
+            raise DataError(
+                f"{split} split", None,
+                f"no rows left after tokenization (rows whose trained part falls beyond max_length {max_length} are "
+                "dropped)", "raise max_length, or shorten the prompts" + (", or set test_size: 0" if split == "test" else ""),
+            )  # fmt: skip
+        check_stop_tokens(trainer, split, data, run_args.max_truncated_fraction)
+    if args.save_strategy == "no":
+        return
     if args.save_strategy == "no":
         return
     needed_gb = _checkpoint_bytes(trainer.model) * _planned_checkpoints(args) / 2**30

@@ -80,6 +80,7 @@ class Run:
             preflight.check_resume_unchanged(self.output_dir / CONFIG_FILE, self.recipe.resolved())
         head = self.recipe.extra[0].task if self.recipe.extra else "causal_lm"  # the task recipe's extra[0]: task
         preflight.check_handoff(self.recipe, self.source, head)
+        preflight.check_model_fits(self.recipe, self.source, head)
         preflight.protect_hub_token(t)
         self.hub_repo = self._claim_hub_push()
         self._setup_tracking()
@@ -204,6 +205,8 @@ class Run:
             metrics.update(trainer.evaluate())
         metrics["train_wall_seconds"] = round(time.time() - started, 2)
         self.save(trainer, metrics)
+        if runtime.launched_distributed():  # every rank got here: meet once more at exit, then shut the groups down
+            runtime.end_process_group_at_exit()
         if "wandb" in (trainer.args.report_to or []):
             _finish_wandb()  # else the next stage in this process would log into this stage's W&B run
         return metrics

@@ -84,3 +84,23 @@ def test_prompt_completion_and_extra_columns():
         SFT.check(datasets.Dataset.from_list([{"prompt": "2 + 2 =", "completion": ""}]), "pc.jsonl")
     with pytest.raises(DataError, match="has messages"):
         CPT.check(datasets.Dataset.from_list([GOOD_CHAT]), "chat.jsonl")
+
+
+def test_chat_columns_trl_consumes_are_kept_others_are_reported_and_images_refused(caplog):
+    """trl 1.16's SFT and DPO trainers pass ``tools`` and ``chat_template_kwargs`` to the chat template per row:
+    the schema keeps them; any other extra column is dropped with a warning naming it; an image column (trl would
+    take the rows as vision data) is refused."""
+    from datasets import Dataset
+
+    from alignkit.data.schemas import DPO, SFT
+
+    chat = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]
+    rows = Dataset.from_list([{"messages": chat, "tools": "[]", "chat_template_kwargs": {"persona": "terse"}, "id": 7}])
+    with caplog.at_level("WARNING", logger="alignkit.data.schemas"):
+        kept = SFT.check(rows, "chat.jsonl")
+    assert kept.column_names == ["messages", "tools", "chat_template_kwargs"]
+    assert "chat.jsonl: columns ['id'] are not used by the sft stage and are dropped" in caplog.text
+    pair = Dataset.from_list([{"prompt": "2 + 2?", "chosen": "4", "rejected": "5", "chat_template_kwargs": {"x": 1}}])
+    assert DPO.check(pair, "pairs.jsonl").column_names == ["prompt", "chosen", "rejected", "chat_template_kwargs"]
+    with pytest.raises(DataError, match=r"chat.jsonl: has an image column \(images\).*Fix: drop the images column"):
+        SFT.check(Dataset.from_list([{"messages": chat, "images": ["a.png"]}]), "chat.jsonl")

@@ -47,10 +47,15 @@ def test_assistant_only_loss_needs_generation_marks(pad_is_eos):
     pad_is_eos.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ConfigError, match=r"\{% generation %\}.*Fix"):
         apply_contract(pad_is_eos, chat=True, assistant_only_loss=True)
-    # A ChatML template without marks is replaced by alignkit's ChatML, which renders the same text.
-    pad_is_eos.chat_template = CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "")
-    changes = apply_contract(pad_is_eos, chat=True, assistant_only_loss=True)
-    assert pad_is_eos.chat_template == CHATML and changes
+    # A ChatML template without marks is refused too, never replaced (its own system prompt would be lost); the
+    # fix names alignkit's ChatML, which the recipe then sets.
+    unmarked = CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    pad_is_eos.chat_template = unmarked
+    with pytest.raises(ConfigError, match="chat_template to 'chatml'"):
+        apply_contract(pad_is_eos, chat=True, assistant_only_loss=True)
+    assert pad_is_eos.chat_template == unmarked
+    apply_contract(pad_is_eos, chat_template="chatml", chat=True, assistant_only_loss=True)
+    assert pad_is_eos.chat_template == CHATML
 
 
 def test_load_tokenizer_reports_changes():

@@ -129,6 +129,7 @@ class Case:
     cli: tuple[str, ...] = ()
     prepare: Callable | None = None
     recipe_text: str | None = None
+    suffix: str = ".jsonl"  # the data file's
 
 
 CASES = [
@@ -150,7 +151,7 @@ CASES = [
     Case("sft-data-file-missing", "sft", DataError, ("{case}/nowhere.jsonl", "not found"),
          config=dict(datasets=[{"path": "{case}/nowhere.jsonl"}])),
     Case("sft-test-size-too-big", "sft", DataError, ("test_size",), config=dict(test_size=8)),
-    Case("sft-every-row-beyond-max-length", "sft", PreflightError, ("max_length", "no rows left"), config=dict(max_length=24)),
+    Case("sft-every-row-beyond-max-length", "sft", DataError, ("train split", "max_length", "no rows left"), config=dict(max_length=24)),
     # ---------------------------------------------------------------- config
     Case("yaml-misspelled-key", "sft", ConfigError, ("{recipe}", "'learning_rat'", "Did you mean 'learning_rate'"),
          config=dict(learning_rat=1e-3)),
@@ -276,6 +277,18 @@ CASES = [
     Case("test-split-on-one-file", "sft", DataError, ("{data}", "is one file", "test_size"),
          config=dict(datasets=[{"path": "{data}", "test_split": "validation"}])),
     Case("cli-number-key-without-value", "sft", ConfigError, ("--max_steps needs a value",), cli=("--max_steps",)),
+    # ---------------------------------------------------------------- choices, lengths, CSV rows
+    Case("dpo-loss-type-unknown", "dpo", ConfigError, ("loss_type", "'sigmoidd'", "Did you mean 'sigmoid'"),
+         config=dict(loss_type="sigmoidd")),
+    Case("sft-loss-type-unknown", "sft", ConfigError, ("loss_type", "'dpo'", "['nll', 'dft'"), config=dict(loss_type="dpo")),
+    Case("report-to-unknown", "sft", ConfigError, ("report_to", "'wandbb'", "Did you mean 'wandb'"), config=dict(report_to="wandbb")),
+    Case("cpt-block-size-beyond-positions", "cpt", PreflightError, ("block_size", "100000", "max_position_embeddings 512"),
+         config=dict(block_size=100000)),
+    Case("ner-max-length-beyond-positions", "token_cls", PreflightError, ("max_length", "max_position_embeddings 512"),
+         config=dict(max_length=1000)),
+    Case("csv-row-number-is-the-file-line", "sft", DataError, ("{data}", "row 6", "'completion'"), suffix=".csv",
+         config=dict(assistant_only_loss=False),
+         data_text='prompt,completion\n1 + 1 =,two\n\n"a prompt on\ntwo lines",three\n2 + 2 =,\n'),
 ]  # fmt: skip
 
 
@@ -306,9 +319,10 @@ def test_table_covers_stages_tasks_and_at_least_60_cases():
     assert len({c.id for c in CASES}) == len(CASES)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_bad_input_fails_before_training_with_a_clear_error(case, tmp_path, pickle_model, monkeypatch):
-    out, data = tmp_path / "out", tmp_path / "data" / f"{case.stage}.jsonl"
+def _set_up(case: Case, tmp_path: Path, pickle_model: Path, monkeypatch) -> tuple[dict[str, str], list[str]]:
+    """Write the case's data, recipe and output dir under ``tmp_path``; return the names its messages are filled
+    with and the recipe's argv."""
+    out, data = tmp_path / "out", tmp_path / "data" / f"{case.stage}{case.suffix}"
     out.mkdir()
     (out / "notes.txt").write_text("the user's own file: must survive")
     data.parent.mkdir()
@@ -324,15 +338,85 @@ def test_bad_input_fails_before_training_with_a_clear_error(case, tmp_path, pick
     names["recipe"] = str(recipe)
     if case.prepare:
         case.prepare(tmp_path, out, monkeypatch)
-    before = snapshot(tmp_path)
+    return names, ["--config", str(recipe), *(_fill(a, names) for a in case.cli)]
 
-    with pytest.raises(case.error) as raised:
-        run_recipe(RECIPE[case.stage], ["--config", str(recipe), *(_fill(a, names) for a in case.cli)])
 
-    message = str(raised.value)
+def _says_where_and_how(case: Case, message: str, names: dict[str, str]) -> None:
     for fragment in case.says:
         assert _fill(fragment, names) in message, f"{case.id}: {fragment!r} not in: {message}"
     assert "Fix" in message, f"{case.id}: no fix in: {message}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input_fails_before_training_with_a_clear_error(case, tmp_path, pickle_model, monkeypatch):
+    names, argv = _set_up(case, tmp_path, pickle_model, monkeypatch)
+    before = snapshot(tmp_path)
+
+    with pytest.raises(case.error) as raised:
+        run_recipe(RECIPE[case.stage], argv)
+
+    _says_where_and_how(case, str(raised.value), names)
+    assert snapshot(tmp_path) == before, f"{case.id}: the case's files changed"
+
+
+# A sample through the README's launcher: every stage and task kind, data, config, range, hand-off and output-dir
+# errors; one process, and two (DDP and ZeRO-3) for two of them. The launcher must exit 2 with the child's message
+# and no traceback, and a hub token given on the command line and in HF_TOKEN must not appear anywhere.
+LAUNCHED = {
+    "sft-wrong-role": 1, "sft-bad-json-line": 1, "non-utf8-byte": 1, "yaml-duplicate-key": 1,
+    "cli-misspelled-key": 1, "chat-template-path-missing": 1, "range-test-size-fractional-count": 1,
+    "lora-target-not-in-model": 1, "finished-run-without-overwrite": 1, "dpo-chosen-equals-rejected": 1,
+    "cpt-empty-text": 1, "ner-tag-not-in-label-list": 1, "range-qa-doc_stride-0": 1, "sft-on-an-encoder": 1,
+    "dpo-wrong-role": "ddp", "sft-every-row-beyond-max-length": "zero3",
+}  # fmt: skip
+SECRET = "hf_" + "launcherLeakProbe0123456789"
+
+
+def test_launched_sample_is_big_and_known():
+    assert len(LAUNCHED) >= 10 and set(LAUNCHED) <= {c.id for c in CASES}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in LAUNCHED], ids=lambda c: c.id)
+def test_bad_input_through_accelerate_launch_exits_2_without_a_traceback_or_a_secret(
+    case, tmp_path, pickle_model, monkeypatch
+):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    names, argv = _set_up(case, tmp_path, pickle_model, monkeypatch)
+    before = snapshot(tmp_path)
+    ranks = LAUNCHED[case.id]
+    launcher = ["--num_processes", "1", "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if ranks != 1:
+        import socket
+
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = str(free.getsockname()[1])
+        launcher = [
+            "--config_file",
+            f"accelerate_configs/{ranks}.yaml",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            port,
+        ]
+    cmd = ["accelerate", "launch", *launcher, f"recipes/{RECIPE[case.stage]}.py", *argv, "--hub_token", SECRET]
+    env = {**os.environ, "HF_TOKEN": SECRET, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+    said = done.stdout + done.stderr
+    assert done.returncode == 2, f"{case.id}: exit {done.returncode}\n{said[-3000:]}"
+    assert "Traceback" not in said and "CalledProcessError" not in said and "ChildFailedError" not in said, said[-3000:]
+    assert SECRET not in said, f"{case.id}: the hub token was printed"
+    errors = [line for line in said.splitlines() if line.startswith("alignkit: ")]
+    assert len(errors) == 1, f"{case.id}: one message, from rank 0: {errors}"
+    assert errors[0].startswith(f"alignkit: {case.error.__name__}: "), errors
+    _says_where_and_how(case, errors[0], names)
     assert snapshot(tmp_path) == before, f"{case.id}: the case's files changed"
 
 

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from alignkit.config import SFTConfig, parse_recipe
 from alignkit.data.templates import CHATML
+from alignkit.errors import ConfigError
 from alignkit.models.tokenizer import load_tokenizer
 
 TINY = ["--config", "recipes/tiny/sft.yaml", "--test_size", "0", "--disable_tqdm", "true"]
@@ -25,7 +26,8 @@ CHAT = [
 @pytest.fixture(scope="module")
 def smollm2_like(tmp_path_factory, tiny_llama):
     """The tiny Llama with a tokenizer shaped like SmolLM2's: pad == eos == <|im_end|>, ChatML without
-    {% generation %} marks, so the tokenizer contract has to fix both and the fixes must be saved."""
+    {% generation %} marks. The contract fixes the pad; the template it never replaces: with assistant_only_loss the
+    recipe names one that marks assistant turns (chat_template: chatml, as recipes/smollm2/ do), or is refused."""
     path = tmp_path_factory.mktemp("smollm2_like")
     shutil.copytree(tiny_llama, path, dirs_exist_ok=True)
     config = json.loads((path / "tokenizer_config.json").read_text())
@@ -112,14 +114,19 @@ def test_a_runs_saved_config_repeats_the_run(tmp_path):
     assert train_losses(again) == train_losses(first)
 
 
+def test_unmarked_template_is_refused_not_replaced(smollm2_like, tmp_path):
+    with pytest.raises(ConfigError, match=r"does not mark assistant turns.*Fix: set chat_template to 'chatml'"):
+        run_recipe("sft", [*TINY, "--model_name_or_path", str(smollm2_like), "--output_dir", str(tmp_path / "o")])
+
+
 def test_lora_packed_sft_trains_and_saves_its_tokenizer(smollm2_like, trainers, tmp_path):
     argv = ["--model_name_or_path", str(smollm2_like), *"--load_in_4bit false --packing true --max_steps 8".split()]
-    run_recipe("sft", [*TINY, *argv, "--output_dir", str(tmp_path)])
+    run_recipe("sft", [*TINY, *argv, "--chat_template", "chatml", "--output_dir", str(tmp_path)])
     losses = train_losses(tmp_path)
     assert len(losses) == 8 and _falls(losses), losses
 
     trained_with = trainers[0].processing_class
-    # the contract fixed both: a pad distinct from eos, a template that marks assistant turns
+    # a pad distinct from eos (the contract), the template the recipe named
     assert trained_with.pad_token != trained_with.eos_token and trained_with.chat_template == CHATML
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     assert (tmp_path / "chat_template.jinja").read_text() == CHATML

@@ -37,6 +37,8 @@ def test_pip_installed_alignkit_trains_a_stage(tmp_path):
         cwd=work, capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
     assert all(str(venv) in path for path in where), f"not the installed package: {where}"
+    # the launcher hook (alignkit/launch_guard.py) sits at the root of the venv's site-packages, where .pth files run
+    assert list(venv.glob("lib/python*/site-packages/alignkit-launch.pth")), "alignkit-launch.pth was not installed"
 
     alignkit = venv / "bin" / "alignkit"
     done = subprocess.run(

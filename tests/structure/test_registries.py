@@ -126,3 +126,20 @@ def test_named_chat_templates_are_known_to_the_config_check():
     from alignkit.data.templates import NAMED_TEMPLATES
 
     assert set(NAMED_CHAT_TEMPLATES) == set(NAMED_TEMPLATES)
+
+
+def test_choice_lists_are_upstream_s():
+    """alignkit.config.ranges.CHOICES copies lists that upstream checks late; each must be upstream's own."""
+    import dataclasses
+    import re
+
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    from trl import DPOConfig
+
+    from alignkit.config.ranges import CHOICES
+
+    help_text = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(DPOConfig)}
+    assert set(CHOICES["loss_type"]["DPOConfig"]) == set(re.findall(r"`'(\w+)'`", help_text["loss_type"]))
+    divergences = help_text["f_divergence_type"].split("Only")[0]
+    assert set(CHOICES["f_divergence_type"]["DPOConfig"]) == set(re.findall(r"`(\w+)`", divergences))
+    assert set(CHOICES["report_to"]["*"]) == set(INTEGRATION_TO_CALLBACK) | {"none", "all"}

@@ -1,0 +1,117 @@
+"""One clean error under a launcher: ``accelerate launch``, ``torchrun`` and ``python -m`` either of them.
+
+A recipe that meets bad input prints one message naming the key, file or row and the fix (rank 0 only) and exits 2
+(:func:`alignkit.errors.run_cli`). The launcher then reports the child's failure its own way, and that report is
+what the user would see last: accelerate's single-process launcher raises ``subprocess.CalledProcessError``, whose
+traceback prints the whole command line, a ``--hub_token`` with it; torch elastic (accelerate's multi-process and
+DeepSpeed launchers, torchrun) raises ``ChildFailedError`` with a table of failed ranks, and logs each failure.
+
+``alignkit-launch.pth`` (installed into site-packages with alignkit; one line, run at every interpreter start)
+calls :func:`install` only in a launcher process. :func:`install` sets an excepthook for those two errors and a log
+filter for torch elastic's per-rank failure lines:
+
+- the child exited 2 (bad input, its message already printed): nothing more is printed; the launcher exits 2;
+- another failure (a crash, a NaN stop): one line saying which rank failed with which exit code, above it the
+  child's own error; the launcher exits with that code (1 when the child died of a signal). The command line is
+  never printed; with ``ALIGNKIT_TRACEBACK=1`` the launcher's traceback is printed, every secret redacted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+BAD_INPUT = 2  # alignkit.errors.run_cli's exit code for an AlignkitError
+LAUNCHER_SCRIPTS = {"accelerate": "launch", "accelerate-launch": None, "torchrun": None}
+LAUNCHER_MODULES = ("accelerate.commands.launch", "torch.distributed.run", "torch.distributed.launch")
+ELASTIC_LOGGER = "torch.distributed.elastic.multiprocessing.api"
+
+
+def is_launcher(orig_argv: list[str]) -> bool:
+    """Whether ``orig_argv`` (``sys.orig_argv``: the interpreter's own command line) starts a launcher."""
+    args = orig_argv[1:]
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "-c":
+            return False
+        if arg == "-m":
+            return i + 1 < len(args) and args[i + 1] in LAUNCHER_MODULES
+        if arg in ("-W", "-X"):  # interpreter options that take a value
+            i += 2
+            continue
+        if not arg.startswith("-"):  # the script
+            name = os.path.basename(arg)
+            if name not in LAUNCHER_SCRIPTS:
+                return False
+            sub = LAUNCHER_SCRIPTS[name]
+            return sub is None or (i + 1 < len(args) and args[i + 1] == sub)
+        i += 1
+    return False
+
+
+def install(orig_argv: list[str] | None = None) -> bool:
+    """Install the excepthook and log filter if this process is a launcher; returns whether it did."""
+    if not is_launcher(list(orig_argv if orig_argv is not None else getattr(sys, "orig_argv", sys.argv))):
+        return False
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        code = child_exit_code(exc)
+        if code is None:
+            return previous(exc_type, exc, tb)
+        _report(exc_type, exc, tb, code)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code if code > 0 else 1)  # a signal's negative code: 1, as the launcher itself exits
+
+    sys.excepthook = hook
+    logging.getLogger(ELASTIC_LOGGER).addFilter(_quiet_bad_input)
+    return True
+
+
+def child_exit_code(exc: BaseException) -> int | None:
+    """The exit code of the failed child a launcher error reports (the root cause's, for torch elastic), or None
+    for any other error."""
+    import subprocess
+
+    if isinstance(exc, subprocess.CalledProcessError):
+        return exc.returncode
+    if type(exc).__name__ == "ChildFailedError" and hasattr(exc, "get_first_failure"):
+        _, failure = exc.get_first_failure()
+        return failure.exitcode
+    return None
+
+
+def _report(exc_type, exc, tb, code: int) -> None:
+    from alignkit.errors import redact
+
+    if os.environ.get("ALIGNKIT_TRACEBACK") == "1":
+        import traceback
+
+        sys.stderr.write(redact("".join(traceback.format_exception(exc_type, exc, tb))))
+    if code == BAD_INPUT:
+        return  # the child printed the message and the fix
+    rank = ""
+    if type(exc).__name__ == "ChildFailedError":
+        rank_id, _ = exc.get_first_failure()
+        rank = f" on rank {rank_id}"
+    what = f"signal {-code}" if code < 0 else f"exit code {code}"
+    print(
+        f"alignkit: the training script failed{rank} ({what}); its own error is printed above. "
+        "ALIGNKIT_TRACEBACK=1 shows the launcher's traceback.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _quiet_bad_input(record: logging.LogRecord) -> bool:
+    """Drop torch elastic's per-rank lines ('failed (exitcode: 2) ... of binary: ...' and 'Sending process N
+    closing signal SIGTERM' to the ranks still running): the failed rank printed its own error, and for any other
+    failure the excepthook's line names the rank and the exit code."""
+    try:
+        message = record.getMessage()
+    except Exception:  # noqa: BLE001 - a filter must never raise
+        return True
+    return f"(exitcode: {BAD_INPUT})" not in message and "closing signal" not in message
