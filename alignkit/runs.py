@@ -98,6 +98,7 @@ class RunRecord:
     lineage: list[LineageEntry] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     merge: MergeInfo | None = None  # set on a merged model: the last merge's parity
+    exports: list[dict[str, Any]] = field(default_factory=list)  # GGUF files written from it, with their parity
     alignkit_version: str = "unknown"
     format: int = FORMAT
 
@@ -150,6 +151,7 @@ class RunRecord:
             lineage=[LineageEntry.from_json(e) for e in data.get("lineage", [])],
             metrics=dict(data.get("metrics") or {}),
             merge=MergeInfo(**{k: v for k, v in merge.items() if k != "from_adapter"}) if merge else None,
+            exports=list(data.get("exports") or []),
             alignkit_version=data.get("alignkit_version", "unknown"),
         )
 
@@ -165,6 +167,8 @@ class RunRecord:
         }
         if self.merge is not None:
             data["merge"] = {**dataclasses.asdict(self.merge), "from_adapter": self.last and self.last.from_adapter}
+        if self.exports:
+            data["exports"] = self.exports
         return data
 
     def write(self, folder: str | Path) -> Path:

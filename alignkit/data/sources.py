@@ -166,6 +166,25 @@ def _load_saved(folder: Path, label: str):
         ) from None  # fmt: skip
 
 
+def describe_source(source) -> dict:
+    """How a model card names a source, portably: a file by its name with its data rows and sha256, a folder by
+    its name, a Hub id as it is (never the local path it was read from)."""
+    import hashlib
+
+    path = Path(source.path)
+    entry: dict = {"path": source.path, "weight": source.weight, "split": source.split, "name": source.path}
+    if path.is_file():
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        lines = row_lines(path)
+        entry.update(name=path.name, sha256=digest.hexdigest(), rows=len(lines) if lines is not None else None)
+    elif path.is_dir():
+        entry["name"] = path.name
+    return entry
+
+
 def mixture_indices(n_rows: int, weight: float, rng: random.Random) -> list[int]:
     """Row indices for one source: weight 0.5 keeps half, 1 keeps all, 2.5 keeps all twice plus half again."""
     target = int(round(weight * n_rows))

@@ -18,7 +18,8 @@ import re
 from pathlib import Path
 
 SYSTEM = "You are a careful calculator. End every reply with a line 'ANSWER: <number>'."
-_ANSWER = re.compile(r"ANSWER:\s*(-?\d+)")
+ANSWER_PATTERN = r"ANSWER:\s*(-?\d+)"  # alignkit eval --metric regex --pattern ...
+_ANSWER = re.compile(ANSWER_PATTERN)
 
 
 def _question(a: int, b: int) -> str:

@@ -15,18 +15,16 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import torch
-
-from alignkit.demo.data import score, write_demo_data
+from alignkit.demo.data import ANSWER_PATTERN, write_demo_data
 from alignkit.models.packaged import packaged_path
 from alignkit.runs import RunRecord
 
@@ -59,6 +57,48 @@ def stage_overrides(stage: str, out_dir: Path) -> list[str]:
     return args
 
 
+class StageProgress:
+    """One updating console line per running stage, read from its log: the trainer's tqdm position (step/total,
+    ETA) and the last logged loss. On a console (a TTY) the line is rewritten in place; otherwise (CI, a file) a
+    line is printed at most every 30 s."""
+
+    _STEP = re.compile(r"(\d+)/(\d+) \[[\d:]+<([\d:?]+), +[\d.?]+(?:s/it|it/s)\]")  # the trainer's bar
+    _LOSS = re.compile(r"'loss': '?([\d.eE+-]+)")
+
+    def __init__(self, stage: str, log: Path):
+        self.stage, self.log, self.started, self.last_print, self.width = stage, log, time.time(), 0.0, 0
+        self.tty = sys.stdout.isatty()
+
+    def line(self) -> str | None:
+        try:
+            tail = self.log.read_bytes()[-20000:].decode(errors="ignore")
+        except OSError:
+            return None
+        steps = [m for m in self._STEP.finditer(tail) if int(m.group(2)) > 1]
+        losses = self._LOSS.findall(tail)
+        elapsed = f"{time.time() - self.started:.0f} s"
+        if not steps:
+            return f"[{self.stage}] loading, {elapsed}"
+        step = steps[-1]
+        loss = f", loss {float(losses[-1]):.3f}" if losses else ""
+        return f"[{self.stage}] step {step.group(1)}/{step.group(2)}{loss}, ETA {step.group(3)}, {elapsed}"
+
+    def show(self) -> None:
+        text = self.line()
+        if text is None:
+            return
+        if self.tty:
+            print("\r" + text.ljust(self.width), end="", flush=True)
+            self.width = len(text)
+        elif time.time() - self.last_print >= 30:
+            print(text, flush=True)
+            self.last_print = time.time()
+
+    def done(self) -> None:
+        if self.tty and self.width:
+            print("\r" + " " * self.width + "\r", end="", flush=True)
+
+
 def launch(stage: str, out_dir: Path, log_dir: Path) -> float:
     """Run one stage as ``accelerate launch`` would from a shell (one process); its log goes to a file."""
     recipe = [f"recipes/{stage}.py", "--config", f"recipes/demo/{stage}.yaml", *stage_overrides(stage, out_dir)]
@@ -67,82 +107,52 @@ def launch(stage: str, out_dir: Path, log_dir: Path) -> float:
     print(f"[{stage}] accelerate launch {' '.join(recipe)}  (log: {log})", flush=True)
     started = time.time()
     with open(log, "w") as handle:
-        done = subprocess.run(
+        child = subprocess.Popen(
             [sys.executable, "-m", "accelerate.commands.launch", *accelerate, *recipe],
             cwd=REPO,
             stdout=handle,
             stderr=subprocess.STDOUT,
         )
+        progress = StageProgress(stage, log)
+        while child.poll() is None:
+            progress.show()
+            time.sleep(1)
+        progress.done()
+        done = child
     if done.returncode != 0:
         print("".join(log.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
         raise SystemExit(f"[{stage}] failed (exit {done.returncode}); full log: {log}")
     return time.time() - started
 
 
-def load_for_eval(path: Path):
-    """A model and tokenizer as they were trained: a plain model dir as is; an adapter output merged (in memory) into
-    its base loaded the way the run loaded it, 4-bit dequantized back to fp32 as ``alignkit merge`` does. Merged, the
-    adapter costs nothing per generated token."""
-    from peft import PeftModel
-
-    from alignkit.config.args import ModelArguments, QuantizationArguments
-    from alignkit.models import load_base_model, load_tokenizer, resolve_source
-
-    model_args = ModelArguments(model_name_or_path=str(path), dtype="float32")
-    source = resolve_source(model_args)
-    tokenizer = load_tokenizer(model_args, source=source)
-    if source.adapter_dir is None:
-        return load_base_model(model_args, source=source), tokenizer
-    quant = source.parent_run.last.group(QuantizationArguments)
-    base = load_base_model(model_args, quant, source=dataclasses.replace(source, adapter_dir=None))
-    if quant.load_in_4bit:
-        base = base.dequantize(dtype=torch.float32)
-    return PeftModel.from_pretrained(base, source.adapter_dir).merge_and_unload(), tokenizer
-
-
-@torch.no_grad()
-def generate_replies(
-    model, tokenizer, conversations: list[list[dict]], batch_size: int = 64, max_new_tokens: int = MAX_NEW_TOKENS
-) -> list[str]:
-    """Greedy replies to chat prompts, batched (left padding), stopping at the end of the assistant turn."""
-    from alignkit.export.merge import end_of_turn_ids
-
-    model.eval()
-    tokenizer.padding_side = "left"
-    replies = []
-    for i in range(0, len(conversations), batch_size):
-        texts = [
-            tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-            for c in conversations[i : i + batch_size]
-        ]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=end_of_turn_ids(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        replies += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return replies
-
-
 def evaluate(path: Path, rows: list[dict], out_file: Path) -> dict[str, float]:
-    """Task score of one model on the held-out rows; every reply with its score goes to ``out_file``."""
+    """Task score of one model on the held-out rows (``alignkit eval``'s code, metric regex on the ANSWER line);
+    every reply with its score goes to ``out_file``."""
+    from alignkit.export.evaluate import evaluate as evaluate_replies
+    from alignkit.export.generate import load_for_generation
+
     started = time.time()
-    model, tokenizer = load_for_eval(path)
-    replies = generate_replies(model, tokenizer, [r["messages"] for r in rows])
-    scored = [
-        {"question": r["messages"][-1]["content"], "answer": r["answer"], "reply": reply, **score(reply, r["answer"])}
-        for r, reply in zip(rows, replies)
-    ]
-    out_file.write_text("".join(json.dumps(s) + "\n" for s in scored))
-    n = len(scored)
-    return {
-        "format": sum(s["format"] for s in scored) / n,
-        "exact": sum(s["exact"] for s in scored) / n,
-        "seconds": time.time() - started,
-    }
+    model, tokenizer = load_for_generation(path, merge=True)  # alignkit chat / generate / eval load the same way
+    scored, summary = evaluate_replies(
+        model, tokenizer, [r["messages"] for r in rows], [r["answer"] for r in rows], "regex", ANSWER_PATTERN,
+        max_new_tokens=MAX_NEW_TOKENS,
+    )  # fmt: skip
+    out_file.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "question": s["prompt"],
+                    "answer": s["reference"],
+                    "reply": s["reply"],
+                    "format": s["format"],
+                    "exact": s["exact"],
+                }
+            )
+            + "\n"
+            for s in scored
+        )  # fmt: skip
+    )
+    return {"format": summary["format"], "exact": summary["exact"], "seconds": time.time() - started}
 
 
 def alignkit_cli(*argv: str) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from alignkit.export.portable import portable_name
 from alignkit.models.sources import is_hub_id
 from alignkit.runs import LineageEntry, RunRecord
 
@@ -29,6 +30,17 @@ def _stage_settings(entry: LineageEntry) -> dict:
     return {k: flat[k] for k in KEY_SETTINGS if k in flat and flat[k] is not None}
 
 
+def _dataset(d: dict) -> str:
+    """A dataset as a reader can find it: Hub id or file name, its rows and sha256 (first 12 hex) when a file."""
+    name = d.get("name") or portable_name(d["path"])
+    facts = [f"x{d['weight']}"]
+    if d.get("rows") is not None:
+        facts.append(f"{d['rows']} rows")
+    if d.get("sha256"):
+        facts.append(f"sha256 {d['sha256'][:12]}")
+    return f"`{name}` ({', '.join(facts)})"
+
+
 def render_model_card(record: RunRecord) -> str:
     base = record.base_model_args
     lineage = record.lineage
@@ -49,7 +61,8 @@ def render_model_card(record: RunRecord) -> str:
         "",
         "## Base model",
         "",
-        f"- `{base.model_name_or_path}`" + (f" (GGUF file `{base.gguf_file}`, dequantized)" if base.gguf_file else ""),
+        f"- `{portable_name(base.model_name_or_path)}`"
+        + (f" (GGUF file `{portable_name(base.gguf_file)}`, dequantized)" if base.gguf_file else ""),
         "",
         "## Lineage",
         "",
@@ -57,13 +70,14 @@ def render_model_card(record: RunRecord) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for i, e in enumerate(lineage, 1):
-        data = ", ".join(f"{d['path']} (x{d['weight']})" for d in e.datasets) or "-"
+        data = ", ".join(_dataset(d) for d in e.datasets) or "-"
+        run = portable_name(e.output_dir)
         if e.merge is not None:
-            lines.append(f"| {i} | merge | - | merged | none | {e.merge.method} | `{e.output_dir}` |")
+            lines.append(f"| {i} | merge | - | merged | none | {e.merge.method} | `{run}` |")
             continue
         lines.append(
             f"| {i} | {e.stage} | {data} | {e.adapter or 'full'} | {e.quantization or 'none'} | "
-            f"{e.adapter_handoff or '-'} | `{e.output_dir}` |"
+            f"{e.adapter_handoff or '-'} | `{run}` |"
         )
     for e in lineage:
         if settings := _stage_settings(e):
@@ -84,10 +98,23 @@ def render_model_card(record: RunRecord) -> str:
             "## Merge",
             "",
             f"- method: `{merge.method}` ({MERGE_METHOD_TEXT[merge.method]})",
-            f"- merged from: `{lineage[-1].from_adapter}`",
+            f"- merged from: `{portable_name(lineage[-1].from_adapter)}`",
             f"- parity vs base + adapter: max |logit diff| {merge.max_abs_logit_diff:.3g} "
             f"(bound {merge.max_logit_diff_bound:g}, {'passed' if merge.parity_passed else 'NOT passed'}); "
             f"loss delta {merge.loss_delta:+.3g}",
+        ]
+    if record.exports:
+        lines += [
+            "",
+            "## GGUF exports",
+            "",
+            "| file | outtype | MiB | max \\|logit diff\\| vs merged (bound) | loss delta (bound) |",
+        ]
+        lines += ["|---|---|---|---|---|"]
+        lines += [
+            f"| `{x['file']}` | {x['outtype']} | {x['mib']} | {x['max_abs_logit_diff']:.3g} ({x['bound']:g}) | "
+            f"{x['loss_delta']:+.3g} ({x.get('loss_bound', '-')}) |"
+            for x in record.exports
         ]
     if record.metrics:
         lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
@@ -101,6 +128,20 @@ def render_model_card(record: RunRecord) -> str:
         else "Load with `transformers.AutoModelForCausalLM.from_pretrained(...)`.",
         "",
     ]
+    if all((e.task or "causal_lm") == "causal_lm" for e in lineage):
+        lines += [
+            "## Chat, evaluate, export",
+            "",
+            "```bash",
+            "alignkit chat MODEL                                   # streams replies; piped stdin: a prompt per line",
+            "alignkit generate MODEL --prompts p.jsonl --out replies.jsonl",
+            "alignkit eval MODEL --data held_out.jsonl --metric exact   # or regex --pattern, rouge, bleu",
+            "alignkit export gguf MODEL --outtype q8_0              # llama.cpp / Ollama / LM Studio, parity-gated",
+            "```",
+            "",
+            "`MODEL` is this folder (downloaded from the Hub: `huggingface-cli download <repo> --local-dir MODEL`).",
+            "",
+        ]
     return "\n".join(lines)
 
 

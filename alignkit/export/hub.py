@@ -7,6 +7,7 @@ The token is never printed, logged or written; error messages that could quote i
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from pathlib import Path
 
@@ -86,6 +87,39 @@ def files_to_push(folder: str | Path) -> list[str]:
     return names
 
 
+# alignkit's and transformers' metadata: the files that record local paths (run folders, data files, the base model
+# folder, the best checkpoint). Tokenizer files are never rewritten: a vocabulary may hold '/usr'-like tokens.
+PORTABLE_FILES = (
+    "README.md", "alignkit_run.json", "alignkit_config.yaml", "trainer_state.json", "adapter_config.json",
+    "config.json", "generation_config.json",
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def staged_for_push(folder: Path, files: list[str]):
+    """A temporary folder holding what a push uploads: alignkit's and transformers' metadata files
+    (:data:`PORTABLE_FILES`) with every absolute local path made portable (JSON: string values, by
+    :func:`alignkit.export.portable.portable_text`; card and YAML: the text), everything else as links to the
+    originals (no copy of the weights)."""
+    import json
+    import tempfile
+
+    from alignkit.export.portable import portable_json, portable_text
+
+    with tempfile.TemporaryDirectory(prefix="alignkit-push-") as tmp:
+        staged = Path(tmp)
+        for name in files:
+            source = folder / name
+            if name in PORTABLE_FILES and name.endswith(".json"):
+                data = portable_json(json.loads(source.read_text(encoding="utf-8")))
+                (staged / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+            elif name in PORTABLE_FILES:
+                (staged / name).write_text(portable_text(source.read_text(encoding="utf-8")), encoding="utf-8")
+            else:
+                (staged / name).symlink_to(source.resolve())
+        yield staged
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -104,11 +138,12 @@ def push_folder(
             raise PreflightError(f"{folder / name}: contains the Hugging Face token; refusing to push. Fix: remove it.")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        allow_patterns=files,
-        commit_message=commit_message or f"alignkit: upload {folder.name}",
-    )
+    with staged_for_push(folder, files) as staged:
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(staged),
+            allow_patterns=files,
+            commit_message=commit_message or f"alignkit: upload {folder.name}",
+        )
     print(f"pushed {len(files)} files from {folder} to https://huggingface.co/{repo_id}")
     return files

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config.args import ModelArguments, QuantizationArguments
+from alignkit.data.templates import end_of_turn_ids  # noqa: F401 - re-exported: generate() stops at these
 from alignkit.errors import ConfigError
 from alignkit.models import ModelSource, apply_contract, fit_embeddings, load_base_model, resolve_source
 from alignkit.runs import BaseModelRef, LineageEntry, MergeInfo, RunRecord
@@ -187,21 +188,6 @@ def _score(model, batch) -> tuple[torch.Tensor, float]:
     batch = batch.to(model.device)
     out = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100))
     return out.logits.float().cpu(), out.loss.item()
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn: eos, plus the special token the chat template closes turns with
-    (``<|im_end|>`` in ChatML) when that differs from eos. generate() must stop at either."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if tokenizer.chat_template:
-        marker = "ANSWER-END-MARKER"
-        rendered = tokenizer.apply_chat_template([{**PARITY_CHAT[1], "content": marker}], tokenize=False)
-        after = tokenizer(rendered.split(marker, 1)[-1], add_special_tokens=False)["input_ids"]
-        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-        closing = next((i for i in after if i in special), None)
-        if closing is not None and closing not in ids:
-            ids.append(closing)
-    return ids
 
 
 def _generation_config(model, tokenizer):

@@ -232,12 +232,14 @@ class Run:
     def _write_metadata(self, status: str, metrics: dict[str, Any] | None = None) -> None:
         if not runtime.is_main_process():
             return
+        from alignkit.data.sources import describe_source
+
         r, parent = self.recipe, self.source.parent_run
         entry = LineageEntry(
             stage=self.stage,
             output_dir=str(self.output_dir),
             task=self.head,
-            datasets=[{"path": s.path, "weight": s.weight, "split": s.split} for s in r.data.datasets],
+            datasets=[describe_source(s) for s in r.data.datasets],
             adapter_handoff=r.model.adapter_handoff if self.source.adapter_dir else None,
             from_adapter=self.source.adapter_dir,
             from_stage=parent.stage if parent else None,

@@ -23,7 +23,7 @@ def embedded_dir():
 
 def test_embedded_model_answers_chat_prompts(embedded_dir):
     from alignkit.config.args import ModelArguments
-    from alignkit.demo.pipeline import generate_replies
+    from alignkit.export.generate import generate_replies
     from alignkit.models import load_base_model, load_tokenizer, resolve_source
 
     model_args = ModelArguments(model_name_or_path=NAME)

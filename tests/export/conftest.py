@@ -40,6 +40,9 @@ class HubRecorder:
             self.calls.append(("auth_check", {"repo_id": repo_id, **kwargs}))
 
         def upload_folder(api, **kwargs):
+            # what would leave the machine: the allowed files' bytes, read while the staged folder exists
+            folder = Path(kwargs["folder_path"])
+            kwargs["uploaded"] = {name: (folder / name).read_bytes() for name in kwargs["allow_patterns"]}
             self.calls.append(("upload_folder", kwargs))
 
         for name, fake in (

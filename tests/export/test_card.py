@@ -14,7 +14,18 @@ def test_chain_card_names_all_three_stages(chain):
     card = (chain.dpo / "README.md").read_text()
     rows = _lineage_rows(card)
     assert [r[1] for r in rows] == ["cpt", "sft", "dpo"]
-    assert [r[2] for r in rows] == [f"recipes/tiny/data/{s}.jsonl (x1.0)" for s in ("cpt", "sft", "dpo")]
+    # data files by name, data rows and sha256 (never the local path); stages by run name
+    import hashlib
+
+    from conftest import TINY_DATA
+
+    expected = []
+    for s in ("cpt", "sft", "dpo"):
+        data = (TINY_DATA / f"{s}.jsonl").read_bytes()
+        rows_in_file = sum(1 for line in data.decode().splitlines() if line.strip())
+        expected.append(f"`{s}.jsonl` (x1.0, {rows_in_file} rows, sha256 {hashlib.sha256(data).hexdigest()[:12]})")
+    assert [r[2] for r in rows] == expected
+    assert [r[6] for r in rows] == [f"`{p.name}`" for p in (chain.cpt, chain.sft, chain.dpo)]
     assert [r[5] for r in rows] == ["-", "continue", "continue"]  # hand-offs
     assert all(r[4] == "4-bit nf4" for r in rows)
     assert "# CPT -> SFT -> DPO output" in card and "library_name: peft" in card

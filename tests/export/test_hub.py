@@ -26,7 +26,10 @@ def test_recipe_push_uploads_exactly_the_adapter_files(sft_fp):
     assert hub.named("create_repo")[0] == {"repo_id": "alice/tiny-sft", "private": True, "exist_ok": True}
     assert hub.named("auth_check") == [{"repo_id": "alice/tiny-sft", "write": True}]
     (upload,) = hub.named("upload_folder")  # once, after saving: the Trainer's own checkpoint pushes are off
-    assert upload["repo_id"] == "alice/tiny-sft" and upload["folder_path"] == str(out)
+    assert upload["repo_id"] == "alice/tiny-sft"
+    assert all(
+        upload["uploaded"][n] == (out / n).read_bytes() for n in upload["uploaded"] if n.endswith(".safetensors")
+    )
     assert sorted(upload["allow_patterns"]) == ADAPTER_FILES
     assert all((out / name).is_file() for name in ADAPTER_FILES)
     leaked = [p for p in out.rglob("*") if p.is_file() and HUB_TOKEN.encode() in p.read_bytes()]
@@ -77,3 +80,31 @@ def test_push_command_uploads_a_dpo_adapter_without_its_reference_copy_or_checkp
     assert cli(["push", str(chain.dpo), "--hub_model_id", "org/tiny-dpo"]) == 0
     (upload,) = hub.named("upload_folder")
     assert upload["repo_id"] == "org/tiny-dpo" and sorted(upload["allow_patterns"]) == ADAPTER_FILES
+
+
+def test_nothing_pushed_names_a_path_of_this_machine(chain, monkeypatch, tmp_path):
+    """Issue 21: the card, alignkit_run.json, alignkit_config.yaml (and transformers' metadata) that push uploads
+    carry no absolute local path; the card names datasets by file name with rows and sha256, stages by run name.
+    Checked on the DPO end of the CPT -> SFT -> DPO chain and on its merged model."""
+    from alignkit.export.merge import merge_adapter
+    from alignkit.export.portable import local_paths
+
+    hub = HubRecorder().install(monkeypatch)
+    merged = merge_adapter(chain.dpo, tmp_path / "merged").output_dir
+    for folder in (chain.dpo, merged):
+        hub.calls.clear()
+        assert cli(["push", str(folder), "--hub_model_id", "org/tiny"]) == 0
+        (upload,) = hub.named("upload_folder")
+        texts = {n: b.decode() for n, b in upload["uploaded"].items() if not n.endswith(".safetensors")}
+        assert {"README.md", "alignkit_run.json"} <= set(texts) and (
+            "alignkit_config.yaml" in texts or folder == merged
+        )
+        for name, text in texts.items():
+            if name.startswith("tokenizer"):
+                continue
+            leaked = local_paths(text)
+            assert not leaked and str(tmp_path) not in text and str(chain.dpo.parent) not in text, (name, leaked)
+        card = texts["README.md"]
+        assert "`dpo.jsonl` (x1.0, " in card and " rows, sha256 " in card, card
+    # the local files keep their paths: the next stage on this machine reads them
+    assert str(chain.dpo) in (chain.dpo / "alignkit_run.json").read_text()

@@ -142,7 +142,10 @@ def test_full_precision_merge_of_4bit_adapter_is_gated_before_push(chain, tmp_pa
 
     assert cli([*argv, "--force", "--private"]) == 0
     (upload,) = hub.named("upload_folder")
-    assert upload["repo_id"] == "alice/tiny-merged" and upload["folder_path"] == str(out)
+    assert upload["repo_id"] == "alice/tiny-merged"
+    assert all(
+        upload["uploaded"][n] == (out / n).read_bytes() for n in upload["uploaded"] if n.endswith(".safetensors")
+    )
     assert sorted(upload["allow_patterns"]) == [
         "README.md", "alignkit_run.json", "chat_template.jinja", "config.json", "generation_config.json",
         "model.safetensors", "tokenizer.json", "tokenizer_config.json",

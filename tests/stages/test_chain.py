@@ -32,5 +32,5 @@ def test_cpt_sft_dpo_chain_records_every_stage(tmp_path):
     ]
     card = (dpo / "README.md").read_text()
     for i, stage in enumerate(("cpt", "sft", "dpo"), 1):
-        assert f"| {i} | {stage} |" in card and f"recipes/tiny/data/{stage}.jsonl" in card
+        assert f"| {i} | {stage} |" in card and f"`{stage}.jsonl` (x1.0, " in card  # the file's name, not its path
     assert len([e for e in log_history(dpo) if "loss" in e]) == 2  # each stage trained

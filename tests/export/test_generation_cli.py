@@ -1,0 +1,89 @@
+"""`alignkit chat`, `generate` and `eval` on a tiny SFT run (issue 21): the run's adapter loaded on its base, its
+chat template and stop tokens; chat driven through piped stdin (one prompt per line in, one reply per line out)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, TINY_DATA, run_recipe
+
+ROWS = [json.loads(line) for line in (TINY_DATA / "sft.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """tiny:llama_base trained long enough (150 steps) to answer in the data's format and stop."""
+    out = tmp_path_factory.mktemp("gen") / "sft"
+    argv = ["--config", "recipes/tiny/sft.yaml", "--model_name_or_path", "tiny:llama_base", "--load_in_4bit", "false",
+            "--lora_r", "16", "--lora_alpha", "32", "--max_steps", "150", "--save_steps", "1000", "--test_size", "0",
+            "--output_dir", str(out), "--disable_tqdm", "true"]  # fmt: skip
+    run_recipe("sft", argv)
+    return out
+
+
+def _alignkit(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "alignkit.cli", *argv],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+
+
+def test_chat_reads_piped_prompts_and_stops_at_the_end_of_turn(sft_run):
+    prompts = [r["messages"][1]["content"] for r in ROWS[:3]]
+    done = _alignkit("chat", str(sft_run), "--max_new_tokens", "60", stdin="\n".join(prompts) + "\n")
+    assert done.returncode == 0, done.stderr[-2000:]
+    replies = done.stdout.strip().splitlines()
+    assert len(replies) == len(prompts), done.stdout
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_run)
+    for reply in replies:
+        assert "ANSWER:" in reply, replies
+        # it stopped on the template's end-of-turn token (eos for chatml_eos), well before max_new_tokens
+        assert len(tokenizer(reply, add_special_tokens=False)["input_ids"]) < 40, reply
+
+
+def test_generate_writes_a_reply_per_prompt(sft_run, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"id": i, "messages": r["messages"][:-1]} for i, r in enumerate(ROWS[:5])]
+    rows.append({"id": 5, "prompt": "What is 10 + 10?"})
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "replies.jsonl"
+    done = _alignkit("generate", str(sft_run), "--prompts", str(prompts), "--out", str(out), "--max_new_tokens", "40")
+    assert done.returncode == 0, done.stderr[-2000:]
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [w["id"] for w in written] == list(range(6)) and all(w["reply"].strip() for w in written)
+
+
+def test_eval_scores_replies_and_writes_them_next_to_the_summary(sft_run, tmp_path):
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in ROWS[:8]))
+    out = tmp_path / "eval"
+    done = _alignkit("eval", str(sft_run), "--data", str(data), "--metric", "rouge", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["metric"] == "rouge" and summary["rows"] == 8 and 0.1 < summary["rougeL"] <= 1.0, summary
+    assert json.loads((out / "eval_summary.json").read_text()) == summary
+    rows = [json.loads(line) for line in (out / "eval_rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all({"prompt", "reference", "reply", "rougeL"} <= set(r) for r in rows)
+
+
+def test_eval_regex_and_bad_input(sft_run, tmp_path):
+    from alignkit.export.evaluate import score
+
+    rows, summary = score(["x ANSWER: 12", "no answer", "ANSWER: 7"], [12, 3, "8"], "regex", r"ANSWER:\s*(-?\d+)")
+    assert summary == {"format": 2 / 3, "exact": 1 / 3} and rows[0] == {"format": True, "exact": True}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    done = _alignkit("eval", str(sft_run), "--data", str(bad))
+    assert done.returncode == 2 and "bad.jsonl, row 1" in done.stderr and "Fix" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = _alignkit("eval", str(sft_run), "--data", str(bad), "--metric", "regex")
+    assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -1,0 +1,84 @@
+"""GGUF export (issue 21): llama.cpp's own converter, and a parity gate that reads the file back through
+transformers. The model is a tiny random Llama body with SmolLM2's tokenizer (the converter recognises a released
+model's tokenizer, not the synthetic tiny ones), trained as an SFT adapter run, then merged and exported."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_recipe
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from alignkit.models.packaged import packaged_path
+
+    root = tmp_path_factory.mktemp("gguf")
+    tokenizer = AutoTokenizer.from_pretrained(packaged_path("smollm2:SmolLM2-135M-Instruct"))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    out = root / "sft"
+    argv = ["--config", "recipes/tiny/sft.yaml", "--model_name_or_path", str(root / "base"), "--chat_template",
+            "chatml", "--load_in_4bit", "false", "--max_steps", "3", "--output_dir", str(out), "--disable_tqdm", "true"]  # fmt: skip
+    run_recipe("sft", argv)
+    return out
+
+
+def test_merge_export_f16_and_q8_0_pass_the_parity_gate(adapter_run):
+    from alignkit.export.gguf import BOUNDS, export_gguf
+
+    written = {}
+    for outtype in ("f16", "q8_0"):
+        path, parity = export_gguf(adapter_run, outtype)  # an adapter run: merged first into <run>-merged
+        assert path.is_file() and path.parent.name == f"{adapter_run.name}-merged"
+        assert parity.passed and parity.max_abs_diff <= BOUNDS[outtype][0]
+        written[outtype] = (path, parity)
+    f16, q8 = written["f16"], written["q8_0"]
+    assert q8[0].stat().st_size < f16[0].stat().st_size
+    assert f16[1].max_abs_diff < q8[1].max_abs_diff  # 8-bit blocks move logits more than 16-bit floats
+    merged = f16[0].parent
+    record = json.loads((merged / "alignkit_run.json").read_text())
+    assert [x["outtype"] for x in record["exports"]] == ["f16", "q8_0"]
+    card = (merged / "README.md").read_text()
+    assert "## GGUF exports" in card and f"`{f16[0].name}`" in card
+
+
+def test_a_corrupted_tensor_fails_the_gate(adapter_run, tmp_path):
+    import shutil
+
+    import numpy as np
+    from gguf import GGUFReader
+
+    from alignkit.export.gguf import export_gguf, parity
+
+    path, _ = export_gguf(adapter_run, "f16", tmp_path / "model-f16.gguf")
+    merged = adapter_run.parent / f"{adapter_run.name}-merged"
+    corrupt = tmp_path / "corrupt" / path.name
+    corrupt.parent.mkdir()
+    shutil.copy(path, corrupt)
+    tensor = next(t for t in GGUFReader(corrupt).tensors if t.name == "blk.0.attn_q.weight")
+    with open(corrupt, "r+b") as f:  # that tensor's f16 values, all set to 8.0
+        f.seek(int(tensor.data_offset))
+        f.write(np.full(int(tensor.n_elements), 8.0, dtype=np.float16).tobytes())
+    check = parity(merged, corrupt, "f16")
+    assert not check.passed and check.max_abs_diff > 0.25, check
+
+
+def test_an_unsupported_architecture_is_refused_with_the_fix(tmp_path, tiny_bart):
+    from alignkit.errors import ConfigError
+    from alignkit.export.gguf import convert
+
+    with pytest.raises(ConfigError, match=r"does not support the architecture BartForConditionalGeneration.*Fix"):
+        convert(tiny_bart, tmp_path / "x.gguf", "f16")
