@@ -161,17 +161,55 @@ class AdapterArguments:
             )
 
 
+# alignkit.data.formats.FORMATS' names (config sits below data; tests/structure checks the two agree)
+DATA_FORMATS = (
+    "messages",
+    "prompt_completion",
+    "alpaca",
+    "sharegpt",
+    "preference",
+    "hh",
+    "preference_messages",
+    "text",
+)
+
+
 @dataclass
 class DatasetSource:
-    """One entry of ``datasets``: a file, a save_to_disk folder or a Hub id, with a mixture weight."""
+    """One entry of ``datasets``: a file, a save_to_disk folder or a Hub id, with a mixture weight; its ``format``
+    (detected when unset), a ``columns`` map {format column: source column} and a ``roles`` map for chat tags."""
 
     path: str
     weight: float = 1.0
     split: str = "train"
     name: str | None = None
     test_split: str | None = None
+    format: str | None = None
+    columns: dict | None = None
+    roles: dict | None = None
 
     def __post_init__(self):
+        if self.format is not None and self.format not in DATA_FORMATS:
+            raise ConfigError(
+                f"datasets[{self.path}].format: '{self.format}' is not a format alignkit reads."
+                f"{suggest(str(self.format), DATA_FORMATS)} Fix: use one of {list(DATA_FORMATS)}, or leave it unset "
+                "to detect it."
+            )
+        for key in ("columns", "roles"):
+            value = getattr(self, key)
+            if value is not None and (
+                not isinstance(value, dict)
+                or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+            ):
+                example = "{prompt: question, chosen: good}" if key == "columns" else "{bot: assistant}"
+                raise ConfigError(
+                    f"datasets[{self.path}].{key}: {value!r} is not a mapping of names. Fix: write e.g. {key}: {example}."
+                )
+        if self.roles and any(v not in ("system", "user", "assistant") for v in self.roles.values()):
+            raise ConfigError(
+                f"datasets[{self.path}].roles: {self.roles} maps to a role other than system/user/assistant. Fix: map "
+                "each tag to one of those."
+            )
         weight = self.weight
         if isinstance(weight, str):
             try:
@@ -192,7 +230,11 @@ class DataArguments:
 
     datasets: list[Any] = field(
         default_factory=list,
-        metadata={"help": "List of sources: a path/Hub id string, or {path, weight, split, name, test_split}."},
+        metadata={
+            "help": "List of sources: a path/Hub id string, or {path, weight, split, name, test_split, format, "
+            "columns, roles} (format: messages, prompt_completion, alpaca, sharegpt, preference, hh, "
+            "preference_messages, text; detected when unset)."
+        },
     )
     test_size: float = field(
         default=0.0, metadata={"help": "Fraction (or count if >= 1) held out for eval when no test split exists."}

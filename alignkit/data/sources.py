@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 from alignkit.config.args import DataArguments, DatasetSource
+from alignkit.data.formats import convert_source
 from alignkit.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -194,6 +195,9 @@ def mixture_indices(n_rows: int, weight: float, rng: random.Random) -> list[int]
     return indices
 
 
+STAGE_FORMATS = ("sft", "dpo", "cpt")  # the stages whose sources may come in a published format (data/formats.py)
+
+
 def load_datasets(data_args: DataArguments, schema=None):
     """Load, check, mix and split every source into ``DatasetDict({'train', ['test']})``.
 
@@ -214,7 +218,10 @@ def load_datasets(data_args: DataArguments, schema=None):
         if len(train) == 0:
             raise DataError(_label(source, source.split), None, "split is empty", "add rows, or remove this source")
         if schema is not None:
-            train = schema.check(train, _label(source, source.split), row_lines(Path(source.path)))
+            lines = row_lines(Path(source.path))
+            if schema.name in STAGE_FORMATS:  # published layouts -> the stage's canonical columns
+                train = convert_source(train, source, schema.name, _label(source, source.split), lines)
+            train = schema.check(train, _label(source, source.split), lines)
         if source.test_split and Path(source.path).is_file():
             raise DataError(
                 source.path, None, f"is one file, so it has no '{source.test_split}' split",
@@ -224,6 +231,8 @@ def load_datasets(data_args: DataArguments, schema=None):
         test = load_source_split(source, source.test_split) if source.test_split else None
         if test is not None:
             if schema is not None:
+                if schema.name in STAGE_FORMATS:
+                    test = convert_source(test, source, schema.name, _label(source, source.test_split))
                 test = schema.check(test, _label(source, source.test_split))
             tests.append(test)
     out = {}

@@ -25,14 +25,10 @@ METRICS = ("exact", "regex", "rouge", "bleu")
 
 def read_eval_rows(path: str | Path) -> tuple[list[list[dict]], list[str]]:
     """(conversations ending on a user turn, references) of an eval file; DataError naming the line otherwise."""
+    from alignkit.export.generate import jsonl_rows
+
     conversations, references = [], []
-    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise DataError(str(path), line_no, f"not valid JSON ({exc})", "write one JSON object per line") from None
+    for line_no, row in jsonl_rows(path):
         messages = row.get("messages")
         if isinstance(messages, list) and messages and messages[-1].get("role") == "assistant" and "answer" not in row:
             conversations.append(messages[:-1])

@@ -74,9 +74,8 @@ def generate_replies(
     return replies
 
 
-def read_prompts(path: str | Path) -> tuple[list[dict], list[list[dict]]]:
-    """Rows of a JSONL file and their conversations: a ``messages`` list ending on a user turn, or a ``prompt``."""
-    rows, conversations = [], []
+def jsonl_rows(path: str | Path):
+    """(file line, row) of each non-blank line of a JSONL file; DataError naming the line for bad JSON."""
     for line_no, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
@@ -84,6 +83,15 @@ def read_prompts(path: str | Path) -> tuple[list[dict], list[list[dict]]]:
             row = json.loads(line)
         except ValueError as exc:
             raise DataError(str(path), line_no, f"not valid JSON ({exc})", "write one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise DataError(str(path), line_no, "is not a JSON object", "write one {...} object per line")
+        yield line_no, row
+
+
+def read_prompts(path: str | Path) -> tuple[list[dict], list[list[dict]]]:
+    """Rows of a JSONL file and their conversations: a ``messages`` list ending on a user turn, or a ``prompt``."""
+    rows, conversations = [], []
+    for line_no, row in jsonl_rows(path):
         if isinstance(row.get("messages"), list) and row["messages"] and row["messages"][-1].get("role") == "user":
             conversations.append(row["messages"])
         elif isinstance(row.get("prompt"), str) and row["prompt"].strip():

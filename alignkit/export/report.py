@@ -33,6 +33,7 @@ class RunLog:
     name: str
     stage: str
     log_history: list[dict]
+    evals: dict[str, dict] = None  # eval folder name -> its eval_summary.json (alignkit eval --out, default eval/)
 
 
 @dataclass
@@ -57,7 +58,13 @@ def load_run(output_dir: str | Path) -> RunLog:
             f"{state}: not a readable trainer state ({exc}). Fix: pass the output_dir of a finished run (a run cut "
             "short while saving leaves a broken file: rerun or resume it)."
         ) from None
-    return RunLog(name=f"{stage}:{output_dir.name}", stage=stage, log_history=history)
+    evals = {}
+    for summary in sorted(output_dir.glob("*/eval_summary.json")):
+        try:
+            evals[summary.parent.name] = json.loads(summary.read_text())
+        except ValueError:
+            continue  # a summary being written: the next report shows it
+    return RunLog(name=f"{stage}:{output_dir.name}", stage=stage, log_history=history, evals=evals)
 
 
 def key_series(log_history: list[dict], key: str) -> Series:
@@ -129,7 +136,20 @@ def _html(runs: list[RunLog], pngs: dict[str, Path]) -> str:
         f"<td>{_final(r, 'rewards/accuracies')}</td></tr>"
         for r in runs
     )
-    images = "".join(
+    evals = "".join(
+        f"<tr><td>{html.escape(r.name)}</td><td>{html.escape(folder)}</td><td>{html.escape(str(e.get('metric')))}</td>"
+        f"<td>{e.get('rows', '-')}</td><td>"
+        + ", ".join(f"{k} {v:.4g}" for k, v in e.items() if k not in ("metric", "rows") and isinstance(v, (int, float)))
+        + "</td></tr>"
+        for r in runs
+        for folder, e in (r.evals or {}).items()
+    )
+    if evals:  # side by side: every run's alignkit eval summaries
+        evals = (
+            "<h2>Evaluations (alignkit eval)</h2><table><tr><th>run</th><th>eval</th><th>metric</th><th>rows</th>"
+            f"<th>scores</th></tr>{evals}</table>"
+        )
+    images = evals + "".join(
         f'<h2>{html.escape(PLOTS[stem][0])}</h2><img alt="{stem}" src="data:image/png;base64,'
         f'{base64.b64encode(path.read_bytes()).decode()}">'
         for stem, path in pngs.items()

@@ -55,3 +55,20 @@ def test_each_stage_reads_and_writes_under_out_dir(stage, tmp_path):
         assert recipe.model.adapter_handoff == "continue"
     if stage == "dpo":
         assert source.test_split == "test"
+
+
+def test_stage_progress_line_reads_the_trainers_bar_and_loss(tmp_path):
+    """The demo's console line for a running stage (issue 21): the trainer's tqdm position and ETA and the last
+    logged loss, from the stage's log; dataset bars ('examples/s') are not the trainer's."""
+    from alignkit.demo.pipeline import StageProgress
+
+    log = tmp_path / "sft.log"
+    progress = StageProgress("sft", log)
+    log.write_text("Tokenizing train dataset: 100%|##| 400/400 [00:00<00:00, 9000.00 examples/s]\n")
+    assert progress.line().startswith("[sft] loading, ")
+    log.write_text(
+        log.read_text()
+        + " 25%|##    | 10/40 [00:20<01:00,  2.00s/it]{'loss': '1.234', 'grad_norm': '0.5', 'epoch': '0.1'}\n"
+        + " 40%|####  | 16/40 [00:31<00:45,  1.90s/it]"
+    )
+    assert progress.line().startswith("[sft] step 16/40, loss 1.234, ETA 00:45, ")

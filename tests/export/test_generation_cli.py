@@ -65,14 +65,19 @@ def test_generate_writes_a_reply_per_prompt(sft_run, tmp_path):
 def test_eval_scores_replies_and_writes_them_next_to_the_summary(sft_run, tmp_path):
     data = tmp_path / "held_out.jsonl"
     data.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in ROWS[:8]))
-    out = tmp_path / "eval"
-    done = _alignkit("eval", str(sft_run), "--data", str(data), "--metric", "rouge", "--out", str(out))
+    out = sft_run / "eval"  # the default --out: where alignkit report finds it
+    done = _alignkit("eval", str(sft_run), "--data", str(data), "--metric", "rouge")
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["metric"] == "rouge" and summary["rows"] == 8 and 0.1 < summary["rougeL"] <= 1.0, summary
     assert json.loads((out / "eval_summary.json").read_text()) == summary
     rows = [json.loads(line) for line in (out / "eval_rows.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all({"prompt", "reference", "reply", "rougeL"} <= set(r) for r in rows)
+    # runs' evaluations side by side in the training report
+    from alignkit.export.report import write_report
+
+    page = write_report([sft_run], tmp_path / "report").html.read_text()
+    assert "Evaluations (alignkit eval)" in page and f"rougeL {summary['rougeL']:.4g}" in page
 
 
 def test_eval_regex_and_bad_input(sft_run, tmp_path):

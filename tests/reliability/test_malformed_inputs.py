@@ -280,6 +280,11 @@ CASES = [
     # ---------------------------------------------------------------- choices, lengths, CSV rows
     Case("dpo-loss-type-unknown", "dpo", ConfigError, ("loss_type", "'sigmoidd'", "Did you mean 'sigmoid'"),
          config=dict(loss_type="sigmoidd")),
+    Case("format-unknown", "sft", ConfigError, ("format", "'alpacca'", "Did you mean 'alpaca'"),
+         config=dict(datasets=[{"path": "{data}", "format": "alpacca"}])),
+    Case("sharegpt-role-unknown", "sft", DataError, ("{data}", "row 2", "from='bot'", "roles: {bot: assistant}"),
+         rows=lambda rows: [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt" if i != 1 else "bot",
+                                                "value": "Hello"}]} for i in range(8)]),
     Case("sft-loss-type-unknown", "sft", ConfigError, ("loss_type", "'dpo'", "['nll', 'dft'"), config=dict(loss_type="dpo")),
     Case("report-to-unknown", "sft", ConfigError, ("report_to", "'wandbb'", "Did you mean 'wandb'"), config=dict(report_to="wandbb")),
     Case("cpt-block-size-beyond-positions", "cpt", PreflightError, ("block_size", "100000", "max_position_embeddings 512"),

@@ -1,0 +1,231 @@
+"""Dataset formats as published, converted to a stage's canonical columns before its schema checks them.
+
+Each format is a small pure converter of one row (tested on hand-written rows in tests/data/test_formats.py),
+applied lazily with ``datasets.map``. A source's ``format:`` names one; unset, it is detected from the columns (and
+the first row) and logged once per source; a source that matches two formats is reported, never guessed.
+
+| format | columns (as published) | becomes |
+|---|---|---|
+| ``messages`` | ``messages``: [{role, content}] (OpenAI / HF chat) | itself |
+| ``prompt_completion`` | ``prompt``, ``completion`` | itself |
+| ``alpaca`` | ``instruction``, ``input`` (optional), ``output``, ``system``/``history`` (optional) | ``messages`` |
+| ``sharegpt`` | ``conversations``: [{from, value}] (``human``/``gpt``/``system``; ``roles:`` maps others) | ``messages`` |
+| ``hh`` | ``chosen``, ``rejected``: whole ``\\n\\nHuman: ... \\n\\nAssistant: ...`` transcripts (Anthropic hh-rlhf) | DPO: ``prompt`` (the shared turns), ``chosen``/``rejected`` (the final replies); SFT: ``messages`` of ``chosen`` |
+| ``preference_messages`` | ``chosen``, ``rejected``: whole message lists with a common prefix (UltraFeedback-binarized) | DPO: ``prompt``, ``chosen``, ``rejected``; SFT: ``messages`` of ``chosen`` |
+| ``preference`` | ``prompt``, ``chosen``, ``rejected`` | itself |
+| ``text`` | ``text`` (CPT) | itself |
+
+``columns:`` renames a source's columns to a format's (``{instruction: question, output: answer}``: the format's
+name first); ``roles:`` maps a chat format's role tags (``{bot: assistant}``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from alignkit.errors import DataError, suggest
+
+logger = logging.getLogger(__name__)
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+class RowError(ValueError):
+    """A row a converter cannot convert: ``problem`` and ``fix`` (the caller adds file, row and format)."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(problem)
+        self.problem, self.fix = problem, fix
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    columns: tuple[str, ...]  # what identifies it
+    convert: Callable[[dict, str, dict], dict] | None  # (row, stage, roles) -> canonical columns; None: as is
+    stages: tuple[str, ...]  # the stages it feeds
+    looks: Callable[[dict], bool] = lambda row: True  # a first-row check that tells apart formats with one layout
+
+
+def _alpaca(row: dict, stage: str, roles: dict) -> dict:
+    instruction, extra, output = row.get("instruction"), row.get("input") or "", row.get("output")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise RowError("'instruction' is empty or not text", "give every row an instruction")
+    if not isinstance(output, str) or not output.strip():
+        raise RowError("'output' is empty or not text", "give every row an output")
+    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    for j, turn in enumerate(row.get("history") or []):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
+            raise RowError(f"history[{j}] is not a [question, answer] pair", "write history as [[q, a], ...]")
+        messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    user = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
+    return {"messages": [*messages, {"role": "user", "content": user}, {"role": "assistant", "content": output}]}
+
+
+def _sharegpt(row: dict, stage: str, roles: dict) -> dict:
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise RowError("'conversations' is not a non-empty list of {from, value} turns", "write [{from, value}, ...]")
+    mapping = {**SHAREGPT_ROLES, **roles}
+    messages = []
+    for j, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RowError(f"turn {j} lacks 'from' or 'value'", "give every turn a 'from' and a 'value'")
+        tag = turn["from"]
+        if tag not in mapping:
+            raise RowError(
+                f"turn {j} has from={tag!r}, a role tag it does not know{suggest(str(tag), mapping).rstrip('?')}",
+                f"map it with roles: {{{tag}: assistant}} (or user / system) in this source",
+            )
+        messages.append({"role": mapping[tag], "content": turn["value"]})
+    return {"messages": messages}
+
+
+def hh_turns(transcript: str) -> list[dict]:
+    """An hh-rlhf transcript ('\\n\\nHuman: ...\\n\\nAssistant: ...') as messages."""
+    if not isinstance(transcript, str) or not _HH_TURN.search(transcript):
+        raise RowError(
+            "is not a '\\n\\nHuman: ... \\n\\nAssistant: ...' transcript", "use format: preference or hh rows"
+        )
+    parts = _HH_TURN.split(transcript)
+    if parts[0].strip():
+        raise RowError(f"text before the first turn: {parts[0][:40]!r}", "start each transcript with '\\n\\nHuman: '")
+    role = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": role[tag], "content": text.strip()} for tag, text in zip(parts[1::2], parts[2::2])]
+
+
+def _split_preference(chosen: list[dict], rejected: list[dict], what: str) -> dict:
+    """prompt = the turns both share; chosen/rejected = what follows (the final assistant replies)."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared and chosen[shared - 1]["role"] != "user":  # the prompt ends on the user's turn
+        shared -= 1
+    if shared == 0:
+        raise RowError(
+            f"the two {what} share no opening user turn, so there is no common prompt",
+            "drop the row, or give both the same conversation up to the final reply",
+        )
+    rest_c, rest_r = chosen[shared:], rejected[shared:]
+    if not rest_c or not rest_r or any(m["role"] != "assistant" for m in rest_c + rest_r):
+        raise RowError(
+            f"after the shared turns the {what} must continue with assistant replies only",
+            "end both on one assistant reply each after the same conversation",
+        )
+    return {"prompt": chosen[:shared], "chosen": rest_c, "rejected": rest_r}
+
+
+def _hh(row: dict, stage: str, roles: dict) -> dict:
+    chosen = hh_turns(row.get("chosen"))
+    if stage == "sft":
+        return {"messages": chosen}
+    return _split_preference(chosen, hh_turns(row.get("rejected")), "transcripts")
+
+
+def _preference_messages(row: dict, stage: str, roles: dict) -> dict:
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m for m in value):
+            raise RowError(f"'{name}' is not a list of messages", "write [{role, content}, ...]")
+    if stage == "sft":
+        return {"messages": chosen}
+    return _split_preference(chosen, rejected, "conversations")
+
+
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("messages", ("messages",), None, ("sft",)),
+        Format("prompt_completion", ("prompt", "completion"), None, ("sft",)),
+        Format("alpaca", ("instruction", "output"), _alpaca, ("sft",)),
+        Format("sharegpt", ("conversations",), _sharegpt, ("sft",)),
+        Format("preference", ("prompt", "chosen", "rejected"), None, ("dpo",)),
+        Format("hh", ("chosen", "rejected"), _hh, ("sft", "dpo"), lambda r: isinstance(r.get("chosen"), str)),
+        Format(
+            "preference_messages",
+            ("chosen", "rejected"),
+            _preference_messages,
+            ("sft", "dpo"),
+            lambda r: isinstance(r.get("chosen"), list),
+        ),  # fmt: skip
+        Format("text", ("text",), None, ("cpt",)),
+    )
+}
+
+
+def detect(columns: list[str], first_row: dict, stage: str, source: str) -> Format:
+    """The one format of ``stage`` whose columns (and first-row shape) the source has; DataError if none or two."""
+    present = set(columns)
+    matches = [f for f in FORMATS.values() if stage in f.stages and set(f.columns) <= present and f.looks(first_row)]
+    if "preference" in {f.name for f in matches}:  # prompt/chosen/rejected: the canonical columns, not a transcript
+        matches = [f for f in matches if f.name == "preference"]
+    if len(matches) == 1:
+        return matches[0]
+    names = [f.name for f in matches]
+    if matches:
+        raise DataError(
+            source, None, f"matches the formats {names} (columns {sorted(present)}): ambiguous",
+            f"set format: to one of {names} on this source, or drop the other columns",
+        )  # fmt: skip
+    mine = [f for f in FORMATS.values() if stage in f.stages]
+    wanted = " or ".join("/".join(f.columns) for f in mine if f.convert is None)
+    published = [f"{f.name} ({'/'.join(f.columns)})" for f in mine if f.convert is not None]
+    have = ", ".join(sorted(present)) or "none"
+    raise DataError(
+        source, None,
+        f"missing columns for {stage}: needs {wanted}" + (f" (or a published format: {', '.join(published)})" if published else "")
+        + f", has {have}",
+        "rename the columns with columns: {<format column>: <your column>} on this source, or set format: "
+        f"(formats for {stage}: {[f.name for f in FORMATS.values() if stage in f.stages]})",
+    )  # fmt: skip
+
+
+def convert_source(dataset, source, stage: str, label: str, row_lines: list[int] | None = None):
+    """``dataset`` of one source in its stage's canonical columns: renamed by ``source.columns``, converted by its
+    format (``source.format`` or detected). Returns the dataset (lazily mapped; cached by datasets)."""
+    columns = dict(source.columns or {})
+    known = {c for f in FORMATS.values() for c in f.columns} | {
+        "input",
+        "system",
+        "history",
+        "tools",
+        "chat_template_kwargs",
+    }
+    for ours in columns:
+        if ours not in known:
+            raise DataError(
+                label, None, f"columns: '{ours}' is not a column of any format.{suggest(ours, known)}",
+                f"name the format's column first (one of {sorted(known)}), then yours: columns: {{prompt: question}}",
+            )  # fmt: skip
+    if columns:
+        missing = [theirs for theirs in columns.values() if theirs not in dataset.column_names]
+        if missing:
+            raise DataError(
+                label, None, f"columns: maps to {missing}, which the source does not have "
+                f"(it has {dataset.column_names})", "correct the column names in columns:",
+            )  # fmt: skip
+        dataset = dataset.rename_columns({theirs: ours for ours, theirs in columns.items() if ours != theirs})
+    if source.format:
+        fmt = FORMATS[source.format]
+        if stage not in fmt.stages:
+            allowed = [f.name for f in FORMATS.values() if stage in f.stages]
+            raise DataError(label, None, f"format {fmt.name} does not feed the {stage} stage", f"use one of {allowed}")
+    else:
+        fmt = detect(dataset.column_names, dataset[0] if len(dataset) else {}, stage, label)
+        logger.info("%s: format %s (detected; set format: to choose)", label, fmt.name)
+    if fmt.convert is None:
+        return dataset
+    roles = dict(source.roles or {})
+
+    def convert(row, index):
+        try:
+            return fmt.convert(row, stage, roles)
+        except RowError as exc:
+            line = row_lines[index] if row_lines and index < len(row_lines) else index + 1
+            raise DataError(label, line, f"{fmt.name}: {exc.problem}", exc.fix) from None
+
+    return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names, desc=f"{fmt.name} rows")
