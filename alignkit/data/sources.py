@@ -94,6 +94,8 @@ def load_source_split(source: DatasetSource, split: str | None = None):
 
     split = split or source.split
     path = Path(source.path)
+    if any(c in source.path for c in "*?["):  # shards: data/train-*.parquet, corpus/**/*.jsonl
+        return _load_shards(source, split)
     if path.is_file():
         builder = _FILE_BUILDERS.get(path.suffix)
         if builder is None:
@@ -143,6 +145,36 @@ def load_source_split(source: DatasetSource, split: str | None = None):
             "check the path, or the dataset id and your network access",
         ) from exc
     return loaded[split] if split in loaded else None
+
+
+def _load_shards(source, split: str):
+    """A glob of data files of one type, in name order, as one split: every file checked as a single file is."""
+    import glob
+
+    import datasets
+
+    files = sorted(glob.glob(source.path, recursive=True))
+    if not files:
+        raise DataError(source.path, None, "matches no file", "check the pattern (relative to the current directory)")
+    suffixes = sorted({Path(f).suffix for f in files})
+    if len(suffixes) != 1 or suffixes[0] not in _FILE_BUILDERS:
+        raise DataError(
+            source.path,
+            None,
+            f"matches files of types {suffixes}",
+            f"match files of one type of {sorted(_FILE_BUILDERS)}",
+        )
+    if split != source.split:
+        return None  # shards make one split
+    for f in files:
+        if suffixes[0] == ".jsonl":
+            _check_jsonl(Path(f))
+    try:
+        return datasets.load_dataset(_FILE_BUILDERS[suffixes[0]], data_files=files, split="train")
+    except Exception as exc:  # noqa: BLE001 - name the pattern and the reader
+        raise DataError(
+            source.path, None, f"could not be read ({type(exc).__name__}: {exc})", "check the files"
+        ) from None
 
 
 def _load_saved(folder: Path, label: str):

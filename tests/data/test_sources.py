@@ -114,3 +114,29 @@ def test_held_out_rows_never_train_even_when_upsampled(tmp_path):
     counts = Counter(t[0] for t in data["train"]["text"])
     held_a = sum(t[0] == "a" for t in held)
     assert counts == {"a": 2 * (20 - held_a), "b": 10 - (8 - held_a)}  # the weight applies to the training rows
+
+
+def test_a_glob_of_shards_is_one_source(tmp_path):
+    """Issue 19: local folders of shards load as one source, in file-name order; a pattern that matches nothing
+    or mixes file types is an error naming it."""
+    import json
+
+    import pytest
+
+    from alignkit.config.args import DataArguments
+    from alignkit.data.sources import load_datasets
+    from alignkit.errors import DataError
+
+    shards = tmp_path / "corpus"
+    shards.mkdir()
+    for i in range(3):
+        (shards / f"part-{i:02d}.jsonl").write_text(
+            "".join(json.dumps({"text": f"shard {i} row {j}"}) + "\n" for j in range(4))
+        )
+    loaded = load_datasets(DataArguments(datasets=[str(shards / "part-*.jsonl")]))
+    assert loaded["train"]["text"] == [f"shard {i} row {j}" for i in range(3) for j in range(4)]
+    with pytest.raises(DataError, match="matches no file"):
+        load_datasets(DataArguments(datasets=[str(shards / "nope-*.jsonl")]))
+    (shards / "part-09.csv").write_text("text\nx\n")
+    with pytest.raises(DataError, match=r"matches files of types \['.csv', '.jsonl'\]"):
+        load_datasets(DataArguments(datasets=[str(shards / "part-*")]))
