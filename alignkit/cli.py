@@ -141,7 +141,7 @@ def chat(argv: list[str]) -> int:
 
 def generate(argv: list[str]) -> int:
     """Generate replies for a JSONL file of prompts (batched, greedy unless sampling is asked for)."""
-    from alignkit.export.generate import generate_file, load_for_generation
+    from alignkit.export.generate import generate_file, load_for_generation, read_prompts
 
     p = argparse.ArgumentParser(prog="alignkit generate", description=generate.__doc__)
     p.add_argument("model", help="An adapter run (loaded on its base) or a merged model.")
@@ -150,6 +150,7 @@ def generate(argv: list[str]) -> int:
     p.add_argument("--batch_size", type=int, default=8, help="Prompts per generate() call.")
     _generation_flags(p)
     args = p.parse_args(argv)
+    read_prompts(args.prompts)  # bad prompts fail before the model loads
     model, tokenizer = load_for_generation(args.model)
     generate_file(model, tokenizer, args.prompts, args.out, batch_size=args.batch_size, **_generation_kwargs(args))
     return 0

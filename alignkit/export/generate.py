@@ -76,6 +76,10 @@ def generate_replies(
 
 def jsonl_rows(path: str | Path):
     """(file line, row) of each non-blank line of a JSONL file; DataError naming the line for bad JSON."""
+    if not Path(path).is_file():
+        raise DataError(
+            str(path), None, "file not found", "check the path (relative paths start from the current directory)"
+        )
     for line_no, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue

@@ -92,3 +92,9 @@ def test_eval_regex_and_bad_input(sft_run, tmp_path):
     assert "Traceback" not in done.stderr
     done = _alignkit("eval", str(sft_run), "--data", str(bad), "--metric", "regex")
     assert done.returncode == 2 and "Traceback" not in done.stderr
+    for argv in (["eval", str(sft_run), "--data", str(tmp_path / "nope.jsonl")],
+                 ["generate", str(sft_run), "--prompts", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")]):  # fmt: skip
+        done = _alignkit(*argv)
+        assert (
+            done.returncode == 2 and "nope.jsonl: file not found. Fix" in done.stderr and "Traceback" not in done.stderr
+        )
