@@ -182,6 +182,40 @@ def evaluate(argv: list[str]) -> int:
     return 0
 
 
+def data(argv: list[str]) -> int:
+    """Preview a recipe's data: each source's format, converted rows and checks, then the trained-token preview."""
+    from alignkit.data.formats import convert_source
+    from alignkit.data.sources import load_source_split, row_lines
+
+    p = argparse.ArgumentParser(
+        prog="alignkit data", description=data.__doc__,
+        epilog="Any other --key value is a recipe override, e.g. --datasets data/train.jsonl.",
+    )  # fmt: skip
+    p.add_argument("action", choices=["preview"], help="preview: show what the stage would train on, then exit.")
+    p.add_argument("stage", choices=["cpt", "sft", "dpo"], help="The stage whose recipe it is.")
+    p.add_argument("--n", type=int, default=2, help="Converted rows to show per source.")
+    args, recipe_argv = p.parse_known_args(argv)
+    stage = STAGES[args.stage]
+    recipe = stage.parse(recipe_argv)
+    for source in recipe.data.datasets:
+        for split in filter(None, (source.split, source.test_split)):
+            rows = load_source_split(source, split)
+            if rows is None:
+                continue
+            label = f"{source.path} [{split}]"
+            lines = row_lines(Path(source.path)) if split == source.split else None
+            chosen: list = []
+            converted = convert_source(rows, source, stage.name, label, lines, chosen)
+            converted = stage.data_schema.check(converted, label, lines)
+            print(f"== {label}: format {chosen[0][0]} ({chosen[0][1]}); {len(converted)} rows pass the {stage.name} "
+                  f"checks; columns {converted.column_names}")  # fmt: skip
+            for row in converted.select(range(min(args.n, len(converted)))):
+                print("   " + json.dumps(row, ensure_ascii=False)[:400])
+    if stage.name == "cpt":
+        return 0  # CPT trains every token of each block: nothing to bracket
+    return _stage_main(stage.name)([*recipe_argv, "--label_preview", "true"]) and 0
+
+
 def _generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_new_tokens", type=int, default=256, help="Longest reply, in tokens.")
     p.add_argument("--do_sample", action="store_true", help="Sample instead of greedy decoding.")
@@ -198,7 +232,7 @@ def _generation_kwargs(args) -> dict:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "merge": merge, "push": push, "export": export, "chat": chat, "generate": generate, "eval": evaluate,
-    "report": report, "fetch": fetch,
+    "data": data, "report": report, "fetch": fetch,
 }  # fmt: skip
 
 

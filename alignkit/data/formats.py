@@ -184,9 +184,10 @@ def detect(columns: list[str], first_row: dict, stage: str, source: str) -> Form
     )  # fmt: skip
 
 
-def convert_source(dataset, source, stage: str, label: str, row_lines: list[int] | None = None):
+def convert_source(dataset, source, stage: str, label: str, row_lines: list[int] | None = None, chosen=None):
     """``dataset`` of one source in its stage's canonical columns: renamed by ``source.columns``, converted by its
-    format (``source.format`` or detected). Returns the dataset (lazily mapped; cached by datasets)."""
+    format (``source.format`` or detected). Returns the dataset (lazily mapped; cached by datasets). ``chosen``: a
+    list that gets ``(format name, 'named' | 'detected')`` appended (alignkit data preview prints it)."""
     columns = dict(source.columns or {})
     known = {c for f in FORMATS.values() for c in f.columns} | {
         "input",
@@ -217,6 +218,8 @@ def convert_source(dataset, source, stage: str, label: str, row_lines: list[int]
     else:
         fmt = detect(dataset.column_names, dataset[0] if len(dataset) else {}, stage, label)
         logger.info("%s: format %s (detected; set format: to choose)", label, fmt.name)
+    if chosen is not None:
+        chosen.append((fmt.name, "named" if source.format else "detected"))
     if fmt.convert is None:
         return dataset
     roles = dict(source.roles or {})

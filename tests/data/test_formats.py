@@ -156,3 +156,23 @@ def test_each_format_trains_two_steps(stage, rows, tmp_path):
     run_recipe(stage, argv)
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+
+
+def test_data_preview_shows_the_format_the_rows_and_the_trained_tokens(tmp_path, capsys):
+    from alignkit.cli import main as cli
+
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ALPACA))
+    argv = ["data", "preview", "sft", "--config", "recipes/tiny/sft.yaml", "--datasets", str(data), "--test_size", "0",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    assert cli(argv) == 0
+    out = capsys.readouterr().out
+    assert f"== {data} [train]: format alpaca (detected); 3 rows pass the sft checks" in out
+    assert '"content": "Add the numbers.\\n\\n2 and 3"' in out and "label preview:" in out and "[" in out
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "x"}]}) + "\n"
+    )
+    assert cli(["data", "preview", "sft", "--config", "recipes/tiny/sft.yaml", "--datasets", str(bad)]) == 2
+    assert "from='bot'" in capsys.readouterr().err
