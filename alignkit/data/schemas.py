@@ -62,6 +62,12 @@ def _text(value, source, row, column, fix) -> None:
         raise DataError(source, row, f"'{column}' is empty or not text", fix)
 
 
+def check_messages(value, source, row, column="messages", must_end_on_assistant=True) -> None:
+    """A chat message list: dicts with a known role and text content, the system message first; DataError with the
+    file, row and fix otherwise (the SFT/DPO schemas, alignkit generate and eval check with it)."""
+    _messages(value, source, row, column, must_end_on_assistant)
+
+
 def _messages(value, source, row, column="messages", must_end_on_assistant=True) -> None:
     if not isinstance(value, list) or not value:
         raise DataError(

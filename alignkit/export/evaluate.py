@@ -25,22 +25,37 @@ METRICS = ("exact", "regex", "rouge", "bleu")
 
 def read_eval_rows(path: str | Path) -> tuple[list[list[dict]], list[str]]:
     """(conversations ending on a user turn, references) of an eval file; DataError naming the line otherwise."""
+    from alignkit.data.schemas import check_messages
     from alignkit.export.generate import jsonl_rows
 
     conversations, references = [], []
     for line_no, row in jsonl_rows(path):
-        messages = row.get("messages")
-        if isinstance(messages, list) and messages and messages[-1].get("role") == "assistant" and "answer" not in row:
-            conversations.append(messages[:-1])
-            references.append(messages[-1].get("content", ""))
-        elif "answer" in row and (isinstance(messages, list) and messages or isinstance(row.get("prompt"), str)):
-            conversations.append(
-                messages if isinstance(messages, list) else [{"role": "user", "content": row["prompt"]}]
+        messages, answer = row.get("messages"), row.get("answer")
+        if messages is not None:
+            check_messages(messages, str(path), line_no, "messages", must_end_on_assistant=False)
+        ends_on_reply = bool(messages) and messages[-1]["role"] == "assistant"
+        if ends_on_reply and "answer" in row:
+            raise DataError(
+                str(path), line_no, "has an 'answer' and 'messages' that end on an assistant reply: which is the reference?",
+                "drop 'answer' (the last reply is the reference) or the last reply (the model answers the user turn)",
+            )  # fmt: skip
+        if "answer" in row and (answer is None or isinstance(answer, (list, dict))):
+            raise DataError(
+                str(path), line_no, f"'answer' is {answer!r}", "give the reference answer as text or a number"
             )
-            references.append(row["answer"])
+        if ends_on_reply and len(messages) > 1:
+            conversations.append(messages[:-1])
+            references.append(messages[-1]["content"])
+        elif "answer" in row and messages and not ends_on_reply:
+            conversations.append(messages)
+            references.append(answer)
+        elif "answer" in row and messages is None and isinstance(row.get("prompt"), str) and row["prompt"].strip():
+            conversations.append([{"role": "user", "content": row["prompt"]}])
+            references.append(answer)
         else:
             raise DataError(
-                str(path), line_no, "needs 'messages' ending on the reference reply, or 'messages'/'prompt' and 'answer'",
+                str(path), line_no, "needs 'messages' ending on the reference reply after a user turn, or "
+                "'messages'/'prompt' and 'answer'",
                 "add the reference as 'answer', or end 'messages' with the assistant's reply",
             )  # fmt: skip
     if not conversations:
@@ -75,7 +90,8 @@ def score(replies: list[str], references: list, metric: str, pattern: str | None
         rows = []
         for reply, ref in zip(replies, references):
             match = compiled.search(reply)
-            rows.append({"format": match is not None, "exact": match is not None and _same(match.group(1), ref)})
+            found = match.group(1) if match is not None else None  # an optional group may not take part
+            rows.append({"format": found is not None, "exact": found is not None and _same(found, ref)})
         return rows, {"format": sum(r["format"] for r in rows) / n, "exact": sum(r["exact"] for r in rows) / n}
     if metric == "rouge":
         from rouge_score import rouge_scorer

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from alignkit.data.schemas import check_messages
 from alignkit.data.templates import end_of_turn_ids
 from alignkit.errors import DataError
 
@@ -96,8 +97,15 @@ def read_prompts(path: str | Path) -> tuple[list[dict], list[list[dict]]]:
     """Rows of a JSONL file and their conversations: a ``messages`` list ending on a user turn, or a ``prompt``."""
     rows, conversations = [], []
     for line_no, row in jsonl_rows(path):
-        if isinstance(row.get("messages"), list) and row["messages"] and row["messages"][-1].get("role") == "user":
-            conversations.append(row["messages"])
+        messages = row.get("messages")
+        if (
+            isinstance(messages, list)
+            and messages
+            and isinstance(messages[-1], dict)
+            and messages[-1].get("role") == "user"
+        ):
+            check_messages(messages, str(path), line_no, "messages", must_end_on_assistant=False)
+            conversations.append(messages)
         elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
             conversations.append([{"role": "user", "content": row["prompt"]}])
         else:
@@ -114,8 +122,9 @@ def read_prompts(path: str | Path) -> tuple[list[dict], list[list[dict]]]:
 def generate_file(model, tokenizer, prompts: str | Path, out: str | Path, batch_size: int = 8, **generation) -> Path:
     """``alignkit generate``: every row of ``prompts`` with its ``reply``, written to ``out`` (JSONL)."""
     rows, conversations = read_prompts(prompts)
-    replies = generate_replies(model, tokenizer, conversations, batch_size=batch_size, progress=True, **generation)
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # before the replies are made, not after
+    replies = generate_replies(model, tokenizer, conversations, batch_size=batch_size, progress=True, **generation)
     out.write_text("".join(json.dumps({**row, "reply": reply}) + "\n" for row, reply in zip(rows, replies)))
     print(f"wrote {len(rows)} replies to {out}", file=sys.stderr)
     return out

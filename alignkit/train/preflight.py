@@ -259,6 +259,22 @@ def check_model_fits(recipe, source, head: str = "causal_lm") -> None:
             )
 
 
+def check_assistant_only_loss(splits) -> None:
+    """``assistant_only_loss`` masks by the chat template's assistant turns, so it needs chat rows; trl 1.16 raises
+    a ValueError at trainer set-up for text prompt/completion rows (which train on the completion only anyway)."""
+    from alignkit.errors import ConfigError
+
+    for split, data in splits.items():
+        if "messages" in data.column_names or not len(data):
+            continue
+        if isinstance(data[0].get("prompt"), str):
+            raise ConfigError(
+                f"assistant_only_loss: true needs chat rows ('messages', or prompt/completion as message lists); the "
+                f"{split} split has text prompt/completion rows, which train on the completion only already. Fix: "
+                "set assistant_only_loss: false for this data."
+            )
+
+
 def protect_hub_token(train_args) -> None:
     """Keep a hub_token out of everything the run writes. transformers pickles its arguments into its saves, and W&B
     records the command line in its run metadata. The Hub client reads HF_TOKEN from the environment, so the token

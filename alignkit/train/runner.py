@@ -118,6 +118,8 @@ class Run:
 
         self.datasets = load_datasets(self.recipe.data, schema)
         logger.info("data: %s", {k: len(v) for k, v in self.datasets.items()})
+        if getattr(self.recipe.train, "assistant_only_loss", False):
+            preflight.check_assistant_only_loss(self.datasets)
         return self.datasets
 
     def load_model(self, head: str = "causal_lm", **head_kwargs):

@@ -4,6 +4,7 @@ chat template and stop tokens; chat driven through piped stdin (one prompt per l
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -98,3 +99,34 @@ def test_eval_regex_and_bad_input(sft_run, tmp_path):
         assert (
             done.returncode == 2 and "nope.jsonl: file not found. Fix" in done.stderr and "Traceback" not in done.stderr
         )
+
+
+@pytest.mark.parametrize(
+    "reader, row, says",
+    [
+        ("prompts", {"messages": ["hi"]}, "has neither 'messages' ending on a user turn"),
+        ("prompts", {"messages": [{"role": "user"}]}, "messages[0] lacks 'role' or 'content'"),
+        ("prompts", {"messages": [{"role": "user", "content": 5}]}, "content that is not text"),
+        ("eval", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "answer": "a"},
+         "which is the reference"),
+        ("eval", {"messages": [{"role": "assistant", "content": "x"}]}, "needs 'messages' ending on the reference"),
+        ("eval", {"prompt": "q", "answer": None}, "'answer' is None"),
+        ("eval", {"messages": ["a", "b"]}, "messages[0] lacks 'role' or 'content'"),
+    ],
+)  # fmt: skip
+def test_prompt_and_eval_rows_are_checked_before_the_model_loads(reader, row, says, tmp_path):
+    from alignkit.errors import DataError
+    from alignkit.export.evaluate import read_eval_rows
+    from alignkit.export.generate import read_prompts
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=rf"rows.jsonl, row 1: .*{re.escape(says)}.*Fix"):
+        (read_prompts if reader == "prompts" else read_eval_rows)(path)
+
+
+def test_a_regex_group_that_does_not_take_part_is_no_match():
+    from alignkit.export.evaluate import score
+
+    rows, summary = score(["nothing here"], ["x"], "regex", "(ZZZ)?")
+    assert rows == [{"format": False, "exact": False}] and summary == {"format": 0.0, "exact": 0.0}

@@ -285,6 +285,8 @@ CASES = [
     Case("sharegpt-role-unknown", "sft", DataError, ("{data}", "row 2", "from='bot'", "roles: {bot: assistant}"),
          rows=lambda rows: [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt" if i != 1 else "bot",
                                                 "value": "Hello"}]} for i in range(8)]),
+    Case("sft-assistant-only-loss-on-text-pairs", "sft", ConfigError, ("assistant_only_loss", "assistant_only_loss: false"),
+         rows=lambda rows: [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(8)]),
     Case("sft-loss-type-unknown", "sft", ConfigError, ("loss_type", "'dpo'", "['nll', 'dft'"), config=dict(loss_type="dpo")),
     Case("report-to-unknown", "sft", ConfigError, ("report_to", "'wandbb'", "Did you mean 'wandb'"), config=dict(report_to="wandbb")),
     Case("cpt-block-size-beyond-positions", "cpt", PreflightError, ("block_size", "100000", "max_position_embeddings 512"),
