@@ -17,8 +17,12 @@ def adapter_run(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from alignkit.models.packaged import packaged_path
+    from alignkit.export.gguf import CONVERTER_REQUIREMENT
+    from alignkit.models.packaged import cache_dir, packaged_path
 
+    converter = cache_dir() / "llama.cpp" / CONVERTER_REQUIREMENT.split("==")[1] / "convert_hf_to_gguf.py"
+    if not converter.is_file():  # tests never download: install.sh fetches it, once
+        pytest.fail(f"{converter} is missing. Fix: run `alignkit fetch gguf-converter` (scripts/install.sh does).")
     root = tmp_path_factory.mktemp("gguf")
     tokenizer = AutoTokenizer.from_pretrained(packaged_path("smollm2:SmolLM2-135M-Instruct"))
     torch.manual_seed(0)
