@@ -213,7 +213,8 @@ def data(argv: list[str]) -> int:
                 print("   " + json.dumps(row, ensure_ascii=False)[:400])
     if stage.name == "cpt":
         return 0  # CPT trains every token of each block: nothing to bracket
-    return _stage_main(stage.name)([*recipe_argv, "--label_preview", "true"]) and 0
+    _stage_main(stage.name)([*recipe_argv, "--label_preview", "true"])  # prints, trains nothing, writes nothing
+    return 0
 
 
 def _generation_flags(p: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config.args import ModelArguments, QuantizationArguments
-from alignkit.data.templates import end_of_turn_ids  # noqa: F401 - re-exported: generate() stops at these
+from alignkit.data.templates import end_of_turn_ids
 from alignkit.errors import ConfigError
 from alignkit.models import ModelSource, apply_contract, fit_embeddings, load_base_model, resolve_source
 from alignkit.runs import BaseModelRef, LineageEntry, MergeInfo, RunRecord

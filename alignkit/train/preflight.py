@@ -202,13 +202,10 @@ _ADAPTER_KEYS = {
 }  # fmt: skip
 
 
-def check_handoff(recipe, source, head: str = "causal_lm") -> None:
-    """An earlier stage's adapter continues only with the head it trained. With ``adapter_handoff: continue`` it
-    keeps training as it is: an adapter setting the recipe sets to another value cannot apply, and is refused
-    rather than silently ignored."""
-    from alignkit.models.loader import check_source_head
-
-    check_source_head(source, head)
+def check_handoff(recipe, source) -> None:
+    """With ``adapter_handoff: continue`` an earlier stage's adapter keeps training as it is: an adapter setting the
+    recipe sets to another value cannot apply, and is refused rather than silently ignored. (That the adapter's head
+    is this stage's is :func:`check_model_fits`'s, which runs first.)"""
     if source.adapter_dir is None or recipe.model.adapter_handoff != "continue" or not recipe.adapter.use_peft:
         return
     config = json.loads((Path(source.adapter_dir) / "adapter_config.json").read_text())

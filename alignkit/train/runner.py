@@ -79,8 +79,8 @@ class Run:
             preflight.check_resume_has_steps_left(self.resume_checkpoint, t)
             preflight.check_resume_unchanged(self.output_dir / CONFIG_FILE, self.recipe.resolved())
         head = self.recipe.extra[0].task if self.recipe.extra else "causal_lm"  # the task recipe's extra[0]: task
-        preflight.check_handoff(self.recipe, self.source, head)
-        preflight.check_model_fits(self.recipe, self.source, head)
+        preflight.check_model_fits(self.recipe, self.source, head)  # the head first: it decides what hand-off means
+        preflight.check_handoff(self.recipe, self.source)
         preflight.protect_hub_token(t)
         self.hub_repo = self._claim_hub_push()
         self._setup_tracking()

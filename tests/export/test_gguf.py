@@ -23,6 +23,9 @@ def adapter_run(tmp_path_factory):
     converter = cache_dir() / "llama.cpp" / CONVERTER_REQUIREMENT.split("==")[1] / "convert_hf_to_gguf.py"
     if not converter.is_file():  # tests never download: install.sh fetches it, once
         pytest.fail(f"{converter} is missing. Fix: run `alignkit fetch gguf-converter` (scripts/install.sh does).")
+    tokenizer_dir = cache_dir() / "gguf"
+    if not any(tokenizer_dir.glob("SmolLM2-135M-Instruct*/tokenizer.json")):  # tests never download the model either
+        pytest.fail("the embedded SmolLM2 is missing. Fix: run `alignkit fetch smollm2:SmolLM2-135M-Instruct`.")
     root = tmp_path_factory.mktemp("gguf")
     tokenizer = AutoTokenizer.from_pretrained(packaged_path("smollm2:SmolLM2-135M-Instruct"))
     torch.manual_seed(0)

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignkit.cli import main as cli
 from alignkit.config.args import ModelArguments, QuantizationArguments
-from alignkit.data.templates import CHATML
+from alignkit.data.templates import CHATML, end_of_turn_ids
 from alignkit.errors import ConfigError
-from alignkit.export.merge import end_of_turn_ids, merge_adapter
+from alignkit.export.merge import merge_adapter
 from alignkit.models.loader import load_base_model
 
 from .conftest import HubRecorder
