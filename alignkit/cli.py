@@ -184,15 +184,14 @@ def evaluate(argv: list[str]) -> int:
 
 def data(argv: list[str]) -> int:
     """Preview a recipe's data: each source's format, converted rows and checks, then the trained-token preview."""
-    from alignkit.data.formats import convert_source
-    from alignkit.data.sources import load_source_split, row_lines
+    from alignkit.data.sources import check_source, load_source_split, row_lines
 
     p = argparse.ArgumentParser(
         prog="alignkit data", description=data.__doc__,
         epilog="Any other --key value is a recipe override, e.g. --datasets data/train.jsonl.",
     )  # fmt: skip
     p.add_argument("action", choices=["preview"], help="preview: show what the stage would train on, then exit.")
-    p.add_argument("stage", choices=["cpt", "sft", "dpo"], help="The stage whose recipe it is.")
+    p.add_argument("stage", choices=[s for s in STAGES if STAGES[s].schema], help="The stage whose recipe it is.")
     p.add_argument("--n", type=int, default=2, help="Converted rows to show per source.")
     args, recipe_argv = p.parse_known_args(argv)
     stage = STAGES[args.stage]
@@ -205,14 +204,13 @@ def data(argv: list[str]) -> int:
             label = f"{source.path} [{split}]"
             lines = row_lines(Path(source.path)) if split == source.split else None
             chosen: list = []
-            converted = convert_source(rows, source, stage.name, label, lines, chosen)
-            converted = stage.data_schema.check(converted, label, lines)
+            converted = check_source(rows, source, label, stage.data_schema, lines, chosen)
             print(f"== {label}: format {chosen[0][0]} ({chosen[0][1]}); {len(converted)} rows pass the {stage.name} "
                   f"checks; columns {converted.column_names}")  # fmt: skip
             for row in converted.select(range(min(args.n, len(converted)))):
                 print("   " + json.dumps(row, ensure_ascii=False)[:400])
-    if stage.name == "cpt":
-        return 0  # CPT trains every token of each block: nothing to bracket
+    if stage.name not in ("sft", "dpo", "kto", "orpo", "simpo"):
+        return 0  # CPT trains every token of each block; GRPO generates its completions; a reward model has no labels
     _stage_main(stage.name)([*recipe_argv, "--label_preview", "true"])  # prints, trains nothing, writes nothing
     return 0
 

@@ -53,6 +53,7 @@ class LineageEntry:
     stage: str
     output_dir: str | None = None
     task: str | None = None  # the model head: causal_lm, seq_cls, token_cls, qa, mlm, seq2seq
+    head_config: dict[str, Any] = field(default_factory=dict)  # what the head was built with, e.g. {num_labels: 1}
     datasets: list[dict[str, Any]] = field(default_factory=list)  # {path, weight, split}
     adapter_handoff: str | None = None  # how this stage used from_adapter: continue | reference | merge
     from_adapter: str | None = None  # the earlier stage's adapter (a merge: the adapter merged)

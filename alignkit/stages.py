@@ -23,6 +23,7 @@ class Stage:
     schema: str | None  # row schema in alignkit.data.schemas (None: the task module gives it)
     trainer: str  # "module:Class"
     extra: tuple[str, ...] = ()  # further config groups of this stage's recipe, in alignkit.config
+    head: str = "causal_lm"  # the model head it trains (alignkit.models.heads)
 
     @cached_property
     def config_class(self) -> type:
@@ -77,6 +78,43 @@ STAGES: dict[str, Stage] = {
             "sft", "supervised fine-tuning on chats or prompt/completion pairs", "SFTConfig", "SFT", "trl:SFTTrainer"
         ),
         Stage("dpo", "preference tuning on prompt/chosen/rejected", "DPOConfig", "DPO", "trl:DPOTrainer"),
+        Stage(
+            "kto",
+            "KTO on unpaired prompt/completion/label rows (or unpaired pairs)",
+            "KTOConfig",
+            "KTO",
+            "trl:KTOTrainer",
+        ),
+        Stage(
+            "orpo",
+            "ORPO: SFT and preference in one reference-free loss, on pairs",
+            "ORPOConfig",
+            "ORPO",
+            "trl.experimental.orpo:ORPOTrainer",
+        ),
+        Stage(
+            "simpo",
+            "SimPO: length-normalised reference-free preference loss, on pairs",
+            "SimPOConfig",
+            "SIMPO",
+            "trl.experimental.cpo:CPOTrainer",
+        ),
+        Stage(
+            "reward",
+            "reward model: a scalar head on the backbone, trained on pairs",
+            "RewardConfig",
+            "REWARD",
+            "trl:RewardTrainer",
+            head="seq_cls",
+        ),
+        Stage(
+            "grpo",
+            "GRPO: sampled completions scored by verifiable or learned rewards",
+            "GRPOConfig",
+            "GRPO",
+            "trl:GRPOTrainer",
+            extra=("RewardFunctionArguments",),
+        ),
         Stage(
             "task",
             "classical task heads: token_cls, seq_cls, qa, mlm, seq2seq",

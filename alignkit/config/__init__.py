@@ -12,8 +12,12 @@ from alignkit.config.args import (
     DataArguments,
     DatasetSource,
     DPOConfig,
+    GRPOConfig,
+    KTOConfig,
     ModelArguments,
     QuantizationArguments,
+    RewardConfig,
+    RewardFunctionArguments,
     RunArguments,
     SFTConfig,
     TaskArguments,
@@ -21,6 +25,16 @@ from alignkit.config.args import (
 )
 from alignkit.config.parser import RecipeParser, dump_config, resolved_config
 from alignkit.config.validate import validate
+
+_EXPERIMENTAL = ("ORPOConfig", "SimPOConfig")  # alignkit.config.experimental, imported on first use
+
+
+def __getattr__(name: str):
+    if name in _EXPERIMENTAL:
+        from alignkit.config import experimental
+
+        return getattr(experimental, name)
+    raise AttributeError(f"module 'alignkit.config' has no attribute '{name}'")
 
 
 @dataclass
@@ -32,7 +46,7 @@ class Recipe:
     adapter: AdapterArguments
     data: DataArguments
     run: RunArguments
-    train: Any  # the stage's trainer config (CPTConfig, SFTConfig, DPOConfig, TaskConfig)
+    train: Any  # the stage's trainer config (alignkit.stages names each stage's)
     extra: tuple = ()
     explicit: frozenset = frozenset()  # the keys the recipe (YAML or command line) set; the rest are defaults
 
@@ -73,12 +87,18 @@ __all__ = [
     "DPOConfig",
     "DataArguments",
     "DatasetSource",
+    "GRPOConfig",
+    "KTOConfig",
     "ModelArguments",
+    "ORPOConfig",
     "QuantizationArguments",
     "Recipe",
     "RecipeParser",
+    "RewardConfig",
+    "RewardFunctionArguments",
     "RunArguments",
     "SFTConfig",
+    "SimPOConfig",
     "TaskArguments",
     "TaskConfig",
     "build_recipe",

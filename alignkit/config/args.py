@@ -171,6 +171,8 @@ DATA_FORMATS = (
     "hh",
     "preference_messages",
     "text",
+    "kto",
+    "prompt",
 )
 
 
@@ -233,7 +235,7 @@ class DataArguments:
         metadata={
             "help": "List of sources: a path/Hub id string, or {path, weight, split, name, test_split, format, "
             "columns, roles} (format: messages, prompt_completion, alpaca, sharegpt, preference, hh, "
-            "preference_messages, text; detected when unset)."
+            "preference_messages, text, kto, prompt; detected when unset)."
         },
     )
     test_size: float = field(
@@ -385,6 +387,54 @@ class SFTConfig(_StageDefaults, _LanguageModelSpeed, trl.SFTConfig):
 @dataclass
 class DPOConfig(_StageDefaults, _LanguageModelSpeed, trl.DPOConfig):
     """trl's DPOConfig with device-aware precision and alignkit's defaults."""
+
+
+@dataclass
+class KTOConfig(_StageDefaults, _LanguageModelSpeed, trl.KTOConfig):
+    """trl's KTOConfig: Kahneman-Tversky Optimization (Ethayarajh et al. 2024, arXiv:2402.01306) on unpaired
+    ``prompt`` / ``completion`` / boolean ``label`` rows. ``beta``, ``desirable_weight``, ``undesirable_weight`` and
+    ``loss_type`` (kto | apo_zero_unpaired) are trl's. The reference is the starting adapter's frozen copy."""
+
+
+@dataclass
+class RewardConfig(_StageDefaults, _LanguageModelSpeed, trl.RewardConfig):
+    """trl's RewardConfig: a Bradley-Terry reward model (Ouyang et al. 2022, arXiv:2203.02155) on
+    ``prompt``/``chosen``/``rejected`` pairs; the head is a one-output sequence-classification head trained in full
+    next to the LoRA adapter on the same (4-bit) backbone."""
+
+
+@dataclass
+class GRPOConfig(_StageDefaults, _LanguageModelSpeed, trl.GRPOConfig):
+    """trl's GRPOConfig: group relative policy optimisation (Shao et al. 2024, arXiv:2402.03300). Completions come from
+    ``model.generate`` (``use_vllm`` and the vllm_* keys pass through to trl where a GPU has vLLM). ``num_generations``
+    completions per prompt; ``beta`` > 0 adds a KL term against the starting adapter (the adapter-disabled model)."""
+
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (trl's GRPO default: 1e-6)."})
+
+
+@dataclass
+class RewardFunctionArguments:
+    """The GRPO recipe's rewards (alignkit.train.rewards): each entry of ``reward_funcs`` is a built-in verifiable
+    reward, a trained reward model (an alignkit reward output folder), or a Python function by import path."""
+
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["format", "exact"],
+        metadata={
+            "help": "Rewards, summed with trl's reward_weights: 'format' (1 if the completion matches "
+            "reward_pattern), 'exact' (1 if the pattern's first group equals the reference column), 'numeric' (1 if "
+            "it is within numeric_tolerance of the reference number), a folder written by the reward stage (its "
+            "score), or 'package.module:function' (your code: imported only because the recipe names it; called as "
+            "trl calls reward functions: f(prompts, completions, **columns) -> list of floats)."
+        },
+    )
+    reward_pattern: str = field(
+        default=r"ANSWER:\s*(-?\d+(?:\.\d+)?)",
+        metadata={"help": "Regex of the answer format; its first group is the answer 'exact' and 'numeric' compare."},
+    )
+    reference_column: str = field(
+        default="answer", metadata={"help": "The data column with the reference answer (for 'exact' and 'numeric')."}
+    )
+    numeric_tolerance: float = field(default=1e-6, metadata={"help": "Absolute tolerance of 'numeric'."})
 
 
 @dataclass

@@ -64,6 +64,8 @@ def _coerce(key: str, value: Any, tp) -> Any:
     """YAML reads '1e-3' as a string (YAML 1.1); turn strings into the field's number/bool type."""
     if isinstance(value, bool) and str in _scalar_types(tp) and bool not in _scalar_types(tp):
         return "yes" if value else "no"  # YAML 1.1 reads `save_strategy: no` as False; the field wants the word
+    if isinstance(value, str) and typing.get_origin(tp) is list:  # one item where a list is wanted: --key item
+        return [value]
     if not isinstance(value, str):
         if (
             isinstance(value, int)

@@ -98,6 +98,27 @@ RANGES: dict[str, Rule] = {
     "label_smoothing": Rule("a number in [0, 0.5)", lambda x: _num(x) and 0 <= x < 0.5, "0.0"),
 }
 
+# key -> {config class name -> rule}: where one stage's key means something else (GRPO's beta is a KL weight, 0 by
+# default in trl 1.16: no KL term; DPO/KTO/ORPO/SimPO's beta is a temperature and must be positive).
+CLASS_RANGES: dict[str, dict[str, Rule]] = {
+    "beta": {"GRPOConfig": Rule("a number >= 0 (0: no KL term)", NON_NEGATIVE.ok, "0.04")},
+    "num_generations": {"GRPOConfig": Rule("a whole number >= 2", lambda x: _int(x) and x >= 2, "4")},
+    "desirable_weight": {"KTOConfig": POSITIVE},
+    "undesirable_weight": {"KTOConfig": POSITIVE},
+    "simpo_gamma": {"SimPOConfig": NON_NEGATIVE},
+    "cpo_alpha": {"SimPOConfig": NON_NEGATIVE},
+    "temperature": {"GRPOConfig": POSITIVE},
+}
+
+
+def rule_for(key: str, owners) -> Rule | None:
+    """The range rule of ``key`` in the config classes ``owners``: a class's own row, else the shared one."""
+    for cls in owners:
+        for base in cls.__mro__:
+            if base.__name__ in CLASS_RANGES.get(key, {}):
+                return CLASS_RANGES[key][base.__name__]
+    return RANGES.get(key)
+
 
 # key -> {config class name -> the values it accepts}, for string keys that upstream checks only once training runs
 # (trl's DPO loss is looked up at the first step; transformers checks report_to when the Trainer is built). "*": any
@@ -181,7 +202,7 @@ def check_values(values: dict[str, Any], owners: dict[str, list[type]] | None = 
                         f"{key}: {item!r} is not one of {list(allowed)}.{suggest(str(item), allowed)} "
                         f"Fix: set {key} to one of them, or remove it to use the default."
                     )
-        rule = RANGES.get(key)
+        rule = rule_for(key, (owners or {}).get(key, []))
         if rule is not None and not rule.ok(value):
             raise ConfigError(
                 f"{key}: {value!r} is out of range: it must be {rule.text}. Fix: set {key} to a valid value "

@@ -84,7 +84,27 @@ def check_distributed(recipe) -> None:
         )
 
 
-CHECKS = (check_model_source, check_quantization, check_training, check_distributed)
+def check_alignment_methods(recipe) -> None:
+    """What trl's KTO and GRPO trainers would refuse only once the model is loaded."""
+    from alignkit.config.args import GRPOConfig, KTOConfig, RewardFunctionArguments
+
+    t = recipe.train
+    if isinstance(t, KTOConfig) and t.loss_type == "kto" and t.per_device_train_batch_size < 2:
+        raise ConfigError(
+            f"per_device_train_batch_size {t.per_device_train_batch_size} with KTO: its KL estimate pairs each "
+            "completion with another row's prompt in the same batch. Fix: set per_device_train_batch_size: 2 or "
+            "more (or loss_type: apo_zero_unpaired, which has no KL term)."
+        )
+    rewards = next((g for g in recipe.extra if isinstance(g, RewardFunctionArguments)), None)
+    if isinstance(t, GRPOConfig) and rewards is not None and t.reward_weights is not None:
+        if len(t.reward_weights) != len(rewards.reward_funcs):
+            raise ConfigError(
+                f"reward_weights has {len(t.reward_weights)} weights for {len(rewards.reward_funcs)} reward_funcs "
+                f"{rewards.reward_funcs}. Fix: give one weight per reward, in the same order, or drop reward_weights."
+            )
+
+
+CHECKS = (check_model_source, check_quantization, check_training, check_distributed, check_alignment_methods)
 
 
 def validate(recipe) -> None:

@@ -14,6 +14,13 @@ the first row) and logged once per source; a source that matches two formats is 
 | ``preference_messages`` | ``chosen``, ``rejected``: whole message lists with a common prefix (UltraFeedback-binarized) | DPO: ``prompt``, ``chosen``, ``rejected``; SFT: ``messages`` of ``chosen`` |
 | ``preference`` | ``prompt``, ``chosen``, ``rejected`` | itself |
 | ``text`` | ``text`` (CPT) | itself |
+| ``kto`` | ``prompt``, ``completion``, boolean ``label`` (unpaired, KTO) | itself |
+| ``prompt`` | ``prompt`` and any reference columns (GRPO: the rewards read them) | itself |
+
+The ``stage`` a converter is given is the kind of data the stage trains on, named by the stage that defined it:
+``sft`` (chats), ``dpo`` (preference pairs: also ORPO, SimPO and reward modeling), ``cpt`` (text), ``kto``
+(unpaired rows; the pair formats are unpaired for it, as trl's ``unpair_preference_dataset`` does: each pair gives a
+desirable row, the chosen reply, and an undesirable one, the rejected) and ``grpo`` (prompts).
 
 ``columns:`` renames a source's columns to a format's (``{instruction: question, output: answer}``: the format's
 name first); ``roles:`` maps a chat format's role tags (``{bot: assistant}``).
@@ -126,6 +133,22 @@ def _hh(row: dict, stage: str, roles: dict) -> dict:
     return _split_preference(chosen, hh_turns(row.get("rejected")), "transcripts")
 
 
+def unpair(batch: dict) -> dict:
+    """Preference pairs (``prompt``, ``chosen``, ``rejected``; a batch of columns) -> unpaired rows: per pair the
+    chosen reply (``label`` True) then the rejected one (False); other columns repeat. Row ``i`` of the source is
+    rows ``2i`` and ``2i + 1`` of the result."""
+    out: dict = {k: [] for k in batch if k not in ("chosen", "rejected")}
+    out.update(completion=[], label=[])
+    for i in range(len(batch["prompt"])):
+        for column, label in (("chosen", True), ("rejected", False)):
+            for k in out:
+                if k not in ("completion", "label"):
+                    out[k].append(batch[k][i])
+            out["completion"].append(batch[column][i])
+            out["label"].append(label)
+    return out
+
+
 def _preference_messages(row: dict, stage: str, roles: dict) -> dict:
     chosen, rejected = row.get("chosen"), row.get("rejected")
     for name, value in (("chosen", chosen), ("rejected", rejected)):
@@ -143,16 +166,18 @@ FORMATS: dict[str, Format] = {
         Format("prompt_completion", ("prompt", "completion"), None, ("sft",)),
         Format("alpaca", ("instruction", "output"), _alpaca, ("sft",)),
         Format("sharegpt", ("conversations",), _sharegpt, ("sft",)),
-        Format("preference", ("prompt", "chosen", "rejected"), None, ("dpo",)),
-        Format("hh", ("chosen", "rejected"), _hh, ("sft", "dpo"), lambda r: isinstance(r.get("chosen"), str)),
+        Format("preference", ("prompt", "chosen", "rejected"), None, ("dpo", "kto")),
+        Format("hh", ("chosen", "rejected"), _hh, ("sft", "dpo", "kto"), lambda r: isinstance(r.get("chosen"), str)),
         Format(
             "preference_messages",
             ("chosen", "rejected"),
             _preference_messages,
-            ("sft", "dpo"),
+            ("sft", "dpo", "kto"),
             lambda r: isinstance(r.get("chosen"), list),
         ),  # fmt: skip
         Format("text", ("text",), None, ("cpt",)),
+        Format("kto", ("prompt", "completion", "label"), None, ("kto",)),
+        Format("prompt", ("prompt",), None, ("grpo",)),
     )
 }
 
@@ -161,8 +186,9 @@ def detect(columns: list[str], first_row: dict, stage: str, source: str) -> Form
     """The one format of ``stage`` whose columns (and first-row shape) the source has; DataError if none or two."""
     present = set(columns)
     matches = [f for f in FORMATS.values() if stage in f.stages and set(f.columns) <= present and f.looks(first_row)]
-    if "preference" in {f.name for f in matches}:  # prompt/chosen/rejected: the canonical columns, not a transcript
-        matches = [f for f in matches if f.name == "preference"]
+    for canonical in ("preference", "kto"):  # the canonical columns win over a published layout they contain
+        if canonical in {f.name for f in matches}:
+            matches = [f for f in matches if f.name == canonical]
     if len(matches) == 1:
         return matches[0]
     names = [f.name for f in matches]
@@ -177,7 +203,7 @@ def detect(columns: list[str], first_row: dict, stage: str, source: str) -> Form
     have = ", ".join(sorted(present)) or "none"
     raise DataError(
         source, None,
-        f"missing columns for {stage}: needs {wanted}" + (f" (or a published format: {', '.join(published)})" if published else "")
+        f"missing columns for {stage} data: needs {wanted}" + (f" (or a published format: {', '.join(published)})" if published else "")
         + f", has {have}",
         "rename the columns with columns: {<format column>: <your column>} on this source, or set format: "
         f"(formats for {stage}: {[f.name for f in FORMATS.values() if stage in f.stages]})",
@@ -214,15 +240,24 @@ def convert_source(dataset, source, stage: str, label: str, row_lines: list[int]
         fmt = FORMATS[source.format]
         if stage not in fmt.stages:
             allowed = [f.name for f in FORMATS.values() if stage in f.stages]
-            raise DataError(label, None, f"format {fmt.name} does not feed the {stage} stage", f"use one of {allowed}")
+            raise DataError(label, None, f"format {fmt.name} does not give {stage} data", f"use one of {allowed}")
     else:
         fmt = detect(dataset.column_names, dataset[0] if len(dataset) else {}, stage, label)
         logger.info("%s: format %s (detected; set format: to choose)", label, fmt.name)
     if chosen is not None:
         chosen.append((fmt.name, "named" if source.format else "detected"))
+    if stage == "kto" and "dpo" in fmt.stages:  # pairs: convert to pairs, then unpair (each row gives two)
+        from alignkit.data.schemas import DPO
+
+        pairs = _convert(dataset, fmt, "dpo", dict(source.roles or {}), label, row_lines)
+        dataset = DPO.check(pairs, label, row_lines)  # a pair's own faults (chosen == rejected) before it is split
+        return dataset.map(unpair, batched=True, remove_columns=dataset.column_names, desc="unpair preference rows")
+    return _convert(dataset, fmt, stage, dict(source.roles or {}), label, row_lines)
+
+
+def _convert(dataset, fmt: Format, stage: str, roles: dict, label: str, row_lines: list[int] | None):
     if fmt.convert is None:
         return dataset
-    roles = dict(source.roles or {})
 
     def convert(row, index):
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ class Schema:
     check_row: Callable[[dict, str, int], None]
     fix_hint: str
     passthrough: tuple[str, ...] = ()  # optional columns the trainer consumes: kept when present
+    data: str | None = None  # the kind of data (alignkit.data.formats): published formats convert to it
+    keep_other_columns: bool = False  # every column reaches the trainer (GRPO's reward functions read them)
 
     def columns_for(self, dataset, source: str) -> tuple[str, ...]:
         present = set(dataset.column_names)
@@ -50,6 +53,8 @@ class Schema:
                 )  # fmt: skip
         for i, row in enumerate(dataset.select_columns(list(columns))):
             self.check_row(row, source, row_numbers[i] if row_numbers else i + 1)
+        if self.keep_other_columns:
+            return dataset
         kept = [*columns, *(c for c in self.passthrough if c in dataset.column_names)]
         extra = [c for c in dataset.column_names if c not in kept]
         if extra:
@@ -163,13 +168,45 @@ def _check_dpo(row, source, i):
             )
 
 
-CPT = Schema("cpt", (("text",),), _check_text, "give each row a 'text' column of raw text")
+def _check_kto(row, source, i):
+    prompt, completion, label = row["prompt"], row["completion"], row["label"]
+    if isinstance(prompt, list):
+        _messages(prompt, source, i, "prompt", must_end_on_assistant=False)
+    else:
+        _text(prompt, source, i, "prompt", "give every row a non-empty prompt")
+    if isinstance(completion, list):
+        _messages(completion, source, i, "completion")
+    else:
+        _text(completion, source, i, "completion", "give every row a non-empty completion")
+    if not isinstance(label, bool):
+        raise DataError(
+            source, i, f"'label' is {label!r} (a {type(label).__name__}), not true or false",
+            "write label: true for a desirable completion and false for an undesirable one (JSON true/false, no "
+            "quotes, no 0/1)",
+        )  # fmt: skip
+
+
+def _check_prompt(row, source, i):
+    prompt = row["prompt"]
+    if isinstance(prompt, list):
+        _messages(prompt, source, i, "prompt", must_end_on_assistant=False)
+        if prompt[-1]["role"] == "assistant":
+            raise DataError(
+                source, i, "the prompt ends on an assistant turn, so the policy has no turn to complete",
+                "end every prompt on the user's turn",
+            )  # fmt: skip
+    else:
+        _text(prompt, source, i, "prompt", "give every row a non-empty prompt")
+
+
+CPT = Schema("cpt", (("text",),), _check_text, "give each row a 'text' column of raw text", data="cpt")
 SFT = Schema(
     "sft",
     (("messages",), ("prompt", "completion")),
     _check_sft,
     "use a 'messages' column (chat) or 'prompt' + 'completion' columns",
     passthrough=CHAT_TEMPLATE_COLUMNS,
+    data="sft",
 )
 DPO = Schema(
     "dpo",
@@ -177,4 +214,25 @@ DPO = Schema(
     _check_dpo,
     "give each row 'prompt', 'chosen' and 'rejected'",
     passthrough=CHAT_TEMPLATE_COLUMNS,
+    data="dpo",
+)
+# The reference-free preference methods and reward modeling read DPO's pairs, checked the same way.
+ORPO = dataclasses.replace(DPO, name="orpo")
+SIMPO = dataclasses.replace(DPO, name="simpo")
+REWARD = dataclasses.replace(DPO, name="reward")
+KTO = Schema(
+    "kto",
+    (("prompt", "completion", "label"),),
+    _check_kto,
+    "give each row 'prompt', 'completion' and a boolean 'label' (or DPO pairs: they are unpaired)",
+    passthrough=CHAT_TEMPLATE_COLUMNS,
+    data="kto",
+)
+GRPO = Schema(
+    "grpo",
+    (("prompt",),),
+    _check_prompt,
+    "give each row a 'prompt' (text, or messages ending on the user) and the reference columns your rewards read",
+    data="grpo",
+    keep_other_columns=True,
 )

@@ -227,7 +227,16 @@ def mixture_indices(n_rows: int, weight: float, rng: random.Random) -> list[int]
     return indices
 
 
-STAGE_FORMATS = ("sft", "dpo", "cpt")  # the stages whose sources may come in a published format (data/formats.py)
+def check_source(dataset, source, label: str, schema, lines: list[int] | None = None, chosen: list | None = None):
+    """One split of one source in the schema's columns: converted from its published format (the schema's kind of
+    data, :mod:`alignkit.data.formats`), then every row checked. ``lines``: each source row's line in its file, for
+    the errors; ``chosen``: see :func:`convert_source`."""
+    if schema.data:
+        rows = len(dataset)
+        dataset = convert_source(dataset, source, schema.data, label, lines, chosen)
+        if lines and schema.data == "kto" and len(dataset) == 2 * rows:  # unpaired: 2 rows per source row
+            lines = [line for line in lines for _ in (0, 1)]
+    return schema.check(dataset, label, lines)
 
 
 def load_datasets(data_args: DataArguments, schema=None):
@@ -250,10 +259,7 @@ def load_datasets(data_args: DataArguments, schema=None):
         if len(train) == 0:
             raise DataError(_label(source, source.split), None, "split is empty", "add rows, or remove this source")
         if schema is not None:
-            lines = row_lines(Path(source.path))
-            if schema.name in STAGE_FORMATS:  # published layouts -> the stage's canonical columns
-                train = convert_source(train, source, schema.name, _label(source, source.split), lines)
-            train = schema.check(train, _label(source, source.split), lines)
+            train = check_source(train, source, _label(source, source.split), schema, row_lines(Path(source.path)))
         if source.test_split and Path(source.path).is_file():
             raise DataError(
                 source.path, None, f"is one file, so it has no '{source.test_split}' split",
@@ -263,9 +269,7 @@ def load_datasets(data_args: DataArguments, schema=None):
         test = load_source_split(source, source.test_split) if source.test_split else None
         if test is not None:
             if schema is not None:
-                if schema.name in STAGE_FORMATS:
-                    test = convert_source(test, source, schema.name, _label(source, source.test_split))
-                test = schema.check(test, _label(source, source.test_split))
+                test = check_source(test, source, _label(source, source.test_split), schema)
             tests.append(test)
     out = {}
     if tests:

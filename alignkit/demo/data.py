@@ -7,6 +7,7 @@ The task: "What is 23 + 45?" -> a short working line and a final ``ANSWER: 68``.
 - sft: chat conversations (``messages``)
 - dpo: prompt (chat) / chosen (correct, in format) / rejected (mostly a wrong sum in format, else out of format)
 - dpo_test: preference pairs on held-out questions, for DPO's reward accuracy (disjoint from every other split)
+- grpo: the training questions as prompts with their ``answer`` (GRPO's exact-match reward reads it)
 - eval: held-out questions with the gold answer (disjoint from every training split)
 """
 
@@ -85,7 +86,8 @@ def make_rows(n_train: int = 400, n_eval: int = 50, seed: int = 0, n_dpo_test: i
     dpo = _preferences(train_pairs, rng)
     dpo_test = _preferences(dpo_test_pairs, rng)
     evals = [{"messages": prompt_messages(a, b), "answer": a + b} for a, b in eval_pairs]
-    return {"cpt": cpt, "sft": sft, "dpo": dpo, "dpo_test": dpo_test, "eval": evals}
+    grpo = [{"prompt": prompt_messages(a, b), "answer": a + b} for a, b in train_pairs]
+    return {"cpt": cpt, "sft": sft, "dpo": dpo, "dpo_test": dpo_test, "eval": evals, "grpo": grpo}
 
 
 # Where each split goes under the data folder. DPO's two splits share a folder, which datasets reads as one source
@@ -96,6 +98,7 @@ FILES = {
     "dpo": "dpo/train.jsonl",
     "dpo_test": "dpo/test.jsonl",
     "eval": "eval.jsonl",
+    "grpo": "grpo.jsonl",
 }
 
 

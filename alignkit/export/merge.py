@@ -24,6 +24,7 @@ from alignkit.config.args import ModelArguments, QuantizationArguments
 from alignkit.data.templates import end_of_turn_ids
 from alignkit.errors import ConfigError
 from alignkit.models import ModelSource, apply_contract, fit_embeddings, load_base_model, resolve_source
+from alignkit.models.heads import get_head
 from alignkit.runs import BaseModelRef, LineageEntry, MergeInfo, RunRecord
 
 MERGE_METHODS = ("dequantize", "full_precision")
@@ -86,7 +87,7 @@ def merge_adapter(
     ``max_logit_diff``: the parity bound (default: 1e-3 when both sides compute in float32, else 1e-1).
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -95,10 +96,13 @@ def merge_adapter(
         )
     record = RunRecord.read(adapter_dir)
     last = record.last if record else None
-    if last and (last.task or "causal_lm") != "causal_lm":
+    task = (last.task if last else None) or "causal_lm"
+    head = dict(last.head_config) if last else {}
+    if task != "causal_lm" and not head:
         raise ConfigError(
-            f"{adapter_dir}: a {last.task} adapter; merge supports causal_lm adapters. Fix: load it with its head as "
-            "the task tests do (alignkit.models.load_model(..., task, num_labels=...)), or merge a causal-LM stage."
+            f"{adapter_dir}: a {task} adapter whose run record does not say how its head was built (written by an "
+            "older alignkit). Fix: train it again with this alignkit, or load it with its head as the task tests do "
+            "(alignkit.models.load_model(..., task, num_labels=...))."
         )
     model_args, quant_args = _trained_args(adapter_dir, last)
     quantized = quant_args.load_in_4bit
@@ -122,16 +126,20 @@ def merge_adapter(
     batch = _parity_batch(tokenizer, prompts)
 
     # The reference: the base exactly as the adapter was trained on it (4-bit if it was), plus the adapter.
-    reference = PeftModel.from_pretrained(_base(model_args, quant_args, source, tokenizer), adapter_dir).eval()
-    ref_logits, ref_loss = _score(reference, batch)
+    reference = PeftModel.from_pretrained(_base(model_args, quant_args, source, tokenizer, task, head), adapter_dir)
+    reference.eval()
+    ref_logits, ref_loss = _score(reference, batch, task == "causal_lm")
     ref_dtype = reference.dtype
     del reference
 
-    base = _base(model_args, quant_args if method == "dequantize" else QuantizationArguments(), source, tokenizer)
+    base = _base(
+        model_args, quant_args if method == "dequantize" else QuantizationArguments(), source, tokenizer, task, head
+    )
     if method == "dequantize":
         base = base.dequantize(dtype=base.dtype)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.generation_config = _generation_config(merged, tokenizer)
+    if task == "causal_lm":
+        merged.generation_config = _generation_config(merged, tokenizer)
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
@@ -139,16 +147,18 @@ def merge_adapter(
     del merged, base
 
     # Parity is checked on what was saved, loaded the way users will load it.
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype="auto").eval()
-    merged_logits, merged_loss = _score(reloaded, batch)
+    reloaded = get_head(task).auto().from_pretrained(tmp, dtype="auto").eval()
+    merged_logits, merged_loss = _score(reloaded, batch, task == "causal_lm")
     exact = reloaded.dtype == ref_dtype == torch.float32
     bound = max_logit_diff if max_logit_diff is not None else (EXACT_BOUND if exact else LOW_PRECISION_BOUND)
-    mask = batch["attention_mask"].bool()
-    diff = (merged_logits - ref_logits).abs()[mask].max().item()
+    diff = (merged_logits - ref_logits).abs()
+    if diff.dim() == 3:  # per-token logits: the non-padding positions
+        diff = diff[batch["attention_mask"].bool()]
+    diff = diff.max().item()
     parity = Parity(max_abs_diff=diff, loss_adapter=ref_loss, loss_merged=merged_loss, bound=bound)
     print(f"merged {adapter_dir} -> {output_dir} (method {method})\n{parity.summary()}")
 
-    _write_record(tmp, record, adapter_dir, output_dir, method, parity, model_args)
+    _write_record(tmp, record, adapter_dir, output_dir, method, parity, model_args, task, head)
     shutil.rmtree(output_dir, ignore_errors=True)
     tmp.rename(output_dir)
     from alignkit.export.card import write_model_card
@@ -170,9 +180,11 @@ def _trained_base(model_args: ModelArguments) -> ModelSource:
     return dataclasses.replace(resolve_source(model_args), adapter_dir=None)
 
 
-def _base(model_args, quant_args, source: ModelSource, tokenizer):
-    base = load_base_model(model_args, quant_args, "causal_lm", source)
+def _base(model_args, quant_args, source: ModelSource, tokenizer, task: str = "causal_lm", head: dict | None = None):
+    base = load_base_model(model_args, quant_args, task, source, **(head or {}))
     fit_embeddings(base, tokenizer)  # the run may have added a pad token
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id  # a classification head pools at the last non-pad token
     return base
 
 
@@ -184,8 +196,11 @@ def _parity_batch(tokenizer, prompts) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _score(model, batch) -> tuple[torch.Tensor, float]:
+def _score(model, batch, causal: bool = True) -> tuple[torch.Tensor, float]:
+    """Logits on the parity prompts and, for a causal LM, its loss on them (other heads: 0.0)."""
     batch = batch.to(model.device)
+    if not causal:
+        return model(**batch).logits.float().cpu(), 0.0
     out = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100))
     return out.logits.float().cpu(), out.loss.item()
 
@@ -201,8 +216,9 @@ def _generation_config(model, tokenizer):
 
 
 def _write_record(
-    folder: Path, record: RunRecord | None, adapter_dir: Path, output_dir: Path, method: str, parity: Parity, model_args
-) -> None:
+    folder: Path, record: RunRecord | None, adapter_dir: Path, output_dir: Path, method: str, parity: Parity, model_args,
+    task: str = "causal_lm", head: dict | None = None,
+) -> None:  # fmt: skip
     merge = MergeInfo(
         method=method,
         max_abs_logit_diff=parity.max_abs_diff,
@@ -213,5 +229,8 @@ def _write_record(
         loss_delta=parity.loss_delta,
     )
     record = record or RunRecord(stage="merge", base_model_args=BaseModelRef(resolve_source(model_args).base))
-    entry = LineageEntry(stage="merge", output_dir=str(output_dir), from_adapter=str(adapter_dir), merge=merge)
+    entry = LineageEntry(
+        stage="merge", output_dir=str(output_dir), from_adapter=str(adapter_dir), merge=merge,
+        task=None if task == "causal_lm" else task, head_config=head or {},
+    )  # fmt: skip
     dataclasses.replace(record, status="finished", lineage=[*record.lineage, entry], merge=merge).write(folder)

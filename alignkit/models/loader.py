@@ -163,7 +163,7 @@ def check_source_head(source: ModelSource, task: str) -> None:
     if source.adapter_dir and trained and trained != task:
         raise PreflightError(
             f"model_name_or_path: {source.adapter_dir} holds a {trained} adapter, and this stage trains a {task} head. "
-            "Fix: start this stage from a model with that head (for cpt/sft/dpo: a causal LM or its CPT/SFT output)."
+            "Fix: start this stage from a model with that head (for cpt/sft/dpo/kto/orpo/simpo/grpo: a causal LM or its CPT/SFT output; for reward: a causal LM base)."
         )
 
 
@@ -181,7 +181,7 @@ def check_head_fits(model_args, config, task: str, source: ModelSource) -> None:
         raise ConfigError(
             f"model_name_or_path: '{model_args.model_name_or_path}' is {kind} model ({config.model_type}), not a causal "
             "LM: trained as one it would see the tokens it predicts. Fix: use a decoder model (Llama, SmolLM2, ...) for "
-            "cpt/sft/dpo, or the task recipe (alignkit task: mlm, seq2seq, ...) for this model."
+            "cpt/sft/dpo/kto/orpo/simpo/grpo, or the task recipe (alignkit task: mlm, seq2seq, ...) for this model."
         )
 
 

@@ -55,6 +55,9 @@ class NonFiniteGuard(TrainerCallback):
             value = logs.get(key)
             if isinstance(value, float) and not math.isfinite(value):
                 raise _stopped(args, f"step {step}: {key} is {value}; training stopped")
+        if "reward" in logs:  # RL (GRPO): the loss is a policy-gradient surrogate, 0 when a group's rewards tie
+            self._warn_flat_rewards(step, logs)
+            return
         grad_norm, lr, loss = logs.get("grad_norm"), logs.get("learning_rate") or 0, logs.get("loss")
         if grad_norm is not None:
             self.zero_since = (self.zero_since or step) if grad_norm == 0 and lr > 0 else None
@@ -77,6 +80,20 @@ class NonFiniteGuard(TrainerCallback):
                         error=DivergenceError,
                     )
             self.losses.append(loss)
+
+    def _warn_flat_rewards(self, step: int, logs: dict) -> None:
+        """GRPO learns from reward differences within a prompt's group: say so once if none has any."""
+        flat = logs.get("frac_reward_zero_std") == 1
+        self.flat_steps = getattr(self, "flat_steps", 0) + 1 if flat else 0
+        if self.flat_steps == self.ZERO_GRAD_STEPS and not getattr(self, "warned_flat", False):
+            self.warned_flat = True
+            logger.warning(
+                "steps %d-%d: every prompt's sampled completions got the same reward, so GRPO has nothing to learn from "
+                "(advantages and gradients are 0). Fix: check reward_pattern against a few completions (alignkit "
+                "generate), raise max_completion_length or temperature, or start from an SFT output that already "
+                "answers in the format sometimes.",
+                step - self.flat_steps + 1, step,
+            )  # fmt: skip
 
 
 def _stopped(args, what: str, before: int | None = None, error=NonFiniteLossError) -> NonFiniteLossError:

@@ -19,6 +19,7 @@ from alignkit.models.loader import adapter_dtype_fix, load_model
 from alignkit.models.sources import resolve_source
 from alignkit.models.tokenizer import load_tokenizer
 from alignkit.runs import BaseModelRef, LineageEntry, RunRecord, alignkit_version
+from alignkit.stages import STAGES
 from alignkit.train import preflight
 from alignkit.train.callbacks import PICKLED_ARGS, AtomicCheckpoints, NonFiniteGuard, ResolvedConfigToWandb
 from alignkit.train.distributed import debug_callback
@@ -44,6 +45,7 @@ class Run:
         self.tokenizer = None
         self.model = None
         self.head = "causal_lm"
+        self.head_config: dict[str, Any] = {}
         self.lock = preflight.OutputDirLock(self.output_dir)
         try:
             self.source = resolve_source(recipe.model)
@@ -78,7 +80,7 @@ class Run:
         if self.resume_checkpoint:
             preflight.check_resume_has_steps_left(self.resume_checkpoint, t)
             preflight.check_resume_unchanged(self.output_dir / CONFIG_FILE, self.recipe.resolved())
-        head = self.recipe.extra[0].task if self.recipe.extra else "causal_lm"  # the task recipe's extra[0]: task
+        head = STAGES[self.stage].head if self.stage in STAGES else self.stage  # the task recipe runs as its head
         preflight.check_model_fits(self.recipe, self.source, head)  # the head first: it decides what hand-off means
         preflight.check_handoff(self.recipe, self.source)
         preflight.protect_hub_token(t)
@@ -126,6 +128,7 @@ class Run:
         """Load the backbone with ``head`` (a row of alignkit.models.heads) and the recipe's adapter."""
         r = self.recipe
         self.head = head
+        self.head_config = {k: v for k, v in head_kwargs.items() if isinstance(v, (int, float, str, bool, dict))}
         self.model = load_model(
             r.model,
             r.quant,
@@ -241,6 +244,7 @@ class Run:
             stage=self.stage,
             output_dir=str(self.output_dir),
             task=self.head,
+            head_config=self.head_config,
             datasets=[describe_source(s) for s in r.data.datasets],
             adapter_handoff=r.model.adapter_handoff if self.source.adapter_dir else None,
             from_adapter=self.source.adapter_dir,

@@ -5,33 +5,27 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignkit.config import CPTConfig, DPOConfig, SFTConfig, TaskConfig, parse_recipe
+from alignkit.stages import STAGES
+from alignkit.tasks import parse_task_recipe
 
 REPO = Path(__file__).resolve().parents[2]
-STAGE_CONFIGS = {"cpt": CPTConfig, "sft": SFTConfig, "dpo": DPOConfig}
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "data" not in p.parts)
 
 
-def _config_for(path: Path):
+def _stage_for(path: Path) -> str:
+    """The stage a recipe file is for, from its name (sft_qlora.yaml, dpo.yaml, task_ner.yaml, ner.yaml)."""
     name = path.stem
-    for stage, cls in STAGE_CONFIGS.items():
-        if name.startswith(stage) or name.endswith(stage):
-            return cls, None
-    return TaskConfig, "task"
+    for stage in STAGES:
+        if stage != "task" and (name.startswith(stage) or name.endswith(stage)):
+            return stage
+    return "task"
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(REPO)) for p in RECIPES])
 def test_recipe_parses_and_validates(path):
-    cls, stage = _config_for(path)
-    if stage == "task":
-        from importlib import import_module
-
-        parse = getattr(import_module("alignkit.tasks"), "parse_task_recipe", None)
-        if parse is None:
-            pytest.skip("alignkit.tasks has no parse_task_recipe")
-        recipe = parse(["--config", str(path)])
-    else:
-        recipe = parse_recipe(cls, ["--config", str(path)])
+    stage = _stage_for(path)
+    argv = ["--config", str(path)]
+    recipe = parse_task_recipe(argv) if stage == "task" else STAGES[stage].parse(argv)
     assert recipe.model.model_name_or_path
     assert recipe.data.datasets, f"{path} names no datasets"
     assert yaml.safe_load(recipe.dump())
@@ -39,3 +33,8 @@ def test_recipe_parses_and_validates(path):
 
 def test_recipes_found():
     assert len(RECIPES) >= 2
+
+
+def test_every_stage_ships_a_tiny_recipe():
+    tiny = {_stage_for(p) for p in RECIPES if p.parent.name == "tiny"}
+    assert tiny == set(STAGES), set(STAGES) - tiny

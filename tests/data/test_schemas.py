@@ -17,7 +17,7 @@ CASES = {
         "sft",
         {"conversation": [USER, ASSISTANT]},
         None,
-        r"missing columns for sft: needs messages or prompt/completion \(or a published format: alpaca .*\), has conversation",
+        r"missing columns for sft data: needs messages or prompt/completion \(or a published format: alpaca .*\), has conversation",
     ),
     "wrong_role_names": (
         "sft",

@@ -5,11 +5,12 @@ import re
 
 import pytest
 
-from alignkit.config import CPTConfig, DPOConfig, SFTConfig, parse_recipe
 from alignkit.demo.data import make_rows, score, write_demo_data
-from alignkit.demo.pipeline import STAGES, stage_overrides
+from alignkit.demo.pipeline import DEMO_STAGES, PAIRS, STAGES, main, stage_overrides
+from alignkit.stages import STAGES as REGISTRY
 
-STAGE_CONFIGS = {"cpt": CPTConfig, "sft": SFTConfig, "dpo": DPOConfig}
+CHAINS = {"dpo": ("cpt", "sft", "dpo"), "grpo": ("cpt", "sft", "grpo"), "orpo": ("cpt", "orpo"),
+          "kto": ("cpt", "sft", "kto"), "simpo": ("cpt", "sft", "simpo")}  # fmt: skip
 
 
 def _questions(rows, key):
@@ -36,25 +37,38 @@ def test_score_reads_the_answer_line(reply, gold, expected):
     assert score(reply, gold) == expected
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_each_stage_reads_and_writes_under_out_dir(stage, tmp_path):
+@pytest.mark.parametrize(
+    ("stage", "previous"), [("cpt", None), ("sft", "cpt"), *((c[-1], c[-2]) for c in CHAINS.values())]
+)
+def test_each_stage_reads_and_writes_under_out_dir(stage, previous, tmp_path):
     write_demo_data(tmp_path / "data", n_train=8, n_eval=2, n_dpo_test=2)
-    for earlier in STAGES[: STAGES.index(stage)]:  # an earlier stage's output, as the hand-off finds it
-        (tmp_path / earlier).mkdir()
-    recipe = parse_recipe(
-        STAGE_CONFIGS[stage], ["--config", f"recipes/demo/{stage}.yaml", *stage_overrides(stage, tmp_path)]
+    if previous:
+        (tmp_path / previous).mkdir()  # the earlier stage's output, as the hand-off finds it
+    recipe = REGISTRY[stage].parse(
+        ["--config", f"recipes/demo/{stage}.yaml", *stage_overrides(stage, tmp_path, previous)]
     )
     assert recipe.train.output_dir == str(tmp_path / stage)
     assert recipe.run.overwrite_output_dir and recipe.quant.load_in_4bit
     source = recipe.data.datasets[0]
     assert source.path.startswith(str(tmp_path / "data"))
-    if stage == "cpt":
+    if previous is None:
         assert recipe.model.model_name_or_path == "smollm2:SmolLM2-135M-Instruct"
     else:
-        assert recipe.model.model_name_or_path == str(tmp_path / STAGES[STAGES.index(stage) - 1])
+        assert recipe.model.model_name_or_path == str(tmp_path / previous)
         assert recipe.model.adapter_handoff == "continue"
-    if stage == "dpo":
-        assert source.test_split == "test"
+    assert (source.test_split == "test") == (stage in PAIRS)
+
+
+def test_every_demo_stage_has_a_recipe_and_the_default_chain_is_cpt_sft_dpo():
+    assert STAGES == ("cpt", "sft", "dpo") and set(DEMO_STAGES) == {s for c in CHAINS.values() for s in c}
+
+
+@pytest.mark.parametrize("stages", ["cpt,sft,nope", "sft,sft", ""])
+def test_a_bad_chain_is_refused_before_anything_runs(stages, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--stages", stages, "--out_dir", str(tmp_path / "demo")])
+    assert exit_.value.code == 2 and "--stages" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
 
 
 def test_stage_progress_line_reads_the_trainers_bar_and_loss(tmp_path):

@@ -29,6 +29,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "loss": (1e-4, 1e-6),  # measured spread 9.0e-7 (task_seq_cls step 5)
     "grad_norm": (1e-4, 1e-6),  # measured spread 8.5e-7 (sft step 2)
     "rewards/*": (1e-3, 1e-6),  # DPO rewards/chosen, rejected, margins: measured spread 1.6e-5 (dpo step 2)
+    "reward": (1e-3, 1e-6),  # GRPO's mean reward of the sampled completions (alignkit.testing.rewards)
     "learning_rate": (1e-7, 0.0),  # exact: the schedule
     "num_tokens": (0.0, 0.0),  # exact: what was trained
 }
@@ -80,6 +81,37 @@ RUNS = (
         "dpo",
         f"--model_name_or_path tiny:llama --datasets [{_D}/dpo.jsonl] --per_device_train_batch_size 4",
         _DPO_METRICS,
+    ),
+    GoldenRun(
+        "kto",
+        "kto",
+        f"--model_name_or_path tiny:llama --datasets [{_D}/dpo.jsonl] --per_device_train_batch_size 4",
+        _DPO_METRICS,
+    ),
+    GoldenRun(
+        "orpo",
+        "orpo",
+        f"--model_name_or_path tiny:llama --datasets [{_D}/dpo.jsonl] --per_device_train_batch_size 4",
+        (*_DPO_METRICS, "nll_loss"),
+    ),
+    GoldenRun(
+        "simpo",
+        "simpo",
+        f"--model_name_or_path tiny:llama --datasets [{_D}/dpo.jsonl] --per_device_train_batch_size 4",
+        _DPO_METRICS,
+    ),
+    GoldenRun(
+        "reward",
+        "reward",
+        f"--model_name_or_path tiny:llama --datasets [{_D}/dpo.jsonl] --per_device_train_batch_size 8",
+        ("loss", "grad_norm", "learning_rate", "margin"),
+    ),
+    GoldenRun(
+        "grpo",
+        "grpo",
+        f"--model_name_or_path tiny:llama --datasets [{_D}/grpo.jsonl] --reward_funcs alignkit.testing.rewards:plain_letters "
+        "--num_generations 4 --per_device_train_batch_size 8 --max_completion_length 16 --lora_modules_to_save [lm_head]",
+        ("loss", "grad_norm", "learning_rate", "reward"),
     ),
     GoldenRun(
         "task_seq_cls",
@@ -134,7 +166,11 @@ def _round(value: float) -> float:
 
 
 def tolerance(key: str) -> tuple[float, float]:
-    return TOLERANCES["rewards/*" if key.startswith("rewards/") else key]
+    if key.startswith("rewards/") or key == "margin":  # preference rewards and the reward model's margin
+        return TOLERANCES["rewards/*"]
+    if key == "nll_loss":
+        return TOLERANCES["loss"]
+    return TOLERANCES[key]
 
 
 def machine_facts() -> dict:

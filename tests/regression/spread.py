@@ -59,7 +59,7 @@ def _metric_kind(key: str) -> str:
 
 
 def main(names: list[str]) -> None:
-    from tests.regression.golden import TOLERANCES, describe_machine
+    from tests.regression.golden import describe_machine, tolerance
 
     results = {label: _variant(env, threads, names) for label, (env, threads) in VARIANTS.items()}
     first, *others = results
@@ -78,7 +78,7 @@ def main(names: list[str]) -> None:
                         worst[kind] = (rel, f"{run} step {step} ({label})")
     print(f"\n{'metric':<16}{'largest rel. difference':>24}  {'rtol':>8}  {'margin':>8}  where")
     for kind, (rel, where) in sorted(worst.items()):
-        rtol = TOLERANCES[kind][0]
+        rtol = tolerance(kind)[0]
         margin = f"{rtol / rel:.0f}x" if rel > 0 else "exact"
         print(f"{kind:<16}{rel:>24.2e}  {rtol:>8.0e}  {margin:>8}  {where}")
 

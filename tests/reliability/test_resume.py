@@ -2,7 +2,8 @@
 losses and learning rates as the same run uninterrupted (within 1e-5 on CPU). For that the checkpoint must restore
 the adapter weights, the optimizer moments, the scheduler (a linear decay: a fresh one would restart at the peak
 rate), the RNG (LoRA dropout) and the dataloader position (every kill here is mid-epoch). Checked for SFT (4-bit),
-DPO, CPT (packed blocks) and a task head (NER, 4-bit): one run loop serves them all.
+DPO, KTO, GRPO (4-bit; sampled completions, so the RNG too), CPT (packed blocks) and a task head (NER, 4-bit): one
+run loop serves them all.
 The first step after the resume checks weights, data position and RNG; the second also the optimizer and scheduler.
 
 The kill is an exception nothing in the stack handles (SimulatedKill is a BaseException), raised either at the start
@@ -36,6 +37,21 @@ DPO_LORA = [
     "false",
     *COMMON,
 ]
+
+# KTO (its reference adapter is rebuilt from the checkpoint's) and GRPO (sampled completions: the RNG must be restored
+# for the resumed run to sample what the uninterrupted one did; its trajectory includes the reward)
+KTO_LORA = [
+    "--config",
+    "recipes/tiny/kto.yaml",
+    "--model_name_or_path",
+    "tiny:llama",
+    "--load_in_4bit",
+    "false",
+    *COMMON,
+]
+GRPO_QLORA = ["--config", "recipes/tiny/grpo.yaml", "--model_name_or_path", "tiny:llama", "--lora_modules_to_save", "[lm_head]",
+              "--reward_funcs", "alignkit.testing.rewards:plain_letters", "--num_generations", "2",
+              "--max_completion_length", "8", *SCHEDULE]  # fmt: skip
 
 # The same run loop serves CPT (packed blocks) and the task heads: resume is checked there too, on full precision.
 CPT_LORA = ["--config", "recipes/tiny/cpt.yaml", "--load_in_4bit", "false", *SCHEDULE]
@@ -79,15 +95,20 @@ def callbacks(monkeypatch):
     return added
 
 
-def trajectory(output_dir) -> list[tuple[int, float, float, float]]:
-    return [(e["step"], e["epoch"], e["loss"], e["learning_rate"]) for e in log_history(output_dir) if "loss" in e]
+def trajectory(output_dir) -> list[tuple[int, float, float, float, float | None]]:
+    return [(e["step"], e["epoch"], e["loss"], e["learning_rate"], e.get("reward"))
+            for e in log_history(output_dir) if "loss" in e]  # fmt: skip
 
 
 def assert_same_trajectory(resumed, reference) -> None:
     got, want = trajectory(resumed), trajectory(reference)
     assert [g[0] for g in got] == [w[0] for w in want] == list(range(1, STEPS + 1))
-    for (step, _, loss, lr), (_, _, want_loss, want_lr) in zip(got, want):
+    for (step, _, loss, lr, reward), (_, _, want_loss, want_lr, want_reward) in zip(got, want):
         assert abs(loss - want_loss) <= 1e-5, f"step {step}: loss {loss} after resume, {want_loss} uninterrupted"
+        if want_reward is not None:  # GRPO: the same completions were sampled and scored
+            assert reward == pytest.approx(want_reward, abs=1e-6), (
+                f"step {step}: reward {reward}, uninterrupted {want_reward}"
+            )
         assert lr == pytest.approx(want_lr, rel=1e-9), f"step {step}: learning rate {lr}, uninterrupted {want_lr}"
     assert len({w[3] for w in want}) == STEPS  # the schedule really changes every step
     assert want[-1][1] < 1  # all within the first epoch: the kills below are mid-epoch
@@ -95,8 +116,15 @@ def assert_same_trajectory(resumed, reference) -> None:
 
 @pytest.mark.parametrize(
     "stage, argv",
-    [("sft", SFT_QLORA), ("dpo", DPO_LORA), ("cpt", CPT_LORA), ("task", NER_QLORA)],
-    ids=["sft-qlora-4bit", "dpo-lora", "cpt-lora", "ner-qlora-4bit"],
+    [
+        ("sft", SFT_QLORA),
+        ("dpo", DPO_LORA),
+        ("cpt", CPT_LORA),
+        ("task", NER_QLORA),
+        ("kto", KTO_LORA),
+        ("grpo", GRPO_QLORA),
+    ],
+    ids=["sft-qlora-4bit", "dpo-lora", "cpt-lora", "ner-qlora-4bit", "kto-lora", "grpo-qlora-4bit"],
 )
 def test_killed_after_a_checkpoint_resumes_exactly(stage, argv, callbacks, tmp_path):
     reference, out = tmp_path / "uninterrupted", tmp_path / "run"

@@ -1,0 +1,28 @@
+"""ORPO: odds-ratio preference optimisation (arXiv:2403.07691) with trl's (experimental) ORPOTrainer: SFT on the chosen
+reply and a preference term in one reference-free loss, so one stage can replace SFT + DPO.
+
+    accelerate launch recipes/orpo.py --config recipes/tiny/orpo.yaml [--key value ...]      (or: alignkit orpo ...)
+
+Data: DPO pairs (``prompt`` / ``chosen`` / ``rejected``, or a published pair format). ``beta`` is the paper's lambda.
+Starts from a base model (a fresh adapter) or from an earlier stage's adapter (``adapter_handoff``). No reference
+model: nothing is frozen or scored twice.
+"""
+
+from alignkit.errors import run_cli
+from alignkit.stages import STAGES
+from alignkit.train import Run
+
+STAGE = STAGES["orpo"]
+
+
+def main(argv=None):
+    recipe = STAGE.parse(argv)
+    with Run(recipe, stage=STAGE.name) as run:
+        run.load_tokenizer(chat=True)
+        data = run.load_data(STAGE.data_schema)
+        run.load_model("causal_lm")
+        return run.train(run.build_trainer(STAGE.trainer_class, data))
+
+
+if __name__ == "__main__":
+    run_cli(main)
