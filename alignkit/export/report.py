@@ -1,6 +1,9 @@
 """Training report: PNG plots and one self-contained HTML page from runs' trainer_state.json, several runs overlaid.
 
-Plots: loss (train/eval), learning rate, grad norm, and for DPO the rewards (chosen/rejected), margins and accuracy.
+Plots: loss (train/eval), learning rate, grad norm; for the preference methods (DPO, KTO, ORPO, SimPO) the rewards
+(chosen/rejected), margins, accuracy and KTO's KL; for a reward model its pairwise accuracy and margin; for GRPO the
+mean reward and each reward function's, their spread, the KL and the completion length. A key with ``*`` draws every
+logged key it matches (``rewards/*/mean``: one line per GRPO reward function).
 """
 
 from __future__ import annotations
@@ -19,9 +22,20 @@ PLOTS = {
     "loss": ("Loss", ("loss", "eval_loss")),
     "learning_rate": ("Learning rate", ("learning_rate",)),
     "grad_norm": ("Gradient norm", ("grad_norm",)),
-    "rewards": ("DPO rewards", ("rewards/chosen", "rewards/rejected", "eval_rewards/chosen", "eval_rewards/rejected")),
-    "margins": ("DPO reward margin (chosen - rejected)", ("rewards/margins", "eval_rewards/margins")),
-    "accuracy": ("DPO reward accuracy", ("rewards/accuracies", "eval_rewards/accuracies")),
+    "rewards": (
+        "Preference rewards (DPO/KTO/ORPO/SimPO)",
+        ("rewards/chosen", "rewards/rejected", "eval_rewards/chosen", "eval_rewards/rejected"),
+    ),
+    "margins": ("Preference reward margin (chosen - rejected)", ("rewards/margins", "eval_rewards/margins")),
+    "accuracy": ("Preference reward accuracy", ("rewards/accuracies", "eval_rewards/accuracies")),
+    "kl": ("KL to the reference (KTO, GRPO)", ("kl", "eval_kl")),
+    "reward_model": (
+        "Reward model: pairwise accuracy and margin",
+        ("accuracy", "eval_accuracy", "margin", "eval_margin"),
+    ),
+    "grpo_reward": ("GRPO reward (mean of the sampled completions)", ("reward", "rewards/*/mean")),
+    "grpo_reward_std": ("GRPO reward spread within groups", ("reward_std", "frac_reward_zero_std")),
+    "completion_length": ("GRPO completion length (tokens)", ("completions/mean_length",)),
 }
 _STYLES = {"rewards/rejected": ":", "eval_rewards/rejected": "-."}
 
@@ -99,7 +113,7 @@ def write_report(output_dirs: list[str | Path], out_dir: str | Path | None = Non
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
         drawn: dict[str, dict[str, Series]] = {}
         for i, run in enumerate(runs):
-            for key in keys:
+            for key in _expand(run.log_history, keys):
                 steps, values = key_series(run.log_history, key)
                 if not steps:
                     continue
@@ -123,6 +137,14 @@ def write_report(output_dirs: list[str | Path], out_dir: str | Path | None = Non
     page.write_text(_html(runs, pngs))
     print(f"report: {page} ({len(pngs)} plots)")
     return Report(html=page, pngs=pngs, series=series)
+
+
+def _expand(log_history: list[dict], keys: tuple[str, ...]) -> list[str]:
+    """``keys`` with each ``*`` pattern replaced by the logged keys it matches, in order of first appearance."""
+    import fnmatch
+
+    logged = list(dict.fromkeys(k for entry in log_history for k in entry))
+    return [m for key in keys for m in ([key] if "*" not in key else fnmatch.filter(logged, key))]
 
 
 def _final(run: RunLog, key: str) -> str:

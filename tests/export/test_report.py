@@ -22,11 +22,12 @@ def _expected(history, key):
 def test_report_plots_the_trainer_state_of_sft_and_dpo(chain, tmp_path):
     report = write_report([chain.sft, chain.dpo], tmp_path / "report")
 
-    assert set(report.pngs) == set(PLOTS)  # DPO adds rewards, margins, accuracy to loss, learning rate, grad norm
+    # DPO adds rewards, margins, accuracy to loss, learning rate, grad norm; a plot no run logs a key of is not drawn
+    assert set(report.pngs) == {"loss", "learning_rate", "grad_norm", "rewards", "margins", "accuracy"}
     for png in report.pngs.values():
         assert png.read_bytes().startswith(PNG_MAGIC) and matplotlib.image.imread(png).shape[2] in (3, 4)
     runs = {"sft:sft": log_history(chain.sft), "dpo:dpo": log_history(chain.dpo)}
-    for plot, (_, keys) in PLOTS.items():
+    for plot, (_, keys) in ((p, PLOTS[p]) for p in report.pngs):
         for run, history in runs.items():
             drawn = report.series[plot].get(run, {})
             expected = {k: _expected(history, k) for k in keys if _expected(history, k)[0]}
@@ -40,7 +41,7 @@ def test_report_plots_the_trainer_state_of_sft_and_dpo(chain, tmp_path):
     assert "rewards/chosen" in report.series["rewards"]["dpo:dpo"] and "sft:sft" not in report.series["rewards"]
 
     page = report.html.read_text()
-    assert page.count("<img") == len(PLOTS) and "sft:sft" in page and "dpo:dpo" in page
+    assert page.count("<img") == len(report.pngs) and "sft:sft" in page and "dpo:dpo" in page
 
 
 def test_report_cli_defaults_to_the_run_folder(chain):

@@ -15,6 +15,7 @@ from conftest import log_history, run_recipe, write_jsonl
 from alignkit.errors import ConfigError, DataError
 from alignkit.export.generate import load_for_generation
 from alignkit.export.merge import merge_adapter
+from alignkit.export.report import write_report
 from alignkit.export.reward_model import RewardModel
 from alignkit.runs import RunRecord
 
@@ -143,7 +144,7 @@ def test_grpo_after_sft_with_built_in_and_reward_model_rewards(tmp_path):
         "sft",
         ["--config", "recipes/tiny/sft.yaml", "--test_size", "0", "--max_steps", "2", "--output_dir", str(sft), *FAST],
     )
-    run_recipe("reward", ["--config", "recipes/tiny/reward.yaml", "--test_size", "0", "--max_steps", "2", "--output_dir", str(reward), *FAST])  # fmt: skip
+    run_recipe("reward", ["--config", "recipes/tiny/reward.yaml", "--max_steps", "2", "--output_dir", str(reward), *FAST])  # fmt: skip
     out = tmp_path / "grpo"
     run_recipe("grpo", ["--config", "recipes/tiny/grpo.yaml", "--model_name_or_path", str(sft), "--max_steps", "2",
                         "--reward_funcs", f"[format, exact, {reward}]", "--output_dir", str(out), *FAST])  # fmt: skip
@@ -152,6 +153,12 @@ def test_grpo_after_sft_with_built_in_and_reward_model_rewards(tmp_path):
     record = RunRecord.read(out)
     assert [e.stage for e in record.lineage] == ["sft", "grpo"]
     assert "grpo" in (out / "README.md").read_text()
+    report = write_report([reward, out], tmp_path / "report")  # each method's own metrics are plotted
+    assert {"grpo_reward", "completion_length", "reward_model"} <= set(report.pngs)
+    assert {"reward", "rewards/format/mean", "rewards/exact/mean"} <= set(
+        report.series["grpo_reward"][f"grpo:{out.name}"]
+    )
+    assert "eval_accuracy" in report.series["reward_model"][f"reward:{reward.name}"]
 
 
 def test_kto_after_sft_records_both_stages_and_merges(tmp_path):
@@ -183,7 +190,7 @@ KTO_ROWS = [{"prompt": "What is 2 + 2?", "completion": "4", "label": True},
          ["row 1", "identical"]),
         ("kto", KTO_ROWS * 2, ["--per_device_train_batch_size", "1"], ConfigError, ["per_device_train_batch_size", "KL"]),
         ("orpo", [{"prompt": "a b c", "chosen": " x", "rejected": " x"}] * 2, [], DataError, ["row 1", "identical"]),
-        ("reward", [{"prompt": "a b c", "chosen": " x"}] * 2, [], DataError, ["missing columns", "rejected"]),
+        ("reward", [{"prompt": "a b c", "chosen": " x"}] * 2, ["--eval_strategy", "no"], DataError, ["missing columns", "rejected"]),
         ("grpo", [{"prompt": "What is 1 + 1?"}] * 2, [], DataError, ["'answer'", "reference_column"]),
         ("grpo", [{"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "answer": 1}] * 2,
          [], DataError, ["row 1", "ends on an assistant turn"]),
