@@ -262,3 +262,36 @@ def test_kto_data_in_its_own_format_and_as_pairs_give_the_same_rows(tmp_path):
     source = DatasetSource(path=str(unpaired))
     assert check_source(load_source_split(source), source, str(unpaired), KTO).to_list() == rows
     assert json.loads(json.dumps(rows))  # plain JSON values
+
+
+@pytest.mark.parametrize(
+    ("stage", "rows", "extra", "words"),
+    [
+        ("kto", [{**r, "label": int(r["label"])} for r in KTO_ROWS], [], ["row 1", "'label' is 1"]),
+        ("grpo", [{"prompt": "What is 1 + 1?", "answer": 2}] * 2, ["--reward_funcs", "no_such_module:f"],
+         ["reward_funcs[0]", "could not be imported"]),
+    ],
+    ids=["kto-label-number", "grpo-reward-not-importable"],
+)  # fmt: skip
+def test_bad_input_through_accelerate_launch_exits_2_with_one_message(stage, rows, extra, words, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO
+
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    cmd = ["accelerate", "launch", "--num_processes", "1", "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no",
+           f"recipes/{stage}.py", "--config", f"recipes/tiny/{stage}.yaml", "--model_name_or_path", "tiny:llama",
+           "--datasets", str(data), "--test_size", "0", "--output_dir", str(tmp_path / "out"), *FAST, *extra]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+    }
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    said = done.stdout + done.stderr
+    assert done.returncode == 2, said[-3000:]
+    assert "Traceback" not in said and all(w in said for w in words), said[-3000:]
+    assert not (tmp_path / "out").exists()
