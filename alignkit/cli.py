@@ -184,8 +184,11 @@ def evaluate(argv: list[str]) -> int:
 
 def data(argv: list[str]) -> int:
     """Preview a recipe's data: each source's format, converted rows and checks, then the trained-token preview."""
+    from itertools import islice
+
     from alignkit.data.formats import convert_source
-    from alignkit.data.sources import load_source_split, row_lines
+    from alignkit.data.sources import load_source_split, row_places
+    from alignkit.data.streaming import stream_source
 
     p = argparse.ArgumentParser(
         prog="alignkit data", description=data.__doc__,
@@ -199,12 +202,18 @@ def data(argv: list[str]) -> int:
     recipe = stage.parse(recipe_argv)
     for source in recipe.data.datasets:
         for split in filter(None, (source.split, source.test_split)):
+            label, chosen = f"{source.path} [{split}]", []
+            if source.streaming:  # read only as far as the checks and the rows shown
+                rows = stream_source(source, split, stage.data_schema, recipe.data, label, chosen)
+                print(f"== {label}: format {chosen[0][0]} ({chosen[0][1]}); streamed: the first "
+                      f"{recipe.data.streaming_check_rows} rows of each file pass the {stage.name} checks")  # fmt: skip
+                for row in islice(rows, args.n):
+                    print("   " + json.dumps(row, ensure_ascii=False)[:400])
+                continue
             rows = load_source_split(source, split)
             if rows is None:
                 continue
-            label = f"{source.path} [{split}]"
-            lines = row_lines(Path(source.path)) if split == source.split else None
-            chosen: list = []
+            lines = row_places(source, split)
             converted = convert_source(rows, source, stage.name, label, lines, chosen)
             converted = stage.data_schema.check(converted, label, lines)
             print(f"== {label}: format {chosen[0][0]} ({chosen[0][1]}); {len(converted)} rows pass the {stage.name} "
