@@ -184,7 +184,10 @@ def evaluate(argv: list[str]) -> int:
 
 def data(argv: list[str]) -> int:
     """Preview a recipe's data: each source's format, converted rows and checks, then the trained-token preview."""
-    from alignkit.data.sources import check_source, load_source_split, row_lines
+    from itertools import islice
+
+    from alignkit.data.sources import check_source, load_source_split, row_places
+    from alignkit.data.streaming import stream_source
 
     p = argparse.ArgumentParser(
         prog="alignkit data", description=data.__doc__,
@@ -198,19 +201,24 @@ def data(argv: list[str]) -> int:
     recipe = stage.parse(recipe_argv)
     for source in recipe.data.datasets:
         for split in filter(None, (source.split, source.test_split)):
+            label, chosen = f"{source.path} [{split}]", []
+            if source.streaming:  # read only as far as the checks and the rows shown
+                rows = stream_source(source, split, stage.data_schema, recipe.data, label, chosen)
+                print(f"== {label}: format {chosen[0][0]} ({chosen[0][1]}); streamed: the first "
+                      f"{recipe.data.streaming_check_rows} rows of each file pass the {stage.name} checks")  # fmt: skip
+                for row in islice(rows, args.n):
+                    print("   " + json.dumps(row, ensure_ascii=False)[:400])
+                continue
             rows = load_source_split(source, split)
             if rows is None:
                 continue
-            label = f"{source.path} [{split}]"
-            lines = row_lines(Path(source.path)) if split == source.split else None
-            chosen: list = []
-            converted = check_source(rows, source, label, stage.data_schema, lines, chosen)
+            converted = check_source(rows, source, label, stage.data_schema, row_places(source, split), chosen)
             print(f"== {label}: format {chosen[0][0]} ({chosen[0][1]}); {len(converted)} rows pass the {stage.name} "
                   f"checks; columns {converted.column_names}")  # fmt: skip
             for row in converted.select(range(min(args.n, len(converted)))):
                 print("   " + json.dumps(row, ensure_ascii=False)[:400])
-    if stage.name not in ("sft", "dpo", "kto", "orpo", "simpo"):
-        return 0  # CPT trains every token of each block; GRPO generates its completions; a reward model has no labels
+    if stage.name not in ("sft", "dpo"):
+        return 0  # CPT trains every token of each block; GRPO generates its completions; the others: no preview yet
     _stage_main(stage.name)([*recipe_argv, "--label_preview", "true"])  # prints, trains nothing, writes nothing
     return 0
 

@@ -43,6 +43,9 @@ class DataError(AlignkitError, ValueError):
         where = f"{source}, row {row}" if row is not None else source
         super().__init__(f"{where}: {problem}. Fix: {fix}")
 
+    def __reduce__(self):  # rebuilt from its parts when it crosses processes (datasets.map with num_proc)
+        return type(self), (self.source, self.row, self.problem, self.fix)
+
 
 class PreflightError(AlignkitError, RuntimeError):
     """The run cannot start safely (output dir, disk, tokens, model/adapter mismatch)."""

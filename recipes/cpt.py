@@ -20,7 +20,10 @@ def main(argv=None):
         tokenizer = run.load_tokenizer()
         data = run.load_data(STAGE.data_schema)
         with recipe.train.main_process_first(desc="pack text"):
-            blocks = {split: pack_text_blocks(ds, tokenizer, recipe.train.block_size) for split, ds in data.items()}
+            blocks = {
+                s: pack_text_blocks(ds, tokenizer, recipe.train.block_size, recipe.data.dataset_num_proc)
+                for s, ds in data.items()
+            }
         run.load_model("causal_lm")
         # blocks carry their labels (alignkit.data.packing): the default collator only stacks them
         return run.train(run.build_trainer(STAGE.trainer_class, blocks, data_collator=default_data_collator))

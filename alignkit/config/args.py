@@ -178,8 +178,10 @@ DATA_FORMATS = (
 
 @dataclass
 class DatasetSource:
-    """One entry of ``datasets``: a file, a save_to_disk folder or a Hub id, with a mixture weight; its ``format``
-    (detected when unset), a ``columns`` map {format column: source column} and a ``roles`` map for chat tags."""
+    """One entry of ``datasets``: a file, a glob of shards, a save_to_disk folder or a Hub id, with a mixture weight;
+    its ``format`` (detected when unset), a ``columns`` map {format column: source column}, a ``roles`` map for chat
+    tags, and ``streaming: true`` (CPT) to read it row by row as training goes instead of loading it first (a
+    corpus larger than RAM; alignkit.data.streaming)."""
 
     path: str
     weight: float = 1.0
@@ -189,8 +191,13 @@ class DatasetSource:
     format: str | None = None
     columns: dict | None = None
     roles: dict | None = None
+    streaming: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.streaming, bool):
+            raise ConfigError(
+                f"datasets[{self.path}].streaming: {self.streaming!r} is not true or false. Fix: write streaming: true."
+            )
         if self.format is not None and self.format not in DATA_FORMATS:
             raise ConfigError(
                 f"datasets[{self.path}].format: '{self.format}' is not a format alignkit reads."
@@ -224,6 +231,12 @@ class DatasetSource:
                 "as 0.5 (keep half the rows), 1 (all) or 2 (every row twice), or drop the source."
             )
         self.weight = float(weight)
+        if self.streaming and self.weight != 1:
+            raise ConfigError(
+                f"datasets[{self.path}].weight {self.weight:g} with streaming: a weight samples the rows of a source "
+                "loaded whole, and a stream is read through in order. Fix: drop the weight (streamed sources are "
+                "read one after another), or set streaming: false."
+            )
 
 
 @dataclass
@@ -233,9 +246,36 @@ class DataArguments:
     datasets: list[Any] = field(
         default_factory=list,
         metadata={
-            "help": "List of sources: a path/Hub id string, or {path, weight, split, name, test_split, format, "
-            "columns, roles} (format: messages, prompt_completion, alpaca, sharegpt, preference, hh, "
-            "preference_messages, text, kto, prompt; detected when unset)."
+            "help": "List of sources: a path/glob/Hub id string, or {path, weight, split, name, test_split, format, "
+            "columns, roles, streaming} (format: messages, prompt_completion, alpaca, sharegpt, preference, hh, "
+            "preference_messages, text, kto, prompt; detected when unset). streaming: true (CPT only, needs max_steps): read the "
+            "source row by row as training goes, tokenized and packed on the fly, for a corpus larger than RAM "
+            "(.jsonl/.txt/.csv/.parquet files or a glob of them, a data folder or a Hub id; not a save_to_disk "
+            "folder); no weight or test_size with it."
+        },
+    )
+    dataset_num_proc: int | None = field(
+        default=None,
+        metadata={
+            "help": "Processes for preparing the data (datasets.map num_proc): the format conversion, and CPT's "
+            "tokenization (the same rows and blocks as one process); SFT/DPO recipes give the same key to trl for "
+            "its tokenization. Unset: one process. Not used by streamed sources (dataloader_num_workers reads their "
+            "shards in parallel)."
+        },
+    )
+    streaming_shuffle_buffer: int = field(
+        default=0,
+        metadata={
+            "help": "Streamed sources: shuffle the order of their shard files and their rows within a buffer of this "
+            "many rows (datasets' IterableDataset.shuffle, seeded by mixture_seed, reshuffled each epoch; the "
+            "buffer is held in memory). 0: read in file-name order, each file front to back."
+        },
+    )
+    streaming_check_rows: int = field(
+        default=1000,
+        metadata={
+            "help": "Streamed sources: rows of each shard file converted and checked before training starts; the "
+            "rest are checked as they stream, and a bad one stops the run with its file and line when reached."
         },
     )
     test_size: float = field(
@@ -270,6 +310,14 @@ class DataArguments:
         if self.test_size < 0:
             raise ConfigError(
                 f"test_size: must be >= 0, got {self.test_size}. Fix: set a fraction (0.1) or a row count."
+            )
+        streamed = [s.path for s in self.datasets if s.streaming]
+        if streamed and self.test_size:
+            raise ConfigError(
+                f"test_size {self.test_size:g} with a streamed source ({streamed[0]}): held-out rows are drawn from "
+                "the whole source, and a stream is only read as training goes. Fix: set test_size: 0, and give the "
+                "held-out text as a test split: test_split on a streamed data folder or Hub dataset, or a source "
+                "without streaming that has one (a save_to_disk DatasetDict with a test split)."
             )
 
 

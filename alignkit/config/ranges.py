@@ -79,6 +79,9 @@ RANGES: dict[str, Rule] = {
     ),  # fmt: skip
     "max_train_samples": OPTIONAL_POSITIVE_INT,
     "max_eval_samples": OPTIONAL_POSITIVE_INT,
+    "dataset_num_proc": OPTIONAL_POSITIVE_INT,
+    "streaming_shuffle_buffer": NON_NEGATIVE_INT,
+    "streaming_check_rows": NON_NEGATIVE_INT,
     "block_size": Rule("a whole number >= 2", lambda x: _int(x) and x >= 2, "512"),
     "max_length": OPTIONAL_POSITIVE_INT,
     "max_prompt_length": OPTIONAL_POSITIVE_INT,

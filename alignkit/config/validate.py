@@ -104,7 +104,37 @@ def check_alignment_methods(recipe) -> None:
             )
 
 
-CHECKS = (check_model_source, check_quantization, check_training, check_distributed, check_alignment_methods)
+def check_streaming(recipe) -> None:
+    """A streamed source (``streaming: true``) feeds only CPT, whose blocks are packed on the fly, and a stream has
+    no length, so the trainer needs max_steps."""
+    from alignkit.config.args import CPTConfig
+
+    streamed = [s.path for s in recipe.data.datasets if s.streaming]
+    if not streamed or recipe.train is None:
+        return
+    if not isinstance(recipe.train, CPTConfig):
+        stage = type(recipe.train).__name__.removesuffix("Config").lower()
+        raise ConfigError(
+            f"datasets[{streamed[0]}].streaming: only the cpt stage streams its data (it tokenizes and packs text on "
+            f"the fly); {stage} data is loaded first, into memory-mapped Arrow files that need disk, not RAM. Fix: "
+            "remove streaming: true from this source."
+        )
+    if recipe.train.max_steps is None or recipe.train.max_steps <= 0:
+        raise ConfigError(
+            f"datasets[{streamed[0]}].streaming with max_steps {recipe.train.max_steps}: a stream has no length, so "
+            "the trainer cannot count steps by epochs. Fix: set max_steps (e.g. max_steps: 1000), the number of "
+            "optimizer steps to train; a stream that ends before then is read again from its start."
+        )
+
+
+CHECKS = (
+    check_model_source,
+    check_quantization,
+    check_training,
+    check_distributed,
+    check_streaming,
+    check_alignment_methods,
+)
 
 
 def validate(recipe) -> None:

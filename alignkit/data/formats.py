@@ -33,6 +33,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from alignkit.data.places import place
 from alignkit.errors import DataError, suggest
 
 logger = logging.getLogger(__name__)
@@ -210,10 +211,8 @@ def detect(columns: list[str], first_row: dict, stage: str, source: str) -> Form
     )  # fmt: skip
 
 
-def convert_source(dataset, source, stage: str, label: str, row_lines: list[int] | None = None, chosen=None):
-    """``dataset`` of one source in its stage's canonical columns: renamed by ``source.columns``, converted by its
-    format (``source.format`` or detected). Returns the dataset (lazily mapped; cached by datasets). ``chosen``: a
-    list that gets ``(format name, 'named' | 'detected')`` appended (alignkit data preview prints it)."""
+def renames(source, column_names, label: str) -> dict[str, str]:
+    """``{their column: the format's}`` from a source's ``columns:`` map, checked against ``column_names``."""
     columns = dict(source.columns or {})
     known = {c for f in FORMATS.values() for c in f.columns} | {
         "input",
@@ -228,34 +227,50 @@ def convert_source(dataset, source, stage: str, label: str, row_lines: list[int]
                 label, None, f"columns: '{ours}' is not a column of any format.{suggest(ours, known)}",
                 f"name the format's column first (one of {sorted(known)}), then yours: columns: {{prompt: question}}",
             )  # fmt: skip
-    if columns:
-        missing = [theirs for theirs in columns.values() if theirs not in dataset.column_names]
-        if missing:
-            raise DataError(
-                label, None, f"columns: maps to {missing}, which the source does not have "
-                f"(it has {dataset.column_names})", "correct the column names in columns:",
-            )  # fmt: skip
-        dataset = dataset.rename_columns({theirs: ours for ours, theirs in columns.items() if ours != theirs})
+    missing = [theirs for theirs in columns.values() if theirs not in column_names]
+    if missing:
+        raise DataError(
+            label, None, f"columns: maps to {missing}, which the source does not have "
+            f"(it has {list(column_names)})", "correct the column names in columns:",
+        )  # fmt: skip
+    return {theirs: ours for ours, theirs in columns.items() if ours != theirs}
+
+
+def choose(source, stage: str, label: str, column_names, first_row: dict, chosen=None) -> Format:
+    """The source's format: ``source.format`` (checked against ``stage``) or detected from its (renamed) columns and
+    first row, and logged. ``chosen``: a list that gets ``(format name, 'named' | 'detected')`` appended."""
     if source.format:
         fmt = FORMATS[source.format]
         if stage not in fmt.stages:
             allowed = [f.name for f in FORMATS.values() if stage in f.stages]
             raise DataError(label, None, f"format {fmt.name} does not give {stage} data", f"use one of {allowed}")
     else:
-        fmt = detect(dataset.column_names, dataset[0] if len(dataset) else {}, stage, label)
+        fmt = detect(list(column_names), first_row, stage, label)
         logger.info("%s: format %s (detected; set format: to choose)", label, fmt.name)
     if chosen is not None:
         chosen.append((fmt.name, "named" if source.format else "detected"))
+    return fmt
+
+
+def convert_source(dataset, source, stage: str, label: str, row_lines=None, chosen=None, num_proc: int | None = None):
+    """``dataset`` of one source in its stage's canonical columns: renamed by ``source.columns``, converted by its
+    format (``source.format`` or detected). Returns the dataset (lazily mapped; cached by datasets). ``row_lines``:
+    where each row is (see :func:`alignkit.data.places.place`); ``chosen``: see :func:`choose`; ``num_proc``:
+    processes for the conversion (``dataset_num_proc``)."""
+    mapping = renames(source, dataset.column_names, label)
+    if mapping:
+        dataset = dataset.rename_columns(mapping)
+    fmt = choose(source, stage, label, dataset.column_names, dataset[0] if len(dataset) else {}, chosen)
     if stage == "kto" and "dpo" in fmt.stages:  # pairs: convert to pairs, then unpair (each row gives two)
         from alignkit.data.schemas import DPO
 
-        pairs = _convert(dataset, fmt, "dpo", dict(source.roles or {}), label, row_lines)
+        pairs = _convert(dataset, fmt, "dpo", dict(source.roles or {}), label, row_lines, num_proc)
         dataset = DPO.check(pairs, label, row_lines)  # a pair's own faults (chosen == rejected) before it is split
         return dataset.map(unpair, batched=True, remove_columns=dataset.column_names, desc="unpair preference rows")
-    return _convert(dataset, fmt, stage, dict(source.roles or {}), label, row_lines)
+    return _convert(dataset, fmt, stage, dict(source.roles or {}), label, row_lines, num_proc)
 
 
-def _convert(dataset, fmt: Format, stage: str, roles: dict, label: str, row_lines: list[int] | None):
+def _convert(dataset, fmt: Format, stage: str, roles: dict, label: str, row_lines, num_proc: int | None = None):
     if fmt.convert is None:
         return dataset
 
@@ -263,7 +278,8 @@ def _convert(dataset, fmt: Format, stage: str, roles: dict, label: str, row_line
         try:
             return fmt.convert(row, stage, roles)
         except RowError as exc:
-            line = row_lines[index] if row_lines and index < len(row_lines) else index + 1
-            raise DataError(label, line, f"{fmt.name}: {exc.problem}", exc.fix) from None
+            raise DataError(*place(row_lines, label, index), f"{fmt.name}: {exc.problem}", exc.fix) from None
 
-    return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names, desc=f"{fmt.name} rows")
+    return dataset.map(
+        convert, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc, desc=f"{fmt.name} rows"
+    )

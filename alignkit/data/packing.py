@@ -6,8 +6,12 @@ from __future__ import annotations
 def pack_text_blocks(dataset, tokenizer, block_size: int, num_proc: int | None = None):
     """Tokenize ``text``, join documents with eos, and cut the stream into ``block_size`` blocks.
 
-    The tail that does not fill a block is dropped, as in the HF course's group_texts.
+    The tail that does not fill a block is dropped, as in the HF course's group_texts (per 1000 documents). A
+    ``datasets.IterableDataset`` (a streamed source) is packed lazily, as the trainer reads it; ``num_proc``
+    (``dataset_num_proc``) tokenizes a loaded one in that many processes (the blocks are the same).
     """
+    import datasets
+
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def tokenize(batch):
@@ -22,13 +26,24 @@ def pack_text_blocks(dataset, tokenizer, block_size: int, num_proc: int | None =
         labels = [list(block) for block in blocks]
         return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": labels}
 
-    tokenized = dataset.map(
-        tokenize, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="tokenize"
-    )
-    packed = tokenized.map(
-        group, batched=True, batch_size=1000, num_proc=num_proc, desc=f"pack into {block_size}-token blocks"
-    )
-    if len(packed) == 0:
+    streamed = isinstance(dataset, datasets.IterableDataset)
+    if streamed:
+        ids = datasets.List(datasets.Value("int32"))
+        tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names)
+        packed = tokenized.map(
+            group, batched=True, batch_size=1000,
+            features=datasets.Features({"input_ids": ids, "attention_mask": ids, "labels": ids}),
+        )  # fmt: skip
+        empty = next(iter(packed), None) is None  # reads only as far as the first block
+    else:
+        tokenized = dataset.map(
+            tokenize, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="tokenize"
+        )
+        # one process cuts the blocks (cheap next to tokenizing): so the blocks do not depend on num_proc, whose
+        # workers would each drop the tail of their own share
+        packed = tokenized.map(group, batched=True, batch_size=1000, desc=f"pack into {block_size}-token blocks")
+        empty = len(packed) == 0
+    if empty:
         from alignkit.errors import DataError
 
         raise DataError(

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from alignkit.data.places import place
 from alignkit.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,11 @@ class Schema:
     keep_other_columns: bool = False  # every column reaches the trainer (GRPO's reward functions read them)
 
     def columns_for(self, dataset, source: str) -> tuple[str, ...]:
-        present = set(dataset.column_names)
+        return self.columns_of(dataset.column_names, source)
+
+    def columns_of(self, names, source: str) -> tuple[str, ...]:
+        """The first of this stage's column sets that ``names`` holds; DataError naming what is missing if none."""
+        present = set(names)
         for columns in self.column_sets:
             if set(columns) <= present:
                 return columns
@@ -40,9 +45,10 @@ class Schema:
         have = ", ".join(sorted(present)) or "none"
         raise DataError(source, None, f"missing columns for {self.name}: needs {wanted}, has {have}", self.fix_hint)
 
-    def check(self, dataset, source: str, row_numbers: list[int] | None = None):
+    def check(self, dataset, source: str, row_numbers=None):
         """Check every row; return the dataset with only this stage's columns. ``row_numbers``: each row's line in
-        its file (JSON lines), so that errors name the line an editor shows; else rows count from 1."""
+        its file (JSON lines), or a :class:`alignkit.data.places.RowPlaces` (shards: each row's file and line), so
+        that errors name the file and line an editor shows; else rows count from 1."""
         columns = self.columns_for(dataset, source)
         if self.passthrough:  # a chat stage: refuse what trl would read as images instead of dropping it
             vision = [c for c in VISION_COLUMNS if c in dataset.column_names]
@@ -52,7 +58,7 @@ class Schema:
                     f"drop the {vision[0]} column, or train the vision model with trl directly",
                 )  # fmt: skip
         for i, row in enumerate(dataset.select_columns(list(columns))):
-            self.check_row(row, source, row_numbers[i] if row_numbers else i + 1)
+            self.check_row(row, *place(row_numbers, source, i))
         if self.keep_other_columns:
             return dataset
         kept = [*columns, *(c for c in self.passthrough if c in dataset.column_names)]

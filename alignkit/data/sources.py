@@ -13,6 +13,7 @@ from pathlib import Path
 
 from alignkit.config.args import DataArguments, DatasetSource
 from alignkit.data.formats import convert_source
+from alignkit.data.places import RowPlaces, repeat_each
 from alignkit.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -64,9 +65,70 @@ def row_lines(path: Path) -> list[int] | None:
     return [n for n, line in enumerate(read_text(path).splitlines(), start=1) if line.strip()]
 
 
-def _check_jsonl(path: Path) -> None:
-    """datasets' JSON reader fails with a pyarrow trace; find the bad line ourselves first. Rows are numbered by
-    their line in the file, here and in every schema error (blank lines count)."""
+def _kind(value) -> str | None:
+    """A JSON value's type, as a message names it (None: null, which goes with any type)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "text" if isinstance(value, str) else "a list" if isinstance(value, list) else "an object"
+
+
+class ColumnTypes:
+    """The JSON type of every column, and of every field nested in one (``messages[].content``), on the first row
+    that sets it, over one file or all the shards of a glob. datasets' JSON reader cannot hold two types in one
+    column: on a later row it fails with a pyarrow error, or turns the values into others without a word (in a
+    file's first 10 MB the text "4" becomes the number 4; later, or in a later shard, a list becomes the text
+    '["x"]'). So a row whose type differs is a DataError naming its file and line, and the first row's."""
+
+    def __init__(self):
+        self.seen: dict[str, tuple[str, str, int]] = {}
+
+    def check(self, row: dict, path: Path, line: int, unit: str = "line") -> None:
+        """``line``: the row's line in ``path`` (``unit`` 'row': its data row, for a JSON array)."""
+        from collections import deque
+
+        queue = deque(row.items())  # in the row's order, so that the first value of a field sets its type
+        while queue:
+            name, value = queue.popleft()
+            kind = _kind(value)
+            if kind is None:
+                continue
+            first, first_file, first_line = self.seen.setdefault(name, (kind, str(path), line))
+            if first != kind:
+                where = f"{unit} {first_line}" + ("" if first_file == str(path) else f" of {first_file}")
+                quote = (
+                    ' (a number meant as text is quoted: "4", not 4)' if {kind, first} == {"text", "a number"} else ""
+                )
+                drop = "" if "." in name or "[" in name else ", or drop the column from the file"
+                raise DataError(
+                    str(path), line, f"'{name}' is {kind} ({value!r:.40}) here but {first} on {where}: a column holds "
+                    "one type in every row (datasets' reader fails on a second type, or silently changes such values)",
+                    f"write '{name}' as {first} in every row{quote}{drop}",
+                )  # fmt: skip
+            if kind == "a list":
+                queue.extend((f"{name}[]", item) for item in value)
+            elif kind == "an object":
+                queue.extend((f"{name}.{key}", item) for key, item in value.items())
+
+
+def _check_json_array(path: Path, text: str, types: ColumnTypes) -> None:
+    """A .json file holding one array of row objects: valid JSON, and one type per column (rows count from 1)."""
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(str(path), exc.lineno, f"is not valid JSON ({exc.msg})", "correct the JSON array") from None
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+        for i, row in enumerate(rows, start=1):
+            types.check(row, path, i, unit="row")
+
+
+def _check_jsonl(path: Path, types: ColumnTypes) -> None:
+    """datasets' JSON reader fails with a pyarrow trace (or changes values silently, see :class:`ColumnTypes`);
+    find the bad line ourselves first. Rows are numbered by their line in the file, here and in every schema error
+    (blank lines count)."""
     rows = 0
     for lineno, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
@@ -79,9 +141,77 @@ def _check_jsonl(path: Path) -> None:
             ) from exc
         if not isinstance(value, dict):
             raise DataError(str(path), lineno, "line is not a JSON object", 'write each row as {"column": value, ...}')
+        types.check(value, path, lineno)
         rows += 1
     if not rows:
         raise DataError(str(path), None, "file has no rows (the split is empty)", "add rows, or remove this source")
+
+
+def _check_file(path: Path, types: ColumnTypes | None = None) -> None:
+    """What datasets' reader would fail on or change, found first with the file and line: encoding, JSON syntax, a
+    column's type changing between rows (``types``: shared by the shards of a glob, which datasets reads as one)."""
+    text = read_text(path) if path.suffix in (".jsonl", ".json", ".csv", ".txt") else None
+    types = types or ColumnTypes()
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        _check_json_array(path, text, types)
+    elif path.suffix in (".jsonl", ".json"):
+        _check_jsonl(path, types)
+
+
+def is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def shard_files(source) -> list[str]:
+    """The files a glob source matches, in name order: one type of data file, or a DataError naming the pattern."""
+    import glob
+
+    files = sorted(glob.glob(source.path, recursive=True))
+    if not files:
+        raise DataError(source.path, None, "matches no file", "check the pattern (relative to the current directory)")
+    suffixes = sorted({Path(f).suffix for f in files})
+    if len(suffixes) != 1 or suffixes[0] not in _FILE_BUILDERS:
+        raise DataError(
+            source.path,
+            None,
+            f"matches files of types {suffixes}",
+            f"match files of one type of {sorted(_FILE_BUILDERS)}",
+        )
+    return files
+
+
+def _file_rows(path: Path, lines: list[int] | None) -> int | None:
+    """How many rows datasets reads from one data file, or None when that is not known cheaply."""
+    if lines is not None:
+        return len(lines)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(str(path)).metadata.num_rows
+    if path.suffix == ".txt":
+        return len(read_text(path).splitlines())  # datasets' text reader: one row per line
+    if path.suffix == ".json":
+        rows = json.loads(read_text(path))
+        return len(rows) if isinstance(rows, list) else None
+    return None
+
+
+def row_places(source: DatasetSource, split: str | None = None):
+    """Where each row of a source's split is, for its errors (:func:`alignkit.data.places.place`): the lines of its
+    one file, each row's shard file and line for a glob of shards (:class:`RowPlaces`), or None (rows count
+    from 1)."""
+    if (split or source.split) != source.split:
+        return None
+    if not is_glob(source.path):
+        return row_lines(Path(source.path))
+    shards = []
+    for f in shard_files(source):
+        lines = row_lines(Path(f))
+        rows = _file_rows(Path(f), lines)
+        if rows is None:
+            return None
+        shards.append((f, rows, lines))
+    return RowPlaces(shards)
 
 
 def _label(source: DatasetSource, split: str) -> str:
@@ -94,7 +224,7 @@ def load_source_split(source: DatasetSource, split: str | None = None):
 
     split = split or source.split
     path = Path(source.path)
-    if any(c in source.path for c in "*?["):  # shards: data/train-*.parquet, corpus/**/*.jsonl
+    if is_glob(source.path):  # shards: data/train-*.parquet, corpus/**/*.jsonl
         return _load_shards(source, split)
     if path.is_file():
         builder = _FILE_BUILDERS.get(path.suffix)
@@ -104,9 +234,7 @@ def load_source_split(source: DatasetSource, split: str | None = None):
             )
         if split != source.split:
             return None  # a single file has one split
-        text = read_text(path) if path.suffix in (".jsonl", ".json", ".csv", ".txt") else None
-        if path.suffix == ".jsonl" or (path.suffix == ".json" and not text.lstrip().startswith("[")):
-            _check_jsonl(path)
+        _check_file(path)
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as exc:
@@ -149,28 +277,16 @@ def load_source_split(source: DatasetSource, split: str | None = None):
 
 def _load_shards(source, split: str):
     """A glob of data files of one type, in name order, as one split: every file checked as a single file is."""
-    import glob
-
     import datasets
 
-    files = sorted(glob.glob(source.path, recursive=True))
-    if not files:
-        raise DataError(source.path, None, "matches no file", "check the pattern (relative to the current directory)")
-    suffixes = sorted({Path(f).suffix for f in files})
-    if len(suffixes) != 1 or suffixes[0] not in _FILE_BUILDERS:
-        raise DataError(
-            source.path,
-            None,
-            f"matches files of types {suffixes}",
-            f"match files of one type of {sorted(_FILE_BUILDERS)}",
-        )
+    files = shard_files(source)
     if split != source.split:
         return None  # shards make one split
+    types = ColumnTypes()
     for f in files:
-        if suffixes[0] == ".jsonl":
-            _check_jsonl(Path(f))
+        _check_file(Path(f), types)
     try:
-        return datasets.load_dataset(_FILE_BUILDERS[suffixes[0]], data_files=files, split="train")
+        return datasets.load_dataset(_FILE_BUILDERS[Path(files[0]).suffix], data_files=files, split="train")
     except Exception as exc:  # noqa: BLE001 - name the pattern and the reader
         raise DataError(
             source.path, None, f"could not be read ({type(exc).__name__}: {exc})", "check the files"
@@ -206,7 +322,17 @@ def describe_source(source) -> dict:
 
     path = Path(source.path)
     entry: dict = {"path": source.path, "weight": source.weight, "split": source.split, "name": source.path}
-    if path.is_file():
+    if source.streaming:
+        entry["streaming"] = True
+    if is_glob(source.path):  # shards: the pattern, how many files and bytes (hashing a corpus would take minutes)
+        import glob
+
+        files = [Path(f) for f in sorted(glob.glob(source.path, recursive=True)) if Path(f).is_file()]
+        entry.update(name=f"{path.parent.name}/{path.name}" if path.parent.name else path.name, files=len(files))
+        entry["bytes"] = sum(f.stat().st_size for f in files)
+    elif path.is_file() and source.streaming:  # a corpus larger than RAM: never read whole to be described
+        entry.update(name=path.name, bytes=path.stat().st_size)
+    elif path.is_file():
         digest = hashlib.sha256()
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -227,15 +353,16 @@ def mixture_indices(n_rows: int, weight: float, rng: random.Random) -> list[int]
     return indices
 
 
-def check_source(dataset, source, label: str, schema, lines: list[int] | None = None, chosen: list | None = None):
+def check_source(dataset, source, label: str, schema, lines=None, chosen: list | None = None, num_proc=None):
     """One split of one source in the schema's columns: converted from its published format (the schema's kind of
-    data, :mod:`alignkit.data.formats`), then every row checked. ``lines``: each source row's line in its file, for
-    the errors; ``chosen``: see :func:`convert_source`."""
+    data, :mod:`alignkit.data.formats`), then every row checked. ``lines``: where each source row is, for the errors
+    (:func:`alignkit.data.places.place`); ``chosen``: see :func:`convert_source`; ``num_proc``: processes for the
+    conversion (``dataset_num_proc``)."""
     if schema.data:
         rows = len(dataset)
-        dataset = convert_source(dataset, source, schema.data, label, lines, chosen)
+        dataset = convert_source(dataset, source, schema.data, label, lines, chosen, num_proc=num_proc)
         if lines and schema.data == "kto" and len(dataset) == 2 * rows:  # unpaired: 2 rows per source row
-            lines = [line for line in lines for _ in (0, 1)]
+            lines = repeat_each(lines, 2)
     return schema.check(dataset, label, lines)
 
 
@@ -250,7 +377,25 @@ def load_datasets(data_args: DataArguments, schema=None):
         raise DataError("recipe", None, "no datasets given", "add 'datasets: [- path: data/train.jsonl]' to the recipe")
     rng = random.Random(data_args.mixture_seed)
     trains, tests = [], []  # trains: (source, its checked rows, unweighted)
+    num_proc = data_args.dataset_num_proc
     for source in data_args.datasets:
+        if source.test_split and (Path(source.path).is_file() or is_glob(source.path)):
+            what = "is one file" if Path(source.path).is_file() else "is a glob of shards, read as one split"
+            raise DataError(
+                source.path, None, f"{what}, so it has no '{source.test_split}' split",
+                "give the held-out rows as a second file (with split: the file) in a source of their own, or use test_size",
+            )  # fmt: skip
+        if source.streaming:  # read row by row as training goes (alignkit.data.streaming)
+            from alignkit.data.streaming import stream_source
+
+            trains.append(
+                (source, stream_source(source, source.split, schema, data_args, _label(source, source.split)))
+            )
+            if source.test_split:
+                tests.append(
+                    stream_source(source, source.test_split, schema, data_args, _label(source, source.test_split))
+                )
+            continue
         train = load_source_split(source)
         if train is None:
             raise DataError(
@@ -259,17 +404,15 @@ def load_datasets(data_args: DataArguments, schema=None):
         if len(train) == 0:
             raise DataError(_label(source, source.split), None, "split is empty", "add rows, or remove this source")
         if schema is not None:
-            train = check_source(train, source, _label(source, source.split), schema, row_lines(Path(source.path)))
-        if source.test_split and Path(source.path).is_file():
-            raise DataError(
-                source.path, None, f"is one file, so it has no '{source.test_split}' split",
-                "give the held-out rows as a second file (with split: the file) in a source of their own, or use test_size",
-            )  # fmt: skip
+            places = row_places(source)
+            if isinstance(places, RowPlaces) and places.rows != len(train):
+                places = None  # not the rows datasets read: count them across the shards instead
+            train = check_source(train, source, _label(source, source.split), schema, places, num_proc=num_proc)
         trains.append((source, train))
         test = load_source_split(source, source.test_split) if source.test_split else None
         if test is not None:
             if schema is not None:
-                test = check_source(test, source, _label(source, source.test_split), schema)
+                test = check_source(test, source, _label(source, source.test_split), schema, num_proc=num_proc)
             tests.append(test)
     out = {}
     if tests:
@@ -312,6 +455,10 @@ def load_datasets(data_args: DataArguments, schema=None):
                     f"raise the weight to at least {1 / n_rows:.3g}, or remove the source",
                 )  # fmt: skip
         weighted.append(train)
+    if any(source.streaming for source, _ in trains):  # (test_size is refused with a stream: DataArguments)
+        from alignkit.data.streaming import mix_streams
+
+        return mix_streams(weighted, tests, data_args)
     train = datasets.concatenate_datasets(weighted) if len(weighted) > 1 else weighted[0]
     if len(weighted) > 1:
         train = train.shuffle(seed=data_args.mixture_seed)

@@ -38,6 +38,10 @@ def _dataset(d: dict) -> str:
         facts.append(f"{d['rows']} rows")
     if d.get("sha256"):
         facts.append(f"sha256 {d['sha256'][:12]}")
+    if d.get("files") is not None:
+        facts.append(f"{d['files']} files")
+    if d.get("streaming"):
+        facts.append("streamed")
     return f"`{name}` ({', '.join(facts)})"
 
 

@@ -119,7 +119,7 @@ class Run:
         from alignkit.data.sources import load_datasets
 
         self.datasets = load_datasets(self.recipe.data, schema)
-        logger.info("data: %s", {k: len(v) for k, v in self.datasets.items()})
+        logger.info("data: %s", {k: len(v) if hasattr(v, "__len__") else "streamed" for k, v in self.datasets.items()})
         if getattr(self.recipe.train, "assistant_only_loss", False):
             preflight.check_assistant_only_loss(self.datasets)
         return self.datasets

@@ -176,3 +176,32 @@ def test_data_preview_shows_the_format_the_rows_and_the_trained_tokens(tmp_path,
     )
     assert cli(["data", "preview", "sft", "--config", "recipes/tiny/sft.yaml", "--datasets", str(bad)]) == 2
     assert "from='bot'" in capsys.readouterr().err
+
+
+def test_dataset_num_proc_2_converts_and_packs_the_same_rows_as_one_process(tiny_llama, tmp_path):
+    """``dataset_num_proc`` reaches the format conversion and CPT's packing; SFT/DPO recipes give trl the same key.
+    A bad row found in a worker process still names its file and line."""
+    from conftest import write_jsonl
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from alignkit.config.args import DataArguments
+    from alignkit.data import SFT, load_datasets
+    from alignkit.data.packing import pack_text_blocks
+    from alignkit.stages import STAGES
+
+    path = write_jsonl(tmp_path / "alpaca.jsonl", ALPACA * 4)
+    one, two = (list(load_datasets(DataArguments(datasets=[str(path)], dataset_num_proc=n), SFT)["train"]) for n in (1, 2))  # fmt: skip
+    assert one == two == [{"messages": m} for m in ALPACA_AS_MESSAGES * 4]
+    write_jsonl(path, [*ALPACA * 3, {"instruction": "No output.", "output": ""}, *ALPACA])
+    with pytest.raises(DataError, match=r"alpaca\.jsonl, row 10: alpaca: 'output' is empty") as err:
+        load_datasets(DataArguments(datasets=[str(path)], dataset_num_proc=2), SFT)
+    assert (err.value.source, err.value.row) == (str(path), 10)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    text = Dataset.from_list([{"text": f"row {i} says {i} plus {i} makes {2 * i}."} for i in range(40)])
+    assert pack_text_blocks(text, tokenizer, 16, num_proc=2)[:] == pack_text_blocks(text, tokenizer, 16)[:]
+    sft = STAGES["sft"].parse(["--config", "recipes/tiny/sft.yaml", "--dataset_num_proc", "2"])
+    assert sft.data.dataset_num_proc == sft.train.dataset_num_proc == 2  # one key: alignkit's conversion and trl's
+    assert (
+        STAGES["cpt"].parse(["--config", "recipes/tiny/cpt.yaml", "--dataset_num_proc", "2"]).data.dataset_num_proc == 2
+    )

@@ -2,6 +2,7 @@
 splits come from a source's test split or a fraction, and unreadable input names the file and line."""
 
 import json
+import re
 from collections import Counter
 
 import datasets
@@ -140,3 +141,73 @@ def test_a_glob_of_shards_is_one_source(tmp_path):
     (shards / "part-09.csv").write_text("text\nx\n")
     with pytest.raises(DataError, match=r"matches files of types \['.csv', '.jsonl'\]"):
         load_datasets(DataArguments(datasets=[str(shards / "part-*")]))
+
+
+def test_a_bad_row_in_a_shard_names_the_shard_file_and_its_line(tmp_path):
+    """Issue 19: a schema or format error in a glob source names the shard file and the line in it, not the pattern
+    and a row count across all shards (JSON lines here; CSV shards are numbered by line the same way)."""
+    from alignkit.data import SFT
+
+    shards = tmp_path / "data"
+    for i in range(3):
+        write_jsonl(shards / f"part-{i:03d}.jsonl", [{"text": f"shard {i} row {j}"} for j in range(4)])
+    bad = shards / "part-001.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{"text": "fine too"}\n{"text": "  "}\n')  # line 4, after a blank line
+    with pytest.raises(DataError, match=r"part-001\.jsonl, row 4: 'text' is empty or not text") as err:
+        load_datasets(DataArguments(datasets=[str(shards / "part-*.jsonl")]), CPT)
+    assert (err.value.source, err.value.row) == (str(bad), 4)
+    alpaca = [{"instruction": f"Say {j}.", "output": str(j)} for j in range(3)]
+    for i in range(3):
+        write_jsonl(shards / f"chat-{i:03d}.jsonl", alpaca)
+    write_jsonl(shards / "chat-001.jsonl", [*alpaca[:2], {"instruction": "Say nothing.", "output": ""}])
+    with pytest.raises(DataError, match=r"chat-001\.jsonl, row 3: alpaca: 'output' is empty") as err:
+        load_datasets(DataArguments(datasets=[str(shards / "chat-*.jsonl")]), SFT)
+    assert (err.value.source, err.value.row) == (str(shards / "chat-001.jsonl"), 3)
+    for i in range(3):
+        (shards / f"table-{i}.csv").write_text("text\n" + "".join(f"t{i}{j}\n" for j in range(3)))
+    (shards / "table-2.csv").write_text('text\n"a quoted\nrow"\n\n""\n')  # an empty row on line 5
+    with pytest.raises(DataError, match=r"table-2\.csv, row 5: 'text' is empty"):
+        load_datasets(DataArguments(datasets=[str(shards / "table-*.csv")]), CPT)
+
+
+@pytest.mark.parametrize(
+    "rows, line, column, here, before",
+    [
+        ([{"prompt": "2+2=", "completion": "4"}] * 2 + [{"prompt": "3+3=", "completion": 6}], 3, "completion", "a number", "text"),
+        ([{"text": "a", "label": True}, {"text": "b", "label": None}, {"text": "c", "label": "yes"}], 3, "label", "text", "true/false"),
+        ([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": ["d"]}], 2, "completion", "a list", "text"),
+        ([{"messages": [{"role": "user", "content": "hi"}]}, {"messages": [{"role": "user", "content": 42}]}], 2,
+         "messages[].content", "a number", "text"),
+    ],
+    ids=["str-then-int", "bool-then-str", "str-then-list", "nested"],
+)  # fmt: skip
+def test_a_column_whose_type_changes_names_the_file_line_column_and_both_types(
+    rows, line, column, here, before, tmp_path
+):
+    """Issue 19: datasets' JSON reader cannot hold two types in one column: it fails with a pyarrow error, or (in a
+    file's first 10 MB, datasets 5) turns the text "4" into the number 4 without a word. alignkit stops first."""
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        load_datasets(DataArguments(datasets=[str(path)]))
+    assert (err.value.source, err.value.row) == (str(path), line)
+    assert re.match(
+        rf"'{re.escape(column)}' is {here} \(.+\) here but {before} on line 1: a column holds one type",
+        err.value.problem,
+    )
+    assert err.value.fix.startswith(f"write '{column}' as {before} in every row")
+    if {here, before} == {"a number", "text"}:
+        assert 'quoted: "4", not 4' in err.value.fix
+
+
+def test_column_types_are_checked_across_shards_and_in_json_arrays(tmp_path):
+    first = write_jsonl(tmp_path / "part-0.jsonl", [{"prompt": "a", "completion": "b"}] * 2)
+    second = write_jsonl(tmp_path / "part-1.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": ["d"]}])  # fmt: skip
+    with pytest.raises(DataError, match=rf"row 2: 'completion' is a list \(\['d'\]\) here but text on line 1 of {re.escape(str(first))}") as err:  # fmt: skip
+        load_datasets(DataArguments(datasets=[str(tmp_path / "part-*.jsonl")]))
+    assert err.value.source == str(second)
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps([{"text": "a", "n": 1}, {"text": "b", "n": 2.5}, {"text": "c", "n": "3"}]))
+    with pytest.raises(DataError, match=r"array\.json, row 3: 'n' is text \('3'\) here but a number on row 1"):
+        load_datasets(DataArguments(datasets=[str(array)]))  # a JSON array: rows count from 1 (ints and floats mix)
+    rows = load_datasets(DataArguments(datasets=[str(first)]))["train"]
+    assert rows["completion"] == ["b", "b"]

@@ -204,7 +204,11 @@ CASES = [
          rows=edit_row(0, lambda r: r["ner_tags"].pop())),
     Case("qa-answer-start-mismatch", "qa", DataError, ("{data}", "row 2", "answer_start"),
          rows=edit_row(1, lambda r: r["answers"]["answer_start"].__setitem__(0, r["answers"]["answer_start"][0] + 3))),
-    Case("cls-label-id-out-of-range", "seq_cls", DataError, ("{data}", "row 1", "outside"), rows=edit_row(0, _set(("label",), 7))),
+    # labels as ids (a column holds one type in every row: names and ids are not mixed in one file)
+    Case("cls-label-id-out-of-range", "seq_cls", DataError, ("{data}", "row 1", "outside"),
+         rows=lambda rows: [{**r, "label": 7 if i == 0 else ["sports", "food", "tech"].index(r["label"])} for i, r in enumerate(rows)]),
+    Case("cls-label-names-and-ids-mixed", "seq_cls", DataError, ("{data}", "row 2", "'label' is a number (1) here but text on line 1"),
+         rows=edit_row(1, _set(("label",), 1))),
     Case("cls-without-label-list", "seq_cls", ConfigError, ("label_list",), config=dict(label_list=None)),
     # ---------------------------------------------------------------- values out of range (alignkit.config.ranges)
     *[Case(f"range-{stage}-{key}-{value}", stage, ConfigError, (key, "out of range"), config={key: value}) for stage, key, value in (
@@ -243,10 +247,13 @@ CASES = [
          config=dict(datasets=[{"path": "{data}", "wieght": 2}])),
     Case("non-utf8-byte", "sft", DataError, ("{data}", "row 2", "not UTF-8", "byte"),
          data_bytes=(json.dumps(SFT_ROWS[0]) + "\n").encode() + b'{"messages": "caf\xe9"}\n'),
-    Case("content-not-text", "sft", DataError, ("{data}", "row 3", "not text (a int"),
+    # a content of another type than the other rows' text: stopped as the file is read (datasets would change it)
+    Case("content-not-text", "sft", DataError, ("{data}", "row 3", "'messages[].content' is a number (42) here but text on line 1"),
          rows=edit_row(2, _set(("messages", 2, "content"), 42))),
-    Case("content-a-list", "sft", DataError, ("{data}", "row 1", "not text (a list"),
+    Case("content-a-list", "sft", DataError, ("{data}", "row 1", "'messages[].content' is a list (['a', 'b']) here but text on line 1"),
          rows=edit_row(0, _set(("messages", 1, "content"), ["a", "b"]))),
+    Case("content-never-text", "sft", DataError, ("{data}", "row 1", "not text (a int"),
+         rows=lambda rows: [{"messages": [{**m, "content": 7} for m in r["messages"]]} for r in rows]),
     Case("row-number-is-the-file-line", "sft", DataError, ("{data}", "row 4", "'human'"),
          data_text="".join(json.dumps(r) + "\n" for r in SFT_ROWS[:2]) + "\n"
          + json.dumps({"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n"),
