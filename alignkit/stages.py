@@ -24,6 +24,7 @@ class Stage:
     trainer: str  # "module:Class"
     extra: tuple[str, ...] = ()  # further config groups of this stage's recipe, in alignkit.config
     head: str = "causal_lm"  # the model head it trains (alignkit.models.heads)
+    reference: bool = False  # trains against a reference model (the starting one): DPO, KTO
 
     @cached_property
     def config_class(self) -> type:
@@ -77,13 +78,16 @@ STAGES: dict[str, Stage] = {
         Stage(
             "sft", "supervised fine-tuning on chats or prompt/completion pairs", "SFTConfig", "SFT", "trl:SFTTrainer"
         ),
-        Stage("dpo", "preference tuning on prompt/chosen/rejected", "DPOConfig", "DPO", "trl:DPOTrainer"),
+        Stage(
+            "dpo", "preference tuning on prompt/chosen/rejected", "DPOConfig", "DPO", "trl:DPOTrainer", reference=True
+        ),
         Stage(
             "kto",
             "KTO on unpaired prompt/completion/label rows (or unpaired pairs)",
             "KTOConfig",
             "KTO",
             "trl:KTOTrainer",
+            reference=True,
         ),
         Stage(
             "orpo",

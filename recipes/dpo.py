@@ -13,20 +13,13 @@ to the trained adapter). ``adapter_handoff`` (continue | reference | merge) choo
 
 from alignkit.errors import run_cli
 from alignkit.stages import STAGES
-from alignkit.train import Run
+from alignkit.train.preference import preference_main
 
 STAGE = STAGES["dpo"]
 
 
 def main(argv=None):
-    recipe = STAGE.parse(argv)
-    if not recipe.adapter.use_peft:  # full fine-tuning: score the starting model once as the reference, no 2nd copy
-        recipe.train.precompute_ref_log_probs = True
-    with Run(recipe, stage=STAGE.name) as run:
-        run.load_tokenizer(chat=True)
-        data = run.load_data(STAGE.data_schema)
-        run.load_model("causal_lm")
-        return run.train(run.build_trainer(STAGE.trainer_class, data))
+    return preference_main(STAGE, argv)
 
 
 if __name__ == "__main__":

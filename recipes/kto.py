@@ -12,20 +12,13 @@ never a second model. ``per_device_train_batch_size`` must be at least 2 (KTO's 
 
 from alignkit.errors import run_cli
 from alignkit.stages import STAGES
-from alignkit.train import Run
+from alignkit.train.preference import preference_main
 
 STAGE = STAGES["kto"]
 
 
 def main(argv=None):
-    recipe = STAGE.parse(argv)
-    if not recipe.adapter.use_peft:  # full fine-tuning: score the starting model once as the reference, no 2nd copy
-        recipe.train.precompute_ref_log_probs = True
-    with Run(recipe, stage=STAGE.name) as run:
-        run.load_tokenizer(chat=True)
-        data = run.load_data(STAGE.data_schema)
-        run.load_model("causal_lm")
-        return run.train(run.build_trainer(STAGE.trainer_class, data))
+    return preference_main(STAGE, argv)
 
 
 if __name__ == "__main__":

@@ -10,18 +10,13 @@ an earlier stage's adapter (``adapter_handoff``), usually SFT.
 
 from alignkit.errors import run_cli
 from alignkit.stages import STAGES
-from alignkit.train import Run
+from alignkit.train.preference import preference_main
 
 STAGE = STAGES["simpo"]
 
 
 def main(argv=None):
-    recipe = STAGE.parse(argv)
-    with Run(recipe, stage=STAGE.name) as run:
-        run.load_tokenizer(chat=True)
-        data = run.load_data(STAGE.data_schema)
-        run.load_model("causal_lm")
-        return run.train(run.build_trainer(STAGE.trainer_class, data))
+    return preference_main(STAGE, argv)
 
 
 if __name__ == "__main__":

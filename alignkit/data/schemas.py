@@ -145,17 +145,28 @@ def _as_text(value) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _check_dpo(row, source, i):
-    prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+def _prompt(prompt, source, i) -> None:
+    """A prompt: non-empty text, or chat messages (the trainer adds the reply)."""
     if isinstance(prompt, list):
         _messages(prompt, source, i, "prompt", must_end_on_assistant=False)
     else:
         _text(prompt, source, i, "prompt", "give every row a non-empty prompt")
+
+
+def _reply(value, source, i, column: str) -> None:
+    """A reply: non-empty text, or chat messages ending on the assistant."""
+    if isinstance(value, list):
+        _messages(value, source, i, column)
+    else:
+        what = column if column == "completion" else f"{column} response"
+        _text(value, source, i, column, f"give every row a non-empty {what}")
+
+
+def _check_dpo(row, source, i):
+    prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    _prompt(prompt, source, i)
     for column, value in (("chosen", chosen), ("rejected", rejected)):
-        if isinstance(value, list):
-            _messages(value, source, i, column)
-        else:
-            _text(value, source, i, column, f"give every row a non-empty {column} response")
+        _reply(value, source, i, column)
     if _as_text(chosen).strip() == _as_text(rejected).strip():
         raise DataError(
             source,
@@ -175,15 +186,9 @@ def _check_dpo(row, source, i):
 
 
 def _check_kto(row, source, i):
-    prompt, completion, label = row["prompt"], row["completion"], row["label"]
-    if isinstance(prompt, list):
-        _messages(prompt, source, i, "prompt", must_end_on_assistant=False)
-    else:
-        _text(prompt, source, i, "prompt", "give every row a non-empty prompt")
-    if isinstance(completion, list):
-        _messages(completion, source, i, "completion")
-    else:
-        _text(completion, source, i, "completion", "give every row a non-empty completion")
+    label = row["label"]
+    _prompt(row["prompt"], source, i)
+    _reply(row["completion"], source, i, "completion")
     if not isinstance(label, bool):
         raise DataError(
             source, i, f"'label' is {label!r} (a {type(label).__name__}), not true or false",
@@ -194,15 +199,12 @@ def _check_kto(row, source, i):
 
 def _check_prompt(row, source, i):
     prompt = row["prompt"]
-    if isinstance(prompt, list):
-        _messages(prompt, source, i, "prompt", must_end_on_assistant=False)
-        if prompt[-1]["role"] == "assistant":
-            raise DataError(
-                source, i, "the prompt ends on an assistant turn, so the policy has no turn to complete",
-                "end every prompt on the user's turn",
-            )  # fmt: skip
-    else:
-        _text(prompt, source, i, "prompt", "give every row a non-empty prompt")
+    _prompt(prompt, source, i)
+    if isinstance(prompt, list) and prompt[-1]["role"] == "assistant":
+        raise DataError(
+            source, i, "the prompt ends on an assistant turn, so the policy has no turn to complete",
+            "end every prompt on the user's turn",
+        )  # fmt: skip
 
 
 CPT = Schema("cpt", (("text",),), _check_text, "give each row a 'text' column of raw text", data="cpt")

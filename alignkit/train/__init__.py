@@ -1,5 +1,6 @@
 """The one run loop: seed, preflight, resume, train, eval, save, card."""
 
+from alignkit.train.preference import preference_main
 from alignkit.train.runner import Run
 
-__all__ = ["Run"]
+__all__ = ["Run", "preference_main"]
