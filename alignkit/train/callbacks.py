@@ -217,7 +217,10 @@ class AtomicCheckpoints(TrainerCallback):
         for name in files:
             _fsync(folder / name)
         tmp = folder / f"{CHECKPOINT_MANIFEST}.tmp"
-        tmp.write_text(json.dumps({"step": state.global_step, "files": files}, indent=1))
+        # the launch that wrote it: a resume at another world size checks its batch math against these
+        launch = {"world_size": args.world_size, "train_batch_size": args.world_size * args.gradient_accumulation_steps
+                  * args.per_device_train_batch_size}  # fmt: skip
+        tmp.write_text(json.dumps({"step": state.global_step, **launch, "files": files}, indent=1))
         _fsync(tmp)
         tmp.replace(folder / CHECKPOINT_MANIFEST)
         _fsync(folder)

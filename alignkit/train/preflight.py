@@ -14,9 +14,15 @@ import shutil
 import sys
 from pathlib import Path
 
-from alignkit.errors import DataError, PreflightError, redact
+from alignkit import runtime
+from alignkit.errors import ConfigError, DataError, PreflightError, redact
 from alignkit.runs import RunRecord
-from alignkit.train.callbacks import checkpoint_is_complete, checkpoints, last_complete_checkpoint
+from alignkit.train.callbacks import (
+    CHECKPOINT_MANIFEST,
+    checkpoint_is_complete,
+    checkpoints,
+    last_complete_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -176,16 +182,18 @@ def check_resume_has_steps_left(checkpoint: str, train_args) -> None:
         )
 
 
-def check_resume_unchanged(saved_config: Path, resolved: dict) -> None:
+def check_resume_unchanged(saved_config: Path, resolved: dict, also_allowed: frozenset[str] = frozenset()) -> None:
     """A resumed run restores the optimizer and scheduler of its checkpoint, so a changed learning rate, batch,
-    adapter or data would be silently ignored (or silently mixed): refuse, naming every changed key."""
+    adapter or data would be silently ignored (or silently mixed): refuse, naming every changed key.
+    ``also_allowed``: keys that may change on this resume too (the per-rank batch split, at another world size)."""
     import yaml
 
     if not saved_config.is_file():
         return
     before = {k: v for group in (yaml.safe_load(saved_config.read_text()) or {}).values() for k, v in group.items()}
     now = {k: v for group in resolved.values() for k, v in group.items()}
-    changed = sorted(k for k in now if k in before and before[k] != now[k] and k not in RESUMABLE_CHANGES)
+    allowed = RESUMABLE_CHANGES | also_allowed
+    changed = sorted(k for k in now if k in before and before[k] != now[k] and k not in allowed)
     if changed:
         diff = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
         raise PreflightError(
@@ -193,6 +201,144 @@ def check_resume_unchanged(saved_config: Path, resolved: dict) -> None:
             "checkpoint's optimizer, schedule and trainer state, and would not apply it. Fix: resume with the run's own values (they are "
             f"in {saved_config}), or start a new run (another output_dir, or overwrite_output_dir: true) with the new ones."
         )
+
+
+# Keys that follow the number of ranks, and may change on a resume at another world size: the split of a step's rows
+# among ranks (the rows per step must not change) and the CPU process-group backend (runtime.fit_backend_to_device).
+WORLD_SIZE_KEYS = frozenset({"per_device_train_batch_size", "gradient_accumulation_steps", "ddp_backend", "use_cpu"})
+UNIVERSAL_TAG_FILE = "latest_universal"  # written by deepspeed.checkpoint.ds_to_universal next to the tag folders
+
+
+def _zero_tag_dirs(checkpoint: Path) -> list[Path]:
+    """DeepSpeed's own folders in a checkpoint-N (global_stepN; global_stepN_universal once converted)."""
+    return sorted(p for p in Path(checkpoint).glob("global_step*") if p.is_dir())
+
+
+def checkpoint_launch(checkpoint: Path) -> tuple[int | None, int | None]:
+    """(world size, rows per optimizer step) of the launch that wrote ``checkpoint``: from alignkit's manifest, else
+    the world size from DeepSpeed's files (one ``zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` per data-parallel
+    rank, read by name only) and the rows unknown; (None, None) when neither tells."""
+    try:
+        manifest = json.loads((Path(checkpoint) / CHECKPOINT_MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    if "world_size" in manifest:
+        return int(manifest["world_size"]), manifest.get("train_batch_size")
+    tags = [p for p in _zero_tag_dirs(checkpoint) if not p.name.endswith("_universal")]
+    shards = list(tags[-1].glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")) if tags else []
+    return (len(shards) or None), None
+
+
+def check_resume_world_size(checkpoint: str, train_args) -> bool:
+    """A resume in a launch with another number of ranks than the one that wrote ``checkpoint``. Returns True when
+    it resumes so (then the per-rank batch split may change), False at the same world size.
+
+    Refused before any rank loads a model, each with the fix:
+    - a DeepSpeed (ZeRO) checkpoint not converted: its optimizer state is split in one file per rank and loads only
+      at its own world size (DeepSpeed fails inside ``load_checkpoint``). ``python -m
+      deepspeed.checkpoint.ds_to_universal`` rewrites it per parameter (a "universal" checkpoint, DeepSpeed 0.19;
+      `deepspeed.ai/tutorials/universal-checkpointing`); when the checkpoint holds one (``latest_universal``), the run
+      loop sets DeepSpeed's ``checkpoint.load_universal`` and any world size loads it.
+    - rows per optimizer step (ranks x ``per_device_train_batch_size`` x ``gradient_accumulation_steps``) other
+      than the checkpoint's: the restored schedule, optimizer moments and data position all count in those steps.
+    """
+    ckpt = Path(checkpoint)
+    saved_world, saved_batch = checkpoint_launch(ckpt)
+    world = runtime.world_size()
+    if saved_world is None or saved_world == world:
+        return False
+    batch = world * train_args.per_device_train_batch_size * train_args.gradient_accumulation_steps
+    if saved_batch is not None and batch != saved_batch:
+        per_device, rest = divmod(saved_batch, world * train_args.gradient_accumulation_steps)
+        fix = (
+            f"--per_device_train_batch_size {per_device}"
+            if per_device and not rest
+            else f"per_device_train_batch_size x gradient_accumulation_steps = {saved_batch} / {world} ranks"
+        )
+        raise ConfigError(
+            f"resume_from_checkpoint: {ckpt} trained with {saved_batch} rows per step on {saved_world} ranks; this "
+            f"launch of {world} ranks would take {batch} ({world} x per_device_train_batch_size "
+            f"{train_args.per_device_train_batch_size} x gradient_accumulation_steps "
+            f"{train_args.gradient_accumulation_steps}), and the restored schedule and data position count steps of "
+            f"{saved_batch} rows. Fix: keep {saved_batch} rows per step: {fix}."
+        )
+    tags = [p for p in _zero_tag_dirs(ckpt) if not p.name.endswith("_universal")]
+    if tags and not (ckpt / UNIVERSAL_TAG_FILE).is_file():
+        tag = tags[-1]
+        raise ConfigError(
+            f"resume_from_checkpoint: {ckpt} is a DeepSpeed ZeRO checkpoint written by {saved_world} ranks, and this "
+            f"launch has {world}; its optimizer state is split per rank and loads only at {saved_world}. Fix: convert "
+            f"it once to a universal checkpoint, which any number of ranks loads (alignkit then resumes from it): "
+            f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {tag} --output_folder {tag}_universal, "
+            f"then resume again; or resume with {saved_world} ranks."
+        )
+    return True
+
+
+def resumes_universal(checkpoint: str | None, world_changed: bool) -> bool:
+    """True when the resume must load the checkpoint's DeepSpeed universal form (converted, at another world size)."""
+    return bool(checkpoint) and world_changed and (Path(checkpoint) / UNIVERSAL_TAG_FILE).is_file()
+
+
+RUN_ID_FILE = ".alignkit_run_id"
+
+
+def check_shared_output_dir(output_dir: Path) -> None:
+    """In a launch of several processes: every rank sees the same ``output_dir``. Rank 0 writes a fresh run id
+    there, every rank reads it back, and all ranks compare notes (a gloo/nccl all-gather); on another node a path
+    that is a local disk instead of the shared one shows no file or another run's id. Each node would otherwise save
+    its own share of every checkpoint, and no node could resume. Raises the same PreflightError on every rank (so
+    none waits for the others at the next collective). Needs the process group, so it runs once the trainer is
+    built, before the first step."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    import socket
+    import uuid
+
+    path, rank, host = Path(output_dir) / RUN_ID_FILE, dist.get_rank(), socket.gethostname()
+    run_id = [f"{uuid.uuid4().hex} {host}" if rank == 0 else None]
+    if rank == 0:
+        path.write_text(run_id[0])
+    dist.broadcast_object_list(run_id, src=0)
+    try:
+        seen = path.read_text().strip()
+    except OSError:
+        seen = None
+    problem = None
+    if seen != run_id[0]:
+        problem = f"rank {rank} on {host} finds {'no such file' if seen is None else f'another id ({seen})'}"
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    if rank == 0:
+        path.unlink(missing_ok=True)  # everyone has read it
+    bad = [p for p in problems if p]
+    if bad:
+        raise PreflightError(
+            f"output_dir {output_dir}: not the same folder on every node: rank 0 wrote run id {run_id[0]!r} to "
+            f"{path}, and {'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}. Checkpoints would be split across "
+            "the nodes' disks and could not be resumed. Fix: put output_dir on storage every node mounts at the "
+            "same path (NFS, Lustre, GPFS, ...) and pass that path."
+        )
+
+
+def describe_launch(train_args) -> str:
+    """One line of launch and batch math: ranks (machines x processes per machine, from torchrun's
+    ``LOCAL_WORLD_SIZE``), rows per optimizer step = ranks x per-device batch x accumulation, and parameter
+    sharding."""
+    world = runtime.world_size()
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+    machines = max(1, world // max(1, per_machine))
+    per_device, accumulation = train_args.per_device_train_batch_size, train_args.gradient_accumulation_steps
+    zero = runtime.zero_stage(train_args)
+    engine = f"DeepSpeed ZeRO-{zero}" if zero is not None else ("DDP" if world > 1 else "one process")
+    return (
+        f"launch: world size {world} ({machines} machine{'s' * (machines > 1)} x {per_machine} process"
+        f"{'es' * (per_machine > 1)}), {engine}; effective batch {world * per_device * accumulation} rows per "
+        f"optimizer step = {world} ranks x per_device_train_batch_size {per_device} x gradient_accumulation_steps "
+        f"{accumulation}"
+    )
 
 
 # Adapter settings that a 'continue' hand-off cannot apply: the adapter being continued already has its own.

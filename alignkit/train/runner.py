@@ -77,9 +77,16 @@ class Run:
             self.lock.acquire()  # before any check: a live run's folder is never judged, resumed or overwritten
         preflight.check_output_dir(self.output_dir, self.recipe.run, t.resume_from_checkpoint)
         self.resume_checkpoint = preflight.resolve_resume(self.output_dir, t.resume_from_checkpoint)
+        self.resume_universal = False
         if self.resume_checkpoint:
             preflight.check_resume_has_steps_left(self.resume_checkpoint, t)
-            preflight.check_resume_unchanged(self.output_dir / CONFIG_FILE, self.recipe.resolved())
+            rescaled = preflight.check_resume_world_size(self.resume_checkpoint, t)  # another number of ranks
+            self.resume_universal = preflight.resumes_universal(self.resume_checkpoint, rescaled)
+            preflight.check_resume_unchanged(
+                self.output_dir / CONFIG_FILE,
+                self.recipe.resolved(),
+                also_allowed=preflight.WORLD_SIZE_KEYS if rescaled else frozenset(),
+            )
         head = STAGES[self.stage].head if self.stage in STAGES else self.stage  # the task recipe runs as its head
         preflight.check_model_fits(self.recipe, self.source, head)  # the head first: it decides what hand-off means
         preflight.check_handoff(self.recipe, self.source)
@@ -183,6 +190,13 @@ class Run:
             trainer.add_callback(debug_log)
         if "wandb" in (trainer.args.report_to or []):
             trainer.add_callback(ResolvedConfigToWandb(r.resolved()))
+        preflight.check_shared_output_dir(self.output_dir)  # every node writes into the same folder
+        if runtime.is_main_process():
+            logger.info(preflight.describe_launch(trainer.args))
+        if self.resume_universal and trainer.is_deepspeed_enabled:
+            # DeepSpeed reads checkpoint.load_universal when train() builds the engine from this (propagated) config
+            ds_config = trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
         self._write_metadata(status="running")
         if runtime.is_main_process():  # what this run trains with, for a resume to compare against
             (self.output_dir / CONFIG_FILE).write_text(self.recipe.dump())
