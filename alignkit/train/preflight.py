@@ -321,6 +321,8 @@ def check_shared_output_dir(output_dir: Path) -> None:
             "the nodes' disks and could not be resumed. Fix: put output_dir on storage every node mounts at the "
             "same path (NFS, Lustre, GPFS, ...) and pass that path."
         )
+    if rank == 0:
+        logger.info("output_dir %s: the same folder on all %d ranks (run id checked)", output_dir, len(problems))
 
 
 def describe_launch(train_args) -> str:

@@ -39,7 +39,8 @@ def _launched(monkeypatch, kind):
 def test_shipped_configs_are_valid_accelerate_configs():
     from accelerate.commands.config.config_args import ClusterConfig
 
-    kinds = {"ddp": "MULTI_GPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "zero3_offload": "DEEPSPEED"}
+    kinds = {"ddp": "MULTI_GPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "zero3_offload": "DEEPSPEED",
+             "multinode_zero3": "DEEPSPEED"}  # fmt: skip
     for name, kind in kinds.items():
         path = REPO / "accelerate_configs" / f"{name}.yaml"
         config = ClusterConfig.from_yaml_file(str(path))
@@ -49,6 +50,33 @@ def test_shipped_configs_are_valid_accelerate_configs():
             zero = json.loads((REPO / ds_file).read_text())["zero_optimization"]
             assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
             assert ("offload_param" in zero) == (name == "zero3_offload")
+
+
+def test_cluster_launch_examples_parse():
+    """The multi-node files a user edits: the accelerate config loads with accelerate's own loader (accelerate's
+    `standard` multi-node launcher, one launch per node), the DeepSpeed hostfile with DeepSpeed's own parser, and the
+    SLURM script passes `bash -n` and passes SLURM's node id and first host to accelerate launch (it runs, with
+    srun/scontrol standing in, in tests/distributed/test_multinode.py)."""
+    import subprocess
+
+    from accelerate.commands.config.config_args import ClusterConfig
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    config = ClusterConfig.from_yaml_file(str(REPO / "accelerate_configs/multinode_zero3.yaml"))
+    assert config.distributed_type == "DEEPSPEED" and config.num_machines == 2
+    assert config.deepspeed_config["deepspeed_multinode_launcher"] == "standard"
+    assert (REPO / config.deepspeed_config["deepspeed_config_file"]).is_file()
+    assert fetch_hostfile(str(REPO / "accelerate_configs/deepspeed/hostfile")) == {"node-1": 8, "node-2": 8}
+    sbatch = REPO / "scripts/slurm/multinode_zero3.sbatch"
+    done = subprocess.run(["bash", "-n", str(sbatch)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = sbatch.read_text()
+    for needed in (
+        '--machine_rank "$SLURM_NODEID"',
+        "scontrol show hostnames",
+        "accelerate_configs/multinode_zero3.yaml",
+    ):
+        assert needed in text
 
 
 @pytest.mark.parametrize(
@@ -111,3 +139,18 @@ def test_debug_log_hashes_rows_alike_padded_or_padding_free():
     padded = _row_hashes(torch.tensor([[5, 6, 7], [8, 9, 0]]), attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
     free = _row_hashes(torch.tensor([[5, 6, 7, 8, 9]]), position_ids=torch.tensor([[0, 1, 2, 0, 1]]))
     assert padded == free and len(set(free)) == 2
+
+
+def test_world_size_of_a_checkpoint_without_alignkit_s_record_comes_from_deepspeed_s_file_names(tmp_path):
+    """Checkpoints saved before alignkit recorded the launch in alignkit_checkpoint.json: the world size is the number
+    of ZeRO optimizer shards (one per data-parallel rank, DeepSpeed's file names; nothing is unpickled)."""
+    from alignkit.train.preflight import checkpoint_launch
+
+    tag = tmp_path / "checkpoint-2" / "global_step2"
+    tag.mkdir(parents=True)
+    (tmp_path / "checkpoint-2" / "alignkit_checkpoint.json").write_text(json.dumps({"step": 2, "files": {}}))
+    for rank in range(3):
+        (tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    (tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
+    assert checkpoint_launch(tmp_path / "checkpoint-2") == (3, None)
+    assert checkpoint_launch(tmp_path) == (None, None)  # not a DeepSpeed checkpoint: unknown, nothing refused

@@ -59,35 +59,38 @@ def _env() -> dict[str, str]:
 
 def _launch(config: Path, argv: list[str], log: Path, machines: int = 1, processes: int = 1) -> list[str]:
     """``accelerate launch`` recipes/sft.py: one launcher per machine (all on 127.0.0.1, machine_rank 0..n-1, a free
-    port), each with ``processes // machines`` ranks. Waits at most TIMEOUT; when one launcher fails or time runs out,
-    every launcher and its ranks are killed (a rank left alone would wait for the others until gloo's timeout).
-    Returns each launcher's output, machine 0 first; fails the test on a non-zero exit."""
-    port, launchers = _free_port(), []
-    for rank in range(machines):
-        cmd = [
-            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-            "--num_machines", str(machines), "--num_processes", str(processes), "--machine_rank", str(rank),
-            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "recipes/sft.py", *argv,
-        ]  # fmt: skip
-        out = open(log.with_suffix(f".node{rank}.log"), "w")  # noqa: SIM115 - closed below
-        launchers.append((subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
-                                           start_new_session=True), out))  # fmt: skip
-    deadline, failed = time.monotonic() + TIMEOUT, None
-    while any(p.poll() is None for p, _ in launchers):
-        failed = next((p for p, _ in launchers if p.poll() not in (None, 0)), None)
-        if failed is not None or time.monotonic() > deadline:
+    port), each with ``processes // machines`` ranks. Returns each launcher's output, machine 0 first."""
+    port = _free_port()
+    cmds = [
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+         "--num_machines", str(machines), "--num_processes", str(processes), "--machine_rank", str(rank),
+         "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "recipes/sft.py", *argv]
+        for rank in range(machines)
+    ]  # fmt: skip
+    return _run_together(cmds, [log.with_suffix(f".node{r}.log") for r in range(machines)], _env())
+
+
+def _run_together(cmds: list[list[str]], logs: list[Path], env: dict[str, str]) -> list[str]:
+    """Start every command at once, each in its own session, and wait at most TIMEOUT for all. When one fails or time
+    runs out, every one is killed with all it started (a rank left alone would wait for the others until gloo's
+    timeout). Fails the test on a non-zero exit; returns each command's output."""
+    procs = []
+    for cmd, log in zip(cmds, logs):
+        with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True))  # fmt: skip
+    deadline = time.monotonic() + TIMEOUT
+    while any(p.poll() is None for p in procs):
+        if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    for p, out in launchers:
+    for p in procs:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)  # its session: the launcher and the ranks it started
             p.wait()
-        out.close()
-    texts = [log.with_suffix(f".node{r}.log").read_text() for r in range(machines)]
-    codes = [p.returncode for p, _ in launchers]
-    assert codes == [0] * machines, f"{log.name}: exit codes {codes} (timeout {TIMEOUT}s)\n" + "\n".join(
-        t[-4000:] for t in texts
-    )
+    texts = [log.read_text() for log in logs]
+    codes = [p.returncode for p in procs]
+    assert codes == [0] * len(procs), f"exit codes {codes} (timeout {TIMEOUT}s)\n" + "\n".join(t[-4000:] for t in texts)
     return texts
 
 
@@ -178,6 +181,8 @@ def test_launch_facts_printed_once_and_output_dir_checked_on_every_node(runs):
     assert len(lines) == 1, lines  # rank 0 only
     assert "world size 2 (2 machines x 1 process), DeepSpeed ZeRO-3" in lines[0]
     assert "effective batch 4 rows per optimizer step = 2 ranks x per_device_train_batch_size 2" in lines[0]
+    checked = [line for text in runs["nodes_logs"] for line in text.splitlines() if "run id checked" in line]
+    assert len(checked) == 1 and "the same folder on all 2 ranks" in checked[0], checked
     assert not (runs["nodes"] / ".alignkit_run_id").exists()  # written by rank 0, read by both, removed
 
 
@@ -303,3 +308,50 @@ def test_nodes_must_see_the_same_output_dir(tmp_path, shared):
     for stdout, _ in results:
         assert "not the same folder on every node" in stdout and "rank 1 on" in stdout and "no such file" in stdout
         assert "Fix: put output_dir on storage every node mounts at the same path" in stdout
+
+
+# The scheduler's side of scripts/slurm/multinode_zero3.sbatch, for one host: srun (--ntasks-per-node=1) runs the
+# job step's command once per node, each with its SLURM_NODEID; scontrol lists the allocation's hosts.
+FAKE_SLURM = {
+    "srun": """#!/usr/bin/env bash
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@" & pids+=($!); done
+rc=0; for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done; exit $rc
+""",
+    "scontrol": """#!/usr/bin/env bash
+tr , '\\n' <<< "$3"
+""",
+}
+
+
+def test_slurm_script_runs_two_nodes_and_resumes_when_requeued(tmp_path):
+    """The shipped sbatch script, with srun/scontrol standing in for SLURM on one host (2 nodes, 1 rank each):
+    machine_rank comes from SLURM_NODEID and the rendezvous from the first host; requeued after a preemption (here:
+    its last checkpoint gone), the same script resumes from the newest checkpoint left."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in FAKE_SLURM.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    out = tmp_path / "out"
+    env = {
+        **_env(), "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.1", "GPUS_PER_NODE": "1",
+        "OUTPUT_DIR": str(out), "STAGE": "sft", "RECIPE": "recipes/tiny/sft.yaml",
+    }  # fmt: skip
+    argv = ["--load_in_4bit", "false", "--test_size", "0", "--max_steps", "2", "--save_steps", "1",
+            "--per_device_train_batch_size", "2", "--disable_tqdm", "true"]  # fmt: skip
+    job = ["bash", "scripts/slurm/multinode_zero3.sbatch", *argv]
+    (text,) = _run_together([job], [tmp_path / "job.log"], {**env, "MAIN_PROCESS_PORT": str(_free_port())})
+    assert "world size 2 (2 machines x 1 process)" in text
+    ranks = _debug(out, 2)
+    assert [r["world_size"] for r in ranks] == [2, 2] and not set(ranks[0]["rows"]) & set(ranks[1]["rows"])
+    assert len(ranks[0]["rows"]) == 2 * 2
+
+    shutil.rmtree(out / "checkpoint-2")  # preempted after checkpoint-1
+    (text,) = _run_together([job], [tmp_path / "requeued.log"], {**env, "MAIN_PROCESS_PORT": str(_free_port())})
+    # each node's first rank prints the logs: step 2's only (epoch 0.125 at 4 rows of 64), not step 1's
+    assert set(re.findall(r"\{'loss': .*'epoch': '([\d.]+)'\}", text)) == {"0.125"}
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    assert all(len(r["rows"]) == 2 for r in _debug(out, 2))  # the requeued job trained one step of 2 rows a rank
