@@ -244,6 +244,9 @@ def test_zero3_checkpoint_of_two_nodes_resumes_on_one_rank(runs, tmp_path):
         runs["configs"]["zero3"], [*resume, "--per_device_train_batch_size", str(2 * BATCH)], tmp_path / "one"
     )
     _assert_resumed_continues(out, log, uninterrupted, "2 nodes -> 1 rank")
+    # and on the rows the 2 nodes trained in steps 3-4: the data position carried over to the new split
+    later = [row for rank in _debug(runs["nodes"], 2) for row in rank["rows"][SAVE_AT * BATCH :]]
+    assert sorted(_debug(out, 1)[0]["rows"]) == sorted(later)
     assert json.loads((out / f"checkpoint-{STEPS}" / "alignkit_checkpoint.json").read_text())["world_size"] == 1
 
 
@@ -261,10 +264,11 @@ def test_zero3_checkpoint_of_one_rank_resumes_on_two_nodes(runs, tmp_path):
     log = _launch(runs["configs"]["multinode_zero3"], [*resume, "--per_device_train_batch_size", str(BATCH)],
                   tmp_path / "nodes", machines=2, processes=2)  # fmt: skip
     _assert_resumed_continues(out, log, uninterrupted, "1 rank -> 2 nodes")
-    ranks = _debug(out, 2)  # the resumed steps were split over both nodes
-    assert all(len(r["rows"]) == (STEPS - SAVE_AT) * BATCH for r in ranks) and not set(ranks[0]["rows"]) & set(
-        ranks[1]["rows"]
-    )
+    ranks = _debug(out, 2)  # steps 3-4 split over both nodes: together the rows the one rank trained in them
+    assert all(len(r["rows"]) == (STEPS - SAVE_AT) * BATCH for r in ranks)
+    assert not set(ranks[0]["rows"]) & set(ranks[1]["rows"])
+    later = _debug(one, 1)[0]["rows"][SAVE_AT * 2 * BATCH :]
+    assert sorted(ranks[0]["rows"] + ranks[1]["rows"]) == sorted(later)
 
 
 _CHECK_SHARED = """
