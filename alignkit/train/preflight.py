@@ -253,11 +253,11 @@ def check_resume_world_size(checkpoint: str, train_args) -> bool:
         fix = (
             f"--per_device_train_batch_size {per_device}"
             if per_device and not rest
-            else f"per_device_train_batch_size x gradient_accumulation_steps = {saved_batch} / {world} ranks"
+            else f"per_device_train_batch_size x gradient_accumulation_steps = {saved_batch} / {_ranks(world)}"
         )
         raise ConfigError(
-            f"resume_from_checkpoint: {ckpt} trained with {saved_batch} rows per step on {saved_world} ranks; this "
-            f"launch of {world} ranks would take {batch} ({world} x per_device_train_batch_size "
+            f"resume_from_checkpoint: {ckpt} trained with {saved_batch} rows per step on {_ranks(saved_world)}; this "
+            f"launch of {_ranks(world)} would take {batch} ({world} x per_device_train_batch_size "
             f"{train_args.per_device_train_batch_size} x gradient_accumulation_steps "
             f"{train_args.gradient_accumulation_steps}), and the restored schedule and data position count steps of "
             f"{saved_batch} rows. Fix: keep {saved_batch} rows per step: {fix}."
@@ -266,13 +266,17 @@ def check_resume_world_size(checkpoint: str, train_args) -> bool:
     if tags and not (ckpt / UNIVERSAL_TAG_FILE).is_file():
         tag = tags[-1]
         raise ConfigError(
-            f"resume_from_checkpoint: {ckpt} is a DeepSpeed ZeRO checkpoint written by {saved_world} ranks, and this "
+            f"resume_from_checkpoint: {ckpt} is a DeepSpeed ZeRO checkpoint written by {_ranks(saved_world)}, and this "
             f"launch has {world}; its optimizer state is split per rank and loads only at {saved_world}. Fix: convert "
             f"it once to a universal checkpoint, which any number of ranks loads (alignkit then resumes from it): "
             f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {tag} --output_folder {tag}_universal, "
-            f"then resume again; or resume with {saved_world} ranks."
+            f"then resume again; or resume with {_ranks(saved_world)}."
         )
     return True
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank{'s' * (n != 1)}"
 
 
 def resumes_universal(checkpoint: str | None, world_changed: bool) -> bool:
@@ -338,7 +342,7 @@ def describe_launch(train_args) -> str:
     return (
         f"launch: world size {world} ({machines} machine{'s' * (machines > 1)} x {per_machine} process"
         f"{'es' * (per_machine > 1)}), {engine}; effective batch {world * per_device * accumulation} rows per "
-        f"optimizer step = {world} ranks x per_device_train_batch_size {per_device} x gradient_accumulation_steps "
+        f"optimizer step = {_ranks(world)} x per_device_train_batch_size {per_device} x gradient_accumulation_steps "
         f"{accumulation}"
     )
 

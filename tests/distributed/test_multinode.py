@@ -57,7 +57,9 @@ def _env() -> dict[str, str]:
     return {**os.environ, DEBUG_ENV: "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "PYTHONWARNINGS": "ignore"}
 
 
-def _launch(config: Path, argv: list[str], log: Path, machines: int = 1, processes: int = 1) -> list[str]:
+def _launch(
+    config: Path, argv: list[str], log: Path, machines: int = 1, processes: int = 1, exit_code: int = 0
+) -> list[str]:
     """``accelerate launch`` recipes/sft.py: one launcher per machine (all on 127.0.0.1, machine_rank 0..n-1, a free
     port), each with ``processes // machines`` ranks. Returns each launcher's output, machine 0 first."""
     port = _free_port()
@@ -67,13 +69,13 @@ def _launch(config: Path, argv: list[str], log: Path, machines: int = 1, process
          "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "recipes/sft.py", *argv]
         for rank in range(machines)
     ]  # fmt: skip
-    return _run_together(cmds, [log.with_suffix(f".node{r}.log") for r in range(machines)], _env())
+    return _run_together(cmds, [log.with_suffix(f".node{r}.log") for r in range(machines)], _env(), exit_code)
 
 
-def _run_together(cmds: list[list[str]], logs: list[Path], env: dict[str, str]) -> list[str]:
+def _run_together(cmds: list[list[str]], logs: list[Path], env: dict[str, str], exit_code: int = 0) -> list[str]:
     """Start every command at once, each in its own session, and wait at most TIMEOUT for all. When one fails or time
     runs out, every one is killed with all it started (a rank left alone would wait for the others until gloo's
-    timeout). Fails the test on a non-zero exit; returns each command's output."""
+    timeout). Fails the test unless every one exits with ``exit_code``; returns each command's output."""
     procs = []
     for cmd, log in zip(cmds, logs):
         with open(log, "w") as out:  # the child keeps its own copy of the descriptor
@@ -81,7 +83,7 @@ def _run_together(cmds: list[list[str]], logs: list[Path], env: dict[str, str]) 
                                           start_new_session=True))  # fmt: skip
     deadline = time.monotonic() + TIMEOUT
     while any(p.poll() is None for p in procs):
-        if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+        if any(p.poll() not in (None, exit_code) for p in procs) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     for p in procs:
@@ -90,7 +92,9 @@ def _run_together(cmds: list[list[str]], logs: list[Path], env: dict[str, str]) 
             p.wait()
     texts = [log.read_text() for log in logs]
     codes = [p.returncode for p in procs]
-    assert codes == [0] * len(procs), f"exit codes {codes} (timeout {TIMEOUT}s)\n" + "\n".join(t[-4000:] for t in texts)
+    assert codes == [exit_code] * len(procs), f"exit codes {codes} (timeout {TIMEOUT}s)\n" + "\n".join(
+        t[-4000:] for t in texts
+    )
     return texts
 
 
@@ -257,10 +261,13 @@ def test_zero3_checkpoint_of_one_rank_resumes_on_two_nodes(runs, tmp_path):
     uninterrupted = _trajectory(one)
     out = _preempted_copy(one, tmp_path / "run")
     checkpoint = out / f"checkpoint-{SAVE_AT}"
-    tag = checkpoint / f"global_step{SAVE_AT}"
-    _convert(checkpoint, f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {tag} "
-                         f"--output_folder {tag}_universal,")  # fmt: skip
     resume = [*COMMON, "--output_dir", str(out), "--resume_from_checkpoint", "true"]
+    # as it is: refused on both nodes (each launcher exits 2), the message once (global rank 0), no traceback
+    refused = _launch(runs["configs"]["multinode_zero3"], [*resume, "--per_device_train_batch_size", str(BATCH)],
+                      tmp_path / "refused", machines=2, processes=2, exit_code=2)  # fmt: skip
+    assert "".join(refused).count("alignkit: ConfigError") == 1 and "Traceback" not in "".join(refused)
+    assert "written by 1 rank, and this launch has 2" in refused[0]
+    _convert(checkpoint, refused[0])
     log = _launch(runs["configs"]["multinode_zero3"], [*resume, "--per_device_train_batch_size", str(BATCH)],
                   tmp_path / "nodes", machines=2, processes=2)  # fmt: skip
     _assert_resumed_continues(out, log, uninterrupted, "1 rank -> 2 nodes")
@@ -277,39 +284,37 @@ from pathlib import Path
 import torch.distributed as dist
 from alignkit.errors import PreflightError
 from alignkit.train.preflight import check_shared_output_dir
-rank = int(sys.argv[1])
+rank, shared, own = int(sys.argv[1]), Path(sys.argv[3]), Path(sys.argv[4 + int(sys.argv[1])])
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2)
+check_shared_output_dir(shared)
+print("shared: passed")
 try:
-    check_shared_output_dir(Path(sys.argv[3 + rank]))
+    check_shared_output_dir(own)
 except PreflightError as exc:
     print(exc)
     sys.exit(2)
 """
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared", "one-disk-per-node"])
-def test_nodes_must_see_the_same_output_dir(tmp_path, shared):
+def test_nodes_must_see_the_same_output_dir(tmp_path):
     """Two gloo ranks check their output_dir: the same folder passes; a folder of each node's own (what a path on a
     local disk is on a real cluster) is refused on both ranks, naming the rank that does not see rank 0's run id."""
-    dirs = [tmp_path / "shared"] * 2 if shared else [tmp_path / "node0", tmp_path / "node1"]
+    dirs = [tmp_path / "shared", tmp_path / "node0", tmp_path / "node1"]
     for d in dirs:
-        d.mkdir(exist_ok=True)
+        d.mkdir()
     port = str(_free_port())
     procs = [subprocess.Popen([sys.executable, "-c", _CHECK_SHARED, str(r), port, *map(str, dirs)], cwd=REPO,
                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(2)]  # fmt: skip
     try:
-        results = [p.communicate(timeout=120) for p in procs]
+        results = [p.communicate(timeout=TIMEOUT) for p in procs]
     finally:
         for p in procs:
             p.kill()
-    codes = [p.returncode for p in procs]
-    if shared:
-        assert codes == [0, 0], results
-        assert not (dirs[0] / ".alignkit_run_id").exists()
-        return
-    assert codes == [2, 2], results
+    assert [p.returncode for p in procs] == [2, 2], results
+    assert not (dirs[0] / ".alignkit_run_id").exists()  # the shared check cleaned up after itself
     for stdout, _ in results:
+        assert stdout.startswith("shared: passed")
         assert "not the same folder on every node" in stdout and "rank 1 on" in stdout and "no such file" in stdout
         assert "Fix: put output_dir on storage every node mounts at the same path" in stdout
 
