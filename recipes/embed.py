@@ -9,7 +9,7 @@ Data: ``anchor``/``positive`` pairs, + ``negative`` triplets, or ``sentence1``/`
 
 from alignkit import runtime
 from alignkit.errors import run_cli
-from alignkit.export.merge import merge_adapter
+from alignkit.export.merge_embedding import finish_embedding
 from alignkit.stages import STAGES
 from alignkit.tasks import embedding
 from alignkit.train import Run
@@ -28,8 +28,8 @@ def main(argv=None):
         run.model, run.head_config = model, embedding.describe(model, args, fmt)
         loss, evaluator = embedding.build_loss(model, args, fmt), embedding.build_evaluator(data, fmt, recipe.train)
         metrics = run.train(run.build_trainer(STAGE.trainer_class, data, loss=loss, evaluator=evaluator), True)
-    if recipe.adapter.use_peft and args.merge_after_training and metrics and runtime.is_main_process():
-        merge_adapter(run.output_dir)  # -> <output_dir>-merged: a plain SentenceTransformer folder
+    if metrics and runtime.is_main_process():  # LoRA: <output_dir>-merged; both: the saved model vs the trained one
+        metrics.update(finish_embedding(run.output_dir, model, recipe.adapter.use_peft and args.merge_after_training))
     return metrics
 
 

@@ -127,11 +127,15 @@ def render_model_card(record: RunRecord) -> str:
     lines += [
         "Research and experimentation; check the datasets' licences and evaluate on your own task before deploying.",
         "",
-        "Load with `peft.AutoPeftModelForCausalLM.from_pretrained(...)` (the base model must be available)."
+        "See 'Sentence embeddings' below."
+        if lineage and lineage[-1].task == "embedding"
+        else "Load with `peft.AutoPeftModelForCausalLM.from_pretrained(...)` (the base model must be available)."
         if is_adapter
         else "Load with `transformers.AutoModelForCausalLM.from_pretrained(...)`.",
         "",
     ]
+    if lineage and lineage[-1].task == "embedding":
+        lines += _embedding_section(lineage[-1].head_config, is_adapter)
     if all((e.task or "causal_lm") == "causal_lm" for e in lineage):
         lines += [
             "## Chat, evaluate, export",
@@ -147,6 +151,18 @@ def render_model_card(record: RunRecord) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _embedding_section(head: dict, is_adapter: bool) -> list[str]:
+    """A sentence-embedding output (the embed stage): its format, loss and pooling, and how to load it."""
+    facts = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in head.items())
+    load = (
+        "This folder is a PEFT adapter: `alignkit merge THIS_FOLDER` writes the plain SentenceTransformer folder."
+        if is_adapter
+        else "Load with `sentence_transformers.SentenceTransformer(THIS_FOLDER)`; `model.encode(texts)` gives one "
+        "embedding per text."
+    )
+    return ["## Sentence embeddings", "", f"- {facts}", f"- {load}", ""]
 
 
 def write_model_card(output_dir: str | Path) -> Path:

@@ -32,16 +32,24 @@ def embed(model, sentences=PARITY_SENTENCES) -> torch.Tensor:
         return model.encode(list(sentences), convert_to_tensor=True, batch_size=len(sentences)).float().cpu()
 
 
-def merge_embedding(adapter_dir: Path, output_dir: Path | None, method: str | None, max_diff: float | None):
+def merge_embedding(
+    adapter_dir: str | Path,
+    output_dir: str | Path | None = None,
+    method: str | None = None,
+    max_diff: float | None = None,
+    reference=None,
+):
     """Merge an embed-stage adapter into its base; see the module docstring. ``max_diff``: the parity bound on
-    max |embedding difference| (default: 1e-3 when both sides compute in float32, else 1e-1). Returns
-    alignkit.export.merge's MergeResult (``parity.max_abs_diff``: over every embedding component)."""
+    max |embedding difference| (default: 1e-3 when both sides compute in float32, else 1e-1). ``reference``: the
+    trained model still in memory (the embed recipe passes it), compared instead of base + adapter loaded again.
+    Returns alignkit.export.merge's MergeResult (``parity.max_abs_diff``: over every embedding component)."""
     from peft import PeftModel
     from sentence_transformers import SentenceTransformer
 
     from alignkit.config.args import QuantizationArguments
     from alignkit.export import merge as m
 
+    adapter_dir = Path(adapter_dir)
     record = RunRecord.read(adapter_dir)
     model_args, quant_args = m._trained_args(adapter_dir, record.last)
     quantized = quant_args.load_in_4bit
@@ -58,10 +66,11 @@ def merge_embedding(adapter_dir: Path, output_dir: Path | None, method: str | No
     source = m._trained_base(model_args)
 
     # The reference: the base exactly as the adapter was trained on it (4-bit if it was), plus the adapter.
-    base = load_base_model(model_args, quant_args, "embedding", source)
-    reference = sentence_transformer(PeftModel.from_pretrained(base, adapter_dir), adapter_dir)
+    if reference is None:
+        base = load_base_model(model_args, quant_args, "embedding", source)
+        reference = sentence_transformer(PeftModel.from_pretrained(base, adapter_dir), adapter_dir)
     ref, ref_dtype = embed(reference), reference[0].auto_model.dtype
-    del reference, base
+    del reference
 
     base = load_base_model(
         model_args, quant_args if method == "dequantize" else QuantizationArguments(), "embedding", source
@@ -91,3 +100,33 @@ def merge_embedding(adapter_dir: Path, output_dir: Path | None, method: str | No
 
     write_model_card(output_dir)
     return m.MergeResult(output_dir=output_dir, method=method, parity=parity)
+
+
+def finish_embedding(output_dir: str | Path, model, merge: bool) -> dict[str, float]:
+    """After an embed run: check that what was saved is the model that was trained, loaded the way users load it.
+
+    ``merge`` (a LoRA run): :func:`merge_embedding` writes ``<output_dir>-merged`` with ``model`` as the parity
+    reference. Full fine-tuning: ``output_dir`` itself is the SentenceTransformer folder; it is loaded with plain
+    ``SentenceTransformer(path)`` and compared with ``model``. Either way the max |embedding difference| on
+    :data:`PARITY_SENTENCES` is recorded (``saved_vs_trained_max_abs_diff`` in the run record's metrics) and
+    returned."""
+    import dataclasses
+
+    from sentence_transformers import SentenceTransformer
+
+    output_dir = Path(output_dir)
+    if merge:
+        diff = merge_embedding(output_dir, reference=model).parity.max_abs_diff
+    elif (output_dir / "adapter_config.json").is_file():
+        return {}  # an adapter kept unmerged (merge_after_training: false): `alignkit merge` checks it later
+    else:
+        reloaded = SentenceTransformer(str(output_dir), device="cpu", local_files_only=True)
+        diff = (embed(reloaded) - embed(model)).abs().max().item()
+    print(f"saved model vs the trained one: max |embedding diff| = {diff:.3g}")
+    record = RunRecord.read(output_dir)
+    metrics = {**record.metrics, "saved_vs_trained_max_abs_diff": diff}
+    dataclasses.replace(record, metrics=metrics).write(output_dir)
+    from alignkit.export.card import write_model_card
+
+    write_model_card(output_dir)
+    return {"saved_vs_trained_max_abs_diff": diff}
