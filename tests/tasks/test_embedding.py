@@ -117,3 +117,22 @@ def test_scored_pairs_train_with_cosent_and_report_spearman(tmp_path):
     assert RunRecord.read(out).last.head_config["loss"] == "CoSENTLoss"
     assert metrics["eval_heldout_spearman_cosine"] > metrics["before_heldout_spearman_cosine"], metrics
     assert json.loads((out / "modules.json").read_text())[1]["path"] == "1_Pooling"
+
+
+def test_bad_rows_exit_2_without_a_traceback_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    scored = embed_scored_rows(8)
+    scored[4] = {**scored[4], "score": -0.5}
+    data = write_jsonl(tmp_path / "bad.jsonl", scored)
+    done = subprocess.run(
+        [sys.executable, "recipes/embed.py", "--config", "recipes/tiny/embed.yaml", "--datasets", f"[{data}]",
+         "--output_dir", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"{data}" in done.stderr and "row 5" in done.stderr and "[0, 1]" in done.stderr
+    assert "Traceback" not in done.stderr
