@@ -51,7 +51,9 @@ def render_model_card(record: RunRecord) -> str:
     merge = record.merge
     stages = [e.stage.upper() for e in lineage if e.stage != "merge"]
     is_adapter = bool(lineage and lineage[-1].adapter) and not merge
-    header = ["---", f"library_name: {'peft' if is_adapter else 'transformers'}"]
+    embedding = bool(lineage and lineage[-1].task == "embedding")
+    library = "peft" if is_adapter else "sentence-transformers" if embedding else "transformers"
+    header = ["---", f"library_name: {library}"]
     if is_hub_id(base.model_name_or_path):
         header.append(f"base_model: {base.model_name_or_path}")
     lines = [
@@ -128,13 +130,13 @@ def render_model_card(record: RunRecord) -> str:
         "Research and experimentation; check the datasets' licences and evaluate on your own task before deploying.",
         "",
         "See 'Sentence embeddings' below."
-        if lineage and lineage[-1].task == "embedding"
+        if embedding
         else "Load with `peft.AutoPeftModelForCausalLM.from_pretrained(...)` (the base model must be available)."
         if is_adapter
         else "Load with `transformers.AutoModelForCausalLM.from_pretrained(...)`.",
         "",
     ]
-    if lineage and lineage[-1].task == "embedding":
+    if embedding:
         lines += _embedding_section(lineage[-1].head_config, is_adapter)
     if all((e.task or "causal_lm") == "causal_lm" for e in lineage):
         lines += [
