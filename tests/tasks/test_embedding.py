@@ -54,7 +54,8 @@ def test_embed_trains_recall_rises_and_the_saved_folder_loads_plainly(tmp_path, 
 
 
 def test_alignkit_merge_writes_a_sentence_transformer_folder(tmp_path):
-    """`alignkit merge` on an embed adapter output (merge_after_training off): dequantize, parity-gated."""
+    """`alignkit merge` on an embed adapter output (merge_after_training off; a full-precision LoRA run here, the
+    4-bit test above merges by dequantizing): parity-gated, pushable."""
     from sentence_transformers import SentenceTransformer
 
     from alignkit.cli import main as cli
@@ -62,12 +63,12 @@ def test_alignkit_merge_writes_a_sentence_transformer_folder(tmp_path):
 
     out = tmp_path / "embed"
     run_recipe("embed", ["--config", "recipes/tiny/embed.yaml", "--output_dir", str(out), "--max_steps", "4",
-                         "--merge_after_training", "false"])  # fmt: skip
+                         "--merge_after_training", "false", "--load_in_4bit", "false"])  # fmt: skip
     assert (out / "adapter_config.json").is_file() and not out.with_name("embed-merged").exists()
     assert "1_Pooling/config.json" in files_to_push(out)  # the adapter output pushes with its modules
     assert cli(["merge", str(out), "--output", str(tmp_path / "merged")]) == 0
     merged = RunRecord.read(tmp_path / "merged")
-    assert merged.merge.method == "dequantize" and merged.merge.parity_passed
+    assert merged.merge.method == "full_precision" and merged.merge.parity_passed
     assert merged.merge.max_abs_logit_diff < 1e-4
     model = SentenceTransformer(str(tmp_path / "merged"), device="cpu", local_files_only=True)
     assert model.encode(["a question"]).shape == (1, 64)
