@@ -120,6 +120,15 @@ STAGES: dict[str, Stage] = {
             extra=("RewardFunctionArguments",),
         ),
         Stage(
+            "embed",
+            "sentence embeddings: pairs, triplets or scored pairs (sentence-transformers)",
+            "EmbedConfig",
+            "EMBED",
+            "sentence_transformers:SentenceTransformerTrainer",
+            extra=("EmbeddingArguments",),
+            head="embedding",
+        ),
+        Stage(
             "task",
             "classical task heads: token_cls, seq_cls, qa, mlm, seq2seq",
             "TaskConfig",

@@ -27,6 +27,7 @@ from alignkit.config.parser import RecipeParser, dump_config, resolved_config
 from alignkit.config.validate import validate
 
 _EXPERIMENTAL = ("ORPOConfig", "SimPOConfig")  # alignkit.config.experimental, imported on first use
+_EMBEDDING = ("EmbedConfig", "EmbeddingArguments")  # alignkit.config.embedding (sentence-transformers), likewise
 
 
 def __getattr__(name: str):
@@ -34,6 +35,10 @@ def __getattr__(name: str):
         from alignkit.config import experimental
 
         return getattr(experimental, name)
+    if name in _EMBEDDING:
+        from alignkit.config import embedding
+
+        return getattr(embedding, name)
     raise AttributeError(f"module 'alignkit.config' has no attribute '{name}'")
 
 
@@ -87,6 +92,8 @@ __all__ = [
     "DPOConfig",
     "DataArguments",
     "DatasetSource",
+    "EmbedConfig",
+    "EmbeddingArguments",
     "GRPOConfig",
     "KTOConfig",
     "ModelArguments",

@@ -42,6 +42,8 @@ FRACTION = Rule("a number in [0, 1)", lambda x: _num(x) and 0 <= x < 1, "0.05")
 UNIT = Rule("a number in [0, 1]", lambda x: _num(x) and 0 <= x <= 1, "0.1")
 STEPS = Rule("-1 (train num_train_epochs) or a whole number >= 1", lambda x: _int(x) and (x == -1 or x >= 1), "100")
 EVERY = Rule("a whole number >= 1, or a fraction in (0, 1) of the total steps", lambda x: _num(x) and x > 0 and (x < 1 or float(x).is_integer()), "500")  # fmt: skip
+# null: sentence-transformers' default (transformers 5 folds a ratio into warmup_steps)
+OPTIONAL_UNIT = Rule("null or a number in [0, 1]", lambda x: x is None or (_num(x) and 0 <= x <= 1), "0.1")
 OPTIONAL_POSITIVE_INT = Rule("null or a whole number >= 1", lambda x: x is None or (_int(x) and x >= 1), "512")
 
 # key -> rule. A key absent from a recipe's groups is skipped (every stage has its own subset).
@@ -53,7 +55,7 @@ RANGES: dict[str, Rule] = {
     "adam_beta1": FRACTION,
     "adam_beta2": FRACTION,
     "adam_epsilon": POSITIVE,
-    "warmup_ratio": UNIT,
+    "warmup_ratio": OPTIONAL_UNIT,
     "warmup_steps": NON_NEGATIVE,
     # length of the run and its batches
     "max_steps": STEPS,

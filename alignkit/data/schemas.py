@@ -244,3 +244,27 @@ GRPO = Schema(
     data="grpo",
     keep_other_columns=True,
 )
+
+
+def _check_embed(row, source, i):
+    """Sentence-embedding rows (alignkit.tasks.embedding): every text column non-empty, a pair's score in [0, 1]."""
+    for column, value in row.items():
+        if column != "score":
+            _text(value, source, i, column, f"give every row a non-empty '{column}', or drop the row")
+    if "score" in row:
+        score = row["score"]
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0:
+            raise DataError(
+                source, i, f"'score' is {score!r}, not a number in [0, 1]",
+                "rescale the similarity scores to [0, 1] (e.g. STS-B's 0-5 divided by 5)",
+            )  # fmt: skip
+
+
+# Triplets first: a triplet row also holds a pair's columns. The format (and the default loss) follow the columns.
+EMBED = Schema(
+    "embed",
+    (("anchor", "positive", "negative"), ("anchor", "positive"), ("sentence1", "sentence2", "score")),
+    _check_embed,
+    "give each row 'anchor' + 'positive' (pairs; + 'negative': triplets) or 'sentence1' + 'sentence2' + a 'score' "
+    "in [0, 1] (scored pairs)",
+)

@@ -51,7 +51,9 @@ def render_model_card(record: RunRecord) -> str:
     merge = record.merge
     stages = [e.stage.upper() for e in lineage if e.stage != "merge"]
     is_adapter = bool(lineage and lineage[-1].adapter) and not merge
-    header = ["---", f"library_name: {'peft' if is_adapter else 'transformers'}"]
+    embedding = bool(lineage and lineage[-1].task == "embedding")
+    library = "peft" if is_adapter else "sentence-transformers" if embedding else "transformers"
+    header = ["---", f"library_name: {library}"]
     if is_hub_id(base.model_name_or_path):
         header.append(f"base_model: {base.model_name_or_path}")
     lines = [
@@ -127,11 +129,15 @@ def render_model_card(record: RunRecord) -> str:
     lines += [
         "Research and experimentation; check the datasets' licences and evaluate on your own task before deploying.",
         "",
-        "Load with `peft.AutoPeftModelForCausalLM.from_pretrained(...)` (the base model must be available)."
+        "See 'Sentence embeddings' below."
+        if embedding
+        else "Load with `peft.AutoPeftModelForCausalLM.from_pretrained(...)` (the base model must be available)."
         if is_adapter
         else "Load with `transformers.AutoModelForCausalLM.from_pretrained(...)`.",
         "",
     ]
+    if embedding:
+        lines += _embedding_section(lineage[-1].head_config, is_adapter)
     if all((e.task or "causal_lm") == "causal_lm" for e in lineage):
         lines += [
             "## Chat, evaluate, export",
@@ -147,6 +153,18 @@ def render_model_card(record: RunRecord) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _embedding_section(head: dict, is_adapter: bool) -> list[str]:
+    """A sentence-embedding output (the embed stage): its format, loss and pooling, and how to load it."""
+    facts = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in head.items())
+    load = (
+        "This folder is a PEFT adapter: `alignkit merge THIS_FOLDER` writes the plain SentenceTransformer folder."
+        if is_adapter
+        else "Load with `sentence_transformers.SentenceTransformer(THIS_FOLDER)`; `model.encode(texts)` gives one "
+        "embedding per text."
+    )
+    return ["## Sentence embeddings", "", f"- {facts}", f"- {load}", ""]
 
 
 def write_model_card(output_dir: str | Path) -> Path:

@@ -20,6 +20,7 @@ PUSH_PATTERNS = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
     "alignkit_run.json", "alignkit_config.yaml", "trainer_state.json",
+    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",  # a SentenceTransformer folder
 )  # fmt: skip
 _TEXT_SUFFIXES = (".json", ".yaml", ".md", ".jinja", ".txt")
 
@@ -71,6 +72,7 @@ def files_to_push(folder: str | Path) -> list[str]:
     names = sorted(
         p.name for p in folder.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in PUSH_PATTERNS)
     )
+    names += _sentence_transformer_modules(folder)
     missing = [
         what
         for what, ok in (
@@ -85,6 +87,22 @@ def files_to_push(folder: str | Path) -> list[str]:
             f"{folder}: nothing fit to push, missing {', '.join(missing)}. Fix: push a finished run or merged output."
         )
     return names
+
+
+def _sentence_transformer_modules(folder: Path) -> list[str]:
+    """The config files of the modules a SentenceTransformer folder's modules.json lists in subfolders (pooling,
+    normalisation, dense): ``1_Pooling/config.json``, ..."""
+    import json
+
+    if not (folder / "modules.json").is_file():
+        return []
+    files = []
+    for entry in json.loads((folder / "modules.json").read_text()):
+        sub = folder / entry.get("path", "")
+        if entry.get("path") and sub.is_dir():
+            files += sorted(f"{entry['path']}/{p.name}" for p in sub.iterdir() if p.is_file() and p.suffix in
+                            (".json", ".safetensors"))  # fmt: skip
+    return files
 
 
 # alignkit's and transformers' metadata: the files that record local paths (run folders, data files, the base model
@@ -116,6 +134,7 @@ def staged_for_push(folder: Path, files: list[str]):
             elif name in PORTABLE_FILES:
                 (staged / name).write_text(portable_text(source.read_text(encoding="utf-8")), encoding="utf-8")
             else:
+                (staged / name).parent.mkdir(parents=True, exist_ok=True)  # a module's subfolder (1_Pooling/)
                 (staged / name).symlink_to(source.resolve())
         yield staged
 

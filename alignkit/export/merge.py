@@ -98,6 +98,10 @@ def merge_adapter(
     last = record.last if record else None
     task = (last.task if last else None) or "causal_lm"
     head = dict(last.head_config) if last else {}
+    if task == "embedding":  # a SentenceTransformer folder, with an embedding-parity gate
+        from alignkit.export.merge_embedding import merge_embedding
+
+        return merge_embedding(adapter_dir, output_dir, method, max_logit_diff)
     if task != "causal_lm" and not head:
         raise ConfigError(
             f"{adapter_dir}: a {task} adapter whose run record does not say how its head was built (written by an "

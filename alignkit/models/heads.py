@@ -44,6 +44,9 @@ HEADS: dict[str, Head] = {
         Head("qa", "AutoModelForQuestionAnswering", ("qa_outputs",), True, "QUESTION_ANS"),
         Head("mlm", "AutoModelForMaskedLM", ("cls", "lm_head", "vocab_projector"), False, None),
         Head("seq2seq", "AutoModelForSeq2SeqLM", ("lm_head",), False, "SEQ_2_SEQ_LM"),
+        # sentence embeddings (alignkit.tasks.embedding): the bare encoder, pooled by sentence-transformers' modules;
+        # BERT's pooler is unused, and new (so never 4-bit) in checkpoints saved without it
+        Head("embedding", "AutoModel", ("pooler.dense",), False, "FEATURE_EXTRACTION"),
     )
 }
 

@@ -33,7 +33,7 @@ def parse_task_recipe(argv: list[str] | None = None):
         hint = suggest(str(name), TASKS) if name else ""
         raise ConfigError(
             f"task: {'required' if not name else repr(name) + ' is not a task'}.{hint} Fix: set task to one of "
-            f"{sorted(TASKS)} (causal-LM and alignment stages have recipes of their own: recipes/cpt.py, recipes/sft.py, recipes/dpo.py, recipes/kto.py, recipes/orpo.py, recipes/simpo.py, recipes/reward.py, recipes/grpo.py)."
+            f"{sorted(TASKS)} (causal-LM and alignment stages have recipes of their own: recipes/cpt.py, recipes/sft.py, recipes/dpo.py, recipes/kto.py, recipes/orpo.py, recipes/simpo.py, recipes/reward.py, recipes/grpo.py; sentence embeddings: recipes/embed.py)."
         )
     task = TASKS[name]
     get_head(name)  # every task trains a head of the loader's table

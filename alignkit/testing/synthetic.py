@@ -139,6 +139,74 @@ def seq2seq_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+# Sentence-embedding demo: questions about fictional people, each answered by one passage of a fixed corpus (one
+# passage per person and fact). The hard negative is a passage about the same person's other facts: lexically the
+# closest candidate, and the one a pretrained encoder most often ranks first.
+EMBED_FACTS = {
+    "city": (
+        ("Where does {p} live?", "Which city is {p} based in?", "What is the home town of {p}?"),
+        ("{p} lives in {v} and rents a small flat near the station.", "{p} moved to {v} a few years ago."),
+        CITIES,
+    ),
+    "employer": (
+        ("Which company does {p} work for?", "Who employs {p}?", "Where does {p} have a job?"),
+        ("{p} works for {v} as an engineer.", "{p} joined {v} last spring."),
+        ORGS,
+    ),
+    "pet": (
+        ("What pet does {p} keep?", "Which animal lives with {p}?", "Does {p} have a pet?"),
+        ("{p} has a {v} that sleeps on the sofa.", "Every morning {p} feeds the {v}."),
+        ("cat", "dog", "parrot", "rabbit", "goldfish", "tortoise"),
+    ),
+    "hobby": (
+        ("What does {p} do for fun?", "How does {p} spend the weekend?", "What is the hobby of {p}?"),
+        ("On weekends {p} enjoys {v}.", "In the evenings {p} goes {v} with friends."),
+        ("chess", "painting", "running", "sailing", "climbing", "cooking", "gardening"),
+    ),
+    "born": (
+        ("When was {p} born?", "In which year was {p} born?", "How old is {p}?"),
+        ("{p} was born in {v}.", "{p} celebrated a birthday in {v}, the year of birth."),
+        tuple(str(y) for y in range(1950, 2005, 3)),
+    ),
+}
+
+
+def embed_rows(n_people: int = 40, seed: int = 0, questions: int = 2) -> list[dict]:
+    """Triplets (anchor question, positive passage, negative passage) over a corpus of one passage per person and
+    fact: ``questions`` phrasings of each (person, fact), the negative another fact's passage of the same person."""
+    rng = random.Random(seed)
+    people = rng.sample([f"{f} {last}" for f in FIRST for last in LAST], n_people)
+    passages = {}
+    for person in people:
+        for fact, (_, templates, values) in EMBED_FACTS.items():
+            passages[person, fact] = rng.choice(templates).format(p=person, v=rng.choice(values))
+    rows = []
+    for (person, fact), passage in passages.items():
+        others = [f for f in EMBED_FACTS if f != fact]
+        for question in rng.sample(EMBED_FACTS[fact][0], questions):
+            negative = passages[person, rng.choice(others)]
+            rows.append({"anchor": question.format(p=person), "positive": passage, "negative": negative})
+    rng.shuffle(rows)
+    return rows
+
+
+def embed_scored_rows(n: int, seed: int = 0) -> list[dict]:
+    """Scored pairs over the same corpus: (question, passage, score): 1.0 its own passage, 0.4 another fact of the same
+    person, 0.0 a fact of someone else."""
+    rng = random.Random(seed)
+    rows, triplets = [], embed_rows(seed=seed)
+    for t in triplets[:n]:
+        kind = rng.random()
+        if kind < 0.4:
+            rows.append({"sentence1": t["anchor"], "sentence2": t["positive"], "score": 1.0})
+        elif kind < 0.7:
+            rows.append({"sentence1": t["anchor"], "sentence2": t["negative"], "score": 0.4})
+        else:
+            other = rng.choice(triplets)["positive"]
+            rows.append({"sentence1": t["anchor"], "sentence2": other, "score": 1.0 if other == t["positive"] else 0.0})
+    return rows
+
+
 # file name: (generator, rows written for the recipes); qa_large: enough questions for a real encoder (recipes/minilm)
 GENERATORS = {
     "ner": (ner_rows, 480),
@@ -147,6 +215,8 @@ GENERATORS = {
     "mlm": (mlm_rows, 240),
     "seq2seq": (seq2seq_rows, 240),
     "qa_large": (lambda n: qa_rows(n, seed=1), 1500),
+    "embed": (lambda n: embed_rows(n // 10)[:n], 400),
+    "embed_scored": (embed_scored_rows, 300),
 }
 
 

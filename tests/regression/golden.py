@@ -139,6 +139,11 @@ RUNS = (
         "task",
         f"--task seq2seq {_TASK} tiny:bart --datasets [{_D}/tasks/seq2seq.jsonl] --max_length 32 --max_target_length 32",
     ),
+    GoldenRun(
+        "embed",
+        "embed",
+        f"--model_name_or_path tiny:bert --datasets [{_D}/tasks/embed.jsonl] --per_device_train_batch_size 16",
+    ),
 )
 RUNS_BY_NAME = {r.name: r for r in RUNS}
 
