@@ -173,6 +173,8 @@ DATA_FORMATS = (
     "text",
     "kto",
     "prompt",
+    "conll",
+    "squad",
 )
 
 
@@ -192,8 +194,14 @@ class DatasetSource:
     columns: dict | None = None
     roles: dict | None = None
     streaming: bool = False
+    tag_column: int | str | None = None  # format conll: the tag column, a name (ner, pos, chunk) or an index (1..)
 
     def __post_init__(self):
+        if self.tag_column is not None and self.format not in (None, "conll"):
+            raise ConfigError(
+                f"datasets[{self.path}].tag_column: only for a CoNLL file. Fix: add format: conll to this source, "
+                "or remove tag_column."
+            )
         if not isinstance(self.streaming, bool):
             raise ConfigError(
                 f"datasets[{self.path}].streaming: {self.streaming!r} is not true or false. Fix: write streaming: true."

@@ -181,7 +181,10 @@ def _trained_base(model_args: ModelArguments) -> ModelSource:
 
 
 def _base(model_args, quant_args, source: ModelSource, tokenizer, task: str = "causal_lm", head: dict | None = None):
-    base = load_base_model(model_args, quant_args, task, source, **(head or {}))
+    from alignkit.models.trained import quiet_head_report
+
+    with quiet_head_report():  # a task head here is new; the adapter's modules_to_save restore the trained one
+        base = load_base_model(model_args, quant_args, task, source, **(head or {}))
     fit_embeddings(base, tokenizer)  # the run may have added a pad token
     if base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id  # a classification head pools at the last non-pad token
