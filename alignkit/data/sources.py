@@ -54,7 +54,7 @@ def _file_format(path: Path, source) -> str | None:
 _READ: dict = {}
 
 
-def _file_rows(path: Path, source, fmt: str) -> tuple[list[dict], list[int] | None]:
+def _read_whole(path: Path, source, fmt: str) -> tuple[list[dict], list[int] | None]:
     """A CoNLL / SQuAD file's rows and lines, read once per file version (the rows and their places both use it)."""
     st = path.stat()
     key = (str(path.resolve()), st.st_mtime_ns, st.st_size, fmt, source.tag_column)
@@ -226,7 +226,7 @@ def row_places(source: DatasetSource, split: str | None = None):
     if not is_glob(source.path):
         path = Path(source.path)
         if path.is_file() and (fmt := _file_format(path, source)):
-            return _file_rows(path, source, fmt)[1]
+            return _read_whole(path, source, fmt)[1]
         return row_lines(path)
     shards = []
     for f in shard_files(source):
@@ -253,7 +253,7 @@ def load_source_split(source: DatasetSource, split: str | None = None):
     if path.is_file() and (fmt := _file_format(path, source)):  # CoNLL / SQuAD files: read whole
         if split != source.split:
             return None
-        return datasets.Dataset.from_list(_file_rows(path, source, fmt)[0])
+        return datasets.Dataset.from_list(_read_whole(path, source, fmt)[0])
     if path.is_file():
         builder = _FILE_BUILDERS.get(path.suffix)
         if builder is None:

@@ -31,6 +31,14 @@ def quiet_head_report():
         log.setLevel(level)
 
 
+def head_kwargs(head_config: dict) -> dict:
+    """A run record's ``head_config`` as from_pretrained takes it: JSON made ``id2label``'s ids text; ids are ints."""
+    head = dict(head_config)
+    if isinstance(head.get("id2label"), dict):
+        head["id2label"] = {int(k): v for k, v in head["id2label"].items()}
+    return head
+
+
 def load_trained(path: str | Path, merge: bool = False, dtype: str = "float32"):
     """``(model, tokenizer)`` of a run's output dir or a model folder, in eval mode, with the head it was trained
     with (a causal LM for cpt/sft/dpo/..., the task head of a task run, a one-output sequence-classification head
@@ -47,7 +55,7 @@ def load_trained(path: str | Path, merge: bool = False, dtype: str = "float32"):
     source = resolve_source(model_args)
     tokenizer = load_tokenizer(model_args, source=source)
     last = source.parent_run.last if source.parent_run else None
-    task, head = (last.task or "causal_lm", dict(last.head_config)) if last else ("causal_lm", {})
+    task, head = (last.task or "causal_lm", head_kwargs(last.head_config)) if last else ("causal_lm", {})
     if source.adapter_dir is None:
         return load_base_model(model_args, task=task, source=source, **head).eval(), tokenizer
     quant = last.group(QuantizationArguments) if last else QuantizationArguments()
