@@ -227,7 +227,8 @@ class Run:
         print(
             run_summary(
                 self.stage, self.head, metrics, self.output_dir, adapter=bool(self.recipe.adapter.use_peft),
-                pipeline_task=head.pipeline if head else None, steps=steps,
+                pipeline_task=head.pipeline if head else None, steps=steps, new_head=bool(head and head.new),
+                auto_class=head.auto_class if head else None,
             ),
             flush=True,
         )  # fmt: skip

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 # Trainer bookkeeping, not results
-_NOT_RESULTS = ("runtime", "samples_per_second", "steps_per_second", "epoch", "total_flos", "wall_seconds")
+_NOT_RESULTS = (
+    "runtime", "samples_per_second", "steps_per_second", "epoch", "total_flos", "wall_seconds", "preparation_time",
+)  # fmt: skip
 
 
 def _number(value) -> str:
@@ -37,7 +39,9 @@ def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
-def next_commands(output_dir: Path, head: str, adapter: bool, pipeline_task: str | None) -> list[str]:
+def next_commands(
+    output_dir: Path, head: str, adapter: bool, pipeline_task: str | None, auto_class: str | None = None
+) -> list[str]:
     """What to run on the output: merge an adapter, then chat / eval (causal LMs) or a transformers pipeline."""
     out = str(output_dir)
     merged = f"{out}-merged" if adapter else out
@@ -55,6 +59,10 @@ def next_commands(output_dir: Path, head: str, adapter: bool, pipeline_task: str
         commands.append(
             f"python -c \"from alignkit.tasks.qa import predict; from transformers import AutoModelForQuestionAnswering as M, AutoTokenizer as T; print(predict(M.from_pretrained('{merged}'), T.from_pretrained('{merged}'), 'question?', 'context'))\""
         )
+    elif auto_class:
+        commands.append(
+            f"python -c \"from transformers import {auto_class}; m = {auto_class}.from_pretrained('{merged}')\""
+        )
     if adapter:
         commands.append(f"python -c \"from alignkit.models import load_trained; model, tok = load_trained('{out}')\"")
     return commands
@@ -68,9 +76,12 @@ def run_summary(
     adapter: bool,
     pipeline_task: str | None = None,
     steps: int | None = None,
+    new_head: bool = False,
+    auto_class: str | None = None,
 ) -> str:
     """The summary text (see the module docstring). ``adapter``: the output is a LoRA adapter (plus trained head);
-    ``steps``: optimizer steps run."""
+    ``steps``: optimizer steps run; ``new_head``: the head was trained in full next to the adapter; ``pipeline_task``
+    / ``auto_class``: how transformers loads the (merged) model."""
     seconds = metrics.get("train_wall_seconds")
     lines = [f"== alignkit {stage}: finished" + (f" in {seconds:.0f} s" if isinstance(seconds, (int, float)) else "")]
     rows = metric_rows(metrics)
@@ -80,10 +91,10 @@ def run_summary(
         lines += [f"  {n:<{width}}  {b:>10}  {a:>10}" for n, b, a in rows]
     else:
         lines.append("  no held-out metrics (the recipe has no test split: set test_size to measure one)")
-    what = "LoRA adapter" + (" + trained head" if head != "causal_lm" else "") if adapter else "full model weights"
+    what = "LoRA adapter" + (" + trained head" if new_head else "") if adapter else "full model weights"
     lines.append(f"  outputs: {output_dir} ({what}; metrics in alignkit_run.json, model card README.md)")
     if steps:
         lines.append(f"  steps: {steps}")
     lines.append("  next:")
-    lines += [f"    {c}" for c in next_commands(Path(output_dir), head, adapter, pipeline_task)]
+    lines += [f"    {c}" for c in next_commands(Path(output_dir), head, adapter, pipeline_task, auto_class)]
     return "\n".join(lines)
