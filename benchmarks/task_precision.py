@@ -115,6 +115,8 @@ def main() -> None:
         ("steps timed", "steps_timed", "d"),
         ("peak MiB", "peak_mib", ".0f"),
         ("trainable", "trainable_params", "d"),
+        ("frozen", "frozen_params", "d"),
+        ("rows/s per round", "rounds", ""),
     ]
     print(harness.table(rows, columns))
     print(header())
