@@ -255,8 +255,9 @@ class DataArguments:
         default_factory=list,
         metadata={
             "help": "List of sources: a path/glob/Hub id string, or {path, weight, split, name, test_split, format, "
-            "columns, roles, streaming} (format: messages, prompt_completion, alpaca, sharegpt, preference, hh, "
-            "preference_messages, text, kto, prompt; detected when unset). streaming: true (CPT only, needs max_steps): read the "
+            "columns, roles, streaming, tag_column} (format: messages, prompt_completion, alpaca, sharegpt, preference, "
+            "hh, preference_messages, text, kto, prompt; for task files conll (tag_column: ner/pos/chunk or an index) "
+            "and squad; detected when unset). streaming: true (CPT only, needs max_steps): read the "
             "source row by row as training goes, tokenized and packed on the fly, for a corpus larger than RAM "
             "(.jsonl/.txt/.csv/.parquet files or a glob of them, a data folder or a Hub id; not a save_to_disk "
             "folder); no weight or test_size with it."
