@@ -173,6 +173,8 @@ DATA_FORMATS = (
     "text",
     "kto",
     "prompt",
+    "conll",
+    "squad",
 )
 
 
@@ -192,8 +194,14 @@ class DatasetSource:
     columns: dict | None = None
     roles: dict | None = None
     streaming: bool = False
+    tag_column: int | str | None = None  # format conll: the tag column, a name (ner, pos, chunk) or an index (1..)
 
     def __post_init__(self):
+        if self.tag_column is not None and self.format not in (None, "conll"):
+            raise ConfigError(
+                f"datasets[{self.path}].tag_column: only for a CoNLL file. Fix: add format: conll to this source, "
+                "or remove tag_column."
+            )
         if not isinstance(self.streaming, bool):
             raise ConfigError(
                 f"datasets[{self.path}].streaming: {self.streaming!r} is not true or false. Fix: write streaming: true."
@@ -247,8 +255,9 @@ class DataArguments:
         default_factory=list,
         metadata={
             "help": "List of sources: a path/glob/Hub id string, or {path, weight, split, name, test_split, format, "
-            "columns, roles, streaming} (format: messages, prompt_completion, alpaca, sharegpt, preference, hh, "
-            "preference_messages, text, kto, prompt; detected when unset). streaming: true (CPT only, needs max_steps): read the "
+            "columns, roles, streaming, tag_column} (format: messages, prompt_completion, alpaca, sharegpt, preference, "
+            "hh, preference_messages, text, kto, prompt; for task files conll (tag_column: ner/pos/chunk or an index) "
+            "and squad; detected when unset). streaming: true (CPT only, needs max_steps): read the "
             "source row by row as training goes, tokenized and packed on the fly, for a corpus larger than RAM "
             "(.jsonl/.txt/.csv/.parquet files or a glob of them, a data folder or a Hub id; not a save_to_disk "
             "folder); no weight or test_size with it."

@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 from alignkit.config.args import DataArguments, DatasetSource
-from alignkit.data.formats import convert_source
+from alignkit.data.formats import convert_source, file_format, looks_squad, read_file_rows
 from alignkit.data.places import RowPlaces, repeat_each
 from alignkit.errors import DataError
 
@@ -41,6 +41,27 @@ def read_text(path: Path) -> str:
             str(path), line, f"is not UTF-8 text: byte 0x{raw[exc.start]:02x} at column {column} (file offset {exc.start})",
             "save the file as UTF-8 (iconv -f <its encoding> -t utf-8), or fix that byte",
         ) from None  # fmt: skip
+
+
+def _file_format(path: Path, source) -> str | None:
+    """``conll`` / ``squad`` for a file of those formats (named, or by suffix; a .json holding SQuAD's object)."""
+    fmt = file_format(path, source)
+    if fmt is None and source.format is None and path.suffix == ".json" and looks_squad(read_text(path)):
+        fmt = "squad"
+    return fmt
+
+
+_READ: dict = {}
+
+
+def _read_whole(path: Path, source, fmt: str) -> tuple[list[dict], list[int] | None]:
+    """A CoNLL / SQuAD file's rows and lines, read once per file version (the rows and their places both use it)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size, fmt, source.tag_column)
+    if key not in _READ:
+        _READ.clear()
+        _READ[key] = read_file_rows(read_text(path), str(path), fmt, source)
+    return _READ[key]
 
 
 def row_lines(path: Path) -> list[int] | None:
@@ -203,7 +224,10 @@ def row_places(source: DatasetSource, split: str | None = None):
     if (split or source.split) != source.split:
         return None
     if not is_glob(source.path):
-        return row_lines(Path(source.path))
+        path = Path(source.path)
+        if path.is_file() and (fmt := _file_format(path, source)):
+            return _read_whole(path, source, fmt)[1]
+        return row_lines(path)
     shards = []
     for f in shard_files(source):
         lines = row_lines(Path(f))
@@ -226,6 +250,10 @@ def load_source_split(source: DatasetSource, split: str | None = None):
     path = Path(source.path)
     if is_glob(source.path):  # shards: data/train-*.parquet, corpus/**/*.jsonl
         return _load_shards(source, split)
+    if path.is_file() and (fmt := _file_format(path, source)):  # CoNLL / SQuAD files: read whole
+        if split != source.split:
+            return None
+        return datasets.Dataset.from_list(_read_whole(path, source, fmt)[0])
     if path.is_file():
         builder = _FILE_BUILDERS.get(path.suffix)
         if builder is None:

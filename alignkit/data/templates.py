@@ -60,6 +60,37 @@ def resolve_chat_template(spec: str) -> str:
     return spec
 
 
+def default_system_prompt(tokenizer, template: str | None) -> str | None:
+    """The system turn ``template`` renders into a conversation that has none (e.g. SmolLM2's "You are a helpful AI
+    assistant named SmolLM..."), as text, or None when it adds none (or cannot render). Found by rendering one user
+    turn alone and after a placeholder system turn: what the lone rendering holds before their common end is the
+    default system turn."""
+    if not template:
+        return None
+    marker = "\x01alignkit-system\x01"
+    try:
+        alone = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}], chat_template=template, tokenize=False
+        )
+        with_system = tokenizer.apply_chat_template(
+            [{"role": "system", "content": marker}, {"role": "user", "content": "Hi"}],
+            chat_template=template,
+            tokenize=False,
+        )
+    except Exception:  # noqa: BLE001 - a template that cannot render these is judged by check_turn_ends
+        return None
+    if marker not in with_system:
+        return None
+    end = 0
+    while end < min(len(alone), len(with_system)) and alone[len(alone) - 1 - end] == with_system[-1 - end]:
+        end += 1
+    start = 0
+    while start < len(alone) - end and start < len(with_system) and alone[start] == with_system[start]:
+        start += 1
+    extra = alone[start : len(alone) - end].strip()
+    return extra or None
+
+
 def default_template(tokenizer) -> tuple[str, str]:
     """(name, template) alignkit installs on a tokenizer without one: ChatML when ``<|im_end|>`` is one special token
     of the vocabulary, else ChatML closed by the tokenizer's eos."""

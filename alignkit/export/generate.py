@@ -10,7 +10,6 @@ per generated token. Replies stop at the chat template's end-of-turn token and a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -24,28 +23,11 @@ from alignkit.errors import DataError
 
 def load_for_generation(path: str | Path, merge: bool = False):
     """(model, tokenizer) of a run or model folder, in eval mode, with the head it was trained with (a causal LM
-    for cpt/sft/dpo/..., a one-output sequence-classification head for a reward model); see the module docstring."""
-    from peft import PeftModel
+    for cpt/sft/dpo/..., a one-output sequence-classification head for a reward model): see
+    :func:`alignkit.models.trained.load_trained`."""
+    from alignkit.models.trained import load_trained
 
-    from alignkit.config.args import ModelArguments, QuantizationArguments
-    from alignkit.models import load_base_model, load_tokenizer, resolve_source
-
-    model_args = ModelArguments(model_name_or_path=str(path), dtype="float32")
-    source = resolve_source(model_args)
-    tokenizer = load_tokenizer(model_args, source=source)
-    last = source.parent_run.last if source.parent_run else None
-    task, head = (last.task or "causal_lm", dict(last.head_config)) if last else ("causal_lm", {})
-    if source.adapter_dir is None:
-        return load_base_model(model_args, task=task, source=source, **head).eval(), tokenizer
-    quant = last.group(QuantizationArguments) if last else QuantizationArguments()
-    base = load_base_model(model_args, quant, task, dataclasses.replace(source, adapter_dir=None), **head)
-    if base.config.pad_token_id is None:
-        base.config.pad_token_id = tokenizer.pad_token_id  # a classification head pools at the last non-pad token
-    if not merge:
-        return PeftModel.from_pretrained(base, source.adapter_dir).eval(), tokenizer
-    if quant.load_in_4bit:
-        base = base.dequantize(dtype=torch.float32)
-    return PeftModel.from_pretrained(base, source.adapter_dir).merge_and_unload().eval(), tokenizer
+    return load_trained(path, merge=merge)
 
 
 @torch.no_grad()

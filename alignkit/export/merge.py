@@ -25,6 +25,7 @@ from alignkit.data.templates import end_of_turn_ids
 from alignkit.errors import ConfigError
 from alignkit.models import ModelSource, apply_contract, fit_embeddings, load_base_model, resolve_source
 from alignkit.models.heads import get_head
+from alignkit.models.trained import head_kwargs, quiet_head_report
 from alignkit.runs import BaseModelRef, LineageEntry, MergeInfo, RunRecord
 
 MERGE_METHODS = ("dequantize", "full_precision")
@@ -97,12 +98,12 @@ def merge_adapter(
     record = RunRecord.read(adapter_dir)
     last = record.last if record else None
     task = (last.task if last else None) or "causal_lm"
-    head = dict(last.head_config) if last else {}
+    head = head_kwargs(last.head_config) if last else {}
     if task == "embedding":  # a SentenceTransformer folder, with an embedding-parity gate
         from alignkit.export.merge_embedding import merge_embedding
 
         return merge_embedding(adapter_dir, output_dir, method, max_logit_diff)
-    if task != "causal_lm" and not head:
+    if task in ("seq_cls", "token_cls") and not head:  # the heads whose shape the labels decide
         raise ConfigError(
             f"{adapter_dir}: a {task} adapter whose run record does not say how its head was built (written by an "
             "older alignkit). Fix: train it again with this alignkit, or load it with its head as the task tests do "
@@ -185,7 +186,8 @@ def _trained_base(model_args: ModelArguments) -> ModelSource:
 
 
 def _base(model_args, quant_args, source: ModelSource, tokenizer, task: str = "causal_lm", head: dict | None = None):
-    base = load_base_model(model_args, quant_args, task, source, **(head or {}))
+    with quiet_head_report():  # a task head here is new; the adapter's modules_to_save restore the trained one
+        base = load_base_model(model_args, quant_args, task, source, **(head or {}))
     fit_embeddings(base, tokenizer)  # the run may have added a pad token
     if base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id  # a classification head pools at the last non-pad token
@@ -203,8 +205,10 @@ def _parity_batch(tokenizer, prompts) -> dict[str, torch.Tensor]:
 def _score(model, batch, causal: bool = True) -> tuple[torch.Tensor, float]:
     """Logits on the parity prompts and, for a causal LM, its loss on them (other heads: 0.0)."""
     batch = batch.to(model.device)
-    if not causal:
-        return model(**batch).logits.float().cpu(), 0.0
+    if not causal:  # a task head: its logits (QA: start and end logits, stacked on a last axis)
+        out = model(**batch)
+        logits = out.logits if "logits" in out else torch.stack([out.start_logits, out.end_logits], -1)
+        return logits.float().cpu(), 0.0
     out = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100))
     return out.logits.float().cpu(), out.loss.item()
 

@@ -15,6 +15,7 @@ from alignkit.models.loader import (
 )
 from alignkit.models.sources import ModelSource, resolve_source
 from alignkit.models.tokenizer import apply_contract, load_tokenizer
+from alignkit.models.trained import load_trained
 
 __all__ = [
     "HEADS",
@@ -31,6 +32,7 @@ __all__ = [
     "load_config",
     "load_model",
     "load_tokenizer",
+    "load_trained",
     "resolve_source",
     "trainable_parameter_names",
 ]

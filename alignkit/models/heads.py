@@ -13,13 +13,16 @@ class Head:
     """``auto_class``: the transformers auto class. ``modules``: the head's module names, kept out of 4-bit
     quantization (bitsandbytes asserts in their forward otherwise). ``new``: the head is freshly initialised on a
     pretrained backbone, so it is trained in full next to the adapter (PEFT ``modules_to_save``). ``peft_task_type``:
-    PEFT's ``TaskType`` name (None: PEFT has none, the adapter wraps the model as it is)."""
+    PEFT's ``TaskType`` name (None: PEFT has none, the adapter wraps the model as it is). ``pipeline``: the
+    ``transformers.pipeline`` task a merged model of this head loads into (None: transformers 5 has none, e.g. its
+    question-answering and text2text pipelines were removed)."""
 
     name: str
     auto_class: str
     modules: tuple[str, ...]
     new: bool
     peft_task_type: str | None
+    pipeline: str | None = None
 
     def auto(self):
         import transformers
@@ -30,7 +33,7 @@ class Head:
 HEADS: dict[str, Head] = {
     h.name: h
     for h in (
-        Head("causal_lm", "AutoModelForCausalLM", ("lm_head",), False, "CAUSAL_LM"),
+        Head("causal_lm", "AutoModelForCausalLM", ("lm_head",), False, "CAUSAL_LM", "text-generation"),
         # pooler / pre_classifier feed the classifier and are new in checkpoints saved without them (MLM-only BERTs,
         # DistilBERT)
         Head(
@@ -39,10 +42,18 @@ HEADS: dict[str, Head] = {
             ("classifier", "score", "pooler.dense", "pre_classifier"),
             True,
             "SEQ_CLS",
+            "text-classification",
         ),
-        Head("token_cls", "AutoModelForTokenClassification", ("classifier", "score"), True, "TOKEN_CLS"),
+        Head(
+            "token_cls",
+            "AutoModelForTokenClassification",
+            ("classifier", "score"),
+            True,
+            "TOKEN_CLS",
+            "token-classification",
+        ),
         Head("qa", "AutoModelForQuestionAnswering", ("qa_outputs",), True, "QUESTION_ANS"),
-        Head("mlm", "AutoModelForMaskedLM", ("cls", "lm_head", "vocab_projector"), False, None),
+        Head("mlm", "AutoModelForMaskedLM", ("cls", "lm_head", "vocab_projector"), False, None, "fill-mask"),
         Head("seq2seq", "AutoModelForSeq2SeqLM", ("lm_head",), False, "SEQ_2_SEQ_LM"),
         # sentence embeddings (alignkit.tasks.embedding): the bare encoder, pooled by sentence-transformers' modules;
         # BERT's pooler is unused, and new (so never 4-bit) in checkpoints saved without it

@@ -288,7 +288,13 @@ def load_model(
         source = dataclasses.replace(
             source, adapter_dir=None, fold_adapters=[*source.fold_adapters, source.adapter_dir]
         )
-    model = load_base_model(model_args, quant_args, task, source, **head_kwargs)
+    if source.adapter_dir is not None:  # continue: the adapter's modules_to_save restore the trained head
+        from alignkit.models.trained import quiet_head_report
+
+        with quiet_head_report():
+            model = load_base_model(model_args, quant_args, task, source, **head_kwargs)
+    else:
+        model = load_base_model(model_args, quant_args, task, source, **head_kwargs)
     if task != "causal_lm":
         # These heads' losses are plain means that ignore num_items_in_batch, yet their forward takes **kwargs: on
         # several ranks transformers' Trainer would then multiply their loss and gradients by the number of ranks.

@@ -5,7 +5,13 @@ from __future__ import annotations
 import logging
 
 from alignkit.config.args import ModelArguments
-from alignkit.data.templates import check_turn_ends, default_template, end_of_turn_ids, resolve_chat_template
+from alignkit.data.templates import (
+    check_turn_ends,
+    default_system_prompt,
+    default_template,
+    end_of_turn_ids,
+    resolve_chat_template,
+)
 from alignkit.errors import PreflightError
 from alignkit.models.sources import resolve_source
 
@@ -77,8 +83,16 @@ def apply_contract(
             changes.append(f"pad_token was eos {tokenizer.eos_token!r}; set to the distinct token {pad!r}")
             tokenizer.pad_token = pad
     if chat_template:
+        own = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
         tokenizer.chat_template = resolve_chat_template(chat_template)
         changes.append("chat_template set from the recipe")
+        dropped = default_system_prompt(tokenizer, own)
+        if dropped and dropped not in (default_system_prompt(tokenizer, tokenizer.chat_template) or ""):
+            changes.append(
+                f"the model's own chat template adds a default system turn to conversations without one ({dropped[:80]!r}"
+                f"{'...' if len(dropped) > 80 else ''}); the recipe's chat_template does not, so the model is trained "
+                "and saved without it. Fix, to keep it: give that system message in the data (or in the template)"
+            )
     elif chat and not tokenizer.chat_template:
         name, tokenizer.chat_template = default_template(tokenizer)
         why = (

@@ -18,7 +18,7 @@ QA_COLUMNS = ("question", "context", "answers")
 _PUNCTUATION = set(string.punctuation)
 
 
-def _check_row(row, source, i):
+def _check_row(row, source, i, allow_unanswerable: bool = False):
     require_text(row["question"], source, i, "question")
     require_text(row["context"], source, i, "context")
     answers, context = row["answers"], row["context"]
@@ -29,13 +29,13 @@ def _check_row(row, source, i):
         or not isinstance(answers.get("answer_start"), list)
     ):
         raise DataError(source, i, "'answers' is not a SQuAD answers object", fix)
-    if not answers["text"] or len(answers["text"]) != len(answers["answer_start"]):
+    if len(answers["text"]) != len(answers["answer_start"]):
+        raise DataError(source, i, "'answers' needs as many answer_start values as texts", fix)
+    if not answers["text"] and not allow_unanswerable:
         raise DataError(
-            source,
-            i,
-            "'answers' needs as many answer_start values as texts, and at least one",
-            fix + " (unanswerable rows are not supported)",
-        )
+            source, i, "'answers' is empty: an unanswerable question (SQuAD v2)",
+            "set version_2_with_negative: true to train and score the null answer, or give the row its answer",
+        )  # fmt: skip
     for text, start in zip(answers["text"], answers["answer_start"]):
         if not isinstance(text, str) or not text.strip():
             raise DataError(
@@ -75,9 +75,9 @@ def window_features(tokenizer, questions, contexts, answers, max_length: int, do
         context_tokens = [j for j, s in enumerate(seq_ids) if s == 1]
         first, last = context_tokens[0], context_tokens[-1]
         answer = answers[example_of[k]]
-        start_char = answer["answer_start"][0]
-        end_char = start_char + len(answer["text"][0])
-        if offsets[first][0] > start_char or offsets[last][1] < end_char:
+        start_char = answer["answer_start"][0] if answer["text"] else -1  # unanswerable: the null span (0, 0)
+        end_char = start_char + len(answer["text"][0]) if answer["text"] else -1
+        if not answer["text"] or offsets[first][0] > start_char or offsets[last][1] < end_char:
             starts.append(0)
             ends.append(0)
         else:
@@ -96,18 +96,27 @@ def window_features(tokenizer, questions, contexts, answers, max_length: int, do
 
 
 def postprocess_qa(
-    contexts, example_index, offsets, start_logits, end_logits, n_best_size=20, max_answer_length=30
-) -> list[str]:
+    contexts, example_index, offsets, start_logits, end_logits, n_best_size=20, max_answer_length=30,
+    null_score_diff_threshold: float | None = None, spans: bool = False,
+) -> list:  # fmt: skip
     """The best-scoring span per example: over its windows, the ``n_best_size`` top starts x ends that lie inside the
-    context, in order, and no longer than ``max_answer_length`` tokens, scored by start + end logit."""
+    context, in order, and no longer than ``max_answer_length`` tokens, scored by start + end logit.
+
+    ``null_score_diff_threshold`` (SQuAD v2; None: every question has an answer): the answer is ``""`` when the null
+    score (start + end logit of the first token, the lowest over the example's windows) exceeds the best span's score
+    by more than the threshold, as transformers' ``examples/pytorch/question-answering/utils_qa.py`` decides.
+
+    Returns the answer texts, or with ``spans`` ``(text, start char, end char, score)`` per example (``("", 0, 0,
+    null score)`` for no answer)."""
     windows = collections.defaultdict(list)
     for k, example in enumerate(example_index):
         windows[example].append(k)
     answers = []
     for i, context in enumerate(contexts):
-        best, best_score = "", -np.inf
+        best, best_score, null_score, where = "", -np.inf, np.inf, (0, 0)
         for k in windows[i]:
             window_offsets = offsets[k]
+            null_score = min(null_score, float(start_logits[k][0] + end_logits[k][0]))
             top_starts = np.argsort(start_logits[k])[::-1][:n_best_size]
             top_ends = np.argsort(end_logits[k])[::-1][:n_best_size]
             for s in top_starts:
@@ -124,7 +133,10 @@ def postprocess_qa(
                     score = start_logits[k][s] + end_logits[k][e]
                     if score > best_score:
                         best, best_score = context[window_offsets[s][0] : window_offsets[e][1]], score
-        answers.append(best)
+                        where = (window_offsets[s][0], window_offsets[e][1])
+        if null_score_diff_threshold is not None and null_score - best_score > null_score_diff_threshold:
+            best, best_score, where = "", null_score, (0, 0)
+        answers.append((best, *where, float(best_score)) if spans else best)
     return answers
 
 
@@ -146,10 +158,42 @@ def _f1(prediction: str, gold: str) -> float:
 
 
 def squad_metrics(predictions: list[str], gold_answers: list[list[str]]) -> dict[str, float]:
-    """SQuAD v1 exact match and token F1 in percent, each the best over an example's gold answers."""
+    """SQuAD exact match and token F1 in percent, each the best over an example's gold answers (an unanswerable
+    question's gold is the empty answer, as in the SQuAD v2 evaluation script)."""
+    gold_answers = [golds or [""] for golds in gold_answers]
     exact = [max(float(_normalize(p) == _normalize(g)) for g in golds) for p, golds in zip(predictions, gold_answers)]
     f1 = [max(_f1(p, g) for g in golds) for p, golds in zip(predictions, gold_answers)]
     return {"exact_match": 100 * float(np.mean(exact)), "f1": 100 * float(np.mean(f1))}
+
+
+def report_windows(rows, windows, max_length: int, doc_stride: int) -> dict[str, tuple[int, int]]:
+    """Log, per split, how many contexts ``max_length`` splits into several windows and warn how many answers lie in
+    no single window (cut by every window's edge: such a question trains only the null answer, and can never be
+    answered). Returns ``{split: (examples split, answers in no window)}``. Runs before the model loads."""
+    import logging
+
+    logger = logging.getLogger("alignkit")
+    report = {}
+    for split in windows:
+        per_example = collections.Counter(windows[split]["example_index"])
+        found = collections.Counter(
+            e for e, s in zip(windows[split]["example_index"], windows[split]["start_positions"]) if s > 0
+        )
+        answered = [i for i, a in enumerate(rows[split]["answers"]) if a["text"]]
+        lost = sum(1 for i in answered if not found[i])
+        split_up = sum(1 for n in per_example.values() if n > 1)
+        report[split] = (split_up, lost)
+        logger.info(
+            "qa: max_length %d / doc_stride %d: %d of %d %s contexts span several windows (%d windows in all)",
+            max_length, doc_stride, split_up, len(rows[split]), split, len(windows[split]),
+        )  # fmt: skip
+        if lost:
+            logger.warning(
+                "qa: %d of %d %s answers lie in no single window of max_length %d (doc_stride %d): %s. Fix: raise "
+                "max_length (e.g. 384, doc_stride 128: the SQuAD defaults) or doc_stride", lost, len(answered), split,
+                max_length, doc_stride, "they train only the null answer" if split == "train" else "scored as missed",
+            )  # fmt: skip
+    return report
 
 
 @dataclass
@@ -161,6 +205,14 @@ class QuestionAnsweringArguments:
     )
     n_best_size: int = field(default=20, metadata={"help": "qa: start/end candidates per window in post-processing."})
     max_answer_length: int = field(default=30, metadata={"help": "qa: longest answer span, in tokens."})
+    version_2_with_negative: bool = field(
+        default=False,
+        metadata={"help": "qa: some questions have no answer (SQuAD v2: empty answers); predict the null answer too."},
+    )
+    null_score_diff_threshold: float = field(
+        default=0.0,
+        metadata={"help": "qa, version_2_with_negative: predict no answer when null score - best span score > this."},
+    )
 
     def __post_init__(self):
         if self.doc_stride <= 0 or self.n_best_size <= 0 or self.max_answer_length <= 0:
@@ -185,7 +237,13 @@ class QuestionAnswering(Task):
 
     @property
     def schema(self) -> Schema:
-        return Schema(self.name, (QA_COLUMNS,), _check_row, "give each row 'question', 'context' and SQuAD 'answers'")
+        v2 = self.args.version_2_with_negative
+        return Schema(
+            self.name,
+            (QA_COLUMNS,),
+            lambda row, source, i: _check_row(row, source, i, v2),
+            "give each row 'question', 'context' and SQuAD 'answers' (or use format: squad for a SQuAD JSON file)",
+        )
 
     def preprocess(self, datasets):
         def features(batch, indices):
@@ -203,6 +261,7 @@ class QuestionAnswering(Task):
         windows = datasets.map(
             features, batched=True, with_indices=True, remove_columns=datasets["train"].column_names, desc="qa windows"
         )
+        self.truncation = report_windows(datasets, windows, self.max_length, self.args.doc_stride)
         if "test" in windows:  # post-processing maps eval windows back to their examples' contexts
             self.eval_contexts = list(datasets["test"]["context"])
             self.eval_answers = [a["text"] for a in datasets["test"]["answers"]]
@@ -227,5 +286,33 @@ class QuestionAnswering(Task):
             end_logits,
             self.args.n_best_size,
             self.args.max_answer_length,
+            self.args.null_score_diff_threshold if self.args.version_2_with_negative else None,
         )
         return squad_metrics(predictions, self.eval_answers)
+
+
+def predict(
+    model, tokenizer, question: str, context: str, max_length: int = 384, doc_stride: int = 128,
+    n_best_size: int = 20, max_answer_length: int = 30, null_score_diff_threshold: float | None = None,
+) -> dict:  # fmt: skip
+    """The answer span of ``question`` in ``context``, in the format transformers 4's question-answering pipeline
+    returned (transformers 5 removed that pipeline): ``{'answer': str, 'start': int, 'end': int, 'score': float}``
+    with ``start``/``end`` character offsets into ``context`` and ``score`` the span's start + end logit. Windows
+    and post-processing are the ones training's evaluation uses (:func:`window_features`, :func:`postprocess_qa`),
+    so pass the recipe's max_length / doc_stride / n_best_size / max_answer_length (and, for a SQuAD v2 model,
+    ``null_score_diff_threshold``: an empty answer means none)."""
+    import torch
+
+    enc = window_features(tokenizer, [question], [context], [{"text": [], "answer_start": []}], max_length, doc_stride)
+    offsets, example_index = enc.pop("offset_mapping"), enc.pop("example_index")
+    inputs = {
+        k: torch.tensor(enc[k]).to(model.device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc
+    }
+    model.eval()
+    with torch.no_grad():
+        out = model(**inputs)
+    answer, start, end, score = postprocess_qa(
+        [context], example_index, offsets, out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy(),
+        n_best_size, max_answer_length, null_score_diff_threshold, spans=True,
+    )[0]  # fmt: skip
+    return {"answer": answer, "start": start, "end": end, "score": score}

@@ -58,6 +58,37 @@ def encode_words(tokenizer, rows: list[list[str]], max_length: int | None):
     return enc, word_ids
 
 
+def report_cut_words(tokenizer, rows, features, tokens_column: str, max_length: int) -> dict[str, tuple[int, int]]:
+    """Warn, per split, how many rows and words ``max_length`` cut (a cut word has no label: in the test split it
+    silently leaves the entity F1) and the max_length that keeps every row whole. Returns ``{split: (rows cut,
+    words cut)}``; logged before the model loads, so before step 1."""
+    import logging
+
+    logger = logging.getLogger("alignkit")
+    report = {}
+    for split in features:
+        cut = features[split]["words_cut"]
+        rows_cut = sum(1 for c in cut if c > 0)
+        report[split] = (rows_cut, sum(cut))
+        if rows_cut:
+            longest = max(
+                len(ids)
+                for ids, c in zip(encode_words(tokenizer, rows[split][tokens_column], None)[0]["input_ids"], cut)
+                if c > 0
+            )
+            logger.warning(
+                "token_cls: max_length %d cuts %d of %d %s rows (%d words lose their tags%s). Fix: max_length: %d "
+                "keeps every row whole", max_length, rows_cut, len(cut), split, sum(cut),
+                ": not scored, so the reported F1 leaves them out" if split == "test" else ": not trained",
+                -(-longest // 8) * 8,
+            )  # fmt: skip
+        else:
+            lengths = features[split]["full_length"]
+            logger.info("token_cls: max_length %d keeps all %d %s rows whole (longest %d tokens)",
+                        max_length, len(cut), split, max(lengths, default=0))  # fmt: skip
+    return report
+
+
 def entity_metrics(true_tags: list[list[str]], predicted_tags: list[list[str]]) -> dict[str, float]:
     """seqeval entity-level precision/recall/F1 (CoNLL rules) and token accuracy."""
     from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
@@ -155,9 +186,17 @@ class TokenClassification(Task):
                 )
                 for k, tags in enumerate(batch[self.args.tags_column])
             ]
+            # words max_length cut off each row (they get no label: not trained, not scored), and its full length
+            enc["words_cut"] = [
+                len(words) - 1 - max((w for w in ids_ if w is not None), default=-1)
+                for words, ids_ in zip(batch[self.args.tokens_column], word_ids)
+            ]
+            enc["full_length"] = [len(ids_) for ids_ in enc["input_ids"]]
             return enc
 
-        return self._map(datasets, features)
+        out = self._map(datasets, features)
+        self.truncation = report_cut_words(self.tokenizer, datasets, out, self.args.tokens_column, self.max_length)
+        return out.remove_columns(["words_cut", "full_length"])
 
     def collator(self, model):
         from transformers import DataCollatorForTokenClassification

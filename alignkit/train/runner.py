@@ -221,14 +221,31 @@ class Run:
         trainer.model.eval()  # train() leaves dropout and checkpointing on; generate() is garbage until eval()
         metrics = {**before, **result.metrics}
         if trainer.eval_dataset is not None:
-            metrics.update(trainer.evaluate())
+            metrics.update(_final_eval(trainer) or trainer.evaluate())
         metrics["train_wall_seconds"] = round(time.time() - started, 2)
         self.save(trainer, metrics)
+        if runtime.is_main_process():
+            self._print_summary(metrics, trainer.state.global_step)
         if runtime.launched_distributed():  # every rank got here: meet once more at exit, then shut the groups down
             runtime.end_process_group_at_exit()
         if "wandb" in (trainer.args.report_to or []):
             _finish_wandb()  # else the next stage in this process would log into this stage's W&B run
         return metrics
+
+    def _print_summary(self, metrics: dict[str, Any], steps: int) -> None:
+        """The closing summary on the console (alignkit.train.summary): metrics before/after, outputs, next steps."""
+        from alignkit.models.heads import HEADS
+        from alignkit.train.summary import run_summary
+
+        head = HEADS.get(self.head)
+        print(
+            run_summary(
+                self.stage, self.head, metrics, self.output_dir, adapter=bool(self.recipe.adapter.use_peft),
+                pipeline_task=head.pipeline if head else None, steps=steps, new_head=bool(head and head.new),
+                auto_class=head.auto_class if head else None,
+            ),
+            flush=True,
+        )  # fmt: skip
 
     def save(self, trainer, metrics: dict[str, Any]) -> None:
         trainer.save_model(str(self.output_dir))
@@ -280,6 +297,24 @@ class Run:
             metrics=metrics or {},
             alignkit_version=alignkit_version(),
         ).write(self.output_dir)
+
+
+def _final_eval(trainer) -> dict[str, Any] | None:
+    """The eval metrics the trainer already logged at its last step, when they score the final model (eval_steps
+    dividing max_steps, or an epoch-end eval): evaluating again would repeat the same evaluation. None when there is
+    none, or when ``load_best_model_at_end`` swapped in another checkpoint."""
+    state = trainer.state
+    if trainer.args.load_best_model_at_end or not state.log_history:
+        return None
+    for entry in reversed(state.log_history):
+        if entry.get("step") != state.global_step:
+            break
+        if "eval_loss" in entry or any(k.startswith("eval_") and not k.endswith("runtime") for k in entry):
+            logger.info(
+                "final evaluation: reusing the evaluation logged at step %d (the same model)", state.global_step
+            )
+            return {k: v for k, v in entry.items() if k.startswith("eval_")}
+    return None
 
 
 def _finish_wandb() -> None:

@@ -52,3 +52,19 @@ def test_4bit_memory_benchmark_counts_packed_weights():
     full, quantized = _load("memory_4bit").main(["--size", "tiny"])
     assert full["4-bit packed"] == 0 and quantized["4-bit packed"] > 0 and quantized["quant constants"] > 0
     assert 0 < quantized["ratio"] < 1
+
+
+def test_task_precision_benchmark_data_round_trips_through_the_readers(tmp_path):
+    import json
+
+    from alignkit.data.formats import read_conll, read_squad
+
+    bench = _load("task_precision")
+    rows, _ = read_conll(bench.write_conll(tmp_path / "x.conll").read_text(), "x.conll")
+    jsonl = [json.loads(line) for line in (bench.TASK_DATA / "ner.jsonl").read_text().splitlines()]
+    assert rows == [{"tokens": r["tokens"], "ner_tags": r["ner_tags"]} for r in jsonl]  # written IOB1, read IOB2
+    squad = read_squad(bench.write_squad(tmp_path / "x.json").read_text(), "x.json")
+    qa = [json.loads(line) for line in (bench.TASK_DATA / "qa_large.jsonl").read_text().splitlines() if line.strip()]
+    assert [(r["question"], r["context"], r["answers"]) for r in squad] == [
+        (r["question"], r["context"], r["answers"]) for r in qa
+    ]

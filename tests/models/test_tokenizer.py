@@ -62,3 +62,18 @@ def test_load_tokenizer_reports_changes():
     tok = load_tokenizer(ModelArguments(model_name_or_path="tiny:llama"), chat=True, train_on_completions=True)
     assert tok.alignkit_changes == []  # the tiny tokenizer already satisfies the contract
     assert tok.pad_token != tok.eos_token and "{% generation %}" in tok.chat_template
+
+
+def test_replacing_a_template_that_adds_a_default_system_turn_says_so(pad_is_eos):
+    # SmolLM2-Instruct's template (shortened): a conversation without a system turn gets the model's own
+    smollm2_like = (
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM<|im_end|>\n' }}{% endif %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    )
+    pad_is_eos.chat_template = smollm2_like
+    changes = apply_contract(pad_is_eos, chat_template="chatml_eos", chat=True)
+    warning = [c for c in changes if "default system turn" in c]
+    assert len(warning) == 1 and "You are a helpful AI assistant named SmolLM" in warning[0], changes
+    pad_is_eos.chat_template = CHATML  # no default system turn: nothing to say
+    assert not [c for c in apply_contract(pad_is_eos, chat_template="chatml_eos", chat=True) if "system" in c]

@@ -99,6 +99,25 @@ def test_qa_post_processing_recovers_gold_spans_from_gold_logits(bert_tokenizer)
     assert squad_metrics(predicted, [a["text"] for a in answers]) == {"exact_match": 100.0, "f1": 100.0}
 
 
+def test_squad_v2_null_answer_wins_above_the_threshold(bert_tokenizer):
+    # one window; the best span scores 2 + 2 = 4 and the null span (first token) 3 + 3 = 6: null - best = 2
+    context = "Alice lives in Paris near the river."
+    features = window_features(bert_tokenizer, ["Where?"], [context], [{"text": [], "answer_start": []}], 48, 16)
+    assert features["start_positions"] == [0] and features["end_positions"] == [0]  # unanswerable: the null span
+    width = len(features["input_ids"][0])
+    start, end = np.full((1, width), -5.0), np.full((1, width), -5.0)
+    paris = next(j for j, o in enumerate(features["offset_mapping"][0]) if o and context[o[0] : o[1]] == "Paris")
+    start[0, 0] = end[0, 0] = 3.0
+    start[0, paris] = end[0, paris] = 2.0
+    args = ([context], features["example_index"], features["offset_mapping"], start, end)
+    assert postprocess_qa(*args) == ["Paris"]  # v1: always a span
+    assert postprocess_qa(*args, null_score_diff_threshold=1.9) == [""]
+    assert postprocess_qa(*args, null_score_diff_threshold=2.1) == ["Paris"]
+    # the SQuAD v2 scoring: an empty prediction for an unanswerable question is exact
+    assert squad_metrics(["", "Paris"], [[], ["Paris"]]) == {"exact_match": 100.0, "f1": 100.0}
+    assert squad_metrics(["Paris"], [[]]) == {"exact_match": 0.0, "f1": 0.0}
+
+
 def test_squad_exact_match_and_f1_by_hand():
     # "The Eiffel Tower" vs gold "Eiffel Tower in Paris": normalized tokens [eiffel, tower] vs [eiffel, tower, in, paris]
     # -> P 1, R 1/2, F1 2/3; second example exact after normalization (case, punctuation, article).

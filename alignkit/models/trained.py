@@ -1,0 +1,72 @@
+"""Load what a run wrote, for inference: ``model, tokenizer = load_trained(output_dir)``.
+
+An adapter output (LoRA adapter + a task head trained in full, PEFT ``modules_to_save``) is loaded on its base with
+the head its run built (``head_config`` in alignkit_run.json: num_labels, id2label, ...), 4-bit if it was trained so,
+then the adapter and the trained head on top; a full fine-tune or a merged model loads as it is.
+
+peft's own ``AutoPeftModelFor<Task>.from_pretrained(output_dir)`` builds the base head from the base model's config
+(two labels) and then fails with a size mismatch on the trained head: give it the head config,
+``AutoPeftModelForTokenClassification.from_pretrained(output_dir, num_labels=7, id2label=..., label2id=...)``, or
+use this loader, which reads them from the run record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def quiet_head_report():
+    """Silence transformers' load report while a base loads whose head an adapter restores next: its "newly
+    initialized" warning is about the head that ``modules_to_save`` then replaces with the trained one."""
+    log = logging.getLogger("transformers.modeling_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def head_kwargs(head_config: dict) -> dict:
+    """A run record's ``head_config`` as from_pretrained takes it: JSON made ``id2label``'s ids text; ids are ints."""
+    head = dict(head_config)
+    if isinstance(head.get("id2label"), dict):
+        head["id2label"] = {int(k): v for k, v in head["id2label"].items()}
+    return head
+
+
+def load_trained(path: str | Path, merge: bool = False, dtype: str = "float32"):
+    """``(model, tokenizer)`` of a run's output dir or a model folder, in eval mode, with the head it was trained
+    with (a causal LM for cpt/sft/dpo/..., the task head of a task run, a one-output sequence-classification head
+    for a reward model). ``merge``: fold the adapter into the (dequantized, if 4-bit) base in memory and return the
+    plain transformers model. Raises ConfigError / PreflightError for a folder that is not a model or run."""
+    from peft import PeftModel
+
+    from alignkit.config.args import ModelArguments, QuantizationArguments
+    from alignkit.models.loader import load_base_model
+    from alignkit.models.sources import resolve_source
+    from alignkit.models.tokenizer import load_tokenizer
+
+    model_args = ModelArguments(model_name_or_path=str(path), dtype=dtype)
+    source = resolve_source(model_args)
+    tokenizer = load_tokenizer(model_args, source=source)
+    last = source.parent_run.last if source.parent_run else None
+    task, head = (last.task or "causal_lm", head_kwargs(last.head_config)) if last else ("causal_lm", {})
+    if source.adapter_dir is None:
+        return load_base_model(model_args, task=task, source=source, **head).eval(), tokenizer
+    quant = last.group(QuantizationArguments) if last else QuantizationArguments()
+    with quiet_head_report():
+        base = load_base_model(model_args, quant, task, dataclasses.replace(source, adapter_dir=None), **head)
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id  # a classification head pools at the last non-pad token
+    if not merge:
+        return PeftModel.from_pretrained(base, source.adapter_dir).eval(), tokenizer
+    if quant.load_in_4bit:
+        import torch
+
+        base = base.dequantize(dtype=torch.float32)
+    return PeftModel.from_pretrained(base, source.adapter_dir).merge_and_unload().eval(), tokenizer
