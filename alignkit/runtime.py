@@ -116,6 +116,36 @@ def fit_backend_to_device(args) -> None:
         args.use_cpu = True
 
 
+def physical_cores() -> int:
+    """Physical cores this process may run on: psutil's count (hyper-threads excluded), capped by the CPU affinity
+    mask (a container or ``taskset`` may allow fewer)."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or allowed
+    except ImportError:
+        physical = allowed
+    return max(1, min(physical, allowed))
+
+
+def fit_threads_to_ranks() -> int | None:
+    """On a CPU run launched with several ranks on one machine, give each rank its share of the physical cores as
+    torch intra-op threads (every rank would otherwise start one thread per core, and N ranks x all cores
+    oversubscribe the machine: threads wait on each other at every parallel region; the launchers' own fallback,
+    ``OMP_NUM_THREADS=1`` (torchrun when it is unset, accelerate 1.15 without ``--cpu``), leaves all but N cores
+    idle). An ``OMP_NUM_THREADS`` above 1 is the user's choice and is kept; so are GPU runs and single processes.
+    Returns the thread count set, or None."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local <= 1 or os.environ.get("OMP_NUM_THREADS", "1") != "1" or gpu_available():
+        return None
+    import torch
+
+    threads = max(1, physical_cores() // local)
+    torch.set_num_threads(threads)
+    return threads
+
+
 _LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 

@@ -173,6 +173,10 @@ class Run:
             from alignkit.data.packing import concatenate_rows
 
             concatenate_rows(trainer)
+        if r.model.attn_implementation is None:  # per-document attention, no (sum of lengths)^2 or padding work
+            from alignkit.models.attention import use_fast_attention
+
+            use_fast_attention(trainer.model)
         preflight.check_trainer(trainer, r.run)
         trainer.add_callback(NonFiniteGuard(enabled=r.run.stop_on_nonfinite))
         # alignkit rotates checkpoints itself, after the new one is marked complete: transformers deletes the old
