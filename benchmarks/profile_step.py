@@ -13,7 +13,7 @@ which must be set before torch is imported.
 How ops are sorted (self CPU time of each aten op, on the training thread): under ``Optimizer.step``/``zero_grad``
 -> optimizer; under the DataLoader's ``__next__`` -> collation; a matmul with a dimension equal to the LoRA rank, or a
 dropout -> LoRA; other matmuls -> GEMM; scaled-dot-product/flex/flash attention kernels and their backward ->
-attention; log-softmax/cross-entropy/gather (trl's chunked LM-head loss) -> loss; the rest -> elementwise (norms,
+attention; inside the LM head (trl's fused one or alignkit's CPU one) or log-softmax/cross-entropy -> LM head+loss; the rest -> elementwise (norms,
 activations, casts, copies, adds). Python overhead = profiled wall time - the sum of all of those.
 """
 
@@ -33,7 +33,7 @@ ISA_CAPS = {
     "native": {},
     "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
 }
-CATEGORIES = ["GEMM", "attention", "LoRA", "loss", "elementwise", "optimizer", "collation", "python/other"]
+CATEGORIES = ["GEMM", "attention", "LoRA", "LM head+loss", "elementwise", "optimizer", "collation", "python/other"]
 WARMUP, ACTIVE = 1, 3  # the first step is warm-up (oneDNN primitives, allocator); then 3 profiled
 LORA_RANK = harness.LORA["r"]
 _GEMM = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_weight_int4pack_mm", "aten::mkldnn_mm"}
@@ -49,6 +49,8 @@ def categorize(event, ancestors: list[str]) -> str:
     if any("DataLoader" in a or "_next_data" in a for a in ancestors):
         return "collation"
     name = event.name
+    if any("LogProb" in a or "lm_head" in a for a in ancestors):  # trl's fused LM head, or alignkit's CPU one
+        return "LM head+loss"
     if any(d in name for d in _DROPOUT):
         return "LoRA"
     if name in _GEMM:
@@ -57,7 +59,7 @@ def categorize(event, ancestors: list[str]) -> str:
     if any(a in name for a in _ATTN):
         return "attention"
     if any(a in name for a in _LOSS):
-        return "loss"
+        return "LM head+loss"
     return "elementwise"
 
 
@@ -88,6 +90,23 @@ def shares(prof, wall_seconds: float) -> dict:
     return {"seconds": seconds, "wall": wall_seconds, "threads_with_ops": len(threads), "top_ops": top}
 
 
+def _label_lm_head() -> None:
+    """Name the LM head's forward in the profile (its backward is the autograd node ``...LogProbBackward``): wrap the
+    function trl's fused LM head calls as training starts (trl's own, or alignkit's CPU one)."""
+    from torch.profiler import record_function
+    from trl.trainer import utils as trl_utils
+
+    inner = trl_utils._ChunkedLogProbFunction
+
+    class Labelled:
+        @staticmethod
+        def apply(*args):
+            with record_function("lm_head"):
+                return inner.apply(*args)
+
+    trl_utils._ChunkedLogProbFunction = Labelled
+
+
 def profile_child(stage: str, size: harness.Size, work: Path, steps: int, extra: list[str]) -> dict:
     import time
 
@@ -99,6 +118,9 @@ def profile_child(stage: str, size: harness.Size, work: Path, steps: int, extra:
     marks = {}
 
     class Window(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            _label_lm_head()
+
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == WARMUP:
                 marks["start"] = time.perf_counter()
@@ -129,7 +151,7 @@ def profile_child(stage: str, size: harness.Size, work: Path, steps: int, extra:
 
 def _profile_run(stage: str, isa: str, label: str, extra: str, args) -> dict:
     env = {**os.environ, **ISA_CAPS[isa]}
-    cmd = [sys.executable, __file__, "--child", stage, "--size", args.size, "--extra", extra]
+    cmd = [sys.executable, __file__, "--child", stage, "--size", args.size, f"--extra={extra}"]
     proc = subprocess.run(cmd, cwd=harness.REPO, env=env, capture_output=True, text=True)
     lines = [x for x in proc.stdout.splitlines() if x.startswith(harness.RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
@@ -137,7 +159,7 @@ def _profile_run(stage: str, isa: str, label: str, extra: str, args) -> dict:
         raise SystemExit(f"profile {stage}/{isa} failed (exit {proc.returncode})")
     found = json.loads(lines[-1][len(harness.RESULT_PREFIX) :])
     name = f"{stage} {isa} ({found['isa']}){' ' + label if label else ''}"
-    row = {"run": name, "wall": found["wall"], "loss": found["final_loss"], "top_ops": found["top_ops"]}
+    row = {"run": name, "wall": found["wall"], "final_loss": found["final_loss"], "top_ops": found["top_ops"]}
     row.update({c: 100 * found["seconds"][c] / found["wall"] for c in CATEGORIES})
     row["per_step"] = found["wall"] / ACTIVE
     print(harness.RESULT_PREFIX + json.dumps({k: v for k, v in row.items() if k != "top_ops"}), flush=True)
@@ -158,12 +180,19 @@ def main(argv=None) -> list[dict]:
     steps = WARMUP + ACTIVE
     if args.child:
         with tempfile.TemporaryDirectory(prefix="alignkit-profile-") as tmp:
-            harness.emit(profile_child(args.child, size, Path(tmp), steps, args.extra.split()))
+            extra = args.extra.split()
+            if "--old_defaults" in extra:  # before this branch: transformers' sdpa and trl's own LM head on CPU
+                extra.remove("--old_defaults")
+                extra += ["--attn_implementation", "sdpa"]
+                from alignkit.train import lm_head
+
+                lm_head.use_cpu_lm_head = lambda: False
+            harness.emit(profile_child(args.child, size, Path(tmp), steps, extra))
         return []
 
     settings = {"": args.extra}
     if args.before:  # the old default first: transformers' sdpa, block-diagonal mask for padding-free batches
-        settings = {"before": f"--attn_implementation sdpa {args.extra}".strip(), "after": args.extra}
+        settings = {"before": f"--old_defaults {args.extra}".strip(), "after": args.extra}
     rows = []
     for stage in args.stages:
         for isa in args.isa:
@@ -175,7 +204,7 @@ def main(argv=None) -> list[dict]:
     print(f"\nProfile, {size.name} ({size.alignkit_name}), alignkit defaults {args.extra}: {ACTIVE} steps after "
           f"{WARMUP} warm-up, % of step wall time\n{harness.machine()}")  # fmt: skip
     columns = [("run", "run", "s"), ("s/step", "per_step", ".2f")]
-    columns += [(f"{c} %", c, ".1f") for c in CATEGORIES] + [("final loss", "loss", ".4f")]
+    columns += [(f"{c} %", c, ".1f") for c in CATEGORIES] + [("final loss", "final_loss", ".4f")]
     print(harness.table(rows, columns))
     return rows
 

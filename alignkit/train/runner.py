@@ -177,6 +177,10 @@ class Run:
             from alignkit.models.attention import use_fast_attention
 
             use_fast_attention(trainer.model)
+        if not runtime.gpu_available():  # trl's fused LM head without Triton: ~20 elementwise passes per logits tile
+            from alignkit.train.lm_head import use_cpu_lm_head
+
+            use_cpu_lm_head()
         preflight.check_trainer(trainer, r.run)
         trainer.add_callback(NonFiniteGuard(enabled=r.run.stop_on_nonfinite))
         # alignkit rotates checkpoints itself, after the new one is marked complete: transformers deletes the old
