@@ -129,19 +129,35 @@ def physical_cores() -> int:
     return max(1, min(physical, allowed))
 
 
-def fit_threads_to_ranks() -> int | None:
-    """On a CPU run launched with several ranks on one machine, give each rank its share of the physical cores as
-    torch intra-op threads (every rank would otherwise start one thread per core, and N ranks x all cores
-    oversubscribe the machine: threads wait on each other at every parallel region; the launchers' own fallback,
-    ``OMP_NUM_THREADS=1`` (torchrun when it is unset, accelerate 1.15 without ``--cpu``), leaves all but N cores
-    idle). An ``OMP_NUM_THREADS`` above 1 is the user's choice and is kept; so are GPU runs and single processes.
-    Returns the thread count set, or None."""
+def fit_cpu_threads() -> int | None:
+    """Intra-op threads for a CPU run: this rank's share of the physical cores that are not already busy.
+
+    An OpenMP team waits at the end of every parallel region for its slowest thread; when the machine has more
+    runnable threads than cores, a thread the scheduler has parked stalls the whole team for a time slice at each of
+    the thousands of ops in a step. Measured on a 2-core machine kept busy by other jobs (load average 5.4): the tiny
+    SFT benchmark ran 25232 tokens/s with 1 thread and 536 with 2 (47x; benchmarks/README.md). So the count is
+    min(physical cores / ranks on this machine, physical cores - the load others put on it) and at least 1, where
+    the others' load is the 1-minute load average minus this machine's ranks (each was runnable while it loaded its
+    model and data). Several ranks on one machine also split the cores (the launchers' own fallback,
+    ``OMP_NUM_THREADS=1`` from torchrun or accelerate 1.15 without ``--cpu``, leaves all but N cores idle).
+
+    Kept as they are: GPU runs, an ``OMP_NUM_THREADS`` the user set (any value for a single process, above 1 for
+    several ranks), and counts above torch's own. Thread counts change float summation order only (1 vs 2 threads:
+    within the golden tolerances, ``tests/regression/spread.py``). Returns the count set, or None."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if local <= 1 or os.environ.get("OMP_NUM_THREADS", "1") != "1" or gpu_available():
+    omp = os.environ.get("OMP_NUM_THREADS")
+    if gpu_available() or (omp is not None and (local <= 1 or omp != "1")):
         return None
     import torch
 
-    threads = max(1, physical_cores() // local)
+    cores = physical_cores()
+    try:
+        others = max(0.0, os.getloadavg()[0] - local)
+    except OSError:
+        others = 0.0
+    threads = max(1, min(cores // local, int(cores - others + 0.5)))
+    if local <= 1 and threads >= torch.get_num_threads():
+        return None
     torch.set_num_threads(threads)
     return threads
 

@@ -181,12 +181,14 @@ def main(argv=None) -> list[dict]:
     if args.child:
         with tempfile.TemporaryDirectory(prefix="alignkit-profile-") as tmp:
             extra = args.extra.split()
-            if "--old_defaults" in extra:  # before this branch: transformers' sdpa and trl's own LM head on CPU
+            if "--old_defaults" in extra:  # before this branch: sdpa, trl's own LM head on CPU, torch's thread count
                 extra.remove("--old_defaults")
                 extra += ["--attn_implementation", "sdpa"]
+                from alignkit import runtime
                 from alignkit.train import lm_head
 
                 lm_head.use_cpu_lm_head = lambda: False
+                runtime.fit_cpu_threads = lambda: None
             harness.emit(profile_child(args.child, size, Path(tmp), steps, extra))
         return []
 

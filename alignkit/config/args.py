@@ -365,7 +365,7 @@ def _device_defaults(args) -> None:
     if getattr(args, "use_liger_kernel", False) is None:
         args.use_liger_kernel = runtime.gpu_available() and importlib.util.find_spec("liger_kernel") is not None
     runtime.fit_backend_to_device(args)
-    runtime.fit_threads_to_ranks()
+    runtime.fit_cpu_threads()
 
 
 @dataclass
