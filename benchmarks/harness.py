@@ -106,6 +106,12 @@ def step_timer():
     return StepTimer()
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def peak_memory_mib() -> float:
     """Peak device memory on GPU, else this process's peak RSS (imports included: the same for every variant)."""
     import torch
@@ -150,6 +156,7 @@ def train_measurements(trainer, timer, batch: int) -> dict:
         "losses": [round(e["loss"], 4) for e in logs],
         "peak_mib": peak_memory_mib(),
         "bf16": bool(trainer.args.bf16),
+        "threads": torch_threads(),  # as the run trained: alignkit.runtime.fit_cpu_threads may lower torch's count
     }
     if "num_tokens" in logs[-1]:  # trl counts non-padding tokens (attention mask, or positions when padding-free)
         tokens = logs[-1]["num_tokens"] - logs[0]["num_tokens"]
@@ -343,13 +350,15 @@ def load_average() -> str:
         return "unknown"
 
 
-def machine() -> str:
-    """The header line of every table: device, CPU model, ISA flags, threads, load average (1/5/15 min), torch."""
+def machine(load_at_start: str | None = None) -> str:
+    """The header line of every table: device, CPU model, ISA flags, threads, load average (1/5/15 min; also at the
+    start of the measurement when given), torch."""
     import torch
 
+    load = f"load average {load_average()}" + (f" (at start {load_at_start})" if load_at_start else "")
     if torch.cuda.is_available():
-        return f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, load {load_average()}"
+        return f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, {load}"
     return (
         f"CPU {cpu_model()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads, "
-        f"ISA {isa_flags()}, load average {load_average()}, torch {torch.__version__}"
+        f"ISA {isa_flags()}, {load}, torch {torch.__version__}"
     )

@@ -144,7 +144,7 @@ def profile_child(stage: str, size: harness.Size, work: Path, steps: int, extra:
     return {
         **found,
         "final_loss": result["final_loss"],
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(),  # as training ran (alignkit.runtime.fit_cpu_threads may lower it)
         "isa": torch.backends.cpu.get_cpu_capability(),
     }
 
@@ -161,7 +161,7 @@ def _profile_run(stage: str, isa: str, label: str, extra: str, args) -> dict:
     name = f"{stage} {isa} ({found['isa']}){' ' + label if label else ''}"
     row = {"run": name, "wall": found["wall"], "final_loss": found["final_loss"], "top_ops": found["top_ops"]}
     row.update({c: 100 * found["seconds"][c] / found["wall"] for c in CATEGORIES})
-    row["per_step"] = found["wall"] / ACTIVE
+    row["per_step"], row["threads"] = found["wall"] / ACTIVE, found["threads"]
     print(harness.RESULT_PREFIX + json.dumps({k: v for k, v in row.items() if k != "top_ops"}), flush=True)
     return row
 
@@ -205,7 +205,7 @@ def main(argv=None) -> list[dict]:
                         f"{name} {100 * t / rows[-1]['wall']:.1f}" for name, t in rows[-1].pop("top_ops")), flush=True)  # fmt: skip
     print(f"\nProfile, {size.name} ({size.alignkit_name}), alignkit defaults {args.extra}: {ACTIVE} steps after "
           f"{WARMUP} warm-up, % of step wall time\n{harness.machine()}")  # fmt: skip
-    columns = [("run", "run", "s"), ("s/step", "per_step", ".2f")]
+    columns = [("run", "run", "s"), ("threads", "threads", "d"), ("s/step", "per_step", ".2f")]
     columns += [(f"{c} %", c, ".1f") for c in CATEGORIES] + [("final loss", "final_loss", ".4f")]
     print(harness.table(rows, columns))
     return rows

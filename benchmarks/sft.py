@@ -93,6 +93,7 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
         peaks = {name: p["flops"] for name, p in probes.items()}
         common = ["--size", args.size, "--steps", str(steps), "--data", str(data), "--work", tmp]
         run_here = (lambda v: run_variant(v, size, data, Path(tmp), steps)) if in_process else None
+        started_at = harness.load_average()
         rows = harness.run_variants(__file__, args.variants, common, args.repeats, in_process=run_here)
 
     for row in rows:
@@ -102,13 +103,13 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
     harness.add_ratios(rows, "tokens_per_s")
     print(
         f"\nSFT, {size.name} ({size.alignkit_name}): max_length {size.max_length}, batch {size.batch}, {steps} steps (timed: 2..{steps}), best of {args.repeats} rounds, LoRA r16, "
-        f"{harness.machine()}"
+        f"{harness.machine(started_at)}"
     )
     print("GEMM probe: " + ", ".join(
         f"{name} {p['flops'] / 1e9:.1f} GFLOP/s (n={p['n']}{', time-boxed' if p['timeboxed'] else ''})"
         for name, p in probes.items()))  # fmt: skip
     print(harness.table(rows, [
-        ("variant", "variant", "s"), ("dtype", "dtype", "s"), ("batching", "batching", "s"), ("grad ckpt", "grad_ckpt", "d"),
+        ("variant", "variant", "s"), ("threads", "threads", "d"), ("dtype", "dtype", "s"), ("batching", "batching", "s"), ("grad ckpt", "grad_ckpt", "d"),
         ("tokens/s", "tokens_per_s", ".0f"), ("samples/s", "samples_per_s", ".2f"), ("samples/s per round", "rounds", "s"),
         ("tok/CPU-s", "tokens_per_cpu_s", ".0f"), ("peak MiB", "peak_mib", ".0f"),
         ("final loss", "final_loss", ".4f"), ("MFU %", "mfu", ".1f"), ("alignkit/this tok/s", "speedup", ".2f"),
