@@ -17,7 +17,7 @@ def test_cpu_path_matches_trls_function(scale, with_bias, monkeypatch):
     bias = torch.randn(vocab, dtype=torch.float64) if with_bias else None
     targets = torch.randint(0, vocab, (n,))
     targets[3] = (hidden[3] @ weight.T * scale + (0 if bias is None else bias * scale)).argmax()  # one top-1 hit
-    outputs = ("log_probs", "entropy", "is_top1")
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
     results = []
     for fn in (ChunkedLogProbFunction, lm_head.CpuFirstLogProbFunction):
         lm_head.CpuFirstLogProbFunction.upstream = ChunkedLogProbFunction
@@ -35,7 +35,7 @@ def test_cpu_path_matches_trls_function(scale, with_bias, monkeypatch):
         assert torch.allclose(g1, g0, atol=1e-5, rtol=1e-4)
 
 
-def test_other_outputs_and_softcapping_go_to_trl(monkeypatch):
+def test_softcapping_and_gpu_tensors_go_to_trl(monkeypatch):
     calls = []
 
     class Upstream:
@@ -46,8 +46,7 @@ def test_other_outputs_and_softcapping_go_to_trl(monkeypatch):
 
     monkeypatch.setattr(lm_head.CpuFirstLogProbFunction, "upstream", Upstream)
     h, w, t = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2])
-    assert lm_head.CpuFirstLogProbFunction.apply(h, w, None, t, 1.0, 8, None, 1.0, ("log_probs", "mean_logits")) == (
-        "upstream",
-    )
     assert lm_head.CpuFirstLogProbFunction.apply(h, w, None, t, 1.0, 8, 30.0, 1.0, ("log_probs",)) == ("upstream",)
+    h_meta = torch.empty(3, 4, device="meta")  # any non-CPU device
+    assert lm_head.CpuFirstLogProbFunction.apply(h_meta, w, None, t, 1.0, 8, None, 1.0, ("log_probs",)) == ("upstream",)
     assert len(calls) == 2
