@@ -116,6 +116,52 @@ def fit_backend_to_device(args) -> None:
         args.use_cpu = True
 
 
+def physical_cores() -> int:
+    """Physical cores this process may run on: psutil's count (hyper-threads excluded), capped by the CPU affinity
+    mask (a container or ``taskset`` may allow fewer)."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or allowed
+    except ImportError:
+        physical = allowed
+    return max(1, min(physical, allowed))
+
+
+def fit_cpu_threads() -> int | None:
+    """Intra-op threads for a CPU run: this rank's share of the physical cores that are not already busy.
+
+    An OpenMP team waits at the end of every parallel region for its slowest thread; when the machine has more
+    runnable threads than cores, a thread the scheduler has parked stalls the whole team for a time slice at each of
+    the thousands of ops in a step. Measured on a 2-core machine kept busy by other jobs (load average 5.4): the tiny
+    SFT benchmark ran 25232 tokens/s with 1 thread and 536 with 2 (47x; benchmarks/README.md). So the count is
+    min(physical cores / ranks on this machine, physical cores - the load others put on it) and at least 1, where
+    the others' load is the 1-minute load average minus this machine's ranks (each was runnable while it loaded its
+    model and data). Several ranks on one machine also split the cores (the launchers' own fallback,
+    ``OMP_NUM_THREADS=1`` from torchrun or accelerate 1.15 without ``--cpu``, leaves all but N cores idle).
+
+    Kept as they are: GPU runs, an ``OMP_NUM_THREADS`` the user set (any value for a single process, above 1 for
+    several ranks), and counts above torch's own. Thread counts change float summation order only (1 vs 2 threads:
+    within the golden tolerances, ``tests/regression/spread.py``). Returns the count set, or None."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    omp = os.environ.get("OMP_NUM_THREADS")
+    if gpu_available() or (omp is not None and (local <= 1 or omp != "1")):
+        return None
+    import torch
+
+    cores = physical_cores()
+    try:
+        others = max(0.0, os.getloadavg()[0] - local)
+    except OSError:
+        others = 0.0
+    threads = max(1, min(cores // local, int(cores - others + 0.5)))
+    if local <= 1 and threads >= torch.get_num_threads():
+        return None
+    torch.set_num_threads(threads)
+    return threads
+
+
 _LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 

@@ -64,13 +64,14 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
         data = harness.write_jsonl(Path(tmp) / "dpo.jsonl", harness.dpo_rows())
         common = ["--size", args.size, "--steps", str(steps), "--data", str(data), "--work", tmp]
         run_here = (lambda v: run_variant(v, size, data, Path(tmp), steps)) if in_process else None
+        started_at = harness.load_average()
         rows = harness.run_variants(__file__, args.variants, common, args.repeats, in_process=run_here)
 
     harness.add_ratios(rows, "samples_per_s")
     print(f"\nDPO, {size.name} ({size.alignkit_name}): batch {size.dpo_batch} pairs, {steps} steps (timed: 2..{steps}), best of {args.repeats} rounds, "
-          f"LoRA r16, {harness.machine()}")  # fmt: skip
+          f"LoRA r16, {harness.machine(started_at)}")  # fmt: skip
     print(harness.table(rows, [
-        ("variant", "variant", "s"), ("dtype", "dtype", "s"), ("grad ckpt", "grad_ckpt", "d"),
+        ("variant", "variant", "s"), ("threads", "threads", "d"), ("dtype", "dtype", "s"), ("grad ckpt", "grad_ckpt", "d"),
         ("pairs/s", "samples_per_s", ".2f"), ("pairs/s per round", "rounds", "s"),
         ("pairs/CPU-s", "samples_per_cpu_s", ".2f"), ("peak MiB", "peak_mib", ".0f"),
         ("final loss", "final_loss", ".4f"),

@@ -1,8 +1,11 @@
 """GEMM probe: this machine's dense matmul throughput per dtype, the denominator of model FLOPs utilisation (MFU).
 
-    python benchmarks/gemm.py [--n 2048]
+    python benchmarks/gemm.py [--n 2048] [--budget 4]
 
-On CPUs with AMX / AVX512-BF16, bf16 matmuls run several times faster than fp32 ones, while a whole bf16
+Time-boxed per dtype: the probe starts at 256^3 and doubles n up to ``--n`` only while one matmul stays well inside
+``--budget`` seconds, then times repeats until the budget is spent. A dtype the CPU has no units for (bf16 without
+AVX512-BF16/AMX: ~0.3 GFLOP/s, where 2048^3 takes a minute) stops early and is reported at the n it reached, marked
+"time-boxed". On CPUs with AMX / AVX512-BF16, bf16 matmuls run several times faster than fp32 ones, while a whole bf16
 mixed-precision training step may not (elementwise ops, casts): compare with benchmarks/sft.py.
 """
 
@@ -14,39 +17,56 @@ import time
 import harness
 
 
-def matmul_flops(dtype_name: str, n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-``repeats`` FLOP/s of an n x n x n matmul (2 n^3 FLOPs) in ``dtype_name``."""
+def probe(dtype_name: str, n: int = 2048, budget: float = 4.0) -> dict:
+    """{"flops": best FLOP/s of an m x m x m matmul (2 m^3 FLOPs), "n": m, "runs", "timeboxed": m < n}."""
     import torch
 
     dtype = getattr(torch, dtype_name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    inner = 20 if device == "cuda" else 3
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
+
+    def once(a, b) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        for _ in range(inner):
-            a @ b
+        a @ b
         if device == "cuda":
             torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / inner)
-    return 2 * n**3 / best
+        return time.perf_counter() - start
+
+    deadline = time.perf_counter() + budget
+    m, best, runs = 256, float("inf"), 0
+    while True:
+        a = torch.randn(m, m, dtype=dtype, device=device)
+        b = torch.randn(m, m, dtype=dtype, device=device)
+        once(a, b)  # warm-up (oneDNN primitive creation, page faults)
+        best, runs = min(once(a, b), float("inf")), 1
+        # the next size costs 8x: go there only if it fits half of what is left
+        if m >= n or 8 * best > (deadline - time.perf_counter()) / 2:
+            break
+        m *= 2
+    while time.perf_counter() + best < deadline and runs < 50:
+        best = min(best, once(a, b))
+        runs += 1
+    return {"dtype": dtype_name, "flops": 2 * m**3 / best, "n": m, "runs": runs, "timeboxed": m < n}
+
+
+def matmul_flops(dtype_name: str, n: int = 2048, budget: float = 4.0) -> float:
+    """Best FLOP/s of ``probe`` (time-boxed to ``budget`` seconds)."""
+    return probe(dtype_name, n, budget)["flops"]
 
 
 def main(argv=None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2048)
+    parser.add_argument("--budget", type=float, default=4.0, help="seconds per dtype")
     args = parser.parse_args(argv)
-    peaks = {name: matmul_flops(name, args.n) for name in ("float32", "bfloat16")}
-    print(f"GEMM probe ({harness.machine()}), {args.n}x{args.n}x{args.n}")
-    rows = [{"dtype": k, "gflops": v / 1e9} for k, v in peaks.items()]
-    print(harness.table(rows, [("dtype", "dtype", "s"), ("GFLOP/s", "gflops", ".1f")]))
-    return peaks
+    rows = [probe(name, args.n, args.budget) for name in ("float32", "bfloat16")]
+    print(f"\nGEMM probe, up to {args.n}^3, {args.budget:g} s per dtype\n{harness.machine()}")
+    for row in rows:
+        row.update(gflops=row["flops"] / 1e9, note=f"time-boxed at n={row['n']}" if row["timeboxed"] else "")
+    print(harness.table(rows, [("dtype", "dtype", "s"), ("GFLOP/s", "gflops", ".1f"), ("n", "n", "d"),
+                               ("runs", "runs", "d"), ("note", "note", "s")]))  # fmt: skip
+    return {r["dtype"]: r["flops"] for r in rows}
 
 
 if __name__ == "__main__":

@@ -106,6 +106,12 @@ def step_timer():
     return StepTimer()
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def peak_memory_mib() -> float:
     """Peak device memory on GPU, else this process's peak RSS (imports included: the same for every variant)."""
     import torch
@@ -150,6 +156,7 @@ def train_measurements(trainer, timer, batch: int) -> dict:
         "losses": [round(e["loss"], 4) for e in logs],
         "peak_mib": peak_memory_mib(),
         "bf16": bool(trainer.args.bf16),
+        "threads": torch_threads(),  # as the run trained: alignkit.runtime.fit_cpu_threads may lower torch's count
     }
     if "num_tokens" in logs[-1]:  # trl counts non-padding tokens (attention mask, or positions when padding-free)
         tokens = logs[-1]["num_tokens"] - logs[0]["num_tokens"]
@@ -160,9 +167,9 @@ def train_measurements(trainer, timer, batch: int) -> dict:
 
 
 @contextmanager
-def timed_alignkit_trainer(timer):
-    """Let alignkit's recipe run untouched, but time its trainer: Run.train gets the timer callback first. Yields a
-    dict that holds the trainer afterwards."""
+def timed_alignkit_trainer(timer, extra=None):
+    """Let alignkit's recipe run untouched, but time its trainer: Run.train gets the timer callback first (and
+    ``extra``, another callback, if given). Yields a dict that holds the trainer afterwards."""
     from alignkit.train import runner
 
     captured = {}
@@ -170,6 +177,8 @@ def timed_alignkit_trainer(timer):
 
     def timed_train(self, trainer, *args, **kwargs):
         trainer.add_callback(timer)
+        if extra is not None:
+            trainer.add_callback(extra)
         captured["trainer"] = trainer
         return original(self, trainer, *args, **kwargs)
 
@@ -240,17 +249,19 @@ def train_plain_trl(stage: str, size: Size, data: Path, out: Path, steps: int, b
     return trainer, train_measurements(trainer, timer, batch)
 
 
-def train_alignkit(stage: str, size: Size, data: Path, out: Path, steps: int, batch: int, argv: list[str] = ()):
+def train_alignkit(
+    stage: str, size: Size, data: Path, out: Path, steps: int, batch: int, argv: list[str] = (), timer=None
+):
     """alignkit's recipe with nothing but the shared work set (and ``argv``): every other setting is its default.
-    Returns the trainer and its measurements."""
-    timer = step_timer()
+    ``timer``: one more callback for the trainer (the profiler's window). Returns the trainer and its measurements."""
+    extra, timer = timer, step_timer()
     argv = [
         "--model_name_or_path", size.alignkit_name, "--datasets", f"[{data}]", *argv,
         "--per_device_train_batch_size", str(batch), "--max_steps", str(steps),
         "--learning_rate", str(LEARNING_RATE), "--seed", str(SEED), "--disable_tqdm", "true",
         "--output_dir", str(out), "--overwrite_output_dir", "true",
     ]  # fmt: skip
-    with timed_alignkit_trainer(timer) as captured:
+    with timed_alignkit_trainer(timer, extra) as captured:
         run_recipe(stage, argv)
     trainer = captured["trainer"]
     return trainer, train_measurements(trainer, timer, batch)
@@ -299,11 +310,55 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
     import platform
 
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def isa_flags() -> str:
+    """The matmul-relevant ISA flags this CPU reports (avx2, fma, avx512f, avx512_bf16, amx_bf16...), plus the caps set
+    in the environment (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY) and ATen's own kernel level."""
     import torch
 
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_int8")
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = set(next(x for x in text.splitlines() if x.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        flags = set()
+    present = [f for f in wanted if f in flags] or ["unknown"]
+    caps = [f"{k}={os.environ[k]}" for k in ISA_CAPS if k in os.environ]
+    cap = f"; capped: {' '.join(caps)}" if caps else ""
+    return f"{' '.join(present)}{cap}; ATen kernels {torch.backends.cpu.get_cpu_capability()}"
+
+
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
+
+def load_average() -> str:
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def machine(load_at_start: str | None = None) -> str:
+    """The header line of every table: device, CPU model, ISA flags, threads, load average (1/5/15 min; also at the
+    start of the measurement when given), torch."""
+    import torch
+
+    load = f"load average {load_average()}" + (f" (at start {load_at_start})" if load_at_start else "")
     if torch.cuda.is_available():
-        return f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+        return f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, {load}"
+    return (
+        f"CPU {cpu_model()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads, "
+        f"ISA {isa_flags()}, {load}, torch {torch.__version__}"
+    )

@@ -74,7 +74,8 @@ def run_variant(variant: str, size: harness.Size, data: Path, work: Path, steps:
 
 def main(argv=None, in_process: bool = False) -> list[dict]:
     parser = harness.variant_parser(__doc__, VARIANTS)
-    parser.add_argument("--gemm_n", type=int, default=2048, help="matrix size of the GEMM probe")
+    parser.add_argument("--gemm_n", type=int, default=2048, help="largest matrix size of the GEMM probe")
+    parser.add_argument("--gemm_budget", type=float, default=4.0, help="seconds per dtype for the GEMM probe")
     args = parser.parse_args(argv)
     size = harness.SIZES[args.size]
     steps = args.steps or size.steps
@@ -88,9 +89,11 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="alignkit-bench-sft-") as tmp:
         tokenizer = AutoTokenizer.from_pretrained(size.path())
         data = harness.write_jsonl(Path(tmp) / "sft.jsonl", harness.sft_rows(tokenizer, size.max_length))
-        peaks = {name: gemm.matmul_flops(name, args.gemm_n) for name in ("float32", "bfloat16")}
+        probes = {name: gemm.probe(name, args.gemm_n, args.gemm_budget) for name in ("float32", "bfloat16")}
+        peaks = {name: p["flops"] for name, p in probes.items()}
         common = ["--size", args.size, "--steps", str(steps), "--data", str(data), "--work", tmp]
         run_here = (lambda v: run_variant(v, size, data, Path(tmp), steps)) if in_process else None
+        started_at = harness.load_average()
         rows = harness.run_variants(__file__, args.variants, common, args.repeats, in_process=run_here)
 
     for row in rows:
@@ -100,11 +103,13 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
     harness.add_ratios(rows, "tokens_per_s")
     print(
         f"\nSFT, {size.name} ({size.alignkit_name}): max_length {size.max_length}, batch {size.batch}, {steps} steps (timed: 2..{steps}), best of {args.repeats} rounds, LoRA r16, "
-        f"{harness.machine()}"
+        f"{harness.machine(started_at)}"
     )
-    print(f"GEMM probe: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
+    print("GEMM probe: " + ", ".join(
+        f"{name} {p['flops'] / 1e9:.1f} GFLOP/s (n={p['n']}{', time-boxed' if p['timeboxed'] else ''})"
+        for name, p in probes.items()))  # fmt: skip
     print(harness.table(rows, [
-        ("variant", "variant", "s"), ("dtype", "dtype", "s"), ("batching", "batching", "s"), ("grad ckpt", "grad_ckpt", "d"),
+        ("variant", "variant", "s"), ("threads", "threads", "d"), ("dtype", "dtype", "s"), ("batching", "batching", "s"), ("grad ckpt", "grad_ckpt", "d"),
         ("tokens/s", "tokens_per_s", ".0f"), ("samples/s", "samples_per_s", ".2f"), ("samples/s per round", "rounds", "s"),
         ("tok/CPU-s", "tokens_per_cpu_s", ".0f"), ("peak MiB", "peak_mib", ".0f"),
         ("final loss", "final_loss", ".4f"), ("MFU %", "mfu", ".1f"), ("alignkit/this tok/s", "speedup", ".2f"),

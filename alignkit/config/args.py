@@ -45,7 +45,14 @@ class ModelArguments:
             "help": "Weights/compute dtype: auto (bf16 on GPUs that support it, else fp32), float32, bfloat16, float16."
         },
     )
-    attn_implementation: str | None = field(default=None, metadata={"help": "eager | sdpa | flash_attention_2."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "eager | sdpa | sdpa_per_document | flash_attention_2. Unset: training switches causal LMs from "
+            "sdpa to per-document attention (flash_attention_2 on GPUs with flash-attn and bf16/fp16 weights), "
+            "which skips cross-row work in padding-free batches and padding in right-padded ones."
+        },
+    )
     from_scratch: bool = field(
         default=False, metadata={"help": "Random init from the model's config (pretraining from scratch)."}
     )
@@ -367,6 +374,7 @@ def _device_defaults(args) -> None:
     if getattr(args, "use_liger_kernel", False) is None:
         args.use_liger_kernel = runtime.gpu_available() and importlib.util.find_spec("liger_kernel") is not None
     runtime.fit_backend_to_device(args)
+    runtime.fit_cpu_threads()
 
 
 @dataclass

@@ -134,6 +134,10 @@ def load_base_model(
         "use_safetensors": None if model_args.allow_pickle_weights else True,
     }
     if model_args.attn_implementation:
+        if model_args.attn_implementation == "sdpa_per_document":
+            from alignkit.models.attention import register
+
+            register()
         kwargs["attn_implementation"] = model_args.attn_implementation
     quantization_config = get_quantization_config(quant_args, task)
     if quantization_config is not None:

@@ -180,6 +180,14 @@ class Run:
             from alignkit.data.packing import concatenate_rows
 
             concatenate_rows(trainer)
+        if r.model.attn_implementation is None:  # per-document attention, no (sum of lengths)^2 or padding work
+            from alignkit.models.attention import use_fast_attention
+
+            use_fast_attention(trainer.model)
+        if not runtime.gpu_available():  # trl's fused LM head without Triton: ~20 elementwise passes per logits tile
+            from alignkit.train.lm_head import use_cpu_lm_head
+
+            use_cpu_lm_head()
         preflight.check_trainer(trainer, r.run)
         trainer.add_callback(NonFiniteGuard(enabled=r.run.stop_on_nonfinite))
         # alignkit rotates checkpoints itself, after the new one is marked complete: transformers deletes the old

@@ -68,3 +68,39 @@ def test_task_precision_benchmark_data_round_trips_through_the_readers(tmp_path)
     assert [(r["question"], r["context"], r["answers"]) for r in squad] == [
         (r["question"], r["context"], r["answers"]) for r in qa
     ]
+
+
+def test_gemm_probe_stops_a_dtype_at_its_time_box():
+    found = _load("gemm").probe("float32", n=16384, budget=0.3)  # 16384^3 is ~9 TFLOP: no CPU fits it in 0.3 s
+    assert found["timeboxed"] and 256 <= found["n"] < 16384 and found["flops"] > 0
+
+
+def test_attention_benchmark_compares_equal_outputs(capsys):
+    rows = _load("attention").main(["--rows", "3", "--max_length", "40", "--repeats", "1"])
+    assert [r["variant"] for r in rows] == ["sdpa, block-diagonal mask", "sdpa_per_document"]
+    out = capsys.readouterr().out
+    assert "load average" in out and "ISA" in out
+    assert float(out.split("max |difference| ")[1].split()[0]) < 1e-5
+
+
+def test_profile_sorts_ops_into_categories():
+    from torch.profiler import ProfilerActivity, profile
+
+    profile_step = _load("profile_step")
+    x, w, lora_a = torch.randn(64, 128), torch.randn(128, 128), torch.randn(128, 16)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(3):
+            (x @ w + torch.nn.functional.dropout(x, 0.1) @ lora_a @ lora_a.T).relu()
+    found = profile_step.shares(prof, wall_seconds=10.0)["seconds"]
+    assert found["GEMM"] > 0 and found["LoRA"] > 0 and found["elementwise"] > 0
+    assert found["attention"] == 0 and found["optimizer"] == 0 and found["python/other"] > 0
+
+
+def test_run_all_plans_every_table_and_gpu_check_parses():
+    import subprocess
+
+    quick, full = (_load("run_all").plan(q) for q in (True, False))
+    scripts = {s for s, _, _ in full}
+    assert {"gemm.py", "attention.py", "sft.py", "dpo.py", "memory_4bit.py", "profile_step.py"} <= scripts
+    assert all((BENCH / s).exists() for s, _, _ in full) and len(quick) < len(full)
+    subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)

@@ -148,7 +148,7 @@ def _token_nll(logits, labels):
     return -logprobs[keep].gather(-1, targets[keep, None]).squeeze(-1)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "sdpa_per_document"])
 def test_padding_free_packing_gives_each_example_its_padded_loss(attn, tmp_path):
     """trl's padding-free packing (packing=True, 'bfd': rows concatenated, position_ids restart at each row, no
     attention mask) vs the padded, unpacked batch of the same rows, same weights.

@@ -1,0 +1,136 @@
+"""A CPU path for trl's fused LM head: the same per-token log-probabilities, entropy and top-1 flags, in native kernels.
+
+trl 1.16 scores every trainer's tokens through ``trl.kernels.ChunkedLogProbFunction`` (``add_fused_lm_head``): the
+projection in ``[4096, 32768]`` tiles folded into online-logsumexp statistics by a Triton kernel on GPU. Without
+Triton (every CPU) the fold runs as ~20 separate elementwise torch ops per tile, forward and backward (multiplies by a
+logit scale and temperature of 1.0 included): on SmolLM2-135M's 49152-token vocabulary that was the largest share of an
+SFT step (benchmarks/README.md, profile). Here, on CPU only, each chunk of 1024 tokens gets its full-vocabulary logits
+(1024 x V fp32: 200 MB for SmolLM2) and ATen's fused ``logsumexp`` / ``softmax``; the backward recomputes the chunk's
+logits, as trl does, so memory stays bounded. Anything else (GPU, logit softcapping) goes to trl's own
+function.
+
+Math (per token, z = logits * scale, p = softmax(z), t = target): log p_t = z_t - logsumexp(z); entropy
+H = -sum_j p_j log p_j; is_top1 = argmax(z) == t (the first maximum, as trl); mean_logits = mean_j z_j;
+log_sum_sq_probs = log sum_j p_j^2. Gradients: d log p_t / dz_j = 1[j=t] - p_j,
+dH / dz_j = -p_j (log p_j + H).
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOKEN_CHUNK = 1024
+_FAST_OUTPUTS = {"log_probs", "entropy", "is_top1", "mean_logits", "log_sum_sq_probs"}
+
+
+def _logits(hidden, weight, bias, scale: float) -> torch.Tensor:
+    z = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    return z.mul_(scale) if scale != 1.0 else z
+
+
+class CpuLogProb(torch.autograd.Function):
+    """hidden: (N, H); weight: (V, H); bias: (V,) or None; targets: (N,) int64 in [0, V). Returns fp32 (log_probs (N,),
+    entropy (N,) or None, is_top1 (N,) bool or None, mean_logits (N,) or None, log_sum_sq_probs (N,) or None); the
+    last three are not differentiable (as in trl)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, scale: float, want: tuple[str, ...]):
+        ctx.set_materialize_grads(False)
+        n = hidden.shape[0]
+        want_entropy, want_top1 = "entropy" in want, "is_top1" in want
+        logprobs = torch.empty(n, dtype=torch.float32)
+        entropy = torch.empty(n, dtype=torch.float32) if want_entropy else None
+        top1 = torch.empty(n, dtype=torch.bool) if want_top1 else None
+        mean_logits = torch.empty(n, dtype=torch.float32) if "mean_logits" in want else None
+        log_sum_sq = torch.empty(n, dtype=torch.float32) if "log_sum_sq_probs" in want else None
+        log_z = torch.empty(n, dtype=torch.float32)
+        for s in range(0, n, TOKEN_CHUNK):
+            e = min(s + TOKEN_CHUNK, n)
+            z = _logits(hidden[s:e], weight, bias, scale)
+            t = targets[s:e, None]
+            if want_top1:
+                top1[s:e] = z.argmax(-1) == targets[s:e]
+            if mean_logits is not None:
+                mean_logits[s:e] = z.mean(-1)
+            log_z[s:e] = torch.logsumexp(z, -1)
+            if log_sum_sq is not None:  # log sum_j p_j^2 = logsumexp(2 z) - 2 logsumexp(z)
+                log_sum_sq[s:e] = torch.logsumexp(2 * z, -1) - 2 * log_z[s:e]
+            logprobs[s:e] = z.gather(1, t).squeeze(1) - log_z[s:e]
+            if want_entropy:
+                log_p = z.sub_(log_z[s:e, None])
+                entropy[s:e] = -torch.linalg.vecdot(log_p.exp(), log_p)
+        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy if want_entropy else log_z)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(*(x for x in (top1, mean_logits, log_sum_sq) if x is not None))
+        return logprobs, entropy, top1, mean_logits, log_sum_sq
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy, *_non_differentiable):
+        hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32) if need_bias else None
+        n = hidden.shape[0]
+        for s in range(0, n, TOKEN_CHUNK):
+            e = min(s + TOKEN_CHUNK, n)
+            log_p = _logits(hidden[s:e], weight, bias, ctx.scale).sub_(log_z[s:e, None])
+            p = log_p.exp()
+            grad = None
+            if grad_entropy is not None:  # -g_H * p * (log p + H)
+                grad = log_p.add_(entropy[s:e, None]).mul_(p).mul_(-grad_entropy[s:e, None].float())
+            if grad_logprobs is not None:  # g * (onehot(t) - p)
+                g = grad_logprobs[s:e, None].float()
+                grad = p.mul_(-g) if grad is None else grad.sub_(p.mul_(g))
+                grad.scatter_add_(1, targets[s:e, None], g)
+            if grad is None:
+                continue
+            if ctx.scale != 1.0:
+                grad.mul_(ctx.scale)
+            if grad_hidden is not None:
+                grad_hidden[s:e] = grad @ weight.float()
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.t(), hidden[s:e].float())
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+        return (
+            None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None, None, None,
+        )  # fmt: skip
+
+
+class CpuFirstLogProbFunction:
+    """Stands in for ``trl.kernels.ChunkedLogProbFunction`` (same ``apply`` signature and outputs): CpuLogProb on CPU
+    tensors without softcapping, trl's function otherwise."""
+
+    upstream = None  # trl's ChunkedLogProbFunction, set by use_cpu_lm_head
+
+    @classmethod
+    def apply(cls, hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0, outputs=()):
+        outputs = tuple(outputs) or ("log_probs",)
+        if hidden.device.type != "cpu" or softcap is not None or not set(outputs) <= _FAST_OUTPUTS:
+            return cls.upstream.apply(
+                hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs
+            )
+        logprobs, entropy, top1, mean_logits, log_sum_sq = CpuLogProb.apply(
+            hidden, weight, bias, targets, float(logit_scale) / float(temperature), outputs
+        )
+        return logprobs, entropy, log_sum_sq, mean_logits, top1
+
+
+def use_cpu_lm_head() -> bool:
+    """Route trl's fused LM head through CpuFirstLogProbFunction (idempotent; GPU tensors still take trl's Triton
+    path). Returns False when this trl has no such hook (then nothing changes)."""
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:
+        return False
+    current = getattr(trl_utils, "_ChunkedLogProbFunction", None)
+    if current is None:
+        return False
+    if current is not CpuFirstLogProbFunction:
+        CpuFirstLogProbFunction.upstream = current
+        trl_utils._ChunkedLogProbFunction = CpuFirstLogProbFunction
+    return True

@@ -1,0 +1,66 @@
+"""Every benchmark table in one command, one after the other (each script in its own process, so each prints its own
+header: CPU model, ISA flags, threads, load average).
+
+    python benchmarks/run_all.py --quick      # < 5 minutes on a quiet 2-core AMX machine: 1 round, 3 steps
+    python benchmarks/run_all.py              # the figures in benchmarks/README.md (~30+ minutes)
+
+Run it alone on the machine (``flock /tmp/alignkit-heavy.lock python benchmarks/run_all.py``): the tables carry the
+load average at their start, and a neighbour's load stretches wall time. ``--avx2`` rows cap oneDNN, MKL and ATen at
+AVX2 (a CPU without bf16 units; see profile_step.ISA_CAPS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def plan(quick: bool) -> list[tuple[str, list[str], dict]]:
+    """(script, arguments, extra environment) per table, in order."""
+    if quick:
+        return [
+            ("gemm.py", ["--budget", "2"], {}),
+            ("attention.py", ["--repeats", "3"], {}),
+            ("sft.py", ["--size", "smollm2", "--steps", "3", "--repeats", "1", "--gemm_budget", "2"], {}),
+            ("dpo.py", ["--size", "smollm2", "--steps", "3", "--repeats", "1"], {}),
+            ("sft.py", ["--size", "tiny", "--repeats", "1", "--gemm_n", "512", "--gemm_budget", "2"], AVX2),
+        ]
+    return [
+        ("gemm.py", [], {}),
+        ("gemm.py", [], AVX2),
+        ("attention.py", [], {}),
+        ("sft.py", ["--size", "tiny"], {}),
+        ("sft.py", ["--size", "smollm2"], {}),
+        ("dpo.py", ["--size", "tiny"], {}),
+        ("dpo.py", ["--size", "smollm2"], {}),
+        ("sft.py", ["--size", "tiny", "--gemm_n", "512"], AVX2),
+        ("memory_4bit.py", ["--size", "smollm2"], {}),
+        ("profile_step.py", ["--size", "smollm2", "--before"], {}),
+    ]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    failed = []
+    for script, script_args, env in plan(args.quick):
+        caps = " ".join(f"{k}={v}" for k, v in env.items())
+        print(f"\n===== {caps + ' ' if caps else ''}python benchmarks/{script} {' '.join(script_args)}", flush=True)
+        proc = subprocess.run([sys.executable, str(HERE / script), *script_args], env={**os.environ, **env})
+        if proc.returncode:
+            failed.append(script)
+    print(f"\nall tables: {time.perf_counter() - started:.0f} s{'; failed: ' + ', '.join(failed) if failed else ''}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

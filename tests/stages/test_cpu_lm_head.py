@@ -1,0 +1,52 @@
+"""alignkit.train.lm_head: the CPU path gives trl's fused LM head outputs and gradients."""
+
+import pytest
+import torch
+from trl.kernels import ChunkedLogProbFunction
+
+from alignkit.train import lm_head
+
+
+@pytest.mark.parametrize("scale, with_bias", [(1.0, False), (0.7, True)])
+def test_cpu_path_matches_trls_function(scale, with_bias, monkeypatch):
+    monkeypatch.setattr(lm_head, "TOKEN_CHUNK", 7)  # several chunks, the last one partial
+    torch.manual_seed(0)
+    n, hidden_size, vocab = 19, 16, 300
+    hidden = torch.randn(n, hidden_size, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64) * 0.3
+    bias = torch.randn(vocab, dtype=torch.float64) if with_bias else None
+    targets = torch.randint(0, vocab, (n,))
+    targets[3] = (hidden[3] @ weight.T * scale + (0 if bias is None else bias * scale)).argmax()  # one top-1 hit
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+    results = []
+    for fn in (ChunkedLogProbFunction, lm_head.CpuFirstLogProbFunction):
+        lm_head.CpuFirstLogProbFunction.upstream = ChunkedLogProbFunction
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if with_bias else ())]
+        h, w, b = leaves[0], leaves[1], leaves[2] if with_bias else None
+        lp, ent, _, _, top1 = fn.apply(h, w, b, targets, 1 / scale if scale != 1.0 else 1.0, 128, None, 1.0, outputs)
+        (-lp.sum() + 0.3 * ent.sum()).backward()
+        results.append((lp.detach(), ent.detach(), top1, [leaf.grad for leaf in leaves]))
+    (lp0, ent0, top0, grads0), (lp1, ent1, top1, grads1) = results
+    assert torch.allclose(lp1.double(), lp0.double(), atol=1e-5) and torch.allclose(
+        ent1.double(), ent0.double(), atol=1e-5
+    )
+    assert torch.equal(top1, top0) and top1[3]
+    for g0, g1 in zip(grads0, grads1, strict=True):
+        assert torch.allclose(g1, g0, atol=1e-5, rtol=1e-4)
+
+
+def test_softcapping_and_gpu_tensors_go_to_trl(monkeypatch):
+    calls = []
+
+    class Upstream:
+        @staticmethod
+        def apply(*args):
+            calls.append(args[-1])
+            return ("upstream",)
+
+    monkeypatch.setattr(lm_head.CpuFirstLogProbFunction, "upstream", Upstream)
+    h, w, t = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2])
+    assert lm_head.CpuFirstLogProbFunction.apply(h, w, None, t, 1.0, 8, 30.0, 1.0, ("log_probs",)) == ("upstream",)
+    h_meta = torch.empty(3, 4, device="meta")  # any non-CPU device
+    assert lm_head.CpuFirstLogProbFunction.apply(h_meta, w, None, t, 1.0, 8, None, 1.0, ("log_probs",)) == ("upstream",)
+    assert len(calls) == 2
