@@ -206,7 +206,9 @@ def _score(model, batch, causal: bool = True) -> tuple[torch.Tensor, float]:
     """Logits on the parity prompts and, for a causal LM, its loss on them (other heads: 0.0)."""
     batch = batch.to(model.device)
     if not causal:  # a task head: its logits (QA: start and end logits, stacked on a last axis)
-        out = model(**batch)
+        # an encoder-decoder (seq2seq) scores the prompts as targets too: T5 has no decoder inputs without them
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        out = model(**batch, labels=labels) if getattr(model.config, "is_encoder_decoder", False) else model(**batch)
         logits = out.logits if "logits" in out else torch.stack([out.start_logits, out.end_logits], -1)
         return logits.float().cpu(), 0.0
     out = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100))

@@ -171,3 +171,39 @@ def test_generation_stops_at_the_templates_end_of_turn_when_eos_differs(tiny_lla
     tokenizer.chat_template = CHATML
     ids = end_of_turn_ids(tokenizer)
     assert ids == [tokenizer.convert_tokens_to_ids("<|endoftext|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_parity_scores_encoder_decoders_without_decoder_inputs(kind):
+    """The merge gate scores a seq2seq head on prompts alone: T5 (no decoder inputs derived from input_ids) as well as
+    BART; a LoRA adapter and its merge give the same logits."""
+    import copy
+
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from alignkit.export.merge import _score
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=64, d_model=16, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    if kind == "t5":
+        config = transformers.T5Config(d_kv=8, d_ff=32, num_layers=1, num_heads=2, **small)
+        model, targets = transformers.T5ForConditionalGeneration(config), ["q", "v"]
+    else:
+        config = transformers.BartConfig(
+            encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+            encoder_ffn_dim=32, decoder_ffn_dim=32, bos_token_id=2, forced_eos_token_id=1, **small,
+        )  # fmt: skip
+        model, targets = transformers.BartForConditionalGeneration(config), ["q_proj", "v_proj"]
+    peft = get_peft_model(model.eval(), LoraConfig(r=4, target_modules=targets, init_lora_weights=False)).eval()
+    batch = transformers.BatchEncoding(
+        {
+            "input_ids": torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]]),
+            "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+        }
+    )
+    adapter_logits, _ = _score(peft, batch, causal=False)
+    merged_logits, _ = _score(copy.deepcopy(peft).merge_and_unload(), batch, causal=False)
+    assert adapter_logits.shape == (2, 4, 64)
+    assert (adapter_logits - merged_logits).abs().max() < 1e-5
