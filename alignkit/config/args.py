@@ -351,7 +351,7 @@ class RunArguments:
         metadata={
             "help": "Fraction of a split's rows (0-1) that max_length may cut before their stop token (eos / "
             "end-of-turn) before the run is refused; any such row is reported. A row cut there teaches the model "
-            "not to stop."
+            "not to stop. token_cls: the share of rows whose last words max_length cuts (untrained, unscored)."
         },
     )
     min_free_disk_gb: float = field(

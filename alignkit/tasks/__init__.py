@@ -54,7 +54,9 @@ def parse_task_recipe(argv: list[str] | None = None):
 def build_task(recipe, tokenizer) -> Task:
     """The task module for the recipe's ``task:`` key, checked against the tokenizer."""
     args = recipe.extra[1] if len(recipe.extra) > 1 else None
-    return TASKS[recipe.extra[0].task](args, tokenizer, recipe.train)
+    task = TASKS[recipe.extra[0].task](args, tokenizer, recipe.train)
+    task.max_truncated_fraction = recipe.run.max_truncated_fraction
+    return task
 
 
 __all__ = ["TASKS", "Task", "build_task", "parse_task_recipe"]

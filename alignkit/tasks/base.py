@@ -43,6 +43,7 @@ class Task:
     def __init__(self, args, tokenizer, train_args):
         self.args, self.tokenizer, self.train_args = args, tokenizer, train_args
         self.max_length = train_args.max_length
+        self.max_truncated_fraction = 1.0  # share of a split's rows max_length may cut (build_task: the run key)
 
     @property
     def schema(self) -> Schema:

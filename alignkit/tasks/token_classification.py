@@ -58,10 +58,15 @@ def encode_words(tokenizer, rows: list[list[str]], max_length: int | None):
     return enc, word_ids
 
 
-def report_cut_words(tokenizer, rows, features, tokens_column: str, max_length: int) -> dict[str, tuple[int, int]]:
+def report_cut_words(
+    tokenizer, rows, features, tokens_column: str, max_length: int, max_fraction: float = 1.0
+) -> dict[str, tuple[int, int]]:
     """Warn, per split, how many rows and words ``max_length`` cut (a cut word has no label: in the test split it
     silently leaves the entity F1) and the max_length that keeps every row whole. Returns ``{split: (rows cut,
-    words cut)}``; logged before the model loads, so before step 1."""
+    words cut)}``; logged before the model loads, so before step 1.
+
+    Raises DataError when a split's share of cut rows is above ``max_fraction`` (the run key
+    ``max_truncated_fraction``, as for the stop tokens of SFT/DPO rows)."""
     import logging
 
     logger = logging.getLogger("alignkit")
@@ -76,12 +81,18 @@ def report_cut_words(tokenizer, rows, features, tokens_column: str, max_length: 
                 for ids, c in zip(encode_words(tokenizer, rows[split][tokens_column], None)[0]["input_ids"], cut)
                 if c > 0
             )
-            logger.warning(
-                "token_cls: max_length %d cuts %d of %d %s rows (%d words lose their tags%s). Fix: max_length: %d "
-                "keeps every row whole", max_length, rows_cut, len(cut), split, sum(cut),
-                ": not scored, so the reported F1 leaves them out" if split == "test" else ": not trained",
-                -(-longest // 8) * 8,
-            )  # fmt: skip
+            whole = -(-longest // 8) * 8
+            what = (
+                f"max_length {max_length} cuts {rows_cut} of {len(cut)} {split} rows ({sum(cut)} words lose their "
+                f"tags: {'not scored, so the reported F1 leaves them out' if split == 'test' else 'not trained'})"
+            )
+            if rows_cut / len(cut) > max_fraction:
+                raise DataError(
+                    f"{split} split", None, what,
+                    f"max_length: {whole} keeps every row whole; or set max_truncated_fraction above "
+                    f"{rows_cut / len(cut):.2f} to run with the cut rows",
+                )  # fmt: skip
+            logger.warning("token_cls: %s. Fix: max_length: %d keeps every row whole", what, whole)
         else:
             lengths = features[split]["full_length"]
             logger.info("token_cls: max_length %d keeps all %d %s rows whole (longest %d tokens)",
@@ -195,7 +206,9 @@ class TokenClassification(Task):
             return enc
 
         out = self._map(datasets, features)
-        self.truncation = report_cut_words(self.tokenizer, datasets, out, self.args.tokens_column, self.max_length)
+        self.truncation = report_cut_words(
+            self.tokenizer, datasets, out, self.args.tokens_column, self.max_length, self.max_truncated_fraction
+        )
         return out.remove_columns(["words_cut", "full_length"])
 
     def collator(self, model):

@@ -200,3 +200,23 @@ def test_merged_classifier_runs_in_a_pipeline_and_the_final_eval_is_not_repeated
         want = {model.config.id2label[i]: float(v) for i, v in enumerate(p)}
         assert got.keys() == want.keys()
         assert np.allclose([got[k] for k in want], list(want.values()), atol=1e-5), (text, got, want)
+
+
+def test_ner_rows_cut_by_max_length_are_refused_above_the_fraction_and_reported_below(tmp_path, caplog):
+    """A max_length that cuts the tail words of most rows is refused before the model loads, naming the split, the
+    counts and the max_length that keeps every row whole; allowed by max_truncated_fraction, it is reported."""
+    import logging
+    import re
+
+    from alignkit.recipes.task import main
+
+    from alignkit.errors import DataError
+
+    base = ["--config", "recipes/tiny/task_ner.yaml", "--max_length", "8", "--max_steps", "1"]
+    with pytest.raises(DataError, match=r"train split: max_length 8 cuts \d+ of \d+ train rows .*Fix: max_length: \d+"):
+        main([*base, "--output_dir", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
+    with caplog.at_level(logging.WARNING, logger="alignkit"):
+        main([*base, "--max_truncated_fraction", "1.0", "--output_dir", str(tmp_path / "allowed")])
+    found = re.search(r"max_length 8 cuts (\d+) of (\d+) train rows \((\d+) words", caplog.text)
+    assert found and 0 < int(found[1]) <= int(found[2]) and int(found[3]) >= int(found[1])
