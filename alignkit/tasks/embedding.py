@@ -228,4 +228,6 @@ def sentence_transformer(backbone, path: str | Path, max_seq_length: int | None 
         modules=[first, *rest], device=str(next(backbone.parameters()).device), similarity_fn_name=similarity
     )
     model.alignkit_pooling = pooling
+    # sentence-transformers' card asks the Hub whether the base model exists; alignkit writes its own card, offline
+    model.model_card_data.local_files_only = True
     return model
