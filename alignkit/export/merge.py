@@ -73,6 +73,24 @@ class MergeResult:
     parity: Parity
 
 
+def check_merge_request(adapter_dir: Path, output_dir, method: str | None, quantized: bool) -> tuple[str, Path]:
+    """The merge method (default: dequantize for a 4-bit base, else full_precision) and the output folder (default:
+    ``<adapter_dir>-merged``), checked before any model loads. Raises ConfigError for an unknown method, dequantize
+    of a full-precision base, or an output folder that holds something other than an earlier merge."""
+    method = method or ("dequantize" if quantized else "full_precision")
+    if method not in MERGE_METHODS:
+        raise ConfigError(f"method: '{method}' is not one of {MERGE_METHODS}.")
+    if method == "dequantize" and not quantized:
+        raise ConfigError(
+            f"method dequantize: {adapter_dir} was trained on a full-precision base. Fix: use full_precision."
+        )
+    output_dir = Path(output_dir) if output_dir else adapter_dir.with_name(adapter_dir.name + "-merged")
+    previous = RunRecord.read(output_dir) if output_dir.exists() else None
+    if output_dir.exists() and any(output_dir.iterdir()) and not (previous and previous.merge):
+        raise ConfigError(f"{output_dir}: exists and is not an earlier merge. Fix: choose another output folder.")
+    return method, output_dir
+
+
 def merge_adapter(
     adapter_dir: str | Path,
     output_dir: str | Path | None = None,
@@ -110,18 +128,7 @@ def merge_adapter(
             "(alignkit.models.load_model(..., task, num_labels=...))."
         )
     model_args, quant_args = _trained_args(adapter_dir, last)
-    quantized = quant_args.load_in_4bit
-    method = method or ("dequantize" if quantized else "full_precision")
-    if method not in MERGE_METHODS:
-        raise ConfigError(f"method: '{method}' is not one of {MERGE_METHODS}.")
-    if method == "dequantize" and not quantized:
-        raise ConfigError(
-            f"method dequantize: {adapter_dir} was trained on a full-precision base. Fix: use full_precision."
-        )
-    output_dir = Path(output_dir) if output_dir else adapter_dir.with_name(adapter_dir.name + "-merged")
-    previous = RunRecord.read(output_dir) if output_dir.exists() else None
-    if output_dir.exists() and any(output_dir.iterdir()) and not (previous and previous.merge):
-        raise ConfigError(f"{output_dir}: exists and is not an earlier merge. Fix: choose another output folder.")
+    method, output_dir = check_merge_request(adapter_dir, output_dir, method, quant_args.load_in_4bit)
     source = _trained_base(model_args)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()  # alignkit outputs do; bare PEFT folders may not
     tokenizer = AutoTokenizer.from_pretrained(

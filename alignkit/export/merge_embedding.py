@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from alignkit.errors import ConfigError
 from alignkit.models import load_base_model
 from alignkit.runs import RunRecord
 from alignkit.tasks.embedding import sentence_transformer
@@ -52,17 +51,7 @@ def merge_embedding(
     adapter_dir = Path(adapter_dir)
     record = RunRecord.read(adapter_dir)
     model_args, quant_args = m._trained_args(adapter_dir, record.last)
-    quantized = quant_args.load_in_4bit
-    method = method or ("dequantize" if quantized else "full_precision")
-    if method not in m.MERGE_METHODS or (method == "dequantize" and not quantized):
-        raise ConfigError(
-            f"method: '{method}' does not apply to {adapter_dir} (trained on a {'4-bit' if quantized else 'full-precision'}"
-            f" base). Fix: use {'dequantize or full_precision' if quantized else 'full_precision'}."
-        )
-    output_dir = Path(output_dir) if output_dir else adapter_dir.with_name(adapter_dir.name + "-merged")
-    previous = RunRecord.read(output_dir) if output_dir.exists() else None
-    if output_dir.exists() and any(output_dir.iterdir()) and not (previous and previous.merge):
-        raise ConfigError(f"{output_dir}: exists and is not an earlier merge. Fix: choose another output folder.")
+    method, output_dir = m.check_merge_request(adapter_dir, output_dir, method, quant_args.load_in_4bit)
     source = m._trained_base(model_args)
 
     # The reference: the base exactly as the adapter was trained on it (4-bit if it was), plus the adapter.
