@@ -129,6 +129,26 @@ def physical_cores() -> int:
     return max(1, min(physical, allowed))
 
 
+def busy_cores(interval: float = 0.25) -> float | None:
+    """Cores' worth of CPU time the whole machine used over the next ``interval`` seconds (logical cores; from
+    /proc/stat's first line: user, nice, system, irq, softirq and steal count as busy, idle and iowait not), or None
+    where there is no /proc/stat. The caller sleeps meanwhile, so it counts everything else."""
+    import time
+
+    def snapshot() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+        return sum(fields), fields[3] + fields[4]
+
+    try:
+        (total_0, idle_0), _, (total_1, idle_1) = snapshot(), time.sleep(interval), snapshot()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total_1 <= total_0:
+        return None
+    return (1 - (idle_1 - idle_0) / (total_1 - total_0)) * (os.cpu_count() or 1)
+
+
 def fit_cpu_threads() -> int | None:
     """Intra-op threads for a CPU run: this rank's share of the physical cores that are not already busy.
 
@@ -138,7 +158,9 @@ def fit_cpu_threads() -> int | None:
     SFT benchmark ran 25232 tokens/s with 1 thread and 536 with 2 (47x; benchmarks/README.md). So the count is
     min(physical cores / ranks on this machine, physical cores - the load others put on it) and at least 1, where
     the others' load is the 1-minute load average minus this machine's ranks (each was runnable while it loaded its
-    model and data). Several ranks on one machine also split the cores (the launchers' own fallback,
+    model and data), capped by what the machine is busy with now (:func:`busy_cores`, minus this machine's other
+    ranks): the average lags by a minute, so a run started right after another saw that one as a neighbour and took
+    1 thread of 2 (benchmarks/README.md). Several ranks on one machine also split the cores (the launchers' own fallback,
     ``OMP_NUM_THREADS=1`` from torchrun or accelerate 1.15 without ``--cpu``, leaves all but N cores idle).
 
     Kept as they are: GPU runs, an ``OMP_NUM_THREADS`` the user set (any value for a single process, above 1 for
@@ -155,6 +177,10 @@ def fit_cpu_threads() -> int | None:
         others = max(0.0, os.getloadavg()[0] - local)
     except OSError:
         others = 0.0
+    if others > 0 and (busy := busy_cores()) is not None:
+        # the load average lags by about a minute (a run started right after another one sees that one's load):
+        # others are busy only if the machine is busy now, too (this rank sleeps while it is sampled)
+        others = min(others, max(0.0, busy * cores / (os.cpu_count() or cores) - (local - 1)))
     threads = max(1, min(cores // local, int(cores - others + 0.5)))
     if local <= 1 and threads >= torch.get_num_threads():
         return None

@@ -19,6 +19,9 @@ from __future__ import annotations
 import importlib.util
 
 PER_DOCUMENT = "sdpa_per_document"
+PAIR_LAYOUT = (
+    "alignkit_pair_layout"  # forward kwarg: preference pairs sharing one prompt (alignkit.train.shared_prompt)
+)
 
 
 def _document_bounds(position_ids, cu_seq_lens, batch: int, length: int) -> list[list[int]] | None:
@@ -46,6 +49,8 @@ def per_document_sdpa(module, query, key, value, attention_mask, dropout: float 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, _, length, _ = query.shape
+    if kwargs.get(PAIR_LAYOUT) is not None and batch == 1:
+        return shared_prompt_sdpa(query, key, value, kwargs[PAIR_LAYOUT], dropout, scaling), None
     causal = getattr(module, "is_causal", True) and kwargs.get("is_causal", True) is not False
     plain = attention_mask is None and causal and length > 1 and key.shape[2] == length
     if not plain or kwargs.get("output_attentions") or kwargs.get("softcap") is not None:
@@ -66,6 +71,29 @@ def per_document_sdpa(module, query, key, value, attention_mask, dropout: float 
             rows.append(torch.cat(docs, dim=2))
         out = torch.cat(rows, dim=0)
     return out.transpose(1, 2).contiguous(), None
+
+
+def shared_prompt_sdpa(query, key, value, layout, dropout: float = 0.0, scaling=None):
+    """Attention over preference pairs laid out as ``[p c r]`` per pair (``layout``: (start, P, C, R) per pair, in
+    one sequence): ``p c`` causal; ``r`` attends to ``p`` (all of it) and causally to itself, never to ``c``.
+    query: (1, heads, T, head_dim); key/value: (1, kv_heads, T, head_dim). Returns (1, T, heads, head_dim)."""
+    import torch
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    gqa = key.shape[1] != query.shape[1]
+    parts = []
+    for start, p, c, r in layout:
+        mid, end = start + p + c, start + p + c + r
+        parts.append(sdpa(query[:, :, start:mid], key[:, :, start:mid], value[:, :, start:mid],
+                          dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa))  # fmt: skip
+        if r:
+            keys = torch.cat([key[:, :, start : start + p], key[:, :, mid:end]], dim=2)
+            values = torch.cat([value[:, :, start : start + p], value[:, :, mid:end]], dim=2)
+            visible = torch.ones(r, p + r, dtype=torch.bool, device=query.device)
+            visible[:, p:] = torch.ones(r, r, dtype=torch.bool, device=query.device).tril()
+            parts.append(sdpa(query[:, :, mid:end], keys, values, attn_mask=visible,
+                              dropout_p=dropout, scale=scaling, enable_gqa=gqa))  # fmt: skip
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous()
 
 
 def _right_padded(mask) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 TOKEN_CHUNK = 1024
+KEEP_PROBS_BYTES = 1 << 30  # keep the forward's fp32 probabilities for backward up to this size, else recompute them
 _FAST_OUTPUTS = {"log_probs", "entropy", "is_top1", "mean_logits", "log_sum_sq_probs"}
 
 
@@ -44,6 +45,8 @@ class CpuLogProb(torch.autograd.Function):
         mean_logits = torch.empty(n, dtype=torch.float32) if "mean_logits" in want else None
         log_sum_sq = torch.empty(n, dtype=torch.float32) if "log_sum_sq_probs" in want else None
         log_z = torch.empty(n, dtype=torch.float32)
+        needs_grad = any(ctx.needs_input_grad[:3])
+        kept = [] if needs_grad and n * weight.shape[0] * 4 <= KEEP_PROBS_BYTES else None
         for s in range(0, n, TOKEN_CHUNK):
             e = min(s + TOKEN_CHUNK, n)
             z = _logits(hidden[s:e], weight, bias, scale)
@@ -58,9 +61,14 @@ class CpuLogProb(torch.autograd.Function):
             logprobs[s:e] = z.gather(1, t).squeeze(1) - log_z[s:e]
             if want_entropy:
                 log_p = z.sub_(log_z[s:e, None])
-                entropy[s:e] = -torch.linalg.vecdot(log_p.exp(), log_p)
+                p = log_p.exp()
+                entropy[s:e] = -torch.linalg.vecdot(p, log_p)
+            elif kept is not None:
+                p = z.sub_(log_z[s:e, None]).exp_()
+            if kept is not None:
+                kept.append(p)
         ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy if want_entropy else log_z)
-        ctx.scale = scale
+        ctx.scale, ctx.kept = scale, kept
         ctx.mark_non_differentiable(*(x for x in (top1, mean_logits, log_sum_sq) if x is not None))
         return logprobs, entropy, top1, mean_logits, log_sum_sq
 
@@ -72,10 +80,14 @@ class CpuLogProb(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32) if need_bias else None
         n = hidden.shape[0]
-        for s in range(0, n, TOKEN_CHUNK):
+        kept, ctx.kept = ctx.kept, None
+        for k, s in enumerate(range(0, n, TOKEN_CHUNK)):
             e = min(s + TOKEN_CHUNK, n)
-            log_p = _logits(hidden[s:e], weight, bias, ctx.scale).sub_(log_z[s:e, None])
-            p = log_p.exp()
+            if kept is not None and grad_entropy is None:  # the forward's probabilities: no second projection
+                p, kept[k] = kept[k], None
+            else:
+                log_p = _logits(hidden[s:e], weight, bias, ctx.scale).sub_(log_z[s:e, None])
+                p = log_p.exp()
             grad = None
             if grad_entropy is not None:  # -g_H * p * (log p + H)
                 grad = log_p.add_(entropy[s:e, None]).mul_(p).mul_(-grad_entropy[s:e, None].float())
@@ -133,4 +145,13 @@ def use_cpu_lm_head() -> bool:
     if current is not CpuFirstLogProbFunction:
         CpuFirstLogProbFunction.upstream = current
         trl_utils._ChunkedLogProbFunction = CpuFirstLogProbFunction
+    compact = getattr(trl_utils, "_use_triton", None)
+    if compact is not None and not getattr(compact, "alignkit", False):
+        # trl scores only the labeled positions where it runs Triton, every position elsewhere (fixed tile shapes for
+        # compiling backends): on CPU that is the LM head on prompt and padding tokens for nothing
+        def compact_on_cpu(device) -> bool:
+            return device.type == "cpu" or compact(device)
+
+        compact_on_cpu.alignkit = True
+        trl_utils._use_triton = compact_on_cpu
     return True

@@ -181,9 +181,13 @@ class Run:
 
             concatenate_rows(trainer)
         if r.model.attn_implementation is None:  # per-document attention, no (sum of lengths)^2 or padding work
-            from alignkit.models.attention import use_fast_attention
+            from alignkit.models.attention import PER_DOCUMENT, use_fast_attention
 
-            use_fast_attention(trainer.model)
+            if use_fast_attention(trainer.model) == PER_DOCUMENT:
+                from alignkit.train.shared_prompt import share_prompts
+
+                if share_prompts(trainer):  # DPO: one prompt forward per preference pair
+                    logger.info("DPO pairs share one prompt forward (chosen and rejected in one sequence)")
         if not runtime.gpu_available():  # trl's fused LM head without Triton: ~20 elementwise passes per logits tile
             from alignkit.train.lm_head import use_cpu_lm_head
 

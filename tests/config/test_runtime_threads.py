@@ -8,12 +8,38 @@ import torch
 
 from alignkit import runtime
 
+BUSY_CORES = runtime.busy_cores
+
 
 @pytest.fixture(autouse=True)
 def _keep_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _busy_now(monkeypatch):
+    """The machine is as busy now as its load average says (tests set the load average); one test changes it."""
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 64.0)
+
+
+def test_busy_cores_reads_the_machine():
+    busy = BUSY_CORES(0.05)
+    assert busy is None or 0.0 <= busy <= os.cpu_count()
+
+
+def test_a_load_average_left_by_a_finished_run_does_not_cost_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(runtime, "physical_cores", lambda: 8)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    torch.set_num_threads(8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 6.0, 6.0))  # the last minute was busy...
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 0.1)  # ...but nothing else runs now
+    assert runtime.fit_cpu_threads() is None and torch.get_num_threads() == 8
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 3.0)  # three cores busy now, load average says five
+    assert runtime.fit_cpu_threads() == 5
 
 
 def test_ranks_on_one_machine_split_the_cores(monkeypatch):

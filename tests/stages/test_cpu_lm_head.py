@@ -7,9 +7,12 @@ from trl.kernels import ChunkedLogProbFunction
 from alignkit.train import lm_head
 
 
+@pytest.mark.parametrize("keep_probs", [True, False])  # backward from the forward's probabilities, or recomputed
+@pytest.mark.parametrize("entropy_in_loss", [True, False])
 @pytest.mark.parametrize("scale, with_bias", [(1.0, False), (0.7, True)])
-def test_cpu_path_matches_trls_function(scale, with_bias, monkeypatch):
+def test_cpu_path_matches_trls_function(scale, with_bias, entropy_in_loss, keep_probs, monkeypatch):
     monkeypatch.setattr(lm_head, "TOKEN_CHUNK", 7)  # several chunks, the last one partial
+    monkeypatch.setattr(lm_head, "KEEP_PROBS_BYTES", 1 << 30 if keep_probs else 0)
     torch.manual_seed(0)
     n, hidden_size, vocab = 19, 16, 300
     hidden = torch.randn(n, hidden_size, dtype=torch.float64)
@@ -24,7 +27,7 @@ def test_cpu_path_matches_trls_function(scale, with_bias, monkeypatch):
         leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if with_bias else ())]
         h, w, b = leaves[0], leaves[1], leaves[2] if with_bias else None
         lp, ent, _, _, top1 = fn.apply(h, w, b, targets, 1 / scale if scale != 1.0 else 1.0, 128, None, 1.0, outputs)
-        (-lp.sum() + 0.3 * ent.sum()).backward()
+        (-lp.sum() + (0.3 * ent.sum() if entropy_in_loss else 0.0)).backward()
         results.append((lp.detach(), ent.detach(), top1, [leaf.grad for leaf in leaves]))
     (lp0, ent0, top0, grads0), (lp1, ent1, top1, grads1) = results
     assert torch.allclose(lp1.double(), lp0.double(), atol=1e-5) and torch.allclose(

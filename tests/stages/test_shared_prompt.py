@@ -1,0 +1,134 @@
+"""alignkit.train.shared_prompt: DPO pairs through one prompt forward give trl's two-row log-probs and gradients."""
+
+import pytest
+import torch
+from conftest import REPO, log_history, run_recipe, write_jsonl
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import add_fused_lm_head
+
+from alignkit.models.attention import use_fast_attention
+from alignkit.testing import tiny_model_path
+from alignkit.train import shared_prompt
+from alignkit.train.lm_head import use_cpu_lm_head
+
+OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+
+
+def _pairs():
+    """Prompts of 1..6 tokens, chosen/rejected of 1..5 (so rows pad differently), pad id 0."""
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(3, 200, (n,), generator=g).tolist()  # noqa: E731
+    return [
+        {"prompt_ids": rand(p), "chosen_ids": rand(c), "rejected_ids": rand(r)}
+        for p, c, r in [(6, 2, 5), (1, 1, 1), (4, 5, 2), (3, 3, 3)]
+    ]
+
+
+def _model():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path("llama"), dtype=torch.float32)
+    add_fused_lm_head(model, outputs=OUTPUTS)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    for name, p in model.named_parameters():  # a non-zero adapter, so its gradients flow everywhere
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    assert use_fast_attention(model) == "sdpa_per_document"
+    return model
+
+
+def _score(model, inputs, shared: bool):
+    base = model.get_base_model()
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+    model.zero_grad()
+    if shared:
+        settings = shared_prompt._fused_settings(base.forward)
+        batch = shared_prompt.pair_batch(inputs["input_ids"], inputs["attention_mask"], labels)
+        assert settings is not None and batch is not None
+        out = shared_prompt._shared_forward(base, batch, settings)
+    else:
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
+                    use_cache=False, fused_lm_head=True)  # fmt: skip
+    (out.log_probs.sum(1) * torch.tensor([1.0, -0.5, 2.0, 0.3] * 2)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out, grads
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_shared_prompt_forward_equals_two_rows(compact, monkeypatch):
+    if compact:
+        use_cpu_lm_head()
+    model = _model()
+    inputs = DataCollatorForPreference(pad_token_id=0)(_pairs())
+    plain, plain_grads = _score(model, inputs, shared=False)
+    shared, shared_grads = _score(model, inputs, shared=True)
+    for name in OUTPUTS:
+        a, b = getattr(plain, name), getattr(shared, name)
+        if name == "is_top1":
+            assert torch.equal(a, b)
+        else:
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5), name
+    assert torch.equal(plain.label_mask, shared.label_mask)
+    assert plain.log_probs.abs().sum() > 0
+    assert plain_grads.keys() == shared_grads.keys() and len(plain_grads) > 10
+    for name, g in plain_grads.items():
+        assert g.abs().max() > 0, name
+        assert torch.allclose(shared_grads[name], g, atol=1e-5, rtol=1e-4), name
+
+
+def test_batches_of_another_shape_are_left_to_trl():
+    inputs = DataCollatorForPreference(pad_token_id=0)(_pairs())
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    labels = ids.masked_fill(inputs["completion_mask"] == 0, -100)
+    assert shared_prompt.pair_batch(ids, mask, labels) is not None
+    other = ids.clone()
+    other[5, 0] += 1  # the second pair's rejected row has another prompt
+    assert shared_prompt.pair_batch(other, mask, labels.where(labels == -100, other)) is None
+    assert shared_prompt.pair_batch(ids[:3], mask[:3], labels[:3]) is None  # odd number of rows
+    gap = labels.clone()
+    gap[0, 7] = -100  # a hole in a completion
+    assert shared_prompt.pair_batch(ids, mask, gap) is None
+    left = mask.flip(1)  # left padding
+    assert shared_prompt.pair_batch(ids, left, labels) is None
+
+
+def test_dpo_recipe_trains_the_same_with_shared_prompts(tmp_path, monkeypatch):
+    """The whole DPO stage, default (shared prompts) vs transformers' sdpa (trl's two-row forward): the same losses,
+    rewards and evaluation, step by step (LoRA dropout 0: no random masks)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from stages.test_dpo import _preference_rows
+
+    from alignkit.train import runner
+
+    seen, real_train = [], runner.Run.train
+
+    def train(self, trainer, **kwargs):
+        seen.append(trainer)
+        return real_train(self, trainer, **kwargs)
+
+    monkeypatch.setattr(runner.Run, "train", train)
+    data = write_jsonl(tmp_path / "pref.jsonl", _preference_rows(24, seed=3))
+    logs = {}
+    for attn in ("auto", "sdpa"):
+        out = tmp_path / attn
+        argv = ["--model_name_or_path", "tiny:llama", "--load_in_4bit", "false", "--datasets", str(data),
+                "--test_size", "8", "--max_length", "64", "--max_steps", "4", "--per_device_train_batch_size", "4",
+                "--learning_rate", "1e-2", "--eval_strategy", "steps", "--eval_steps", "4", "--seed", "0",
+                "--output_dir", str(out), "--disable_tqdm", "true", "--save_steps", "1000",
+                "--gradient_checkpointing", "false", "--lora_dropout", "0"]  # fmt: skip
+        run_recipe("dpo", argv + ([] if attn == "auto" else ["--attn_implementation", attn]))
+        base = seen[-1].accelerator.unwrap_model(seen[-1].model).get_base_model()
+        assert getattr(base, "_alignkit_shared", False) == (attn == "auto")
+        logs[attn] = log_history(out)
+    keys = ["loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "eval_loss"]
+    compared = 0
+    for a, b in zip(logs["auto"], logs["sdpa"], strict=True):
+        for key in keys:
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a, b)
+                compared += 1
+    losses = [e["loss"] for e in logs["auto"] if "loss" in e]
+    assert compared >= 20 and losses[-1] < losses[0]
