@@ -65,7 +65,15 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
         common = ["--size", args.size, "--steps", str(steps), "--data", str(data), "--work", tmp]
         run_here = (lambda v: run_variant(v, size, data, Path(tmp), steps)) if in_process else None
         started_at = harness.load_average()
-        rows = harness.run_variants(__file__, args.variants, common, args.repeats, in_process=run_here)
+        rows = harness.run_variants(
+            __file__,
+            args.variants,
+            common,
+            args.repeats,
+            in_process=run_here,
+            time_box=args.time_box,
+            batch=size.dpo_batch,
+        )
 
     harness.add_ratios(rows, "samples_per_s")
     print(f"\nDPO, {size.name} ({size.alignkit_name}): batch {size.dpo_batch} pairs, {steps} steps (timed: 2..{steps}), best of {args.repeats} rounds, "
@@ -78,6 +86,8 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
         ("alignkit/this pairs/s", "speedup", ".2f"),
         ("alignkit/this pairs/CPU-s", "cpu_speedup", ".2f"), ("mem", "memory_ratio", ".2f"), ("loss", "loss_ratio", ".3f"),
     ]))  # fmt: skip
+    if note := harness.boxed_note(rows, steps):
+        print(note)
     return rows
 
 

@@ -100,10 +100,37 @@ def step_timer():
         def __init__(self):
             self.stamps: list[tuple[float, float]] = []  # (wall, this process's CPU time over all its threads)
 
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.begin = time.perf_counter()
+            _stamp_file("begin")
+
         def on_step_end(self, args, state, control, **kwargs):
             self.stamps.append((time.perf_counter(), time.process_time()))
+            _stamp_file(f"step {state.global_step}")
 
     return StepTimer()
+
+
+STEPS_FILE = "BENCH_STEPS_FILE"  # where a child stamps its training start and each step (read by a time box)
+
+
+def _stamp_file(event: str) -> None:
+    if path := os.environ.get(STEPS_FILE):
+        with open(path, "a") as f:
+            f.write(f"{time.time():.3f} {event}\n")
+
+
+def _read_stamps(path: Path) -> tuple[float | None, int]:
+    """(wall time training began, or None; steps done) from a child's stamp file."""
+    begin, steps = None, 0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            stamp, event = line.split(" ", 1)
+            if event == "begin":
+                begin = float(stamp)
+            elif event.startswith("step"):
+                steps += 1
+    return begin, steps
 
 
 def torch_threads() -> int:
@@ -196,29 +223,77 @@ def run_recipe(stage: str, argv: list[str]):
 
 
 # ------------------------------------------------------------------------------------------------- process tree
-def run_variants(script: str, variants: list[str], common: list[str], repeats: int = 1, in_process=None) -> list[dict]:
+def run_variants(
+    script: str, variants: list[str], common: list[str], repeats: int = 1, in_process=None,
+    time_box: float | None = None, batch: int | None = None,
+) -> list[dict]:  # fmt: skip
     """Each variant in its own child process (clean peak memory, no shared caches), one after the other, ``repeats``
     rounds interleaved (A B C A B C): on a shared machine a neighbour's burst hits one run, not one variant. A row keeps
     its fastest round (``rate``) and lists every round's rate. With ``in_process`` (a function variant -> result), run
-    them here instead: the CI smoke run, where time is short."""
+    them here instead: the CI smoke run, where time is short.
+
+    ``time_box``: seconds of training a child may take (after its model and data load); one still training then is
+    stopped, and its row says how many steps it finished in that time (``time_boxed``): its rates are upper bounds
+    (``batch`` x (steps done + 1) rows in the box's seconds, as if the next step ended at that moment), so alignkit's
+    ratios over it are lower bounds."""
     rounds: dict[str, list[dict]] = {v: [] for v in variants}
     for _ in range(repeats):
         for variant in variants:
             if in_process is not None:
                 rounds[variant].append(in_process(variant))
                 continue
-            cmd = [sys.executable, script, "--child", variant, *common]
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-            if proc.returncode != 0 or not lines:
-                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-                raise SystemExit(f"variant {variant} failed (exit {proc.returncode}): {' '.join(cmd)}")
-            rounds[variant].append(json.loads(lines[-1][len(RESULT_PREFIX) :]))
+            rounds[variant].append(_run_child(script, variant, common, time_box, batch))
     rows = []
     for variant, results in rounds.items():
         best = max(results, key=lambda r: r["samples_per_s"])
         rows.append({"variant": variant, **best, "rounds": "/".join(f"{r['samples_per_s']:.2f}" for r in results)})
+    finished = [r for r in rows if not r.get("time_boxed") and r.get("tokens_per_s")]
+    for row in rows:  # the same rows, so a finished variant's tokens per row bound a stopped one's tokens/s
+        if row.get("time_boxed") and finished:
+            row["tokens_per_s"] = row["samples_per_s"] * finished[0]["tokens_per_s"] / finished[0]["samples_per_s"]
     return rows
+
+
+def _run_child(script: str, variant: str, common: list[str], time_box: float | None, batch: int | None) -> dict:
+    import tempfile
+
+    cmd = [sys.executable, script, "--child", variant, *common]
+    with tempfile.TemporaryDirectory(prefix="alignkit-bench-stamps-") as tmp:
+        stamps = Path(tmp) / "steps"
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, STEPS_FILE: str(stamps)})  # fmt: skip
+        boxed = None
+        while True:
+            try:
+                out, err = proc.communicate(timeout=None if time_box is None else 2)
+                break
+            except subprocess.TimeoutExpired:
+                begin, steps = _read_stamps(stamps)
+                if begin is not None and time.time() - begin > time_box:
+                    seconds = time.time() - begin
+                    proc.kill()
+                    out, err = proc.communicate()
+                    boxed = {"time_boxed": True, "steps_done": steps, "seconds": seconds}
+                    break
+    if boxed is not None:
+        rate = (boxed["steps_done"] + 1) * (batch or 1) / boxed["seconds"]
+        return {**boxed, "samples_per_s": rate}
+    lines = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(out[-4000:] + err[-8000:])
+        raise SystemExit(f"variant {variant} failed (exit {proc.returncode}): {' '.join(cmd)}")
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
+
+
+def boxed_note(rows: list[dict], steps: int) -> str:
+    """The footnote for time-boxed rows ('' when none)."""
+    notes = [
+        f"{r['variant']}: stopped after {r['seconds']:.0f} s of training with {r['steps_done']} of {steps} steps done "
+        "(rates are upper bounds: as if its next step ended then; alignkit's ratios over it are lower bounds)"
+        for r in rows
+        if r.get("time_boxed")
+    ]
+    return "\n".join(["time-boxed: " + n for n in notes])
 
 
 def train_plain_trl(stage: str, size: Size, data: Path, out: Path, steps: int, batch: int, settings: dict):
@@ -274,6 +349,8 @@ def variant_parser(doc: str, variants: list[str]) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="optimizer steps per variant (default: the size's)")
     parser.add_argument("--variants", nargs="+", choices=variants, default=variants)
     parser.add_argument("--repeats", type=int, default=2, help="rounds per variant, interleaved; the fastest is shown")
+    parser.add_argument("--time_box", type=float, help="seconds of training per child; a slower one is stopped "
+                        "and shown as a bound (e.g. bf16 on a CPU without bf16 units)")  # fmt: skip
     parser.add_argument("--child", choices=variants, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -286,13 +363,15 @@ def add_ratios(rows: list[dict], rate: str) -> None:
     if mine is None:
         return
     cpu_rate = rate.replace("_per_s", "_per_cpu_s")
-    for row in rows:
+
+    def ratio(key):
+        return mine[key] / row[key] if mine.get(key) and row.get(key) else None
+
+    for row in rows:  # a time-boxed row has rates only (no CPU time, memory or loss)
         row.update(
-            speedup=mine[rate] / row[rate],
-            cpu_speedup=mine[cpu_rate] / row[cpu_rate],
-            memory_ratio=mine["peak_mib"] / row["peak_mib"],
-            loss_ratio=mine["final_loss"] / row["final_loss"],
-        )
+            speedup=ratio(rate), cpu_speedup=ratio(cpu_rate), memory_ratio=ratio("peak_mib"),
+            loss_ratio=ratio("final_loss"),
+        )  # fmt: skip
 
 
 def emit(result: dict) -> None:

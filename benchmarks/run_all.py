@@ -41,6 +41,9 @@ def plan(quick: bool) -> list[tuple[str, list[str], dict]]:
         ("dpo.py", ["--size", "tiny"], {}),
         ("dpo.py", ["--size", "smollm2"], {}),
         ("sft.py", ["--size", "tiny", "--gemm_n", "512"], AVX2),
+        # trl's bf16 default runs at ~1 GFLOP/s without bf16 units: stopped after 180 s, shown as a bound
+        ("sft.py", ["--size", "smollm2", "--repeats", "1", "--time_box", "180", "--gemm_budget", "2"], AVX2),
+        ("compile.py", ["--size", "tiny", "--repeats", "1", "--steps", "8"], {}),
         ("memory_4bit.py", ["--size", "smollm2"], {}),
         ("profile_step.py", ["--size", "smollm2", "--before"], {}),
     ]

@@ -94,9 +94,13 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
         common = ["--size", args.size, "--steps", str(steps), "--data", str(data), "--work", tmp]
         run_here = (lambda v: run_variant(v, size, data, Path(tmp), steps)) if in_process else None
         started_at = harness.load_average()
-        rows = harness.run_variants(__file__, args.variants, common, args.repeats, in_process=run_here)
+        rows = harness.run_variants(
+            __file__, args.variants, common, args.repeats, in_process=run_here, time_box=args.time_box, batch=size.batch
+        )
 
     for row in rows:
+        if row.get("time_boxed"):
+            continue
         flops_per_token = 4 * row["frozen_params"] + 6 * row["trainable_params"]
         peak = peaks["bfloat16" if row["bf16"] else "float32"]
         row.update(dtype="bf16" if row["bf16"] else "fp32", mfu=100 * flops_per_token * row["tokens_per_s"] / peak)
@@ -116,6 +120,8 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
         ("alignkit/this tok/CPU-s", "cpu_speedup", ".2f"),
         ("mem", "memory_ratio", ".2f"), ("loss", "loss_ratio", ".3f"),
     ]))  # fmt: skip
+    if note := harness.boxed_note(rows, steps):
+        print(note)
     return rows
 
 

@@ -25,7 +25,8 @@ _FAST_OUTPUTS = {"log_probs", "entropy", "is_top1", "mean_logits", "log_sum_sq_p
 
 
 def _logits(hidden, weight, bias, scale: float) -> torch.Tensor:
-    z = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits under bf16 autocast too (backward has none)
+        z = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
     return z.mul_(scale) if scale != 1.0 else z
 
 
@@ -74,6 +75,13 @@ class CpuLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, *_non_differentiable):
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+        with maybe_gather_lm_head_ctx(*ctx.saved_tensors[1:3]):  # ZeRO-3 partitions the head outside its forward
+            return CpuLogProb._backward(ctx, grad_logprobs, grad_entropy)
+
+    @staticmethod
+    def _backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32) if need_hidden else None

@@ -137,7 +137,7 @@ def _shared_forward(model, batch: PairBatch, settings: dict):
     if settings["cast_lm_head_to_fp32"]:
         hidden = hidden.float()
         autocast = torch.autocast(hidden.device.type, enabled=False)
-    with autocast:
+    with autocast, trl_utils.maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias):  # ZeRO-3: the whole head
         per_token = trl_utils._ChunkedLogProbFunction.apply(
             hidden, lm_head.weight, lm_head.bias, targets, settings["temperature"],
             trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, settings["final_logit_softcapping"], settings["logit_scale"],

@@ -104,3 +104,29 @@ def test_run_all_plans_every_table_and_gpu_check_parses():
     assert {"gemm.py", "attention.py", "sft.py", "dpo.py", "memory_4bit.py", "profile_step.py"} <= scripts
     assert all((BENCH / s).exists() for s, _, _ in full) and len(quick) < len(full)
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
+
+
+def test_a_child_past_its_time_box_is_stopped_and_reported_as_a_bound(tmp_path):
+    """A stand-in child that trains one step in ~1 s and then hangs: stopped soon after the 2 s box, its rate an
+    upper bound ((1 step done + 1) x batch / seconds), alignkit's ratio over it a lower bound."""
+    _load("gemm")  # puts benchmarks/ on sys.path
+    import harness
+
+    child = tmp_path / "slow_child.py"
+    child.write_text(
+        "import os, sys, time\n"
+        "stamp = lambda e: open(os.environ['BENCH_STEPS_FILE'], 'a').write(f'{time.time():.3f} {e}\\n')\n"
+        "stamp('begin'); time.sleep(1.0); stamp('step 1'); time.sleep(120)\n"
+    )
+    row = harness._run_child(str(child), "trl_defaults", [], time_box=2.0, batch=4)
+    assert row["time_boxed"] and row["steps_done"] == 1 and 2.0 <= row["seconds"] < 30
+    assert row["samples_per_s"] == pytest.approx(2 * 4 / row["seconds"])
+    rows = [{"variant": "alignkit", "samples_per_s": 1.0, "peak_mib": 10.0, "final_loss": 1.0}, {"variant": "x", **row}]
+    harness.add_ratios(rows, "samples_per_s")
+    assert rows[1]["speedup"] == pytest.approx(1.0 / row["samples_per_s"]) and rows[1]["memory_ratio"] is None
+    assert "1 of 6 steps" in harness.boxed_note(rows, 6)
+
+
+def test_compile_benchmark_reports_every_step():
+    module = _load("compile")
+    assert module.VARIANTS == ["alignkit", "alignkit_compiled"] and module.STEADY_FROM >= 2

@@ -53,3 +53,18 @@ def test_softcapping_and_gpu_tensors_go_to_trl(monkeypatch):
     h_meta = torch.empty(3, 4, device="meta")  # any non-CPU device
     assert lm_head.CpuFirstLogProbFunction.apply(h_meta, w, None, t, 1.0, 8, None, 1.0, ("log_probs",)) == ("upstream",)
     assert len(calls) == 2
+
+
+def test_bf16_autocast_scores_in_fp32_and_back_propagates():
+    """Under CPU bf16 autocast (trl's bf16=True on CPU) the logits stay fp32, forward and backward alike."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(9, 16, requires_grad=True), torch.randn(50, 16) * 0.3
+    targets = torch.randint(0, 50, (9,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = lm_head.CpuFirstLogProbFunction.apply(hidden, weight, None, targets, 1.0, 128, None, 1.0, ("log_probs",))[
+            0
+        ]
+    lp.sum().backward()
+    exact = torch.log_softmax(hidden.detach() @ weight.T, -1).gather(1, targets[:, None]).squeeze(1)
+    assert lp.dtype == torch.float32 and torch.allclose(lp, exact, atol=1e-5)
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
