@@ -76,13 +76,11 @@ def main(argv=None) -> list[dict]:
     print(f"\ntorch.compile, SFT {size.name} ({size.alignkit_name}): max_length {size.max_length}, batch {size.batch}, "
           f"{args.extra + ', ' if args.extra else ''}{steps} steps, steady = median of steps {STEADY_FROM}..{steps}, best of {args.repeats} rounds, "
           f"{harness.machine(started_at)}")  # fmt: skip
-    print(harness.table(rows, [
+    harness.print_table(rows, [
         ("variant", "variant", "s"), ("threads", "threads", "d"), ("steps 1-3 s", "first_steps_s", ".1f"),
         ("steady s/step", "steady_s", ".2f"), ("eager/this steady", "steady_speedup", ".2f"),
         ("peak MiB", "peak_mib", ".0f"), ("final loss", "final_loss", ".4f"), ("every step's s", "steps", "s"),
-    ]))  # fmt: skip
-    if note := harness.boxed_note(rows, steps):
-        print(note)
+    ], steps)  # fmt: skip
     return rows
 
 

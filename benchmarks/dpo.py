@@ -78,16 +78,14 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
     harness.add_ratios(rows, "samples_per_s")
     print(f"\nDPO, {size.name} ({size.alignkit_name}): batch {size.dpo_batch} pairs, {steps} steps (timed: 2..{steps}), best of {args.repeats} rounds, "
           f"LoRA r16, {harness.machine(started_at)}")  # fmt: skip
-    print(harness.table(rows, [
+    harness.print_table(rows, [
         ("variant", "variant", "s"), ("threads", "threads", "d"), ("dtype", "dtype", "s"), ("grad ckpt", "grad_ckpt", "d"),
         ("pairs/s", "samples_per_s", ".2f"), ("pairs/s per round", "rounds", "s"),
         ("pairs/CPU-s", "samples_per_cpu_s", ".2f"), ("peak MiB", "peak_mib", ".0f"),
         ("final loss", "final_loss", ".4f"),
         ("alignkit/this pairs/s", "speedup", ".2f"),
         ("alignkit/this pairs/CPU-s", "cpu_speedup", ".2f"), ("mem", "memory_ratio", ".2f"), ("loss", "loss_ratio", ".3f"),
-    ]))  # fmt: skip
-    if note := harness.boxed_note(rows, steps):
-        print(note)
+    ], steps)  # fmt: skip
     return rows
 
 

@@ -285,6 +285,13 @@ def _run_child(script: str, variant: str, common: list[str], time_box: float | N
     return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]], steps: int) -> None:
+    """The table, then the footnote of any time-boxed row."""
+    print(table(rows, columns))
+    if note := boxed_note(rows, steps):
+        print(note)
+
+
 def boxed_note(rows: list[dict], steps: int) -> str:
     """The footnote for time-boxed rows ('' when none)."""
     notes = [

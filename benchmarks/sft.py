@@ -112,16 +112,14 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
     print("GEMM probe: " + ", ".join(
         f"{name} {p['flops'] / 1e9:.1f} GFLOP/s (n={p['n']}{', time-boxed' if p['timeboxed'] else ''})"
         for name, p in probes.items()))  # fmt: skip
-    print(harness.table(rows, [
+    harness.print_table(rows, [
         ("variant", "variant", "s"), ("threads", "threads", "d"), ("dtype", "dtype", "s"), ("batching", "batching", "s"), ("grad ckpt", "grad_ckpt", "d"),
         ("tokens/s", "tokens_per_s", ".0f"), ("samples/s", "samples_per_s", ".2f"), ("samples/s per round", "rounds", "s"),
         ("tok/CPU-s", "tokens_per_cpu_s", ".0f"), ("peak MiB", "peak_mib", ".0f"),
         ("final loss", "final_loss", ".4f"), ("MFU %", "mfu", ".1f"), ("alignkit/this tok/s", "speedup", ".2f"),
         ("alignkit/this tok/CPU-s", "cpu_speedup", ".2f"),
         ("mem", "memory_ratio", ".2f"), ("loss", "loss_ratio", ".3f"),
-    ]))  # fmt: skip
-    if note := harness.boxed_note(rows, steps):
-        print(note)
+    ], steps)  # fmt: skip
     return rows
 
 
