@@ -180,7 +180,9 @@ def share_prompts(trainer) -> bool:
 
     @functools.wraps(fused)
     def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
-        if fused_lm_head and _ACTIVE.get() and not args and labels is not None and kwargs.keys() <= _MODEL_KWARGS:
+        # PEFT's forward passes inputs_embeds, output_attentions, output_hidden_states and return_dict as None
+        given = {k for k, v in kwargs.items() if v is not None}
+        if fused_lm_head and _ACTIVE.get() and not args and labels is not None and given <= _MODEL_KWARGS:
             batch = (
                 pair_batch(kwargs["input_ids"], kwargs.get("attention_mask"), labels) if "input_ids" in kwargs else None
             )
