@@ -1,5 +1,7 @@
 """alignkit.train.shared_prompt: DPO pairs through one prompt forward give trl's two-row log-probs and gradients."""
 
+import inspect
+
 import pytest
 import torch
 from conftest import REPO, log_history, run_recipe, write_jsonl
@@ -100,7 +102,9 @@ def test_a_peft_model_takes_the_shared_forward(monkeypatch):
     use_cpu_lm_head()
     model = _model("CAUSAL_LM")  # PeftModelForCausalLM, as alignkit's loader builds it
     trainer = _fake_dpo_trainer(model)
+    signature = inspect.signature(model.get_base_model().forward)
     assert shared_prompt.share_prompts(trainer)
+    assert inspect.signature(model.get_base_model().forward) == signature  # input_ids first, as generate() reads it
     calls, real = [], shared_prompt._shared_forward
     monkeypatch.setattr(shared_prompt, "_shared_forward", lambda *a: calls.append(1) or real(*a))
     inputs = DataCollatorForPreference(pad_token_id=0)(_pairs())
