@@ -60,10 +60,20 @@ def _score(model, inputs, shared: bool):
     return out, grads
 
 
+def _cpu_lm_head(monkeypatch, compact: bool = True):
+    """use_cpu_lm_head for this test only (it patches trl's module); ``compact=False``: trl scores every position."""
+    from trl.trainer import utils as trl_utils
+
+    for name in ("_ChunkedLogProbFunction", "_use_triton"):
+        monkeypatch.setattr(trl_utils, name, getattr(trl_utils, name))
+    use_cpu_lm_head()
+    if not compact:
+        monkeypatch.setattr(trl_utils, "_use_triton", lambda device: False)
+
+
 @pytest.mark.parametrize("compact", [True, False])
 def test_shared_prompt_forward_equals_two_rows(compact, monkeypatch):
-    if compact:
-        use_cpu_lm_head()
+    _cpu_lm_head(monkeypatch, compact)  # compact=False stayed compact once compact=True had patched trl
     model = _model()
     inputs = DataCollatorForPreference(pad_token_id=0)(_pairs())
     plain, plain_grads = _score(model, inputs, shared=False)
@@ -99,7 +109,7 @@ def _fake_dpo_trainer(model):
 def test_a_peft_model_takes_the_shared_forward(monkeypatch):
     """PeftModelForCausalLM.forward passes inputs_embeds, output_attentions, output_hidden_states and return_dict (as
     None) down to the base model's forward: those must not send every batch back to trl's two-row forward."""
-    use_cpu_lm_head()
+    _cpu_lm_head(monkeypatch)
     model = _model("CAUSAL_LM")  # PeftModelForCausalLM, as alignkit's loader builds it
     trainer = _fake_dpo_trainer(model)
     signature = inspect.signature(model.get_base_model().forward)
