@@ -179,8 +179,11 @@ def fit_cpu_threads() -> int | None:
         others = 0.0
     if others > 0 and (busy := busy_cores()) is not None:
         # the load average lags by about a minute (a run started right after another one sees that one's load):
-        # others are busy only if the machine is busy now, too (this rank sleeps while it is sampled)
-        others = min(others, max(0.0, busy * cores / (os.cpu_count() or cores) - (local - 1)))
+        # others are busy only if the machine is busy now, too (this rank sleeps while it is sampled). Counted in
+        # busy logical CPUs, like the load average in runnable threads: not scaled down by hyper-threads per core
+        # (the scheduler spreads busy threads over the physical cores first, so 3 busy of 8 logical on 4 physical
+        # cores leave 1 core, not 2.5)
+        others = min(others, max(0.0, busy - (local - 1)))
     threads = max(1, min(cores // local, int(cores - others + 0.5)))
     if local <= 1 and threads >= torch.get_num_threads():
         return None

@@ -33,10 +33,12 @@ def _logits(hidden, weight, bias, scale: float) -> torch.Tensor:
 class CpuLogProb(torch.autograd.Function):
     """hidden: (N, H); weight: (V, H); bias: (V,) or None; targets: (N,) int64 in [0, V). Returns fp32 (log_probs (N,),
     entropy (N,) or None, is_top1 (N,) bool or None, mean_logits (N,) or None, log_sum_sq_probs (N,) or None); the
-    last three are not differentiable (as in trl)."""
+    last three are not differentiable (as in trl). ``grad_enabled``: the caller's ``torch.is_grad_enabled()`` (the
+    forward always runs without grad, and ``ctx.needs_input_grad`` reads True under ``torch.no_grad`` too): the
+    probabilities are kept for backward only when a backward can come."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale: float, want: tuple[str, ...]):
+    def forward(ctx, hidden, weight, bias, targets, scale: float, want: tuple[str, ...], grad_enabled: bool = True):
         ctx.set_materialize_grads(False)
         n = hidden.shape[0]
         want_entropy, want_top1 = "entropy" in want, "is_top1" in want
@@ -46,7 +48,7 @@ class CpuLogProb(torch.autograd.Function):
         mean_logits = torch.empty(n, dtype=torch.float32) if "mean_logits" in want else None
         log_sum_sq = torch.empty(n, dtype=torch.float32) if "log_sum_sq_probs" in want else None
         log_z = torch.empty(n, dtype=torch.float32)
-        needs_grad = any(ctx.needs_input_grad[:3])
+        needs_grad = grad_enabled and any(ctx.needs_input_grad[:3])
         kept = [] if needs_grad and n * weight.shape[0] * 4 <= KEEP_PROBS_BYTES else None
         for s in range(0, n, TOKEN_CHUNK):
             e = min(s + TOKEN_CHUNK, n)
@@ -117,7 +119,7 @@ class CpuLogProb(torch.autograd.Function):
             None if grad_hidden is None else grad_hidden.to(hidden.dtype),
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype),
-            None, None, None,
+            None, None, None, None,
         )  # fmt: skip
 
 
@@ -135,7 +137,7 @@ class CpuFirstLogProbFunction:
                 hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs
             )
         logprobs, entropy, top1, mean_logits, log_sum_sq = CpuLogProb.apply(
-            hidden, weight, bias, targets, float(logit_scale) / float(temperature), outputs
+            hidden, weight, bias, targets, float(logit_scale) / float(temperature), outputs, torch.is_grad_enabled()
         )
         return logprobs, entropy, log_sum_sq, mean_logits, top1
 

@@ -178,9 +178,13 @@ def share_prompts(trainer) -> bool:
     if settings is None:
         return False
 
-    @functools.wraps(fused)
+    # wrap the function, not the bound method: the bound method's signature already lacks ``self``, and binding the
+    # wrapper would drop its first parameter (``input_ids``) from what generate() and transformers inspect
+    @functools.wraps(getattr(fused, "__func__", fused))
     def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
-        if fused_lm_head and _ACTIVE.get() and not args and labels is not None and kwargs.keys() <= _MODEL_KWARGS:
+        # PEFT's forward passes inputs_embeds, output_attentions, output_hidden_states and return_dict as None
+        given = {k for k, v in kwargs.items() if v is not None}
+        if fused_lm_head and _ACTIVE.get() and not args and labels is not None and given <= _MODEL_KWARGS:
             batch = (
                 pair_batch(kwargs["input_ids"], kwargs.get("attention_mask"), labels) if "input_ids" in kwargs else None
             )

@@ -42,6 +42,19 @@ def test_a_load_average_left_by_a_finished_run_does_not_cost_threads(monkeypatch
     assert runtime.fit_cpu_threads() == 5
 
 
+def test_busy_hyper_threads_count_as_busy_cores(monkeypatch):
+    """4 physical cores, 8 logical: three other processes busy now (3 logical CPUs, on 3 physical cores) and in the
+    load average leave 1 core, not 4 - 3 * 4 / 8."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(runtime, "physical_cores", lambda: 4)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    torch.set_num_threads(4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.0, 4.0, 4.0))  # this process and three others
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 3.0)
+    assert runtime.fit_cpu_threads() == 1
+
+
 def test_ranks_on_one_machine_split_the_cores(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the launchers' fallback, not a choice

@@ -68,3 +68,20 @@ def test_bf16_autocast_scores_in_fp32_and_back_propagates():
     exact = torch.log_softmax(hidden.detach() @ weight.T, -1).gather(1, targets[:, None]).squeeze(1)
     assert lp.dtype == torch.float32 and torch.allclose(lp, exact, atol=1e-5)
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+
+
+def test_no_probabilities_are_kept_without_grad(monkeypatch):
+    """Under torch.no_grad (the reference forward, evaluation) ctx.needs_input_grad still reads True for parameters:
+    the forward must not build (exp) and hold the probabilities for a backward that never comes."""
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (9,))
+    exps, real_exp = [], torch.Tensor.exp_
+    monkeypatch.setattr(torch.Tensor, "exp_", lambda self: exps.append(1) or real_exp(self))
+    score = lm_head.CpuFirstLogProbFunction.apply
+    with torch.no_grad():
+        score(hidden, weight, None, targets, 1.0, 1024, None, 1.0, ("log_probs",))
+    assert not exps
+    score(hidden, weight, None, targets, 1.0, 1024, None, 1.0, ("log_probs",))[0].sum().backward()
+    assert exps  # with grad: kept for backward

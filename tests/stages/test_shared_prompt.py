@@ -1,5 +1,7 @@
 """alignkit.train.shared_prompt: DPO pairs through one prompt forward give trl's two-row log-probs and gradients."""
 
+import inspect
+
 import pytest
 import torch
 from conftest import REPO, log_history, run_recipe, write_jsonl
@@ -26,11 +28,14 @@ def _pairs():
     ]
 
 
-def _model():
+def _model(task_type=None):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path("llama"), dtype=torch.float32)
     add_fused_lm_head(model, outputs=OUTPUTS)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    model = get_peft_model(
+        model,
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type=task_type),
+    )
     for name, p in model.named_parameters():  # a non-zero adapter, so its gradients flow everywhere
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -55,10 +60,20 @@ def _score(model, inputs, shared: bool):
     return out, grads
 
 
+def _cpu_lm_head(monkeypatch, compact: bool = True):
+    """use_cpu_lm_head for this test only (it patches trl's module); ``compact=False``: trl scores every position."""
+    from trl.trainer import utils as trl_utils
+
+    for name in ("_ChunkedLogProbFunction", "_use_triton"):
+        monkeypatch.setattr(trl_utils, name, getattr(trl_utils, name))
+    use_cpu_lm_head()
+    if not compact:
+        monkeypatch.setattr(trl_utils, "_use_triton", lambda device: False)
+
+
 @pytest.mark.parametrize("compact", [True, False])
 def test_shared_prompt_forward_equals_two_rows(compact, monkeypatch):
-    if compact:
-        use_cpu_lm_head()
+    _cpu_lm_head(monkeypatch, compact)  # compact=False stayed compact once compact=True had patched trl
     model = _model()
     inputs = DataCollatorForPreference(pad_token_id=0)(_pairs())
     plain, plain_grads = _score(model, inputs, shared=False)
@@ -75,6 +90,42 @@ def test_shared_prompt_forward_equals_two_rows(compact, monkeypatch):
     for name, g in plain_grads.items():
         assert g.abs().max() > 0, name
         assert torch.allclose(shared_grads[name], g, atol=1e-5, rtol=1e-4), name
+
+
+def _fake_dpo_trainer(model):
+    """A DPOTrainer shell with what share_prompts touches: its model and the two methods it wraps."""
+    import types
+
+    import trl
+
+    trainer = object.__new__(trl.DPOTrainer)
+    trainer.accelerator = types.SimpleNamespace(unwrap_model=lambda m: m)
+    trainer.model = model
+    trainer._compute_loss = lambda model, inputs, return_outputs=False: model(**inputs, fused_lm_head=True)
+    trainer.compute_ref_log_probs = lambda model, inputs: None
+    return trainer
+
+
+def test_a_peft_model_takes_the_shared_forward(monkeypatch):
+    """PeftModelForCausalLM.forward passes inputs_embeds, output_attentions, output_hidden_states and return_dict (as
+    None) down to the base model's forward: those must not send every batch back to trl's two-row forward."""
+    _cpu_lm_head(monkeypatch)
+    model = _model("CAUSAL_LM")  # PeftModelForCausalLM, as alignkit's loader builds it
+    trainer = _fake_dpo_trainer(model)
+    signature = inspect.signature(model.get_base_model().forward)
+    assert shared_prompt.share_prompts(trainer)
+    assert inspect.signature(model.get_base_model().forward) == signature  # input_ids first, as generate() reads it
+    calls, real = [], shared_prompt._shared_forward
+    monkeypatch.setattr(shared_prompt, "_shared_forward", lambda *a: calls.append(1) or real(*a))
+    inputs = DataCollatorForPreference(pad_token_id=0)(_pairs())
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+    kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "labels": labels,
+              "use_cache": False}  # fmt: skip
+    plain = model(**kwargs, fused_lm_head=True)  # outside _compute_loss: trl's forward
+    assert not calls
+    shared = trainer._compute_loss(model, kwargs)
+    assert calls == [1]
+    assert torch.allclose(shared.log_probs, plain.log_probs, atol=1e-5)
 
 
 def test_batches_of_another_shape_are_left_to_trl():
@@ -110,6 +161,8 @@ def test_dpo_recipe_trains_the_same_with_shared_prompts(tmp_path, monkeypatch):
         return real_train(self, trainer, **kwargs)
 
     monkeypatch.setattr(runner.Run, "train", train)
+    shared_calls, real_shared = [], shared_prompt._shared_forward
+    monkeypatch.setattr(shared_prompt, "_shared_forward", lambda *a: shared_calls.append(1) or real_shared(*a))
     data = write_jsonl(tmp_path / "pref.jsonl", _preference_rows(24, seed=3))
     logs = {}
     for attn in ("auto", "sdpa"):
@@ -123,6 +176,10 @@ def test_dpo_recipe_trains_the_same_with_shared_prompts(tmp_path, monkeypatch):
         base = seen[-1].accelerator.unwrap_model(seen[-1].model).get_base_model()
         assert getattr(base, "_alignkit_shared", False) == (attn == "auto")
         logs[attn] = log_history(out)
+        if attn == "auto":  # at least the policy and the reference forward of each of the 4 steps
+            assert len(shared_calls) >= 8, len(shared_calls)
+            taken = len(shared_calls)
+    assert len(shared_calls) == taken  # sdpa: trl's own forward
     keys = ["loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "eval_loss"]
     compared = 0
     for a, b in zip(logs["auto"], logs["sdpa"], strict=True):
