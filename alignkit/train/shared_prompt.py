@@ -184,11 +184,9 @@ def share_prompts(trainer) -> bool:
     def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
         # PEFT's forward passes inputs_embeds, output_attentions, output_hidden_states and return_dict as None
         given = {k for k, v in kwargs.items() if v is not None}
-        if fused_lm_head and _ACTIVE.get() and not args and labels is not None and given <= _MODEL_KWARGS:
-            batch = (
-                pair_batch(kwargs["input_ids"], kwargs.get("attention_mask"), labels) if "input_ids" in kwargs else None
-            )
-            if batch is not None:
+        plain_inputs = "input_ids" in given and given <= _MODEL_KWARGS
+        if fused_lm_head and _ACTIVE.get() and not args and labels is not None and plain_inputs:
+            if (batch := pair_batch(kwargs["input_ids"], kwargs.get("attention_mask"), labels)) is not None:
                 return _shared_forward(self, batch, settings)
         return fused(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
 
