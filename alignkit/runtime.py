@@ -191,6 +191,46 @@ def fit_cpu_threads() -> int | None:
     return threads
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def fit_cpu_allocator() -> bool:
+    """Keep freed tensor memory in the process on a CPU run (glibc only): no ``mmap`` per allocation, no trimming
+    of the heap, one malloc arena.
+
+    glibc serves an allocation above its mmap threshold (128 KiB to 32 MiB) with a fresh ``mmap`` and unmaps it on
+    free, and trims freed heap tops and thread arenas back to the OS; a training step allocates and frees hundreds of
+    such tensors (activations of ``(tokens, 1536)`` = 8 MiB, LM-head probabilities ``(tokens, vocab)`` = 200 MiB), so
+    every one is page-faulted in again, zero-filled by the kernel. Measured (SmolLM2-135M LoRA SFT, 2-core Xeon,
+    benchmarks/README.md): ``torch.exp`` on a new (1024, 49152) tensor 58 ms vs 17 ms into a reused one; the whole
+    step 1.4x faster with the same loss bit for bit and the same peak RSS. The in-process form of the allocator
+    settings PyTorch's CPU launcher makes (``torch.backends.xeon.run_cpu`` preloads jemalloc/tcmalloc).
+
+    Kept as they are: GPU runs, non-glibc systems, a process whose allocator the user chose (``LD_PRELOAD`` naming
+    jemalloc/tcmalloc/mimalloc, ``GLIBC_TUNABLES`` or ``MALLOC_*`` settings), and ``ALIGNKIT_CPU_ALLOCATOR=system``.
+    Returns True when the settings were applied."""
+    import ctypes
+    import platform
+
+    if os.environ.get("ALIGNKIT_CPU_ALLOCATOR", "").lower() == "system" or gpu_available():
+        return False
+    preload = os.environ.get("LD_PRELOAD", "")
+    if any(a in preload for a in ("jemalloc", "tcmalloc", "mimalloc")) or "malloc" in os.environ.get(
+        "GLIBC_TUNABLES", ""
+    ):
+        return False
+    if any(k.startswith("MALLOC_") for k in os.environ) or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    done = [mallopt(_M_MMAP_MAX, 0), mallopt(_M_TRIM_THRESHOLD, 2**31 - 1), mallopt(_M_ARENA_MAX, 1)]
+    return all(done)
+
+
 _LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 

@@ -375,6 +375,7 @@ def _device_defaults(args) -> None:
         args.use_liger_kernel = runtime.gpu_available() and importlib.util.find_spec("liger_kernel") is not None
     runtime.fit_backend_to_device(args)
     runtime.fit_cpu_threads()
+    runtime.fit_cpu_allocator()
 
 
 @dataclass
