@@ -349,16 +349,36 @@ def train_alignkit(
     return trainer, train_measurements(trainer, timer, batch)
 
 
+# Opt-in variants that isolate the CPU allocator setting (alignkit.runtime.fit_cpu_allocator) in one interleaved
+# table: alignkit with glibc's malloc defaults, and trl tuned with alignkit's mallopt settings (what a user who tunes
+# the allocator for trl by hand, e.g. GLIBC_TUNABLES or a preloaded jemalloc, would get).
+ALLOCATOR_VARIANTS = {"alignkit_glibc_malloc": "alignkit", "trl_tuned_mallopt": "trl_tuned"}
+
+
+def allocator_variant(variant: str) -> str:
+    """In a child process, before anything trains: apply an ALLOCATOR_VARIANTS setting; returns the variant it runs."""
+    if variant == "alignkit_glibc_malloc":
+        os.environ["ALIGNKIT_CPU_ALLOCATOR"] = "system"
+    elif variant == "trl_tuned_mallopt":
+        from alignkit import runtime
+
+        if not runtime.fit_cpu_allocator():
+            raise SystemExit("trl_tuned_mallopt: the allocator settings do not apply here (GPU, not glibc, or set)")
+    return ALLOCATOR_VARIANTS.get(variant, variant)
+
+
 def variant_parser(doc: str, variants: list[str]) -> argparse.ArgumentParser:
-    """The command line every comparison script shares; --child/--data/--work are how it calls itself per variant."""
+    """The command line every comparison script shares; --child/--data/--work are how it calls itself per variant.
+    ``--variants`` defaults to ``variants``; ALLOCATOR_VARIANTS can be named too (children only)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--steps", type=int, help="optimizer steps per variant (default: the size's)")
-    parser.add_argument("--variants", nargs="+", choices=variants, default=variants)
+    choices = [*variants, *(v for v, base in ALLOCATOR_VARIANTS.items() if base in variants)]
+    parser.add_argument("--variants", nargs="+", choices=choices, default=list(variants))
     parser.add_argument("--repeats", type=int, default=2, help="rounds per variant, interleaved; the fastest is shown")
     parser.add_argument("--time_box", type=float, help="seconds of training per child; a slower one is stopped "
                         "and shown as a bound (e.g. bf16 on a CPU without bf16 units)")  # fmt: skip
-    parser.add_argument("--child", choices=variants, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=choices, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     return parser

@@ -172,7 +172,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--stages", nargs="+", choices=["sft", "dpo"], default=["sft", "dpo"])
     parser.add_argument("--isa", nargs="+", choices=sorted(ISA_CAPS), default=["native", "avx2"])
     parser.add_argument("--extra", default="", help="recipe flags for every run, e.g. '--attn_implementation sdpa'")
-    parser.add_argument("--before", action="store_true", help="each run also with the old default (sdpa), first")
+    parser.add_argument(
+        "--before",
+        action="store_true",
+        help="each run also with the old defaults, first (sdpa, trl LM head, torch threads, glibc malloc)",
+    )
     parser.add_argument("--top", action="store_true", help="also print each run's 12 costliest ops")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -181,8 +185,9 @@ def main(argv=None) -> list[dict]:
     if args.child:
         with tempfile.TemporaryDirectory(prefix="alignkit-profile-") as tmp:
             extra = args.extra.split()
-            if "--old_defaults" in extra:  # before this branch: sdpa, trl's own LM head on CPU, torch's thread count
+            if "--old_defaults" in extra:  # before: sdpa, trl's own LM head on CPU, torch's threads, glibc's malloc
                 extra.remove("--old_defaults")
+                os.environ["ALIGNKIT_CPU_ALLOCATOR"] = "system"
                 extra += ["--attn_implementation", "sdpa"]
                 from alignkit import runtime
                 from alignkit.train import lm_head
@@ -193,7 +198,7 @@ def main(argv=None) -> list[dict]:
         return []
 
     settings = {"": args.extra}
-    if args.before:  # the old default first: transformers' sdpa, block-diagonal mask for padding-free batches
+    if args.before:  # the old defaults first: sdpa (block-diagonal mask), trl's LM head, torch's threads, glibc malloc
         settings = {"before": f"--old_defaults {args.extra}".strip(), "after": args.extra}
     rows = []
     for stage in args.stages:

@@ -80,7 +80,7 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
     size = harness.SIZES[args.size]
     steps = args.steps or size.steps
     if args.child:
-        harness.emit(run_variant(args.child, size, Path(args.data), Path(args.work), steps))
+        harness.emit(run_variant(harness.allocator_variant(args.child), size, Path(args.data), Path(args.work), steps))
         return []
 
     import gemm

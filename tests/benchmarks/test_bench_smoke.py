@@ -130,3 +130,28 @@ def test_a_child_past_its_time_box_is_stopped_and_reported_as_a_bound(tmp_path):
 def test_compile_benchmark_reports_every_step():
     module = _load("compile")
     assert module.VARIANTS == ["alignkit", "alignkit_compiled"] and module.STEADY_FROM >= 2
+
+
+@pytest.mark.parametrize(
+    ("variant", "runs", "alignkit_applies"),
+    [("alignkit_glibc_malloc", "alignkit", False), ("trl_tuned_mallopt", "trl_tuned", True)],
+)
+def test_allocator_variants_isolate_the_mallopt_setting(variant, runs, alignkit_applies):
+    """--variants alignkit_glibc_malloc / trl_tuned_mallopt: alignkit without its allocator setting, trl tuned with it
+    (allocator_variant raises when the setting cannot apply). Each runs in its own child, so the check does too."""
+    import os
+    import subprocess
+
+    code = (
+        "import harness\n"
+        "from alignkit import runtime\n"
+        f"assert harness.allocator_variant({variant!r}) == {runs!r}\n"
+        f"assert runtime.fit_cpu_allocator() is {alignkit_applies}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env.pop("ALIGNKIT_CPU_ALLOCATOR", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=BENCH, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    parser = _load("sft").harness.variant_parser("x", ["alignkit", "trl_defaults", "trl_tuned"])
+    assert parser.parse_args(["--variants", "alignkit", variant]).variants == ["alignkit", variant]
+    assert parser.parse_args([]).variants == ["alignkit", "trl_defaults", "trl_tuned"]  # opt-in only
