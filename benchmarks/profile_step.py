@@ -15,6 +15,10 @@ How ops are sorted (self CPU time of each aten op, on the training thread): unde
 dropout -> LoRA; other matmuls -> GEMM; scaled-dot-product/flex/flash attention kernels and their backward ->
 attention; inside the LM head (trl's fused one or alignkit's CPU one) or log-softmax/cross-entropy -> LM head+loss; the rest -> elementwise (norms,
 activations, casts, copies, adds). Python overhead = profiled wall time - the sum of all of those.
+
+Steps: 1 warm-up, 3 timed without the profiler ("unprofiled s/step"), then 3 profiled. torch.profiler (with shapes)
+costs time per op, so the profiled step is slower than a plain one and categories of many small ops, python/other
+most, read larger than they are; compare the two s/step columns before reading small shares.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ ISA_CAPS = {
     "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
 }
 CATEGORIES = ["GEMM", "attention", "LoRA", "LM head+loss", "elementwise", "optimizer", "collation", "python/other"]
-WARMUP, ACTIVE = 1, 3  # the first step is warm-up (oneDNN primitives, allocator); then 3 profiled
+WARMUP, ACTIVE = 1, 3  # the first step is warm-up (oneDNN primitives, allocator); then 3 unprofiled, 3 profiled
 LORA_RANK = harness.LORA["r"]
 _GEMM = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_weight_int4pack_mm", "aten::mkldnn_mm"}
 _ATTN = ("scaled_dot_product", "flash_attention", "flex_attention", "efficient_attention", "_flash_attention")
@@ -122,10 +126,12 @@ def profile_child(stage: str, size: harness.Size, work: Path, steps: int, extra:
             _label_lm_head()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == WARMUP:
-                marks["start"] = time.perf_counter()
-                prof.start()
+            if state.global_step == WARMUP:  # ACTIVE steps without the profiler: its own per-op cost is not small
+                marks["plain_start"] = time.perf_counter()
             elif state.global_step == WARMUP + ACTIVE:
+                marks["plain_end"] = marks["start"] = time.perf_counter()
+                prof.start()
+            elif state.global_step == WARMUP + 2 * ACTIVE:
                 prof.stop()
                 marks["end"] = time.perf_counter()
 
@@ -143,6 +149,7 @@ def profile_child(stage: str, size: harness.Size, work: Path, steps: int, extra:
     found = shares(prof, marks["end"] - marks["start"])
     return {
         **found,
+        "plain_wall": marks["plain_end"] - marks["plain_start"],
         "final_loss": result["final_loss"],
         "threads": torch.get_num_threads(),  # as training ran (alignkit.runtime.fit_cpu_threads may lower it)
         "isa": torch.backends.cpu.get_cpu_capability(),
@@ -162,6 +169,7 @@ def _profile_run(stage: str, isa: str, label: str, extra: str, args) -> dict:
     row = {"run": name, "wall": found["wall"], "final_loss": found["final_loss"], "top_ops": found["top_ops"]}
     row.update({c: 100 * found["seconds"][c] / found["wall"] for c in CATEGORIES})
     row["per_step"], row["threads"] = found["wall"] / ACTIVE, found["threads"]
+    row["plain_per_step"] = found["plain_wall"] / ACTIVE
     print(harness.RESULT_PREFIX + json.dumps({k: v for k, v in row.items() if k != "top_ops"}), flush=True)
     return row
 
@@ -181,7 +189,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     size = harness.SIZES[args.size]
-    steps = WARMUP + ACTIVE
+    steps = WARMUP + 2 * ACTIVE
     if args.child:
         with tempfile.TemporaryDirectory(prefix="alignkit-profile-") as tmp:
             extra = args.extra.split()
@@ -208,9 +216,10 @@ def main(argv=None) -> list[dict]:
                 if args.top:
                     print(f"{rows[-1]['run']}: top ops (% of wall): " + ", ".join(
                         f"{name} {100 * t / rows[-1]['wall']:.1f}" for name, t in rows[-1].pop("top_ops")), flush=True)  # fmt: skip
-    print(f"\nProfile, {size.name} ({size.alignkit_name}), alignkit defaults {args.extra}: {ACTIVE} steps after "
-          f"{WARMUP} warm-up, % of step wall time\n{harness.machine()}")  # fmt: skip
+    print(f"\nProfile, {size.name} ({size.alignkit_name}), alignkit defaults {args.extra}: {ACTIVE} profiled steps after "
+          f"{WARMUP} warm-up and {ACTIVE} unprofiled, % of profiled step wall time\n{harness.machine()}")  # fmt: skip
     columns = [("run", "run", "s"), ("threads", "threads", "d"), ("s/step", "per_step", ".2f")]
+    columns += [("unprofiled s/step", "plain_per_step", ".2f")]
     columns += [(f"{c} %", c, ".1f") for c in CATEGORIES] + [("final loss", "final_loss", ".4f")]
     print(harness.table(rows, columns))
     return rows
