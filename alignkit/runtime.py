@@ -204,9 +204,9 @@ def fit_cpu_allocator() -> bool:
     such tensors (activations of ``(tokens, 1536)`` = 8 MiB, LM-head probabilities ``(tokens, vocab)`` = 200 MiB), so
     every one is page-faulted in again, zero-filled by the kernel. Measured (SmolLM2-135M LoRA SFT, 2-core Xeon,
     benchmarks/README.md): ``torch.exp`` on a new (1024, 49152) tensor 58 ms vs 17 ms into a reused one; the whole
-    step 1.4x faster (1.04-1.07x on a
-    2-core AMD EPYC) with the same loss bit for bit and the same peak RSS. The in-process form of the allocator
-    settings PyTorch's CPU launcher makes (``torch.backends.xeon.run_cpu`` preloads jemalloc/tcmalloc).
+    step 1.4x faster (1.04-1.07x on a 2-core AMD EPYC) with the same loss bit for bit and the same peak RSS. The
+    in-process form of the allocator settings PyTorch's CPU launcher makes (``torch.backends.xeon.run_cpu`` preloads
+    jemalloc/tcmalloc).
 
     Kept as they are: GPU runs, non-glibc systems, a process whose allocator the user chose (``LD_PRELOAD`` naming
     jemalloc/tcmalloc/mimalloc, ``GLIBC_TUNABLES`` or ``MALLOC_*`` settings), and ``ALIGNKIT_CPU_ALLOCATOR=system``.
