@@ -446,7 +446,10 @@ def isa_flags() -> str:
     return f"{' '.join(present)}{cap}; ATen kernels {torch.backends.cpu.get_cpu_capability()}"
 
 
-ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+# What an AVX2-only CPU runs (no AVX-512, no AMX: no bf16 units), set before torch is imported: oneDNN, MKL and
+# ATen's own kernels capped at AVX2
+AVX2_CAPS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+ISA_CAPS = tuple(AVX2_CAPS)
 
 
 def load_average() -> str:

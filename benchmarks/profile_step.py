@@ -35,7 +35,7 @@ import harness
 
 ISA_CAPS = {
     "native": {},
-    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+    "avx2": harness.AVX2_CAPS,
 }
 CATEGORIES = ["GEMM", "attention", "LoRA", "LM head+loss", "elementwise", "optimizer", "collation", "python/other"]
 WARMUP, ACTIVE = 1, 3  # the first step is warm-up (oneDNN primitives, allocator); then 3 unprofiled, 3 profiled

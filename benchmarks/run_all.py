@@ -6,7 +6,7 @@ header: CPU model, ISA flags, threads, load average).
 
 Run it alone on the machine (``flock /tmp/alignkit-heavy.lock python benchmarks/run_all.py``): the tables carry the
 load average at their start, and a neighbour's load stretches wall time. ``--avx2`` rows cap oneDNN, MKL and ATen at
-AVX2 (a CPU without bf16 units; see profile_step.ISA_CAPS).
+AVX2 (a CPU without bf16 units; see harness.AVX2_CAPS).
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+import harness
+
 HERE = Path(__file__).resolve().parent
-AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+AVX2 = harness.AVX2_CAPS
 # seconds of training per SmolLM2 child: on a CPU without bf16 units trl's bf16 default does not finish one step in 180 s
 BOX_QUICK, BOX_FULL = ["--time_box", "30"], ["--time_box", "180"]
 
