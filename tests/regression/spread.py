@@ -3,7 +3,9 @@ tolerances in ``golden.py``: ``python -m tests.regression.spread [RUN ...]``.
 
 Every run is trained once per variant, each variant in its own process: oneDNN/MKL at their best instruction set or
 capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``, what an AVX2-only CPU such as an AMD EPYC
-runs), ATen's own kernels capped at AVX2 too (``ATEN_CPU_CAPABILITY=avx2``), and 1 or 2 intra-op threads. It prints,
+runs), capped at AVX-512 without AMX or bf16 (``ONEDNN_MAX_CPU_ISA=AVX512_CORE MKL_ENABLE_INSTRUCTIONS=AVX512
+ATEN_CPU_CAPABILITY=avx512``, an AMD Zen 4's numerics without its bf16 units), ATen's own kernels capped at AVX2 too
+(``ATEN_CPU_CAPABILITY=avx2``), and 1 or 2 intra-op threads. It prints,
 per metric, the largest relative difference from the first variant at any step of any run, next to the tolerance
 the suite uses and the margin between the two. The machine's facts head the table.
 """
@@ -20,9 +22,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+# AVX-512 without AMX or bf16 units (what an AMD Zen 4 runs under AVX512_CORE caps; an Intel Xeon without AMX)
+AVX512_CORE = {
+    "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+    "ATEN_CPU_CAPABILITY": "avx512",
+}
 VARIANTS = {
     "best ISA, 1 thread": ({}, 1),
     "best ISA, 2 threads": ({}, 2),
+    "oneDNN/MKL/ATen AVX512_CORE, 2 threads": (AVX512_CORE, 2),
     "oneDNN/MKL AVX2, 1 thread": (AVX2, 1),
     "oneDNN/MKL/ATen AVX2, 2 threads": ({**AVX2, "ATEN_CPU_CAPABILITY": "avx2"}, 2),
 }
