@@ -16,6 +16,7 @@ stop token. Family names follow trl's template file names.
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,3 +131,90 @@ def end_of_turn_token(name: str, tokenizer) -> str | None:
     if name == "chatml_eos":
         return tokenizer.eos_token
     return FAMILIES[name].end_of_turn
+
+
+@dataclass
+class TemplateInfo:
+    """What a run trains with: the ``family`` (None: an unknown template), the template ``source`` ('stock': the
+    tokenizer's own, marked already or not needing marks; 'twin': the stock template's training twin, proven;
+    'installed': a family template the recipe installed), the ``stock`` text the model is saved with, and what the
+    template renders (:class:`alignkit.data.chat_probes.Features`)."""
+
+    family: str | None
+    source: str
+    stock: str | None
+    features: object = None
+
+
+def prepare_chat_template(
+    tokenizer, *, installed: bool = False, assistant_only_loss: bool = False, train_on_reasoning: bool = True
+) -> TemplateInfo:
+    """Recognise the tokenizer's template; for assistant-only loss on a family's stock template, swap in its
+    training twin after :func:`alignkit.data.chat_probes.prove_twin` proved it on this tokenizer. Sets
+    ``tokenizer.alignkit_template`` (a :class:`TemplateInfo`); the stock text is what the run saves."""
+    from alignkit.data.chat_probes import prove_twin, template_features
+
+    template = tokenizer.chat_template
+    name = identify(template)
+    source = "installed" if installed else "stock"
+    if name is None or name in OWN_FAMILIES:
+        info = TemplateInfo(name, source, template, template_features(tokenizer, template) if template else None)
+    else:
+        stock = stock_template(name)
+        if assistant_only_loss:
+            twin = twin_template(name, train_on_reasoning)
+            features = prove_twin(tokenizer, stock, twin, name)
+            if twin != template:
+                tokenizer.chat_template = twin
+                source = "installed, twin" if installed else "twin"
+        else:
+            features = template_features(tokenizer, stock)
+        info = TemplateInfo(name, source, stock, features)
+    tokenizer.alignkit_template = info
+    return info
+
+
+def saved_template(tokenizer) -> str | None:
+    """The template a run saves: the family's stock text when training used its twin, else the tokenizer's."""
+    info = getattr(tokenizer, "alignkit_template", None)
+    return info.stock if info is not None and info.stock else tokenizer.chat_template
+
+
+def add_end_of_turn_token(tokenizer, name: str) -> list[str]:
+    """Make family ``name``'s end-of-turn token one special token of the vocabulary, as trl's
+    ``clone_chat_template`` adds the source's tokens: used as is where the vocabulary has it (a base Gemma's
+    ``<end_of_turn>``), else added; ``tokenizer.alignkit_new_token_ids`` lists added ids (their embedding rows are
+    trained and saved with the adapter). Returns what changed, for the contract's report."""
+    token = end_of_turn_token(name, tokenizer)
+    tokenizer.alignkit_new_token_ids = []
+    if token is None:
+        return []
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == token:
+        if token not in tokenizer.all_special_tokens:
+            tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+        return []
+    tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+    tokenizer.alignkit_new_token_ids = [tokenizer.convert_tokens_to_ids(token)]
+    return [
+        f"chat_template {name}: its end-of-turn token {token!r} is not in the vocabulary; added it as a special "
+        "token (embeddings grow by one; its rows are trained and saved with the adapter)"
+    ]
+
+
+def save_tokenizer(tokenizer, folder, model=None) -> None:
+    """Save ``tokenizer`` with the template the model is served with (the family's stock text, not the training
+    twin) and, for a generating ``model``, a ``generation_config.json`` that stops on the end-of-turn ids."""
+    training = tokenizer.chat_template
+    tokenizer.chat_template = saved_template(tokenizer)
+    try:
+        tokenizer.save_pretrained(str(folder))
+    finally:
+        tokenizer.chat_template = training
+    stops = getattr(tokenizer, "alignkit_stop_ids", None)
+    gen = getattr(model, "generation_config", None)
+    if stops and gen is not None:
+        gen = copy.deepcopy(gen)
+        gen.eos_token_id = list(stops)
+        gen.pad_token_id = tokenizer.pad_token_id
+        gen.save_pretrained(str(folder))

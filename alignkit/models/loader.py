@@ -220,6 +220,9 @@ def apply_adapter(
             model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=NON_REENTRANT
         )
     peft_config = get_peft_config(adapter_args, task)
+    new_ids = getattr(model, "alignkit_new_token_ids", None)
+    if peft_config is not None and new_ids:  # a family's end-of-turn token the recipe added: train its rows
+        peft_config.trainable_token_indices = list(new_ids)
     if peft_config is None:
         return model
     _check_target_modules(model, peft_config)
@@ -305,6 +308,7 @@ def load_model(
         model.accepts_loss_kwargs = False
     if tokenizer is not None:
         fit_embeddings(model, tokenizer)
+        model.alignkit_new_token_ids = getattr(tokenizer, "alignkit_new_token_ids", None)
     if source.adapter_dir is None:
         model = apply_adapter(
             model, adapter_args, task, quantized=quant_args.load_in_4bit, gradient_checkpointing=gradient_checkpointing
