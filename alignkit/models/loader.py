@@ -354,8 +354,10 @@ def fit_embeddings(model, tokenizer) -> None:
     if emb is not None and len(tokenizer) > getattr(emb.weight, "ds_shape", emb.weight.shape)[0]:
         if getattr(model, "is_loaded_in_4bit", False):
             raise PreflightError(
-                "the tokenizer needs more tokens than the 4-bit model's embeddings hold. Fix: pick an existing token "
-                "as pad_token, or train without load_in_4bit."
+                "the tokenizer needs more tokens than the 4-bit model's embeddings hold (the tokenizer contract "
+                "added a pad or a chat family's end-of-turn token). Fix: train without load_in_4bit, or use tokens "
+                "the vocabulary has (an existing pad_token; chat_template: chatml_eos for a vocabulary without "
+                "<|im_end|>)."
             )
         model.resize_token_embeddings(len(tokenizer))
 
