@@ -76,7 +76,7 @@ def family_names() -> tuple[str, ...]:
     return (*OWN_FAMILIES, *FAMILIES)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def stock_template(name: str) -> str:
     """The stock template text of family ``name`` (byte-identical to the file trl or alignkit stores)."""
     if name in OWN_FAMILIES:
@@ -86,7 +86,7 @@ def stock_template(name: str) -> str:
     return FAMILIES[name].stock_path().read_text(encoding="utf-8")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def twin_template(name: str, train_on_reasoning: bool = True) -> str:
     """The training twin of family ``name``: ``{% generation %}`` marks around the assistant's output. With
     ``train_on_reasoning`` false, the twin that leaves the reasoning block outside the marks (ConfigError for a

@@ -53,7 +53,7 @@ def _qwen3(reasoning_trained: bool) -> list[tuple[str, str, int]]:
         (_QWEN3_THINK, think + END, 1),
         (_QWEN3_PLAIN, _QWEN3_HEAD + GEN + "{{- content }}" + END, 2),
         ("        {%- if message.tool_calls %}", "        " + GEN + "{%- if message.tool_calls %}", 1),
-        (_QWEN3_END, "        {{- '<|im_end|>\\n' }}" + END + "\n    {%- elif message.role == \"tool\" %}", 1),
+        (_QWEN3_END, "        {{- '<|im_end|>\\n' }}" + END + '\n    {%- elif message.role == "tool" %}', 1),
     ]
 
 

@@ -138,8 +138,8 @@ def prove_twin(tokenizer, stock: str, twin: str, family: str) -> Features:
             at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
             raise ConfigError(
                 f"chat_template: the training twin of the '{family}' template renders the '{name}' probe differently "
-                f"from the stock template (from character {at}: stock {expected[at:at + 40]!r}, twin "
-                f"{got[at:at + 40]!r}). Fix: report this to alignkit; meanwhile set assistant_only_loss: false."
+                f"from the stock template (from character {at}: stock {expected[at : at + 40]!r}, twin "
+                f"{got[at : at + 40]!r}). Fix: report this to alignkit; meanwhile set assistant_only_loss: false."
             )
         out = tokenizer.apply_chat_template(
             messages, chat_template=twin, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **kwargs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from alignkit.config.args import ModelArguments
+from alignkit.data.chat_families import add_end_of_turn_token, family_names, prepare_chat_template
 from alignkit.data.templates import (
     check_turn_ends,
     default_system_prompt,
@@ -12,7 +13,6 @@ from alignkit.data.templates import (
     end_of_turn_ids,
     resolve_chat_template,
 )
-from alignkit.data.chat_families import add_end_of_turn_token, family_names, prepare_chat_template
 from alignkit.errors import ConfigError, PreflightError
 from alignkit.models.sources import resolve_source
 

@@ -44,7 +44,7 @@ SPECS: dict[str, tuple[list[str], str | None, str, str | None]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _backend(specials: tuple[str, ...]):
     from alignkit.testing.tiny import _bpe_tokenizer
 

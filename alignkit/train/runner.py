@@ -134,7 +134,9 @@ class Run:
 
             for split, data in self.datasets.items():
                 if hasattr(data, "__len__"):
-                    check_rows(self.tokenizer, data, f"{split} split", train_on_reasoning=self.recipe.model.train_on_reasoning)
+                    check_rows(
+                        self.tokenizer, data, f"{split} split", train_on_reasoning=self.recipe.model.train_on_reasoning
+                    )
         return self.datasets
 
     def load_model(self, head: str = "causal_lm", **head_kwargs):

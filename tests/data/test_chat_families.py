@@ -6,10 +6,10 @@ tokenizers with each family's special tokens and trl's stored stock template), e
 import json
 
 import pytest
-from conftest import run_recipe, write_jsonl
+from conftest import run_recipe
 
 from alignkit.data.chat_families import FAMILIES, identify, save_tokenizer, stock_template, twin_template
-from alignkit.data.chat_probes import PROBES, REASONING, prove_twin
+from alignkit.data.chat_probes import PROBES, prove_twin
 from alignkit.data.chat_rows import check_rows
 from alignkit.data.schemas import SFT
 from alignkit.data.templates import assistant_spans
@@ -106,11 +106,17 @@ def _tool_row(**overrides):
     row = {
         "messages": [
             {"role": "user", "content": "What is 2 + 3?"},
-            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},  # fmt: skip
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}],
+            },  # fmt: skip
             {"role": "tool", "name": "add", "content": "5"},
             {"role": "assistant", "content": "It is 5."},
         ],
-        "tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}],
+        "tools": [
+            {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
+        ],
     }
     return {**row, **overrides}
 
@@ -166,7 +172,10 @@ def test_reasoning_trained_or_masked_and_no_think_rows_render_as_stock(train_on_
     tok = family_tokenizer("qwen3")
     apply_contract(tok, chat=True, assistant_only_loss=True, train_on_reasoning=train_on_reasoning)
     thought = "Two plus two makes four because counting."
-    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": thought}]
+    messages = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": thought},
+    ]
     out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     think = tok(thought, add_special_tokens=False)["input_ids"]
     trained = [t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m]
