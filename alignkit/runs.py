@@ -62,6 +62,8 @@ class LineageEntry:
     adapter: str | None = None  # "lora", or None for full fine-tuning
     config: dict[str, dict[str, Any]] = field(default_factory=dict)
     merge: MergeInfo | None = None  # only on a merge entry
+    # the chat format trained: {family, source (stock | twin | installed ...)}; family None: a custom template
+    chat_template: dict[str, Any] | None = None
 
     def group(self, cls: type[G], **overrides) -> G:
         """The config group ``cls`` (e.g. ``QuantizationArguments``) as this stage resolved it; keys ``cls`` does

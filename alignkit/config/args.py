@@ -68,7 +68,17 @@ class ModelArguments:
     )
     chat_template: str | None = field(
         default=None,
-        metadata={"help": "'chatml', a path to a .jinja file, or a Jinja string. Default: the tokenizer's."},
+        metadata={
+            "help": "A family's instruct template by name (gemma3, llama3_1, qwen2_5, qwen3, chatml, ...: "
+            "alignkit.data.chat_families), a path to a .jinja file, or a Jinja string. Default: the tokenizer's."
+        },
+    )
+    train_on_reasoning: bool = field(
+        default=True,
+        metadata={
+            "help": "With assistant_only_loss: train the assistant's reasoning (reasoning_content, <think> blocks) "
+            "(true) or mask it, training only the reply (false)."
+        },
     )
 
     def __post_init__(self):
@@ -84,7 +94,11 @@ class ModelArguments:
             )
 
 
-NAMED_CHAT_TEMPLATES = ("chatml", "chatml_eos")  # alignkit.data.templates.NAMED_TEMPLATES
+# alignkit.data.chat_families.family_names(): alignkit's ChatML layouts, then trl's family template names
+NAMED_CHAT_TEMPLATES = (
+    "chatml", "chatml_eos", "llama3", "llama3_1", "llama3_2", "qwen2_5", "qwen3", "gemma", "gemma3", "phi3", "phi3_5",
+    "deepseek_r1_distill", "gptoss", "mistral", "smollm2",
+)  # fmt: skip
 
 
 def _check_chat_template_spec(spec: str) -> None:

@@ -16,4 +16,18 @@ def label_preview(trainer, index: int = 0, max_tokens: int = 400) -> str:
     pieces = [f"[{tokenizer.decode([t])}]" if label != -100 else tokenizer.decode([t]) for t, label in shown_pairs]
     shown = f" (the first {max_tokens} shown)" if len(ids) > max_tokens else ""
     legend = f"label preview: {trained}/{len(ids)} tokens are trained{shown}; trained tokens are shown [in brackets]"
-    return legend + "\n" + "".join(pieces)
+    return chat_format_line(tokenizer) + legend + "\n" + "".join(pieces)
+
+
+def chat_format_line(tokenizer) -> str:
+    """'chat format: family qwen3, template twin (stock's training twin, proven by rendering)' + newline, or ''."""
+    info = getattr(tokenizer, "alignkit_template", None)
+    if info is None:
+        return ""
+    what = {
+        "stock": "the tokenizer's own",
+        "twin": "the stock template's training twin, proven to render the same text",
+        "installed": "installed by the recipe's chat_template",
+        "installed, twin": "installed by the recipe's chat_template, trained with its proven twin",
+    }.get(info.source, info.source)
+    return f"chat format: family {info.family or 'unknown (custom template)'}, template {info.source} ({what})\n"

@@ -12,7 +12,7 @@ from alignkit.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # tool: a tool call's result (alignkit.data.tools)
 # Columns trl 1.16's SFT and DPO trainers pass to the chat template with each row (SFTTrainer/DPOTrainer tokenize:
 # ``tools`` and ``chat_template_kwargs``): kept whenever present, with the stage's own columns.
 CHAT_TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
@@ -57,8 +57,11 @@ class Schema:
                     source, None, f"has an image column ({', '.join(vision)}): alignkit trains text models",
                     f"drop the {vision[0]} column, or train the vision model with trl directly",
                 )  # fmt: skip
-        for i, row in enumerate(dataset.select_columns(list(columns))):
+        tools = ["tools"] if self.passthrough and "tools" in dataset.column_names else []
+        for i, row in enumerate(dataset.select_columns([*columns, *tools])):
             self.check_row(row, *place(row_numbers, source, i))
+            if self.passthrough:
+                check_row_tools(row, *place(row_numbers, source, i))
         if self.keep_other_columns:
             return dataset
         kept = [*columns, *(c for c in self.passthrough if c in dataset.column_names)]
@@ -66,6 +69,16 @@ class Schema:
         if extra:
             logger.warning("%s: columns %s are not used by the %s stage and are dropped", source, extra, self.name)
         return dataset.remove_columns(extra) if extra else dataset
+
+
+def check_row_tools(row: dict, source, i) -> None:
+    """A chat row's tool calls and results against its ``tools`` (alignkit.data.tools)."""
+    from alignkit.data.tools import check_tool_turns, tool_names, uses_tools
+
+    declared = tool_names(row.get("tools"), source, i)
+    for column, value in row.items():
+        if column != "tools" and isinstance(value, list) and uses_tools(value):
+            check_tool_turns(value, declared, source, i, column)
 
 
 def _text(value, source, row, column, fix) -> None:
@@ -100,6 +113,8 @@ def _messages(value, source, row, column="messages", must_end_on_assistant=True)
                 f"use one of {ROLES} (e.g. rename 'human' to 'user', 'gpt' to 'assistant')",
             )
         content = message["content"]
+        if message.get("tool_calls") and message["role"] == "assistant" and not content:
+            continue  # a tool call with no text (OpenAI format); alignkit.data.tools checks the call
         if not isinstance(content, str) or not content.strip():
             problem = (
                 "empty content"

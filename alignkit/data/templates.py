@@ -51,9 +51,12 @@ PROBE_CHAT = [
 
 
 def resolve_chat_template(spec: str) -> str:
-    """A template name ('chatml', 'chatml_eos'), a path to a .jinja file, or a literal Jinja string."""
-    if spec in NAMED_TEMPLATES:
-        return NAMED_TEMPLATES[spec]
+    """A family name (alignkit.data.chat_families.family_names(): 'chatml', 'gemma3', 'qwen3', ...: its stock
+    instruct template), a path to a .jinja file, or a literal Jinja string."""
+    from alignkit.data.chat_families import family_names, stock_template
+
+    if spec in family_names():
+        return stock_template(spec)
     path = Path(spec).expanduser()
     if "{{" not in spec and "{%" not in spec and path.is_file():  # checked to exist (ModelArguments)
         return path.read_text(encoding="utf-8-sig")
@@ -143,23 +146,24 @@ def check_turn_ends(tokenizer, assistant_only_loss: bool) -> list[int]:
     control) and each marked span must end on a special token: ``<|im_end|>`` left outside the block, or written
     as text pieces by a vocabulary without it, is never learned. Without it, the token after each reply must be a
     special token. Raises ConfigError with the fix otherwise."""
+    probe = accepted_probe(tokenizer)
     if assistant_only_loss:
-        out = tokenizer.apply_chat_template(
-            PROBE_CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
+        out = tokenizer.apply_chat_template(probe, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         ids, spans = list(out["input_ids"]), assistant_spans(list(out["assistant_masks"]))
         if len(spans) != 2:
             raise ConfigError(
                 "assistant_only_loss: the chat template does not mark assistant turns with {% generation %} ... "
                 "{% endgeneration %} (rendered, a conversation with 2 assistant turns has "
-                f"{len(spans)} marked spans). Fix: set chat_template to 'chatml' (or 'chatml_eos' for a vocabulary "
-                "without <|im_end|>), or to a template with generation blocks, or set assistant_only_loss: false."
+                f"{len(spans)} marked spans), and it is not a family template alignkit has a training twin for. Fix: set "
+                "chat_template to the model family's template (a name from alignkit.data.chat_families.family_names(), "
+                "e.g. gemma3, llama3_1, qwen2_5, qwen3; 'chatml' or 'chatml_eos' for a model without a family "
+                "format), or give a template with generation blocks, or set assistant_only_loss: false."
             )
         stops = [span_stop(ids[a:b], special_ids(tokenizer), tokenizer) for a, b in spans]
         ends = [tokenizer.decode(ids[b - 3 : b]) for a, b in spans]
     else:
         marker = "ALIGNKIT-REPLY-END"
-        probe = [dict(m, content=marker) if m["role"] == "assistant" else m for m in PROBE_CHAT]
+        probe = [dict(m, content=marker) if m["role"] == "assistant" else m for m in probe]
         rendered = tokenizer.apply_chat_template(probe, tokenize=False)
         stops, ends = [], []
         for after in rendered.split(marker)[1:]:
@@ -177,6 +181,28 @@ def check_turn_ends(tokenizer, assistant_only_loss: bool) -> list[int]:
             f"not one token here) set chat_template: chatml_eos, which ends turns with {eos!r}."
         )
     return sorted(set(stops))
+
+
+def accepted_probe(tokenizer, template: str | None = None) -> list[dict]:
+    """:data:`PROBE_CHAT`, or without its system turn when the template refuses system turns (Gemma 2, the
+    alternating-roles Mistral templates): probes use only the roles the template accepts. A template that refuses
+    both is a ConfigError quoting its own message."""
+    from alignkit.data.chat_probes import template_error
+
+    tried = []
+    for probe in (PROBE_CHAT, PROBE_CHAT[1:]):
+        try:
+            tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False)
+            return probe
+        except Exception as exc:  # noqa: BLE001 - its own raise_exception, quoted below
+            message = template_error(exc)
+            if message is None:
+                raise
+            tried.append(message)
+    raise ConfigError(
+        f"chat_template: the template refuses a plain user/assistant conversation: {tried[-1]!r}. Fix: use the "
+        "model's own instruct template, or a family's (chat_template: gemma3, llama3, qwen3, chatml, ...)."
+    )
 
 
 def _first_stop(ids: list[int], special: set[int], tokenizer) -> int | None:

@@ -85,6 +85,9 @@ def render_model_card(record: RunRecord) -> str:
             f"| {i} | {e.stage} | {data} | {e.adapter or 'full'} | {e.quantization or 'none'} | "
             f"{e.adapter_handoff or '-'} | `{run}` |"
         )
+    formats = [f"{e.stage}: {e.chat_template['family'] or 'custom template'} ({e.chat_template['source']})" for e in lineage if e.chat_template]  # fmt: skip
+    if formats:
+        lines += ["", "## Chat format", "", *(f"- {f}" for f in formats)]
     for e in lineage:
         if settings := _stage_settings(e):
             dump = yaml.safe_dump(settings, sort_keys=False, default_flow_style=False).strip()

@@ -220,6 +220,9 @@ def apply_adapter(
             model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=NON_REENTRANT
         )
     peft_config = get_peft_config(adapter_args, task)
+    new_ids = getattr(model, "alignkit_new_token_ids", None)
+    if peft_config is not None and new_ids:  # a family's end-of-turn token the recipe added: train its rows
+        peft_config.trainable_token_indices = list(new_ids)
     if peft_config is None:
         return model
     _check_target_modules(model, peft_config)
@@ -305,6 +308,7 @@ def load_model(
         model.accepts_loss_kwargs = False
     if tokenizer is not None:
         fit_embeddings(model, tokenizer)
+        model.alignkit_new_token_ids = getattr(tokenizer, "alignkit_new_token_ids", None)
     if source.adapter_dir is None:
         model = apply_adapter(
             model, adapter_args, task, quantized=quant_args.load_in_4bit, gradient_checkpointing=gradient_checkpointing
@@ -350,8 +354,10 @@ def fit_embeddings(model, tokenizer) -> None:
     if emb is not None and len(tokenizer) > getattr(emb.weight, "ds_shape", emb.weight.shape)[0]:
         if getattr(model, "is_loaded_in_4bit", False):
             raise PreflightError(
-                "the tokenizer needs more tokens than the 4-bit model's embeddings hold. Fix: pick an existing token "
-                "as pad_token, or train without load_in_4bit."
+                "the tokenizer needs more tokens than the 4-bit model's embeddings hold (the tokenizer contract "
+                "added a pad or a chat family's end-of-turn token). Fix: train without load_in_4bit, or use tokens "
+                "the vocabulary has (an existing pad_token; chat_template: chatml_eos for a vocabulary without "
+                "<|im_end|>)."
             )
         model.resize_token_embeddings(len(tokenizer))
 

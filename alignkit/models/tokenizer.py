@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from alignkit.config.args import ModelArguments
+from alignkit.data.chat_families import add_end_of_turn_token, family_names, prepare_chat_template
 from alignkit.data.templates import (
     check_turn_ends,
     default_system_prompt,
@@ -12,7 +13,7 @@ from alignkit.data.templates import (
     end_of_turn_ids,
     resolve_chat_template,
 )
-from alignkit.errors import PreflightError
+from alignkit.errors import ConfigError, PreflightError
 from alignkit.models.sources import resolve_source
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def load_tokenizer(
         chat=chat,
         assistant_only_loss=assistant_only_loss,
         train_on_completions=train_on_completions,
+        train_on_reasoning=model_args.train_on_reasoning,
     )
     tokenizer.alignkit_changes = changes
     return tokenizer
@@ -62,7 +64,13 @@ def _distinct_pad(tokenizer) -> str | None:
 
 
 def apply_contract(
-    tokenizer, *, chat_template=None, chat=False, assistant_only_loss=False, train_on_completions=False
+    tokenizer,
+    *,
+    chat_template=None,
+    chat=False,
+    assistant_only_loss=False,
+    train_on_completions=False,
+    train_on_reasoning=True,
 ) -> list[str]:
     changes: list[str] = []
     if tokenizer.pad_token is None:
@@ -102,8 +110,22 @@ def apply_contract(
         )
         changes.append(f"tokenizer had no chat template; set alignkit's '{name}' template{why}")
     if chat:
-        # Never replaced: a template the recipe or the tokenizer brings is checked by rendering, and refused with
-        # the fix if its assistant turns do not end on a stop token (or, for assistant_only_loss, are not marked).
+        # Never replaced by another family's format: a family's stock template trains with its proven twin; any
+        # template is checked by rendering, and refused with the fix if its assistant turns do not end on a stop
+        # token (or, for assistant_only_loss, are not marked).
+        if not train_on_reasoning and not assistant_only_loss:
+            raise ConfigError(
+                "train_on_reasoning: false masks the reasoning through the assistant-only loss mask. Fix: set "
+                "assistant_only_loss: true, or train_on_reasoning: true."
+            )
+        installed = bool(chat_template) and chat_template in family_names()
+        if installed:
+            changes += add_end_of_turn_token(tokenizer, chat_template)
+        info = prepare_chat_template(
+            tokenizer, installed=installed, assistant_only_loss=assistant_only_loss, train_on_reasoning=train_on_reasoning
+        )
+        if info.family:
+            logger.info("chat template: family %s (%s)", info.family, info.source)
         check_turn_ends(tokenizer, assistant_only_loss=assistant_only_loss)
         tokenizer.alignkit_stop_ids = end_of_turn_ids(tokenizer)
     for change in changes:

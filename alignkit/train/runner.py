@@ -129,6 +129,14 @@ class Run:
         logger.info("data: %s", {k: len(v) if hasattr(v, "__len__") else "streamed" for k, v in self.datasets.items()})
         if getattr(self.recipe.train, "assistant_only_loss", False):
             preflight.check_assistant_only_loss(self.datasets)
+        if self.tokenizer is not None:  # every chat row renders with the run's template, tools and reasoning kept
+            from alignkit.data.chat_rows import check_rows
+
+            for split, data in self.datasets.items():
+                if hasattr(data, "__len__"):
+                    check_rows(
+                        self.tokenizer, data, f"{split} split", train_on_reasoning=self.recipe.model.train_on_reasoning
+                    )
         return self.datasets
 
     def load_model(self, head: str = "causal_lm", **head_kwargs):
@@ -265,7 +273,9 @@ class Run:
             return
         (self.output_dir / PICKLED_ARGS).unlink(missing_ok=True)
         if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(self.output_dir))
+            from alignkit.data.chat_families import save_tokenizer
+
+            save_tokenizer(self.tokenizer, self.output_dir, getattr(trainer, "model", None))
         trainer.state.save_to_json(str(self.output_dir / "trainer_state.json"))
         (self.output_dir / CONFIG_FILE).write_text(self.recipe.dump())
         self._write_metadata(status="finished", metrics=metrics)
@@ -295,6 +305,7 @@ class Run:
             quantization="4-bit " + r.quant.bnb_4bit_quant_type if r.quant.load_in_4bit else None,
             adapter="lora" if r.adapter.use_peft else None,
             config=r.resolved(),
+            chat_template=_chat_template_entry(self.tokenizer),
         )
         base = parent.base_model_args if parent and parent.base_model_args.model_name_or_path else None
         base = base or BaseModelRef(r.model.model_name_or_path, r.model.gguf_file)
@@ -309,6 +320,11 @@ class Run:
             metrics=metrics or {},
             alignkit_version=alignkit_version(),
         ).write(self.output_dir)
+
+
+def _chat_template_entry(tokenizer) -> dict | None:
+    info = getattr(tokenizer, "alignkit_template", None)
+    return {"family": info.family, "source": info.source} if info is not None else None
 
 
 def _final_eval(trainer) -> dict[str, Any] | None:

@@ -51,7 +51,7 @@ def test_assistant_only_loss_needs_generation_marks(pad_is_eos):
     # fix names alignkit's ChatML, which the recipe then sets.
     unmarked = CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     pad_is_eos.chat_template = unmarked
-    with pytest.raises(ConfigError, match="chat_template to 'chatml'"):
+    with pytest.raises(ConfigError, match="chat_template to the model family's template"):
         apply_contract(pad_is_eos, chat=True, assistant_only_loss=True)
     assert pad_is_eos.chat_template == unmarked
     apply_contract(pad_is_eos, chat_template="chatml", chat=True, assistant_only_loss=True)

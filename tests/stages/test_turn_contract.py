@@ -13,7 +13,7 @@ from conftest import TINY_DATA, run_recipe
 from transformers import AutoTokenizer
 
 from alignkit.data.templates import CHATML, CHATML_EOS, assistant_spans
-from alignkit.errors import ConfigError, DataError
+from alignkit.errors import ConfigError, DataError, PreflightError
 
 TINY = ["--config", "recipes/tiny/sft.yaml", "--max_steps", "1", "--save_steps", "100", "--disable_tqdm", "true"]
 ROWS = [json.loads(line) for line in (TINY_DATA / "sft.jsonl").read_text().splitlines()]
@@ -57,9 +57,11 @@ def test_base_tokenizer_gets_a_template_that_ends_turns_with_its_own_eos(trainer
     assert (tmp_path / "o" / "chat_template.jinja").read_text() == CHATML_EOS
 
 
-def test_chatml_on_a_vocabulary_without_im_end_is_refused_with_the_fix(tmp_path):
+def test_chatml_on_a_vocabulary_without_im_end_adds_it_or_is_refused_with_the_fix(tmp_path):
+    """chat_template: chatml on a base vocabulary adds <|im_end|> (as trl's clone_chat_template does; its rows train,
+    tests/data/test_chat_families.py); a 4-bit backbone cannot grow its embeddings: refused before training."""
     argv = ["--model_name_or_path", "tiny:llama_base", "--chat_template", "chatml", "--output_dir", str(tmp_path / "o")]
-    with pytest.raises(ConfigError, match=r"not on a token generation stops on.*chat_template: chatml_eos"):
+    with pytest.raises(PreflightError, match=r"4-bit model's embeddings.*chat_template: chatml_eos"):
         run_recipe("sft", [*TINY, *argv])
     assert not (tmp_path / "o").exists()
 

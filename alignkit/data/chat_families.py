@@ -1,0 +1,220 @@
+"""Chat-template families: recognise a tokenizer's stock template, train with its twin, and prove the twin by rendering.
+
+A *family* is a model family's own instruct template as its model repository ships it (the *stock* template: trl
+1.16 stores about 20 of them, byte-identical, in ``trl/chat_templates/<name>.jinja``; alignkit stores the few trl
+lacks in ``alignkit/data/chat_templates/``) plus a *twin*: the same template with ``{% generation %}`` marks around
+what the assistant emits, so transformers' ``return_assistant_tokens_mask`` gives trl assistant-only loss masks.
+
+Twins come from trl (``trl.chat_template_utils.get_training_chat_template``, the ``*_training.jinja`` files) or, where
+trl has none or trl's twin renders other text than the stock template (trl's Qwen3 twin always renders a think
+block, which the stock template renders only after the last user turn), from :data:`PATCHES`: the stock text with
+marks inserted by exact string replacement (each replaced piece must occur the stated number of times, checked).
+Either way :func:`prove_twin` renders the probe conversations (:mod:`alignkit.data.chat_probes`) with both templates
+for every run and accepts the twin only if the text is identical and every assistant turn's marked span ends on a
+stop token. Family names follow trl's template file names.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignkit.data.chat_patches import PATCHES, patch
+from alignkit.errors import ConfigError
+
+_OWN_DIR = Path(__file__).parent / "chat_templates"
+
+
+def _trl_dir() -> Path:
+    import trl.chat_template_utils as ctu
+
+    return Path(ctu.__file__).parent / "chat_templates"
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family: ``stock`` names its stock template file(s) (trl's or alignkit's), ``end_of_turn`` the special
+    token that closes an assistant turn (what generation must stop on), ``twin`` where the training twin comes from
+    ('trl': trl's ``<stock>_training.jinja``; 'patch': :data:`PATCHES`; 'own': already marked)."""
+
+    name: str
+    end_of_turn: str
+    twin: str
+    stock_dir: str = "trl"  # 'trl' or 'alignkit'
+    note: str = ""
+
+    def stock_path(self) -> Path:
+        return (_trl_dir() if self.stock_dir == "trl" else _OWN_DIR) / f"{self.name}.jinja"
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("llama3", "<|eot_id|>", "trl"),
+        Family("llama3_1", "<|eot_id|>", "patch"),
+        Family("llama3_2", "<|eot_id|>", "patch"),
+        Family("qwen2_5", "<|im_end|>", "trl"),
+        Family("qwen3", "<|im_end|>", "patch", note="trl's twin renders think blocks the stock template leaves out"),
+        Family("gemma", "<end_of_turn>", "trl"),
+        Family("gemma3", "<end_of_turn>", "trl"),
+        Family("phi3", "<|end|>", "trl"),
+        Family("phi3_5", "<|end|>", "trl"),
+        Family("deepseek_r1_distill", "<｜end▁of▁sentence｜>", "trl"),
+        Family("gptoss", "<|return|>", "trl"),
+        Family("mistral", "</s>", "patch", stock_dir="alignkit"),
+        Family("smollm2", "<|im_end|>", "patch", stock_dir="alignkit"),
+    )
+}
+# alignkit's own ChatML layouts (already marked; chatml_eos ends turns with the tokenizer's eos).
+OWN_FAMILIES = ("chatml", "chatml_eos")
+
+
+def family_names() -> tuple[str, ...]:
+    """Every name ``chat_template:`` accepts as a family (trl's template file names, plus alignkit's)."""
+    return (*OWN_FAMILIES, *FAMILIES)
+
+
+@functools.cache
+def stock_template(name: str) -> str:
+    """The stock template text of family ``name`` (byte-identical to the file trl or alignkit stores)."""
+    if name in OWN_FAMILIES:
+        from alignkit.data.templates import NAMED_TEMPLATES
+
+        return NAMED_TEMPLATES[name]
+    return FAMILIES[name].stock_path().read_text(encoding="utf-8")
+
+
+@functools.cache
+def twin_template(name: str, train_on_reasoning: bool = True) -> str:
+    """The training twin of family ``name``: ``{% generation %}`` marks around the assistant's output. With
+    ``train_on_reasoning`` false, the twin that leaves the reasoning block outside the marks (ConfigError for a
+    family without one)."""
+    if name in OWN_FAMILIES:
+        return stock_template(name)
+    family = FAMILIES[name]
+    if not train_on_reasoning:
+        key = f"{name}:no_reasoning"
+        if key not in PATCHES:
+            have = sorted(k.split(":")[0] for k in PATCHES if k.endswith(":no_reasoning"))
+            raise ConfigError(
+                f"train_on_reasoning: false needs a twin of the '{name}' template that leaves the reasoning "
+                f"untrained; alignkit has one for {have}. Fix: set train_on_reasoning: true, or use one of those "
+                "families' templates."
+            )
+        return patch(stock_template(name), PATCHES[key])
+    if family.twin == "trl":
+        return (_trl_dir() / f"{name}_training.jinja").read_text(encoding="utf-8")
+    return patch(stock_template(name), PATCHES[name])
+
+
+def identify(template) -> str | None:
+    """The family whose stock template (or twin) ``template`` is, exactly; None for any other text."""
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not isinstance(template, str):
+        return None
+    for name in family_names():
+        if template == stock_template(name):
+            return name
+    for name in FAMILIES:
+        if template == twin_template(name):
+            return name
+    return None
+
+
+def end_of_turn_token(name: str, tokenizer) -> str | None:
+    """The token family ``name`` closes assistant turns with (chatml_eos: the tokenizer's eos)."""
+    if name == "chatml":
+        return "<|im_end|>"
+    if name == "chatml_eos":
+        return tokenizer.eos_token
+    return FAMILIES[name].end_of_turn
+
+
+@dataclass
+class TemplateInfo:
+    """What a run trains with: the ``family`` (None: an unknown template), the template ``source`` ('stock': the
+    tokenizer's own, marked already or not needing marks; 'twin': the stock template's training twin, proven;
+    'installed': a family template the recipe installed), the ``stock`` text the model is saved with, and what the
+    template renders (:class:`alignkit.data.chat_probes.Features`)."""
+
+    family: str | None
+    source: str
+    stock: str | None
+    features: object = None
+
+
+def prepare_chat_template(
+    tokenizer, *, installed: bool = False, assistant_only_loss: bool = False, train_on_reasoning: bool = True
+) -> TemplateInfo:
+    """Recognise the tokenizer's template; for assistant-only loss on a family's stock template, swap in its
+    training twin after :func:`alignkit.data.chat_probes.prove_twin` proved it on this tokenizer. Sets
+    ``tokenizer.alignkit_template`` (a :class:`TemplateInfo`); the stock text is what the run saves."""
+    from alignkit.data.chat_probes import prove_twin, template_features
+
+    template = tokenizer.chat_template
+    name = identify(template)
+    source = "installed" if installed else "stock"
+    if name is None or name in OWN_FAMILIES:
+        info = TemplateInfo(name, source, template, template_features(tokenizer, template) if template else None)
+    else:
+        stock = stock_template(name)
+        if assistant_only_loss:
+            twin = twin_template(name, train_on_reasoning)
+            features = prove_twin(tokenizer, stock, twin, name)
+            if twin != template:
+                tokenizer.chat_template = twin
+                source = "installed, twin" if installed else "twin"
+        else:
+            features = template_features(tokenizer, stock)
+        info = TemplateInfo(name, source, stock, features)
+    tokenizer.alignkit_template = info
+    return info
+
+
+def saved_template(tokenizer) -> str | None:
+    """The template a run saves: the family's stock text when training used its twin, else the tokenizer's."""
+    info = getattr(tokenizer, "alignkit_template", None)
+    return info.stock if info is not None and info.stock else tokenizer.chat_template
+
+
+def add_end_of_turn_token(tokenizer, name: str) -> list[str]:
+    """Make family ``name``'s end-of-turn token one special token of the vocabulary, as trl's
+    ``clone_chat_template`` adds the source's tokens: used as is where the vocabulary has it (a base Gemma's
+    ``<end_of_turn>``), else added; ``tokenizer.alignkit_new_token_ids`` lists added ids (their embedding rows are
+    trained and saved with the adapter). Returns what changed, for the contract's report."""
+    token = end_of_turn_token(name, tokenizer)
+    tokenizer.alignkit_new_token_ids = []
+    if token is None:
+        return []
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == token:
+        if token not in tokenizer.all_special_tokens:
+            tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+        return []
+    tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+    tokenizer.alignkit_new_token_ids = [tokenizer.convert_tokens_to_ids(token)]
+    return [
+        f"chat_template {name}: its end-of-turn token {token!r} is not in the vocabulary; added it as a special "
+        "token (embeddings grow by one; its rows are trained and saved with the adapter)"
+    ]
+
+
+def save_tokenizer(tokenizer, folder, model=None) -> None:
+    """Save ``tokenizer`` with the template the model is served with (the family's stock text, not the training
+    twin) and, for a generating ``model``, a ``generation_config.json`` that stops on the end-of-turn ids."""
+    training = tokenizer.chat_template
+    tokenizer.chat_template = saved_template(tokenizer)
+    try:
+        tokenizer.save_pretrained(str(folder))
+    finally:
+        tokenizer.chat_template = training
+    stops = getattr(tokenizer, "alignkit_stop_ids", None)
+    gen = getattr(model, "generation_config", None)
+    if stops and gen is not None:
+        gen = copy.deepcopy(gen)
+        gen.eos_token_id = list(stops)
+        gen.pad_token_id = tokenizer.pad_token_id
+        gen.save_pretrained(str(folder))

@@ -1,0 +1,98 @@
+"""Data rows against the run's chat template, before step 1: what the template refuses or would drop is an error.
+
+Each chat row is rendered with the template the run trains with. The template's own refusal (``raise_exception``:
+a system turn for Gemma 2 or the alternating-roles Mistral templates) is a DataError quoting it, with the row
+number; tools or ``reasoning_content`` on a template that does not render them (found by rendering probes,
+:func:`alignkit.data.chat_probes.template_features`) is a DataError naming the families that do.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from alignkit.errors import DataError
+
+logger = logging.getLogger(__name__)
+_CHAT_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected")
+
+
+def families_with(feature: str, tokenizer) -> list[str]:
+    """Family names whose stock template renders ``feature`` ('tools' or 'reasoning'), found by rendering the
+    probes with each stock template."""
+    from alignkit.data.chat_families import FAMILIES, stock_template
+    from alignkit.data.chat_probes import template_features
+
+    out = []
+    for name in FAMILIES:
+        try:
+            if getattr(template_features(tokenizer, stock_template(name)), feature):
+                out.append(name)
+        except Exception:  # noqa: BLE001 - a template this vocabulary cannot render is not offered
+            continue
+    return out
+
+
+def _conversation(row: dict) -> list[dict]:
+    messages = []
+    for column in _CHAT_COLUMNS:
+        value = row.get(column)
+        if isinstance(value, list) and column != "rejected":
+            messages += [m for m in value if isinstance(m, dict)]
+    return messages
+
+
+def check_rows(tokenizer, dataset, source: str, *, train_on_reasoning: bool = True) -> None:
+    """Render every chat row of ``dataset`` with ``tokenizer``'s template; DataError (source, row number, fix) for
+    a row the template refuses, or for tools / reasoning the template cannot render."""
+    from alignkit.data.chat_probes import template_error
+
+    info = getattr(tokenizer, "alignkit_template", None)
+    features = getattr(info, "features", None)
+    name = (info.family if info else None) or "this"
+    if features is None or not any(c in dataset.column_names for c in _CHAT_COLUMNS):
+        return
+    dropped = 0
+    for i, row in enumerate(dataset):
+        messages = _conversation(row)
+        if not messages:
+            continue
+        tools = row.get("tools") or None
+        has_tools = bool(tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
+        if has_tools and not features.tools:
+            raise DataError(
+                source, i + 1, f"uses tools, which the {name} chat template does not render",
+                f"use a model whose template renders tool calls (families: {', '.join(families_with('tools', tokenizer))}), "
+                "or drop the tool turns",
+            )  # fmt: skip
+        reasoning = [m.get("reasoning_content") for m in messages if m.get("reasoning_content")]
+        if reasoning and not features.reasoning:
+            raise DataError(
+                source, i + 1, f"has reasoning_content, which the {name} chat template does not render (it would be "
+                "dropped)", f"use a reasoning family's template ({', '.join(families_with('reasoning', tokenizer))}), or move "
+                "the reasoning into content",
+            )  # fmt: skip
+        inline = any("<think>" in (m.get("content") or "") for m in messages if m.get("role") == "assistant")
+        if inline and not train_on_reasoning and not features.reasoning:
+            raise DataError(
+                source, i + 1, f"has an inline <think> block, which the {name} chat template renders as plain "
+                "reply text, so train_on_reasoning: false cannot mask it",
+                "use a reasoning family's template, or set train_on_reasoning: true",
+            )  # fmt: skip
+        try:
+            text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - the template's own refusal, quoted
+            message = template_error(exc)
+            if message is None:
+                raise
+            raise DataError(
+                source, i + 1, f"the chat template refuses this conversation: {message!r}",
+                "drop or rewrite the row (e.g. fold a system message into the first user turn for a template "
+                "without system turns)",
+            ) from None  # fmt: skip
+        dropped += any(r not in text for r in reasoning)
+    if dropped:
+        logger.warning(
+            "%s: in %d rows the %s template leaves out the reasoning of earlier assistant turns (as at inference); "
+            "only the reasoning it renders is trained",
+            source, dropped, name,
+        )  # fmt: skip
