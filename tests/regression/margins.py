@@ -124,7 +124,10 @@ def measure_chat(tmp: Path) -> dict:
 
     model, tokenizer = load_for_generation(_train_generation_sft(tmp))
     turns = chat_reference(model, tokenizer, [r["messages"][1]["content"] for r in _rows()[:3]], 60)
-    return {"stopped": f"{sum(t['stopped'] for t in turns)}/{len(turns)}", "margin": min(t["margin"] for t in turns)}
+    return {
+        "stopped": f"{sum(t['stopped'] for t in turns)}/{len(turns)} stop",
+        "margin": min(t["margin"] for t in turns),
+    }
 
 
 def measure_turn_contract(tmp: Path) -> dict:
@@ -146,7 +149,7 @@ def measure_turn_contract(tmp: Path) -> dict:
         kept, stops = cut_at_stop(tokens, {tokenizer.eos_token_id})
         stopped += stops
         margin = min(margin, *margins[: len(kept) + 1])
-    return {"stopped": f"{stopped}/6", "margin": margin}
+    return {"stopped": f"{stopped}/6 stop", "margin": margin}
 
 
 def measure_ner(tmp: Path) -> dict:
@@ -197,9 +200,50 @@ def measure_attention(_tmp: Path) -> dict:
     return {"margin": min(margins)}
 
 
+def _preference(stage: str):
+    def measure(tmp: Path) -> dict:
+        """tests/stages/test_methods.py: the stage trained on the learnable preference; its held-out pairs ranked by
+        the stage's own score (implicit reward for KTO, average log-prob for ORPO/SimPO, the reward model's score),
+        and trl's final eval accuracy on its test split (what the test asserts, >= 0.9)."""
+        sys.path.insert(0, str(REPO / "tests"))
+        from stages.test_methods import completion_logp, learn, preference_rows
+
+        from alignkit.export.generate import load_for_generation
+
+        tmp.mkdir(parents=True, exist_ok=True)
+        out, _start, end = learn(stage, tmp)
+        held_out = preference_rows(16, seed=1)
+        if stage == "reward":
+            from alignkit.export.reward_model import RewardModel
+
+            scorer = RewardModel(out)
+            prompts = [r["prompt"] for r in held_out]
+            chosen = scorer.score(prompts, [r["chosen"] for r in held_out])
+            rejected = scorer.score(prompts, [r["rejected"] for r in held_out])
+            margins = [c - r for c, r in zip(chosen, rejected)]
+            accuracy = end["eval_accuracy"]
+        else:
+            model, tokenizer = load_for_generation(out)
+
+            def score(row, column):
+                logp = completion_logp(model, tokenizer, row["prompt"], row[column])
+                if stage == "kto":
+                    with model.disable_adapter():
+                        return logp - completion_logp(model, tokenizer, row["prompt"], row[column])
+                return logp / len(tokenizer(row[column], add_special_tokens=False)["input_ids"])
+
+            margins = [score(r, "chosen") - score(r, "rejected") for r in held_out]
+            accuracy = end.get("eval_rewards/accuracies")
+        wins = sum(m > 0 for m in margins)
+        return {"margin": min(abs(m) for m in margins), "stopped": f"{wins}/16 won, eval acc {accuracy}"}
+
+    return measure
+
+
 MEASURES = {
     "chat": measure_chat, "turn_contract": measure_turn_contract, "attention_generate": measure_attention,
     "ner_pipeline": measure_ner, "embedded_left_padding": measure_embedded,
+    **{f"preference_{stage}": _preference(stage) for stage in ("kto", "orpo", "simpo", "reward")},
 }  # fmt: skip
 
 
@@ -229,13 +273,13 @@ def main(names: list[str]) -> None:
         if line is None:
             sys.exit(f"{label} failed:\n{done.stderr[-3000:]}")
         table[label] = json.loads(line.split(" ", 1)[1])
-    print(f"\n{'fixture':<22}" + "".join(f"{label:>26}" for label in ISA_SETTINGS))
+    print(f"\n{'fixture':<24}" + "".join(f"{label:>44}" for label in ISA_SETTINGS))
     for name in names:
         cells = []
         for label in ISA_SETTINGS:
             r = table[label][name]
-            cells.append(f"{r['margin']:.4g}" + (f" ({r['stopped']} stop)" if "stopped" in r else ""))
-        print(f"{name:<22}" + "".join(f"{c:>26}" for c in cells))
+            cells.append(f"{r['margin']:.4g}" + (f" ({r['stopped']})" if "stopped" in r else ""))
+        print(f"{name:<24}" + "".join(f"{c:>44}" for c in cells))
 
 
 if __name__ == "__main__":
