@@ -266,6 +266,7 @@ def convert_source(dataset, source, stage: str, label: str, row_lines=None, chos
     if mapping:
         dataset = dataset.rename_columns(mapping)
     fmt = choose(source, stage, label, dataset.column_names, dataset[0] if len(dataset) else {}, chosen)
+    dataset = wrap_text_replies(dataset, fmt, label)
     if stage == "kto" and "dpo" in fmt.stages:  # pairs: convert to pairs, then unpair (each row gives two)
         from alignkit.data.schemas import DPO
 
@@ -273,6 +274,36 @@ def convert_source(dataset, source, stage: str, label: str, row_lines=None, chos
         dataset = DPO.check(pairs, label, row_lines)  # a pair's own faults (chosen == rejected) before it is split
         return dataset.map(unpair, batched=True, remove_columns=dataset.column_names, desc="unpair preference rows")
     return _convert(dataset, fmt, stage, dict(source.roles or {}), label, row_lines, num_proc)
+
+
+# The reply columns of the formats whose prompt may be chat messages: trl renders a message-list prompt with the
+# chat template and then concatenates the reply to it, so a text reply there fails inside trl after the model loaded
+# (``TypeError: can only concatenate list``). A text reply after a message prompt is one assistant turn: converted.
+REPLY_COLUMNS = {"preference": ("chosen", "rejected"), "kto": ("completion",), "prompt_completion": ("completion",)}
+
+
+def wrap_text_replies(dataset, fmt: Format, label: str):
+    """Rows whose ``prompt`` is chat messages and whose replies (:data:`REPLY_COLUMNS`) are text: each reply becomes
+    ``[{"role": "assistant", "content": reply}]``, the one reading of such a row (logged once per source). Other
+    rows pass unchanged. The reverse mix (a text prompt, message replies) is refused by the schema."""
+    replies = [c for c in REPLY_COLUMNS.get(fmt.name, ()) if c in dataset.column_names]
+    first = dataset[0] if len(dataset) and replies and "prompt" in dataset.column_names else None
+    if first is None or not isinstance(first["prompt"], list) or not any(isinstance(first[c], str) for c in replies):
+        return dataset
+    logger.info(
+        "%s: 'prompt' is chat messages and %s text: each reply becomes one assistant message", label,
+        "/".join(f"'{c}'" for c in replies),
+    )  # fmt: skip
+
+    def wrap(batch):
+        for column in replies:
+            batch[column] = [
+                [{"role": "assistant", "content": v}] if isinstance(v, str) and isinstance(p, list) else v
+                for p, v in zip(batch["prompt"], batch[column])
+            ]
+        return batch
+
+    return dataset.map(wrap, batched=True, desc="replies as assistant messages")
 
 
 def _convert(dataset, fmt: Format, stage: str, roles: dict, label: str, row_lines, num_proc: int | None = None):

@@ -177,11 +177,28 @@ def _reply(value, source, i, column: str) -> None:
         _text(value, source, i, column, f"give every row a non-empty {what}")
 
 
+def _same_shape(row: dict, columns: tuple[str, ...], source, i) -> None:
+    """Every one of ``columns`` is text, or every one is chat messages: trl renders message lists with the chat
+    template and concatenates the rest, so a mix fails inside trl after the model loaded. (A message prompt with
+    text replies was converted before this check: :func:`alignkit.data.formats.wrap_text_replies`.)"""
+    kinds = {c: "messages" if isinstance(row[c], list) else "text" for c in columns}
+    if len(set(kinds.values())) > 1:
+        lists = [c for c, k in kinds.items() if k == "messages"]
+        texts = [c for c, k in kinds.items() if k == "text"]
+        raise DataError(
+            source, i, f"{'/'.join(lists)} {'is' if len(lists) == 1 else 'are'} chat messages but "
+            f"{'/'.join(texts)} {'is' if len(texts) == 1 else 'are'} text: trl cannot join the two",
+            'write the prompt as messages ([{"role": "user", "content": ...}]) and every reply as text or as '
+            "assistant messages, or write them all as text",
+        )  # fmt: skip
+
+
 def _check_dpo(row, source, i):
     prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
     _prompt(prompt, source, i)
     for column, value in (("chosen", chosen), ("rejected", rejected)):
         _reply(value, source, i, column)
+    _same_shape(row, ("prompt", "chosen", "rejected"), source, i)
     if _as_text(chosen).strip() == _as_text(rejected).strip():
         raise DataError(
             source,
@@ -204,6 +221,7 @@ def _check_kto(row, source, i):
     label = row["label"]
     _prompt(row["prompt"], source, i)
     _reply(row["completion"], source, i, "completion")
+    _same_shape(row, ("prompt", "completion"), source, i)
     if not isinstance(label, bool):
         raise DataError(
             source, i, f"'label' is {label!r} (a {type(label).__name__}), not true or false",

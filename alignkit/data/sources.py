@@ -13,6 +13,7 @@ from pathlib import Path
 
 from alignkit.config.args import DataArguments, DatasetSource
 from alignkit.data.formats import convert_source, file_format, looks_squad, read_file_rows
+from alignkit.data.pairing import check_held_out_prompts, held_out_split
 from alignkit.data.places import RowPlaces, repeat_each
 from alignkit.errors import DataError
 
@@ -453,7 +454,7 @@ def load_datasets(data_args: DataArguments, schema=None):
             raise DataError(
                 "recipe", None, f"test_size {data_args.test_size} leaves no training rows", "lower test_size"
             )
-        split = pool.train_test_split(test_size=size, seed=data_args.mixture_seed)
+        split = held_out_split(pool, size, data_args.mixture_seed)  # whole prompts (alignkit.data.pairing)
         out["test"] = split["test"].remove_columns("__alignkit_source")
         kept = split["train"]
         if len(trains) == 1:
@@ -495,4 +496,5 @@ def load_datasets(data_args: DataArguments, schema=None):
         out["train"] = out["train"].select(range(min(data_args.max_train_samples, len(out["train"]))))
     if "test" in out and data_args.max_eval_samples:
         out["test"] = out["test"].select(range(min(data_args.max_eval_samples, len(out["test"]))))
+    check_held_out_prompts(out["train"], out.get("test"))
     return datasets.DatasetDict(out)

@@ -183,8 +183,11 @@ def export_gguf(
             logger.warning("%s is an adapter run: merging it first", folder)
             merged = Path(merge_adapter(folder).output_dir)
         folder = merged
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file() and not folder.is_dir():
         raise ConfigError(f"{folder}: not a model folder (no config.json). Fix: give a merged model or an adapter run.")
+    from alignkit.models.sources import check_model_folder
+
+    check_model_folder(folder, what="export")
     out = Path(out) if out else folder / f"{folder.name}-{outtype}.gguf"
     convert(folder, out, outtype)
     check = parity(folder, out, outtype)

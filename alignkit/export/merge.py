@@ -110,8 +110,15 @@ def merge_adapter(
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
+        empty = " (the folder is empty)" if adapter_dir.is_dir() and not any(adapter_dir.iterdir()) else ""
         raise ConfigError(
-            f"{adapter_dir}: no adapter_config.json, so not an adapter output. Fix: pass a run's output_dir."
+            f"{adapter_dir}: lacks adapter_config.json{empty}, so it is not an adapter output. Fix: pass a run's "
+            "output_dir (a folder with adapter_config.json and adapter_model.safetensors)."
+        )
+    if not any(adapter_dir.glob("adapter_model.*")):
+        raise ConfigError(
+            f"{adapter_dir}: the adapter folder is incomplete: it lacks adapter_model.safetensors. Fix: copy the run's "
+            "output_dir again, or train the stage again."
         )
     record = RunRecord.read(adapter_dir)
     last = record.last if record else None

@@ -104,6 +104,7 @@ def _run_output(name: str, _) -> ModelSource:
             "there is no model to start from. Fix: finish or rerun that stage, or resume it (resume_from_checkpoint: "
             "true), or start from one of its checkpoint-N folders."
         )
+    check_model_folder(name)  # finished, but the copy may be incomplete
     return ModelSource(base=name, parent_run=parent, lineage=list(parent.lineage))
 
 
@@ -143,6 +144,53 @@ def _unknown_prefix(name: str, _) -> ModelSource:
     )
 
 
+# What a model folder needs to load: its config, and safetensors weights (one file, or an index and its shards).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model")
+
+
+def missing_model_files(folder: str | Path, tokenizer: bool = True, weights: bool = True) -> list[str]:
+    """The files a model folder lacks to load (an interrupted download, a copy that stopped): ``config.json``, its
+    weights (``model.safetensors``, or the shards its ``model.safetensors.index.json`` names), and with
+    ``tokenizer`` a tokenizer file (one of :data:`TOKENIZER_FILES`); ``weights`` False: the config is enough
+    (``from_scratch``). Empty when it has them all. Pickle weights
+    (``pytorch_model.bin``) count as weights here; the loader decides whether they may load."""
+    folder = Path(folder)
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    index = folder / "model.safetensors.index.json"
+    if not weights:
+        pass
+    elif index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        except (ValueError, OSError):
+            shards = []
+        missing += [f"{index.name} (unreadable)"] if not shards else [s for s in shards if not (folder / s).is_file()]
+    elif not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        missing.append("model.safetensors (the weights)")
+    if tokenizer and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(f"a tokenizer ({' or '.join(TOKENIZER_FILES[:2])})")
+    return missing
+
+
+def check_model_folder(
+    folder: str | Path, what: str = "model_name_or_path", tokenizer: bool = True, weights: bool = True
+) -> None:
+    """ConfigError, one line naming ``folder`` and the files it lacks (see :func:`missing_model_files`)."""
+    missing = missing_model_files(folder, tokenizer, weights)
+    if missing:
+        state = "is empty" if Path(folder).is_dir() and not any(Path(folder).iterdir()) else "is incomplete"
+        raise ConfigError(
+            f"{what}: the model folder '{folder}' {state}: it lacks {', '.join(missing)} (an interrupted download "
+            "or copy?). Fix: download or copy the model again into that folder, or point at a complete one."
+        )
+
+
+def _local_dir(name: str, model_args: ModelArguments) -> ModelSource:
+    if Path(name).is_dir():  # a Hub id is not a folder here: transformers resolves it
+        check_model_folder(name, tokenizer=not model_args.tokenizer_name_or_path, weights=not model_args.from_scratch)
+    return ModelSource(base=name)
+
+
 SCHEMES: tuple[Scheme, ...] = (
     Scheme("plug-in", "tiny:llama", _is_plugin, _plugin),
     Scheme("packaged", "smollm2:SmolLM2-135M-Instruct", lambda n, _: packaged.is_packaged(n),
@@ -153,8 +201,7 @@ SCHEMES: tuple[Scheme, ...] = (
     Scheme("gguf", "model.Q4_1.gguf", _is_gguf, _gguf),
     Scheme("adapter output", "outputs/sft", _is_adapter_output, _adapter_output),
     Scheme("run output", "outputs/dpo-merged", lambda n, _: RunRecord.exists(n), _run_output),
-    Scheme("local dir or hub id", "HuggingFaceTB/SmolLM2-135M-Instruct", lambda n, _: True,
-           lambda n, _: ModelSource(base=n)),
+    Scheme("local dir or hub id", "HuggingFaceTB/SmolLM2-135M-Instruct", lambda n, _: True, _local_dir),
 )  # fmt: skip
 
 

@@ -19,5 +19,10 @@ def preference_main(stage, argv=None):
     with Run(recipe, stage=stage.name) as run:
         run.load_tokenizer(chat=True)
         data = run.load_data(stage.data_schema)
+        if stage.name == "kto":  # trl pairs each row with its neighbour's completion for the KL term
+            from alignkit.data.pairing import kl_order
+
+            for split in data:
+                data[split] = kl_order(data[split], recipe.train.per_device_train_batch_size, recipe.train.seed)
         run.load_model(stage.head)
         return run.train(run.build_trainer(stage.trainer_class, data))

@@ -21,6 +21,7 @@ from alignkit.models.tokenizer import load_tokenizer
 from alignkit.runs import BaseModelRef, LineageEntry, RunRecord, alignkit_version
 from alignkit.stages import STAGES
 from alignkit.train import preflight
+from alignkit.train.assumptions import check_trainer_assumptions, set_stop_ids
 from alignkit.train.callbacks import PICKLED_ARGS, AtomicCheckpoints, NonFiniteGuard, ResolvedConfigToWandb
 from alignkit.train.distributed import debug_callback
 
@@ -156,6 +157,8 @@ class Run:
         )
         if self.tokenizer is not None and getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if self.tokenizer is not None and getattr(self.tokenizer, "alignkit_stop_ids", None):
+            set_stop_ids(self.model, self.tokenizer)  # generation (GRPO's sampler) stops on the end-of-turn
         return self.model
 
     def build_trainer(self, trainer_cls, splits: dict, **kwargs):
@@ -200,6 +203,7 @@ class Run:
             from alignkit.train.lm_head import use_cpu_lm_head
 
             use_cpu_lm_head()
+        check_trainer_assumptions(trainer, self.stage)  # row order, pairing, one end-of-turn (before the checks)
         preflight.check_trainer(trainer, r.run)
         trainer.add_callback(NonFiniteGuard(enabled=r.run.stop_on_nonfinite))
         # alignkit rotates checkpoints itself, after the new one is marked complete: transformers deletes the old
