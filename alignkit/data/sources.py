@@ -496,5 +496,6 @@ def load_datasets(data_args: DataArguments, schema=None):
         out["train"] = out["train"].select(range(min(data_args.max_train_samples, len(out["train"]))))
     if "test" in out and data_args.max_eval_samples:
         out["test"] = out["test"].select(range(min(data_args.max_eval_samples, len(out["test"]))))
-    check_held_out_prompts(out["train"], out.get("test"))
+    held = [_label(s, s.test_split) for s in data_args.datasets if s.test_split] or ["the test_size split"]
+    check_held_out_prompts(out["train"], out.get("test"), ", ".join(held))
     return datasets.DatasetDict(out)

@@ -127,7 +127,7 @@ def check_kl_pairs(trainer) -> None:
     for split, data in (("train", trainer.train_dataset), ("test", trainer.eval_dataset)):
         if data is None or not hasattr(data, "__len__") or "prompt_ids" not in data.column_names:
             continue
-        bad = kl_shares_prompt(data["prompt_ids"], block)
+        bad = kl_shares_prompt(list(data["prompt_ids"]), block)
         if bad:
             raise PreflightError(
                 f"KTO {split} split: {len(bad)} of {len(data)} KL pairs (trl pairs each row with the previous row's "
