@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from alignkit.data.schemas import Schema
 from alignkit.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,6 +35,10 @@ class Task:
     Arguments: type | None = None
     generates = False  # Seq2SeqTrainer: generate at eval (predict_with_generate)
     evaluate_before_training = False  # report the eval metrics of the untrained model too
+    # Every task head pads on the right: labels are token positions (qa, token_cls), a head pools a fixed position
+    # (BERT's [CLS] at 0), or an encoder's positions count from its first token (seq2seq). Left padding is for
+    # decoder-only generation, which no task head does. The saved tokenizer keeps it, so inference pads the same way.
+    padding_side = "right"
     compute_metrics = None
     preprocess_logits_for_metrics = None
 
@@ -43,6 +50,7 @@ class Task:
     def __init__(self, args, tokenizer, train_args):
         self.args, self.tokenizer, self.train_args = args, tokenizer, train_args
         self.max_length = train_args.max_length
+        use_padding_side(tokenizer, self.padding_side, self.name)
         self.max_truncated_fraction = 1.0  # share of a split's rows max_length may cut (build_task: the run key)
 
     @property
@@ -63,6 +71,17 @@ class Task:
         return datasets.map(
             function, batched=True, remove_columns=datasets["train"].column_names, desc=f"{self.name} features"
         )
+
+
+def use_padding_side(tokenizer, side: str, task: str) -> None:
+    """Set ``tokenizer.padding_side`` to the task's (a tokenizer contract change, logged): a checkpoint that ships
+    ``padding_side: left`` (Llama-2-era, XLNet) would otherwise shift every QA start/end label and pool [PAD]."""
+    current = getattr(tokenizer, "padding_side", side)
+    if current != side:
+        tokenizer.padding_side = side
+        change = f"{task}: padding_side was {current!r}; set to {side!r} (labels and pooled positions count from the left)"
+        getattr(tokenizer, "alignkit_changes", []).append(change)
+        logger.warning("tokenizer contract: %s", change)
 
 
 class Labels:
