@@ -40,6 +40,7 @@ def generate_replies(
     model.eval()
     tokenizer.padding_side = "left"
     replies: list[str] = []
+    cut = 0
     starts = range(0, len(conversations), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -58,8 +59,20 @@ def generate_replies(
             pad_token_id=tokenizer.pad_token_id,
             **{"do_sample": False, **generation},
         )
-        replies += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        new = out[:, batch["input_ids"].shape[1] :]
+        cut += sum(stop_missing(row, end_of_turn_ids(tokenizer), max_new_tokens) for row in new.tolist())
+        replies += tokenizer.batch_decode(new, skip_special_tokens=True)
+    if cut:
+        print(
+            f"alignkit: {cut} of {len(replies)} replies were cut at max_new_tokens {max_new_tokens} before a stop "
+            "token (raise --max_new_tokens to see them whole)", file=sys.stderr,
+        )  # fmt: skip
     return replies
+
+
+def stop_missing(ids: list[int], stops: list[int], max_new_tokens: int) -> bool:
+    """A generated reply (its new token ids) that ran to ``max_new_tokens`` without a stop token: cut."""
+    return len(ids) >= max_new_tokens and not any(t in stops for t in ids)
 
 
 def jsonl_rows(path: str | Path):

@@ -3,12 +3,15 @@ eval (``predict_with_generate``), BLEU (sacrebleu) and ROUGE (rouge-score)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from alignkit.data.schemas import Schema
 from alignkit.tasks.base import Task, require_text
+
+logger = logging.getLogger(__name__)
 
 
 def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -31,7 +34,13 @@ class Seq2SeqArguments:
     source_prefix: str = field(
         default="", metadata={"help": "seq2seq: text put before every source (T5: 'translate ...: ')."}
     )
-    max_target_length: int = field(default=128, metadata={"help": "seq2seq: max target tokens."})
+    max_target_length: int = field(
+        default=128,
+        metadata={
+            "help": "seq2seq: max target tokens; also how long predictions may grow (predict_with_generate) unless "
+            "generation_max_length is set."
+        },
+    )
 
 
 class Seq2Seq(Task):
@@ -43,6 +52,14 @@ class Seq2Seq(Task):
         super().__init__(args, tokenizer, train_args)
         if not train_args.predict_with_generate:
             self.compute_metrics = None  # without generation there is no text to score; eval reports the loss
+        elif train_args.generation_max_length is None:
+            # unset, transformers generates up to the model's generation_config.max_length (20 by default) and the
+            # metrics score cut text: the targets' own length is the default (+1: the decoder start token)
+            train_args.generation_max_length = args.max_target_length + 1
+            logger.info(
+                "seq2seq: generation_max_length unset: predictions may run to max_target_length %d tokens",
+                args.max_target_length,
+            )
 
     @property
     def schema(self) -> Schema:
@@ -79,5 +96,22 @@ class Seq2Seq(Task):
         return [t.strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
 
     def compute_metrics(self, eval_pred) -> dict[str, float]:
+        """BLEU / ROUGE of the generated text, and ``generations_cut``: how many predictions ended without eos (cut
+        at ``generation_max_length``; their scores are of cut text), warned about when not 0."""
         predictions = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
-        return text_metrics(self.decode(predictions), self.decode(eval_pred.label_ids))
+        cut = cut_generations(predictions, self.tokenizer.eos_token_id)
+        if cut:
+            logger.warning(
+                "seq2seq: %d of %d predictions were cut at generation_max_length %s before eos: raise "
+                "generation_max_length (or max_target_length) to score whole predictions",
+                cut, len(predictions), self.train_args.generation_max_length,
+            )  # fmt: skip
+        return {**text_metrics(self.decode(predictions), self.decode(eval_pred.label_ids)), "generations_cut": cut}
+
+
+def cut_generations(predictions, eos_token_id: int | None) -> int:
+    """Rows of generated token ids (padded, -100 or pad after the end) that hold no eos: generation stopped at its
+    length limit, not at the end of the text."""
+    if eos_token_id is None:
+        return 0
+    return int(sum(eos_token_id not in np.asarray(row).tolist() for row in predictions))
