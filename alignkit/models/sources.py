@@ -104,7 +104,7 @@ def _run_output(name: str, _) -> ModelSource:
             "there is no model to start from. Fix: finish or rerun that stage, or resume it (resume_from_checkpoint: "
             "true), or start from one of its checkpoint-N folders."
         )
-    check_model_folder(name)  # finished, but the copy may be incomplete
+    check_model_folder(name, tokenizer=False)  # finished, but the copy may be incomplete
     return ModelSource(base=name, parent_run=parent, lineage=list(parent.lineage))
 
 
@@ -187,7 +187,8 @@ def check_model_folder(
 
 def _local_dir(name: str, model_args: ModelArguments) -> ModelSource:
     if Path(name).is_dir():  # a Hub id is not a folder here: transformers resolves it
-        check_model_folder(name, tokenizer=not model_args.tokenizer_name_or_path, weights=not model_args.from_scratch)
+        # (its tokenizer may come from elsewhere: an adapter's folder, tokenizer_name_or_path; load_tokenizer says)
+        check_model_folder(name, tokenizer=False, weights=not model_args.from_scratch)
     return ModelSource(base=name)
 
 

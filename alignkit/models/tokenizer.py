@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from alignkit.config.args import ModelArguments
 from alignkit.data.chat_families import add_end_of_turn_token, family_names, prepare_chat_template
@@ -39,6 +40,10 @@ def load_tokenizer(
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     except OSError as exc:  # a Hub id without the Hub, a folder without tokenizer files
+        from alignkit.models.sources import check_model_folder
+
+        if Path(str(name)).is_dir():  # one line naming the folder and what it lacks
+            check_model_folder(name, "tokenizer", weights=False)
         raise PreflightError(
             f"tokenizer: could not load '{name}' ({str(exc).splitlines()[0]}). Fix: point model_name_or_path (or "
             "tokenizer_name_or_path) at a local model directory or .gguf file; Hub ids need network access."
