@@ -71,13 +71,16 @@ def test_missing_model_files_names_what_a_folder_lacks(folders):
          ["incomplete", "model-00002-of-00002.safetensors"]),
         (["chat"], "partial", ["incomplete", "model.safetensors"]),
         (["generate", "--prompts", str(TINY_DATA / "sft.jsonl"), "--out", "/dev/null"], "empty", ["config.json"]),
+        (["eval", "--data", str(TINY_DATA / "sft.jsonl")], "sharded", ["model-00002-of-00002.safetensors"]),
         (["export", "gguf"], "empty", ["is empty", "config.json"]),
         (["merge"], "empty", ["adapter_config.json", "empty"]),
     ],
 )  # fmt: skip
 def test_an_empty_or_incomplete_model_folder_exits_2_with_one_line(argv, folder, words, folders, tmp_path):
     path = str(folders / folder)
-    if argv[0] in ("sft", "dpo", "grpo"):
+    if argv[0] == "eval":
+        argv = ["eval", path, *argv[1:], "--out", str(tmp_path / "eval")]
+    elif argv[0] in ("sft", "dpo", "grpo"):
         argv = [*argv, path, "--output_dir", str(tmp_path / "out")]
     elif argv[0] == "generate":  # prompts are read first: give it good ones
         prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 2?"}])
