@@ -48,7 +48,9 @@ def parse_task_recipe(argv: list[str] | None = None):
             raise ConfigError(
                 f"{key}: a key of task {' / '.join(others)}, not of task {name}. Fix: remove it, or set task: {others[0]}."
             )
-    return build_recipe(stage.parser((task.Arguments,) if task.Arguments else ()), values, print_config)
+    recipe = build_recipe(stage.parser((task.Arguments,) if task.Arguments else ()), values, print_config)
+    task.configure(recipe)
+    return recipe
 
 
 def build_task(recipe, tokenizer) -> Task:

@@ -53,6 +53,11 @@ class Task:
         use_padding_side(tokenizer, self.padding_side, self.name)
         self.max_truncated_fraction = 1.0  # share of a split's rows max_length may cut (build_task: the run key)
 
+    @classmethod
+    def configure(cls, recipe) -> None:
+        """Fill in what the task derives from the recipe's other keys, once, when the recipe is parsed (so the
+        resolved config that is saved, and compared on resume, holds it)."""
+
     @property
     def schema(self) -> Schema:
         raise NotImplementedError

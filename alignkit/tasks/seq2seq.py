@@ -52,10 +52,15 @@ class Seq2Seq(Task):
         super().__init__(args, tokenizer, train_args)
         if not train_args.predict_with_generate:
             self.compute_metrics = None  # without generation there is no text to score; eval reports the loss
-        elif train_args.generation_max_length is None:
-            # unset, transformers generates up to the model's generation_config.max_length (20 by default) and the
-            # metrics score cut text: the targets' own length is the default (+1: the decoder start token)
-            train_args.generation_max_length = args.max_target_length + 1
+
+    @classmethod
+    def configure(cls, recipe) -> None:
+        """``generation_max_length`` unset with ``predict_with_generate``: transformers would generate up to the
+        model's ``generation_config.max_length`` (20 by default) and the metrics would score cut text, so it becomes
+        ``max_target_length`` + 1 (the decoder start token), in the recipe (the saved config says what ran)."""
+        train, args = recipe.train, recipe.extra[1]
+        if train.predict_with_generate and train.generation_max_length is None:
+            train.generation_max_length = args.max_target_length + 1
             logger.info(
                 "seq2seq: generation_max_length unset: predictions may run to max_target_length %d tokens",
                 args.max_target_length,

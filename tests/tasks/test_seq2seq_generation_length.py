@@ -43,6 +43,8 @@ def test_predictions_may_grow_as_long_as_the_targets_need_and_cuts_are_counted(t
     targets = [len(tokenizer(text_target=r["target"])["input_ids"]) for r in rows(24)]
     assert min(targets) >= 17 and max(targets) >= 30  # longer than 20 tokens: the implicit limit cut them
     assert trainer.args.generation_max_length == 41  # max_target_length + the decoder start token
+    saved = (tmp_path / "out" / "alignkit_config.yaml").read_text()  # what ran, as a resume compares it
+    assert "generation_max_length: 41" in saved
 
     out = trainer.predict(trainer.eval_dataset)
     predictions = out.predictions
