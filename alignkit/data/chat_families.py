@@ -137,7 +137,8 @@ def end_of_turn_token(name: str, tokenizer) -> str | None:
 class TemplateInfo:
     """What a run trains with: the ``family`` (None: an unknown template), the template ``source`` ('stock': the
     tokenizer's own, marked already or not needing marks; 'twin': the stock template's training twin, proven;
-    'installed': a family template the recipe installed), the ``stock`` text the model is saved with, and what the
+    'installed': a family template the recipe installed; 'rendered': a custom template without generation marks whose
+    assistant spans come from rendering, :mod:`alignkit.data.chat_spans`), the ``stock`` text the model is saved with, and what the
     template renders (:class:`alignkit.data.chat_probes.Features`)."""
 
     family: str | None
@@ -158,7 +159,13 @@ def prepare_chat_template(
     name = identify(template)
     source = "installed" if installed else "stock"
     if name is None or name in OWN_FAMILIES:
-        info = TemplateInfo(name, source, template, template_features(tokenizer, template) if template else None)
+        features = template_features(tokenizer, template) if template else None
+        if name is None and features is not None and assistant_only_loss and not _marked(tokenizer, template):
+            from alignkit.data.chat_spans import SOURCE, check_probes
+
+            check_probes(tokenizer, template, features.accepted)  # spans by rendering, or ConfigError
+            source = SOURCE
+        info = TemplateInfo(name, source, template, features)
     else:
         stock = stock_template(name)
         if assistant_only_loss:
@@ -172,6 +179,13 @@ def prepare_chat_template(
         info = TemplateInfo(name, source, stock, features)
     tokenizer.alignkit_template = info
     return info
+
+
+def _marked(tokenizer, template) -> bool:
+    from alignkit.data.chat_spans import has_generation_marks
+    from alignkit.data.templates import accepted_probe
+
+    return has_generation_marks(tokenizer, template, accepted_probe(tokenizer, template))
 
 
 def saved_template(tokenizer) -> str | None:

@@ -29,5 +29,6 @@ def chat_format_line(tokenizer) -> str:
         "twin": "the stock template's training twin, proven to render the same text",
         "installed": "installed by the recipe's chat_template",
         "installed, twin": "installed by the recipe's chat_template, trained with its proven twin",
+        "rendered": "a custom template without generation marks; assistant spans found by rendering",
     }.get(info.source, info.source)
     return f"chat format: family {info.family or 'unknown (custom template)'}, template {info.source} ({what})\n"

@@ -127,11 +127,15 @@ def apply_contract(
         if installed:
             changes += add_end_of_turn_token(tokenizer, chat_template)
         info = prepare_chat_template(
-            tokenizer, installed=installed, assistant_only_loss=assistant_only_loss, train_on_reasoning=train_on_reasoning
+            tokenizer,
+            installed=installed,
+            assistant_only_loss=assistant_only_loss,
+            train_on_reasoning=train_on_reasoning,
         )
         if info.family:
             logger.info("chat template: family %s (%s)", info.family, info.source)
-        check_turn_ends(tokenizer, assistant_only_loss=assistant_only_loss)
+        # spans found by rendering were checked to end on stop tokens (alignkit.data.chat_spans); they have no marks
+        check_turn_ends(tokenizer, assistant_only_loss=assistant_only_loss and info.source != "rendered")
         tokenizer.alignkit_stop_ids = end_of_turn_ids(tokenizer)
     for change in changes:
         logger.warning("tokenizer contract: %s", change)

@@ -164,15 +164,32 @@ class Run:
     def build_trainer(self, trainer_cls, splits: dict, **kwargs):
         """``trainer_cls`` (a trl or transformers trainer) on the loaded model and tokenizer, the recipe's training
         args, the 'train' split and the 'test' split if there is one; ``kwargs`` are the stage's own (collator,
-        metrics)."""
-        return trainer_cls(
-            model=self.model,
-            args=self.recipe.train,
-            train_dataset=splits["train"],
-            eval_dataset=splits.get("test"),
-            processing_class=self.tokenizer,
-            **kwargs,
-        )
+        metrics).
+
+        A custom template without generation marks whose assistant spans come from rendering
+        (:mod:`alignkit.data.chat_spans`) trains through trl's pre-tokenized path: ``input_ids`` + ``assistant_masks``
+        rows, from which trl builds the labels (its own ``assistant_only_loss`` switch, which needs marks, is off
+        while the trainer is built)."""
+        from alignkit.data.chat_spans import SOURCE, tokenize_with_rendered_spans
+
+        args = self.recipe.train
+        info = getattr(self.tokenizer, "alignkit_template", None)
+        rendered = getattr(args, "assistant_only_loss", False) and getattr(info, "source", None) == SOURCE
+        if rendered:
+            splits = {k: tokenize_with_rendered_spans(v, self.tokenizer, f"{k} split") for k, v in splits.items()}
+            args.assistant_only_loss = False
+        try:
+            return trainer_cls(
+                model=self.model,
+                args=args,
+                train_dataset=splits["train"],
+                eval_dataset=splits.get("test"),
+                processing_class=self.tokenizer,
+                **kwargs,
+            )
+        finally:
+            if rendered:
+                args.assistant_only_loss = True
 
     # ------------------------------------------------------------------ train
     def train(self, trainer, evaluate_before: bool = False) -> dict[str, Any]:

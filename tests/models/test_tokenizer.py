@@ -47,13 +47,12 @@ def test_assistant_only_loss_needs_generation_marks(pad_is_eos):
     pad_is_eos.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ConfigError, match=r"\{% generation %\}.*Fix"):
         apply_contract(pad_is_eos, chat=True, assistant_only_loss=True)
-    # A ChatML template without marks is refused too, never replaced (its own system prompt would be lost); the
-    # fix names alignkit's ChatML, which the recipe then sets.
+    # A ChatML template without marks is never replaced (its own system prompt would be lost): rendering separates
+    # its assistant turns, each ending on <|im_end|>, so it trains with those spans (issue 36, alignkit.data.chat_spans).
     unmarked = CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     pad_is_eos.chat_template = unmarked
-    with pytest.raises(ConfigError, match="chat_template to the model family's template"):
-        apply_contract(pad_is_eos, chat=True, assistant_only_loss=True)
-    assert pad_is_eos.chat_template == unmarked
+    apply_contract(pad_is_eos, chat=True, assistant_only_loss=True)
+    assert pad_is_eos.chat_template == unmarked and pad_is_eos.alignkit_template.source == "rendered"
     apply_contract(pad_is_eos, chat_template="chatml", chat=True, assistant_only_loss=True)
     assert pad_is_eos.chat_template == CHATML
 

@@ -12,7 +12,6 @@ from transformers import AutoTokenizer
 
 from alignkit.config import SFTConfig, parse_recipe
 from alignkit.data.templates import CHATML
-from alignkit.errors import ConfigError
 from alignkit.models.tokenizer import load_tokenizer
 
 TINY = ["--config", "recipes/tiny/sft.yaml", "--test_size", "0", "--disable_tqdm", "true"]
@@ -114,9 +113,28 @@ def test_a_runs_saved_config_repeats_the_run(tmp_path):
     assert train_losses(again) == train_losses(first)
 
 
-def test_unmarked_template_is_refused_not_replaced(smollm2_like, tmp_path):
-    with pytest.raises(ConfigError, match=r"does not mark assistant turns.*Fix: set chat_template to 'chatml'"):
-        run_recipe("sft", [*TINY, "--model_name_or_path", str(smollm2_like), "--output_dir", str(tmp_path / "o")])
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_unmarked_template_trains_with_rendered_spans_not_replaced(packing, smollm2_like, trainers, tmp_path):
+    """Issue 36: ChatML without {% generation %} marks is kept (never replaced); rendering separates its assistant
+    turns (alignkit.data.chat_spans), and trl builds the labels from those masks: no user/system token trained,
+    every assistant turn through <|im_end|>."""
+    argv = ["--model_name_or_path", str(smollm2_like), "--load_in_4bit", "false", "--packing", str(packing)]
+    run_recipe("sft", [*TINY, *argv, "--max_steps", "2", "--output_dir", str(tmp_path / "o")])
+    trainer = trainers[0]
+    tokenizer = trainer.processing_class
+    assert tokenizer.alignkit_template.source == "rendered" and "{% generation %}" not in tokenizer.chat_template
+    assert trainer.args.assistant_only_loss  # restored after trl built the labels from the rendered masks
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    batch = next(iter(trainer.get_train_dataloader()))
+    roles = set()
+    for role, ids, labels in _label_spans(batch, tokenizer):
+        roles.add(role)
+        trained = [t for t, label in zip(ids, labels) if label != -100]
+        if role in ("system", "user"):
+            assert not trained, f"a {role} token carries a label"
+        elif end in ids:  # a whole assistant turn (not cut by max_length): content through <|im_end|>
+            assert trained and trained[-1] == end
+    assert "assistant" in roles
 
 
 def test_lora_packed_sft_trains_and_saves_its_tokenizer(smollm2_like, trainers, tmp_path):
