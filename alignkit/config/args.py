@@ -216,12 +216,18 @@ class DatasetSource:
     roles: dict | None = None
     streaming: bool = False
     tag_column: int | str | None = None  # format conll: the tag column, a name (ner, pos, chunk) or an index (1..)
+    tools: list | str | None = None  # chat data: the tools (JSON function schemas) of every row without its own
 
     def __post_init__(self):
         if self.tag_column is not None and self.format not in (None, "conll"):
             raise ConfigError(
                 f"datasets[{self.path}].tag_column: only for a CoNLL file. Fix: add format: conll to this source, "
                 "or remove tag_column."
+            )
+        if self.tools is not None and not isinstance(self.tools, (list, str)):
+            raise ConfigError(
+                f"datasets[{self.path}].tools: {self.tools!r} is not a list of function schemas. Fix: write tools: "
+                "[{type: function, function: {name: ..., parameters: {...}}}]."
             )
         if not isinstance(self.streaming, bool):
             raise ConfigError(
@@ -276,7 +282,8 @@ class DataArguments:
         default_factory=list,
         metadata={
             "help": "List of sources: a path/glob/Hub id string, or {path, weight, split, name, test_split, format, "
-            "columns, roles, streaming, tag_column} (format: messages, prompt_completion, alpaca, sharegpt, preference, "
+            "columns, roles, streaming, tag_column, tools} (tools: JSON function schemas for every chat row without "
+            "its own 'tools'; format: messages, prompt_completion, alpaca, sharegpt, preference, "
             "hh, preference_messages, text, kto, prompt; for task files conll (tag_column: ner/pos/chunk or an index) "
             "and squad; detected when unset). streaming: true (CPT only, needs max_steps): read the "
             "source row by row as training goes, tokenized and packed on the fly, for a corpus larger than RAM "

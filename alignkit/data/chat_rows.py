@@ -45,6 +45,7 @@ def check_rows(tokenizer, dataset, source: str, *, train_on_reasoning: bool = Tr
     """Render every chat row of ``dataset`` with ``tokenizer``'s template; DataError (source, row number, fix) for
     a row the template refuses, or for tools / reasoning the template cannot render."""
     from alignkit.data.chat_probes import template_error
+    from alignkit.data.tools import row_tools
 
     info = getattr(tokenizer, "alignkit_template", None)
     features = getattr(info, "features", None)
@@ -56,7 +57,7 @@ def check_rows(tokenizer, dataset, source: str, *, train_on_reasoning: bool = Tr
         messages = _conversation(row)
         if not messages:
             continue
-        tools = row.get("tools") or None
+        tools = row_tools(row)
         has_tools = bool(tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
         if has_tools and not features.tools:
             raise DataError(

@@ -20,8 +20,6 @@ The masks feed trl's own pre-tokenized path: ``input_ids`` + ``assistant_masks``
 
 from __future__ import annotations
 
-import json
-
 from alignkit.errors import ConfigError, DataError
 
 SOURCE = "rendered"  # TemplateInfo.source of a template whose assistant spans come from rendering
@@ -138,10 +136,10 @@ def row_messages(row: dict) -> list[dict]:
 
 def row_kwargs(row: dict) -> dict:
     """The ``apply_chat_template`` keyword arguments a row carries (``tools``, ``chat_template_kwargs``)."""
+    from alignkit.data.tools import row_tools
+
     kwargs = dict(row.get("chat_template_kwargs") or {})
-    tools = row.get("tools")
-    if isinstance(tools, str):
-        tools = json.loads(tools)
+    tools = row_tools(row)
     if tools:
         kwargs["tools"] = tools
     return kwargs
@@ -160,4 +158,5 @@ def tokenize_with_rendered_spans(dataset, tokenizer, source: str):
             ) from None
         return {"input_ids": ids, "assistant_masks": mask}
 
-    return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names)
+    columns = dataset.column_names or list(next(iter(dataset)).keys())  # a streamed split names them on reading
+    return dataset.map(convert, with_indices=True, remove_columns=columns)

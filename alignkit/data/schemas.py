@@ -45,11 +45,17 @@ class Schema:
         have = ", ".join(sorted(present)) or "none"
         raise DataError(source, None, f"missing columns for {self.name}: needs {wanted}, has {have}", self.fix_hint)
 
-    def check(self, dataset, source: str, row_numbers=None):
+    def check(self, dataset, source: str, row_numbers=None, tools=None):
         """Check every row; return the dataset with only this stage's columns. ``row_numbers``: each row's line in
         its file (JSON lines), or a :class:`alignkit.data.places.RowPlaces` (shards: each row's file and line), so
-        that errors name the file and line an editor shows; else rows count from 1."""
+        that errors name the file and line an editor shows; else rows count from 1. ``tools``: the source's own
+        ``tools`` (data config), given to every chat row without any (:func:`alignkit.data.tools.normalize_tool_rows`
+        then stores tools as JSON text and call arguments as objects)."""
+        from alignkit.data.tools import normalize_tool_rows, tool_names
+
         columns = self.columns_for(dataset, source)
+        if tools is not None:
+            tool_names(tools, f"{source} (the source's tools)", None)
         if self.passthrough:  # a chat stage: refuse what trl would read as images instead of dropping it
             vision = [c for c in VISION_COLUMNS if c in dataset.column_names]
             if vision:
@@ -57,11 +63,13 @@ class Schema:
                     source, None, f"has an image column ({', '.join(vision)}): alignkit trains text models",
                     f"drop the {vision[0]} column, or train the vision model with trl directly",
                 )  # fmt: skip
-        tools = ["tools"] if self.passthrough and "tools" in dataset.column_names else []
-        for i, row in enumerate(dataset.select_columns([*columns, *tools])):
+        tool_column = ["tools"] if self.passthrough and "tools" in dataset.column_names else []
+        for i, row in enumerate(dataset.select_columns([*columns, *tool_column])):
             self.check_row(row, *place(row_numbers, source, i))
             if self.passthrough:
-                check_row_tools(row, *place(row_numbers, source, i))
+                check_row_tools({**row, "tools": row.get("tools") or tools}, *place(row_numbers, source, i))
+        if self.passthrough:
+            dataset = normalize_tool_rows(dataset, tools)
         if self.keep_other_columns:
             return dataset
         kept = [*columns, *(c for c in self.passthrough if c in dataset.column_names)]

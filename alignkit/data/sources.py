@@ -392,7 +392,7 @@ def check_source(dataset, source, label: str, schema, lines=None, chosen: list |
         dataset = convert_source(dataset, source, schema.data, label, lines, chosen, num_proc=num_proc)
         if lines and schema.data == "kto" and len(dataset) == 2 * rows:  # unpaired: 2 rows per source row
             lines = repeat_each(lines, 2)
-    return schema.check(dataset, label, lines)
+    return schema.check(dataset, label, lines, tools=getattr(source, "tools", None))
 
 
 def load_datasets(data_args: DataArguments, schema=None):

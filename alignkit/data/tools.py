@@ -79,3 +79,71 @@ def _check_call(call, declared: set[str], source, row, where: str) -> None:
             raise DataError(source, row, f"{where}.function.arguments is not valid JSON ({exc.msg})", "write the arguments as a JSON object (or a string holding one)") from None  # fmt: skip
     if not isinstance(arguments, dict):
         raise DataError(source, row, f"{where}.function.arguments is a {type(arguments).__name__}, not an object", "write the arguments as a JSON object")  # fmt: skip
+
+
+_CHAT_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected")
+
+
+def _parsed(value):
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value  # the row checks already refused invalid JSON; left as given
+    return value
+
+
+def _with_object_arguments(messages: list) -> list:
+    """``messages`` with every ``tool_calls[].function.arguments`` JSON string parsed to its object: templates apply
+    ``| tojson`` to the arguments (Qwen2.5, Llama 3.1), which would print a string form escaped a second time."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if calls:
+            message = dict(message)
+            message["tool_calls"] = [
+                {**call, "function": {**call["function"], "arguments": _parsed(call["function"].get("arguments", {}))}}
+                if isinstance(call, dict) and isinstance(call.get("function"), dict)
+                else call
+                for call in calls
+            ]
+        out.append(message)
+    return out
+
+
+def normalize_tool_rows(dataset, tools=None):
+    """Chat rows ready to render with tools: each row's ``tools`` (its own, else the source's ``tools``) stored as
+    JSON text (trl's trainers parse it; one Arrow type whatever the schemas hold), and call arguments given as JSON
+    strings parsed to objects, the chat columns typed ``datasets.Json`` so no object gains the keys of another row's
+    (Arrow's struct union would add them as nulls). Rows without tools are returned unchanged; a streamed split too."""
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        return dataset
+    chat = [c for c in _CHAT_COLUMNS if c in dataset.column_names]
+    has_tools = "tools" in dataset.column_names
+    if (
+        tools is None
+        and not has_tools
+        and not any(uses_tools(v) for c in chat for v in dataset[c] if isinstance(v, list))
+    ):
+        return dataset
+    shared = json.dumps(_parsed(tools)) if tools is not None else None
+
+    def convert(row):
+        out = {c: _with_object_arguments(row[c]) if isinstance(row[c], list) else row[c] for c in chat}
+        own = _parsed(row.get("tools"))
+        out["tools"] = json.dumps(own) if own else shared
+        return out
+
+    features = dataset.features.copy()
+    for column in chat:
+        if isinstance(features[column], (datasets.List, datasets.LargeList)):
+            features[column] = datasets.List(datasets.Json())
+    features["tools"] = datasets.Value("string")
+    return dataset.map(convert, features=features, desc="tool rows")
+
+
+def row_tools(row: dict):
+    """A row's tools as objects for ``apply_chat_template`` (stored as JSON text by :func:`normalize_tool_rows`)."""
+    return _parsed(row.get("tools")) or None

@@ -128,7 +128,8 @@ def test_tool_rows_are_accepted_rendered_and_only_calls_trained():
     assert "tools" in data.column_names
     check_rows(tok, data, "tools.jsonl")
     row = data[0]
-    out = tok.apply_chat_template(row["messages"], tools=row["tools"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)  # fmt: skip
+    assert isinstance(row["tools"], str)  # stored as JSON text (alignkit.data.tools.normalize_tool_rows)
+    out = tok.apply_chat_template(row["messages"], tools=json.loads(row["tools"]), tokenize=True, return_dict=True, return_assistant_tokens_mask=True)  # fmt: skip
     text = tok.decode(out["input_ids"])
     trained = tok.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m])
     assert '"name": "add"' in trained and "<tool_call>" in trained  # the call is trained
@@ -235,3 +236,46 @@ def test_sft_with_chat_template_gemma3_on_a_base_model(tmp_path):
     assert entry["chat_template"] == {"family": "gemma3", "source": "installed, twin"}
     assert "gemma3" in (out / "README.md").read_text()
     assert tokenizer_config
+
+
+@pytest.mark.parametrize("family", ["qwen2_5", "qwen3", "llama3_1", "gptoss"])
+def test_arguments_as_a_json_string_render_as_the_object_form(family):
+    """Issue 36: OpenAI's arguments string is parsed before rendering, so templates applying `| tojson` (Qwen2.5,
+    Llama 3.1) print the object, not a second-escaped string: the rendered text equals the object form's."""
+    tok = family_tokenizer(family)
+    apply_contract(tok, chat=True, assistant_only_loss=True)
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add.", "parameters": {"type": "object", "properties": {}}}}]  # fmt: skip
+    as_object = _tool_row(tools=tools)
+    as_object["messages"][1]["tool_calls"][0]["function"]["arguments"] = {"a": 2, "b": 3}
+    expected = tok.apply_chat_template(as_object["messages"], tools=tools, tokenize=False)
+    data = SFT.check(_datasets([_tool_row(tools=tools)]), "tools.jsonl")
+    row = data[0]
+    text = tok.apply_chat_template(row["messages"], tools=json.loads(row["tools"]), tokenize=False)
+    assert text == expected and '\\"a\\"' not in text
+
+
+def test_a_sources_tools_apply_to_every_row_without_its_own(tmp_path):
+    """Issue 36: `tools` on a dataset source (data config) is given to every row without its own; a row's own
+    tools win; calls are checked against them; bad source tools are refused naming the source."""
+    from alignkit.config.args import DataArguments
+    from alignkit.data.sources import load_datasets
+
+    shared = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
+    own = [{"type": "function", "function": {"name": "mul", "parameters": {"type": "object", "properties": {}}}}]
+    rows = [_tool_row(), _tool_row(), _tool_row(tools=own)]
+    rows[1]["tools"] = None
+    del rows[0]["tools"]
+    rows[2]["messages"][1]["tool_calls"][0]["function"]["name"] = "mul"
+    path = tmp_path / "tools.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = load_datasets(DataArguments(datasets=[{"path": str(path), "tools": shared}], test_size=0), SFT)["train"]
+    assert [json.loads(t) for t in data["tools"]] == [shared, shared, own]
+    tok = family_tokenizer("qwen2_5")
+    apply_contract(tok, chat=True, assistant_only_loss=True)
+    check_rows(tok, data, "tools.jsonl")
+    text = tok.apply_chat_template(data[0]["messages"], tools=json.loads(data[0]["tools"]), tokenize=False)
+    assert '"name": "add"' in text.split("<|im_end|>")[0]  # the source's tools rendered in the system turn
+    with pytest.raises(DataError, match=r"tools.jsonl, row 1.*calls 'add', which the row's tools do not declare"):
+        load_datasets(DataArguments(datasets=[{"path": str(path), "tools": own}], test_size=0), SFT)
+    with pytest.raises(DataError, match=r"source's tools.*tools\[0\] has no function name"):
+        load_datasets(DataArguments(datasets=[{"path": str(path), "tools": [{"x": 1}]}], test_size=0), SFT)
