@@ -147,3 +147,27 @@ def normalize_tool_rows(dataset, tools=None):
 def row_tools(row: dict):
     """A row's tools as objects for ``apply_chat_template`` (stored as JSON text by :func:`normalize_tool_rows`)."""
     return _parsed(row.get("tools")) or None
+
+
+def render_tool_pairs(dataset, tokenizer):
+    """Preference rows with tools rendered to text by the run's template, for trainers that apply the chat template
+    without the row's ``tools`` (trl.experimental's ORPO and CPO/SimPO call ``maybe_apply_chat_template`` without
+    them): trl's own ``apply_chat_template`` with the row's tools, so the prompt ends with the generation prompt and
+    each reply is the rendered rest, exactly as trl renders rows without tools. Other data is returned unchanged."""
+    from trl.data_utils import apply_chat_template
+
+    if "tools" not in (dataset.column_names or []):
+        return dataset
+    columns = [c for c in ("prompt", "chosen", "rejected", "completion") if c in dataset.column_names]
+
+    def render(row):
+        example = {c: row[c] for c in columns}
+        if not all(isinstance(v, list) for v in example.values()):
+            return example
+        return apply_chat_template(example, tokenizer, tools=row_tools(row))
+
+    import datasets
+
+    features = datasets.Features({c: f for c, f in dataset.features.items() if c not in (*columns, "tools")})
+    features.update({c: datasets.Value("string") for c in columns})  # typed, or the Json type would be kept
+    return dataset.map(render, remove_columns=[*columns, "tools"], features=features, desc="rendering tool rows")

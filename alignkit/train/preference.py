@@ -24,5 +24,9 @@ def preference_main(stage, argv=None):
 
             for split in data:
                 data[split] = kl_order(data[split], recipe.train.per_device_train_batch_size, recipe.train.seed)
+        if stage.name in ("orpo", "simpo"):  # trl.experimental renders their prompts without the row's tools
+            from alignkit.data.tools import render_tool_pairs
+
+            data = {split: render_tool_pairs(rows, run.tokenizer) for split, rows in data.items()}
         run.load_model(stage.head)
         return run.train(run.build_trainer(stage.trainer_class, data))
