@@ -89,3 +89,28 @@ def test_an_unsupported_architecture_is_refused_with_the_fix(tmp_path, tiny_bart
 
     with pytest.raises(ConfigError, match=r"does not support the architecture BartForConditionalGeneration.*Fix"):
         convert(tiny_bart, tmp_path / "x.gguf", "f16")
+
+
+def test_the_gguf_embeds_the_saved_stock_template_of_the_family(adapter_run):
+    """Issue 36: a run on the SmolLM2 tokenizer's own (stock) template trains with its twin and saves the stock
+    text; the GGUF llama.cpp's converter writes carries exactly that template (tokenizer.chat_template), so
+    llama.cpp / Ollama serve the format the model was trained in."""
+    from gguf import GGUFReader
+
+    from alignkit.data.chat_families import identify, stock_template
+    from alignkit.export.gguf import export_gguf
+
+    base = adapter_run.parent / "base"
+    assert identify(json.loads((base / "tokenizer_config.json").read_text()).get("chat_template") or (base / "chat_template.jinja").read_text()) == "smollm2"  # fmt: skip
+    out = adapter_run.parent / "family"
+    argv = ["--config", "recipes/tiny/sft.yaml", "--model_name_or_path", str(base), "--load_in_4bit", "false",
+            "--max_steps", "2", "--output_dir", str(out), "--disable_tqdm", "true"]  # fmt: skip
+    run_recipe("sft", argv)
+    record = json.loads((out / "alignkit_run.json").read_text())
+    assert record["lineage"][-1]["chat_template"] == {"family": "smollm2", "source": "twin"}
+    saved = (out / "chat_template.jinja").read_text(encoding="utf-8")
+    assert saved == stock_template("smollm2")
+    path, parity = export_gguf(out, "f16")
+    field = GGUFReader(path).fields["tokenizer.chat_template"]
+    embedded = bytes(field.parts[field.data[0]]).decode("utf-8")
+    assert embedded == saved
