@@ -47,7 +47,7 @@ def load_trained(path: str | Path, merge: bool = False, dtype: str = "float32"):
     from peft import PeftModel
 
     from alignkit.config.args import ModelArguments, QuantizationArguments
-    from alignkit.models.loader import load_base_model
+    from alignkit.models.loader import fit_embeddings, load_base_model
     from alignkit.models.sources import resolve_source
     from alignkit.models.tokenizer import load_tokenizer
 
@@ -63,6 +63,8 @@ def load_trained(path: str | Path, merge: bool = False, dtype: str = "float32"):
         base = load_base_model(model_args, quant, task, dataclasses.replace(source, adapter_dir=None), **head)
     if base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id  # a classification head pools at the last non-pad token
+    if not quant.load_in_4bit:  # the run added tokens (a pad, a family's end-of-turn): rows the adapter restores
+        fit_embeddings(base, tokenizer)
     if not merge:
         return PeftModel.from_pretrained(base, source.adapter_dir).eval(), tokenizer
     if quant.load_in_4bit:

@@ -236,6 +236,34 @@ def test_sft_with_chat_template_gemma3_on_a_base_model(tmp_path):
     assert entry["chat_template"] == {"family": "gemma3", "source": "installed, twin"}
     assert "gemma3" in (out / "README.md").read_text()
     assert tokenizer_config
+    # alignkit chat / generate / eval load the run the same way: the saved stock template renders the prompt, and
+    # generation stops on <end_of_turn> (forced here after two tokens: the reply ends there, before max_new_tokens)
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from alignkit.data.templates import end_of_turn_ids
+    from alignkit.export.generate import generate_replies, load_for_generation
+
+    model, tok = load_for_generation(out)
+    assert tok.chat_template == stock_template("gemma3") and eot in end_of_turn_ids(tok)
+    chat = [{"role": "user", "content": "What is 2 + 2?"}]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False).endswith("<start_of_turn>model\n")
+
+    class EndAfterTwo(LogitsProcessor):
+        def __init__(self, start):
+            self.start, self.lengths = start, []
+
+        def __call__(self, input_ids, scores):
+            self.lengths.append(input_ids.shape[1] - self.start)
+            if self.lengths[-1] >= 2:
+                scores = torch.full_like(scores, -float("inf"))
+                scores[:, eot] = 0.0
+            return scores
+
+    start = len(tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    force = EndAfterTwo(start)
+    replies = generate_replies(model, tok, [chat], max_new_tokens=16, logits_processor=LogitsProcessorList([force]))
+    assert len(replies) == 1 and max(force.lengths) == 2  # stopped on <end_of_turn>, 13 tokens before the limit
 
 
 @pytest.mark.parametrize("family", ["qwen2_5", "qwen3", "llama3_1", "gptoss"])
