@@ -63,7 +63,13 @@ FAMILIES: dict[str, Family] = {
         Family("phi3_5", "<|end|>", "trl"),
         Family("deepseek_r1_distill", "<｜end▁of▁sentence｜>", "trl"),
         Family("gptoss", "<|return|>", "trl"),
+        # Verbatim copies of public templates (a .jinja file cannot carry a comment without changing its bytes):
+        # mistral.jinja == Mistral-7B-Instruct-v0.2's template and phi4.jinja == microsoft/phi-4's as released, as
+        # llama.cpp records them in its chat-template tests (ggml-org/llama.cpp, tests/test-chat-template.cpp,
+        # test cases "mistralai/Mistral-7B-Instruct-v0.2 (NOTE: Old pre-v1 without a system prompt)" and "phi-4",
+        # commit 03f94f19a2c4c9d039fa1a84838fe3e2110cc28d); tests/data/test_chat_families.py pins both.
         Family("mistral", "</s>", "patch", stock_dir="alignkit"),
+        Family("phi4", "<|im_end|>", "patch", stock_dir="alignkit", note="the user turn opens the assistant's"),
         Family("smollm2", "<|im_end|>", "patch", stock_dir="alignkit"),
     )
 }

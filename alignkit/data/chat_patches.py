@@ -59,6 +59,7 @@ def _qwen3(reasoning_trained: bool) -> list[tuple[str, str, int]]:
 
 _SMOLLM2_TURN = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
 _MISTRAL_REPLY = "{{ message['content'] + eos_token}}"
+_PHI4_REPLY = "{{message['content'] + '<|im_end|>'}}"
 
 PATCHES: dict[str, list[tuple[str, str, int]]] = {
     "llama3_1": _llama3_x(builtin=True),
@@ -74,6 +75,7 @@ PATCHES: dict[str, list[tuple[str, str, int]]] = {
         )
     ],
     "mistral": [(_MISTRAL_REPLY, "{% generation %}" + _MISTRAL_REPLY + "{% endgeneration %}", 1)],
+    "phi4": [(_PHI4_REPLY, "{% generation %}" + _PHI4_REPLY + "{% endgeneration %}", 1)],
 }
 
 

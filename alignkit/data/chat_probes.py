@@ -141,6 +141,8 @@ def prove_twin(tokenizer, stock: str, twin: str, family: str) -> Features:
                 f"from the stock template (from character {at}: stock {expected[at : at + 40]!r}, twin "
                 f"{got[at : at + 40]!r}). Fix: report this to alignkit; meanwhile set assistant_only_loss: false."
             )
+        if name == "tools" and not features.tools:
+            continue  # the template drops tool turns (tool rows are refused for it): same text is all there is to prove
         out = tokenizer.apply_chat_template(
             messages, chat_template=twin, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **kwargs
         )

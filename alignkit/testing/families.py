@@ -25,6 +25,7 @@ _DEEPSEEK = [
 ]  # fmt: skip
 _GPTOSS = ["<|endoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>",
            "<|constrain|>", "<|startoftext|>"]  # fmt: skip
+_PHI4 = ["<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|dummy_85|>"]
 _MISTRAL = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]"]
 
 SPECS: dict[str, tuple[list[str], str | None, str, str | None]] = {
@@ -40,6 +41,7 @@ SPECS: dict[str, tuple[list[str], str | None, str, str | None]] = {
     "deepseek_r1_distill": (_DEEPSEEK, "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<pad>"),
     "gptoss": (_GPTOSS, "<|startoftext|>", "<|return|>", "<|endoftext|>"),
     "mistral": (_MISTRAL, "<s>", "</s>", None),
+    "phi4": (_PHI4, "<|endoftext|>", "<|im_end|>", "<|dummy_85|>"),
     "smollm2": (_CHATML, "<|im_start|>", "<|im_end|>", "<|im_end|>"),
 }
 
