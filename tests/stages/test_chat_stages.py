@@ -101,3 +101,19 @@ def test_sft_tool_rows_train_the_call_never_the_result(built, tmp_path):
     call = '\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>\n'
     assert trained == call + f"\n{CHOSEN}<|im_end|>\n"
     assert "<tool_response>" not in trained and "5\n</tool_response>" in text
+
+
+def test_grpo_prompts_render_with_the_family_template(built, tmp_path):
+    """GRPO: the prompts trl tokenizes for generation are the family's rendering with its generation prompt."""
+    prompt = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 3?"}]
+    data = write_jsonl(tmp_path / "grpo.jsonl", [{"prompt": prompt, "answer": 5}] * 4)
+    argv = ["--config", "recipes/tiny/grpo.yaml", "--model_name_or_path", "tiny:llama", "--chat_template", "qwen2_5",
+            "--load_in_4bit", "false", "--datasets", str(data), "--max_steps", "1",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    run_recipe("grpo", argv)
+    trainer = built[-1]
+    tok = trainer.processing_class
+    assert tok.chat_template == stock_template("qwen2_5")
+    prompt_ids = trainer._tokenize_prompts([prompt])[0][0]  # what trl hands to generate()
+    expected = tok.apply_chat_template(prompt, chat_template=stock_template("qwen2_5"), add_generation_prompt=True, tokenize=False)  # fmt: skip
+    assert tok.decode(prompt_ids) == expected and expected.endswith("<|im_start|>assistant\n")
