@@ -61,7 +61,20 @@ _SMOLLM2_TURN = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] 
 _MISTRAL_REPLY = "{{ message['content'] + eos_token}}"
 _PHI4_REPLY = "{{message['content'] + '<|im_end|>'}}"
 
+_GPTOSS_CALL, _GPTOSS_CALLED = '            {{- "<|start|>assistant to=" }}', '            {{- "<|call|>" }}'
+_GPTOSS_FINAL = '{{- "<|start|>assistant<|channel|>final<|message|>" + message.content + "<|return|>" }}'
+_GPTOSS_EARLIER = '{{- "<|start|>assistant<|channel|>final<|message|>" + message.content + "<|end|>" }}'
+
+# gpt-oss with the analysis channel untrained: the calls and the final channel marked, analysis messages left out.
+_GPTOSS_NO_REASONING = [
+    (_GPTOSS_CALL, "            " + GEN + _GPTOSS_CALL.strip(), 1),
+    (_GPTOSS_CALLED, _GPTOSS_CALLED + END, 1),
+    (_GPTOSS_FINAL, GEN + _GPTOSS_FINAL + END, 1),
+    (_GPTOSS_EARLIER, GEN + _GPTOSS_EARLIER + END, 1),
+]
+
 PATCHES: dict[str, list[tuple[str, str, int]]] = {
+    "gptoss:no_reasoning": _GPTOSS_NO_REASONING,
     "llama3_1": _llama3_x(builtin=True),
     "llama3_2": _llama3_x(builtin=False),
     "qwen3": _qwen3(reasoning_trained=True),

@@ -200,7 +200,30 @@ def test_reasoning_content_on_a_template_without_reasoning_is_refused():
     with pytest.raises(DataError, match=r"row 1.*reasoning_content.*qwen3"):
         check_rows(tok, _datasets([row]), "r.jsonl")
     with pytest.raises(ConfigError, match="train_on_reasoning: false needs a twin"):
-        apply_contract(family_tokenizer("gptoss"), chat=True, assistant_only_loss=True, train_on_reasoning=False)
+        apply_contract(family_tokenizer("deepseek_r1_distill"), chat=True, assistant_only_loss=True, train_on_reasoning=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("train_on_reasoning", [True, False])
+def test_gptoss_analysis_channel_trained_or_masked(train_on_reasoning):
+    """gpt-oss: with train_on_reasoning false alignkit's twin leaves the analysis channel out of the marks (trl's
+    twin marks it with the reply); the rendered text is the stock template's either way (prove_twin)."""
+    tok = family_tokenizer("gptoss")
+    apply_contract(tok, chat=True, assistant_only_loss=True, train_on_reasoning=train_on_reasoning)
+    thought = "Two plus two makes four because counting."
+    messages = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": thought},
+    ]
+    out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    text = tok.decode(out["input_ids"])
+    assert text == tok.apply_chat_template(messages, chat_template=stock_template("gptoss"), tokenize=False)
+    trained = [tok.decode(out["input_ids"][a:b]) for a, b in assistant_spans(out["assistant_masks"])]
+    assert f"<|channel|>analysis<|message|>{thought}<|end|>" in text
+    final = "<|start|>assistant<|channel|>final<|message|>4<|return|>"
+    if train_on_reasoning:
+        assert len(trained) == 1 and thought in trained[0] and trained[0].endswith(final)
+    else:
+        assert trained == [final]  # zero analysis tokens trained, the final channel through <|return|>
 
 
 @pytest.mark.parametrize("family", ["gemma", "mistral"])
