@@ -271,7 +271,9 @@ def convert_source(dataset, source, stage: str, label: str, row_lines=None, chos
         from alignkit.data.schemas import DPO
 
         pairs = _convert(dataset, fmt, "dpo", dict(source.roles or {}), label, row_lines, num_proc)
-        dataset = DPO.check(pairs, label, row_lines)  # a pair's own faults (chosen == rejected) before it is split
+        dataset = DPO.check(
+            pairs, label, row_lines, tools=source.tools
+        )  # a pair's own faults (chosen == rejected) before it is split
         return dataset.map(unpair, batched=True, remove_columns=dataset.column_names, desc="unpair preference rows")
     return _convert(dataset, fmt, stage, dict(source.roles or {}), label, row_lines, num_proc)
 

@@ -43,9 +43,12 @@ def _object_prompt():
 
 @pytest.mark.parametrize("stage", ["dpo", "kto", "orpo", "simpo", "reward"])
 def test_tool_prompts_render_with_the_family_template_and_keep_their_boundary(stage, built, tmp_path):
-    data = write_jsonl(tmp_path / "pref.jsonl", [{**ROW, "tools": TOOLS}] * 4)
+    if stage == "kto":  # DPO pairs unpaired, the tools given once for the whole source (data config)
+        data = json.dumps([{"path": str(write_jsonl(tmp_path / "pref.jsonl", [ROW] * 4)), "tools": TOOLS}])
+    else:
+        data = str(write_jsonl(tmp_path / "pref.jsonl", [{**ROW, "tools": TOOLS}] * 4))
     argv = ["--config", f"recipes/tiny/{stage}.yaml", "--model_name_or_path", "tiny:llama", "--chat_template",
-            "qwen2_5", "--load_in_4bit", "false", "--datasets", str(data), "--test_size", "0", "--eval_strategy",
+            "qwen2_5", "--load_in_4bit", "false", "--datasets", data, "--test_size", "0", "--eval_strategy",
             "no", "--max_steps", "1", "--max_length", "512", "--output_dir", str(tmp_path / "out")]  # fmt: skip
     if stage in ("dpo", "kto"):
         argv += ["--adapter_handoff", "continue"]
