@@ -97,7 +97,7 @@ class ModelArguments:
 # alignkit.data.chat_families.family_names(): alignkit's ChatML layouts, then trl's family template names
 NAMED_CHAT_TEMPLATES = (
     "chatml", "chatml_eos", "llama3", "llama3_1", "llama3_2", "qwen2_5", "qwen3", "gemma", "gemma3", "phi3", "phi3_5",
-    "deepseek_r1_distill", "gptoss", "mistral", "smollm2",
+    "deepseek_r1_distill", "gptoss", "mistral", "phi4", "smollm2",
 )  # fmt: skip
 
 
