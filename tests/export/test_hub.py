@@ -14,7 +14,7 @@ from .conftest import HUB_TOKEN, HubRecorder
 
 ADAPTER_FILES = [
     "README.md", "adapter_config.json", "adapter_model.safetensors", "alignkit_config.yaml", "alignkit_run.json",
-    "chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "trainer_state.json",
+    "chat_template.jinja", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "trainer_state.json",
 ]  # fmt: skip
 
 
