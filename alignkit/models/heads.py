@@ -66,3 +66,23 @@ def get_head(name: str) -> Head:
     if name not in HEADS:
         raise ConfigError(f"task: unknown model head '{name}'.{suggest(name, HEADS)} Fix: use one of {sorted(HEADS)}.")
     return HEADS[name]
+
+
+def has_head(head: Head, config) -> bool:
+    """transformers has ``head``'s auto class for ``config``'s model type (Gemma 3: seq_cls yes, token_cls/qa no)."""
+    mapping = getattr(head.auto(), "_model_mapping", None)
+    return mapping is None or type(config) in mapping
+
+
+def check_head_exists(config, task: str, model_name: str) -> None:
+    """ConfigError naming the missing head, before anything loads, when transformers has no ``task`` head for this
+    model type (rather than transformers' 'Unrecognized configuration class' traceback)."""
+    head = get_head(task)
+    if has_head(head, config):
+        return
+    have = [h.name for h in HEADS.values() if h.name != "embedding" and has_head(h, config)]
+    raise ConfigError(
+        f"task: transformers has no {head.auto_class} for '{model_name}' (model type {config.model_type}), so there "
+        f"is no {task} head to train. Fix: use a model type that has one (Llama, BERT, ...), or a task this model has "
+        f"a head for: {have}."
+    )

@@ -21,7 +21,7 @@ import torch
 from alignkit import runtime
 from alignkit.config.args import AdapterArguments, ModelArguments, QuantizationArguments
 from alignkit.errors import ConfigError, PreflightError
-from alignkit.models.heads import get_head
+from alignkit.models.heads import check_head_exists, get_head
 from alignkit.models.sources import ModelSource, resolve_source
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,9 @@ def get_peft_config(adapter_args: AdapterArguments, task: str = "causal_lm"):
         use_rslora=adapter_args.use_rslora,
         task_type=head.peft_task_type,
         bias="none",
+        # a tied LM head (tie_word_embeddings: SmolLM2, Gemma 3) in modules_to_save trains the one shared matrix, so
+        # the merged model stays tied (peft's default trains a copy and unties the model on merge)
+        ensure_weight_tying=bool({"lm_head", "embed_tokens"} & set(modules_to_save)),
     )
 
 
@@ -175,6 +178,7 @@ def check_head_fits(model_args, config, task: str, source: ModelSource) -> None:
     """A causal-LM stage needs a decoder: an encoder (BERT) loaded as a causal LM sees the tokens it predicts, an
     encoder-decoder loses its encoder. And an earlier stage's output continues only with the head it trained."""
     check_source_head(source, task)
+    check_head_exists(config, task, model_args.model_name_or_path)
     if task != "causal_lm":
         return
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
@@ -325,8 +329,20 @@ def load_model(
         model = PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=True)
     if gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
+    _expose_wrapped_head_bias(model)
     model.alignkit_source = source  # lineage travels with the model to the run loop
     return model
+
+
+def _expose_wrapped_head_bias(model) -> None:
+    """A tied LM head (tie_word_embeddings: SmolLM2, Gemma 3) whose token rows train (trainable_token_indices) is
+    wrapped by peft in a ``TrainableTokensWrapper`` that gives ``weight`` (with the trained rows) but no ``bias``;
+    trl's fused LM head reads both (AttributeError). Expose the wrapped layer's own bias (None for a tied head)."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    for module in model.modules():
+        if isinstance(module, TrainableTokensWrapper) and "bias" not in module.__dict__:
+            object.__setattr__(module, "bias", getattr(module.original_module, "bias", None))
 
 
 def _merged_base(model_args, task, source: ModelSource) -> ModelSource:

@@ -1,6 +1,6 @@
 """Tiny random models (2 layers, hidden 64) with tokenizers trained offline on a built-in corpus.
 
-``tiny:llama``, ``tiny:bert`` and ``tiny:bart`` in a recipe's ``model_name_or_path`` resolve here (a model-source
+``tiny:llama``, ``tiny:gemma3``, ``tiny:bert`` and ``tiny:bart`` in a recipe's ``model_name_or_path`` resolve here (a model-source
 plug-in: ``[project.entry-points."alignkit.model_sources"]`` in pyproject.toml; the library never imports this
 package). They are built
 deterministically (fixed seed, fixed corpus) into ``$ALIGNKIT_CACHE/tiny/<kind>-v<N>`` on first use, so tests,
@@ -17,7 +17,7 @@ from pathlib import Path
 from alignkit.models.packaged import cache_dir
 
 TINY_VERSION = 2  # 2: the BERT vocabulary is written out (v1's trained one differed per build)
-TINY_KINDS = ("llama", "llama_base", "bert", "bart")
+TINY_KINDS = ("llama", "llama_base", "gemma3", "bert", "bart")
 
 _WORDS = (
     "the a an of to in and is was for on with as by at from that this it be are or not have has had which "
@@ -139,6 +139,22 @@ def _base_llama_tokenizer():
     return tok
 
 
+def _gemma3_tokenizer():
+    """A base Gemma 3 tokenizer in miniature: Gemma's special tokens (<pad> 0, <eos> 1, <bos> 2, <unk>,
+    <start_of_turn>, <end_of_turn>), <bos> prepended, no chat template (google/gemma-3-270m ships none)."""
+    from tokenizers import processors
+
+    from alignkit.testing.families import family_tokenizer
+
+    tok = family_tokenizer("gemma3", with_template=False)
+    bos = tok.convert_tokens_to_ids("<bos>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)]
+    )
+    tok.model_max_length = 512
+    return tok
+
+
 def _bart_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
@@ -209,11 +225,41 @@ def _bert_tokenizer():
 def tiny_tokenizer(kind: str):
     """The tokenizer of tiny model ``kind``, built (deterministically) without the model."""
     builders = {
-        "llama": _llama_tokenizer, "llama_base": _base_llama_tokenizer, "bert": _bert_tokenizer, "bart": _bart_tokenizer
+        "llama": _llama_tokenizer, "llama_base": _base_llama_tokenizer, "gemma3": _gemma3_tokenizer,
+        "bert": _bert_tokenizer, "bart": _bart_tokenizer,
     }  # fmt: skip
     if kind not in builders:
         raise ValueError(f"unknown tiny model kind {kind!r}; one of {TINY_KINDS}")
     return builders[kind]()
+
+
+GEMMA3_WINDOW = 8  # tiny:gemma3's sliding window (google/gemma-3-270m: 512), in tokens
+
+
+def _gemma3_model():
+    """Gemma 3's layout in miniature: 3 layers, the first two sliding-window (8 tokens) and the last full attention
+    (the real 270M: 15 of 18 sliding, window 512), 1 KV head, head_dim 16, tied embeddings, query_pre_attn_scalar."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = _gemma3_tokenizer()
+    config = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        max_position_embeddings=512,
+        sliding_window=GEMMA3_WINDOW,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return Gemma3ForCausalLM(config), tok
 
 
 def build_tiny(kind: str, out_dir: str | Path) -> Path:
@@ -242,6 +288,8 @@ def build_tiny(kind: str, out_dir: str | Path) -> Path:
         from transformers import LlamaForCausalLM
 
         model = LlamaForCausalLM(config)
+    elif kind == "gemma3":
+        model, tok = _gemma3_model()
     elif kind == "bert":
         tok = _bert_tokenizer()
         config = BertConfig(

