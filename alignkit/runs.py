@@ -61,6 +61,7 @@ class LineageEntry:
     quantization: str | None = None  # e.g. "4-bit nf4"
     adapter: str | None = None  # "lora", or None for full fine-tuning
     config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    speedups: dict[str, list[str]] = field(default_factory=dict)  # what alignkit.speedups applied, by phase
     merge: MergeInfo | None = None  # only on a merge entry
     # the chat format trained: {family, source (stock | twin | installed ...)}; family None: a custom template
     chat_template: dict[str, Any] | None = None

@@ -23,7 +23,7 @@ class Stage:
     schema: str | None  # row schema in alignkit.data.schemas (None: the task module gives it)
     trainer: str  # "module:Class"
     extra: tuple[str, ...] = ()  # further config groups of this stage's recipe, in alignkit.config
-    head: str = "causal_lm"  # the model head it trains (alignkit.models.heads)
+    head: str | None = "causal_lm"  # the model head it trains (alignkit.models.heads); None: the recipe's ``task``
     reference: bool = False  # trains against a reference model (the starting one): DPO, KTO
 
     @cached_property
@@ -135,9 +135,15 @@ STAGES: dict[str, Stage] = {
             None,
             "transformers:Trainer",
             extra=("TaskArguments",),
+            head=None,
         ),
     )
 }
+
+
+def stages_training(head: str) -> list[str]:
+    """The names of the stages whose recipe trains ``head``, in registry order (for messages that list them)."""
+    return [s.name for s in STAGES.values() if s.head == head]
 
 
 def get_stage(name: str) -> Stage:

@@ -21,7 +21,7 @@ def main(argv=None) -> list[dict]:
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from alignkit.models.attention import per_document_sdpa
+    from alignkit.speedups.attention import per_document_sdpa
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=8)

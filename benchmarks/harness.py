@@ -183,7 +183,7 @@ def train_measurements(trainer, timer, batch: int) -> dict:
         "losses": [round(e["loss"], 4) for e in logs],
         "peak_mib": peak_memory_mib(),
         "bf16": bool(trainer.args.bf16),
-        "threads": torch_threads(),  # as the run trained: alignkit.runtime.fit_cpu_threads may lower torch's count
+        "threads": torch_threads(),  # as the run trained: alignkit.speedups.cpu.fit_cpu_threads may lower torch's count
     }
     if "num_tokens" in logs[-1]:  # trl counts non-padding tokens (attention mask, or positions when padding-free)
         tokens = logs[-1]["num_tokens"] - logs[0]["num_tokens"]
@@ -349,7 +349,7 @@ def train_alignkit(
     return trainer, train_measurements(trainer, timer, batch)
 
 
-# Opt-in variants that isolate the CPU allocator setting (alignkit.runtime.fit_cpu_allocator) in one interleaved
+# Opt-in variants that isolate the CPU allocator setting (alignkit.speedups.cpu.fit_cpu_allocator) in one interleaved
 # table: alignkit with glibc's malloc defaults, and trl tuned with alignkit's mallopt settings (what a user who tunes
 # the allocator for trl by hand, e.g. GLIBC_TUNABLES or a preloaded jemalloc, would get).
 ALLOCATOR_VARIANTS = {"alignkit_glibc_malloc": "alignkit", "trl_tuned_mallopt": "trl_tuned"}
@@ -360,9 +360,9 @@ def allocator_variant(variant: str) -> str:
     if variant == "alignkit_glibc_malloc":
         os.environ["ALIGNKIT_CPU_ALLOCATOR"] = "system"
     elif variant == "trl_tuned_mallopt":
-        from alignkit import runtime
+        from alignkit.speedups.cpu import fit_cpu_allocator
 
-        if not runtime.fit_cpu_allocator():
+        if not fit_cpu_allocator():
             raise SystemExit("trl_tuned_mallopt: the allocator settings do not apply here (GPU, not glibc, or set)")
     return ALLOCATOR_VARIANTS.get(variant, variant)
 

@@ -151,7 +151,7 @@ def profile_child(stage: str, size: harness.Size, work: Path, steps: int, extra:
         **found,
         "plain_wall": marks["plain_end"] - marks["plain_start"],
         "final_loss": result["final_loss"],
-        "threads": torch.get_num_threads(),  # as training ran (alignkit.runtime.fit_cpu_threads may lower it)
+        "threads": torch.get_num_threads(),  # as training ran (alignkit.speedups.cpu.fit_cpu_threads may lower it)
         "isa": torch.backends.cpu.get_cpu_capability(),
     }
 
@@ -195,13 +195,7 @@ def main(argv=None) -> list[dict]:
             extra = args.extra.split()
             if "--old_defaults" in extra:  # before: sdpa, trl's own LM head on CPU, torch's threads, glibc's malloc
                 extra.remove("--old_defaults")
-                os.environ["ALIGNKIT_CPU_ALLOCATOR"] = "system"
-                extra += ["--attn_implementation", "sdpa"]
-                from alignkit import runtime
-                from alignkit.train import lm_head
-
-                lm_head.use_cpu_lm_head = lambda: False
-                runtime.fit_cpu_threads = lambda: None
+                extra += ["--attn_implementation", "sdpa", "--speedups", "[padding_free]"]  # every other row off
             harness.emit(profile_child(args.child, size, Path(tmp), steps, extra))
         return []
 

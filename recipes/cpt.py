@@ -24,7 +24,7 @@ def main(argv=None):
                 s: pack_text_blocks(ds, tokenizer, recipe.train.block_size, recipe.data.dataset_num_proc)
                 for s, ds in data.items()
             }
-        run.load_model("causal_lm")
+        run.load_model()
         # blocks carry their labels (alignkit.data.packing): the default collator only stacks them
         return run.train(run.build_trainer(STAGE.trainer_class, blocks, data_collator=default_data_collator))
 

@@ -8,6 +8,7 @@ Data: ``anchor``/``positive`` pairs, + ``negative`` triplets, or ``sentence1``/`
 """
 
 from alignkit import runtime
+from alignkit.config import EmbeddingArguments
 from alignkit.errors import run_cli
 from alignkit.export.merge_embedding import finish_embedding
 from alignkit.stages import STAGES
@@ -19,11 +20,11 @@ STAGE = STAGES["embed"]
 
 def main(argv=None):
     recipe = STAGE.parse(argv)
-    args = recipe.extra[0]
+    args = recipe.group(EmbeddingArguments)
     with Run(recipe, stage=STAGE.name) as run:
         data = run.load_data(STAGE.data_schema)
         fmt = embedding.check_loss(args, data)  # before the model loads
-        model = embedding.sentence_transformer(run.load_model(STAGE.head), embedding.st_folder(run.source),
+        model = embedding.sentence_transformer(run.load_model(), embedding.st_folder(run.source),
                                                args.max_seq_length)  # fmt: skip
         run.model, run.head_config = model, embedding.describe(model, args, fmt)
         loss, evaluator = embedding.build_loss(model, args, fmt), embedding.build_evaluator(data, fmt, recipe.train)

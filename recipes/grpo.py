@@ -9,6 +9,7 @@ verifiable ones, a reward stage's output folder, or your ``module:function``; ea
 before training. ``num_generations`` completions per prompt are scored against each other.
 """
 
+from alignkit.config import RewardFunctionArguments
 from alignkit.errors import run_cli
 from alignkit.stages import STAGES
 from alignkit.train import Run
@@ -22,8 +23,9 @@ def main(argv=None):
     with Run(recipe, stage=STAGE.name) as run:
         tokenizer = run.load_tokenizer(chat=True)
         data = run.load_data(STAGE.data_schema)
-        rewards = build_reward_functions(recipe.extra[0], data["train"], tokenizer)  # checked before the model loads
-        run.load_model("causal_lm")
+        # the rewards are checked on the first rows before the model loads
+        rewards = build_reward_functions(recipe.group(RewardFunctionArguments), data["train"], tokenizer)
+        run.load_model()
         return run.train(run.build_trainer(STAGE.trainer_class, data, reward_funcs=rewards))
 
 

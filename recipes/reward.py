@@ -20,7 +20,7 @@ def main(argv=None):
     with Run(recipe, stage=STAGE.name) as run:
         run.load_tokenizer(chat=True)
         data = run.load_data(STAGE.data_schema)
-        run.load_model(STAGE.head, num_labels=1)  # one scalar score per sequence
+        run.load_model(num_labels=1)  # one scalar score per sequence
         return run.train(run.build_trainer(STAGE.trainer_class, data))
 
 

@@ -19,7 +19,7 @@ def main(argv=None):
         # train_on_completions: a pad equal to eos would hide the eos the model must learn to emit.
         run.load_tokenizer(chat=True, assistant_only_loss=recipe.train.assistant_only_loss, train_on_completions=True)
         data = run.load_data(STAGE.data_schema)
-        run.load_model("causal_lm")
+        run.load_model()
         return run.train(run.build_trainer(STAGE.trainer_class, data))
 
 

@@ -9,6 +9,7 @@ target; BLEU/ROUGE with predict_with_generate). Rows are checked before the mode
 
 from transformers import Seq2SeqTrainer, Trainer
 
+from alignkit.config import TaskArguments
 from alignkit.errors import run_cli
 from alignkit.tasks import build_task, parse_task_recipe
 from alignkit.train import Run
@@ -16,13 +17,13 @@ from alignkit.train import Run
 
 def main(argv=None):
     recipe = parse_task_recipe(argv)
-    with Run(recipe, stage=recipe.extra[0].task) as run:
+    with Run(recipe, stage="task", head=recipe.group(TaskArguments).task) as run:
         tokenizer = run.load_tokenizer()
         task = build_task(recipe, tokenizer)
         data = run.load_data(task.schema)
         with recipe.train.main_process_first(desc="task features"):
             features = task.preprocess(data)
-        model = run.load_model(task.name, **task.head_kwargs())
+        model = run.load_model(**task.head_kwargs())
         trainer = run.build_trainer(
             Seq2SeqTrainer if task.generates else Trainer,
             features,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from alignkit.config.args import (
     MODEL_GROUPS,
@@ -26,6 +26,7 @@ from alignkit.config.args import (
 from alignkit.config.parser import RecipeParser, dump_config, resolved_config
 from alignkit.config.validate import validate
 
+G = TypeVar("G")
 _EXPERIMENTAL = ("ORPOConfig", "SimPOConfig")  # alignkit.config.experimental, imported on first use
 _EMBEDDING = ("EmbedConfig", "EmbeddingArguments")  # alignkit.config.embedding (sentence-transformers), likewise
 
@@ -58,6 +59,14 @@ class Recipe:
     @property
     def groups(self) -> tuple:
         return (self.model, self.quant, self.adapter, self.data, self.run, self.train, *self.extra)
+
+    def group(self, cls: type[G]) -> G:
+        """The stage's own group of class ``cls`` (e.g. ``TaskArguments``, ``RewardFunctionArguments``), by name
+        rather than by position; KeyError naming the groups this recipe has when it has none of that class."""
+        for group in self.extra:
+            if isinstance(group, cls):
+                return group
+        raise KeyError(f"this recipe has no {cls.__name__} group (it has {[type(g).__name__ for g in self.groups]})")
 
     def resolved(self) -> dict[str, dict[str, Any]]:
         return resolved_config(self.groups)

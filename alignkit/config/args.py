@@ -10,7 +10,7 @@ from typing import Any
 import transformers
 import trl
 
-from alignkit import runtime
+from alignkit import runtime, speedups
 from alignkit.errors import ConfigError, suggest
 
 ADAPTER_HANDOFFS = ("continue", "reference", "merge")
@@ -379,13 +379,24 @@ class RunArguments:
         default=1.0, metadata={"help": "Refuse to start with less free disk in output_dir."}
     )
     wandb_group: str | None = field(default=None, metadata={"help": "W&B group (default: the stage name)."})
+    speedups: str | list[str] = field(
+        default="auto",
+        metadata={
+            "help": "alignkit's speed-ups (alignkit/speedups/): auto (each that applies), none, or a list of "
+            f"names ({', '.join(speedups.NAMES)}; the 4-bit fixes apply always)."
+        },
+    )
+
+    def __post_init__(self):
+        speedups.check_choice(self.speedups)
 
 
 def _device_defaults(args) -> None:
     """Decide by device, before transformers sets up its state in __post_init__. Precision: trl defaults to bf16=True;
     alignkit takes bf16 only on GPUs that support it. On CPUs without bf16 units bf16 is many times slower than fp32;
     even with AMX (measured, benchmarks/sft.py on SmolLM2) a bf16-autocast LoRA step is only ~1.2x faster than fp32
-    and the loss after 6 steps is 8% off the fp32 one. Backend: see alignkit.runtime.fit_backend_to_device."""
+    and the loss after 6 steps is 8% off the fp32 one. Backend: see alignkit.runtime.fit_backend_to_device. Only
+    ``args`` changes: threads and the allocator are the process phase of alignkit.speedups, applied by a run."""
     import importlib.util
 
     if getattr(args, "bf16", None) is None:
@@ -395,8 +406,6 @@ def _device_defaults(args) -> None:
     if getattr(args, "use_liger_kernel", False) is None:
         args.use_liger_kernel = runtime.gpu_available() and importlib.util.find_spec("liger_kernel") is not None
     runtime.fit_backend_to_device(args)
-    runtime.fit_cpu_threads()
-    runtime.fit_cpu_allocator()
 
 
 @dataclass

@@ -53,14 +53,3 @@ def pack_text_blocks(dataset, tokenizer, block_size: int, num_proc: int | None =
             "lower block_size or add text",
         )
     return packed
-
-
-def concatenate_rows(trainer) -> None:
-    """Switch trl's SFT collator from padding each batch to concatenating its rows into one sequence whose position ids
-    restart at every row (trl's padding-free mode, without trl's requirement of packing or max_length: null, so
-    max_length still truncates). transformers derives a block-diagonal causal mask from those position ids (sdpa, eager
-    and flash attention alike), so every row's loss and gradients are the padded ones: tests/regression checks it."""
-    collator = trainer.data_collator
-    if getattr(collator, "padding_free", True):  # not trl's language-modeling collator, or already padding-free
-        return
-    collator.padding_free = True

@@ -101,6 +101,15 @@ def render_model_card(record: RunRecord) -> str:
                 "",
                 "</details>",
             ]
+    if any(e.speedups for e in lineage):  # what alignkit.speedups applied: exact, but a bug report needs them
+        lines += ["", "## Speed-ups", "", "| stage | process | model | trainer |", "|---|---|---|---|"]
+        lines += [
+            f"| {e.stage} | "
+            + " | ".join(", ".join(e.speedups.get(p, [])) or "-" for p in ("process", "model", "trainer"))
+            + " |"
+            for e in lineage
+            if e.merge is None
+        ]
     if merge:
         lines += [
             "",

@@ -3,7 +3,6 @@ precision or 4-bit, with adapters and stage hand-offs) and the tokenizer contrac
 
 from alignkit.models.heads import HEADS, Head, get_head
 from alignkit.models.loader import (
-    adapter_dtype_fix,
     apply_adapter,
     fit_embeddings,
     get_peft_config,
@@ -21,7 +20,6 @@ __all__ = [
     "HEADS",
     "Head",
     "ModelSource",
-    "adapter_dtype_fix",
     "apply_adapter",
     "apply_contract",
     "fit_embeddings",

@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
-from alignkit import runtime
+from alignkit import runtime, speedups
 from alignkit.config.args import AdapterArguments, ModelArguments, QuantizationArguments
 from alignkit.errors import ConfigError, PreflightError
 from alignkit.models.heads import check_head_exists, get_head
 from alignkit.models.sources import ModelSource, resolve_source
+from alignkit.stages import stages_training
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def load_base_model(
     }
     if model_args.attn_implementation:
         if model_args.attn_implementation == "sdpa_per_document":
-            from alignkit.models.attention import register
+            from alignkit.speedups.attention import register
 
             register()
         kwargs["attn_implementation"] = model_args.attn_implementation
@@ -158,8 +159,7 @@ def load_base_model(
             f"model_name_or_path: could not load '{model_args.model_name_or_path}' ({exc}). Fix: point it at a local "
             "model directory or .gguf file; Hub ids need network access."
         ) from exc
-    if quantization_config is not None:
-        _keep_trainable_4bit_layout(model)
+    model.alignkit_speedups = speedups.apply("model", model)  # the model phase (alignkit.speedups)
     return _fold(model, source.fold_adapters)
 
 
@@ -170,7 +170,8 @@ def check_source_head(source: ModelSource, task: str) -> None:
     if source.adapter_dir and trained and trained != task:
         raise PreflightError(
             f"model_name_or_path: {source.adapter_dir} holds a {trained} adapter, and this stage trains a {task} head. "
-            "Fix: start this stage from a model with that head (for cpt/sft/dpo/kto/orpo/simpo/grpo: a causal LM or its CPT/SFT output; for reward: a causal LM base)."
+            f"Fix: start this stage from a model with that head (for {'/'.join(stages_training('causal_lm'))}: a "
+            f"causal LM or its CPT/SFT output; for {'/'.join(stages_training('seq_cls'))}: a causal LM base)."
         )
 
 
@@ -189,19 +190,9 @@ def check_head_fits(model_args, config, task: str, source: ModelSource) -> None:
         raise ConfigError(
             f"model_name_or_path: '{model_args.model_name_or_path}' is {kind} model ({config.model_type}), not a causal "
             "LM: trained as one it would see the tokens it predicts. Fix: use a decoder model (Llama, SmolLM2, ...) for "
-            "cpt/sft/dpo/kto/orpo/simpo/grpo, or the task recipe (alignkit task: mlm, seq2seq, ...) for this model."
+            f"{'/'.join(stages_training('causal_lm'))}, or the task recipe (alignkit task: mlm, seq2seq, ...) for this "
+            "model."
         )
-
-
-def _keep_trainable_4bit_layout(model) -> None:
-    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights on the first eval-mode forward (an evaluation, a
-    generate) into an inference layout with bf16 scales, whose kernel has no backward: every later training step gets
-    wrong gradients through the 4-bit layers. Keep the layout training uses (tests/regression: 4-bit invariant)."""
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
 
 
 def _fold(model, adapter_dirs: list[str]):
@@ -380,11 +371,3 @@ def fit_embeddings(model, tokenizer) -> None:
 
 def trainable_parameter_names(model) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-def adapter_dtype_fix(model, dtype: torch.dtype | None = None) -> None:
-    """trl casts QLoRA adapter weights to bf16; on devices without fast bf16 keep them in the compute dtype."""
-    dtype = dtype or runtime.resolve_dtype("auto")
-    for _, param in model.named_parameters():
-        if param.requires_grad and param.dtype != dtype and param.is_floating_point():
-            param.data = param.data.to(dtype)

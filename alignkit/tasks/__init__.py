@@ -20,8 +20,8 @@ TASKS: dict[str, type[Task]] = dict(sorted(Task.REGISTRY.items()))
 
 
 def parse_task_recipe(argv: list[str] | None = None):
-    """Parse a task recipe: the shared groups, ``TaskConfig``, ``TaskArguments`` (``recipe.extra[0]``: ``task``) and
-    the chosen task's own keys (``recipe.extra[1]``). A key of another task is refused, naming that task."""
+    """Parse a task recipe: the shared groups, ``TaskConfig``, ``TaskArguments`` (``task``) and the chosen task's own
+    keys (``recipe.group(TASKS[task].Arguments)``). A key of another task is refused, naming that task."""
     from alignkit.config import build_recipe
     from alignkit.stages import STAGES
 
@@ -33,7 +33,8 @@ def parse_task_recipe(argv: list[str] | None = None):
         hint = suggest(str(name), TASKS) if name else ""
         raise ConfigError(
             f"task: {'required' if not name else repr(name) + ' is not a task'}.{hint} Fix: set task to one of "
-            f"{sorted(TASKS)} (causal-LM and alignment stages have recipes of their own: recipes/cpt.py, recipes/sft.py, recipes/dpo.py, recipes/kto.py, recipes/orpo.py, recipes/simpo.py, recipes/reward.py, recipes/grpo.py; sentence embeddings: recipes/embed.py)."
+            f"{sorted(TASKS)} (the other stages have recipes of their own: "
+            f"{', '.join(f'recipes/{n}.py' for n in STAGES if n != stage.name)})."
         )
     task = TASKS[name]
     get_head(name)  # every task trains a head of the loader's table
@@ -55,8 +56,10 @@ def parse_task_recipe(argv: list[str] | None = None):
 
 def build_task(recipe, tokenizer) -> Task:
     """The task module for the recipe's ``task:`` key, checked against the tokenizer."""
-    args = recipe.extra[1] if len(recipe.extra) > 1 else None
-    task = TASKS[recipe.extra[0].task](args, tokenizer, recipe.train)
+    from alignkit.config import TaskArguments
+
+    cls = TASKS[recipe.group(TaskArguments).task]
+    task = cls(recipe.group(cls.Arguments) if cls.Arguments else None, tokenizer, recipe.train)
     task.max_truncated_fraction = recipe.run.max_truncated_fraction
     return task
 

@@ -28,5 +28,5 @@ def preference_main(stage, argv=None):
             from alignkit.data.tools import render_tool_pairs
 
             data = {split: render_tool_pairs(rows, run.tokenizer) for split, rows in data.items()}
-        run.load_model(stage.head)
+        run.load_model()
         return run.train(run.build_trainer(stage.trainer_class, data))

@@ -12,18 +12,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alignkit import runtime
+from alignkit import runtime, speedups
 from alignkit.config import Recipe
-from alignkit.errors import NonFiniteLossError
-from alignkit.models.loader import adapter_dtype_fix, load_model
+from alignkit.errors import ConfigError, NonFiniteLossError
+from alignkit.models.loader import load_model
 from alignkit.models.sources import resolve_source
 from alignkit.models.tokenizer import load_tokenizer
 from alignkit.runs import BaseModelRef, LineageEntry, RunRecord, alignkit_version
-from alignkit.stages import STAGES
-from alignkit.train import preflight
+from alignkit.stages import STAGES, get_stage
+from alignkit.train import checks, resume
 from alignkit.train.assumptions import check_trainer_assumptions, set_stop_ids
 from alignkit.train.callbacks import PICKLED_ARGS, AtomicCheckpoints, NonFiniteGuard, ResolvedConfigToWandb
 from alignkit.train.distributed import debug_callback
+from alignkit.train.output_folder import OutputDirLock, check_output_dir, check_shared_output_dir
 
 logger = logging.getLogger("alignkit")
 
@@ -34,20 +35,24 @@ _USER_WANDB_GROUP = os.environ.get("WANDB_RUN_GROUP")
 
 class Run:
     """One stage's run: ``with Run(recipe, stage) as run:``, then call its steps in order (load_tokenizer,
-    load_data, load_model, build_trainer, train).
+    load_data, load_model, build_trainer, train). ``stage``: a name of the stage registry (alignkit.stages);
+    ``head``: the model head it trains (a row of alignkit.models.heads), by default the stage's own.
 
-    Setup (seed, output-dir lock and checks, resume, hand-off checks, Hub and W&B) runs on construction; leaving
-    the ``with`` block releases the output dir, and on an error before anything was written removes the folder if
-    this run created it."""
+    Setup (seed, the process speed-ups, output-dir lock and checks, resume, hand-off checks, Hub and W&B) runs on
+    construction; leaving the ``with`` block releases the output dir, and on an error before anything was written
+    removes the folder if this run created it. ``speedups``: what alignkit.speedups applied, by phase."""
 
-    def __init__(self, recipe: Recipe, stage: str):
-        self.recipe, self.stage = recipe, stage
+    def __init__(self, recipe: Recipe, stage: str, head: str | None = None):
+        self.recipe, self.stage = recipe, get_stage(stage).name
+        self.head = head or STAGES[stage].head
+        if self.head is None:
+            raise ConfigError(f"stage {stage}: say which head it trains (Run(recipe, '{stage}', head=...)).")
         self.output_dir = Path(recipe.train.output_dir)
         self.tokenizer = None
         self.model = None
-        self.head = "causal_lm"
         self.head_config: dict[str, Any] = {}
-        self.lock = preflight.OutputDirLock(self.output_dir)
+        self.speedups: dict[str, list[str]] = {}
+        self.lock = OutputDirLock(self.output_dir)
         try:
             self.source = resolve_source(recipe.model)
             self._setup()
@@ -73,25 +78,25 @@ class Run:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
         )
         transformers.set_seed(self.recipe.train.seed)
+        self.speedups["process"] = speedups.apply("process", recipe=self.recipe, stage=self.stage)
         t = self.recipe.train
         if runtime.is_main_process():
             self.lock.acquire()  # before any check: a live run's folder is never judged, resumed or overwritten
-        preflight.check_output_dir(self.output_dir, self.recipe.run, t.resume_from_checkpoint)
-        self.resume_checkpoint = preflight.resolve_resume(self.output_dir, t.resume_from_checkpoint)
+        check_output_dir(self.output_dir, self.recipe.run, t.resume_from_checkpoint)
+        self.resume_checkpoint = resume.resolve_resume(self.output_dir, t.resume_from_checkpoint)
         self.resume_universal = False
         if self.resume_checkpoint:
-            preflight.check_resume_has_steps_left(self.resume_checkpoint, t)
-            rescaled = preflight.check_resume_world_size(self.resume_checkpoint, t)  # another number of ranks
-            self.resume_universal = preflight.resumes_universal(self.resume_checkpoint, rescaled)
-            preflight.check_resume_unchanged(
+            resume.check_resume_has_steps_left(self.resume_checkpoint, t)
+            rescaled = resume.check_resume_world_size(self.resume_checkpoint, t)  # another number of ranks
+            self.resume_universal = resume.resumes_universal(self.resume_checkpoint, rescaled)
+            resume.check_resume_unchanged(
                 self.output_dir / CONFIG_FILE,
                 self.recipe.resolved(),
-                also_allowed=preflight.WORLD_SIZE_KEYS if rescaled else frozenset(),
+                also_allowed=resume.WORLD_SIZE_KEYS if rescaled else frozenset(),
             )
-        head = STAGES[self.stage].head if self.stage in STAGES else self.stage  # the task recipe runs as its head
-        preflight.check_model_fits(self.recipe, self.source, head)  # the head first: it decides what hand-off means
-        preflight.check_handoff(self.recipe, self.source)
-        preflight.protect_hub_token(t)
+        checks.check_model_fits(self.recipe, self.source, self.head)  # the head first: it decides what hand-off means
+        checks.check_handoff(self.recipe, self.source)
+        checks.protect_hub_token(t)
         self.hub_repo = self._claim_hub_push()
         self._setup_tracking()
 
@@ -129,7 +134,7 @@ class Run:
         self.datasets = load_datasets(self.recipe.data, schema)
         logger.info("data: %s", {k: len(v) if hasattr(v, "__len__") else "streamed" for k, v in self.datasets.items()})
         if getattr(self.recipe.train, "assistant_only_loss", False):
-            preflight.check_assistant_only_loss(self.datasets)
+            checks.check_assistant_only_loss(self.datasets)
         if self.tokenizer is not None:  # every chat row renders with the run's template, tools and reasoning kept
             from alignkit.data.chat_rows import check_rows
 
@@ -140,16 +145,16 @@ class Run:
                     )
         return self.datasets
 
-    def load_model(self, head: str = "causal_lm", **head_kwargs):
-        """Load the backbone with ``head`` (a row of alignkit.models.heads) and the recipe's adapter."""
+    def load_model(self, **head_kwargs):
+        """Load the backbone with this run's head and the recipe's adapter (the model phase of alignkit.speedups runs
+        in the loader). ``head_kwargs``: what the head is built with (num_labels, id2label...)."""
         r = self.recipe
-        self.head = head
         self.head_config = {k: v for k, v in head_kwargs.items() if isinstance(v, (int, float, str, bool, dict))}
         self.model = load_model(
             r.model,
             r.quant,
             r.adapter,
-            head,
+            self.head,
             gradient_checkpointing=bool(getattr(r.train, "gradient_checkpointing", False)),
             tokenizer=self.tokenizer,
             source=self.source,
@@ -159,6 +164,7 @@ class Run:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         if self.tokenizer is not None and getattr(self.tokenizer, "alignkit_stop_ids", None):
             set_stop_ids(self.model, self.tokenizer)  # generation (GRPO's sampler) stops on the end-of-turn
+        self.speedups["model"] = list(getattr(self.model, "alignkit_speedups", []))
         return self.model
 
     def build_trainer(self, trainer_cls, splits: dict, **kwargs):
@@ -169,7 +175,8 @@ class Run:
         A custom template without generation marks whose assistant spans come from rendering
         (:mod:`alignkit.data.chat_spans`) trains through trl's pre-tokenized path: ``input_ids`` + ``assistant_masks``
         rows, from which trl builds the labels (its own ``assistant_only_loss`` switch, which needs marks, is off
-        while the trainer is built)."""
+        while the trainer is built). The trainer phase of alignkit.speedups is applied to it (not for
+        ``label_preview``, which shows one batch as trl's own collator builds it)."""
         from alignkit.data.chat_spans import SOURCE, tokenize_with_rendered_spans
 
         args = self.recipe.train
@@ -179,7 +186,7 @@ class Run:
             splits = {k: tokenize_with_rendered_spans(v, self.tokenizer, f"{k} split") for k, v in splits.items()}
             args.assistant_only_loss = False
         try:
-            return trainer_cls(
+            trainer = trainer_cls(
                 model=self.model,
                 args=args,
                 train_dataset=splits["train"],
@@ -190,54 +197,25 @@ class Run:
         finally:
             if rendered:
                 args.assistant_only_loss = True
+        if not self.recipe.run.label_preview:
+            done = [n for phase in ("process", "model") for n in self.speedups.get(phase, [])]
+            self.speedups["trainer"] = speedups.apply(
+                "trainer", trainer, recipe=self.recipe, stage=self.stage, applied=tuple(done)
+            )
+            logger.info("speed-ups (alignkit.speedups): %s", self.speedups)
+        return trainer
 
     # ------------------------------------------------------------------ train
     def train(self, trainer, evaluate_before: bool = False) -> dict[str, Any]:
         """Resume if asked, train, evaluate, save outputs and metadata. Returns the final metrics.
 
         ``evaluate_before``: also evaluate the untrained model first (metrics prefixed ``before_``)."""
-        r = self.recipe
-        if r.quant.load_in_4bit:
-            adapter_dtype_fix(trainer.model, runtime.resolve_dtype(r.quant.bnb_4bit_compute_dtype))
-        if r.run.label_preview:
+        if self.recipe.run.label_preview:
             from alignkit.data.preview import label_preview
 
             print(label_preview(trainer))
             return {}
-        if getattr(r.train, "padding_free_batches", False):
-            from alignkit.data.packing import concatenate_rows
-
-            concatenate_rows(trainer)
-        if r.model.attn_implementation is None:  # per-document attention, no (sum of lengths)^2 or padding work
-            from alignkit.models.attention import PER_DOCUMENT, use_fast_attention
-
-            if use_fast_attention(trainer.model) == PER_DOCUMENT:
-                from alignkit.train.shared_prompt import share_prompts
-
-                if share_prompts(trainer):  # DPO: one prompt forward per preference pair
-                    logger.info("DPO pairs share one prompt forward (chosen and rejected in one sequence)")
-        if not runtime.gpu_available():  # trl's fused LM head without Triton: ~20 elementwise passes per logits tile
-            from alignkit.train.lm_head import use_cpu_lm_head
-
-            use_cpu_lm_head()
-        check_trainer_assumptions(trainer, self.stage)  # row order, pairing, one end-of-turn (before the checks)
-        preflight.check_trainer(trainer, r.run)
-        trainer.add_callback(NonFiniteGuard(enabled=r.run.stop_on_nonfinite))
-        # alignkit rotates checkpoints itself, after the new one is marked complete: transformers deletes the old
-        # ones before that, so a kill in between would leave nothing to resume from
-        keep, trainer.args.save_total_limit = trainer.args.save_total_limit, None
-        trainer.add_callback(AtomicCheckpoints(save_total_limit=keep))
-        if (debug_log := debug_callback(self.output_dir)) is not None:
-            trainer.add_callback(debug_log)
-        if "wandb" in (trainer.args.report_to or []):
-            trainer.add_callback(ResolvedConfigToWandb(r.resolved()))
-        preflight.check_shared_output_dir(self.output_dir)  # every node writes into the same folder
-        if runtime.is_main_process():
-            logger.info(preflight.describe_launch(trainer.args))
-        if self.resume_universal and trainer.is_deepspeed_enabled:
-            # DeepSpeed reads checkpoint.load_universal when train() builds the engine from this (propagated) config
-            ds_config = trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config
-            ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        keep = self._prepare(trainer)
         self._write_metadata(status="running")
         if runtime.is_main_process():  # what this run trains with, for a resume to compare against
             (self.output_dir / CONFIG_FILE).write_text(self.recipe.dump())
@@ -272,6 +250,30 @@ class Run:
         if "wandb" in (trainer.args.report_to or []):
             _finish_wandb()  # else the next stage in this process would log into this stage's W&B run
         return metrics
+
+    def _prepare(self, trainer) -> int | None:
+        """The last checks and alignkit's callbacks, before step 1. Returns the recipe's ``save_total_limit``, which
+        the trainer gives up meanwhile (alignkit rotates checkpoints itself)."""
+        r = self.recipe
+        check_trainer_assumptions(trainer, self.stage)  # row order, pairing, one end-of-turn (before the checks)
+        checks.check_trainer(trainer, r.run)
+        trainer.add_callback(NonFiniteGuard(enabled=r.run.stop_on_nonfinite))
+        # alignkit rotates checkpoints itself, after the new one is marked complete: transformers deletes the old
+        # ones before that, so a kill in between would leave nothing to resume from
+        keep, trainer.args.save_total_limit = trainer.args.save_total_limit, None
+        trainer.add_callback(AtomicCheckpoints(save_total_limit=keep))
+        if (debug_log := debug_callback(self.output_dir)) is not None:
+            trainer.add_callback(debug_log)
+        if "wandb" in (trainer.args.report_to or []):
+            trainer.add_callback(ResolvedConfigToWandb(r.resolved()))
+        check_shared_output_dir(self.output_dir)  # every node writes into the same folder
+        if runtime.is_main_process():
+            logger.info(resume.describe_launch(trainer.args))
+        if self.resume_universal and trainer.is_deepspeed_enabled:
+            # DeepSpeed reads checkpoint.load_universal when train() builds the engine from this (propagated) config
+            ds_config = trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        return keep
 
     def _print_summary(self, metrics: dict[str, Any], steps: int) -> None:
         """The closing summary on the console (alignkit.train.summary): metrics before/after, outputs, next steps."""
@@ -327,6 +329,7 @@ class Run:
             adapter="lora" if r.adapter.use_peft else None,
             config=r.resolved(),
             chat_template=_chat_template_entry(self.tokenizer),
+            speedups={phase: names for phase, names in self.speedups.items() if names},
         )
         base = parent.base_model_args if parent and parent.base_model_args.model_name_or_path else None
         base = base or BaseModelRef(r.model.model_name_or_path, r.model.gguf_file)

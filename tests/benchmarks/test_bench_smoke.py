@@ -144,9 +144,9 @@ def test_allocator_variants_isolate_the_mallopt_setting(variant, runs, alignkit_
 
     code = (
         "import harness\n"
-        "from alignkit import runtime\n"
+        "from alignkit.speedups import cpu\n"
         f"assert harness.allocator_variant({variant!r}) == {runs!r}\n"
-        f"assert runtime.fit_cpu_allocator() is {alignkit_applies}\n"
+        f"assert cpu.fit_cpu_allocator() is {alignkit_applies}\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     env.pop("ALIGNKIT_CPU_ALLOCATOR", None)

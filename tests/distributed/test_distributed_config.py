@@ -144,7 +144,7 @@ def test_debug_log_hashes_rows_alike_padded_or_padding_free():
 def test_world_size_of_a_checkpoint_without_alignkit_s_record_comes_from_deepspeed_s_file_names(tmp_path):
     """Checkpoints saved before alignkit recorded the launch in alignkit_checkpoint.json: the world size is the number
     of ZeRO optimizer shards (one per data-parallel rank, DeepSpeed's file names; nothing is unpickled)."""
-    from alignkit.train.preflight import checkpoint_launch
+    from alignkit.train.resume import checkpoint_launch
 
     tag = tmp_path / "checkpoint-2" / "global_step2"
     tag.mkdir(parents=True)

@@ -283,7 +283,7 @@ import sys
 from pathlib import Path
 import torch.distributed as dist
 from alignkit.errors import PreflightError
-from alignkit.train.preflight import check_shared_output_dir
+from alignkit.train.output_folder import check_shared_output_dir
 rank, shared, own = int(sys.argv[1]), Path(sys.argv[3]), Path(sys.argv[4 + int(sys.argv[1])])
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2)
 check_shared_output_dir(shared)

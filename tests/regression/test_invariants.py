@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from trl import SFTTrainer
 
 from alignkit.config import AdapterArguments, ModelArguments, QuantizationArguments, SFTConfig
-from alignkit.models.loader import adapter_dtype_fix, load_base_model, load_model
+from alignkit.models.loader import load_base_model, load_model
 from alignkit.models.tokenizer import load_tokenizer
+from alignkit.speedups.bnb_4bit import adapter_dtype_fix
 from regression.golden import run_recipe
 
 pytestmark = pytest.mark.regression

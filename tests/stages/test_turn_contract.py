@@ -154,7 +154,7 @@ def test_truncation_that_cuts_every_stop_token_is_refused_with_the_count(tmp_pat
 
 def test_truncation_below_the_threshold_is_reported_with_the_count(tmp_path, caplog):
     argv = ["--max_length", "88", "--max_truncated_fraction", "0.9", "--output_dir", str(tmp_path / "o")]
-    with caplog.at_level(logging.WARNING, logger="alignkit.train.preflight"):
+    with caplog.at_level(logging.WARNING, logger="alignkit.train.checks"):
         run_recipe("sft", [*TINY, *argv])
     assert "cuts the stop token ('<|im_end|>') off 38 of 56 train rows (68%)" in caplog.text
 

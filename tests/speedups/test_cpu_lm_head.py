@@ -1,10 +1,10 @@
-"""alignkit.train.lm_head: the CPU path gives trl's fused LM head outputs and gradients."""
+"""alignkit.speedups.lm_head: the CPU path gives trl's fused LM head outputs and gradients."""
 
 import pytest
 import torch
 from trl.kernels import ChunkedLogProbFunction
 
-from alignkit.train import lm_head
+from alignkit.speedups import lm_head
 
 
 @pytest.mark.parametrize("keep_probs", [True, False])  # backward from the forward's probabilities, or recomputed

@@ -173,5 +173,19 @@ def use_cpu_lm_head() -> bool:
             return device.type == "cpu" or compact(device)
 
         compact_on_cpu.alignkit = True
+        compact_on_cpu.upstream = compact
         trl_utils._use_triton = compact_on_cpu
     return True
+
+
+def restore_trl_lm_head() -> None:
+    """Undo :func:`use_cpu_lm_head`: trl's own function and Triton rule again (``speedups`` without cpu_lm_head)."""
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:
+        return
+    if getattr(trl_utils, "_ChunkedLogProbFunction", None) is CpuFirstLogProbFunction:
+        trl_utils._ChunkedLogProbFunction = CpuFirstLogProbFunction.upstream
+    compact = getattr(trl_utils, "_use_triton", None)
+    if getattr(compact, "alignkit", False):
+        trl_utils._use_triton = compact.upstream

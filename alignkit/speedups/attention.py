@@ -20,7 +20,7 @@ import importlib.util
 
 PER_DOCUMENT = "sdpa_per_document"
 PAIR_LAYOUT = (
-    "alignkit_pair_layout"  # forward kwarg: preference pairs sharing one prompt (alignkit.train.shared_prompt)
+    "alignkit_pair_layout"  # forward kwarg: preference pairs sharing one prompt (alignkit.speedups.shared_prompt)
 )
 
 

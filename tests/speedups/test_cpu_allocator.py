@@ -1,4 +1,4 @@
-"""alignkit.runtime.fit_cpu_allocator: freed tensor memory stays in the process (fewer page faults on reuse)."""
+"""alignkit.speedups.cpu.fit_cpu_allocator: freed tensor memory stays in the process (fewer page faults on reuse)."""
 
 import os
 import platform
@@ -12,8 +12,8 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 # a step's pattern: activations of (1384, 1536) fp32 (8-12 MiB) held together with LM-head probabilities (200 MiB)
 PROBE = """
 import resource, torch
-from alignkit import runtime
-applied = runtime.fit_cpu_allocator()
+from alignkit.speedups import cpu
+applied = cpu.fit_cpu_allocator()
 def step():
     held = [torch.ones(n) for n in (2 << 20, 3 << 20, 2 << 20, 50 << 20, 2 << 20)]
     del held

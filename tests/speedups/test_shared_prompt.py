@@ -1,4 +1,4 @@
-"""alignkit.train.shared_prompt: DPO pairs through one prompt forward give trl's two-row log-probs and gradients."""
+"""alignkit.speedups.shared_prompt: DPO pairs through one prompt forward give trl's two-row log-probs and gradients."""
 
 import inspect
 
@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
-from alignkit.models.attention import use_fast_attention
+from alignkit.speedups import shared_prompt
+from alignkit.speedups.attention import use_fast_attention
+from alignkit.speedups.lm_head import use_cpu_lm_head
 from alignkit.testing import tiny_model_path
-from alignkit.train import shared_prompt
-from alignkit.train.lm_head import use_cpu_lm_head
 
 OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 

@@ -6,7 +6,7 @@ the longest one. Here a batch of ``B`` pairs becomes one padding-free sequence `
 ``c_i`` attends causally to ``p_i`` and itself, ``r_i`` to ``p_i`` and itself (never to ``c_i``), positions of
 ``r_i`` continue from the end of ``p_i``. A prompt's hidden states do not depend on what follows it (causal
 attention), so the per-token log-probabilities are those of the two-row forward: exact, up to float rounding
-(tests/stages/test_shared_prompt.py: log-probs and LoRA gradients equal the plain forward's to 1e-5). Work per pair
+(tests/speedups/test_shared_prompt.py: log-probs and LoRA gradients equal the plain forward's to 1e-5). Work per pair
 falls from ``2 * max_len`` tokens to ``P + C + R``. The LM head scores only the completion positions (the first token
 of ``r_i`` is predicted from ``p_i``'s last hidden state, as in the two-row forward).
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.models.attention import PAIR_LAYOUT
+from alignkit.speedups.attention import PAIR_LAYOUT
 
 _ACTIVE = contextvars.ContextVar("alignkit_shared_prompt", default=False)
 _MODEL_KWARGS = {"input_ids", "attention_mask", "use_cache"}
@@ -167,7 +167,7 @@ def share_prompts(trainer) -> bool:
         return False
     model = trainer.accelerator.unwrap_model(trainer.model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    from alignkit.models.attention import PER_DOCUMENT
+    from alignkit.speedups.attention import PER_DOCUMENT
 
     if getattr(base.config, "_attn_implementation", None) != PER_DOCUMENT or getattr(base, "_alignkit_shared", False):
         return False

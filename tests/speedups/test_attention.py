@@ -1,4 +1,4 @@
-"""Per-document attention (alignkit.models.attention): the same outputs and gradients as transformers' masked SDPA
+"""Per-document attention (alignkit.speedups.attention): the same outputs and gradients as transformers' masked SDPA
 for padding-free, right-padded and left-padded batches, and only on models where dropping the mask is exact."""
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 from regression.margins import generation_prompt
 
 from alignkit.config import ModelArguments
-from alignkit.models.attention import PER_DOCUMENT, use_fast_attention
 from alignkit.models.loader import load_base_model
+from alignkit.speedups.attention import PER_DOCUMENT, use_fast_attention
 
 
 @pytest.fixture(scope="module")

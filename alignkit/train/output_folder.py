@@ -1,0 +1,157 @@
+"""The output folder a run writes into: one run at a time (:class:`OutputDirLock`), never a finished run replaced or
+unfinished checkpoints started over unasked, and in a launch of several processes the same folder on every rank.
+Each failure is one PreflightError naming the path and the fix."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from alignkit.errors import PreflightError, redact
+from alignkit.runs import RunRecord
+from alignkit.train.callbacks import checkpoints
+from alignkit.train.resume import wants_resume
+
+logger = logging.getLogger(__name__)
+
+
+class OutputDirLock:
+    """An exclusive lock on ``output_dir`` for the life of one run, so a second run into it is refused instead of
+    writing over the first. It is a ``flock`` on the directory itself: nothing is written into the folder, and the
+    kernel drops the lock when the holding process ends however it ends, so a lock is never stale. Rank 0 takes it
+    for all ranks of a launch. ``release`` also removes the folder if this run created it and it is still empty (a
+    run that failed before writing anything leaves nothing behind)."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = Path(output_dir)
+        self.fd: int | None = None
+        self.created = False
+
+    def acquire(self) -> None:
+        import fcntl
+
+        out = self.output_dir
+        self.created = not out.exists()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise PreflightError(
+                f"output_dir {out}: not writable ({exc.strerror}). Fix: choose a writable output_dir."
+            ) from exc
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(out)
+            self.release()
+            raise PreflightError(
+                f"output_dir {out}: in use by another alignkit run that is still going ({holder}). Fix: wait for it "
+                "to finish, or choose another output_dir. Do not resume into or overwrite a live run."
+            ) from None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # drops the flock
+            self.fd = None
+        if self.created:
+            try:
+                self.output_dir.rmdir()  # only if still empty
+            except OSError:
+                pass
+
+
+def _lock_holder(folder: Path) -> str:
+    """'pid N on host H: <command>' of the process holding the flock on ``folder`` (from /proc/locks)."""
+    import socket
+
+    st = os.stat(folder)
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and ident in fields:
+                pid = fields[fields.index(ident) - 1]
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                return f"pid {pid} on host {socket.gethostname()}: {redact(cmd)[:160]}"
+    except OSError:
+        pass
+    return "another process"
+
+
+def check_output_dir(output_dir: Path, run_args, resume) -> None:
+    """Never replace a finished run or start over unfinished checkpoints unasked; the dir must take writes."""
+    out = Path(output_dir)
+    asked = run_args.overwrite_output_dir or wants_resume(resume) or run_args.label_preview
+    previous = RunRecord.read(out) if not asked else None
+    if previous is not None and previous.finished:
+        raise PreflightError(
+            f"{out}: holds a finished {previous.stage} run. Fix: choose another output_dir, or set "
+            "overwrite_output_dir: true to replace it."
+        )
+    if checkpoints(out) and not asked:
+        raise PreflightError(
+            f"{out}: holds checkpoints of an unfinished run. Fix: set resume_from_checkpoint: true to continue it, "
+            "or overwrite_output_dir: true to start over."
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".alignkit_write_probe.{os.getpid()}"  # one per rank: ranks probe the same dir at once
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise PreflightError(
+            f"output_dir {out}: not writable ({exc.strerror}). Fix: choose a writable output_dir."
+        ) from exc
+    free_gb = shutil.disk_usage(out).free / 2**30
+    if free_gb < run_args.min_free_disk_gb:
+        raise PreflightError(
+            f"output_dir {out}: only {free_gb:.1f} GiB free, below min_free_disk_gb={run_args.min_free_disk_gb}. "
+            "Fix: free disk space or choose another output_dir."
+        )
+
+
+RUN_ID_FILE = ".alignkit_run_id"
+
+
+def check_shared_output_dir(output_dir: Path) -> None:
+    """In a launch of several processes: every rank sees the same ``output_dir``. Rank 0 writes a fresh run id
+    there, every rank reads it back, and all ranks compare notes (a gloo/nccl all-gather); on another node a path
+    that is a local disk instead of the shared one shows no file or another run's id. Each node would otherwise save
+    its own share of every checkpoint, and no node could resume. Raises the same PreflightError on every rank (so
+    none waits for the others at the next collective). Needs the process group, so it runs once the trainer is
+    built, before the first step."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    import socket
+    import uuid
+
+    path, rank, host = Path(output_dir) / RUN_ID_FILE, dist.get_rank(), socket.gethostname()
+    run_id = [f"{uuid.uuid4().hex} {host}" if rank == 0 else None]
+    if rank == 0:
+        path.write_text(run_id[0])
+    dist.broadcast_object_list(run_id, src=0)
+    try:
+        seen = path.read_text().strip()
+    except OSError:
+        seen = None
+    problem = None
+    if seen != run_id[0]:
+        problem = f"rank {rank} on {host} finds {'no such file' if seen is None else f'another id ({seen})'}"
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    if rank == 0:
+        path.unlink(missing_ok=True)  # everyone has read it
+    bad = [p for p in problems if p]
+    if bad:
+        raise PreflightError(
+            f"output_dir {output_dir}: not the same folder on every node: rank 0 wrote run id {run_id[0]!r} to "
+            f"{path}, and {'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}. Checkpoints would be split across "
+            "the nodes' disks and could not be resumed. Fix: put output_dir on storage every node mounts at the "
+            "same path (NFS, Lustre, GPFS, ...) and pass that path."
+        )
+    if rank == 0:
+        logger.info("output_dir %s: the same folder on all %d ranks (run id checked)", output_dir, len(problems))
