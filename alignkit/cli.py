@@ -22,7 +22,8 @@ from alignkit.stages import STAGES
 def merge(argv: list[str]) -> int:
     """Merge an adapter output into a standalone model (parity-gated); optionally push it to the Hub."""
     from alignkit.export.hub import preflight_push, push_folder
-    from alignkit.export.merge import MERGE_METHODS, merge_adapter
+    from alignkit.export.merge import merge_adapter
+    from alignkit.export.parity import MERGE_METHODS
 
     p = argparse.ArgumentParser(prog="alignkit merge", description="Merge an adapter output into a standalone model.")
     p.add_argument("adapter_output", help="Output dir of an adapter run (or any PEFT adapter folder).")

@@ -148,14 +148,14 @@ def parity(model_dir: Path, gguf: Path, outtype: str, prompts=None) -> GGUFParit
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignkit.export.merge import PARITY_PROMPTS, _parity_batch, _score
+    from alignkit.export.parity import PARITY_PROMPTS, parity_batch, score
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     back = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    batch = _parity_batch(tokenizer, prompts or PARITY_PROMPTS)
-    want, loss_merged = _score(merged, batch)
-    got, loss_gguf = _score(back, batch)
+    batch = parity_batch(tokenizer, prompts or PARITY_PROMPTS)
+    want, loss_merged = score(merged, batch)
+    got, loss_gguf = score(back, batch)
     keep = batch["attention_mask"].bool()
     diff = (got - want).abs()[keep].max().item()
     return GGUFParity(diff, *BOUNDS[outtype], loss_merged, loss_gguf)

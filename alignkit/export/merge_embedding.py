@@ -46,13 +46,13 @@ def merge_embedding(
     from sentence_transformers import SentenceTransformer
 
     from alignkit.config.args import QuantizationArguments
-    from alignkit.export import merge as m
+    from alignkit.export import parity as m
 
     adapter_dir = Path(adapter_dir)
     record = RunRecord.read(adapter_dir)
-    model_args, quant_args = m._trained_args(adapter_dir, record.last)
+    model_args, quant_args = m.trained_args(adapter_dir, record.last)
     method, output_dir = m.check_merge_request(adapter_dir, output_dir, method, quant_args.load_in_4bit)
-    source = m._trained_base(model_args)
+    source = m.trained_base(model_args)
 
     # The reference: the base exactly as the adapter was trained on it (4-bit if it was), plus the adapter.
     if reference is None:
@@ -82,7 +82,7 @@ def merge_embedding(
           f"parity: max |embedding diff| = {parity.max_abs_diff:.3g} (bound {bound:g}, "
           f"{'ok' if parity.passed else 'ABOVE the bound'})")  # fmt: skip
     head = dict(record.last.head_config)
-    m._write_record(tmp, record, adapter_dir, output_dir, method, parity, model_args, "embedding", head)
+    m.write_merge_record(tmp, record, adapter_dir, output_dir, method, parity, model_args, "embedding", head)
     shutil.rmtree(output_dir, ignore_errors=True)
     tmp.rename(output_dir)
     from alignkit.export.card import write_model_card

@@ -183,7 +183,7 @@ def test_parity_scores_encoder_decoders_without_decoder_inputs(kind):
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from alignkit.export.merge import _score
+    from alignkit.export.parity import score as _score
 
     torch.manual_seed(0)
     small = dict(vocab_size=64, d_model=16, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
