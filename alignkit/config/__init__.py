@@ -8,22 +8,24 @@ from typing import Any, TypeVar
 from alignkit.config.args import (
     MODEL_GROUPS,
     AdapterArguments,
-    CPTConfig,
     DataArguments,
     DatasetSource,
+    ModelArguments,
+    QuantizationArguments,
+    RunArguments,
+)
+from alignkit.config.parser import RecipeParser, dump_config, resolved_config
+from alignkit.config.trainers import (
+    CPTConfig,
     DPOConfig,
     GRPOConfig,
     KTOConfig,
-    ModelArguments,
-    QuantizationArguments,
     RewardConfig,
     RewardFunctionArguments,
-    RunArguments,
     SFTConfig,
     TaskArguments,
     TaskConfig,
 )
-from alignkit.config.parser import RecipeParser, dump_config, resolved_config
 from alignkit.config.validate import validate
 
 G = TypeVar("G")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from sentence_transformers import SentenceTransformerTrainingArguments
 
-from alignkit.config.args import _StageDefaults
+from alignkit.config.trainers import _StageDefaults
 from alignkit.errors import ConfigError
 
 LOSS_NAMES = ("auto", "mnrl", "cached_mnrl", "cosent", "cosine")

@@ -12,7 +12,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # alignkit names the exp
 from trl.experimental.cpo import CPOConfig as _TrlCPOConfig  # noqa: E402
 from trl.experimental.orpo import ORPOConfig as _TrlORPOConfig  # noqa: E402
 
-from alignkit.config.args import _LanguageModelSpeed, _StageDefaults  # noqa: E402
+from alignkit.config.trainers import _LanguageModelSpeed, _StageDefaults  # noqa: E402
 
 
 @dataclass

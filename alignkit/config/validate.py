@@ -86,7 +86,7 @@ def check_distributed(recipe) -> None:
 
 def check_alignment_methods(recipe) -> None:
     """What trl's KTO and GRPO trainers would refuse only once the model is loaded."""
-    from alignkit.config.args import GRPOConfig, KTOConfig, RewardFunctionArguments
+    from alignkit.config.trainers import GRPOConfig, KTOConfig, RewardFunctionArguments
 
     t = recipe.train
     if isinstance(t, KTOConfig) and t.loss_type == "kto" and t.per_device_train_batch_size < 2:
@@ -107,7 +107,7 @@ def check_alignment_methods(recipe) -> None:
 def check_streaming(recipe) -> None:
     """A streamed source (``streaming: true``) feeds only CPT, whose blocks are packed on the fly, and a stream has
     no length, so the trainer needs max_steps."""
-    from alignkit.config.args import CPTConfig
+    from alignkit.config.trainers import CPTConfig
 
     streamed = [s.path for s in recipe.data.datasets if s.streaming]
     if not streamed or recipe.train is None:

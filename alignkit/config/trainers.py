@@ -1,0 +1,163 @@
+"""The stages' own config: each stage's trainer config, subclassing its trl/transformers base (``SFTConfig`` trl's,
+``CPTConfig`` and ``TaskConfig`` transformers') with alignkit's defaults and the device-aware choices, and the extra
+groups of the task and GRPO recipes. Building one changes only the object: threads and the allocator are the
+process phase of alignkit.speedups, applied by a run. (The groups every stage shares are in alignkit.config.args.)"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import transformers
+import trl
+
+from alignkit import runtime
+
+
+def _device_defaults(args) -> None:
+    """Decide by device, before transformers sets up its state in __post_init__. Precision: trl defaults to bf16=True;
+    alignkit takes bf16 only on GPUs that support it. On CPUs without bf16 units bf16 is many times slower than fp32;
+    even with AMX (measured, benchmarks/sft.py on SmolLM2) a bf16-autocast LoRA step is only ~1.2x faster than fp32
+    and the loss after 6 steps is 8% off the fp32 one. Backend: see alignkit.runtime.fit_backend_to_device. Only
+    ``args`` changes: threads and the allocator are the process phase of alignkit.speedups, applied by a run."""
+    import importlib.util
+
+    if getattr(args, "bf16", None) is None:
+        args.bf16 = runtime.device_supports_bf16() and not args.fp16
+    if getattr(args, "gradient_checkpointing", False) is None:  # trl's True recomputes activations: ~1/3 more compute
+        args.gradient_checkpointing = runtime.gpu_available()
+    if getattr(args, "use_liger_kernel", False) is None:
+        args.use_liger_kernel = runtime.gpu_available() and importlib.util.find_spec("liger_kernel") is not None
+    runtime.fit_backend_to_device(args)
+
+
+_ALIGNKIT_DEFAULTS = dict(
+    output_dir="outputs/run", report_to="none", logging_steps=1, save_strategy="steps", save_steps=500
+)
+
+
+def _default(name, value=None, **kw):
+    value = _ALIGNKIT_DEFAULTS[name] if value is None else value
+    if isinstance(value, (list, dict)):
+        return field(default_factory=lambda: value, **kw)
+    return field(default=value, **kw)
+
+
+@dataclass
+class _StageDefaults:
+    """What every stage's trainer config shares on top of its trl/transformers base: alignkit's defaults and the
+    device-aware choices (made before the base's __post_init__ sets up transformers' state)."""
+
+    output_dir: str = _default("output_dir")
+    report_to: Any = _default("report_to")
+    logging_steps: float = _default("logging_steps")
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: by device)."})
+
+    def __post_init__(self):
+        _device_defaults(self)
+        super().__post_init__()
+
+
+@dataclass
+class _LanguageModelSpeed:
+    """trl trainers' speed settings whose trl defaults suit a GPU only."""
+
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in backward: less memory, more compute (default: GPU on, CPU off)."},
+    )
+    use_liger_kernel: bool | None = field(
+        default=None, metadata={"help": "Liger's fused kernels (default: on GPU when liger-kernel is installed)."}
+    )
+
+
+@dataclass
+class CPTConfig(_StageDefaults, transformers.TrainingArguments):
+    """Causal-LM (continued) pretraining: transformers' TrainingArguments plus block packing."""
+
+    block_size: int = field(default=512, metadata={"help": "Tokens per packed training block."})
+
+
+@dataclass
+class SFTConfig(_StageDefaults, _LanguageModelSpeed, trl.SFTConfig):
+    """trl's SFTConfig with device-aware precision and alignkit's defaults."""
+
+    padding_free_batches: bool = field(
+        default=True,
+        metadata={
+            "help": "Concatenate each batch's rows into one sequence instead of padding them: no compute on pad tokens, "
+            "same loss per row (position ids restart per row). max_length still truncates; trl's own padding_free "
+            "needs packing or max_length: null."
+        },
+    )
+
+
+@dataclass
+class DPOConfig(_StageDefaults, _LanguageModelSpeed, trl.DPOConfig):
+    """trl's DPOConfig with device-aware precision and alignkit's defaults."""
+
+
+@dataclass
+class KTOConfig(_StageDefaults, _LanguageModelSpeed, trl.KTOConfig):
+    """trl's KTOConfig: Kahneman-Tversky Optimization (Ethayarajh et al. 2024, arXiv:2402.01306) on unpaired
+    ``prompt`` / ``completion`` / boolean ``label`` rows. ``beta``, ``desirable_weight``, ``undesirable_weight`` and
+    ``loss_type`` (kto | apo_zero_unpaired) are trl's. The reference is the starting adapter's frozen copy."""
+
+
+@dataclass
+class RewardConfig(_StageDefaults, _LanguageModelSpeed, trl.RewardConfig):
+    """trl's RewardConfig: a Bradley-Terry reward model (Ouyang et al. 2022, arXiv:2203.02155) on
+    ``prompt``/``chosen``/``rejected`` pairs; the head is a one-output sequence-classification head trained in full
+    next to the LoRA adapter on the same (4-bit) backbone."""
+
+
+@dataclass
+class GRPOConfig(_StageDefaults, _LanguageModelSpeed, trl.GRPOConfig):
+    """trl's GRPOConfig: group relative policy optimisation (Shao et al. 2024, arXiv:2402.03300). Completions come from
+    ``model.generate`` (``use_vllm`` and the vllm_* keys pass through to trl where a GPU has vLLM). ``num_generations``
+    completions per prompt; ``beta`` > 0 adds a KL term against the starting adapter (the adapter-disabled model)."""
+
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (trl's GRPO default: 1e-6)."})
+
+
+@dataclass
+class TaskConfig(_StageDefaults, transformers.Seq2SeqTrainingArguments):
+    """Classical task heads: transformers' Seq2SeqTrainingArguments (a superset of TrainingArguments)."""
+
+    max_length: int = field(default=256, metadata={"help": "Max tokens per input (QA: per window)."})
+
+
+@dataclass
+class TaskArguments:
+    """The task recipe's own key: which head to train. Each task module adds its own group of keys
+    (``alignkit.tasks.base.Task.Arguments``)."""
+
+    task: str | None = field(
+        default=None,
+        metadata={"help": "The model head: token_cls (NER/POS), seq_cls, qa, mlm, seq2seq (alignkit/tasks/)."},
+    )
+
+
+@dataclass
+class RewardFunctionArguments:
+    """The GRPO recipe's rewards (alignkit.train.rewards): each entry of ``reward_funcs`` is a built-in verifiable
+    reward, a trained reward model (an alignkit reward output folder), or a Python function by import path."""
+
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["format", "exact"],
+        metadata={
+            "help": "Rewards, summed with trl's reward_weights: 'format' (1 if the completion matches "
+            "reward_pattern), 'exact' (1 if the pattern's first group equals the reference column), 'numeric' (1 if "
+            "it is within numeric_tolerance of the reference number), a folder written by the reward stage (its "
+            "score), or 'package.module:function' (your code: imported only because the recipe names it; called as "
+            "trl calls reward functions: f(prompts, completions, **columns) -> list of floats)."
+        },
+    )
+    reward_pattern: str = field(
+        default=r"ANSWER:\s*(-?\d+(?:\.\d+)?)",
+        metadata={"help": "Regex of the answer format; its first group is the answer 'exact' and 'numeric' compare."},
+    )
+    reference_column: str = field(
+        default="answer", metadata={"help": "The data column with the reference answer (for 'exact' and 'numeric')."}
+    )
+    numeric_tolerance: float = field(default=1e-6, metadata={"help": "Absolute tolerance of 'numeric'."})
