@@ -1,6 +1,5 @@
 """Facts about the device and the launch, in one place: bf16 support, the 'auto' dtype rule, world size, the
-DeepSpeed ZeRO stage, parameter sharding (ZeRO-3 / FSDP), the CPU process-group backend, and the 4-bit storage dtype
-that sharding needs. ``config/`` and ``models/`` decide with these; nothing here imports the rest of alignkit, and
+DeepSpeed ZeRO stage, parameter sharding (ZeRO-3 / FSDP), and the 4-bit storage dtype that sharding needs. ``config/`` and ``models/`` decide with these; nothing here imports the rest of alignkit, and
 nothing here changes the process (what does, threads and the allocator, is a row of :mod:`alignkit.speedups`).
 
 Sources: accelerate 1.15 passes the launch to the worker processes as environment variables (``WORLD_SIZE``,
@@ -54,7 +53,8 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _env_true(name: str) -> bool:
+def env_flag(name: str) -> bool:
+    """A launcher's boolean environment variable (accelerate writes 'true'/'false')."""
     return os.environ.get(name, "false").lower() == "true"
 
 
@@ -62,7 +62,7 @@ def zero_stage(train_args=None) -> int | None:
     """The ZeRO stage of the TrainingArguments ``deepspeed`` config, else of the one ``accelerate launch`` passed on;
     None without DeepSpeed."""
     deepspeed = getattr(train_args, "deepspeed", None)
-    if not deepspeed and not _env_true("ACCELERATE_USE_DEEPSPEED"):
+    if not deepspeed and not env_flag("ACCELERATE_USE_DEEPSPEED"):
         return None
     config = deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     if config != "none":
@@ -73,7 +73,7 @@ def zero_stage(train_args=None) -> int | None:
 
 def parameter_sharding(train_args=None) -> str | None:
     """'ZeRO-3' or 'FSDP' when this launch splits the parameters themselves across ranks, else None."""
-    if getattr(train_args, "fsdp", None) or _env_true("ACCELERATE_USE_FSDP"):
+    if getattr(train_args, "fsdp", None) or env_flag("ACCELERATE_USE_FSDP"):
         return "FSDP"
     if zero_stage(train_args) == 3:
         return "ZeRO-3"
@@ -96,27 +96,6 @@ def quant_storage_name(storage: str | None, compute_dtype: str, train_args=None)
     return auto_dtype_name(compute_dtype) if parameter_sharding(train_args) else "uint8"
 
 
-def fit_backend_to_device(args) -> None:
-    """Give a multi-process launch on a machine without GPUs a CPU backend, before transformers builds its state.
-
-    accelerate 1.15 ``PartialState._prepare_backend`` picks a backend only for a device it finds (nccl for CUDA, ...)
-    or, for CPUs, only when ``cpu=True``. A DeepSpeed launch never passes ``cpu=True`` (that would disable DeepSpeed),
-    so on a GPU-less machine the backend stays None: DeepSpeed still joins its process group, but ``__init__`` then
-    takes the "no backend == no distributed training" branch and every rank reports process_index 0 of 1, so no rank
-    gets its own shard of the data. A DDP (MULTI_GPU) launch falls into the same branch. Here: DeepSpeed gets
-    ``ddp_backend="gloo"`` (PartialState then reads rank and world size from the process group) and plain data
-    parallel gets ``use_cpu=True`` (accelerate's MULTI_CPU path, gloo as well).
-    """
-    import torch
-
-    if not launched_distributed() or torch.cuda.is_available() or args.use_cpu:
-        return
-    if _env_true("ACCELERATE_USE_DEEPSPEED") or args.deepspeed:
-        args.ddp_backend = args.ddp_backend or "gloo"
-    elif not _env_true("ACCELERATE_USE_FSDP"):
-        args.use_cpu = True
-
-
 _LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 
@@ -134,34 +113,3 @@ def gpu_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def end_process_group_at_exit() -> None:
-    """Destroy torch.distributed's process groups before the interpreter shuts down (an atexit handler, set once).
-
-    Without it a rank can abort at exit after a finished run ('terminate called without an active exception', exit
-    -6, seen about once in 10 two-rank ZeRO-3 launches): a Gloo worker thread still holds an async all-gather's
-    tensors (ZeRO-3 prefetches), and releasing them during interpreter finalization takes the GIL from a dying thread
-    (pytorch/pytorch#190489, #179291). At exit the ranks meet at a barrier, so no collective is still in flight, and
-    the groups' backends are shut down while Python is fully alive."""
-    import atexit
-
-    if getattr(end_process_group_at_exit, "registered", False):
-        return
-    end_process_group_at_exit.registered = True
-    atexit.register(_end_process_group)
-
-
-def _end_process_group() -> None:
-    import gc
-
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    try:
-        dist.barrier()
-    except Exception:  # noqa: BLE001 - another rank already gone: still shut down ours
-        pass
-    gc.collect()  # drop the Python side's last handles on finished work first
-    dist.destroy_process_group()

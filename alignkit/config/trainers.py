@@ -18,7 +18,7 @@ def _device_defaults(args) -> None:
     """Decide by device, before transformers sets up its state in __post_init__. Precision: trl defaults to bf16=True;
     alignkit takes bf16 only on GPUs that support it. On CPUs without bf16 units bf16 is many times slower than fp32;
     even with AMX (measured, benchmarks/sft.py on SmolLM2) a bf16-autocast LoRA step is only ~1.2x faster than fp32
-    and the loss after 6 steps is 8% off the fp32 one. Backend: see alignkit.runtime.fit_backend_to_device. Only
+    and the loss after 6 steps is 8% off the fp32 one. Backend: see :func:`fit_backend_to_device`. Only
     ``args`` changes: threads and the allocator are the process phase of alignkit.speedups, applied by a run."""
     import importlib.util
 
@@ -28,7 +28,28 @@ def _device_defaults(args) -> None:
         args.gradient_checkpointing = runtime.gpu_available()
     if getattr(args, "use_liger_kernel", False) is None:
         args.use_liger_kernel = runtime.gpu_available() and importlib.util.find_spec("liger_kernel") is not None
-    runtime.fit_backend_to_device(args)
+    fit_backend_to_device(args)
+
+
+def fit_backend_to_device(args) -> None:
+    """Give a multi-process launch on a machine without GPUs a CPU backend, before transformers builds its state.
+
+    accelerate 1.15 ``PartialState._prepare_backend`` picks a backend only for a device it finds (nccl for CUDA, ...)
+    or, for CPUs, only when ``cpu=True``. A DeepSpeed launch never passes ``cpu=True`` (that would disable DeepSpeed),
+    so on a GPU-less machine the backend stays None: DeepSpeed still joins its process group, but ``__init__`` then
+    takes the "no backend == no distributed training" branch and every rank reports process_index 0 of 1, so no rank
+    gets its own shard of the data. A DDP (MULTI_GPU) launch falls into the same branch. Here: DeepSpeed gets
+    ``ddp_backend="gloo"`` (PartialState then reads rank and world size from the process group) and plain data
+    parallel gets ``use_cpu=True`` (accelerate's MULTI_CPU path, gloo as well).
+    """
+    import torch
+
+    if not runtime.launched_distributed() or torch.cuda.is_available() or args.use_cpu:
+        return
+    if runtime.env_flag("ACCELERATE_USE_DEEPSPEED") or args.deepspeed:
+        args.ddp_backend = args.ddp_backend or "gloo"
+    elif not runtime.env_flag("ACCELERATE_USE_FSDP"):
+        args.use_cpu = True
 
 
 _ALIGNKIT_DEFAULTS = dict(

@@ -103,7 +103,7 @@ def check_resume_unchanged(saved_config: Path, resolved: dict, also_allowed: fro
 
 
 # Keys that follow the number of ranks, and may change on a resume at another world size: the split of a step's rows
-# among ranks (the rows per step must not change) and the CPU process-group backend (runtime.fit_backend_to_device).
+# among ranks (the rows per step must not change) and the CPU process-group backend (config.trainers.fit_backend_to_device).
 WORLD_SIZE_KEYS = frozenset({"per_device_train_batch_size", "gradient_accumulation_steps", "ddp_backend", "use_cpu"})
 UNIVERSAL_TAG_FILE = "latest_universal"  # written by deepspeed.checkpoint.ds_to_universal next to the tag folders
 

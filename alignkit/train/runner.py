@@ -23,7 +23,7 @@ from alignkit.stages import STAGES, get_stage
 from alignkit.train import checks, resume
 from alignkit.train.assumptions import check_trainer_assumptions, set_stop_ids
 from alignkit.train.callbacks import PICKLED_ARGS, AtomicCheckpoints, NonFiniteGuard, ResolvedConfigToWandb
-from alignkit.train.distributed import debug_callback
+from alignkit.train.distributed import debug_callback, end_process_group_at_exit
 from alignkit.train.output_folder import OutputDirLock, check_output_dir, check_shared_output_dir
 
 logger = logging.getLogger("alignkit")
@@ -246,7 +246,7 @@ class Run:
         if runtime.is_main_process():
             self._print_summary(metrics, trainer.state.global_step)
         if runtime.launched_distributed():  # every rank got here: meet once more at exit, then shut the groups down
-            runtime.end_process_group_at_exit()
+            end_process_group_at_exit()
         if "wandb" in (trainer.args.report_to or []):
             _finish_wandb()  # else the next stage in this process would log into this stage's W&B run
         return metrics
