@@ -12,9 +12,9 @@ import yaml
 from conftest import REPO
 
 from alignkit.config import SFTConfig, parse_recipe, validate
+from alignkit.config.trainers import fit_backend_to_device
 from alignkit.errors import ConfigError
 from alignkit.models.loader import get_quantization_config
-from alignkit.config.trainers import fit_backend_to_device
 
 LAUNCH_ENV = {  # what `accelerate launch --config_file accelerate_configs/<x>.yaml` puts in each rank's environment
     "zero3": {
