@@ -66,6 +66,7 @@ RESUMABLE_CHANGES = {
     "resume_from_checkpoint", "overwrite_output_dir", "max_steps", "num_train_epochs", "save_total_limit",
     "report_to", "run_name", "disable_tqdm", "min_free_disk_gb", "push_to_hub", "hub_model_id", "hub_private_repo",
     "wandb_group", "output_dir", "logging_dir", "dataloader_num_workers", "label_preview",
+    "speedups",  # exact: the same numbers with or without them (alignkit.speedups)
 }  # fmt: skip
 
 
