@@ -145,9 +145,14 @@ class Run:
                     )
         return self.datasets
 
-    def load_model(self, **head_kwargs):
+    def load_model(self, head: str | None = None, **head_kwargs):
         """Load the backbone with this run's head and the recipe's adapter (the model phase of alignkit.speedups runs
-        in the loader). ``head_kwargs``: what the head is built with (num_labels, id2label...)."""
+        in the loader). ``head_kwargs``: what the head is built with (num_labels, id2label...). ``head``: only for
+        recipes written before ``Run(recipe, stage, head=...)``; it must be the run's."""
+        if head is not None and head != self.head:
+            raise ConfigError(
+                f"load_model({head!r}): this run trains the {self.head} head. Fix: Run(recipe, stage, head={head!r})."
+            )
         r = self.recipe
         self.head_config = {k: v for k, v in head_kwargs.items() if isinstance(v, (int, float, str, bool, dict))}
         self.model = load_model(
