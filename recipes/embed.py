@@ -7,8 +7,7 @@ Data: ``anchor``/``positive`` pairs, + ``negative`` triplets, or ``sentence1``/`
 (alignkit.tasks.embedding). Held-out retrieval (recall@1/10, MRR@10, NDCG@10) or Spearman, before and after training.
 """
 
-from alignkit import runtime
-from alignkit.config import EmbeddingArguments
+from alignkit import config, runtime
 from alignkit.errors import run_cli
 from alignkit.export.merge_embedding import finish_embedding
 from alignkit.stages import STAGES
@@ -20,7 +19,7 @@ STAGE = STAGES["embed"]
 
 def main(argv=None):
     recipe = STAGE.parse(argv)
-    args = recipe.group(EmbeddingArguments)
+    args = recipe.group(config.EmbeddingArguments)
     with Run(recipe, stage=STAGE.name) as run:
         data = run.load_data(STAGE.data_schema)
         fmt = embedding.check_loss(args, data)  # before the model loads

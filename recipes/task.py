@@ -9,15 +9,14 @@ target; BLEU/ROUGE with predict_with_generate). Rows are checked before the mode
 
 from transformers import Seq2SeqTrainer, Trainer
 
-from alignkit.config import TaskArguments
 from alignkit.errors import run_cli
-from alignkit.tasks import build_task, parse_task_recipe
+from alignkit.tasks import build_task, parse_task_recipe, task_of
 from alignkit.train import Run
 
 
 def main(argv=None):
     recipe = parse_task_recipe(argv)
-    with Run(recipe, stage="task", head=recipe.group(TaskArguments).task) as run:
+    with Run(recipe, stage="task", head=task_of(recipe).name) as run:
         tokenizer = run.load_tokenizer()
         task = build_task(recipe, tokenizer)
         data = run.load_data(task.schema)

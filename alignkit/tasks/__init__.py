@@ -54,14 +54,19 @@ def parse_task_recipe(argv: list[str] | None = None):
     return recipe
 
 
-def build_task(recipe, tokenizer) -> Task:
-    """The task module for the recipe's ``task:`` key, checked against the tokenizer."""
+def task_of(recipe) -> type[Task]:
+    """The Task class the recipe's ``task:`` key names (its ``name`` is the head the run trains)."""
     from alignkit.config import TaskArguments
 
-    cls = TASKS[recipe.group(TaskArguments).task]
+    return TASKS[recipe.group(TaskArguments).task]
+
+
+def build_task(recipe, tokenizer) -> Task:
+    """The task module for the recipe's ``task:`` key, checked against the tokenizer."""
+    cls = task_of(recipe)
     task = cls(recipe.group(cls.Arguments) if cls.Arguments else None, tokenizer, recipe.train)
     task.max_truncated_fraction = recipe.run.max_truncated_fraction
     return task
 
 
-__all__ = ["TASKS", "Task", "build_task", "parse_task_recipe"]
+__all__ = ["TASKS", "Task", "build_task", "parse_task_recipe", "task_of"]
