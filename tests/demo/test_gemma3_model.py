@@ -24,7 +24,7 @@ def gemma_dir():
 def test_gemma3_resolves_with_its_layout_and_terms(gemma_dir):
     from alignkit.config.args import ModelArguments
     from alignkit.models import load_base_model, load_tokenizer, resolve_source
-    from alignkit.models.attention import use_fast_attention
+    from alignkit.speedups.attention import use_fast_attention
 
     model_args = ModelArguments(model_name_or_path=NAME)
     assert resolve_source(model_args).base == str(gemma_dir)

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from alignkit.config import ModelArguments, QuantizationArguments
 from alignkit.errors import ConfigError
 from alignkit.export.merge import merge_adapter
-from alignkit.models.attention import register, use_fast_attention
 from alignkit.models.loader import load_base_model
+from alignkit.speedups.attention import register, use_fast_attention
 from alignkit.testing.tiny import GEMMA3_WINDOW
 
 FAST = ["--disable_tqdm", "true", "--save_steps", "1000", "--gradient_checkpointing", "false", "--lora_dropout", "0"]
