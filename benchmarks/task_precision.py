@@ -32,7 +32,7 @@ TASK_DATA = harness.REPO / "recipes" / "tiny" / "data" / "tasks"
 
 def write_conll(path: Path) -> Path:
     """recipes/tiny/data/tasks/ner.jsonl as a CoNLL-2003-style file: word POS chunk NER, IOB1 tags, -DOCSTART-."""
-    from alignkit.data.formats import iob1_to_iob2
+    from alignkit.data.file_formats import iob1_to_iob2
 
     lines = ["-DOCSTART- -X- -X- O", ""]
     for row in map(json.loads, (TASK_DATA / "ner.jsonl").read_text().splitlines()):

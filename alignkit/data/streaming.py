@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+from alignkit.data.files import FILE_BUILDERS, is_glob, shard_files
 from alignkit.data.formats import FORMATS, RowError, choose, renames
-from alignkit.data.sources import _FILE_BUILDERS, is_glob, shard_files
 from alignkit.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -90,13 +90,13 @@ def _shards(source, split: str, label: str) -> list:
             source.path, None, "is a save_to_disk folder, which cannot be streamed (it is Arrow on disk already)",
             "set streaming: false: it is memory-mapped, so RAM is not the limit; or stream the data files it was made from",
         )  # fmt: skip
-    elif path.is_dir() or not (path.suffix in _FILE_BUILDERS or source.path.startswith((".", "/"))):
+    elif path.is_dir() or not (path.suffix in FILE_BUILDERS or source.path.startswith((".", "/"))):
         return [HubStream(source.path, source.name, split, label)]  # a data folder, or a Hub dataset id
     else:
         raise DataError(source.path, None, "file not found", "check the path (relative paths start from the current directory)")  # fmt: skip
     suffix = Path(files[0]).suffix
-    if suffix not in _FILE_BUILDERS:
-        raise DataError(source.path, None, f"unsupported file type '{suffix}'", f"use one of {sorted(_FILE_BUILDERS)}")
+    if suffix not in FILE_BUILDERS:
+        raise DataError(source.path, None, f"unsupported file type '{suffix}'", f"use one of {sorted(FILE_BUILDERS)}")
     if split != source.split:
         raise DataError(source.path, None, f"is read as one split, so it has no '{split}' split", "drop test_split")
     return files

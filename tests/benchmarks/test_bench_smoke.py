@@ -57,7 +57,7 @@ def test_4bit_memory_benchmark_counts_packed_weights():
 def test_task_precision_benchmark_data_round_trips_through_the_readers(tmp_path):
     import json
 
-    from alignkit.data.formats import read_conll, read_squad
+    from alignkit.data.file_formats import read_conll, read_squad
 
     bench = _load("task_precision")
     rows, _ = read_conll(bench.write_conll(tmp_path / "x.conll").read_text(), "x.conll")

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from alignkit.config.args import DataArguments, DatasetSource
-from alignkit.data.formats import iob1_to_iob2, read_conll, read_squad
+from alignkit.data.file_formats import iob1_to_iob2, read_conll, read_squad
 from alignkit.data.sources import load_source_split, row_places
 from alignkit.errors import ConfigError, DataError
 
