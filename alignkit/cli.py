@@ -142,7 +142,7 @@ def chat(argv: list[str]) -> int:
 
 def generate(argv: list[str]) -> int:
     """Generate replies for a JSONL file of prompts (batched, greedy unless sampling is asked for)."""
-    from alignkit.export.generate import generate_file, load_for_generation, read_prompts
+    from alignkit.export.generate import check_generate_out, generate_file, load_for_generation, read_prompts
 
     p = argparse.ArgumentParser(prog="alignkit generate", description=generate.__doc__)
     p.add_argument("model", help="An adapter run (loaded on its base) or a merged model.")
@@ -151,7 +151,8 @@ def generate(argv: list[str]) -> int:
     p.add_argument("--batch_size", type=int, default=8, help="Prompts per generate() call.")
     _generation_flags(p)
     args = p.parse_args(argv)
-    read_prompts(args.prompts)  # bad prompts fail before the model loads
+    read_prompts(args.prompts)  # bad prompts and a bad --out fail before the model loads
+    check_generate_out(args.out, args.prompts, args.model)
     model, tokenizer = load_for_generation(args.model)
     generate_file(model, tokenizer, args.prompts, args.out, batch_size=args.batch_size, **_generation_kwargs(args))
     return 0
@@ -159,7 +160,7 @@ def generate(argv: list[str]) -> int:
 
 def evaluate(argv: list[str]) -> int:
     """Score a model's greedy replies on held-out rows (exact, regex, rouge, bleu); per-row outputs + summary."""
-    from alignkit.export.evaluate import METRICS, read_eval_rows, score
+    from alignkit.export.evaluate import METRICS, check_eval_out, read_eval_rows, score
     from alignkit.export.evaluate import evaluate as run_eval
     from alignkit.export.generate import load_for_generation
 
@@ -174,8 +175,8 @@ def evaluate(argv: list[str]) -> int:
     args = p.parse_args(argv)
     conversations, references = read_eval_rows(args.data)  # bad data, metric or pattern: before the model loads
     score(["x"], ["x"], args.metric, args.pattern)
+    out = str(check_eval_out(args.out or Path(args.model) / "eval", args.model))
     model, tokenizer = load_for_generation(args.model)
-    out = args.out or str(Path(args.model) / "eval")
     _, summary = run_eval(model, tokenizer, conversations, references, args.metric, args.pattern, out,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)  # fmt: skip
     print(json.dumps(summary))

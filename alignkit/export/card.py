@@ -3,6 +3,7 @@ stage's key settings, hand-off and merge method, final metrics, intended use. Fo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -182,5 +183,7 @@ def _embedding_section(head: dict, is_adapter: bool) -> list[str]:
 def write_model_card(output_dir: str | Path) -> Path:
     output_dir = Path(output_dir)
     path = output_dir / "README.md"
-    path.write_text(render_model_card(RunRecord.read(output_dir)))
+    tmp = path.with_name(f".README.md.alignkit-{os.getpid()}")  # written beside it and renamed: never half a card
+    tmp.write_text(render_model_card(RunRecord.read(output_dir)))
+    tmp.replace(path)
     return path

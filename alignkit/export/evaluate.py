@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 from alignkit.errors import ConfigError, DataError
+from alignkit.export.outputs import check_output, staged_output
 
 METRICS = ("exact", "regex", "rouge", "bleu")
 
@@ -105,11 +106,18 @@ def score(replies: list[str], references: list, metric: str, pattern: str | None
     return rows, {"bleu": sacrebleu.corpus_bleu(replies, [[str(ref) for ref in references]]).score}
 
 
+def check_eval_out(out: str | Path, model: str | Path) -> Path:
+    """``--out`` for ``alignkit eval``: a new or empty folder, or an earlier eval's (which is replaced); a file or a
+    folder of something else is refused (ConfigError), before the model loads."""
+    return check_output(out, "folder", inputs=[model], ours=lambda p: (p / "eval_summary.json").is_file(), flag="--out")
+
+
 def evaluate(
     model, tokenizer, conversations: list[list[dict]], references: list, metric: str, pattern: str | None = None,
     out: str | Path | None = None, max_new_tokens: int = 256, batch_size: int = 64,
 ) -> tuple[list[dict], dict]:  # fmt: skip
-    """Generate replies, score them, write ``eval_rows.jsonl`` and ``eval_summary.json`` into ``out`` (if given)."""
+    """Generate replies, score them, write ``eval_rows.jsonl`` and ``eval_summary.json`` into ``out`` (if given;
+    an earlier eval folder there is replaced whole, anything else refused: see :func:`check_eval_out`)."""
     from alignkit.export.generate import generate_replies
 
     score(["x"], ["x"], metric, pattern)  # a bad metric or pattern fails before any generation
@@ -121,8 +129,7 @@ def evaluate(
     ]
     summary = {"metric": metric, "rows": len(rows), **summary}
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval_rows.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
-        (out / "eval_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with staged_output(Path(out)) as scratch:  # built beside it and swapped in whole
+            (scratch / "eval_rows.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+            (scratch / "eval_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return rows, summary

@@ -18,7 +18,8 @@ import torch
 
 from alignkit.data.schemas import check_messages
 from alignkit.data.templates import end_of_turn_ids
-from alignkit.errors import DataError
+from alignkit.errors import ConfigError, DataError
+from alignkit.export.outputs import check_output, staged_output
 
 
 def load_for_generation(path: str | Path, merge: bool = False):
@@ -119,13 +120,25 @@ def read_prompts(path: str | Path) -> tuple[list[dict], list[list[dict]]]:
     return rows, conversations
 
 
+def check_generate_out(out: str | Path, prompts: str | Path, model: str | Path | None = None) -> Path:
+    """``--out`` of ``alignkit generate``: not a folder, not the prompts file, not a file of the model folder (an
+    earlier replies file elsewhere is replaced). Raises ConfigError."""
+    out = Path(out)
+    if out.exists() and out.resolve() == Path(prompts).resolve():
+        raise ConfigError(f"--out {out}: is the --prompts file; writing there would replace it. Fix: choose another "
+                          "--out.")  # fmt: skip
+    return check_output(out, "file", inputs=[model] if model else [], ours=lambda p: p.suffix == ".jsonl",
+                        flag="--out")  # fmt: skip
+
+
 def generate_file(model, tokenizer, prompts: str | Path, out: str | Path, batch_size: int = 8, **generation) -> Path:
     """``alignkit generate``: every row of ``prompts`` with its ``reply``, written to ``out`` (JSONL)."""
     rows, conversations = read_prompts(prompts)
-    out = Path(out)
+    out = check_generate_out(out, prompts)
     out.parent.mkdir(parents=True, exist_ok=True)  # before the replies are made, not after
     replies = generate_replies(model, tokenizer, conversations, batch_size=batch_size, progress=True, **generation)
-    out.write_text("".join(json.dumps({**row, "reply": reply}) + "\n" for row, reply in zip(rows, replies)))
+    with staged_output(out, "file") as scratch:  # written beside it and renamed: never half a file under its name
+        scratch.write_text("".join(json.dumps({**row, "reply": reply}) + "\n" for row, reply in zip(rows, replies)))
     print(f"wrote {len(rows)} replies to {out}", file=sys.stderr)
     return out
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.errors import ConfigError, PreflightError
+from alignkit.export.outputs import check_output, staged_output
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,15 @@ def parity(model_dir: Path, gguf: Path, outtype: str, prompts=None) -> GGUFParit
     return GGUFParity(diff, *BOUNDS[outtype], loss_merged, loss_gguf)
 
 
+def _is_gguf(path: Path) -> bool:
+    """An existing GGUF file (an earlier export, which a new one may replace)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def export_gguf(
     run_or_merged: str | Path, outtype: str = "f16", out: str | Path | None = None
 ) -> tuple[Path, GGUFParity]:
@@ -189,22 +199,23 @@ def export_gguf(
 
     check_model_folder(folder, what="export")
     out = Path(out) if out else folder / f"{folder.name}-{outtype}.gguf"
-    convert(folder, out, outtype)
-    check = parity(folder, out, outtype)
-    size_mb = out.stat().st_size / 2**20
-    print(
-        f"gguf {out.name}: {size_mb:.1f} MiB; parity vs the merged model: max |logit diff| {check.max_abs_diff:.3g} "
-        f"(bound {check.bound:g}); loss {check.loss_merged:.5f} -> {check.loss_gguf:.5f} (delta "
-        f"{check.loss_delta:+.3g}, bound {check.loss_bound:g}): {'ok' if check.passed else 'FAILED'}"
-    )
-    if not check.passed:
-        out.unlink()
-        raise GGUFParityError(
-            f"{out}: the GGUF does not compute what the merged model computes (max |logit diff| "
-            f"{check.max_abs_diff:.3g}, bound {check.bound:g}; loss delta {check.loss_delta:+.3g}, bound "
-            f"{check.loss_bound:g} for {outtype}); the file was removed. Fix: use a finer --outtype (f16), or check "
-            "the model."
+    check_output(out, "file", inputs=[folder], ours=_is_gguf, flag="--out")
+    with staged_output(out, "file") as scratch:  # locked; written beside it and swapped in only once it passes
+        convert(folder, scratch, outtype)
+        check = parity(folder, scratch, outtype)
+        size_mb = scratch.stat().st_size / 2**20
+        print(
+            f"gguf {out.name}: {size_mb:.1f} MiB; parity vs the merged model: max |logit diff| {check.max_abs_diff:.3g} "
+            f"(bound {check.bound:g}); loss {check.loss_merged:.5f} -> {check.loss_gguf:.5f} (delta "
+            f"{check.loss_delta:+.3g}, bound {check.loss_bound:g}): {'ok' if check.passed else 'FAILED'}"
         )
+        if not check.passed:
+            raise GGUFParityError(
+                f"{out}: the GGUF does not compute what the merged model computes (max |logit diff| "
+                f"{check.max_abs_diff:.3g}, bound {check.bound:g}; loss delta {check.loss_delta:+.3g}, bound "
+                f"{check.loss_bound:g} for {outtype}); nothing was written to it. Fix: use a finer --outtype (f16), or check "
+                "the model."
+            )
     if (folder / "alignkit_run.json").is_file():
         record = RunRecord.read(folder)
         record.exports.append(

@@ -13,7 +13,6 @@ adapter's small updates; neither method does that.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ import torch
 from alignkit.config.args import QuantizationArguments
 from alignkit.data.templates import end_of_turn_ids
 from alignkit.errors import ConfigError
+from alignkit.export.outputs import staged_output
 from alignkit.export.parity import (
     EXACT_BOUND,
     LOW_PRECISION_BOUND,
@@ -85,53 +85,52 @@ def merge_adapter(
         )
     model_args, quant_args = trained_args(adapter_dir, last)
     method, output_dir = check_merge_request(adapter_dir, output_dir, method, quant_args.load_in_4bit)
-    source = trained_base(model_args)
-    has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()  # alignkit outputs do; bare PEFT folders may not
-    tokenizer = AutoTokenizer.from_pretrained(
-        adapter_dir if has_tokenizer else source.base, trust_remote_code=model_args.trust_remote_code
-    )
-    apply_contract(tokenizer)  # a pad token for batching the parity prompts
-    batch = parity_batch(tokenizer, prompts)
+    with staged_output(output_dir) as tmp:  # locked; built beside it, swapped in whole
+        source = trained_base(model_args)
+        has_tokenizer = (
+            adapter_dir / "tokenizer_config.json"
+        ).is_file()  # alignkit outputs do; bare PEFT folders may not
+        tokenizer = AutoTokenizer.from_pretrained(
+            adapter_dir if has_tokenizer else source.base, trust_remote_code=model_args.trust_remote_code
+        )
+        apply_contract(tokenizer)  # a pad token for batching the parity prompts
+        batch = parity_batch(tokenizer, prompts)
 
-    # The reference: the base exactly as the adapter was trained on it (4-bit if it was), plus the adapter.
-    reference = PeftModel.from_pretrained(_base(model_args, quant_args, source, tokenizer, task, head), adapter_dir)
-    reference.eval()
-    ref_logits, ref_loss = score(reference, batch, task == "causal_lm")
-    ref_dtype = reference.dtype
-    del reference
+        # The reference: the base exactly as the adapter was trained on it (4-bit if it was), plus the adapter.
+        reference = PeftModel.from_pretrained(_base(model_args, quant_args, source, tokenizer, task, head), adapter_dir)
+        reference.eval()
+        ref_logits, ref_loss = score(reference, batch, task == "causal_lm")
+        ref_dtype = reference.dtype
+        del reference
 
-    base = _base(
-        model_args, quant_args if method == "dequantize" else QuantizationArguments(), source, tokenizer, task, head
-    )
-    if method == "dequantize":
-        base = base.dequantize(dtype=base.dtype)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    if task == "causal_lm":
-        merged.generation_config = _generation_config(merged, tokenizer)
-    tmp = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    del merged, base
+        base = _base(
+            model_args, quant_args if method == "dequantize" else QuantizationArguments(), source, tokenizer, task, head
+        )
+        if method == "dequantize":
+            base = base.dequantize(dtype=base.dtype)
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        if task == "causal_lm":
+            merged.generation_config = _generation_config(merged, tokenizer)
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del merged, base
 
-    # Parity is checked on what was saved, loaded the way users will load it.
-    reloaded = get_head(task).auto().from_pretrained(tmp, dtype="auto").eval()
-    merged_logits, merged_loss = score(reloaded, batch, task == "causal_lm")
-    exact = reloaded.dtype == ref_dtype == torch.float32
-    bound = max_logit_diff if max_logit_diff is not None else (EXACT_BOUND if exact else LOW_PRECISION_BOUND)
-    diff = (merged_logits - ref_logits).abs()
-    if diff.dim() == 3:  # per-token logits: the non-padding positions
-        diff = diff[batch["attention_mask"].bool()]
-    diff = diff.max().item()
-    parity = Parity(max_abs_diff=diff, loss_adapter=ref_loss, loss_merged=merged_loss, bound=bound)
-    print(f"merged {adapter_dir} -> {output_dir} (method {method})\n{parity.summary()}")
+        # Parity is checked on what was saved, loaded the way users will load it.
+        reloaded = get_head(task).auto().from_pretrained(tmp, dtype="auto").eval()
+        merged_logits, merged_loss = score(reloaded, batch, task == "causal_lm")
+        exact = reloaded.dtype == ref_dtype == torch.float32
+        bound = max_logit_diff if max_logit_diff is not None else (EXACT_BOUND if exact else LOW_PRECISION_BOUND)
+        diff = (merged_logits - ref_logits).abs()
+        if diff.dim() == 3:  # per-token logits: the non-padding positions
+            diff = diff[batch["attention_mask"].bool()]
+        diff = diff.max().item()
+        parity = Parity(max_abs_diff=diff, loss_adapter=ref_loss, loss_merged=merged_loss, bound=bound)
+        print(f"merged {adapter_dir} -> {output_dir} (method {method})\n{parity.summary()}")
 
-    write_merge_record(tmp, record, adapter_dir, output_dir, method, parity, model_args, task, head)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    tmp.rename(output_dir)
-    from alignkit.export.card import write_model_card
+        write_merge_record(tmp, record, adapter_dir, output_dir, method, parity, model_args, task, head)
+        from alignkit.export.card import write_model_card
 
-    write_model_card(output_dir)
+        write_model_card(tmp)
     return MergeResult(output_dir=output_dir, method=method, parity=parity)
 
 

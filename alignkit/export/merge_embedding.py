@@ -6,11 +6,11 @@ The merge methods are alignkit.export.merge's (``dequantize`` for 4-bit-trained 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
+from alignkit.export.outputs import staged_output
 from alignkit.models import load_base_model
 from alignkit.runs import RunRecord
 from alignkit.tasks.embedding import sentence_transformer
@@ -52,42 +52,39 @@ def merge_embedding(
     record = RunRecord.read(adapter_dir)
     model_args, quant_args = m.trained_args(adapter_dir, record.last)
     method, output_dir = m.check_merge_request(adapter_dir, output_dir, method, quant_args.load_in_4bit)
-    source = m.trained_base(model_args)
+    with staged_output(output_dir) as tmp:  # locked; built beside it, swapped in whole
+        source = m.trained_base(model_args)
 
-    # The reference: the base exactly as the adapter was trained on it (4-bit if it was), plus the adapter.
-    if reference is None:
-        base = load_base_model(model_args, quant_args, "embedding", source)
-        reference = sentence_transformer(PeftModel.from_pretrained(base, adapter_dir), adapter_dir)
-    ref, ref_dtype = embed(reference), reference[0].auto_model.dtype
-    del reference
+        # The reference: the base exactly as the adapter was trained on it (4-bit if it was), plus the adapter.
+        if reference is None:
+            base = load_base_model(model_args, quant_args, "embedding", source)
+            reference = sentence_transformer(PeftModel.from_pretrained(base, adapter_dir), adapter_dir)
+        ref, ref_dtype = embed(reference), reference[0].auto_model.dtype
+        del reference
 
-    base = load_base_model(
-        model_args, quant_args if method == "dequantize" else QuantizationArguments(), "embedding", source
-    )
-    if method == "dequantize":
-        base = base.dequantize(dtype=base.dtype)
-    merged = sentence_transformer(PeftModel.from_pretrained(base, adapter_dir).merge_and_unload(), adapter_dir)
-    tmp = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp), create_model_card=False)
-    del merged, base
+        base = load_base_model(
+            model_args, quant_args if method == "dequantize" else QuantizationArguments(), "embedding", source
+        )
+        if method == "dequantize":
+            base = base.dequantize(dtype=base.dtype)
+        merged = sentence_transformer(PeftModel.from_pretrained(base, adapter_dir).merge_and_unload(), adapter_dir)
+        merged.save_pretrained(str(tmp), create_model_card=False)
+        del merged, base
 
-    # Parity is checked on what was saved, loaded the way users will load it.
-    reloaded = SentenceTransformer(str(tmp), device="cpu", local_files_only=True)
-    exact = reloaded[0].auto_model.dtype == ref_dtype == torch.float32
-    bound = max_diff if max_diff is not None else (m.EXACT_BOUND if exact else m.LOW_PRECISION_BOUND)
-    parity = m.Parity(max_abs_diff=(embed(reloaded) - ref).abs().max().item(), loss_adapter=0.0, loss_merged=0.0,
-                      bound=bound)  # fmt: skip
-    print(f"merged {adapter_dir} -> {output_dir} (method {method}, a SentenceTransformer folder)\n"
-          f"parity: max |embedding diff| = {parity.max_abs_diff:.3g} (bound {bound:g}, "
-          f"{'ok' if parity.passed else 'ABOVE the bound'})")  # fmt: skip
-    head = dict(record.last.head_config)
-    m.write_merge_record(tmp, record, adapter_dir, output_dir, method, parity, model_args, "embedding", head)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    tmp.rename(output_dir)
-    from alignkit.export.card import write_model_card
+        # Parity is checked on what was saved, loaded the way users will load it.
+        reloaded = SentenceTransformer(str(tmp), device="cpu", local_files_only=True)
+        exact = reloaded[0].auto_model.dtype == ref_dtype == torch.float32
+        bound = max_diff if max_diff is not None else (m.EXACT_BOUND if exact else m.LOW_PRECISION_BOUND)
+        parity = m.Parity(max_abs_diff=(embed(reloaded) - ref).abs().max().item(), loss_adapter=0.0, loss_merged=0.0,
+                          bound=bound)  # fmt: skip
+        print(f"merged {adapter_dir} -> {output_dir} (method {method}, a SentenceTransformer folder)\n"
+              f"parity: max |embedding diff| = {parity.max_abs_diff:.3g} (bound {bound:g}, "
+              f"{'ok' if parity.passed else 'ABOVE the bound'})")  # fmt: skip
+        head = dict(record.last.head_config)
+        m.write_merge_record(tmp, record, adapter_dir, output_dir, method, parity, model_args, "embedding", head)
+        from alignkit.export.card import write_model_card
 
-    write_model_card(output_dir)
+        write_model_card(tmp)
     return m.MergeResult(output_dir=output_dir, method=method, parity=parity)
 
 

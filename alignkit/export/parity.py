@@ -61,6 +61,15 @@ class MergeResult:
     parity: Parity
 
 
+def is_merge(folder: Path) -> bool:
+    """True when ``folder`` holds an earlier alignkit merge (which a new merge may replace)."""
+    try:
+        record = RunRecord.read(folder)
+    except ConfigError:
+        return False
+    return bool(record and record.merge)
+
+
 def check_merge_request(adapter_dir: Path, output_dir, method: str | None, quantized: bool) -> tuple[str, Path]:
     """The merge method (default: dequantize for a 4-bit base, else full_precision) and the output folder (default:
     ``<adapter_dir>-merged``), checked before any model loads. Raises ConfigError for an unknown method, dequantize
@@ -73,9 +82,9 @@ def check_merge_request(adapter_dir: Path, output_dir, method: str | None, quant
             f"method dequantize: {adapter_dir} was trained on a full-precision base. Fix: use full_precision."
         )
     output_dir = Path(output_dir) if output_dir else adapter_dir.with_name(adapter_dir.name + "-merged")
-    previous = RunRecord.read(output_dir) if output_dir.exists() else None
-    if output_dir.exists() and any(output_dir.iterdir()) and not (previous and previous.merge):
-        raise ConfigError(f"{output_dir}: exists and is not an earlier merge. Fix: choose another output folder.")
+    from alignkit.export.outputs import check_output
+
+    check_output(output_dir, "folder", inputs=[adapter_dir], ours=is_merge, earlier="an earlier merge")
     return method, output_dir
 
 

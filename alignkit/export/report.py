@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.errors import ConfigError
+from alignkit.export.outputs import check_output, staged_output
 from alignkit.runs import RunRecord
 
 # file stem -> (title, log_history keys drawn on it). Train keys solid, eval keys dashed.
@@ -92,21 +93,27 @@ def write_report(output_dirs: list[str | Path], out_dir: str | Path | None = Non
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
     runs = [load_run(d) for d in output_dirs]
     names = [r.name for r in runs]
     if len(set(names)) < len(names):  # two runs in folders of the same name: tell them apart by full path
         for r, d in zip(runs, output_dirs):
             r.name = f"{r.stage}:{d}"
     out = Path(out_dir) if out_dir else (Path(output_dirs[0]) / "report" if len(runs) == 1 else Path("alignkit_report"))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"--out {out}: cannot be a report folder ({exc.strerror}). Fix: choose another --out."
-        ) from None
+    check_output(out, "folder", inputs=output_dirs, ours=lambda p: (p / "report.html").is_file(), flag="--out")
+    with staged_output(out) as scratch:  # built beside it and swapped in whole
+        pngs, series = _plot(runs, scratch)
+        (scratch / "report.html").write_text(_html(runs, pngs))
+    pngs = {stem: out / path.name for stem, path in pngs.items()}
+    page = out / "report.html"
+    print(f"report: {page} ({len(pngs)} plots)")
+    return Report(html=page, pngs=pngs, series=series)
+
+
+def _plot(runs: list[RunLog], out: Path) -> tuple[dict[str, Path], dict]:
+    """One PNG per plot with any series into ``out``; their paths and the plotted series."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     pngs: dict[str, Path] = {}
     series: dict[str, dict[str, dict[str, Series]]] = {}
     for stem, (title, keys) in PLOTS.items():
@@ -133,10 +140,7 @@ def write_report(output_dirs: list[str | Path], out_dir: str | Path | None = Non
             fig.savefig(pngs[stem])
             series[stem] = drawn
         plt.close(fig)
-    page = out / "report.html"
-    page.write_text(_html(runs, pngs))
-    print(f"report: {page} ({len(pngs)} plots)")
-    return Report(html=page, pngs=pngs, series=series)
+    return pngs, series
 
 
 def _expand(log_history: list[dict], keys: tuple[str, ...]) -> list[str]:

@@ -1,4 +1,4 @@
-"""The output folder a run writes into: one run at a time (:class:`OutputDirLock`), never a finished run replaced or
+"""The output folder a run writes into: one run at a time (:class:`alignkit.export.outputs.OutputDirLock`), never a finished run replaced or
 unfinished checkpoints started over unasked, and in a launch of several processes the same folder on every rank.
 Each failure is one PreflightError naming the path and the fix."""
 
@@ -9,75 +9,13 @@ import os
 import shutil
 from pathlib import Path
 
-from alignkit.errors import PreflightError, redact
+from alignkit.errors import PreflightError
+from alignkit.export.outputs import OutputDirLock  # noqa: F401 (the run lock; merge and export share its module)
 from alignkit.runs import RunRecord
 from alignkit.train.callbacks import checkpoints
 from alignkit.train.resume import wants_resume
 
 logger = logging.getLogger(__name__)
-
-
-class OutputDirLock:
-    """An exclusive lock on ``output_dir`` for the life of one run, so a second run into it is refused instead of
-    writing over the first. It is a ``flock`` on the directory itself: nothing is written into the folder, and the
-    kernel drops the lock when the holding process ends however it ends, so a lock is never stale. Rank 0 takes it
-    for all ranks of a launch. ``release`` also removes the folder if this run created it and it is still empty (a
-    run that failed before writing anything leaves nothing behind)."""
-
-    def __init__(self, output_dir: Path):
-        self.output_dir = Path(output_dir)
-        self.fd: int | None = None
-        self.created = False
-
-    def acquire(self) -> None:
-        import fcntl
-
-        out = self.output_dir
-        self.created = not out.exists()
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as exc:
-            raise PreflightError(
-                f"output_dir {out}: not writable ({exc.strerror}). Fix: choose a writable output_dir."
-            ) from exc
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _lock_holder(out)
-            self.release()
-            raise PreflightError(
-                f"output_dir {out}: in use by another alignkit run that is still going ({holder}). Fix: wait for it "
-                "to finish, or choose another output_dir. Do not resume into or overwrite a live run."
-            ) from None
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # drops the flock
-            self.fd = None
-        if self.created:
-            try:
-                self.output_dir.rmdir()  # only if still empty
-            except OSError:
-                pass
-
-
-def _lock_holder(folder: Path) -> str:
-    """'pid N on host H: <command>' of the process holding the flock on ``folder`` (from /proc/locks)."""
-    import socket
-
-    st = os.stat(folder)
-    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    try:
-        for line in Path("/proc/locks").read_text().splitlines():
-            fields = line.split()
-            if "FLOCK" in fields and ident in fields:
-                pid = fields[fields.index(ident) - 1]
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-                return f"pid {pid} on host {socket.gethostname()}: {redact(cmd)[:160]}"
-    except OSError:
-        pass
-    return "another process"
 
 
 def check_output_dir(output_dir: Path, run_args, resume) -> None:
