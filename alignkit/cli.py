@@ -151,8 +151,8 @@ def generate(argv: list[str]) -> int:
     p.add_argument("--batch_size", type=int, default=8, help="Prompts per generate() call.")
     _generation_flags(p)
     args = p.parse_args(argv)
-    read_prompts(args.prompts)  # bad prompts and a bad --out fail before the model loads
-    check_generate_out(args.out, args.prompts, args.model)
+    check_generate_out(args.out, args.prompts, args.model)  # a bad --out and bad prompts fail before the model loads
+    read_prompts(args.prompts)
     model, tokenizer = load_for_generation(args.model)
     generate_file(model, tokenizer, args.prompts, args.out, batch_size=args.batch_size, **_generation_kwargs(args))
     return 0

@@ -111,6 +111,8 @@ class OutputLock:
                 break
             os.close(fd)
         for leftover in self.out.parent.glob(_scratch_prefix(self.out) + "*"):  # a killed writer's: ours to remove
+            if leftover == self.path:
+                continue
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
