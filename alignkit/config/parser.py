@@ -99,12 +99,22 @@ class _DuplicateKey(Exception):
         self.key, self.first, self.second = key, first, second
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+# Top-level keys that only hold a block for anchors (``x-defaults: &defaults {...}``, as in docker-compose); they are
+# dropped after the merge keys (``<<: *defaults``) are applied, so the strict-key check sees the merged recipe.
+ANCHOR_PREFIX = "x-"
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last silently).
+    YAML 1.1 merge keys (``<<: *anchor``, ``<<: [*a, *b]``) work as in yaml.safe_load: the mapping's own keys
+    override merged ones; only its own keys are checked for duplicates."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == MERGE_TAG:
+                continue
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             if key in seen:
@@ -161,6 +171,7 @@ class RecipeParser:
             raise ConfigError(f"{path}: not valid YAML ({exc}). Fix: correct the YAML syntax.") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of key: value. Fix: use flat 'key: value' lines.")
+        data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith(ANCHOR_PREFIX))}
         data = self._flatten_groups(data, path)
         for key in data:
             self._check_key(key, str(path))

@@ -124,3 +124,27 @@ def test_a_recipe_given_bad_input_prints_the_fix_not_a_traceback(tmp_path):
     assert done.returncode == 2
     assert "alignkit: ConfigError: max_steps: 'ten' is not a valid int. Fix:" in done.stderr
     assert "Traceback" not in done.stderr and not out.exists()
+
+
+def test_yaml_merge_keys_and_anchors_work_and_stay_strict(tmp_path):
+    """Issue 43 case 5: `<<: *defaults` was refused as invalid YAML. Merge keys work at the top level (from an
+    ``x-`` anchor block) and inside ``datasets:``; own keys override merged ones; the merged recipe is still checked
+    key by key, and a key set twice in one mapping is still refused."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "x-defaults: &defaults\n  learning_rate: 1.0e-4\n  lora_r: 4\n  max_steps: 7\n"
+        "<<: *defaults\nmax_steps: 9\nmodel_name_or_path: tiny:llama\n"
+        f"output_dir: {tmp_path / 'out'}\n"
+        "datasets:\n  - &one {path: a.jsonl, split: train, weight: 2}\n  - <<: *one\n    path: b.jsonl\n"
+    )
+    recipe = parse_recipe(SFTConfig, ["--config", str(path)])
+    assert recipe.train.learning_rate == pytest.approx(1e-4) and recipe.adapter.lora_r == 4
+    assert recipe.train.max_steps == 9  # the recipe's own key wins over the merged one
+    assert [(d.path, d.weight) for d in recipe.data.datasets] == [("a.jsonl", 2), ("b.jsonl", 2)]
+
+    path.write_text("x-defaults: &d\n  learning_rat: 1.0e-4\n<<: *d\nmodel_name_or_path: tiny:llama\n")
+    with pytest.raises(ConfigError, match="unknown key 'learning_rat'.*learning_rate"):
+        parse_recipe(SFTConfig, ["--config", str(path)])
+    path.write_text("x-d: &d\n  lora_r: 4\n<<: *d\nlora_r: 8\nlora_r: 16\nmodel_name_or_path: tiny:llama\n")
+    with pytest.raises(ConfigError, match="'lora_r' is set twice, on line 4 and line 5"):
+        parse_recipe(SFTConfig, ["--config", str(path)])
