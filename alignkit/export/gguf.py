@@ -26,6 +26,7 @@ from pathlib import Path
 
 from alignkit.errors import ConfigError, PreflightError
 from alignkit.export.outputs import check_output, staged_output
+from alignkit.models.folders import check_adapter_folder, check_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +183,8 @@ def export_gguf(
     from alignkit.runs import RunRecord
 
     folder = Path(run_or_merged)
+    if folder.is_dir() and (folder / "adapter_config.json").is_file():
+        check_adapter_folder(folder)
     if not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():
         from alignkit.export.merge import merge_adapter
 
@@ -195,9 +198,10 @@ def export_gguf(
         folder = merged
     if not (folder / "config.json").is_file() and not folder.is_dir():
         raise ConfigError(f"{folder}: not a model folder (no config.json). Fix: give a merged model or an adapter run.")
-    from alignkit.models.sources import check_model_folder
+    from alignkit.models.sources import check_model_folder as check_complete
 
-    check_model_folder(folder, what="export")
+    check_complete(folder, what="export")  # every file there
+    check_model_folder(folder, fix=f"merge again into {folder} (alignkit merge <run> --output {folder})")  # readable
     out = Path(out) if out else folder / f"{folder.name}-{outtype}.gguf"
     check_output(out, "file", inputs=[folder], ours=_is_gguf, flag="--out")
     with staged_output(out, "file") as scratch:  # locked; written beside it and swapped in only once it passes

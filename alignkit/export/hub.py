@@ -12,6 +12,7 @@ import fnmatch
 from pathlib import Path
 
 from alignkit.errors import PreflightError
+from alignkit.models.folders import check_file
 
 # What a pushed repo holds: card, weights, configs, tokenizer, chat template, alignkit's metadata and curves.
 # Everything else stays local: checkpoints, pickled training_args.bin, merged_base/, a DPO reference adapter folder.
@@ -152,6 +153,8 @@ def push_folder(
     folder = Path(folder)
     token = _token(token)
     files = files_to_push(folder)
+    for name in files:  # a damaged file is named here, not uploaded
+        check_file(folder / name, f"write {folder} again before pushing it")
     for name in files:  # defence in depth: a token pasted into a recipe or card must not leave this machine
         if name.endswith(_TEXT_SUFFIXES) and token in (folder / name).read_text(errors="ignore"):
             raise PreflightError(f"{folder / name}: contains the Hugging Face token; refusing to push. Fix: remove it.")

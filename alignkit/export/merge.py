@@ -35,6 +35,7 @@ from alignkit.export.parity import (
     write_merge_record,
 )
 from alignkit.models import ModelSource, apply_contract, fit_embeddings, load_base_model
+from alignkit.models.folders import check_adapter_folder
 from alignkit.models.heads import get_head
 from alignkit.models.trained import head_kwargs, quiet_head_report
 from alignkit.runs import RunRecord
@@ -69,6 +70,7 @@ def merge_adapter(
             f"{adapter_dir}: the adapter folder is incomplete: it lacks adapter_model.safetensors. Fix: copy the run's "
             "output_dir again, or train the stage again."
         )
+    check_adapter_folder(adapter_dir, fix=f"resume or rerun the run that wrote {adapter_dir}")
     record = RunRecord.read(adapter_dir)
     last = record.last if record else None
     task = (last.task if last else None) or "causal_lm"

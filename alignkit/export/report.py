@@ -16,6 +16,7 @@ from pathlib import Path
 
 from alignkit.errors import ConfigError
 from alignkit.export.outputs import check_output, staged_output
+from alignkit.models.folders import check_json
 from alignkit.runs import RunRecord
 
 # file stem -> (title, log_history keys drawn on it). Train keys solid, eval keys dashed.
@@ -64,6 +65,7 @@ def load_run(output_dir: str | Path) -> RunLog:
     state = output_dir / "trainer_state.json"
     if not state.is_file():
         raise ConfigError(f"{output_dir}: no trainer_state.json. Fix: pass the output_dir of a finished run.")
+    check_json(state, "rerun or resume the run that wrote it (a run cut short while saving leaves a broken file)")
     record = RunRecord.read(output_dir)
     stage = record.stage if record else "run"
     try:

@@ -47,10 +47,12 @@ def load_trained(path: str | Path, merge: bool = False, dtype: str = "float32"):
     from peft import PeftModel
 
     from alignkit.config.args import ModelArguments, QuantizationArguments
+    from alignkit.models.folders import check_trained_folder
     from alignkit.models.loader import fit_embeddings, load_base_model
     from alignkit.models.sources import resolve_source
     from alignkit.models.tokenizer import load_tokenizer
 
+    check_trained_folder(path)  # a damaged file: one line naming it, before any library reads it
     model_args = ModelArguments(model_name_or_path=str(path), dtype=dtype)
     source = resolve_source(model_args)
     tokenizer = load_tokenizer(model_args, source=source)

@@ -17,6 +17,7 @@ from alignkit.train.callbacks import (
     checkpoints,
     last_complete_checkpoint,
 )
+from alignkit.train.checkpoint_files import check_checkpoint, marked
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ def resolve_resume(output_dir: Path, resume) -> str | None:
     if not wants_resume(resume):
         return None
     if str(resume).lower() in ("true", "yes", "latest"):
-        last = last_complete_checkpoint(output_dir)
+        done = [p for p in checkpoints(output_dir) if marked(p)]  # saves that finished; unmarked ones were cut short
+        last = done[-1] if done else None
         if last is None:
             partial = ", ".join(p.name for p in checkpoints(output_dir))
             found = f"only incomplete checkpoints ({partial}: cut short while saving)" if partial else "no checkpoint"
@@ -40,6 +42,7 @@ def resolve_resume(output_dir: Path, resume) -> str | None:
                 f"resume_from_checkpoint: true, but {output_dir} holds {found}. Fix: start the run without "
                 "resume_from_checkpoint (with overwrite_output_dir: true), or give the path of a complete checkpoint."
             )
+        check_checkpoint(last)  # a damaged file: named, with the previous checkpoint to resume from
         every = checkpoints(output_dir)
         skipped = [p.name for p in every[every.index(last) + 1 :]]
         if skipped:
@@ -50,6 +53,8 @@ def resolve_resume(output_dir: Path, resume) -> str | None:
         raise PreflightError(
             f"resume_from_checkpoint: {resume} is not a folder. Fix: give a checkpoint-N folder, or true for the latest."
         )
+    if marked(path):
+        check_checkpoint(path)
     if not checkpoint_is_complete(path):
         last = last_complete_checkpoint(path.parent)
         raise PreflightError(

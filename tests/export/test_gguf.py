@@ -114,3 +114,43 @@ def test_the_gguf_embeds_the_saved_stock_template_of_the_family(adapter_run):
     field = GGUFReader(path).fields["tokenizer.chat_template"]
     embedded = bytes(field.parts[field.data[0]]).decode("utf-8")
     assert embedded == saved
+
+
+def test_sigkill_during_export_keeps_the_old_gguf_and_the_models_own_files_are_never_the_out(adapter_run, tmp_path):
+    """Issue 43 case 7: a kill during `export gguf` left a 24-byte .gguf under the final name, and
+    `--out M/model.safetensors` overwrote the merged weights with a partial GGUF. The GGUF is now written beside its
+    destination and renamed in once it passes parity; a file of the model folder is refused as --out."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from alignkit.export.gguf import export_gguf
+
+    path, _ = export_gguf(adapter_run, "f16")
+    merged = path.parent
+    old = path.read_bytes()
+    weights = (merged / "model.safetensors").read_bytes()
+
+    def cli(*argv):
+        return subprocess.Popen([sys.executable, "-m", "alignkit.cli", "export", "gguf", *map(str, argv)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    proc = cli(merged, "--out", path)
+    deadline = time.monotonic() + 300
+    while not [p for p in merged.glob(f".{path.name}.alignkit-*.gguf") if p.stat().st_size > 0]:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert path.read_bytes() == old  # the old export, whole
+
+    refused = cli(merged, "--out", merged / "model.safetensors")
+    _, err = refused.communicate(timeout=300)
+    lines = [line for line in err.splitlines() if line.startswith("alignkit:")]
+    assert refused.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert "is a file of the input folder" in lines[0]
+    assert (merged / "model.safetensors").read_bytes() == weights
+
+    again, _ = export_gguf(merged, "f16", path)  # the next export clears the killed one's scratch
+    assert again == path and not list(merged.glob(".*alignkit-*"))

@@ -1,0 +1,143 @@
+"""Check a folder before anything loads from it: one checker per kind of folder (a model, an adapter run, and, in
+alignkit.train.checkpoint_files, a checkpoint), each built from per-file checks that read only headers and
+structure (safetensors header and data extent, JSON parse, a torch zip archive's directory and CRCs). A damaged or
+missing file is one PreflightError naming the file and what to do, instead of a library's traceback (a
+``SafetensorError: incomplete metadata``, a ``JSONDecodeError``, a tokenizer asking for sentencepiece).
+
+Bytes changed inside a tensor's data keep its header and size valid, so they are not found here; everything that
+makes a load fail is.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from pathlib import Path
+
+from alignkit.errors import PreflightError
+
+# the JSON files a model or adapter folder may hold, checked when present
+JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
+              "special_tokens_map.json", "adapter_config.json", "alignkit_run.json", "trainer_state.json",
+              "model.safetensors.index.json", "modules.json")  # fmt: skip
+
+
+def damaged(path: Path, problem: str, fix: str) -> PreflightError:
+    return PreflightError(f"{path}: {problem}. Fix: {fix}")
+
+
+def check_json(path: Path, fix: str) -> dict:
+    """The parsed JSON object in ``path``; PreflightError if it is unreadable or not an object."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise damaged(path, f"damaged: not readable JSON ({str(exc)[:80]})", fix) from None
+    if not isinstance(data, dict):
+        raise damaged(path, "damaged: not a JSON object", fix)
+    return data
+
+
+def check_safetensors(path: Path, fix: str) -> dict:
+    """The header of a safetensors file, after checking that it parses and that the tensors' data fills the file
+    exactly (a truncated or padded file fails)."""
+    try:
+        with open(path, "rb") as f:
+            size = path.stat().st_size
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise damaged(path, f"damaged: {size} bytes, shorter than a safetensors header", fix)
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise damaged(path, f"damaged: its header claims {n} bytes but the file has {size}", fix)
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        raise damaged(path, f"not readable ({exc.strerror})", fix) from None
+    except (ValueError, UnicodeDecodeError):
+        raise damaged(path, "damaged: its safetensors header is not readable", fix) from None
+    if not isinstance(header, dict):
+        raise damaged(path, "damaged: its safetensors header is not readable", fix)
+    try:
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError):
+        raise damaged(path, "damaged: its safetensors header is not readable", fix) from None
+    if 8 + n + end != size:
+        raise damaged(path, f"damaged: {size} bytes, but its tensors need {8 + n + end} (truncated or cut short)", fix)
+    return header
+
+
+def check_torch_archive(path: Path, fix: str) -> None:
+    """A ``torch.save`` file (optimizer.pt, scheduler.pt, rng_state.pth): a zip archive whose entries' CRCs match."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError, RuntimeError) as exc:
+        raise damaged(path, f"damaged: not a readable torch file ({str(exc)[:80]})", fix) from None
+    if bad is not None:
+        raise damaged(path, f"damaged: its entry {bad} fails its checksum", fix)
+
+
+def check_file(path: Path, fix: str) -> None:
+    """The check that fits ``path``'s kind (by name); other files only have to be readable."""
+    name = path.name
+    if name.endswith(".safetensors"):
+        check_safetensors(path, fix)
+    elif name.endswith(".json") or name in JSON_FILES:
+        check_json(path, fix)
+    elif name.endswith((".pt", ".pth", ".bin")):
+        check_torch_archive(path, fix)
+
+
+def _check_present(folder: Path, fix: str) -> None:
+    for name in JSON_FILES:
+        if (folder / name).is_file():
+            check_json(folder / name, fix)
+
+
+def check_model_folder(folder: str | Path, fix: str | None = None) -> Path:
+    """A transformers model folder (a merged model, a full fine-tune): config.json, and its weights as one
+    model.safetensors or the shards its index names, every one readable. Returns the folder."""
+    folder = Path(folder)
+    fix = fix or f"write {folder} again (rerun the merge or the run that made it)"
+    if not folder.is_dir():
+        raise PreflightError(f"{folder}: not a folder. Fix: give a run's output_dir or a model folder.")
+    if not (folder / "config.json").is_file():
+        what = "is empty" if not any(folder.iterdir()) else "has no config.json"
+        raise PreflightError(f"{folder}: {what}, so it is not a model folder. Fix: give a run's output_dir or a "
+                             "merged model folder.")  # fmt: skip
+    _check_present(folder, fix)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(check_json(index, fix).get("weight_map", {}).values()))
+    else:
+        shards = ["model.safetensors"]
+    for shard in shards:
+        if not (folder / shard).is_file():
+            raise damaged(folder / shard, "missing (a half-written model folder)", fix)
+        check_safetensors(folder / shard, fix)
+    return folder
+
+
+def check_adapter_folder(folder: str | Path, fix: str | None = None) -> Path:
+    """A PEFT adapter folder (an alignkit adapter run): adapter_config.json and adapter_model.safetensors, readable,
+    and the run record and tokenizer files when present. Returns the folder."""
+    folder = Path(folder)
+    fix = fix or f"resume the run that wrote {folder} from its last checkpoint, or train it again"
+    _check_present(folder, fix)
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise damaged(weights, "missing, so the adapter cannot load", fix)
+    check_safetensors(weights, fix)
+    return folder
+
+
+def check_trained_folder(path: str | Path) -> None:
+    """Whatever ``load_trained``/merge/export read from a local folder: an adapter run or a model folder. A name that
+    is not a local folder (a Hub id, a ``tiny:`` name) is left to the loader."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    if (folder / "adapter_config.json").is_file():
+        check_adapter_folder(folder)
+    else:
+        check_model_folder(folder)
