@@ -63,6 +63,22 @@ class DivergenceError(NonFiniteLossError):
     status = "diverged"
 
 
+class RewardFunctionError(AlignkitError, RuntimeError):
+    """A GRPO reward function failed during training (raised, or broke the reward contract)."""
+
+    status = "reward function failed"
+
+
+class RunInterrupted(AlignkitError, RuntimeError):
+    """The run got SIGTERM/SIGINT; it saved a checkpoint and stopped (exit 128 + the signal's number)."""
+
+    status = "interrupted"
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def run_cli(main, argv=None):
     """Run a command-line entry point. Bad input (an AlignkitError, found before training starts) prints its message,
     which names the file, row or key and the fix, instead of a traceback through alignkit's internals, and exits 2;
@@ -77,4 +93,4 @@ def run_cli(main, argv=None):
             raise
         if int(os.environ.get("RANK", "0")) == 0:  # under a launcher every rank fails alike: say it once
             print(f"alignkit: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr, flush=True)
-        raise SystemExit(1 if isinstance(exc, NonFiniteLossError) else 2) from None
+        raise SystemExit(getattr(exc, "exit_code", 1 if isinstance(exc, NonFiniteLossError) else 2)) from None

@@ -14,6 +14,11 @@ filter for torch elastic's per-rank failure lines:
 - another failure (a crash, a NaN stop): one line saying which rank failed with which exit code, above it the
   child's own error; the launcher exits with that code (1 when the child died of a signal). The command line is
   never printed; with ``ALIGNKIT_TRACEBACK=1`` the launcher's traceback is printed, every secret redacted.
+
+It also forwards SIGTERM and SIGINT to the launcher's children (accelerate's one-process launcher otherwise dies
+of them and leaves the training process running as an orphan): the run saves a checkpoint, marks itself
+``interrupted`` and exits 128 + the signal's number, which the launcher then exits with. torch elastic's agent
+(multi-process launches) replaces these handlers with its own, which signal the workers likewise.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import sys
 
 BAD_INPUT = 2  # alignkit.errors.run_cli's exit code for an AlignkitError
+INTERRUPTED = (128 + 2, 128 + 15)  # alignkit.errors.RunInterrupted: SIGINT, SIGTERM (the child said so)
 LAUNCHER_SCRIPTS = {"accelerate": "launch", "accelerate-launch": None, "torchrun": None}
 LAUNCHER_MODULES = ("accelerate.commands.launch", "torch.distributed.run", "torch.distributed.launch")
 ELASTIC_LOGGER = "torch.distributed.elastic.multiprocessing.api"
@@ -68,7 +74,35 @@ def install(orig_argv: list[str] | None = None) -> bool:
 
     sys.excepthook = hook
     logging.getLogger(ELASTIC_LOGGER).addFilter(_quiet_bad_input)
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _forward)
     return True
+
+
+def _children() -> list[int]:
+    """Pids of this process's children (from /proc)."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+                found.append(int(entry))
+    return found
+
+
+def _forward(signum, frame) -> None:
+    """Pass the signal on to the training children and keep waiting for them: they save and exit."""
+    for pid in _children():
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
 
 
 def child_exit_code(exc: BaseException) -> int | None:
@@ -91,7 +125,7 @@ def _report(exc_type, exc, tb, code: int) -> None:
         import traceback
 
         sys.stderr.write(redact("".join(traceback.format_exception(exc_type, exc, tb))))
-    if code == BAD_INPUT:
+    if code == BAD_INPUT or code in INTERRUPTED:
         return  # the child printed the message and the fix
     rank = ""
     if type(exc).__name__ == "ChildFailedError":

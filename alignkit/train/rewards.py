@@ -12,6 +12,12 @@ Each is a callable as trl 1.16's GRPOTrainer calls reward functions: ``f(prompts
 
 Every reward is called once on the first training rows before any model loads, so a function that cannot be
 imported, raises, or returns the wrong number of values fails with its name and the fix (exit 2).
+
+During training each reward runs under a contract (:class:`CheckedReward`): it may return a list, tuple or 1-D
+numpy array/tensor of Python or numpy numbers (as trl accepts); ``None`` skips a completion (trl's way, counted in
+``skipped``); NaN or inf is refused (a silent NaN reward trains on nothing); a wrong count names the expected one;
+a function that raises stops the run with one line naming it, the completion it failed on and the exception
+(:class:`alignkit.errors.RewardFunctionError`), after the run loop saves a checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from alignkit.errors import ConfigError, DataError
+from alignkit.errors import ConfigError, DataError, RewardFunctionError
 
 BUILT_IN = ("format", "exact", "numeric")
 
@@ -78,11 +84,92 @@ class ModelReward:
         return self.scorer.score(list(prompts), list(completions))
 
 
+def _number(value) -> float | None:
+    """A reward value as trl takes it: None, or a real number (Python, numpy or a 0-d tensor); else TypeError."""
+    if value is None:
+        return None
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()  # numpy scalar, 0-d array or tensor
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{value!r} ({type(value).__name__}) is not a number")
+    return float(value)
+
+
+def reward_values(values, expected: int, name: str) -> list[float | None]:
+    """``values`` as a list of floats or None, checked: one per completion, finite. Raises ConfigError."""
+    if hasattr(values, "tolist") and getattr(values, "ndim", 1) == 1:
+        values = values.tolist()  # a numpy array or tensor of rewards
+    if not isinstance(values, (list, tuple)):
+        raise ConfigError(f"reward_funcs: '{name}' returned a {type(values).__name__}, not one value per completion. "
+                          f"Fix: return a list of {expected} floats (None skips one).")  # fmt: skip
+    if len(values) != expected:
+        raise ConfigError(f"reward_funcs: '{name}' returned {len(values)} values for {expected} completions (one per "
+                          f"completion, every prompt's group included). Fix: return {expected} values, one per "
+                          "completion, in the order given.")  # fmt: skip
+    try:
+        out = [_number(v) for v in values]
+    except TypeError as exc:
+        raise ConfigError(f"reward_funcs: '{name}' returned {exc}. Fix: return floats (None skips one).") from None
+    bad = next((v for v in out if v is not None and not math.isfinite(v)), None)
+    if bad is not None:
+        raise ConfigError(f"reward_funcs: '{name}' returned {bad}, not a finite number. Fix: return a number for "
+                          "every completion, or None to skip one (e.g. an unparseable completion).")  # fmt: skip
+    return out
+
+
+class CheckedReward:
+    """A reward function under the contract (module docstring): what trl calls during training. ``skipped``: how
+    many completions it returned None for."""
+
+    def __init__(self, func: Callable, name: str):
+        self.func, self.name, self.skipped = func, name, 0
+        self.__name__ = getattr(func, "__name__", name)  # trl names the reward's metrics after it
+
+    def __call__(self, prompts, completions, **columns) -> list[float | None]:
+        try:
+            values = self.func(prompts=prompts, completions=completions, **columns)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's function: name what it raised, where
+            raise self._failed(prompts, completions, columns, exc) from None
+        try:
+            out = reward_values(values, len(completions), self.name)
+        except ConfigError as exc:
+            raise RewardFunctionError(str(exc)) from None
+        self.skipped += sum(v is None for v in out)
+        return out
+
+    def _failed(self, prompts, completions, columns, exc: Exception) -> RewardFunctionError:
+        """The first completion the function raises on alone (else the batch's first), in one line."""
+        culprit, error = completions[0], exc
+        for i, completion in enumerate(completions):
+            one = {
+                k: v[i : i + 1] if isinstance(v, list) and len(v) == len(completions) else v for k, v in columns.items()
+            }
+            try:
+                self.func(prompts=prompts[i : i + 1], completions=[completion], **one)
+            except Exception as single:  # noqa: BLE001
+                culprit, error = completion, single
+                break
+        text = " ".join(completion_text(culprit).split())
+        text = text if len(text) <= 80 else text[:77] + "..."
+        detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        return RewardFunctionError(
+            f"reward_funcs: '{self.name}' raised {detail} on the completion {text!r}; the run stopped and saved a "
+            "checkpoint. Fix: make it return a number (or None to skip) for every completion, e.g. 0.0 when the "
+            "expected pattern is missing; then resume (resume_from_checkpoint: true)."
+        )
+
+
 def import_reward(spec: str, index: int) -> Callable:
-    """``package.module:function`` -> the function; ConfigError naming the entry if it cannot be imported."""
+    """``package.module:function`` -> the function; ConfigError naming the entry if it cannot be imported (a module
+    that calls ``sys.exit`` on import is reported as such)."""
     module_name, _, name = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as exc:
+        raise ConfigError(
+            f"reward_funcs[{index}]: importing '{module_name}' called sys.exit({exc.code!r}). Fix: do not exit at "
+            'import time (move script code under `if __name__ == "__main__":`).'
+        ) from None
     except Exception as exc:  # noqa: BLE001 - the user's module: any import error is theirs to fix
         raise ConfigError(
             f"reward_funcs[{index}]: '{spec}' could not be imported ({type(exc).__name__}: {exc}). Fix: give "
@@ -128,17 +215,11 @@ def check_reward(func: Callable, name: str, rows) -> None:
             "Fix: it is called as f(prompts, completions, completion_ids, **columns) with the data's other columns "
             "as lists; accept **kwargs."
         ) from None
-    if not isinstance(values, (list, tuple)) or len(values) != len(prompts):
-        got = f"{len(values)} values" if isinstance(values, (list, tuple)) else f"a {type(values).__name__}"
+    except SystemExit as exc:
         raise ConfigError(
-            f"reward_funcs: '{name}' returned {got} for {len(prompts)} completions. Fix: return a list with one "
-            "float (or None) per completion."
-        )
-    bad = [v for v in values if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v))]
-    if bad:
-        raise ConfigError(
-            f"reward_funcs: '{name}' returned {bad[0]!r}, not a finite number. Fix: return floats (None skips one)."
-        )
+            f"reward_funcs: '{name}' called sys.exit({exc.code!r}). Fix: return values, never exit."
+        ) from None
+    reward_values(values, len(prompts), name)
 
 
 def build_reward_functions(args, train, tokenizer=None) -> list[Callable]:
@@ -163,4 +244,4 @@ def build_reward_functions(args, train, tokenizer=None) -> list[Callable]:
     probe = train.select(range(min(2, len(train))))
     for spec, func in zip(args.reward_funcs, funcs):
         check_reward(func, spec, probe)
-    return funcs
+    return [CheckedReward(func, spec) for func, spec in zip(funcs, args.reward_funcs)]

@@ -1,0 +1,78 @@
+"""Stopping a run without losing it: SIGTERM/SIGINT (a preempted job, a cluster scheduler, Ctrl-C) and a reward
+function that fails mid-run both end in a complete checkpoint, a run record that says why, and a non-zero exit.
+
+- :class:`SignalStop`: while ``trainer.train`` runs, SIGTERM and SIGINT set a flag instead of killing the process;
+  at the end of the step in progress the trainer saves a checkpoint through its own save path (so
+  ``AtomicCheckpoints`` marks it complete) and stops; the run loop then raises :class:`RunInterrupted` (exit
+  128 + signal). A second signal while it finishes the step stops at once, as the default handler would.
+- :func:`save_now`: a checkpoint of the state as of the last finished step, for a stop raised inside a step (a
+  reward function's error), unless that step's checkpoint is already saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from alignkit.train.callbacks import checkpoint_is_complete
+
+logger = logging.getLogger(__name__)
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class SignalStop(TrainerCallback):
+    """Install with ``with SignalStop() as stop: trainer.add_callback(stop); trainer.train()``; ``stop.signum`` is
+    the signal that stopped the run (None if none came)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> SignalStop:
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            for sig in SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        import time
+
+        if self.signum is not None and time.monotonic() - self.since < 2:
+            return  # the same Ctrl-C twice: from the terminal (to the process group) and forwarded by the launcher
+        if self.signum is not None:  # asked twice: stop now
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
+        self.signum, self.since = signum, time.monotonic()
+        logger.warning("%s: saving a checkpoint at the end of this step, then stopping (again to stop at once)",
+                       signal.Signals(signum).name)  # fmt: skip
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def save_now(trainer) -> Path | None:
+    """Save checkpoint-<global_step> through the trainer's save path and mark it complete; the existing one if that
+    step is already saved; None if no step has finished."""
+    step = trainer.state.global_step
+    folder = Path(trainer.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+    if step == 0:
+        return None
+    if checkpoint_is_complete(folder):
+        return folder
+    trainer._save_checkpoint(trainer.model, trial=None)  # transformers' own checkpoint writer (model, optimizer, RNG)
+    trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
+    return folder
