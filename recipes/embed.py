@@ -22,7 +22,7 @@ def main(argv=None):
     args = recipe.group(config.EmbeddingArguments)
     with Run(recipe, stage=STAGE.name) as run:
         data = run.load_data(STAGE.data_schema)
-        fmt = embedding.check_loss(args, data)  # before the model loads
+        fmt = embedding.check_loss(args, data, recipe.train)  # before the model loads
         model = embedding.sentence_transformer(run.load_model(), embedding.st_folder(run.source),
                                                args.max_seq_length)  # fmt: skip
         run.model, run.head_config = model, embedding.describe(model, args, fmt)

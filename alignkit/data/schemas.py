@@ -31,6 +31,7 @@ class Schema:
     passthrough: tuple[str, ...] = ()  # optional columns the trainer consumes: kept when present
     data: str | None = None  # the kind of data (alignkit.data.formats): published formats convert to it
     keep_other_columns: bool = False  # every column reaches the trainer (GRPO's reward functions read them)
+    check_split: Callable[[object, str], None] | None = None  # the whole train split: can it teach anything?
 
     def columns_for(self, dataset, source: str) -> tuple[str, ...]:
         return self.columns_of(dataset.column_names, source)
@@ -238,6 +239,21 @@ def _check_kto(row, source, i):
         )  # fmt: skip
 
 
+def _kto_both_labels(dataset, source: str) -> None:
+    """KTO weighs desirable against undesirable completions: a split with only one kind has nothing to push
+    against (it trains and finishes, learning nothing the user meant)."""
+    labels = set(dataset["label"])
+    for value, kind, other in ((True, "desirable (label: true)", "undesirable (label: false)"),
+                               (False, "undesirable (label: false)", "desirable (label: true)")):  # fmt: skip
+        if labels == {value}:
+            raise DataError(
+                source, None, f"every one of its {len(dataset)} rows is {kind}, so KTO has no {other} completions to "
+                "weigh them against",
+                f"add {other} rows (KTO works best with both kinds, e.g. from DPO pairs: chosen and rejected), or train "
+                "with sft on the desirable rows",
+            )  # fmt: skip
+
+
 def _check_prompt(row, source, i):
     prompt = row["prompt"]
     _prompt(prompt, source, i)
@@ -276,6 +292,7 @@ KTO = Schema(
     "give each row 'prompt', 'completion' and a boolean 'label' (or DPO pairs: they are unpaired)",
     passthrough=CHAT_TEMPLATE_COLUMNS,
     data="kto",
+    check_split=_kto_both_labels,
 )
 GRPO = Schema(
     "grpo",

@@ -79,9 +79,11 @@ def loss_row(args, fmt: str) -> LossRow:
     return row
 
 
-def check_loss(args, splits) -> str:
+def check_loss(args, splits, train_args=None) -> str:
     """The data format of every split (one format for all: DataError naming the split otherwise), checked against
-    the loss before the model loads. Returns the format."""
+    the loss before the model loads; an in-batch-negatives loss (mnrl, cached_mnrl) at a batch of one row (no
+    negatives: its loss is 0 and its gradient nothing, read later as diverged weights) is refused. Returns the
+    format."""
     from alignkit.errors import DataError
 
     formats = {name: data_format(split.column_names) for name, split in splits.items()}
@@ -92,7 +94,17 @@ def check_loss(args, splits) -> str:
                 f"{name} split", None, f"is {other} while the train split is {fmt}",
                 "give every source the same columns (pairs, triplets or scored pairs)",
             )  # fmt: skip
-    loss_row(args, fmt)
+    name = loss_row(args, fmt).name
+    batch = getattr(train_args, "per_device_train_batch_size", None)
+    if name in ("mnrl", "cached_mnrl") and batch == 1 and fmt == PAIRS:  # triplets bring their own negative
+        from alignkit.errors import ConfigError
+
+        raise ConfigError(
+            f"loss: {name} scores each anchor against the other rows of its batch (in-batch negatives), and "
+            "per_device_train_batch_size is 1, so it has no negatives and nothing to learn. Fix: set "
+            "per_device_train_batch_size to 2 or more (mnrl learns more from bigger batches: 32+), or use triplets "
+            "with a negative column."
+        )
     return fmt
 
 

@@ -134,6 +134,9 @@ class Run:
         from alignkit.data.sources import load_datasets
 
         self.datasets = load_datasets(self.recipe.data, schema)
+        train = self.datasets.get("train")
+        if getattr(schema, "check_split", None) and hasattr(train, "__len__"):  # data that cannot teach: refused here
+            schema.check_split(train, "train split")
         logger.info("data: %s", {k: len(v) if hasattr(v, "__len__") else "streamed" for k, v in self.datasets.items()})
         if getattr(self.recipe.train, "assistant_only_loss", False):
             checks.check_assistant_only_loss(self.datasets)
