@@ -109,11 +109,13 @@ def protect_hub_token(train_args) -> None:
         sys.argv[:] = [arg.replace(token, "<hub_token>") for arg in sys.argv]
 
 
-def check_stop_tokens(trainer, split: str, data, max_fraction: float) -> int:
+def check_stop_tokens(trainer, split: str, data, max_fraction: float, dropped: int = 0) -> int:
     """Count the rows of a tokenized SFT split whose trained tokens lost a stop token (eos, end-of-turn) to
     truncation: fewer stop tokens among the labels than trained spans (assistant turns, or the completion); for DPO
     rows, prompt + the longer response beyond max_length (trl's collator keeps the start). Warns with the count;
-    refuses the run above ``max_fraction`` of the rows. Returns the count. Packed data is not checked."""
+    refuses the run above ``max_fraction`` of the rows. ``dropped``: rows the trainer already dropped for the same
+    reason (their trained part wholly beyond max_length), counted with them. Returns the count. Packed data is not
+    checked."""
     import numpy as np
 
     tokenizer = trainer.processing_class
@@ -123,6 +125,7 @@ def check_stop_tokens(trainer, split: str, data, max_fraction: float) -> int:
     if not stops or getattr(trainer.args, "packing", False):
         return 0
     stops, cut = np.asarray(stops), 0
+    total = len(data) + dropped
     if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(columns):
         # DPO: trl's collator cuts prompt + response to max_length from the end (keep_start): the response's eos goes
         if max_length is None or getattr(trainer.args, "truncation_mode", "keep_start") != "keep_start":
@@ -136,14 +139,17 @@ def check_stop_tokens(trainer, split: str, data, max_fraction: float) -> int:
             spans = int(trained[0]) + int(np.count_nonzero(trained[1:] & ~trained[:-1])) if len(labels) else 0
             if spans and np.count_nonzero(np.isin(labels[trained], stops)) < spans:
                 cut += 1
-    else:
+    elif not dropped:
         return 0
-    if cut:
-        share = cut / len(data)
+    if cut or dropped:
+        share = (cut + dropped) / total
         what = (
             f"max_length {max_length} cuts the stop token ({tokenizer.convert_ids_to_tokens(stops[0].item())!r}) "
-            f"off {cut} of {len(data)} {split} rows ({share:.0%}): trained so, the model learns not to stop"
-        )
+            f"off {cut} of {total} {split} rows"
+            + (f" and leaves nothing to train in {dropped} more (dropped: a prompt or row longer than max_length)"
+               if dropped else "")
+            + f" ({share:.0%}): trained so, the model learns not to stop"
+        )  # fmt: skip
         if share > max_fraction:
             raise DataError(
                 f"{split} split", None, what,
@@ -151,7 +157,7 @@ def check_stop_tokens(trainer, split: str, data, max_fraction: float) -> int:
                 f"max_truncated_fraction above {share:.2f} to train on them anyway",
             )  # fmt: skip
         logger.warning("%s (max_truncated_fraction %g allows it)", what, max_fraction)
-    return cut
+    return cut + dropped
 
 
 def _checkpoint_bytes(model) -> int:
@@ -167,8 +173,10 @@ def _planned_checkpoints(args) -> int:
     return min(planned, args.save_total_limit) if args.save_total_limit else planned
 
 
-def check_trainer(trainer, run_args) -> None:
-    """What is known only once the trainer has tokenized the data and wrapped the model."""
+def check_trainer(trainer, run_args, rows_before: dict[str, int] | None = None) -> None:
+    """What is known only once the trainer has tokenized the data and wrapped the model. ``rows_before``: each
+    split's rows before the trainer tokenized them; the rows it dropped (trl drops a row whose trained part lies
+    wholly beyond max_length, e.g. a huge prompt) count as truncated."""
     args = trainer.args
     for split, data in (("train", trainer.train_dataset), ("test", trainer.eval_dataset)):
         if data is None or not hasattr(data, "__len__"):  # streamed data has no length
@@ -180,7 +188,9 @@ def check_trainer(trainer, run_args) -> None:
                 f"no rows left after tokenization (rows whose trained part falls beyond max_length {max_length} are "
                 "dropped)", "raise max_length, or shorten the prompts" + (", or set test_size: 0" if split == "test" else ""),
             )  # fmt: skip
-        check_stop_tokens(trainer, split, data, run_args.max_truncated_fraction)
+        before = (rows_before or {}).get(split)
+        dropped = max(0, before - len(data)) if isinstance(before, int) else 0
+        check_stop_tokens(trainer, split, data, run_args.max_truncated_fraction, dropped)
     if args.save_strategy == "no":
         return
     if args.save_strategy == "no":

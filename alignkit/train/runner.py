@@ -282,7 +282,11 @@ class Run:
         the trainer gives up meanwhile (alignkit rotates checkpoints itself)."""
         r = self.recipe
         check_trainer_assumptions(trainer, self.stage)  # row order, pairing, one end-of-turn (before the checks)
-        checks.check_trainer(trainer, r.run)
+        from trl import SFTTrainer
+
+        # SFT drops rows whose trained part lies wholly beyond max_length: they count as truncated
+        datasets = (getattr(self, "datasets", None) or {}) if isinstance(trainer, SFTTrainer) else {}
+        checks.check_trainer(trainer, r.run, {k: len(v) for k, v in datasets.items() if hasattr(v, "__len__")})
         trainer.add_callback(NonFiniteGuard(enabled=r.run.stop_on_nonfinite))
         # alignkit rotates checkpoints itself, after the new one is marked complete: transformers deletes the old
         # ones before that, so a kill in between would leave nothing to resume from

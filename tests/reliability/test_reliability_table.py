@@ -1,0 +1,146 @@
+"""Issue 43's table: damaged or surprising folders, output paths and data through every entry point that reads or
+writes them (`alignkit merge | export | chat | generate | eval | report | <stage>`). Each case asserts exit 2, one
+`alignkit:` line naming the file (or key) with a fix, no traceback, and every input folder byte-identical afterwards.
+
+Only the command line is used, so the same table runs against any checkout (``PYTHONPATH=<checkout>``): that is how
+the before/after counts in the issue's closing note were taken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = ["--config", "recipes/tiny/sft.yaml", "--load_in_4bit", "false", "--test_size", "0", "--max_steps", "2",
+         "--save_strategy", "steps", "--save_steps", "1", "--max_length", "128", "--disable_tqdm", "true"]  # fmt: skip
+
+
+def cli(*argv, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alignkit.cli", *map(str, argv)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)  # fmt: skip
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("table")
+    done = cli("sft", *TRAIN, "--output_dir", root / "run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = cli("merge", root / "run", "--output", root / "merged")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (root / "prompts.jsonl").write_text(json.dumps({"prompt": "What is 2 + 2?"}) + "\n")
+    (root / "held_out.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "2 + 2?"},
+                                                                  {"role": "assistant", "content": "4"}]}) + "\n")  # fmt: skip
+    (root / "pairs.jsonl").write_text(
+        "".join(json.dumps({"anchor": f"q{i}", "positive": f"p{i}"}) + "\n" for i in range(8))
+    )
+    (root / "kto.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "completion": " a", "label": True}) + "\n"
+                                            for i in range(8)))  # fmt: skip
+    return {"run": root / "run", "merged": root / "merged", "root": root}
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def garble(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[:16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+
+
+@dataclass
+class Case:
+    name: str
+    entry: str  # the entry point (the CLI command)
+    folders: tuple[str, ...]  # copied from the built ones, damaged, and checked byte-identical afterwards
+    damage: Callable[[dict[str, Path]], None]
+    argv: Callable[[dict[str, Path]], list]
+    words: tuple[str, ...]  # what the one alignkit: line must say
+
+
+def nothing(f):
+    pass
+
+
+CASES = [
+    Case("merge-truncated-adapter", "merge", ("run",), lambda f: truncate(f["run"] / "adapter_model.safetensors"),
+         lambda f: ["merge", f["run"], "--output", f["tmp"] / "m"], ("adapter_model.safetensors", "Fix:")),
+    Case("merge-garbled-run-record", "merge", ("run",), lambda f: garble(f["run"] / "alignkit_run.json"),
+         lambda f: ["merge", f["run"], "--output", f["tmp"] / "m"], ("alignkit_run.json", "Fix:")),
+    Case("merge-output-is-a-file", "merge", ("run",), lambda f: (f["tmp"] / "x").write_text("mine"),
+         lambda f: ["merge", f["run"], "--output", f["tmp"] / "x"], ("is an existing file", "Fix:")),
+    Case("merge-output-is-the-input", "merge", ("run",), nothing,
+         lambda f: ["merge", f["run"], "--output", f["run"]], ("input folder", "Fix:")),
+    Case("export-half-written-merge", "export", ("merged",), lambda f: (f["merged"] / "model.safetensors").unlink(),
+         lambda f: ["export", "gguf", f["merged"]], ("model.safetensors", "missing", "Fix:")),
+    Case("export-out-overwrites-the-weights", "export", ("merged",), nothing,
+         lambda f: ["export", "gguf", f["merged"], "--out", f["merged"] / "model.safetensors"],
+         ("model.safetensors", "input folder", "Fix:")),
+    Case("chat-not-a-model-folder", "chat", (), lambda f: (f["tmp"] / "notes").mkdir() or (f["tmp"] / "notes" / "a.txt").write_text("x"),
+         lambda f: ["chat", f["tmp"] / "notes"], ("config.json", "Fix:")),
+    Case("chat-truncated-merged-weights", "chat", ("merged",), lambda f: truncate(f["merged"] / "model.safetensors"),
+         lambda f: ["chat", f["merged"]], ("model.safetensors", "Fix:")),
+    Case("generate-garbled-adapter", "generate", ("run",), lambda f: garble(f["run"] / "adapter_model.safetensors"),
+         lambda f: ["generate", f["run"], "--prompts", f["root"] / "prompts.jsonl", "--out", f["tmp"] / "o.jsonl"],
+         ("adapter_model.safetensors", "Fix:")),
+    Case("eval-out-is-a-file", "eval", ("run",), lambda f: (f["tmp"] / "x").write_text("mine"),
+         lambda f: ["eval", f["run"], "--data", f["root"] / "held_out.jsonl", "--out", f["tmp"] / "x"],
+         ("--out", "is an existing file", "Fix:")),
+    Case("eval-truncated-tokenizer", "eval", ("run",), lambda f: truncate(f["run"] / "tokenizer.json"),
+         lambda f: ["eval", f["run"], "--data", f["root"] / "held_out.jsonl", "--out", f["tmp"] / "e"],
+         ("tokenizer.json", "Fix:")),
+    Case("report-garbled-trainer-state", "report", ("run",), lambda f: garble(f["run"] / "trainer_state.json"),
+         lambda f: ["report", f["run"], "--out", f["tmp"] / "r"], ("trainer_state.json", "Fix:")),
+    Case("report-out-is-a-file", "report", ("run",), lambda f: (f["tmp"] / "x").write_text("mine"),
+         lambda f: ["report", f["run"], "--out", f["tmp"] / "x"], ("is an existing file", "Fix:")),
+    Case("resume-garbled-optimizer", "sft", ("run",), lambda f: garble(f["run"] / "checkpoint-2" / "optimizer.pt"),
+         lambda f: ["sft", *TRAIN, "--output_dir", f["run"], "--resume_from_checkpoint", "true"],
+         ("checkpoint-2/optimizer.pt", "checkpoint-1", "Fix:")),
+    Case("resume-truncated-trainer-state", "sft", ("run",),
+         lambda f: truncate(f["run"] / "checkpoint-2" / "trainer_state.json"),
+         lambda f: ["sft", *TRAIN, "--output_dir", f["run"], "--resume_from_checkpoint", "true"],
+         ("checkpoint-2/trainer_state.json", "Fix:")),
+    Case("kto-only-desirable-rows", "kto", (), nothing,
+         lambda f: ["kto", "--config", "recipes/tiny/kto.yaml", "--model_name_or_path", "tiny:llama", "--datasets",
+                    f["root"] / "kto.jsonl", "--test_size", "0", "--output_dir", f["tmp"] / "k"],
+         ("no undesirable (label: false)", "Fix:")),
+    Case("embed-mnrl-batch-of-one", "embed", (), nothing,
+         lambda f: ["embed", "--config", "recipes/tiny/embed.yaml", "--datasets", f["root"] / "pairs.jsonl",
+                    "--test_size", "0", "--loss", "mnrl", "--per_device_train_batch_size", "1", "--output_dir",
+                    f["tmp"] / "e"], ("per_device_train_batch_size", "in-batch negatives", "Fix:")),
+    Case("yaml-merge-key-with-a-typo", "sft", (), lambda f: (f["tmp"] / "r.yaml").write_text(
+         "x-base: &base\n  learning_rat: 1.0e-4\n<<: *base\nmodel_name_or_path: tiny:llama\n"),
+         lambda f: ["sft", "--config", f["tmp"] / "r.yaml"], ("learning_rat", "learning_rate", "Fix:")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_case_is_one_line_exit_2_and_changes_nothing(case, built, tmp_path):
+    folders = {"root": built["root"], "tmp": tmp_path}
+    for name in case.folders:
+        folders[name] = tmp_path / name
+        shutil.copytree(built[name], folders[name])
+    case.damage(folders)
+    before = {name: snapshot(folders[name]) for name in case.folders}
+    around = sorted(os.listdir(tmp_path))
+    done = cli(*case.argv(folders))
+    lines = [line for line in done.stderr.splitlines() if line.startswith("alignkit:")]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    for word in case.words:
+        assert word in lines[0], lines[0]
+    assert {name: snapshot(folders[name]) for name in case.folders} == before
+    assert sorted(os.listdir(tmp_path)) == around  # no output, scratch or lock left behind
