@@ -25,8 +25,9 @@ TRAIN = ["--config", "recipes/tiny/sft.yaml", "--load_in_4bit", "false", "--test
 
 
 def cli(*argv, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "alignkit.cli", *map(str, argv)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)  # fmt: skip
+    """``alignkit <argv>``, or ``python recipes/<stage>.py`` when argv starts with that script (the recipe entry)."""
+    head = [sys.executable] if str(argv[0]).startswith("recipes/") else [sys.executable, "-m", "alignkit.cli"]
+    return subprocess.run([*head, *map(str, argv)], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -117,8 +118,8 @@ CASES = [
          lambda f: ["kto", "--config", "recipes/tiny/kto.yaml", "--model_name_or_path", "tiny:llama", "--datasets",
                     f["root"] / "kto.jsonl", "--test_size", "0", "--output_dir", f["tmp"] / "k"],
          ("no undesirable (label: false)", "Fix:")),
-    Case("embed-mnrl-batch-of-one", "embed", (), nothing,
-         lambda f: ["embed", "--config", "recipes/tiny/embed.yaml", "--datasets", f["root"] / "pairs.jsonl",
+    Case("embed-mnrl-batch-of-one", "recipes/embed.py", (), nothing,
+         lambda f: ["recipes/embed.py", "--config", "recipes/tiny/embed.yaml", "--datasets", f["root"] / "pairs.jsonl",
                     "--test_size", "0", "--loss", "mnrl", "--per_device_train_batch_size", "1", "--output_dir",
                     f["tmp"] / "e"], ("per_device_train_batch_size", "in-batch negatives", "Fix:")),
     Case("yaml-merge-key-with-a-typo", "sft", (), lambda f: (f["tmp"] / "r.yaml").write_text(
