@@ -86,7 +86,7 @@ CASES = [
     Case("merge-output-is-the-input", "merge", ("run",), nothing,
          lambda f: ["merge", f["run"], "--output", f["run"]], ("input folder", "Fix:")),
     Case("export-half-written-merge", "export", ("merged",), lambda f: (f["merged"] / "model.safetensors").unlink(),
-         lambda f: ["export", "gguf", f["merged"]], ("model.safetensors", "missing", "Fix:")),
+         lambda f: ["export", "gguf", f["merged"]], ("model.safetensors", "Fix:")),
     Case("export-out-overwrites-the-weights", "export", ("merged",), nothing,
          lambda f: ["export", "gguf", f["merged"], "--out", f["merged"] / "model.safetensors"],
          ("model.safetensors", "input folder", "Fix:")),
