@@ -124,6 +124,8 @@ def check_generate_out(out: str | Path, prompts: str | Path, model: str | Path |
     """``--out`` of ``alignkit generate``: not a folder, not the prompts file, not a file of the model folder (an
     earlier replies file elsewhere is replaced). Raises ConfigError."""
     out = Path(out)
+    if out.exists() and not out.is_file() and not out.is_dir():  # /dev/null, a pipe: written as a stream
+        return out
     if out.exists() and out.resolve() == Path(prompts).resolve():
         raise ConfigError(f"--out {out}: is the --prompts file; writing there would replace it. Fix: choose another "
                           "--out.")  # fmt: skip
@@ -137,8 +139,11 @@ def generate_file(model, tokenizer, prompts: str | Path, out: str | Path, batch_
     out = check_generate_out(out, prompts)
     out.parent.mkdir(parents=True, exist_ok=True)  # before the replies are made, not after
     replies = generate_replies(model, tokenizer, conversations, batch_size=batch_size, progress=True, **generation)
-    with staged_output(out, "file") as scratch:  # written beside it and renamed: never half a file under its name
-        scratch.write_text("".join(json.dumps({**row, "reply": reply}) + "\n" for row, reply in zip(rows, replies)))
+    if out.exists() and not out.is_file():  # a device or pipe: no file to replace
+        out.write_text("".join(json.dumps({**row, "reply": reply}) + "\n" for row, reply in zip(rows, replies)))
+    else:
+        with staged_output(out, "file") as scratch:  # written beside it and renamed: never half a file under its name
+            scratch.write_text("".join(json.dumps({**row, "reply": reply}) + "\n" for row, reply in zip(rows, replies)))
     print(f"wrote {len(rows)} replies to {out}", file=sys.stderr)
     return out
 

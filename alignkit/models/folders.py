@@ -95,16 +95,16 @@ def _check_present(folder: Path, fix: str) -> None:
 
 
 def check_model_folder(folder: str | Path, fix: str | None = None) -> Path:
-    """A transformers model folder (a merged model, a full fine-tune): config.json, and its weights as one
-    model.safetensors or the shards its index names, every one readable. Returns the folder."""
+    """A transformers model folder (a merged model, a full fine-tune): its files present (ConfigError from
+    :func:`alignkit.models.sources.check_model_folder`), then config.json and the other JSON files parseable and its
+    weights (one model.safetensors or the shards its index names) readable. Returns the folder."""
     folder = Path(folder)
     fix = fix or f"write {folder} again (rerun the merge or the run that made it)"
     if not folder.is_dir():
         raise PreflightError(f"{folder}: not a folder. Fix: give a run's output_dir or a model folder.")
-    if not (folder / "config.json").is_file():
-        what = "is empty" if not any(folder.iterdir()) else "has no config.json"
-        raise PreflightError(f"{folder}: {what}, so it is not a model folder. Fix: give a run's output_dir or a "
-                             "merged model folder.")  # fmt: skip
+    from alignkit.models.sources import check_model_folder as check_complete
+
+    check_complete(folder, what="model", tokenizer=False)  # every file there (the one owner of that check)
     _check_present(folder, fix)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
