@@ -40,6 +40,7 @@ def check_output(
     inputs: Iterable[str | Path] = (),
     ours: Callable[[Path], bool] = lambda p: False,
     flag: str = "--output",
+    earlier: str = "an earlier output of this command",
 ) -> Path:
     """Refuse an output path that would destroy something: ``kind`` is ``"folder"`` or ``"file"``; ``ours(out)`` says
     whether what is there is an earlier output of the same command (then it may be replaced). ``inputs``: folders
@@ -64,8 +65,8 @@ def check_output(
         raise ConfigError(f"{flag} {out}: exists and was not written by this command. Fix: choose another path (or "
                           "move the file away).")  # fmt: skip
     if kind == "folder" and out.is_dir() and any(out.iterdir()) and not ours(out):
-        raise ConfigError(f"{flag} {out}: exists, is not empty and is not an earlier output of this command. Fix: "
-                          "choose another output folder.")  # fmt: skip
+        raise ConfigError(f"{flag} {out}: exists, is not empty and is not {earlier}. Fix: choose another output "
+                          "folder.")  # fmt: skip
     return out
 
 

@@ -140,7 +140,7 @@ def test_merge_keeps_the_users_x_tmp_and_refuses_destroying_outputs(adapter, tmp
     before = snapshot(adapter)
     (tmp_path / "file").write_text("mine")
     refused(cli("merge", adapter, "--output", tmp_path / "file"), "is an existing file", "Fix:")
-    refused(cli("merge", adapter, "--output", tmp_path / "X.tmp"), "not an earlier output", "Fix:")
+    refused(cli("merge", adapter, "--output", tmp_path / "X.tmp"), "not an earlier merge", "Fix:")
     refused(cli("merge", adapter, "--output", adapter / "adapter_model.safetensors"), "file of the input folder")
     refused(cli("merge", adapter, "--output", adapter), "is the input folder")
     assert snapshot(adapter) == before and (tmp_path / "file").read_text() == "mine"
