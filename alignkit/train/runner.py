@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 from alignkit import runtime, speedups
 from alignkit.config import Recipe
-from alignkit.errors import ConfigError, NonFiniteLossError, RewardFunctionError, RunInterrupted
+from alignkit.errors import ConfigError, NonFiniteLossError, RewardFunctionError
 from alignkit.models.loader import load_model
 from alignkit.models.sources import resolve_source
 from alignkit.models.tokenizer import load_tokenizer
@@ -26,7 +25,7 @@ from alignkit.train.assumptions import check_trainer_assumptions, set_stop_ids
 from alignkit.train.callbacks import PICKLED_ARGS, AtomicCheckpoints, NonFiniteGuard, ResolvedConfigToWandb
 from alignkit.train.distributed import debug_callback, end_process_group_at_exit
 from alignkit.train.output_folder import OutputDirLock, check_output_dir, check_shared_output_dir
-from alignkit.train.stopping import SignalStop, save_now
+from alignkit.train.stopping import SignalStop, reward_stopped
 
 logger = logging.getLogger("alignkit")
 
@@ -246,20 +245,14 @@ class Run:
             self._write_metadata(status=f"stopped: {exc.status}")
             raise
         except RewardFunctionError as exc:  # raised inside a step: save the state as of the last finished one
-            saved = save_now(trainer)
+            error = reward_stopped(trainer, exc)
             self._write_metadata(status=f"stopped: {exc.status}")
-            raise RewardFunctionError(str(exc).replace("saved a checkpoint", f"saved {saved}" if saved else
-                                                       "had saved no checkpoint yet")) from None  # fmt: skip
+            raise error from None
         finally:
             trainer.args.save_total_limit = keep  # the saved config says what the recipe asked
         if stop.signum is not None:
             self._write_metadata(status="interrupted")
-            name = signal.Signals(stop.signum).name
-            raise RunInterrupted(
-                f"{name}: the run stopped at step {trainer.state.global_step} and saved a checkpoint in "
-                f"{self.output_dir}. Fix: run the same command with resume_from_checkpoint: true to go on.",
-                stop.signum,
-            )
+            raise stop.error(trainer.state.global_step, self.output_dir)
         if evaluate_before and trainer.is_deepspeed_enabled:
             step0 = next(e for e in trainer.state.log_history if "eval_loss" in e)
             before = {k.replace("eval_", "before_", 1): v for k, v in step0.items() if k.startswith("eval_")}

@@ -19,6 +19,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from alignkit.errors import RewardFunctionError, RunInterrupted
 from alignkit.train.callbacks import checkpoint_is_complete
 
 logger = logging.getLogger(__name__)
@@ -57,11 +58,27 @@ class SignalStop(TrainerCallback):
         logger.warning("%s: saving a checkpoint at the end of this step, then stopping (again to stop at once)",
                        signal.Signals(signum).name)  # fmt: skip
 
+    def error(self, step: int, output_dir) -> RunInterrupted:
+        """What the run loop raises once the trainer stopped on the signal (exit 128 + signal)."""
+        return RunInterrupted(
+            f"{signal.Signals(self.signum).name}: the run stopped at step {step} and saved a checkpoint in "
+            f"{output_dir}. Fix: run the same command with resume_from_checkpoint: true to go on.",
+            self.signum,
+        )
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.signum is not None:
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def reward_stopped(trainer, exc: RewardFunctionError) -> RewardFunctionError:
+    """``exc`` (a reward function failed inside a step) after saving the state as of the last finished step; its
+    message names the checkpoint saved."""
+    saved = save_now(trainer)
+    return RewardFunctionError(str(exc).replace("saved a checkpoint", f"saved {saved}" if saved else
+                                                "had saved no checkpoint yet"))  # fmt: skip
 
 
 def save_now(trainer) -> Path | None:
