@@ -27,14 +27,20 @@ def damaged(path: Path, problem: str, fix: str) -> PreflightError:
     return PreflightError(f"{path}: {problem}. Fix: {fix}")
 
 
-def check_json(path: Path, fix: str) -> dict:
-    """The parsed JSON object in ``path``; PreflightError if it is unreadable or not an object."""
+# JSON files whose top level is a list, not an object (sentence-transformers' module list)
+JSON_LISTS = ("modules.json",)
+
+
+def check_json(path: Path, fix: str) -> dict | list:
+    """The parsed JSON in ``path``: an object (a list for the files in ``JSON_LISTS``); PreflightError if it is
+    unreadable or of the other kind."""
     try:
         data = json.loads(path.read_bytes())
     except (OSError, ValueError) as exc:
         raise damaged(path, f"damaged: not readable JSON ({str(exc)[:80]})", fix) from None
-    if not isinstance(data, dict):
-        raise damaged(path, "damaged: not a JSON object", fix)
+    want = list if path.name in JSON_LISTS else dict
+    if not isinstance(data, want):
+        raise damaged(path, f"damaged: not a JSON {'list' if want is list else 'object'}", fix)
     return data
 
 

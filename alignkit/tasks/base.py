@@ -84,7 +84,9 @@ def use_padding_side(tokenizer, side: str, task: str) -> None:
     current = getattr(tokenizer, "padding_side", side)
     if current != side:
         tokenizer.padding_side = side
-        change = f"{task}: padding_side was {current!r}; set to {side!r} (labels and pooled positions count from the left)"
+        change = (
+            f"{task}: padding_side was {current!r}; set to {side!r} (labels and pooled positions count from the left)"
+        )
         getattr(tokenizer, "alignkit_changes", []).append(change)
         logger.warning("tokenizer contract: %s", change)
 

@@ -83,7 +83,8 @@ def run_summary(
     ``steps``: optimizer steps run; ``new_head``: the head was trained in full next to the adapter; ``pipeline_task``
     / ``auto_class``: how transformers loads the (merged) model."""
     seconds = metrics.get("train_wall_seconds")
-    lines = [f"== alignkit {stage}: finished" + (f" in {seconds:.0f} s" if isinstance(seconds, (int, float)) else "")]
+    name = stage if head in (stage, "causal_lm") or stage != "task" else f"{stage} {head}"  # task runs name their head
+    lines = [f"== alignkit {name}: finished" + (f" in {seconds:.0f} s" if isinstance(seconds, (int, float)) else "")]
     rows = metric_rows(metrics)
     if rows:
         width = max(len(r[0]) for r in rows)

@@ -56,7 +56,11 @@ def folders(tmp_path_factory):
 
 
 def test_missing_model_files_names_what_a_folder_lacks(folders):
-    assert missing_model_files(folders / "empty") == ["config.json", "model.safetensors (the weights)", "a tokenizer (tokenizer.json or tokenizer.model)"]
+    assert missing_model_files(folders / "empty") == [
+        "config.json",
+        "model.safetensors (the weights)",
+        "a tokenizer (tokenizer.json or tokenizer.model)",
+    ]
     assert missing_model_files(folders / "partial") == ["model.safetensors (the weights)"]
     assert missing_model_files(folders / "sharded") == ["model-00002-of-00002.safetensors"]
     assert missing_model_files(tiny_model_path("llama")) == []

@@ -105,7 +105,9 @@ def test_sft_tool_rows_train_the_call_never_the_result(built, tmp_path):
     assert '"name": "add", "parameters"' in text  # the source's tools, rendered
     # trl's Qwen2.5 twin marks from the newline after the role through the newline after <|im_end|>
     call = '\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>\n'
-    assert trained == call + f"\n{CHOSEN}<|im_end|>\n"
+    # padding-free batches (alignkit's default) hold several rows in one sequence: each restarts its positions
+    rows = batch["position_ids"][0].tolist().count(0) if "position_ids" in batch else 1
+    assert rows >= 1 and trained == (call + f"\n{CHOSEN}<|im_end|>\n") * rows
     assert "<tool_response>" not in trained and "5\n</tool_response>" in text
 
 

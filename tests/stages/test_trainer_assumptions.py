@@ -136,7 +136,9 @@ def test_kto_holds_out_whole_pairs_and_refuses_an_eval_prompt_that_trains(tmp_pa
         {"train": datasets.Dataset.from_list(pairs[:32]), "test": datasets.Dataset.from_list(pairs[32:36])}
     ).save_to_disk(str(folder))
     split = load_datasets(args, KTO)  # disjoint prompts: accepted
-    assert len(split["test"]) == 8 and not {prompt_key(r) for r in split["train"]} & {prompt_key(r) for r in split["test"]}
+    assert len(split["test"]) == 8 and not {prompt_key(r) for r in split["train"]} & {
+        prompt_key(r) for r in split["test"]
+    }
 
 
 # ------------------------------------------------------------------------------ case 2: one end-of-turn per reply

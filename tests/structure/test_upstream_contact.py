@@ -80,7 +80,7 @@ PATCH_PATTERNS = {
     "replaces an upstream module attribute": r"^\s*(trl|transformers|peft|bnb|bitsandbytes|accelerate)\w*(\.\w+)+ = ",
     "reads a closure or code object": r"__closure__|__code__",
     "rebinds a method or a class": r"types\.MethodType|\.forward = |__class__ = ",
-    "calls into libc": r"\bctypes\b|mallopt",
+    "changes glibc's allocator": r"\bmallopt\b|malloc_trim|M_MMAP_MAX|M_TRIM_THRESHOLD|M_ARENA_MAX",
     "imports a private upstream name": r"from (trl|transformers|peft|bitsandbytes|accelerate|sentence_transformers)"
     r"[\w.]* import .*\b_[a-z]\w*",
     "overrides a private upstream method": r"def _load_model\b",
@@ -128,4 +128,4 @@ def test_the_patch_grep_is_not_blind():
     planted = (REPO / "alignkit/speedups/lm_head.py").read_text() + (REPO / "alignkit/speedups/cpu.py").read_text()
     hits = "\n".join(_scan("alignkit/train/planted.py", planted))
     assert "replaces an upstream module attribute: trl_utils._ChunkedLogProbFunction = " in hits
-    assert "calls into libc" in hits
+    assert "changes glibc's allocator" in hits

@@ -82,7 +82,7 @@ def test_conll_file_trains_and_the_merged_ner_model_runs_in_a_pipeline(tmp_path,
     metrics = run_recipe("task", [*argv, "--output_dir", str(out), "--per_device_train_batch_size", "4", *LORA_FP32])
     assert "eval_f1" in metrics
     summary = capfd.readouterr().out
-    assert "== alignkit token_cls: finished" in summary
+    assert "== alignkit task token_cls: finished" in summary
     f1_row = next(line for line in summary.splitlines() if line.split()[:1] == ["f1"])
     assert float(f1_row.split()[-1]) == pytest.approx(metrics["eval_f1"], abs=5e-4)
     assert f"alignkit merge {out}" in summary and "pipeline('token-classification'" in summary
