@@ -55,6 +55,9 @@ class LineageEntry:
     task: str | None = None  # the model head: causal_lm, seq_cls, token_cls, qa, mlm, seq2seq
     head_config: dict[str, Any] = field(default_factory=dict)  # what the head was built with, e.g. {num_labels: 1}
     datasets: list[dict[str, Any]] = field(default_factory=list)  # {path, weight, split}
+    # what loading the data found: {held_out: {sources, rows, also_in_train}, skipped_rows: n, skipped: [{file, row,
+    # problem}] (on_bad_rows: skip; the first 20)}
+    data: dict[str, Any] = field(default_factory=dict)
     adapter_handoff: str | None = None  # how this stage used from_adapter: continue | reference | merge
     from_adapter: str | None = None  # the earlier stage's adapter (a merge: the adapter merged)
     from_stage: str | None = None

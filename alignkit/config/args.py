@@ -179,6 +179,9 @@ class AdapterArguments:
             )
 
 
+# A source whose split is one of these is held-out data (role: eval, never trained) unless it sets role: train.
+EVAL_SPLITS = ("test", "validation", "valid", "val", "dev", "eval", "heldout", "held_out")
+
 # alignkit.data.formats.FORMATS' names (config sits below data; tests/structure checks the two agree)
 DATA_FORMATS = (
     "messages",
@@ -214,8 +217,27 @@ class DatasetSource:
     streaming: bool = False
     tag_column: int | str | None = None  # format conll: the tag column, a name (ner, pos, chunk) or an index (1..)
     tools: list | str | None = None  # chat data: the tools (JSON function schemas) of every row without its own
+    role: str | None = None  # train | eval; unset: eval when split names a held-out split (EVAL_SPLITS), else train
 
     def __post_init__(self):
+        if self.role is None:
+            self.role = "eval" if str(self.split).lower() in EVAL_SPLITS else "train"
+        if self.role not in ("train", "eval"):
+            raise ConfigError(
+                f"datasets[{self.path}].role: {self.role!r} is not train or eval. Fix: write role: eval for held-out "
+                "rows (never trained), or role: train."
+            )
+        if self.role == "eval" and self.test_split:
+            raise ConfigError(
+                f"datasets[{self.path}]: role eval (split '{self.split}') and test_split '{self.test_split}': a source "
+                "is the training data or the evaluation data, not both. Fix: drop test_split (the whole source is "
+                "the eval split), or set role: train to train on it and hold out its test_split."
+            )
+        if self.role == "eval" and self.weight not in (1, 1.0, "1"):
+            raise ConfigError(
+                f"datasets[{self.path}]: role eval with weight {self.weight}: a weight samples training rows. Fix: "
+                "drop the weight (max_eval_samples caps the eval rows)."
+            )
         if self.tag_column is not None and self.format not in (None, "conll"):
             raise ConfigError(
                 f"datasets[{self.path}].tag_column: only for a CoNLL file. Fix: add format: conll to this source, "
@@ -279,7 +301,9 @@ class DataArguments:
         default_factory=list,
         metadata={
             "help": "List of sources: a path/glob/Hub id string, or {path, weight, split, name, test_split, format, "
-            "columns, roles, streaming, tag_column, tools} (tools: JSON function schemas for every chat row without "
+            "columns, roles, streaming, tag_column, tools, role} (role: eval makes the whole source the evaluation "
+            "split, never trained; a source whose split is test/validation/dev/eval is one unless it sets role: train; "
+            "tools: JSON function schemas for every chat row without "
             "its own 'tools'; format: messages, prompt_completion, alpaca, sharegpt, preference, "
             "hh, preference_messages, text, kto, prompt; for task files conll (tag_column: ner/pos/chunk or an index) "
             "and squad; detected when unset). streaming: true (CPT only, needs max_steps): read the "
@@ -315,6 +339,21 @@ class DataArguments:
     test_size: float = field(
         default=0.0, metadata={"help": "Fraction (or count if >= 1) held out for eval when no test split exists."}
     )
+    on_bad_rows: str = field(
+        default="error",
+        metadata={
+            "help": "A row that fails its format's or the stage's checks: error (stop before training, naming the "
+            "file, row and fix) or skip (drop it, list it with its file, row and problem in the log and in "
+            "alignkit_run.json, count it in the summary; refused past max_bad_rows)."
+        },
+    )
+    max_bad_rows: float = field(
+        default=0.01,
+        metadata={
+            "help": "on_bad_rows: skip: the most rows a source may lose, a fraction of its rows (< 1) or a count "
+            "(>= 1); more is an error (a source that bad is more likely the wrong format than a few broken rows)."
+        },
+    )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Cap the number of training rows (after mixing)."}
     )
@@ -344,6 +383,20 @@ class DataArguments:
         if self.test_size < 0:
             raise ConfigError(
                 f"test_size: must be >= 0, got {self.test_size}. Fix: set a fraction (0.1) or a row count."
+            )
+        if self.on_bad_rows not in ("error", "skip"):
+            raise ConfigError(
+                f"on_bad_rows: {self.on_bad_rows!r} is not error or skip. Fix: write on_bad_rows: skip (with "
+                "max_bad_rows) to drop bad rows, or error to stop on the first."
+            )
+        if isinstance(self.max_bad_rows, bool) or not isinstance(self.max_bad_rows, (int, float)) or self.max_bad_rows < 0:
+            raise ConfigError(
+                f"max_bad_rows: {self.max_bad_rows!r} is not a fraction (< 1) or a count (>= 1). Fix: e.g. 0.01 or 20."
+            )
+        if self.datasets and all(s.role == "eval" for s in self.datasets):
+            raise ConfigError(
+                f"datasets: every source is evaluation data (role eval, or split {self.datasets[0].split!r}), so "
+                "nothing trains. Fix: add the training source (split: train), or set role: train on one."
             )
         streamed = [s.path for s in self.datasets if s.streaming]
         if streamed and self.test_size:

@@ -50,11 +50,12 @@ def check_training(recipe) -> None:
     if getattr(t, "bf16", False) and getattr(t, "fp16", False):
         raise ConfigError("bf16 and fp16 are both true. Fix: pick one.")
     strategy = str(getattr(t, "eval_strategy", "no")).rsplit(".", 1)[-1].lower()
-    has_eval = recipe.data.test_size > 0 or any(s.test_split for s in recipe.data.datasets)
+    has_eval = recipe.data.test_size > 0 or any(s.test_split or s.role == "eval" for s in recipe.data.datasets)
     if strategy != "no" and not has_eval:
         raise ConfigError(
             f"eval_strategy {strategy}: there is no evaluation data (test_size is 0 and no dataset names a "
-            "test_split). Fix: set test_size (e.g. 0.1) or a dataset's test_split, or eval_strategy: no."
+            "test_split or role: eval). Fix: add the held-out file as a source with role: eval, or set test_size (e.g. "
+            "0.1) or a dataset's test_split, or eval_strategy: no."
         )
 
 

@@ -215,7 +215,9 @@ def file_format(path, source) -> str | None:
     the file is read by datasets."""
     if source.format in ("conll", "squad"):
         return source.format
-    if source.format is None and path.suffix in CONLL_SUFFIXES:
+    from alignkit.data.files import data_suffix  # (files imports this module: the suffix helper is imported late)
+
+    if source.format is None and data_suffix(path) in CONLL_SUFFIXES:
         return "conll"
     return None
 

@@ -15,19 +15,57 @@ from alignkit.errors import DataError
 logger = logging.getLogger(__name__)
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+# Compressed data files as published (hh-rlhf's train.jsonl.gz): read through the standard library's decompressors,
+# and by datasets, which extracts them itself. Row numbers name the line of the decompressed text.
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstandard"}
+
+
+def data_suffix(path) -> str:
+    """The data type's suffix of a file, under its compression suffix: ``train.jsonl.gz`` -> ``.jsonl``."""
+    path = Path(path)
+    return Path(path.stem).suffix if path.suffix in COMPRESSIONS else path.suffix
+
+
+def compression(path) -> str | None:
+    """The decompressor module of a compressed data file (``gzip``, ``bz2``, ``lzma``, ``zstandard``), else None."""
+    return COMPRESSIONS.get(Path(path).suffix)
+
+
+def open_binary(path):
+    """A data file opened for reading bytes, decompressed as it is read (DataError when ``.zst`` support, the
+    optional ``zstandard`` package, is missing)."""
+    import importlib
+
+    module = compression(path)
+    if module is None:
+        return open(path, "rb")
+    try:
+        codec = importlib.import_module(module)
+    except ImportError:
+        raise DataError(
+            str(path), None, f"is {Path(path).suffix[1:]}-compressed and the '{module}' package is not installed",
+            f"pip install {module}, or decompress it first (unzstd {Path(path).name})",
+        ) from None  # fmt: skip
+    if module == "zstandard":
+        return codec.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return codec.open(path, "rb")
 
 
 def read_text(path: Path) -> str:
     """The file's text (UTF-8; a byte-order mark is dropped), or a DataError naming the file, the line and the byte
     of an encoding error, or the permission problem."""
     try:
-        raw = path.read_bytes()
+        with open_binary(path) as f:
+            raw = f.read()
     except PermissionError as exc:
         raise DataError(
             str(path), None, "cannot be read (permission denied)", f"make it readable: chmod a+r {path}"
         ) from exc
-    except OSError as exc:
-        raise DataError(str(path), None, f"cannot be read ({exc.strerror})", "check the path and the disk") from exc
+    except (OSError, EOFError) as exc:  # a truncated or damaged archive: gzip/bz2/lzma's own errors are OSErrors
+        raise DataError(
+            str(path), None, f"cannot be read ({exc.strerror or exc})",
+            "check the path and the disk" if not compression(path) else "download or compress the file again",
+        ) from exc  # fmt: skip
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -42,7 +80,7 @@ def read_text(path: Path) -> str:
 def special_format(path: Path, source) -> str | None:
     """``conll`` / ``squad`` for a file of those formats (named, or by suffix; a .json holding SQuAD's object)."""
     fmt = file_format(path, source)
-    if fmt is None and source.format is None and path.suffix == ".json" and looks_squad(read_text(path)):
+    if fmt is None and source.format is None and data_suffix(path) == ".json" and looks_squad(read_text(path)):
         fmt = "squad"
     return fmt
 
@@ -65,7 +103,7 @@ def row_lines(path: Path) -> list[int] | None:
     a quoted CSV field may span lines), or None for other sources."""
     if not path.is_file():
         return None
-    if path.suffix == ".csv":
+    if data_suffix(path) == ".csv":
         import csv
         import io
 
@@ -77,7 +115,7 @@ def row_lines(path: Path) -> list[int] | None:
                 lines.append(end + 1)
             end = reader.line_num
         return lines
-    if path.suffix not in (".jsonl", ".json") or read_text(path).lstrip().startswith("["):
+    if data_suffix(path) not in (".jsonl", ".json") or read_text(path).lstrip().startswith("["):
         return None
     return [n for n, line in enumerate(read_text(path).splitlines(), start=1) if line.strip()]
 
@@ -167,11 +205,12 @@ def _check_jsonl(path: Path, types: ColumnTypes) -> None:
 def check_file(path: Path, types: ColumnTypes | None = None) -> None:
     """What datasets' reader would fail on or change, found first with the file and line: encoding, JSON syntax, a
     column's type changing between rows (``types``: shared by the shards of a glob, which datasets reads as one)."""
-    text = read_text(path) if path.suffix in (".jsonl", ".json", ".csv", ".txt") else None
+    suffix = data_suffix(path)
+    text = read_text(path) if suffix in (".jsonl", ".json", ".csv", ".txt") else None
     types = types or ColumnTypes()
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    if suffix == ".json" and text.lstrip().startswith("["):
         _check_json_array(path, text, types)
-    elif path.suffix in (".jsonl", ".json"):
+    elif suffix in (".jsonl", ".json"):
         _check_jsonl(path, types)
 
 
@@ -186,7 +225,7 @@ def shard_files(source) -> list[str]:
     files = sorted(glob.glob(source.path, recursive=True))
     if not files:
         raise DataError(source.path, None, "matches no file", "check the pattern (relative to the current directory)")
-    suffixes = sorted({Path(f).suffix for f in files})
+    suffixes = sorted({data_suffix(f) for f in files})
     if len(suffixes) != 1 or suffixes[0] not in FILE_BUILDERS:
         raise DataError(
             source.path,
@@ -201,13 +240,13 @@ def file_rows(path: Path, lines: list[int] | None) -> int | None:
     """How many rows datasets reads from one data file, or None when that is not known cheaply."""
     if lines is not None:
         return len(lines)
-    if path.suffix == ".parquet":
+    if data_suffix(path) == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(str(path)).metadata.num_rows
-    if path.suffix == ".txt":
+    if data_suffix(path) == ".txt":
         return len(read_text(path).splitlines())  # datasets' text reader: one row per line
-    if path.suffix == ".json":
+    if data_suffix(path) == ".json":
         rows = json.loads(read_text(path))
         return len(rows) if isinstance(rows, list) else None
     return None

@@ -41,7 +41,7 @@ from alignkit.errors import DataError, suggest
 logger = logging.getLogger(__name__)
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):(?: |(?=\n\n)|$)")  # a turn may be empty: "\n\nAssistant:" at the end
 
 
 class RowError(ValueError):
@@ -105,7 +105,15 @@ def hh_turns(transcript: str) -> list[dict]:
     if parts[0].strip():
         raise RowError(f"text before the first turn: {parts[0][:40]!r}", "start each transcript with '\\n\\nHuman: '")
     role = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": role[tag], "content": text.strip()} for tag, text in zip(parts[1::2], parts[2::2])]
+    turns = [{"role": role[tag], "content": text.strip()} for tag, text in zip(parts[1::2], parts[2::2])]
+    for j, turn in enumerate(turns, start=1):
+        if not turn["content"]:
+            last = " (the transcript ends on '\\n\\nAssistant:' with no reply)" if j == len(turns) else ""
+            raise RowError(
+                f"turn {j} ({turn['role']}) is empty{last}",
+                "write the reply, or drop the row (on_bad_rows: skip drops such rows and lists them)",
+            )
+    return turns
 
 
 def _split_preference(chosen: list[dict], rejected: list[dict], what: str) -> dict:

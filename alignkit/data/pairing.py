@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -90,6 +91,30 @@ def check_held_out_prompts(train, test, label: str = "eval split") -> None:
                 "evaluation would score a prompt the model trained on",
                 "keep each prompt in one split (drop it from one file), or use test_size, which holds out prompts whole",
             )  # fmt: skip
+
+
+def row_key(row: dict) -> str:
+    """A row's whole content as one comparable string (its hash stands for it): task rows (CoNLL tokens, SQuAD
+    question and context, text) have no prompt to compare."""
+    return hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def held_out_report(train, test, labels: list[str]) -> dict:
+    """What the run record says about its eval split: where it came from (``sources``: the held-out sources, or
+    ``test_size``), its rows, and ``also_in_train``: how many eval rows are identical to a training row (hashed
+    whole; a prompt shared with training is refused earlier by :func:`check_held_out_prompts`). Identical rows are
+    logged: a published test file may repeat a short training sentence (CoNLL headlines), which is then scored on
+    text the model saw."""
+    if test is None or not hasattr(test, "__len__") or not hasattr(train, "__len__"):
+        return {"sources": labels} if labels else {}
+    trained = {row_key(row) for row in train}
+    same = sum(row_key(row) in trained for row in test)
+    if same:
+        logger.warning(
+            "%d of the %d eval rows (%s) are identical to training rows: they score text the model trained on",
+            same, len(test), ", ".join(labels) or "test_size",
+        )  # fmt: skip
+    return {"sources": labels or ["test_size"], "rows": len(test), "also_in_train": same}
 
 
 def kl_order(dataset, block: int, seed: int = 0):

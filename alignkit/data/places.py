@@ -29,7 +29,7 @@ class RowPlaces:
 def place(places, label: str, index: int) -> tuple[str, int]:
     """``(source, row)`` of the row at ``index``. ``places``: a :class:`RowPlaces`, a list of each row's line in the one
     file ``label``, or None (rows count from 1)."""
-    if isinstance(places, RowPlaces):
+    if callable(places):  # RowPlaces, or a subset of a source's rows (alignkit.data.bad_rows.Picked)
         return places(index)
     return label, places[index] if places and index < len(places) else index + 1
 
@@ -39,4 +39,6 @@ def repeat_each(places, n: int):
     if isinstance(places, RowPlaces):
         return RowPlaces([(file, rows * n, None if lines is None else [x for x in lines for _ in range(n)])
                           for file, rows, lines in places.shards])  # fmt: skip
+    if callable(places):
+        return lambda index: places(index // n)
     return [x for x in places for _ in range(n)]

@@ -215,9 +215,12 @@ def _check_dpo(row, source, i):
             "chosen and rejected are identical, so there is no preference to learn",
             "drop the row or fix one response",
         )
-    prompt_text = _as_text(prompt).strip()
+    # Text rows only: a text reply that starts with the whole prompt was likely stored as prompt + reply (trl joins
+    # the two again). A chat reply is its own assistant turn, so one that repeats the question says so itself (hh-rlhf
+    # has such replies): nothing to fix in the row's layout.
+    prompt_text = _as_text(prompt).strip() if isinstance(prompt, str) else ""
     for column, value in (("chosen", chosen), ("rejected", rejected)):
-        if len(prompt_text) > 16 and _as_text(value).strip().startswith(prompt_text):
+        if len(prompt_text) > 16 and isinstance(value, str) and value.strip().startswith(prompt_text):
             raise DataError(
                 source,
                 i,

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import random
+import re
 from pathlib import Path
 
 from alignkit.config.args import DataArguments, DatasetSource
@@ -16,6 +17,7 @@ from alignkit.data.files import (
     FILE_BUILDERS,
     ColumnTypes,
     check_file,
+    data_suffix,
     file_rows,
     is_glob,
     read_whole,
@@ -24,7 +26,8 @@ from alignkit.data.files import (
     special_format,
 )
 from alignkit.data.formats import convert_source
-from alignkit.data.pairing import check_held_out_prompts, held_out_split
+from alignkit.data.bad_rows import BadRows
+from alignkit.data.pairing import check_held_out_prompts, held_out_report, held_out_split
 from alignkit.data.places import RowPlaces, repeat_each
 from alignkit.errors import DataError
 
@@ -35,6 +38,9 @@ def row_places(source: DatasetSource, split: str | None = None):
     """Where each row of a source's split is, for its errors (:func:`alignkit.data.places.place`): the lines of its
     one file, each row's shard file and line for a glob of shards (:class:`RowPlaces`), or None (rows count
     from 1)."""
+    files = special_files(source, split)
+    if files is not None:
+        return RowPlaces([(str(f), len(rows), lines) for f, (rows, lines) in ((f, read_whole(f, source, fmt)) for f, fmt in files)])
     if (split or source.split) != source.split:
         return None
     if not is_glob(source.path):
@@ -53,7 +59,40 @@ def row_places(source: DatasetSource, split: str | None = None):
 
 
 def _label(source: DatasetSource, split: str) -> str:
+    if source.role == "eval":
+        return f"{source.path} [eval]"
     return source.path if split == "train" and source.split == "train" else f"{source.path} [{split}]"
+
+
+_SPLIT_WORDS = (("test", re.compile(r"test", re.I)), ("validation", re.compile(r"(^|[^a-z])(valid|validation|val|dev)([^a-z]|$)", re.I)))
+
+
+def file_split(name: str) -> str:
+    """The split a data file's name puts it in, as datasets names a folder's files: ``test`` (a name holding
+    'test': test.conll, eng.testa, eng.testb), ``validation`` (valid, val, dev) or ``train`` (any other)."""
+    return next((split for split, pattern in _SPLIT_WORDS if pattern.search(name)), "train")
+
+
+def special_files(source: DatasetSource, split: str | None = None):
+    """``[(file, format)]`` of one split of a folder or glob of CoNLL / SQuAD files (datasets would read a .conll
+    file as plain text and drop its tags): a glob is one split, a folder's files go to splits by name
+    (:func:`file_split`). None when the source is no such folder or glob; [] when the split has no file."""
+    import glob
+
+    path = Path(source.path)
+    if is_glob(source.path):
+        files, by_name = [Path(f) for f in sorted(glob.glob(source.path, recursive=True)) if Path(f).is_file()], False
+    elif path.is_dir() and not any((path / n).is_file() for n in ("dataset_dict.json", "dataset_info.json", "state.json")):
+        files, by_name = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith(".")), True
+    else:
+        return None
+    formats = [special_format(f, source) for f in files] if files else [None]
+    if None in formats:
+        return None
+    split = split or source.split
+    if by_name:
+        return [(f, fmt) for f, fmt in zip(files, formats) if file_split(f.name) == split]
+    return list(zip(files, formats)) if split == source.split else []
 
 
 def load_source_split(source: DatasetSource, split: str | None = None):
@@ -62,6 +101,10 @@ def load_source_split(source: DatasetSource, split: str | None = None):
 
     split = split or source.split
     path = Path(source.path)
+    files = special_files(source, split)
+    if files is not None:  # a folder or glob of CoNLL / SQuAD files: read whole, file by file
+        rows = [row for f, fmt in files for row in read_whole(f, source, fmt)[0]]
+        return datasets.Dataset.from_list(rows) if files else None
     if is_glob(source.path):  # shards: data/train-*.parquet, corpus/**/*.jsonl
         return _load_shards(source, split)
     if path.is_file() and (fmt := special_format(path, source)):  # CoNLL / SQuAD files: read whole
@@ -69,11 +112,13 @@ def load_source_split(source: DatasetSource, split: str | None = None):
             return None
         return datasets.Dataset.from_list(read_whole(path, source, fmt)[0])
     if path.is_file():
-        builder = FILE_BUILDERS.get(path.suffix)
+        builder = FILE_BUILDERS.get(data_suffix(path))
         if builder is None:
             raise DataError(
-                str(path), None, f"unsupported file type '{path.suffix}'", f"use one of {sorted(FILE_BUILDERS)}"
-            )
+                str(path), None, f"unsupported file type '{''.join(path.suffixes[-2:]) or path.name}'",
+                f"use one of {sorted(FILE_BUILDERS)}, each also compressed (.gz, .bz2, .xz, .zst), or a CoNLL file "
+                "(.conll, or format: conll) or SQuAD JSON",
+            )  # fmt: skip
         if split != source.split:
             return None  # a single file has one split
         check_file(path)
@@ -101,7 +146,7 @@ def load_source_split(source: DatasetSource, split: str | None = None):
                 str(path), None, f"folder could not be loaded ({exc})", "point to data files or a save_to_disk folder"
             ) from exc
         return loaded[split] if split in loaded else None
-    if path.suffix in FILE_BUILDERS or source.path.startswith((".", "/")):
+    if data_suffix(path) in FILE_BUILDERS or source.path.startswith((".", "/")):
         raise DataError(
             source.path, None, "file not found", "check the path (relative paths start from the current directory)"
         )
@@ -128,7 +173,7 @@ def _load_shards(source, split: str):
     for f in files:
         check_file(Path(f), types)
     try:
-        return datasets.load_dataset(FILE_BUILDERS[Path(files[0]).suffix], data_files=files, split="train")
+        return datasets.load_dataset(FILE_BUILDERS[data_suffix(files[0])], data_files=files, split="train")
     except Exception as exc:  # noqa: BLE001 - name the pattern and the reader
         raise DataError(
             source.path, None, f"could not be read ({type(exc).__name__}: {exc})", "check the files"
@@ -195,17 +240,24 @@ def mixture_indices(n_rows: int, weight: float, rng: random.Random) -> list[int]
     return indices
 
 
-def check_source(dataset, source, label: str, schema, lines=None, chosen: list | None = None, num_proc=None):
+def check_source(
+    dataset, source, label: str, schema, lines=None, chosen: list | None = None, num_proc=None, bad: BadRows | None = None
+):
     """One split of one source in the schema's columns: converted from its published format (the schema's kind of
     data, :mod:`alignkit.data.formats`), then every row checked. ``lines``: where each source row is, for the errors
     (:func:`alignkit.data.places.place`); ``chosen``: see :func:`convert_source`; ``num_proc``: processes for the
-    conversion (``dataset_num_proc``)."""
-    if schema.data:
-        rows = len(dataset)
-        dataset = convert_source(dataset, source, schema.data, label, lines, chosen, num_proc=num_proc)
-        if lines and schema.data == "kto" and len(dataset) == 2 * rows:  # unpaired: 2 rows per source row
-            lines = repeat_each(lines, 2)
-    return schema.check(dataset, label, lines, tools=getattr(source, "tools", None))
+    conversion (``dataset_num_proc``); ``bad``: the ``on_bad_rows`` policy (default: the first bad row is the
+    DataError)."""
+
+    def run(dataset, lines):
+        if schema.data:
+            rows = len(dataset)
+            dataset = convert_source(dataset, source, schema.data, label, lines, chosen, num_proc=num_proc)
+            if lines and schema.data == "kto" and len(dataset) == 2 * rows:  # unpaired: 2 rows per source row
+                lines = repeat_each(lines, 2)
+        return schema.check(dataset, label, lines, tools=getattr(source, "tools", None))
+
+    return (bad or BadRows()).check(run, dataset, label, lines)
 
 
 def load_datasets(data_args: DataArguments, schema=None):
@@ -219,43 +271,64 @@ def load_datasets(data_args: DataArguments, schema=None):
         raise DataError("recipe", None, "no datasets given", "add 'datasets: [- path: data/train.jsonl]' to the recipe")
     rng = random.Random(data_args.mixture_seed)
     trains, tests = [], []  # trains: (source, its checked rows, unweighted)
+    held = []  # the labels of the eval rows' sources
+    bad = BadRows(data_args)
     num_proc = data_args.dataset_num_proc
     for source in data_args.datasets:
         if source.test_split and (Path(source.path).is_file() or is_glob(source.path)):
             what = "is one file" if Path(source.path).is_file() else "is a glob of shards, read as one split"
             raise DataError(
                 source.path, None, f"{what}, so it has no '{source.test_split}' split",
-                "give the held-out rows as a second file (with split: the file) in a source of their own, or use test_size",
+                "give the held-out rows as a source of their own with role: eval (- path: test.jsonl, role: eval; "
+                "never trained), or use test_size",
             )  # fmt: skip
+        label = _label(source, source.split)
         if source.streaming:  # read row by row as training goes (alignkit.data.streaming)
             from alignkit.data.streaming import stream_source
 
-            trains.append(
-                (source, stream_source(source, source.split, schema, data_args, _label(source, source.split)))
-            )
+            stream = stream_source(source, source.split, schema, data_args, label)
+            if source.role == "eval":
+                tests.append(stream)
+                held.append(label)
+                continue
+            trains.append((source, stream))
             if source.test_split:
                 tests.append(
                     stream_source(source, source.test_split, schema, data_args, _label(source, source.test_split))
                 )
+                held.append(_label(source, source.test_split))
             continue
-        train = load_source_split(source)
-        if train is None:
+        rows = load_source_split(source)
+        if rows is None:
             raise DataError(
                 source.path, None, f"has no split '{source.split}'", "set 'split:' on this source to an existing split"
             )
-        if len(train) == 0:
-            raise DataError(_label(source, source.split), None, "split is empty", "add rows, or remove this source")
+        if len(rows) == 0:
+            raise DataError(label, None, "split is empty", "add rows, or remove this source")
         if schema is not None:
             places = row_places(source)
-            if isinstance(places, RowPlaces) and places.rows != len(train):
+            if isinstance(places, RowPlaces) and places.rows != len(rows):
                 places = None  # not the rows datasets read: count them across the shards instead
-            train = check_source(train, source, _label(source, source.split), schema, places, num_proc=num_proc)
-        trains.append((source, train))
+            rows = check_source(rows, source, label, schema, places, num_proc=num_proc, bad=bad)
+        if source.role == "eval":  # a held-out file: the eval split, never trained
+            tests.append(rows)
+            held.append(label)
+            continue
+        trains.append((source, rows))
         test = load_source_split(source, source.test_split) if source.test_split else None
         if test is not None:
+            test_label = _label(source, source.test_split)
             if schema is not None:
-                test = check_source(test, source, _label(source, source.test_split), schema, num_proc=num_proc)
+                test = check_source(
+                    test, source, test_label, schema, row_places(source, source.test_split), num_proc=num_proc, bad=bad
+                )
             tests.append(test)
+            held.append(test_label)
+    if tests and data_args.test_size:
+        logger.warning(
+            "test_size %g is not used: the eval split is %s (a held-out source wins over rows drawn from training; "
+            "set test_size: 0 to silence this)", data_args.test_size, ", ".join(held),
+        )  # fmt: skip
     out = {}
     if tests:
         out["test"] = datasets.concatenate_datasets(tests) if len(tests) > 1 else tests[0]
@@ -309,6 +382,7 @@ def load_datasets(data_args: DataArguments, schema=None):
         out["train"] = out["train"].select(range(min(data_args.max_train_samples, len(out["train"]))))
     if "test" in out and data_args.max_eval_samples:
         out["test"] = out["test"].select(range(min(data_args.max_eval_samples, len(out["test"]))))
-    held = [_label(s, s.test_split) for s in data_args.datasets if s.test_split] or ["the test_size split"]
-    check_held_out_prompts(out["train"], out.get("test"), ", ".join(held))
-    return datasets.DatasetDict(out)
+    check_held_out_prompts(out["train"], out.get("test"), ", ".join(held) or "the test_size split")
+    result = datasets.DatasetDict(out)
+    result.alignkit_report = {"held_out": held_out_report(out["train"], out.get("test"), held), **bad.report()}
+    return result

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from alignkit.data.files import FILE_BUILDERS, is_glob, shard_files
+from alignkit.data.files import FILE_BUILDERS, data_suffix, is_glob, open_binary, shard_files
 from alignkit.data.formats import FORMATS, RowError, choose, renames
 from alignkit.errors import DataError
 
@@ -90,11 +90,11 @@ def _shards(source, split: str, label: str) -> list:
             source.path, None, "is a save_to_disk folder, which cannot be streamed (it is Arrow on disk already)",
             "set streaming: false: it is memory-mapped, so RAM is not the limit; or stream the data files it was made from",
         )  # fmt: skip
-    elif path.is_dir() or not (path.suffix in FILE_BUILDERS or source.path.startswith((".", "/"))):
+    elif path.is_dir() or not (data_suffix(path) in FILE_BUILDERS or source.path.startswith((".", "/"))):
         return [HubStream(source.path, source.name, split, label)]  # a data folder, or a Hub dataset id
     else:
         raise DataError(source.path, None, "file not found", "check the path (relative paths start from the current directory)")  # fmt: skip
-    suffix = Path(files[0]).suffix
+    suffix = data_suffix(files[0])
     if suffix not in FILE_BUILDERS:
         raise DataError(source.path, None, f"unsupported file type '{suffix}'", f"use one of {sorted(FILE_BUILDERS)}")
     if split != source.split:
@@ -104,7 +104,7 @@ def _shards(source, split: str, label: str) -> list:
 
 def _lines(path: str):
     """(line number, text) of each line of a UTF-8 file, read a line at a time."""
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         for lineno, raw in enumerate(f, start=1):
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8) :]
@@ -142,7 +142,9 @@ def _json_rows(path: str):
 
 
 def _csv_rows(path: str):
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    import io
+
+    with io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         try:
             header = next(reader, None) or []
@@ -177,7 +179,7 @@ def read_rows(shard):
         for n, row in enumerate(shard.open(), start=1):
             yield shard.label, n, row
         return
-    suffix = Path(shard).suffix
+    suffix = data_suffix(shard)
     if suffix in (".jsonl", ".json"):
         yield from _json_rows(shard)
     elif suffix == ".txt":  # one row per line, as datasets' text reader

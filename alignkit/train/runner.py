@@ -309,6 +309,7 @@ class Run:
                 self.stage, self.head, metrics, self.output_dir, adapter=bool(self.recipe.adapter.use_peft),
                 pipeline_task=head.pipeline if head else None, steps=steps, new_head=bool(head and head.new),
                 auto_class=head.auto_class if head else None,
+                data=getattr(getattr(self, "datasets", None), "alignkit_report", None),
             ),
             flush=True,
         )  # fmt: skip
@@ -345,6 +346,7 @@ class Run:
             task=self.head,
             head_config=self.head_config,
             datasets=[describe_source(s) for s in r.data.datasets],
+            data=getattr(getattr(self, "datasets", None), "alignkit_report", None) or {},
             adapter_handoff=r.model.adapter_handoff if self.source.adapter_dir else None,
             from_adapter=self.source.adapter_dir,
             from_stage=parent.stage if parent else None,

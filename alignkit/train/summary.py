@@ -78,10 +78,12 @@ def run_summary(
     steps: int | None = None,
     new_head: bool = False,
     auto_class: str | None = None,
+    data: dict | None = None,
 ) -> str:
     """The summary text (see the module docstring). ``adapter``: the output is a LoRA adapter (plus trained head);
     ``steps``: optimizer steps run; ``new_head``: the head was trained in full next to the adapter; ``pipeline_task``
-    / ``auto_class``: how transformers loads the (merged) model."""
+    / ``auto_class``: how transformers loads the (merged) model; ``data``: what loading the data found (the eval
+    split's sources, rows skipped by ``on_bad_rows: skip``)."""
     seconds = metrics.get("train_wall_seconds")
     name = stage if head in (stage, "causal_lm") or stage != "task" else f"{stage} {head}"  # task runs name their head
     lines = [f"== alignkit {name}: finished" + (f" in {seconds:.0f} s" if isinstance(seconds, (int, float)) else "")]
@@ -92,6 +94,14 @@ def run_summary(
         lines += [f"  {n:<{width}}  {b:>10}  {a:>10}" for n, b, a in rows]
     else:
         lines.append("  no held-out metrics (the recipe has no test split: set test_size to measure one)")
+    data = data or {}
+    held = data.get("held_out") or {}
+    if held.get("rows"):
+        lines.append(f"  eval split: {held['rows']} rows from {', '.join(held.get('sources') or ['test_size'])}")
+    if data.get("skipped_rows"):
+        lines.append(
+            f"  skipped rows (on_bad_rows: skip): {data['skipped_rows']}, listed in alignkit_run.json (data.skipped)"
+        )
     what = "LoRA adapter" + (" + trained head" if new_head else "") if adapter else "full model weights"
     lines.append(f"  outputs: {output_dir} ({what}; metrics in alignkit_run.json, model card README.md)")
     if steps:
