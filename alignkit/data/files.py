@@ -63,7 +63,7 @@ def read_text(path: Path) -> str:
         ) from exc
     except (OSError, EOFError) as exc:  # a truncated or damaged archive: gzip/bz2/lzma's own errors are OSErrors
         raise DataError(
-            str(path), None, f"cannot be read ({exc.strerror or exc})",
+            str(path), None, f"cannot be read ({getattr(exc, 'strerror', None) or exc})",
             "check the path and the disk" if not compression(path) else "download or compress the file again",
         ) from exc  # fmt: skip
     try:

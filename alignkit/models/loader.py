@@ -255,6 +255,7 @@ def load_model(
     gradient_checkpointing: bool = False,
     tokenizer=None,
     source: ModelSource | None = None,
+    lora_dropout: float | None = None,
     **head_kwargs,
 ):
     """Load the backbone for ``task`` (4-bit if asked) and attach the adapter the recipe asks for.
@@ -276,6 +277,9 @@ def load_model(
       (exact; nothing written). DPO reference: the backbone with the new adapter inactive, i.e. the earlier model.
       Output: an adapter on top of base + earlier adapter; loading it folds the earlier adapter again. Needs a
       full-precision backbone (ConfigError with load_in_4bit: use merge or continue).
+
+    ``lora_dropout``: with ``continue``, the dropout the continued adapter trains with (None: its own). Dropout
+    holds no weights, so it is the one adapter setting a continued adapter can change.
 
     Without ``use_peft`` (full fine-tuning) the earlier adapter is merged in memory, as for ``reference`` (the DPO
     recipe then has trl score that starting model once as the reference, instead of loading the base a second time).
@@ -317,12 +321,29 @@ def load_model(
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=NON_REENTRANT
             )
-        model = PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=True)
+        model = PeftModel.from_pretrained(
+            model, source.adapter_dir, is_trainable=True, config=_continued_config(source.adapter_dir, lora_dropout)
+        )
     if gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     _expose_wrapped_head_bias(model)
     model.alignkit_source = source  # lineage travels with the model to the run loop
     return model
+
+
+def _continued_config(adapter_dir: str, lora_dropout: float | None):
+    """The continued adapter's own config with ``lora_dropout`` in place (peft's ``from_pretrained(config=...)``
+    builds the dropout modules from it), or None to load it as saved."""
+    if lora_dropout is None:
+        return None
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(adapter_dir)
+    if getattr(config, "lora_dropout", lora_dropout) == lora_dropout:
+        return None
+    logger.info("adapter_handoff continue: lora_dropout %g (the adapter had %g)", lora_dropout, config.lora_dropout)
+    config.lora_dropout = lora_dropout
+    return config
 
 
 def _expose_wrapped_head_bias(model) -> None:

@@ -21,20 +21,26 @@ from alignkit.errors import DataError, PreflightError
 logger = logging.getLogger(__name__)
 
 
-# Adapter settings that a 'continue' hand-off cannot apply: the adapter being continued already has its own.
+# Adapter settings that a 'continue' hand-off cannot apply: they give the adapter's weights their shapes and scale
+# (r, target modules, DoRA's magnitudes, alpha and rsLoRA's scaling). lora_dropout is not one of them: it holds no
+# weights, so the continued adapter takes the recipe's value when the recipe sets one (alignkit.models.loader; trl's
+# preference trainers zero every dropout anyway with their default disable_dropout: true).
 _ADAPTER_KEYS = {
-    "lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "use_dora": "use_dora",
-    "use_rslora": "use_rslora", "lora_target_modules": "target_modules",
+    "lora_r": "r", "lora_alpha": "lora_alpha", "use_dora": "use_dora", "use_rslora": "use_rslora",
+    "lora_target_modules": "target_modules",
 }  # fmt: skip
 
 
 def check_handoff(recipe, source) -> None:
-    """With ``adapter_handoff: continue`` an earlier stage's adapter keeps training as it is: an adapter setting the
-    recipe sets to another value cannot apply, and is refused rather than silently ignored. (That the adapter's head
-    is this stage's is :func:`check_model_fits`'s, which runs first.)"""
+    """With ``adapter_handoff: continue`` an earlier stage's adapter keeps training with its own shapes and scale:
+    an adapter setting the recipe sets to another value (:data:`_ADAPTER_KEYS`) cannot apply, and is refused rather
+    than silently ignored, naming the recipe's value and the adapter's ``adapter_config.json``. Keys the recipe does
+    not set are inherited from the adapter. (That the adapter's head is this stage's is :func:`check_model_fits`'s,
+    which runs first.)"""
     if source.adapter_dir is None or recipe.model.adapter_handoff != "continue" or not recipe.adapter.use_peft:
         return
-    config = json.loads((Path(source.adapter_dir) / "adapter_config.json").read_text())
+    config_file = Path(source.adapter_dir) / "adapter_config.json"
+    config = json.loads(config_file.read_text())
     clashes = []
     for key, peft_key in _ADAPTER_KEYS.items():
         if key not in recipe.explicit or peft_key not in config:
@@ -43,11 +49,12 @@ def check_handoff(recipe, source) -> None:
         if key == "lora_target_modules" and not isinstance(want, str):
             want, have = sorted(want), sorted(have) if isinstance(have, list) else have
         if want != have:
-            clashes.append(f"{key} {want!r} (the adapter has {have!r})")
+            clashes.append(f"{key} {want!r} in the recipe, {peft_key} {have!r} in {config_file}")
     if clashes:
         raise PreflightError(
-            f"adapter_handoff continue: {source.adapter_dir}'s adapter keeps training as it is, so {', '.join(clashes)} "
-            "cannot apply. Fix: drop those keys, or set adapter_handoff: merge to merge it and train a new adapter with them."
+            f"adapter_handoff continue: {source.adapter_dir}'s adapter keeps training with its own shapes and scale, so "
+            f"{'; '.join(clashes)} cannot both hold. Fix: drop those keys from the recipe (they are inherited from the "
+            "adapter), or set adapter_handoff: merge to merge it and train a new adapter with them."
         )
 
 
@@ -109,13 +116,59 @@ def protect_hub_token(train_args) -> None:
         sys.argv[:] = [arg.replace(token, "<hub_token>") for arg in sys.argv]
 
 
-def check_stop_tokens(trainer, split: str, data, max_fraction: float, dropped: int = 0) -> int:
+def full_lengths(tokenizer, rows) -> list[int]:
+    """Each row's length in tokens before any truncation, as the trainer renders it: a chat row through the chat
+    template (``messages``; ``prompt`` + the reply), a text row as prompt + reply + eos; preference rows the longer
+    of prompt + chosen and prompt + rejected. ``rows``: a split in a stage's columns (before the trainer)."""
+    def count(prompt, reply) -> int:
+        if isinstance(prompt, list) or isinstance(reply, list):
+            messages = (prompt if isinstance(prompt, list) else []) + (reply if isinstance(reply, list) else [])
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(tokenizer((prompt or "") + (reply or ""))["input_ids"]) + 1
+
+    names = rows.column_names
+    out = []
+    for row in rows.select_columns([c for c in ("messages", "prompt", "completion", "chosen", "rejected") if c in names]):
+        if "messages" in row:
+            out.append(count(row["messages"], None))
+        elif "chosen" in row:
+            out.append(max(count(row["prompt"], row["chosen"]), count(row["prompt"], row["rejected"])))
+        else:
+            out.append(count(row.get("prompt"), row.get("completion")))
+    return out
+
+
+def fitting_length(lengths: list[int], max_fraction: float, multiple: int = 8) -> dict:
+    """The smallest ``max_length`` (rounded up to ``multiple`` tokens) that cuts at most ``max_fraction`` of rows
+    of these ``lengths`` (tokens), the share it cuts, and the distribution's p95 / p99 / max."""
+    import math
+
+    ordered = sorted(lengths)
+    n = len(ordered)
+    if not n:
+        return {}
+    allowed = math.floor(max_fraction * n)  # rows that may stay longer than the answer
+    fits = ordered[n - 1 - allowed] if allowed < n else 0
+    fits = -(-fits // multiple) * multiple
+
+    def pct(q):
+        return ordered[min(n - 1, max(0, math.ceil(q * n) - 1))]
+
+    return {"fits": fits, "cut": sum(x > fits for x in ordered) / n, "p95": pct(0.95), "p99": pct(0.99),
+            "max": ordered[-1]}  # fmt: skip
+
+
+def check_stop_tokens(trainer, split: str, data, max_fraction: float, dropped: int = 0, rows=None) -> int:
     """Count the rows of a tokenized SFT split whose trained tokens lost a stop token (eos, end-of-turn) to
     truncation: fewer stop tokens among the labels than trained spans (assistant turns, or the completion); for DPO
-    rows, prompt + the longer response beyond max_length (trl's collator keeps the start). Warns with the count;
-    refuses the run above ``max_fraction`` of the rows. ``dropped``: rows the trainer already dropped for the same
-    reason (their trained part wholly beyond max_length), counted with them. Returns the count. Packed data is not
-    checked."""
+    rows, prompt + the longer response beyond max_length (trl's collator keeps the start). ``dropped``: rows the
+    trainer already dropped for the same reason (their trained part, or a DPO pair's whole prompt, beyond
+    max_length), counted with them. Returns the count. Packed data is not checked.
+
+    The train split is refused above ``max_fraction`` of its rows, with the smallest max_length that keeps the
+    limit (:func:`fitting_length` over ``rows``, the split before the trainer tokenized it). An eval split is never
+    refused (nothing trains on it): its cut rows are logged, as rows scored without their ends."""
     import numpy as np
 
     tokenizer = trainer.processing_class
@@ -141,22 +194,35 @@ def check_stop_tokens(trainer, split: str, data, max_fraction: float, dropped: i
                 cut += 1
     elif not dropped:
         return 0
-    if cut or dropped:
-        share = (cut + dropped) / total
-        what = (
-            f"max_length {max_length} cuts the stop token ({tokenizer.convert_ids_to_tokens(stops[0].item())!r}) "
-            f"off {cut} of {total} {split} rows"
-            + (f" and leaves nothing to train in {dropped} more (dropped: a prompt or row longer than max_length)"
-               if dropped else "")
-            + f" ({share:.0%}): trained so, the model learns not to stop"
+    if not (cut or dropped):
+        return 0
+    share = (cut + dropped) / total
+    stop = tokenizer.convert_ids_to_tokens(stops[0].item())
+    if split != "train":  # scored, never trained: a cut row's loss leaves out its end, and that is all
+        logger.warning(
+            "max_length %s cuts the stop token (%r) off %d of the %d %s rows%s (%.0f%%): they are scored without "
+            "their ends (nothing trains on them)", max_length, stop, cut, total, split,
+            f" and leaves {dropped} more out of the eval" if dropped else "", 100 * share,
         )  # fmt: skip
-        if share > max_fraction:
-            raise DataError(
-                f"{split} split", None, what,
-                f"raise max_length (the longest rows need more tokens), shorten those rows, or set "
-                f"max_truncated_fraction above {share:.2f} to train on them anyway",
-            )  # fmt: skip
-        logger.warning("%s (max_truncated_fraction %g allows it)", what, max_fraction)
+        return cut + dropped
+    what = (
+        f"max_length {max_length} cuts the stop token ({stop!r}) off {cut} of {total} {split} rows"
+        + (f" and leaves nothing to train in {dropped} more (dropped: a prompt or row longer than max_length)"
+           if dropped else "")
+        + f" ({share:.0%}): trained so, the model learns not to stop"
+    )  # fmt: skip
+    if share > max_fraction:
+        fit = fitting_length(full_lengths(tokenizer, rows), max_fraction) if rows is not None and len(rows) else {}
+        hint = (
+            f"set max_length: {fit['fits']} (cuts {fit['cut']:.1%} of these rows; their lengths in tokens: p95 "
+            f"{fit['p95']}, p99 {fit['p99']}, max {fit['max']}), "
+            if fit else "raise max_length (the longest rows need more tokens), "
+        )
+        raise DataError(
+            f"{split} split", None, what,
+            f"{hint}shorten those rows, or set max_truncated_fraction above {share:.2f} to train on them anyway",
+        )  # fmt: skip
+    logger.warning("%s (max_truncated_fraction %g allows it)", what, max_fraction)
     return cut + dropped
 
 
@@ -173,10 +239,11 @@ def _planned_checkpoints(args) -> int:
     return min(planned, args.save_total_limit) if args.save_total_limit else planned
 
 
-def check_trainer(trainer, run_args, rows_before: dict[str, int] | None = None) -> None:
+def check_trainer(trainer, run_args, rows_before: dict[str, int] | None = None, splits: dict | None = None) -> None:
     """What is known only once the trainer has tokenized the data and wrapped the model. ``rows_before``: each
     split's rows before the trainer tokenized them; the rows it dropped (trl drops a row whose trained part lies
-    wholly beyond max_length, e.g. a huge prompt) count as truncated."""
+    wholly beyond max_length, e.g. a huge prompt) count as truncated. ``splits``: those rows, to measure their
+    lengths when max_length is refused."""
     args = trainer.args
     for split, data in (("train", trainer.train_dataset), ("test", trainer.eval_dataset)):
         if data is None or not hasattr(data, "__len__"):  # streamed data has no length
@@ -190,7 +257,7 @@ def check_trainer(trainer, run_args, rows_before: dict[str, int] | None = None) 
             )  # fmt: skip
         before = (rows_before or {}).get(split)
         dropped = max(0, before - len(data)) if isinstance(before, int) else 0
-        check_stop_tokens(trainer, split, data, run_args.max_truncated_fraction, dropped)
+        check_stop_tokens(trainer, split, data, run_args.max_truncated_fraction, dropped, (splits or {}).get(split))
     if args.save_strategy == "no":
         return
     if args.save_strategy == "no":

@@ -167,6 +167,7 @@ class Run:
             gradient_checkpointing=bool(getattr(r.train, "gradient_checkpointing", False)),
             tokenizer=self.tokenizer,
             source=self.source,
+            lora_dropout=r.adapter.lora_dropout if "lora_dropout" in r.explicit else None,
             **head_kwargs,
         )
         if self.tokenizer is not None and getattr(self.model.config, "pad_token_id", None) is None:
@@ -275,11 +276,12 @@ class Run:
         the trainer gives up meanwhile (alignkit rotates checkpoints itself)."""
         r = self.recipe
         check_trainer_assumptions(trainer, self.stage)  # row order, pairing, one end-of-turn (before the checks)
-        from trl import SFTTrainer
+        from trl import DPOTrainer, SFTTrainer
 
-        # SFT drops rows whose trained part lies wholly beyond max_length: they count as truncated
-        datasets = (getattr(self, "datasets", None) or {}) if isinstance(trainer, SFTTrainer) else {}
-        checks.check_trainer(trainer, r.run, {k: len(v) for k, v in datasets.items() if hasattr(v, "__len__")})
+        # SFT drops rows whose trained part lies wholly beyond max_length, DPO pairs whose prompt fills it: truncated
+        datasets = (getattr(self, "datasets", None) or {}) if isinstance(trainer, (SFTTrainer, DPOTrainer)) else {}
+        rows = {k: v for k, v in datasets.items() if hasattr(v, "__len__")}
+        checks.check_trainer(trainer, r.run, {k: len(v) for k, v in rows.items()}, rows)
         trainer.add_callback(NonFiniteGuard(enabled=r.run.stop_on_nonfinite))
         # alignkit rotates checkpoints itself, after the new one is marked complete: transformers deletes the old
         # ones before that, so a kill in between would leave nothing to resume from

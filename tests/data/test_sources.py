@@ -53,8 +53,8 @@ def test_save_to_disk_dataset_dict_gives_its_test_split(tmp_path):
     ).save_to_disk(str(tmp_path / "dd"))
     loaded = load_datasets(DataArguments(datasets=[{"path": str(tmp_path / "dd"), "test_split": "test"}]), SFT)
     assert {k: len(v) for k, v in loaded.items()} == {"train": 4, "test": 2}
-    with pytest.raises(DataError, match="has no split 'validation'"):
-        load_datasets(DataArguments(datasets=[{"path": str(tmp_path / "dd"), "split": "validation"}]), SFT)
+    with pytest.raises(DataError, match="has no split 'dev'"):
+        load_datasets(DataArguments(datasets=[{"path": str(tmp_path / "dd"), "split": "dev", "role": "train"}]), SFT)
 
 
 def test_bad_json_line_names_the_file_and_line(tmp_path):

@@ -69,10 +69,15 @@ def test_continue_handoff_refuses_adapter_settings_it_cannot_apply(tmp_path):
     run_recipe("sft", [*SFT_LORA, "--output_dir", str(sft)])  # lora_r 8 (recipes/tiny/sft.yaml)
     dpo = ["--config", "recipes/tiny/dpo.yaml", "--model_name_or_path", str(sft), "--max_steps", "1",
            "--output_dir", str(tmp_path / "dpo"), "--disable_tqdm", "true"]  # fmt: skip
-    with pytest.raises(PreflightError, match=r"lora_r 4 \(the adapter has 8\).*adapter_handoff: merge"):
+    with pytest.raises(PreflightError, match=r"lora_r 4 in the recipe, r 8 in .*sft/adapter_config\.json.*merge"):
         run_recipe("dpo", [*dpo, "--lora_r", "4"])
     assert not (tmp_path / "dpo").exists(), "a run refused before writing anything leaves no folder behind"
     run_recipe("dpo", [*dpo, "--lora_r", "4", "--adapter_handoff", "merge"])  # the fix the message gives works
+    # dropout holds no weights: the continued adapter takes the recipe's (the shipped SmolLM2 DPO sets 0.0 after SFT's
+    # 0.05), and its saved config says so
+    assert json.loads((sft / "adapter_config.json").read_text())["lora_dropout"] == 0.05
+    run_recipe("dpo", [*dpo, "--lora_dropout", "0.0", "--output_dir", str(tmp_path / "dpo0")])
+    assert json.loads((tmp_path / "dpo0" / "adapter_config.json").read_text())["lora_dropout"] == 0.0
 
 
 def test_two_runs_into_one_output_dir_at_once(tmp_path):
