@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from alignkit.errors import AlignkitError, run_cli
+from alignkit.errors import AlignkitError, DataError, run_cli
 from alignkit.stages import STAGES
 
 
@@ -188,6 +188,8 @@ def data(argv: list[str]) -> int:
     """Preview a recipe's data: each source's format, converted rows and checks, then the trained-token preview."""
     from itertools import islice
 
+    from alignkit.data.bad_rows import BadRows
+    from alignkit.data.places import place
     from alignkit.data.sources import check_source, load_source_split, row_places
     from alignkit.data.streaming import stream_source
 
@@ -198,9 +200,18 @@ def data(argv: list[str]) -> int:
     p.add_argument("action", choices=["preview"], help="preview: show what the stage would train on, then exit.")
     p.add_argument("stage", choices=[s for s in STAGES if STAGES[s].schema], help="The stage whose recipe it is.")
     p.add_argument("--n", type=int, default=2, help="Converted rows to show per source.")
+    p.add_argument("--full", action="store_true", help="Show whole rows (default: each cut at 400 characters).")
     args, recipe_argv = p.parse_known_args(argv)
+    width = None if args.full else 400
+
+    def show(row: dict) -> None:  # the prompt first, then the replies (a long prompt never hides them)
+        order = ("prompt", "messages", "chosen", "rejected", "completion", "label")
+        row = {**{k: row[k] for k in order if k in row}, **{k: v for k, v in row.items() if k not in order}}
+        print("   " + json.dumps(row, ensure_ascii=False)[:width])
+
     stage = STAGES[args.stage]
     recipe = stage.parse(recipe_argv)
+    refused, bad = False, BadRows(recipe.data)  # on_bad_rows as the run applies it
     for source in recipe.data.datasets:
         for split in filter(None, (source.split, source.test_split)):
             label, chosen = f"{source.path} [{split}]", []
@@ -209,16 +220,29 @@ def data(argv: list[str]) -> int:
                 print(f"== {label}: format {chosen[0][0]} ({chosen[0][1]}); streamed: the first "
                       f"{recipe.data.streaming_check_rows} rows of each file pass the {stage.name} checks")  # fmt: skip
                 for row in islice(rows, args.n):
-                    print("   " + json.dumps(row, ensure_ascii=False)[:400])
+                    show(row)
                 continue
             rows = load_source_split(source, split)
             if rows is None:
                 continue
-            converted = check_source(rows, source, label, stage.data_schema, row_places(source, split), chosen)
+            places = row_places(source, split)
+            try:
+                converted = check_source(rows, source, label, stage.data_schema, places, chosen, bad=bad)
+            except DataError as exc:  # a refused source: the refusal beside the row it names, as read
+                print(f"== {label}: refused: {exc}")
+                index = next((i for i in range(len(rows)) if exc.row is not None
+                              and place(places, label, i) == (exc.source, exc.row)), None)  # fmt: skip
+                if index is not None:
+                    print(f"   row {exc.row} as read:")
+                    show(rows[index])
+                refused = True
+                continue
             print(f"== {label}: format {chosen[0][0]} ({chosen[0][1]}); {len(converted)} rows pass the {stage.name} "
                   f"checks; columns {converted.column_names}")  # fmt: skip
             for row in converted.select(range(min(args.n, len(converted)))):
-                print("   " + json.dumps(row, ensure_ascii=False)[:400])
+                show(row)
+    if refused:
+        return 2
     if stage.name not in ("sft", "dpo"):
         return 0  # CPT trains every token of each block; GRPO generates its completions; the others: no preview yet
     _stage_main(stage.name)([*recipe_argv, "--label_preview", "true"])  # prints, trains nothing, writes nothing

@@ -389,7 +389,11 @@ class DataArguments:
                 f"on_bad_rows: {self.on_bad_rows!r} is not error or skip. Fix: write on_bad_rows: skip (with "
                 "max_bad_rows) to drop bad rows, or error to stop on the first."
             )
-        if isinstance(self.max_bad_rows, bool) or not isinstance(self.max_bad_rows, (int, float)) or self.max_bad_rows < 0:
+        if (
+            isinstance(self.max_bad_rows, bool)
+            or not isinstance(self.max_bad_rows, (int, float))
+            or self.max_bad_rows < 0
+        ):
             raise ConfigError(
                 f"max_bad_rows: {self.max_bad_rows!r} is not a fraction (< 1) or a count (>= 1). Fix: e.g. 0.01 or 20."
             )

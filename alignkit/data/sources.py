@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from alignkit.config.args import DataArguments, DatasetSource
+from alignkit.data.bad_rows import BadRows
 from alignkit.data.files import (
     FILE_BUILDERS,
     ColumnTypes,
@@ -26,7 +27,6 @@ from alignkit.data.files import (
     special_format,
 )
 from alignkit.data.formats import convert_source
-from alignkit.data.bad_rows import BadRows
 from alignkit.data.pairing import check_held_out_prompts, held_out_report, held_out_split
 from alignkit.data.places import RowPlaces, repeat_each
 from alignkit.errors import DataError
@@ -40,7 +40,9 @@ def row_places(source: DatasetSource, split: str | None = None):
     from 1)."""
     files = special_files(source, split)
     if files is not None:
-        return RowPlaces([(str(f), len(rows), lines) for f, (rows, lines) in ((f, read_whole(f, source, fmt)) for f, fmt in files)])
+        return RowPlaces(
+            [(str(f), len(rows), lines) for f, (rows, lines) in ((f, read_whole(f, source, fmt)) for f, fmt in files)]
+        )
     if (split or source.split) != source.split:
         return None
     if not is_glob(source.path):
@@ -64,7 +66,10 @@ def _label(source: DatasetSource, split: str) -> str:
     return source.path if split == "train" and source.split == "train" else f"{source.path} [{split}]"
 
 
-_SPLIT_WORDS = (("test", re.compile(r"test", re.I)), ("validation", re.compile(r"(^|[^a-z])(valid|validation|val|dev)([^a-z]|$)", re.I)))
+_SPLIT_WORDS = (
+    ("test", re.compile(r"test", re.I)),
+    ("validation", re.compile(r"(^|[^a-z])(valid|validation|val|dev)([^a-z]|$)", re.I)),
+)
 
 
 def file_split(name: str) -> str:
@@ -82,7 +87,9 @@ def special_files(source: DatasetSource, split: str | None = None):
     path = Path(source.path)
     if is_glob(source.path):
         files, by_name = [Path(f) for f in sorted(glob.glob(source.path, recursive=True)) if Path(f).is_file()], False
-    elif path.is_dir() and not any((path / n).is_file() for n in ("dataset_dict.json", "dataset_info.json", "state.json")):
+    elif path.is_dir() and not any(
+        (path / n).is_file() for n in ("dataset_dict.json", "dataset_info.json", "state.json")
+    ):
         files, by_name = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith(".")), True
     else:
         return None
@@ -241,7 +248,14 @@ def mixture_indices(n_rows: int, weight: float, rng: random.Random) -> list[int]
 
 
 def check_source(
-    dataset, source, label: str, schema, lines=None, chosen: list | None = None, num_proc=None, bad: BadRows | None = None
+    dataset,
+    source,
+    label: str,
+    schema,
+    lines=None,
+    chosen: list | None = None,
+    num_proc=None,
+    bad: BadRows | None = None,
 ):
     """One split of one source in the schema's columns: converted from its published format (the schema's kind of
     data, :mod:`alignkit.data.formats`), then every row checked. ``lines``: where each source row is, for the errors

@@ -120,6 +120,7 @@ def full_lengths(tokenizer, rows) -> list[int]:
     """Each row's length in tokens before any truncation, as the trainer renders it: a chat row through the chat
     template (``messages``; ``prompt`` + the reply), a text row as prompt + reply + eos; preference rows the longer
     of prompt + chosen and prompt + rejected. ``rows``: a split in a stage's columns (before the trainer)."""
+
     def count(prompt, reply) -> int:
         if isinstance(prompt, list) or isinstance(reply, list):
             messages = (prompt if isinstance(prompt, list) else []) + (reply if isinstance(reply, list) else [])
@@ -129,7 +130,9 @@ def full_lengths(tokenizer, rows) -> list[int]:
 
     names = rows.column_names
     out = []
-    for row in rows.select_columns([c for c in ("messages", "prompt", "completion", "chosen", "rejected") if c in names]):
+    for row in rows.select_columns(
+        [c for c in ("messages", "prompt", "completion", "chosen", "rejected") if c in names]
+    ):
         if "messages" in row:
             out.append(count(row["messages"], None))
         elif "chosen" in row:
@@ -216,7 +219,8 @@ def check_stop_tokens(trainer, split: str, data, max_fraction: float, dropped: i
         hint = (
             f"set max_length: {fit['fits']} (cuts {fit['cut']:.1%} of these rows; their lengths in tokens: p95 "
             f"{fit['p95']}, p99 {fit['p99']}, max {fit['max']}), "
-            if fit else "raise max_length (the longest rows need more tokens), "
+            if fit
+            else "raise max_length (the longest rows need more tokens), "
         )
         raise DataError(
             f"{split} split", None, what,

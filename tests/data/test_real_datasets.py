@@ -13,8 +13,8 @@ import pytest
 
 from alignkit.config import DataArguments
 from alignkit.data import load_datasets
-from alignkit.data.schemas import DPO, KTO, SFT
 from alignkit.data.pairing import row_key
+from alignkit.data.schemas import DPO, KTO, SFT
 from alignkit.errors import ConfigError, DataError
 from alignkit.testing.published import alpaca_records, hh_records, write_conll, write_hh, write_squad
 

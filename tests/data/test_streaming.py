@@ -122,7 +122,9 @@ def test_a_streamed_folder_streams_its_test_split_and_mixes_with_a_loaded_source
     assert [r["text"] for r in data["train"]] == ["train 0", "train 1", "train 2", "small 0", "small 1"]
     assert [r["text"] for r in data["test"]] == ["test 0", "test 1"]
     with pytest.raises(DataError, match=r"has no split 'dev'"):
-        load_datasets(DataArguments(datasets=[{"path": str(folder), "streaming": True, "split": "dev", "role": "train"}]), CPT)
+        load_datasets(
+            DataArguments(datasets=[{"path": str(folder), "streaming": True, "split": "dev", "role": "train"}]), CPT
+        )
 
 
 def test_data_preview_of_a_streamed_source_reads_only_what_it_shows(tmp_path, capsys):

@@ -34,8 +34,9 @@ def test_a_held_out_file_is_the_eval_split_and_never_trains(tmp_path, capfd, tas
 
     monkeypatch.setattr(runner.Run, "load_data", spy)
     sources = json.dumps([str(train), {"path": str(held), "split": "test"}])
-    metrics = run_recipe("task", ["--config", f"recipes/tiny/task_{task}.yaml", "--datasets", sources,
-                                  "--output_dir", str(out), *FAST])  # fmt: skip  (the recipe's test_size: 0.2 stays)
+    metrics = run_recipe(
+        "task", ["--config", f"recipes/tiny/task_{task}.yaml", "--datasets", sources, "--output_dir", str(out), *FAST]
+    )  # fmt: skip  (the recipe's test_size: 0.2 stays)
     assert (len(seen["train"]), len(seen["test"])) == (12, 8)  # every training row trains, every held-out row scores
     trained = {row_key(r) for r in seen["train"]}
     assert not [r for r in seen["test"] if row_key(r) in trained]
