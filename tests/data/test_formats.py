@@ -175,7 +175,8 @@ def test_data_preview_shows_the_format_the_rows_and_the_trained_tokens(tmp_path,
         json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "x"}]}) + "\n"
     )
     assert cli(["data", "preview", "sft", "--config", "recipes/tiny/sft.yaml", "--datasets", str(bad)]) == 2
-    assert "from='bot'" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "from='bot'" in captured.out and "refused:" in captured.out and '"from": "bot"' in captured.out
 
 
 def test_dataset_num_proc_2_converts_and_packs_the_same_rows_as_one_process(tiny_llama, tmp_path):
