@@ -218,6 +218,8 @@ def describe_source(source) -> dict:
     entry: dict = {"path": source.path, "weight": source.weight, "split": source.split, "name": source.path}
     if source.streaming:
         entry["streaming"] = True
+    if source.role == "eval":
+        entry["role"] = "eval"
     if is_glob(source.path):  # shards: the pattern, how many files and bytes (hashing a corpus would take minutes)
         import glob
 
