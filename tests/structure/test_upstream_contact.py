@@ -1,7 +1,7 @@
 """alignkit.speedups is the one place that patches upstream internals, and it knows what it touches: every private
 trl/transformers/bitsandbytes name a row relies on still exists with the parameters the row uses (an upgrade that
 renames one fails here, loudly, instead of silently losing the speed-up), the check is not blind (a renamed or
-re-signed symbol is reported by name), and no other module patches upstream internals except the README's list."""
+re-signed symbol is reported by name), and no other module patches upstream internals except the list in docs/architecture.md."""
 
 import platform
 import re
@@ -106,7 +106,7 @@ def _patches() -> dict[str, list[str]]:
 
 
 def _readme_exceptions() -> list[str]:
-    layout = (REPO / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    layout = (REPO / "docs" / "architecture.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
     block = layout.split("Upstream internals are patched only in", 1)[1].split("\n\n", 2)[1]
     return re.findall(r"^\d+\. `([\w/]+\.py)`", block, flags=re.M)
 
@@ -116,11 +116,12 @@ def test_no_module_outside_speedups_patches_upstream_but_the_readme_list():
     assert 0 < len(exceptions) <= 5, exceptions
     found = _patches()
     unlisted = [hit for rel, hits in found.items() if rel not in exceptions for hit in hits]
-    assert not unlisted, "patches of upstream internals belong in alignkit/speedups/ (or README's list):\n" + "\n".join(
-        unlisted
+    assert not unlisted, (
+        "patches of upstream internals belong in alignkit/speedups/ (or docs/architecture.md's list):\n"
+        + "\n".join(unlisted)
     )
     stale = [rel for rel in exceptions if rel not in found]
-    assert not stale, f"README lists {stale} as patching upstream internals, but they no longer do"
+    assert not stale, f"docs/architecture.md lists {stale} as patching upstream internals, but they no longer do"
 
 
 def test_the_patch_grep_is_not_blind():
