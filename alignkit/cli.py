@@ -273,6 +273,27 @@ def _stage_main(name: str) -> Callable[[list[str]], object]:
     return importlib.import_module(f"alignkit.recipes.{name}").main
 
 
+def _stage_quick_answer(stage: str, argv: list[str]) -> int | None:
+    """``alignkit <stage>`` alone and ``--help``/``--help-all``, answered from the checked-in key reference without
+    importing torch or trl (a second instead of ten or more); None: run the stage."""
+    if not argv:
+        print(
+            f"alignkit {stage}: give --config RECIPE.yaml (alignkit {stage} --config RECIPE.yaml [--key value ...]).\n"
+            f"  alignkit recipes          lists the shipped recipes\n"
+            f"  alignkit init {stage:<11} writes a commented recipe to edit\n"
+            f"  alignkit {stage} --help{' ' * max(0, 8 - len(stage))}  lists its keys with their defaults",
+            file=sys.stderr,
+        )
+        return 2
+    every = any(a in ("--help-all", "--help_all") for a in argv)
+    if not every and not any(a in ("-h", "--help") for a in argv):
+        return None
+    from alignkit.config.keyref import load_reference, render_help
+
+    print(render_help(stage, load_reference()[stage], every_key=every), end="")
+    return 0
+
+
 def usage() -> str:
     lines = ["usage: alignkit <command> [options]   (alignkit <command> --help for its options)", "", "stages:"]
     lines += [f"  {s.name:<8} {s.summary} (recipes/{s.name}.py)" for s in STAGES.values()]
@@ -291,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"alignkit: unknown command '{argv[0]}'.{suggest(argv[0], [*STAGES, *COMMANDS])}\n", file=sys.stderr)
         print(usage(), file=sys.stdout if wants_help else sys.stderr)
         return 0 if wants_help else 2
+    if argv[0] in STAGES and (quick := _stage_quick_answer(argv[0], argv[1:])) is not None:
+        return quick
     command = _stage_main(argv[0]) if argv[0] in STAGES else COMMANDS[argv[0]]
     try:
         result = run_cli(command, argv[1:])

@@ -48,7 +48,9 @@ class Stage:
         """The recipe parser of this stage; a key that only another stage knows is named as that stage's."""
         from alignkit.config import recipe_parser
 
-        return recipe_parser(self.config_class, (*self.extra_classes, *extra), elsewhere=self.owner_elsewhere)
+        return recipe_parser(
+            self.config_class, (*self.extra_classes, *extra), elsewhere=self.owner_elsewhere, name=self.name
+        )
 
     def parse(self, argv: list[str] | None = None):
         """``--config X.yaml`` and ``--key value`` overrides -> a validated :class:`alignkit.config.Recipe`."""
@@ -144,6 +146,15 @@ STAGES: dict[str, Stage] = {
 def stages_training(head: str) -> list[str]:
     """The names of the stages whose recipe trains ``head``, in registry order (for messages that list them)."""
     return [s.name for s in STAGES.values() if s.head == head]
+
+
+def key_reference() -> dict[str, list[dict]]:
+    """Every stage's recipe keys (alignkit.config.keyref rows), from the live config dataclasses: what ``keys.json``
+    and docs/keys.md hold (``python scripts/write_key_reference.py``)."""
+    from alignkit.config import MODEL_GROUPS
+    from alignkit.config.keyref import key_rows
+
+    return {s.name: key_rows((*MODEL_GROUPS, s.config_class, *s.extra_classes), s.name) for s in STAGES.values()}
 
 
 def get_stage(name: str) -> Stage:

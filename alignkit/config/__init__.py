@@ -15,25 +15,24 @@ from alignkit.config.args import (
     RunArguments,
 )
 from alignkit.config.parser import RecipeParser, dump_config, resolved_config
-from alignkit.config.trainers import (
-    CPTConfig,
-    DPOConfig,
-    GRPOConfig,
-    KTOConfig,
-    RewardConfig,
-    RewardFunctionArguments,
-    SFTConfig,
-    TaskArguments,
-    TaskConfig,
-)
 from alignkit.config.validate import validate
 
 G = TypeVar("G")
+# alignkit.config.trainers subclasses trl's and transformers' configs (importing them takes seconds): loaded on first
+# use, so that the parser, the key reference and ``alignkit <stage> --help`` do without them.
+_TRAINERS = (
+    "CPTConfig", "DPOConfig", "GRPOConfig", "KTOConfig", "RewardConfig", "RewardFunctionArguments", "SFTConfig",
+    "TaskArguments", "TaskConfig",
+)  # fmt: skip
 _EXPERIMENTAL = ("ORPOConfig", "SimPOConfig")  # alignkit.config.experimental, imported on first use
 _EMBEDDING = ("EmbedConfig", "EmbeddingArguments")  # alignkit.config.embedding (sentence-transformers), likewise
 
 
 def __getattr__(name: str):
+    if name in _TRAINERS:
+        from alignkit.config import trainers
+
+        return getattr(trainers, name)
     if name in _EXPERIMENTAL:
         from alignkit.config import experimental
 
@@ -77,10 +76,12 @@ class Recipe:
         return dump_config(self.groups)
 
 
-def recipe_parser(train_config_cls, extra: tuple[type, ...] = (), elsewhere=None) -> RecipeParser:
+def recipe_parser(
+    train_config_cls, extra: tuple[type, ...] = (), elsewhere=None, name: str = "<stage>"
+) -> RecipeParser:
     """The parser of a stage's recipe: the shared groups, the stage's trainer config, and ``extra`` groups.
-    ``elsewhere``: see :class:`RecipeParser`."""
-    return RecipeParser((*MODEL_GROUPS, train_config_cls, *extra), elsewhere)
+    ``elsewhere``, ``name``: see :class:`RecipeParser`."""
+    return RecipeParser((*MODEL_GROUPS, train_config_cls, *extra), elsewhere, name)
 
 
 def build_recipe(parser: RecipeParser, values: dict[str, Any], print_config: bool = False) -> Recipe:

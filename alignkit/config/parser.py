@@ -20,7 +20,7 @@ import yaml
 from alignkit.errors import ConfigError, suggest
 
 # Keys the parser itself owns (they are not fields of any group).
-_PARSER_FLAGS = {"config", "print_config", "help"}
+_PARSER_FLAGS = {"config", "print_config", "help", "help_all"}
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -126,10 +126,11 @@ class _StrictLoader(yaml.SafeLoader):
 class RecipeParser:
     """Parse ``--config recipe.yaml`` plus ``--key value`` overrides into typed dataclass instances."""
 
-    def __init__(self, dataclass_types: tuple[type, ...] | list[type], elsewhere=None):
+    def __init__(self, dataclass_types: tuple[type, ...] | list[type], elsewhere=None, name: str = "<stage>"):
         """``elsewhere(key)``: for a key this recipe does not know, the name of the recipe that does (or None), so the
-        error can say where the key belongs."""
+        error can say where the key belongs. ``name``: the stage, for the usage line of ``--help``."""
         self.dataclass_types = tuple(dataclass_types)
+        self.name = name
         self.elsewhere = elsewhere
         self.owners: dict[str, list[type]] = {}
         self.types: dict[str, Any] = {}
@@ -191,12 +192,17 @@ class RecipeParser:
                 flat[key] = value
         return flat
 
-    def parse_cli(self, argv: list[str]) -> tuple[str | None, dict[str, Any], bool, bool]:
-        """Return (config path, overrides, print_config, help)."""
+    def parse_cli(self, argv: list[str]) -> tuple[str | None, dict[str, Any], bool, bool | str]:
+        """Return (config path, overrides, print_config, help): help is False, True (--help, -h) or "all"
+        (--help-all)."""
         config, overrides, print_config, want_help = None, {}, False, False
         i = 0
         while i < len(argv):
             token = argv[i]
+            if token in ("-h", "--help-all", "--help_all"):
+                want_help = "all" if token != "-h" else (want_help or True)
+                i += 1
+                continue
             if not token.startswith("--"):
                 raise ConfigError(
                     f"command line: unexpected argument '{token}'. Fix: options take the form --key value."
@@ -205,7 +211,7 @@ class RecipeParser:
             key = key.replace("-", "_")
             if key in ("print_config", "help") and not eq:
                 print_config |= key == "print_config"
-                want_help |= key == "help"
+                want_help = want_help or key == "help"
                 i += 1
                 continue
             if not eq:
@@ -230,18 +236,12 @@ class RecipeParser:
             overrides[key] = _convert_cli_value(value, self.types[key])
         return config, overrides, print_config, want_help
 
-    def help_text(self) -> str:
-        lines = [
-            "usage: alignkit <stage> --config RECIPE.yaml [--key value ...] [--print_config]",
-            "   or: accelerate launch [launcher options] recipes/<stage>.py --config RECIPE.yaml [--key value ...]",
-            "",
-        ]
-        for cls in self.dataclass_types:
-            lines.append(f"{cls.__name__}:")
-            for f in dataclasses.fields(cls):
-                if f.init:
-                    lines.append(f"  --{f.name}  {f.metadata.get('help', '')}".rstrip())
-        return "\n".join(lines)
+    def help_text(self, every_key: bool = False) -> str:
+        """``--help`` (``every_key``: ``--help-all``), from the live dataclasses; ``alignkit <stage> --help`` prints the
+        same text from the checked-in key reference without importing them (alignkit.config.keyref)."""
+        from alignkit.config.keyref import key_rows, render_help
+
+        return render_help(self.name, key_rows(self.dataclass_types, self.name), every_key=every_key)
 
     def build(self, values: dict[str, Any]) -> tuple:
         """Instantiate every group from a flat dict of values (already key-checked). The values the recipe sets are
@@ -267,9 +267,15 @@ class RecipeParser:
         """The recipe's values (YAML, then the command line's overrides), every key checked; and whether
         ``--print_config`` was given. ``--help`` prints the keys and exits."""
         argv = sys.argv[1:] if argv is None else list(argv)
+        if not argv:
+            raise ConfigError(
+                f"give --config RECIPE.yaml (alignkit {self.name} --config RECIPE.yaml [--key value ...]). Fix: "
+                f"`alignkit recipes` lists the shipped recipes, `alignkit init {self.name}` writes one to edit, "
+                f"`alignkit {self.name} --help` lists the keys."
+            )
         config, overrides, print_config, want_help = self.parse_cli(argv)
         if want_help:
-            print(self.help_text())
+            print(self.help_text(every_key=want_help == "all"))
             raise SystemExit(0)
         values = self.load_yaml(config) if config else {}
         values.update(overrides)
