@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from alignkit import quiet
 from alignkit.errors import AlignkitError, DataError, run_cli
 from alignkit.stages import STAGES
 
@@ -295,7 +297,8 @@ def _stage_quick_answer(stage: str, argv: list[str]) -> int | None:
 
 
 def usage() -> str:
-    lines = ["usage: alignkit <command> [options]   (alignkit <command> --help for its options)", "", "stages:"]
+    lines = ["usage: alignkit [-v] <command> [options]   (alignkit <command> --help for its options; -v: show every "
+             "third-party warning)", "", "stages:"]  # fmt: skip
     lines += [f"  {s.name:<8} {s.summary} (recipes/{s.name}.py)" for s in STAGES.values()]
     lines += ["", "commands:"]
     lines += [f"  {name:<8} {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in COMMANDS.items()]
@@ -304,6 +307,9 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in quiet.VERBOSE_FLAGS for a in argv):  # every third-party line (alignkit.quiet), in child ranks too
+        argv = [a for a in argv if a not in quiet.VERBOSE_FLAGS]
+        os.environ["ALIGNKIT_VERBOSE"] = "1"
     if not argv or (argv[0] not in COMMANDS and argv[0] not in STAGES):
         wants_help = bool(argv) and argv[0] in ("-h", "--help")
         if argv and not wants_help:

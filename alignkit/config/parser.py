@@ -199,6 +199,9 @@ class RecipeParser:
         i = 0
         while i < len(argv):
             token = argv[i]
+            if token in ("-v", "--verbose"):  # alignkit.quiet reads it from sys.argv
+                i += 1
+                continue
             if token in ("-h", "--help-all", "--help_all"):
                 want_help = "all" if token != "-h" else (want_help or True)
                 i += 1

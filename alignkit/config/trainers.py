@@ -24,8 +24,10 @@ def _device_defaults(args) -> None:
 
     if getattr(args, "bf16", None) is None:
         args.bf16 = runtime.device_supports_bf16() and not args.fp16
-    if getattr(args, "gradient_checkpointing", False) is None:  # trl's True recomputes activations: ~1/3 more compute
-        args.gradient_checkpointing = runtime.gpu_available()
+    # transformers 5.23 renamed gradient_checkpointing to activation_checkpointing (the old name, deprecated, warns when
+    # set and then mirrors the new one). trl's True recomputes activations: ~1/3 more compute, so by device here.
+    if getattr(args, "activation_checkpointing", False) is None and getattr(args, "gradient_checkpointing", 0) is None:
+        args.activation_checkpointing = runtime.gpu_available()
     if getattr(args, "use_liger_kernel", False) is None:
         args.use_liger_kernel = runtime.gpu_available() and importlib.util.find_spec("liger_kernel") is not None
     fit_backend_to_device(args)
@@ -83,9 +85,12 @@ class _StageDefaults:
 class _LanguageModelSpeed:
     """trl trainers' speed settings whose trl defaults suit a GPU only."""
 
-    gradient_checkpointing: bool | None = field(
+    activation_checkpointing: bool | None = field(
         default=None,
         metadata={"help": "Recompute activations in backward: less memory, more compute (default: GPU on, CPU off)."},
+    )
+    gradient_checkpointing: bool | None = field(  # unset, unlike trl's True: transformers warns about a set old name
+        default=None, metadata={"help": "transformers' deprecated name of activation_checkpointing (still read)."}
     )
     use_liger_kernel: bool | None = field(
         default=None, metadata={"help": "Liger's fused kernels (default: on GPU when liger-kernel is installed)."}
