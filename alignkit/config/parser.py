@@ -19,6 +19,13 @@ import yaml
 
 from alignkit.errors import ConfigError, suggest
 
+# transformers 5.23's deprecated names and their new ones: a recipe or command line may give either; the value goes to
+# the new key (so a command-line override of the old name beats the recipe's new one, and transformers never warns).
+ALIASES = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
 # Keys the parser itself owns (they are not fields of any group).
 _PARSER_FLAGS = {"config", "print_config", "help", "help_all"}
 
@@ -280,9 +287,22 @@ class RecipeParser:
         if want_help:
             print(self.help_text(every_key=want_help == "all"))
             raise SystemExit(0)
-        values = self.load_yaml(config) if config else {}
-        values.update(overrides)
+        values = self._alias(self.load_yaml(config), config) if config else {}
+        values.update(self._alias(overrides, "command line"))
         return values, print_config
+
+    def _alias(self, values: dict[str, Any], where: str | None) -> dict[str, Any]:
+        """Move a deprecated name's value (:data:`ALIASES`) to its new key, where this recipe has the new key."""
+        for old, new in ALIASES.items():
+            if old in values and new in self.types:
+                value = values.pop(old)
+                if new in values and values[new] != value:
+                    raise ConfigError(
+                        f"{where}: '{old}' ({value!r}) and '{new}' ({values[new]!r}) disagree; '{old}' is "
+                        f"transformers' deprecated name of '{new}'. Fix: keep '{new}' only."
+                    )
+                values[new] = value
+        return values
 
     def finish(self, values: dict[str, Any], print_config: bool) -> tuple:
         """Build the groups from ``values``; with ``print_config``, print the resolved recipe and exit."""
