@@ -9,6 +9,7 @@ traceback; ``ALIGNKIT_TRACEBACK=1`` shows one), 1 when training stopped on a NaN
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -251,6 +252,35 @@ def data(argv: list[str]) -> int:
     return 0
 
 
+def recipes(argv: list[str]) -> int:
+    """List the shipped recipes, accelerate configs and SLURM script (in the package: no checkout needed)."""
+    from alignkit.scaffold import list_recipes
+
+    argparse.ArgumentParser(prog="alignkit recipes", description=recipes.__doc__).parse_args(argv)
+    print(list_recipes(), end="")
+    return 0
+
+
+def init(argv: list[str]) -> int:
+    """Write a commented recipe for a stage to edit (and sample data, unless --data is given)."""
+    from alignkit.scaffold import write_recipe
+
+    p = argparse.ArgumentParser(prog="alignkit init", description=init.__doc__)
+    p.add_argument("stage", choices=list(STAGES), help="The stage the recipe is for.")
+    p.add_argument("--model", help="model_name_or_path: a Hub id, a local folder, a .gguf file, tiny:llama, ...")
+    p.add_argument(
+        "--data", help="A data file (.jsonl/.json/.csv/.parquet) in the stage's format (docs/data-formats.md)."
+    )
+    p.add_argument("--out", help="The recipe file to write (default: ./<stage>.yaml).")
+    p.add_argument("--force", action="store_true", help="Replace files that exist.")
+    args = p.parse_args(argv)
+    out = args.out or f"{args.stage}.yaml"
+    written = write_recipe(args.stage, out, model=args.model, data=args.data, force=args.force)
+    print("\n".join(f"wrote {path}" for path in written))
+    print(f"run it: alignkit {args.stage} --config {out}")
+    return 0
+
+
 def _generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_new_tokens", type=int, default=256, help="Longest reply, in tokens.")
     p.add_argument("--do_sample", action="store_true", help="Sample instead of greedy decoding.")
@@ -267,12 +297,25 @@ def _generation_kwargs(args) -> dict:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "merge": merge, "push": push, "export": export, "chat": chat, "generate": generate, "eval": evaluate,
-    "data": data, "report": report, "fetch": fetch,
+    "data": data, "report": report, "fetch": fetch, "recipes": recipes, "init": init,
 }  # fmt: skip
 
 
 def _stage_main(name: str) -> Callable[[list[str]], object]:
     return importlib.import_module(f"alignkit.recipes.{name}").main
+
+
+def _launch(stage: str, argv: list[str]) -> int:
+    """``alignkit <stage> ... --accelerate_config NAME --num_processes N``: the stage under ``accelerate launch`` with a
+    shipped config (alignkit.scaffold.launch_command); exits with the launcher's code (2 on bad input, as always)."""
+    import subprocess
+
+    from alignkit.scaffold import launch_command
+
+    command = launch_command(stage, argv)
+    config = command[command.index("--config_file") + 1]
+    print(f"alignkit: {stage} under accelerate launch --config_file {config}", file=sys.stderr, flush=True)
+    return subprocess.run(command).returncode
 
 
 def _stage_quick_answer(stage: str, argv: list[str]) -> int | None:
@@ -321,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in STAGES and (quick := _stage_quick_answer(argv[0], argv[1:])) is not None:
         return quick
     command = _stage_main(argv[0]) if argv[0] in STAGES else COMMANDS[argv[0]]
+    if argv[0] in STAGES and any(a.split("=")[0] in ("--accelerate_config", "--num_processes") for a in argv[1:]):
+        command = functools.partial(_launch, argv[0])
     try:
         result = run_cli(command, argv[1:])
     except SystemExit as exit_:  # run_cli's exit 2 / 1, argparse's 2, --help's 0
