@@ -363,9 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if wants_help else 2
     if argv[0] in STAGES and (quick := _stage_quick_answer(argv[0], argv[1:])) is not None:
         return quick
-    command = _stage_main(argv[0]) if argv[0] in STAGES else COMMANDS[argv[0]]
     if argv[0] in STAGES and any(a.split("=")[0] in ("--accelerate_config", "--num_processes") for a in argv[1:]):
-        command = functools.partial(_launch, argv[0])
+        command = functools.partial(_launch, argv[0])  # the launcher's ranks import the stage, not this process
+    else:
+        command = _stage_main(argv[0]) if argv[0] in STAGES else COMMANDS[argv[0]]
     try:
         result = run_cli(command, argv[1:])
     except SystemExit as exit_:  # run_cli's exit 2 / 1, argparse's 2, --help's 0

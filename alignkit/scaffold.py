@@ -171,7 +171,7 @@ def launch_command(stage: str, argv: list[str]) -> list[str] | None:
         )
     settings = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
     ds_file = (settings.get("deepspeed_config") or {}).get("deepspeed_config_file")
-    if ds_file and not Path(ds_file).is_file():  # relative to the clone's root: resolve it against the shipped folder
+    if ds_file and not Path(ds_file).is_absolute():  # relative to the clone's root: resolve it in the shipped folder
         settings["deepspeed_config"]["deepspeed_config_file"] = str(
             _shipped_path(configs, ds_file, "accelerate_configs")
         )

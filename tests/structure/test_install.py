@@ -56,7 +56,7 @@ def test_pip_installed_alignkit_trains_a_stage(tmp_path):
     assert listing.returncode == 0 and "tiny/sft.yaml" in listing.stdout and str(venv) in listing.stdout
     where = subprocess.run(
         [str(python), "-c", "import alignkit, alignkit.recipes.sft as r; print(alignkit.__file__); print(r.__file__)"],
-        cwd=work, capture_output=True, text=True, check=True,
+        cwd=work, capture_output=True, text=True, check=True, env=env,
     ).stdout.split()  # fmt: skip
     assert all(str(venv) in path for path in where), f"not the installed package: {where}"
     # the launcher hook (alignkit/launch_guard.py) sits at the root of the venv's site-packages, where .pth files run

@@ -1,0 +1,72 @@
+"""alignkit.scaffold: `alignkit recipes`, `alignkit init <stage>` and the `--accelerate_config` launch command, from
+the shipped files (the wheel's contents and a run from it: tests/structure/test_install.py)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignkit.cli import main
+from alignkit.errors import ConfigError
+from alignkit.scaffold import launch_command, list_recipes, shipped, write_recipe
+from alignkit.stages import STAGES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_init_writes_a_commented_recipe_with_sample_data(stage, tmp_path):
+    written = write_recipe(stage, tmp_path / f"{stage}.yaml", model="tiny:llama" if stage != "task" else None)
+    text = written[0].read_text()
+    values = yaml.safe_load(text)
+    assert values["output_dir"] == f"outputs/{stage}" and text.startswith(f"# alignkit {stage} recipe")
+    assert "# LoRA rank" in text or "lora_r" not in values  # each key carries its help
+    for source in values["datasets"]:
+        path = source["path"] if isinstance(source, dict) else source
+        assert (tmp_path / path).is_file(), path  # the sample data, copied beside the recipe
+    with pytest.raises(ConfigError, match="exists.*--force"):
+        write_recipe(stage, tmp_path / f"{stage}.yaml")
+
+
+def test_init_recipe_parses_and_takes_your_data(tmp_path, monkeypatch):
+    data = tmp_path / "mine.jsonl"
+    data.write_text((REPO / "recipes/tiny/data/dpo.jsonl").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "dpo", "--model", "tiny:llama", "--data", str(data), "--out", "dpo.yaml"]) == 0
+    recipe = STAGES["dpo"].parse(["--config", "dpo.yaml"])
+    assert recipe.model.model_name_or_path == "tiny:llama"
+    assert [s.path for s in recipe.data.datasets] == [str(data)] and not (tmp_path / "data").exists()
+
+
+def test_recipes_lists_what_ships():
+    text = list_recipes()
+    for name in ("tiny/sft.yaml", "smollm2/dpo_qlora.yaml", "zero3_offload", "multinode_zero3.sbatch"):
+        assert name in text, name
+    assert len(text.splitlines()) > len(list((REPO / "recipes").glob("*/*.yaml")))
+
+
+def test_launch_command_uses_a_shipped_config_and_resolves_deepspeed_json():
+    assert launch_command("sft", ["--config", "x.yaml"]) is None
+    command = launch_command(
+        "dpo", ["--config", "x.yaml", "--accelerate_config", "zero3", "--num_processes=4", "--beta", "0.2"]
+    )
+    assert command[1:3] == ["-m", "accelerate.commands.launch"] and command[-6:] == [
+        "-m", "alignkit.recipes.dpo", "--config", "x.yaml", "--beta", "0.2"]  # fmt: skip
+    assert command[command.index("--num_processes") + 1] == "4"
+    config = yaml.safe_load(Path(command[command.index("--config_file") + 1]).read_text())
+    ds = Path(config["deepspeed_config"]["deepspeed_config_file"])
+    assert ds.is_absolute() and ds == shipped("accelerate_configs") / "deepspeed" / "zero3.json"
+    ddp = launch_command("sft", ["--num_processes", "2"])
+    assert ddp[ddp.index("--config_file") + 1] == str(shipped("accelerate_configs") / "ddp.yaml")
+    with pytest.raises(ConfigError, match="Did you mean 'zero3'"):
+        launch_command("sft", ["--accelerate_config", "zero33"])
+
+
+def test_bad_launch_flag_exits_2_without_traceback():
+    done = subprocess.run(
+        [sys.executable, "-m", "alignkit.cli", "sft", "--config", "x.yaml", "--accelerate_config", "nope"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--accelerate_config nope" in done.stderr and "Traceback" not in done.stderr
