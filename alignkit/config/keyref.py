@@ -234,6 +234,10 @@ def render_markdown(reference: dict[str, list[dict[str, Any]]]) -> str:
 
 def write_reference(reference: dict[str, list[dict[str, Any]]], docs_dir: Path | None = None) -> None:
     """Write ``keys.json`` (read by ``--help``) and, given ``docs_dir``, ``docs_dir/keys.md``."""
-    KEYS_JSON.write_text(json.dumps(reference, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    stages = [
+        f"{json.dumps(stage)}: [\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]"
+        for stage, rows in reference.items()
+    ]  # one key a line: a changed key is a one-line diff
+    KEYS_JSON.write_text("{\n" + ",\n".join(stages) + "\n}\n", encoding="utf-8")
     if docs_dir is not None:
         (Path(docs_dir) / "keys.md").write_text(render_markdown(reference), encoding="utf-8")
