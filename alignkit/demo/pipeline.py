@@ -7,8 +7,8 @@
    Gemma 3 270M (``gemma3:gemma-3-270m``), trained and evaluated in Gemma's own chat format (``chat_template:
    gemma3`` on every stage; the base model, which has no template, is asked in that format too)
 2. data: write the demo task's splits (alignkit.demo.data: 2-digit addition answered as ``ANSWER: n``)
-3. CPT -> SFT -> DPO with QLoRA: ``accelerate launch recipes/<stage>.py --config recipes/demo/<stage>.yaml``, each
-   stage continuing the previous stage's adapter (its paths overridden to live under --out_dir). ``--stages`` picks
+3. CPT -> SFT -> DPO with QLoRA: ``accelerate launch -m alignkit.recipes.<stage> --config recipes/demo/<stage>.yaml``
+   (the recipes ship in the package: no checkout needed), each stage continuing the previous stage's adapter (its paths overridden to live under --out_dir). ``--stages`` picks
    another chain: ``cpt,sft,grpo`` (GRPO with the exact-match and format rewards after SFT), ``cpt,orpo`` (ORPO:
    SFT and preference in one stage), ``cpt,sft,kto`` or ``cpt,sft,simpo``
 4. merge the final adapter into a standalone model (``alignkit merge``, parity-gated)
@@ -33,6 +33,7 @@ from pathlib import Path
 from alignkit.demo.data import ANSWER_PATTERN, write_demo_data
 from alignkit.models.packaged import packaged_path
 from alignkit.runs import RunRecord
+from alignkit.scaffold import shipped
 
 NAME = "smollm2:SmolLM2-135M-Instruct"  # the embedded default, as recipes/demo/*.yaml name it
 
@@ -132,7 +133,8 @@ def launch(
 ) -> float:
     """Run one stage as ``accelerate launch`` would from a shell (one process); its log goes to a file."""
     overrides = stage_overrides(stage, out_dir, previous, model)
-    recipe = [f"recipes/{stage}.py", "--config", f"recipes/demo/{stage}.yaml", *overrides]
+    config = shipped("recipes") / "demo" / f"{stage}.yaml"  # the clone's, or the installed package's
+    recipe = ["-m", f"alignkit.recipes.{stage}", "--config", str(config), *overrides]
     accelerate = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     log = log_dir / f"{stage}.log"
     print(f"[{stage}] accelerate launch {' '.join(recipe)}  (log: {log})", flush=True)
@@ -140,7 +142,7 @@ def launch(
     with open(log, "w") as handle:
         child = subprocess.Popen(
             [sys.executable, "-m", "accelerate.commands.launch", *accelerate, *recipe],
-            cwd=REPO,
+            cwd=REPO if (REPO / "recipes" / "sft.py").is_file() else out_dir,
             stdout=handle,
             stderr=subprocess.STDOUT,
         )
@@ -255,10 +257,6 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # this process only evaluates: the stage logs keep the training detail
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    if not (REPO / "recipes" / "sft.py").is_file():
-        raise SystemExit(
-            f"{REPO}: no recipes/ folder. Fix: run from a clone installed with scripts/install.sh (pip -e)."
-        )
     out_dir = Path(args.out_dir).resolve()
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     (out_dir / "eval").mkdir(exist_ok=True)
