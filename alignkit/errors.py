@@ -69,6 +69,13 @@ class RewardFunctionError(AlignkitError, RuntimeError):
     status = "reward function failed"
 
 
+class DiskFullError(AlignkitError, RuntimeError):
+    """The disk filled up while alignkit wrote an output or a checkpoint (exit 2): the message names the folder and
+    the bytes needed; what was complete before is kept (the partial output was removed)."""
+
+    status = "disk full"
+
+
 class RunInterrupted(AlignkitError, RuntimeError):
     """The run got SIGTERM/SIGINT; it saved a checkpoint and stopped (exit 128 + the signal's number)."""
 

@@ -51,6 +51,29 @@ def run_recipe(stage: str, argv: list[str]):
     return module["main"](argv)
 
 
+# A tiny SFT run of 3 steps that saves a checkpoint after each: the reference of the reliability tests that damage,
+# interrupt or fill the disk under the same run (tests/reliability), trained once per session.
+SFT_3_STEPS = ["--config", "recipes/tiny/sft.yaml", "--load_in_4bit", "false", "--test_size", "0", "--max_steps", "3",
+               "--save_strategy", "steps", "--save_steps", "1", "--per_device_train_batch_size", "2", "--max_length",
+               "128", "--lr_scheduler_type", "linear", "--disable_tqdm", "true"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def sft_3_steps(tmp_path_factory) -> Path:
+    """The output_dir of ``SFT_3_STEPS`` (checkpoint-1..3 and the final adapter). Read-only: copy it to change it."""
+    out = tmp_path_factory.mktemp("sft_3_steps") / "run"
+    run_recipe("sft", [*SFT_3_STEPS, "--output_dir", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_3_steps_merged(sft_3_steps, tmp_path_factory) -> Path:
+    """``sft_3_steps`` merged (alignkit merge, full precision). Read-only: copy it to change it."""
+    from alignkit.export.merge import merge_adapter
+
+    return Path(merge_adapter(sft_3_steps, tmp_path_factory.mktemp("sft_3_steps_merged") / "merged").output_dir)
+
+
 def accelerate_launch_one_process(stage: str, argv: list[str], output_dir: Path, steps: int) -> dict:
     """``accelerate launch`` recipes/<stage>.py on one CPU process; checks what every stage saves and returns the
     resolved config it wrote (alignkit_config.yaml, grouped by section)."""

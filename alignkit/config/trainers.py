@@ -187,3 +187,13 @@ class RewardFunctionArguments:
         default="answer", metadata={"help": "The data column with the reference answer (for 'exact' and 'numeric')."}
     )
     numeric_tolerance: float = field(default=1e-6, metadata={"help": "Absolute tolerance of 'numeric'."})
+    nonfinite_rewards: str = field(
+        default="refuse",
+        metadata={
+            "help": "A reward function returning NaN or inf: 'refuse' (stop the run naming the function; a NaN "
+            "reward silently trains on nothing) or 'skip' (treat it as None, trl's skip: the completion gets no "
+            "score from that function). Either way skips and non-finite values are counted in the logs as "
+            "rewards/<function>/skipped and rewards/<function>/nonfinite.",
+            "choices": ["refuse", "skip"],
+        },
+    )

@@ -12,11 +12,15 @@ owns, and swapped in whole, under a lock per output path.
   or the new complete one under the final name, never a broken one.
 - :class:`OutputDirLock`: the training run's lock on its own ``output_dir`` (runs write in place, checkpoint by
   checkpoint, so they lock the folder itself).
+- :func:`is_disk_full` / :func:`disk_full_error`: a full disk (ENOSPC, EDQUOT, however the writing library words
+  it) while an output is built is one DiskFullError naming the folder and the bytes needed, after the partial output
+  is removed; the old output stays.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -24,7 +28,7 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
-from alignkit.errors import ConfigError, PreflightError, redact
+from alignkit.errors import ConfigError, DiskFullError, PreflightError, redact
 
 SCRATCH = ".alignkit-"  # scratch names are ".<output name>.alignkit-<random>"
 LOCK = ".alignkit-lock"
@@ -266,20 +270,84 @@ def lock_holder(path: Path) -> str:
     return "another process"
 
 
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# how libraries word a full disk when they do not raise OSError: safetensors (Rust's io::Error), tokenizers, numpy
+_FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+def is_disk_full(exc: BaseException, folder: str | Path | None = None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a full disk: an OSError with ENOSPC/EDQUOT, a
+    library's error quoting one, or torch.save's wordless "file write failed" when ``folder``'s disk has under 1 MiB
+    free."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _FULL_ERRNOS:
+            return True
+        if any(word in str(seen) for word in _FULL_WORDS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if folder is not None and "write failed" in str(exc):  # torch's PytorchStreamWriter does not say why
+        try:
+            return shutil.disk_usage(folder).free < 1 << 20
+        except OSError:
+            return False
+    return False
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes in the files of ``path`` (a file or a folder); 0 if it is gone."""
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    except OSError:
+        return 0
+
+
+def disk_full_error(folder: Path, needed: int, what: str, kept: str, fix: str, at_least: bool = False) -> DiskFullError:
+    """The one-line error for a full disk: ``folder`` (where the write failed), ``needed`` bytes (what the write
+    needs in all: an estimate, or with ``at_least`` a lower bound), ``what`` was being written, what was ``kept``,
+    and the ``fix``."""
+    try:
+        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    except OSError:
+        free = 0
+    return DiskFullError(
+        f"{folder}: the disk is full (no space left while writing {what}): it needs "
+        f"{'more than' if at_least else 'about'} {needed:,} bytes, "
+        f"{free:,} are free now. {kept} Fix: free at least {max(needed - free, 1):,} bytes on that disk (or choose "
+        f"another path), then {fix}."
+    )
+
+
 @contextmanager
 def staged_output(out: str | Path, kind: str = "folder"):
     """Lock ``out``, yield a scratch folder (``kind="folder"``) or file beside it to build the output in, and swap
     it in when the block ends without error; on an error (or a kill) the scratch is removed (now, or by the next
-    writer of ``out``) and ``out`` is as it was."""
+    writer of ``out``) and ``out`` is as it was. A full disk meanwhile is a DiskFullError naming ``out`` and the
+    bytes needed (more than the scratch held when it filled)."""
     out = Path(out)
     with OutputLock(out):
         scratch = scratch_dir(out) if kind == "folder" else scratch_file(out)
         try:
             yield scratch
-        except BaseException:
+        except BaseException as exc:
+            written = tree_bytes(scratch)
             if scratch.is_dir():
                 shutil.rmtree(scratch, ignore_errors=True)
             else:
                 scratch.unlink(missing_ok=True)
+            if isinstance(exc, Exception) and is_disk_full(exc, out.parent):
+                kept = f"{out} is as it was before." if out.exists() else "Nothing was left behind."
+                raise disk_full_error(out, written, f"{out.name}; {written:,} bytes were written before it filled",
+                                      kept, "run the same command again", at_least=True) from None  # fmt: skip
             raise
-        swap_in(scratch, out)
+        try:
+            swap_in(scratch, out)
+        except OSError as exc:  # fsync/rename on a full disk: nothing was swapped
+            if not is_disk_full(exc):
+                raise
+            written = tree_bytes(scratch)
+            shutil.rmtree(scratch, ignore_errors=True) if scratch.is_dir() else scratch.unlink(missing_ok=True)
+            raise disk_full_error(out, written, out.name, f"{out} is as it was before.", "run the same command again",
+                                  at_least=True) from None  # fmt: skip

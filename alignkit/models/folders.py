@@ -4,12 +4,14 @@ structure (safetensors header and data extent, JSON parse, a torch zip archive's
 missing file is one PreflightError naming the file and what to do, instead of a library's traceback (a
 ``SafetensorError: incomplete metadata``, a ``JSONDecodeError``, a tokenizer asking for sentencepiece).
 
-Bytes changed inside a tensor's data keep its header and size valid, so they are not found here; everything that
-makes a load fail is.
+Bytes changed inside a tensor's data keep its header and size valid, so the per-file checks do not find them; a
+checkpoint's manifest (``alignkit_checkpoint.json``) records each file's sha256 as well as its size, and
+:func:`check_manifest` compares both, so there they are found too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import zipfile
@@ -21,6 +23,55 @@ from alignkit.errors import PreflightError
 JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
               "special_tokens_map.json", "adapter_config.json", "alignkit_run.json", "trainer_state.json",
               "model.safetensors.index.json", "modules.json")  # fmt: skip
+
+
+# written into every checkpoint-N once its save finished (alignkit.train.callbacks.AtomicCheckpoints)
+CHECKPOINT_MANIFEST = "alignkit_checkpoint.json"
+_CHUNK = 1 << 20
+# what only a resume reads from a checkpoint (a load of its weights does not)
+TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, as hex (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The manifest's own checksum: sha256 of its other keys as canonical JSON (stored under ``self_sha256``)."""
+    rest = {k: v for k, v in manifest.items() if k != "self_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def check_manifest(folder: Path, fix: str, skip: tuple[str, ...] = ()) -> dict:
+    """A folder against its ``alignkit_checkpoint.json``: the manifest parses and matches its own checksum, and every
+    file it lists is there with the size and sha256 it lists (a manifest written before hashes were recorded: sizes
+    only), each also readable as its kind (:func:`check_file`). ``skip``: file names not checked (what a load does
+    not read). Returns the manifest; PreflightError naming the first damaged file."""
+    path = folder / CHECKPOINT_MANIFEST
+    manifest = check_json(path, fix)
+    listed, hashes = manifest.get("files"), manifest.get("sha256", {})
+    if not isinstance(listed, dict) or not isinstance(hashes, dict):
+        raise damaged(path, "damaged: it lists no files", fix)
+    if "self_sha256" in manifest and manifest["self_sha256"] != manifest_digest(manifest):
+        raise damaged(path, "damaged: its content does not match its own checksum", fix)
+    for name, size in listed.items():
+        if name in skip:
+            continue
+        file = folder / name
+        if not file.is_file():
+            raise damaged(file, "missing from the checkpoint (its manifest lists it)", fix)
+        actual = file.stat().st_size
+        if actual != size:
+            raise damaged(file, f"damaged: {actual} bytes, but the checkpoint was saved with {size}", fix)
+        check_file(file, fix)
+        if name in hashes and file_sha256(file) != hashes[name]:
+            raise damaged(file, "damaged: its bytes changed since the save (sha256 differs from the manifest's)", fix)
+    return manifest
 
 
 def damaged(path: Path, problem: str, fix: str) -> PreflightError:
@@ -143,6 +194,8 @@ def check_trained_folder(path: str | Path) -> None:
     folder = Path(path)
     if not folder.is_dir():
         return
+    if (folder / CHECKPOINT_MANIFEST).is_file():  # a checkpoint-N: its files against the sizes and hashes it saved
+        check_manifest(folder, "load another checkpoint of the run, or its output_dir", skip=TRAINING_STATE)
     if (folder / "adapter_config.json").is_file():
         check_adapter_folder(folder)
     else:

@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from alignkit.errors import DivergenceError, NonFiniteLossError
+from alignkit.models.folders import CHECKPOINT_MANIFEST, file_sha256, manifest_digest
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class ResolvedConfigToWandb(TrainerCallback):
 # A checkpoint folder counts only once this manifest is in it. transformers writes checkpoint-N file by file and
 # its get_last_checkpoint takes the highest N whatever is inside, so a kill mid-save would leave a folder that looks
 # resumable but is not; alignkit's resume takes the highest checkpoint whose manifest matches its files.
-CHECKPOINT_MANIFEST = "alignkit_checkpoint.json"
+# (CHECKPOINT_MANIFEST, "alignkit_checkpoint.json", is defined with its checker in alignkit.models.folders.)
 # transformers pickles TrainingArguments into every save; nothing reads it back, the resolved config is in
 # alignkit_config.yaml, and a pickle in the outputs breaks "safetensors only" (loading it can run code).
 PICKLED_ARGS = "training_args.bin"
@@ -214,13 +215,17 @@ class AtomicCheckpoints(TrainerCallback):
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         (folder / PICKLED_ARGS).unlink(missing_ok=True)
         files = _files(folder)
+        hashes = {}
         for name in files:
             _fsync(folder / name)
+            hashes[name] = file_sha256(folder / name)  # just written: read back from the page cache
         tmp = folder / f"{CHECKPOINT_MANIFEST}.tmp"
         # the launch that wrote it: a resume at another world size checks its batch math against these
         launch = {"world_size": args.world_size, "train_batch_size": args.world_size * args.gradient_accumulation_steps
                   * args.per_device_train_batch_size}  # fmt: skip
-        tmp.write_text(json.dumps({"step": state.global_step, **launch, "files": files}, indent=1))
+        manifest = {"step": state.global_step, **launch, "files": files, "sha256": hashes}
+        manifest["self_sha256"] = manifest_digest(manifest)
+        tmp.write_text(json.dumps(manifest, indent=1))
         _fsync(tmp)
         tmp.replace(folder / CHECKPOINT_MANIFEST)
         _fsync(folder)

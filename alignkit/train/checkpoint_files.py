@@ -1,6 +1,6 @@
 """Check a checkpoint-N folder before a run resumes from it: the manifest alignkit wrote after the save
-(``alignkit_checkpoint.json``: every file and its size) is readable, every file it lists is there with that size, and
-each file reads as its kind (trainer_state.json and the other JSON files parse, the adapter or model safetensors
+(``alignkit_checkpoint.json``: every file, its size and sha256, and the manifest's own checksum) is readable and
+whole, every file it lists is there with that size and hash, and each file reads as its kind (trainer_state.json and the other JSON files parse, the adapter or model safetensors
 header and data extent hold, optimizer.pt / scheduler.pt / rng_state.pth are intact torch archives). A damaged file
 is one PreflightError naming it, with the previous checkpoint to resume from."""
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from alignkit.errors import PreflightError
-from alignkit.models.folders import check_file, check_json, damaged
+from alignkit.models.folders import check_manifest
 from alignkit.train.callbacks import CHECKPOINT_MANIFEST, checkpoint_step, checkpoints
 
 
@@ -27,17 +27,7 @@ def check_checkpoint(folder: str | Path) -> Path:
     else:
         fix = "start the run over (overwrite_output_dir: true); no earlier checkpoint is left"
     fix += " (or restore this file from a backup)"
-    listed = check_json(folder / CHECKPOINT_MANIFEST, fix).get("files")
-    if not isinstance(listed, dict):
-        raise damaged(folder / CHECKPOINT_MANIFEST, "damaged: it lists no files", fix)
-    for name, size in listed.items():
-        path = folder / name
-        if not path.is_file():
-            raise damaged(path, "missing from the checkpoint (its manifest lists it)", fix)
-        actual = path.stat().st_size
-        if actual != size:
-            raise damaged(path, f"damaged: {actual} bytes, but the checkpoint was saved with {size}", fix)
-        check_file(path, fix)
+    check_manifest(folder, fix)
     return folder
 
 

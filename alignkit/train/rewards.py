@@ -14,10 +14,14 @@ Every reward is called once on the first training rows before any model loads, s
 imported, raises, or returns the wrong number of values fails with its name and the fix (exit 2).
 
 During training each reward runs under a contract (:class:`CheckedReward`): it may return a list, tuple or 1-D
-numpy array/tensor of Python or numpy numbers (as trl accepts); ``None`` skips a completion (trl's way, counted in
-``skipped``); NaN or inf is refused (a silent NaN reward trains on nothing); a wrong count names the expected one;
-a function that raises stops the run with one line naming it, the completion it failed on and the exception
-(:class:`alignkit.errors.RewardFunctionError`), after the run loop saves a checkpoint.
+numpy array/tensor of Python or numpy numbers (as trl accepts); ``None`` skips a completion (trl's way); NaN or inf
+is refused by default (a silent NaN reward trains on nothing), or with ``nonfinite_rewards: skip`` treated as None;
+a wrong count names the expected one; a function that raises stops the run with one line naming it, the completion
+it failed on and the exception (:class:`alignkit.errors.RewardFunctionError`), after the run loop saves a checkpoint.
+
+Counted in the logs (:class:`RewardCounts`), per function and per logging interval, beside trl's
+``rewards/<name>/mean``: ``rewards/<name>/skipped`` (completions it returned None for, non-finite values mapped to
+None included) and ``rewards/<name>/nonfinite`` (NaN/inf values it returned; 0 unless ``nonfinite_rewards: skip``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from alignkit.errors import ConfigError, DataError, RewardFunctionError
 
@@ -95,8 +101,9 @@ def _number(value) -> float | None:
     return float(value)
 
 
-def reward_values(values, expected: int, name: str) -> list[float | None]:
-    """``values`` as a list of floats or None, checked: one per completion, finite. Raises ConfigError."""
+def reward_values(values, expected: int, name: str, nonfinite: str = "refuse") -> list[float | None]:
+    """``values`` as a list of floats or None, checked: one per completion, finite (``nonfinite="skip"``: NaN/inf
+    become None). Raises ConfigError."""
     if hasattr(values, "tolist") and getattr(values, "ndim", 1) == 1:
         values = values.tolist()  # a numpy array or tensor of rewards
     if not isinstance(values, (list, tuple)):
@@ -111,18 +118,23 @@ def reward_values(values, expected: int, name: str) -> list[float | None]:
     except TypeError as exc:
         raise ConfigError(f"reward_funcs: '{name}' returned {exc}. Fix: return floats (None skips one).") from None
     bad = next((v for v in out if v is not None and not math.isfinite(v)), None)
+    if bad is not None and nonfinite == "skip":
+        return [v if v is None or math.isfinite(v) else None for v in out]
     if bad is not None:
         raise ConfigError(f"reward_funcs: '{name}' returned {bad}, not a finite number. Fix: return a number for "
-                          "every completion, or None to skip one (e.g. an unparseable completion).")  # fmt: skip
+                          "every completion, or None to skip one (e.g. an unparseable completion); or set "
+                          "nonfinite_rewards: skip to treat NaN/inf as None (counted in the logs).")  # fmt: skip
     return out
 
 
 class CheckedReward:
-    """A reward function under the contract (module docstring): what trl calls during training. ``skipped``: how
-    many completions it returned None for."""
+    """A reward function under the contract (module docstring): what trl calls during training. ``nonfinite``:
+    ``"refuse"`` or ``"skip"`` (the recipe's ``nonfinite_rewards``). Counts since it was made: ``skipped``
+    (completions scored None, non-finite ones mapped to None included) and ``nonfinite`` (NaN/inf values)."""
 
-    def __init__(self, func: Callable, name: str):
-        self.func, self.name, self.skipped = func, name, 0
+    def __init__(self, func: Callable, name: str, nonfinite: str = "refuse"):
+        self.func, self.name, self.nonfinite = func, name, nonfinite
+        self.skipped = self.nonfinite_count = 0
         self.__name__ = getattr(func, "__name__", name)  # trl names the reward's metrics after it
 
     def __call__(self, prompts, completions, **columns) -> list[float | None]:
@@ -131,10 +143,12 @@ class CheckedReward:
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's function: name what it raised, where
             raise self._failed(prompts, completions, columns, exc) from None
         try:
-            out = reward_values(values, len(completions), self.name)
+            out = reward_values(values, len(completions), self.name, self.nonfinite)
         except ConfigError as exc:
             raise RewardFunctionError(str(exc)) from None
-        self.skipped += sum(v is None for v in out)
+        skipped = sum(v is None for v in out)
+        self.nonfinite_count += skipped - sum(v is None for v in _as_list(values))
+        self.skipped += skipped
         return out
 
     def _failed(self, prompts, completions, columns, exc: Exception) -> RewardFunctionError:
@@ -157,6 +171,36 @@ class CheckedReward:
             "checkpoint. Fix: make it return a number (or None to skip) for every completion, e.g. 0.0 when the "
             "expected pattern is missing; then resume (resume_from_checkpoint: true)."
         )
+
+
+def _as_list(values) -> list:
+    return values.tolist() if hasattr(values, "tolist") and getattr(values, "ndim", 1) == 1 else list(values)
+
+
+class RewardCounts(TrainerCallback):
+    """Adds ``rewards/<name>/skipped`` and ``rewards/<name>/nonfinite`` (counts since the last log) to each training
+    log that has trl's reward metrics, for every :class:`CheckedReward`. Put it first among the trainer's callbacks
+    (:meth:`install`) so that the reporters (console, W&B, TensorBoard) see the counts too."""
+
+    def __init__(self, rewards: list):
+        self.rewards = [r for r in rewards if isinstance(r, CheckedReward)]
+        self.seen = {id(r): (0, 0) for r in self.rewards}
+
+    def install(self, trainer) -> None:
+        trainer.callback_handler.callbacks.insert(0, self)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "reward" not in logs:  # eval logs and the end-of-train summary: no rewards there
+            return
+        counts = {}
+        for reward in self.rewards:
+            before_skipped, before_nonfinite = self.seen[id(reward)]
+            self.seen[id(reward)] = (reward.skipped, reward.nonfinite_count)
+            counts[f"rewards/{reward.__name__}/skipped"] = reward.skipped - before_skipped
+            counts[f"rewards/{reward.__name__}/nonfinite"] = reward.nonfinite_count - before_nonfinite
+        logs.update(counts)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(counts)  # the trainer appended its copy of ``logs`` before the callbacks
 
 
 def import_reward(spec: str, index: int) -> Callable:
@@ -199,7 +243,7 @@ def _make(spec: str, index: int, args) -> Callable:
     )
 
 
-def check_reward(func: Callable, name: str, rows) -> None:
+def check_reward(func: Callable, name: str, rows, nonfinite: str = "refuse") -> None:
     """Call ``func`` on the first rows (each prompt with its reference, or a placeholder, as the completion) and
     check it returns one number (or None) per completion."""
     columns = {c: list(rows[c]) for c in rows.column_names if c != "prompt"}
@@ -219,7 +263,7 @@ def check_reward(func: Callable, name: str, rows) -> None:
         raise ConfigError(
             f"reward_funcs: '{name}' called sys.exit({exc.code!r}). Fix: return values, never exit."
         ) from None
-    reward_values(values, len(prompts), name)
+    reward_values(values, len(prompts), name, nonfinite)
 
 
 def build_reward_functions(args, train, tokenizer=None) -> list[Callable]:
@@ -243,5 +287,5 @@ def build_reward_functions(args, train, tokenizer=None) -> list[Callable]:
     funcs = [_make(spec, i, args) for i, spec in enumerate(args.reward_funcs)]
     probe = train.select(range(min(2, len(train))))
     for spec, func in zip(args.reward_funcs, funcs):
-        check_reward(func, spec, probe)
-    return [CheckedReward(func, spec) for func, spec in zip(funcs, args.reward_funcs)]
+        check_reward(func, spec, probe, args.nonfinite_rewards)
+    return [CheckedReward(func, spec, args.nonfinite_rewards) for func, spec in zip(funcs, args.reward_funcs)]

@@ -15,6 +15,7 @@ from typing import Any
 from alignkit import runtime, speedups
 from alignkit.config import Recipe
 from alignkit.errors import ConfigError, NonFiniteLossError, RewardFunctionError
+from alignkit.export.outputs import is_disk_full
 from alignkit.models.loader import load_model
 from alignkit.models.sources import resolve_source
 from alignkit.models.tokenizer import load_tokenizer
@@ -24,8 +25,9 @@ from alignkit.train import checks, resume
 from alignkit.train.assumptions import check_trainer_assumptions, set_stop_ids
 from alignkit.train.callbacks import PICKLED_ARGS, AtomicCheckpoints, NonFiniteGuard, ResolvedConfigToWandb
 from alignkit.train.distributed import debug_callback, end_process_group_at_exit
+from alignkit.train.rewards import CheckedReward, RewardCounts
 from alignkit.train.output_folder import OutputDirLock, check_output_dir, check_shared_output_dir
-from alignkit.train.stopping import SignalStop, reward_stopped
+from alignkit.train.stopping import SignalStop, disk_full_stop, reward_stopped
 
 logger = logging.getLogger("alignkit")
 
@@ -249,6 +251,10 @@ class Run:
             error = reward_stopped(trainer, exc)
             self._write_metadata(status=f"stopped: {exc.status}")
             raise error from None
+        except Exception as exc:
+            if not is_disk_full(exc, self.output_dir):
+                raise
+            raise self._disk_full(trainer, exc) from None
         finally:
             trainer.args.save_total_limit = keep  # the saved config says what the recipe asked
         if stop.signum is not None:
@@ -262,7 +268,12 @@ class Run:
         if trainer.eval_dataset is not None:
             metrics.update(_final_eval(trainer) or trainer.evaluate())
         metrics["train_wall_seconds"] = round(time.time() - started, 2)
-        self.save(trainer, metrics)
+        try:
+            self.save(trainer, metrics)
+        except Exception as exc:
+            if not is_disk_full(exc, self.output_dir):
+                raise
+            raise self._disk_full(trainer, exc, final=True) from None
         if runtime.is_main_process():
             self._print_summary(metrics, trainer.state.global_step)
         if runtime.launched_distributed():  # every rank got here: meet once more at exit, then shut the groups down
@@ -270,6 +281,15 @@ class Run:
         if "wandb" in (trainer.args.report_to or []):
             _finish_wandb()  # else the next stage in this process would log into this stage's W&B run
         return metrics
+
+    def _disk_full(self, trainer, exc: Exception, final: bool = False) -> Exception:
+        """A save hit a full disk: the one-line error (the partial checkpoint removed), the run record marked."""
+        error = disk_full_stop(trainer, self.output_dir, final)
+        try:
+            self._write_metadata(status=f"stopped: {error.status}")
+        except OSError:
+            pass  # still no room for the record: the error says what happened
+        return error
 
     def _prepare(self, trainer) -> int | None:
         """The last checks and alignkit's callbacks, before step 1. Returns the recipe's ``save_total_limit``, which
@@ -283,6 +303,8 @@ class Run:
         rows = {k: v for k, v in datasets.items() if hasattr(v, "__len__")}
         checks.check_trainer(trainer, r.run, {k: len(v) for k, v in rows.items()}, rows)
         trainer.add_callback(NonFiniteGuard(enabled=r.run.stop_on_nonfinite))
+        if rewards := [f for f in getattr(trainer, "reward_funcs", None) or [] if isinstance(f, CheckedReward)]:
+            RewardCounts(rewards).install(trainer)  # skipped / non-finite rewards per function, in every log
         # alignkit rotates checkpoints itself, after the new one is marked complete: transformers deletes the old
         # ones before that, so a kill in between would leave nothing to resume from
         keep, trainer.args.save_total_limit = trainer.args.save_total_limit, None

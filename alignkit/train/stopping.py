@@ -7,6 +7,9 @@ function that fails mid-run both end in a complete checkpoint, a run record that
   128 + signal). A second signal while it finishes the step stops at once, as the default handler would.
 - :func:`save_now`: a checkpoint of the state as of the last finished step, for a stop raised inside a step (a
   reward function's error), unless that step's checkpoint is already saved.
+- :func:`disk_full_stop`: the disk filled up while the run saved: the partial checkpoint is removed (it has no
+  manifest, so no resume would take it), the last complete one is kept, and the error names the folder and the
+  bytes a checkpoint of this run needs.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from alignkit.errors import RewardFunctionError, RunInterrupted
-from alignkit.train.callbacks import checkpoint_is_complete
+from alignkit.errors import DiskFullError, RewardFunctionError, RunInterrupted
+from alignkit.train.callbacks import CHECKPOINT_MANIFEST, checkpoint_is_complete, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -93,3 +96,36 @@ def save_now(trainer) -> Path | None:
     trainer._save_checkpoint(trainer.model, trial=None)  # transformers' own checkpoint writer (model, optimizer, RNG)
     trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
     return folder
+
+
+def disk_full_stop(trainer, output_dir: Path, final: bool = False) -> DiskFullError:
+    """The error for a run whose save hit a full disk (``final``: the save of the finished model into
+    ``output_dir``, else a checkpoint), after removing the partial checkpoint-<step> this run was writing. The bytes
+    needed: the size of the last complete checkpoint (its manifest), else trainable weights + Adam moments."""
+    import json
+    import shutil
+
+    from alignkit.export.outputs import disk_full_error, tree_bytes
+    from alignkit.train.checks import _checkpoint_bytes
+
+    output_dir = Path(output_dir)
+    folder = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+    partial = folder.is_dir() and not (folder / CHECKPOINT_MANIFEST).is_file()
+    if partial and not final:
+        shutil.rmtree(folder, ignore_errors=True)  # this run's own half-written save: never resumable, only in the way
+    last = last_complete_checkpoint(output_dir)
+    needed = 0
+    if last is not None:
+        try:
+            needed = sum(json.loads((last / CHECKPOINT_MANIFEST).read_text())["files"].values())
+        except (OSError, ValueError, KeyError, TypeError):
+            needed = tree_bytes(last)
+    needed = needed or _checkpoint_bytes(trainer.model)
+    kept = f"The last complete checkpoint, {last.name}, is intact" if last else "No checkpoint was complete yet"
+    if final:
+        kept += f"; the final save into {output_dir} is incomplete (alignkit_run.json says so)."
+        fix = "free the space and run the same command with resume_from_checkpoint: true (from the last checkpoint)"
+        return disk_full_error(output_dir, needed, "the finished model", kept, fix)
+    kept += f"; the partial {folder.name} was removed." if partial else "."
+    fix = "run the same command with resume_from_checkpoint: true" if last else "run the same command again"
+    return disk_full_error(output_dir, needed, f"{folder.name}", kept, fix)

@@ -1,4 +1,5 @@
-"""Damaged run and checkpoint folders (issue 43, case 1): each file of a checkpoint truncated and garbled in turn is a
+"""Damaged run and checkpoint folders (issue 43, case 1): each file of a checkpoint truncated, garbled (its header)
+and bit-flipped (one byte in its middle: sizes and headers still hold, only the manifest's sha256 tells) in turn is a
 one-line refusal naming the file, the previous checkpoint is named as the fix, and resuming from it is exact."""
 
 from __future__ import annotations
@@ -9,15 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_recipe
+from conftest import SFT_3_STEPS, run_recipe
 from safetensors.torch import load_file
 
 from alignkit.errors import PreflightError
 
 REPO = Path(__file__).resolve().parents[2]
-TRAIN = ["--config", "recipes/tiny/sft.yaml", "--load_in_4bit", "false", "--test_size", "0", "--max_steps", "3",
-         "--save_strategy", "steps", "--save_steps", "1", "--per_device_train_batch_size", "2", "--max_length", "128",
-         "--lr_scheduler_type", "linear", "--disable_tqdm", "true"]  # fmt: skip
+TRAIN = SFT_3_STEPS
 CHECKPOINT_FILES = ["trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
                     "alignkit_checkpoint.json"]  # fmt: skip
 
@@ -32,14 +31,18 @@ def garble(path: Path) -> None:  # the same size, its first bytes overwritten (t
     path.write_bytes(bytes(data))
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("damaged") / "run"
-    run_recipe("sft", [*TRAIN, "--output_dir", str(out)])
-    return out
+def flip(path: Path) -> None:  # one bit in the middle: the same size, headers intact (a tensor's data changed)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", [truncate, garble])
+@pytest.fixture
+def run(sft_3_steps) -> Path:
+    return sft_3_steps
+
+
+@pytest.mark.parametrize("damage", [truncate, garble, flip])
 @pytest.mark.parametrize("name", CHECKPOINT_FILES)
 def test_a_damaged_checkpoint_file_is_named_with_the_previous_checkpoint(run, tmp_path, name, damage):
     out = tmp_path / "run"

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_recipe
+from conftest import log_history, run_recipe
 
 from alignkit.errors import ConfigError, RewardFunctionError
 from alignkit.train.callbacks import checkpoint_is_complete
@@ -79,3 +79,33 @@ def test_a_reward_that_raises_mid_run_stops_after_saving_a_checkpoint(tmp_path, 
     assert "'flaky_rewards:flaky' raised ValueError: no ANSWER line on the completion" in message
     assert f"saved {out / 'checkpoint-2'}" in message and checkpoint_is_complete(out / "checkpoint-2")
     assert json.loads((out / "alignkit_run.json").read_text())["status"] == "stopped: reward function failed"
+
+
+def test_skipped_and_non_finite_rewards_are_counted_in_the_logs_per_function(tmp_path, monkeypatch):
+    """With nonfinite_rewards: skip, NaN/inf are treated as None (trl's skip); every log line says, per function,
+    how many completions it skipped (None and mapped NaN/inf) and how many NaN/inf it returned since the last log,
+    matching what the functions really returned. A function that skips nothing logs 0."""
+    (tmp_path / "spotty_rewards.py").write_text(
+        "import json, math, os\n"
+        "def spotty(prompts, completions, **kw):\n"
+        "    out = [None, math.nan, math.inf, 1.0][: len(completions)] + [0.5] * max(0, len(completions) - 4)\n"
+        "    with open(os.environ['SPOTTY_LOG'], 'a') as f:\n"
+        "        f.write(json.dumps(len(completions)) + '\\n')\n"
+        "    return out\n"
+        "def steady(prompts, completions, **kw):\n"
+        "    return [float(len(c) % 3) for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SPOTTY_LOG", str(tmp_path / "calls.jsonl"))
+    out = tmp_path / "grpo"
+    argv = ["--config", "recipes/tiny/grpo.yaml", "--model_name_or_path", "tiny:llama", "--load_in_4bit", "false",
+            "--reward_funcs", "[spotty_rewards:spotty, spotty_rewards:steady]", "--nonfinite_rewards", "skip",
+            "--num_generations", "4", "--per_device_train_batch_size", "4", "--max_completion_length", "8",
+            "--max_steps", "2", "--save_steps", "100", "--disable_tqdm", "true", "--output_dir", str(out)]  # fmt: skip
+    run_recipe("grpo", argv)
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()][1:]  # [0]: the probe
+    logs = [e for e in log_history(out) if "reward" in e]
+    assert len(logs) == 2 and calls
+    assert sum(e["rewards/spotty/skipped"] for e in logs) == 3 * len(calls)  # None, NaN, inf in every batch
+    assert sum(e["rewards/spotty/nonfinite"] for e in logs) == 2 * len(calls)
+    assert all(e["rewards/steady/skipped"] == e["rewards/steady/nonfinite"] == 0 for e in logs)
