@@ -25,8 +25,8 @@ from alignkit.train import checks, resume
 from alignkit.train.assumptions import check_trainer_assumptions, set_stop_ids
 from alignkit.train.callbacks import PICKLED_ARGS, AtomicCheckpoints, NonFiniteGuard, ResolvedConfigToWandb
 from alignkit.train.distributed import debug_callback, end_process_group_at_exit
-from alignkit.train.rewards import CheckedReward, RewardCounts
 from alignkit.train.output_folder import OutputDirLock, check_output_dir, check_shared_output_dir
+from alignkit.train.rewards import CheckedReward, RewardCounts
 from alignkit.train.stopping import SignalStop, disk_full_stop, reward_stopped
 
 logger = logging.getLogger("alignkit")
