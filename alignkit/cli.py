@@ -215,6 +215,7 @@ def data(argv: list[str]) -> int:
     stage = STAGES[args.stage]
     recipe = stage.parse(recipe_argv)
     refused, bad = False, BadRows(recipe.data)  # on_bad_rows as the run applies it
+    tokenizer = None
     for source in recipe.data.datasets:
         for split in filter(None, (source.split, source.test_split)):
             label, chosen = f"{source.path} [{split}]", []
@@ -244,6 +245,15 @@ def data(argv: list[str]) -> int:
                   f"checks; columns {converted.column_names}")  # fmt: skip
             for row in converted.select(range(min(args.n, len(converted)))):
                 show(row)
+            if max_length := getattr(recipe.train, "max_length", None):  # huge rows, named by file and line
+                from alignkit.data.preview import long_rows, long_rows_line
+                from alignkit.models.tokenizer import load_tokenizer
+
+                tokenizer = tokenizer or load_tokenizer(recipe.model, chat=True)
+                same = len(converted) == len(rows)  # else on_bad_rows skipped some: rows count in the converted split
+                found = long_rows(tokenizer, converted, places if same else None, source.path, max_length)
+                if line := long_rows_line(found, max_length):
+                    print(line)
     if refused:
         return 2
     if stage.name not in ("sft", "dpo"):

@@ -1,7 +1,11 @@
 """Label preview: one collated training example with the tokens that carry a label marked, so a user sees
-exactly what the model learns (as the trainer's own collator builds it)."""
+exactly what the model learns (as the trainer's own collator builds it); and :func:`long_rows`, the rows of a source
+longer than ``max_length`` named by file and line (a single 50 MB row among them), which training truncates or drops
+and the truncation report counts."""
 
 from __future__ import annotations
+
+from alignkit.data.places import place
 
 
 def label_preview(trainer, index: int = 0, max_tokens: int = 400) -> str:
@@ -32,3 +36,62 @@ def chat_format_line(tokenizer) -> str:
         "rendered": "a custom template without generation marks; assistant spans found by rendering",
     }.get(info.source, info.source)
     return f"chat format: family {info.family or 'unknown (custom template)'}, template {info.source} ({what})\n"
+
+
+def _row_text(tokenizer, row: dict) -> str:
+    """The text a row trains on, rendered as the run renders it: a chat row through the template; prompt +
+    completion (SFT) or prompt + the longer reply (DPO) as text or chat."""
+
+    def render(part) -> str:
+        if isinstance(part, list):  # chat messages
+            return tokenizer.apply_chat_template(part, tokenize=False)
+        return part if isinstance(part, str) else ""
+
+    if "messages" in row:
+        return render(row["messages"])
+    prompt = row.get("prompt")
+    replies = [row[k] for k in ("completion", "chosen", "rejected") if k in row]
+    if isinstance(prompt, list) and replies and isinstance(replies[0], list):
+        return max((render(prompt + reply) for reply in replies), key=len)
+    return render(prompt) + max((render(reply) for reply in replies), key=len, default="")
+
+
+def count_tokens(tokenizer, text: str, max_length: int) -> tuple[int, bool]:
+    """``(tokens, exact)``: how many tokens ``text`` has, for telling whether it exceeds ``max_length``. Every token
+    covers at least one UTF-8 byte, so a text of no more bytes than ``max_length`` is not tokenized (its byte count is
+    returned). A longer one is tokenized in growing prefixes (16 x max_length bytes, then x4) until a prefix exceeds
+    max_length; the whole text's count is then that prefix's scaled by bytes (``exact`` False): a 50 MB row costs a
+    few kB of tokenization instead of gigabytes of token ids."""
+    data = text.encode("utf-8")
+    if len(data) <= max_length:
+        return len(data), False
+    size = 16 * max_length
+    while size < len(data):
+        prefix = len(tokenizer(data[:size].decode("utf-8", errors="ignore"), add_special_tokens=False)["input_ids"])
+        if prefix > max_length:
+            return round(prefix * len(data) / size), False
+        size *= 4
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]), True
+
+
+def long_rows(tokenizer, rows, places, label: str, max_length: int) -> list[tuple[str, int, int, bool]]:
+    """``(source, row, tokens, exact)`` of every row of ``rows`` (a checked source split, in its file's order) whose
+    rendered text is longer than ``max_length`` tokens, longest first (:func:`count_tokens`: ``exact`` False for an
+    estimate). ``places``: :func:`alignkit.data.sources.row_places`."""
+    found = []
+    for index, row in enumerate(rows):
+        tokens, exact = count_tokens(tokenizer, _row_text(tokenizer, row), max_length)
+        if tokens > max_length:
+            found.append((*place(places, label, index), tokens, exact))
+    return sorted(found, key=lambda f: -f[2])
+
+
+def long_rows_line(found: list[tuple[str, int, int, bool]], max_length: int, shown: int = 5) -> str:
+    """'2 row(s) longer than max_length 128 tokens (...): data.jsonl line 65 (~600,016 tokens), ...' or ''."""
+    if not found:
+        return ""
+    named = ", ".join(f"{source} line {row} ({'' if exact else '~'}{tokens:,} tokens)"
+                      for source, row, tokens, exact in found[:shown])  # fmt: skip
+    more = f" and {len(found) - shown} more" if len(found) > shown else ""
+    return (f"   {len(found)} row(s) longer than max_length {max_length} tokens (training truncates them, or drops a "
+            f"row whose trained part lies wholly beyond; the truncation report counts them): {named}{more}")  # fmt: skip

@@ -1,11 +1,15 @@
 """Outputs are never destroyed (issue 43, cases 2 and 7): merge's scratch folder has a name alignkit owns, an output
 path holding a file or someone else's folder is refused, an output is swapped in whole (a SIGKILL at any moment
-leaves the old complete output or the new one), and two merges into one folder: the second is refused naming the
-first."""
+leaves the old complete output or the new one: merge, and eval / generate / report killed mid-write), and two merges
+into one folder: the second is refused naming the first.
+
+The adapter run and its merge are the session's shared ``sft_3_steps`` and ``sft_3_steps_merged`` (conftest)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,13 +59,9 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300):
     raise AssertionError("timed out")
 
 
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("outputs") / "sft"
-    done = cli("sft", "--config", "recipes/tiny/sft.yaml", "--load_in_4bit", "false", "--max_steps", "2",
-               "--save_steps", "100", "--disable_tqdm", "true", "--output_dir", out)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+@pytest.fixture
+def adapter(sft_3_steps) -> Path:
+    return sft_3_steps
 
 
 # --- the module itself: no model needed -------------------------------------------------------------------------
@@ -147,13 +147,13 @@ def test_merge_keeps_the_users_x_tmp_and_refuses_destroying_outputs(adapter, tmp
     assert (tmp_path / "X.tmp" / "notes.txt").read_text() == "my notes"
 
 
-def test_sigkill_during_a_re_merge_leaves_the_old_merge_whole(adapter, tmp_path):
+def test_sigkill_during_a_re_merge_leaves_the_old_merge_whole(adapter, sft_3_steps_merged, tmp_path):
     """The old code rmtree'd the old merge and then renamed the new one in: a kill between left a config-only
     folder. Now the new merge is built under a scratch name and exchanged in one rename."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
-    assert cli("merge", adapter, "--output", out).returncode == 0
+    shutil.copytree(sft_3_steps_merged, out)  # an earlier merge of this adapter
     old = snapshot(out)
 
     proc = spawn("merge", adapter, "--output", out)
@@ -194,3 +194,74 @@ def test_eval_generate_and_report_refuse_an_existing_file_at_out(adapter, tmp_pa
     refused(cli("generate", adapter, "--prompts", held_out, "--out", held_out), "is the --prompts file")
     refused(cli("generate", adapter, "--prompts", held_out, "--out", tmp_path), "is a folder")
     assert (tmp_path / "f").read_text() == "mine" and snapshot(adapter) == before
+
+
+# --- eval / generate / report killed mid-write -------------------------------------------------------------------
+
+# The child runs the real command; the only thing added is the moment of the kill: the first write into a scratch
+# output (a name with ".alignkit-") writes half its text, says where, and waits to be killed.
+KILLED_MID_WRITE = """
+import pathlib, sys, time
+real = pathlib.Path.write_text
+def half_then_wait(self, data, *args, **kwargs):
+    if ".alignkit-" in str(self):
+        real(self, data[: len(data) // 2], *args, **kwargs)
+        print("HALF " + str(self), flush=True)
+        time.sleep(600)
+    return real(self, data, *args, **kwargs)
+pathlib.Path.write_text = half_then_wait
+from alignkit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _commands(adapter: Path, tmp_path: Path) -> dict[str, tuple[list, Path]]:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i} + 1?"},
+                                                        {"role": "assistant", "content": str(i + 1)}]}) + "\n"
+                               for i in range(3)))  # fmt: skip
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"prompt": f"{i} + 1?"}) + "\n" for i in range(3)))
+    gen = ["--max_new_tokens", "4"]
+    return {
+        "eval": (["eval", adapter, "--data", prompts, "--out", tmp_path / "eval", *gen], tmp_path / "eval"),
+        "generate": (["generate", adapter, "--prompts", questions, "--out", tmp_path / "replies.jsonl", *gen],
+                     tmp_path / "replies.jsonl"),
+        "report": (["report", adapter, "--out", tmp_path / "report"], tmp_path / "report"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "report"])
+def test_sigkill_mid_write_leaves_the_old_complete_output(command, adapter, tmp_path, capsys):
+    """The old output is written first (in this process), then the same command is killed halfway through writing
+    its new output: the old one is there, every byte; the next run replaces it whole and clears the killed one's
+    scratch."""
+    from alignkit.cli import main
+
+    argv, out = _commands(adapter, tmp_path)[command]
+    assert main([str(a) for a in argv]) == 0
+    old = snapshot(out) if out.is_dir() else {"": out.read_bytes()}
+    assert old
+
+    child = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, *map(str, argv)], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = child.stdout.readline()
+        assert line.startswith("HALF "), child.communicate()[1][-3000:]
+        half = Path(line[5:].strip())
+        scratch = half if half.parent == out.parent else half.parent  # the scratch file, or the file in it
+        assert scratch.parent == out.parent and scratch.name.startswith(f".{out.name}.alignkit-"), half
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert (snapshot(out) if out.is_dir() else {"": out.read_bytes()}) == old  # the old output, whole
+
+    assert main([str(a) for a in argv]) == 0  # the next run: a whole new output, the killed one's scratch gone
+    assert not [p.name for p in tmp_path.iterdir() if ".alignkit-" in p.name]
+    if command == "eval":
+        assert json.loads((out / "eval_summary.json").read_text())["rows"] == 3
+    elif command == "generate":
+        assert [json.loads(line)["reply"] is not None for line in out.read_text().splitlines()] == [True] * 3
+    else:
+        assert (out / "report.html").is_file()
+    capsys.readouterr()
