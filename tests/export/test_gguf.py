@@ -1,6 +1,7 @@
 """GGUF export (issue 21): llama.cpp's own converter, and a parity gate that reads the file back through
 transformers. The model is a tiny random Llama body with SmolLM2's tokenizer (the converter recognises a released
-model's tokenizer, not the synthetic tiny ones), trained as an SFT adapter run, then merged and exported."""
+model's tokenizer, not the synthetic tiny ones) in its own (stock) chat template, trained as an SFT adapter run, then
+merged and exported to f16 once for the module (``f16``)."""
 
 from __future__ import annotations
 
@@ -37,21 +38,27 @@ def adapter_run(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     out = root / "sft"
-    argv = ["--config", "recipes/tiny/sft.yaml", "--model_name_or_path", str(root / "base"), "--chat_template",
-            "chatml", "--load_in_4bit", "false", "--max_steps", "3", "--output_dir", str(out), "--disable_tqdm", "true"]  # fmt: skip
+    argv = ["--config", "recipes/tiny/sft.yaml", "--model_name_or_path", str(root / "base"), "--load_in_4bit",
+            "false", "--max_steps", "3", "--output_dir", str(out), "--disable_tqdm", "true"]  # fmt: skip
     run_recipe("sft", argv)
     return out
 
 
-def test_merge_export_f16_and_q8_0_pass_the_parity_gate(adapter_run):
+@pytest.fixture(scope="module")
+def f16(adapter_run):
+    """(path, parity) of the run's f16 export (merged first into <run>-merged). Read-only: copy it to change it."""
+    from alignkit.export.gguf import export_gguf
+
+    return export_gguf(adapter_run, "f16")  # an adapter run: merged first into <run>-merged
+
+
+def test_merge_export_f16_and_q8_0_pass_the_parity_gate(adapter_run, f16):
     from alignkit.export.gguf import BOUNDS, export_gguf
 
-    written = {}
-    for outtype in ("f16", "q8_0"):
-        path, parity = export_gguf(adapter_run, outtype)  # an adapter run: merged first into <run>-merged
+    written = {"f16": f16, "q8_0": export_gguf(adapter_run, "q8_0")}
+    for outtype, (path, parity) in written.items():
         assert path.is_file() and path.parent.name == f"{adapter_run.name}-merged"
         assert parity.passed and parity.max_abs_diff <= BOUNDS[outtype][0]
-        written[outtype] = (path, parity)
     f16, q8 = written["f16"], written["q8_0"]
     assert q8[0].stat().st_size < f16[0].stat().st_size
     assert f16[1].max_abs_diff < q8[1].max_abs_diff  # 8-bit blocks move logits more than 16-bit floats
@@ -62,15 +69,15 @@ def test_merge_export_f16_and_q8_0_pass_the_parity_gate(adapter_run):
     assert "## GGUF exports" in card and f"`{f16[0].name}`" in card
 
 
-def test_a_corrupted_tensor_fails_the_gate(adapter_run, tmp_path):
+def test_a_corrupted_tensor_fails_the_gate(adapter_run, f16, tmp_path):
     import shutil
 
     import numpy as np
     from gguf import GGUFReader
 
-    from alignkit.export.gguf import export_gguf, parity
+    from alignkit.export.gguf import parity
 
-    path, _ = export_gguf(adapter_run, "f16", tmp_path / "model-f16.gguf")
+    path, _ = f16
     merged = adapter_run.parent / f"{adapter_run.name}-merged"
     corrupt = tmp_path / "corrupt" / path.name
     corrupt.parent.mkdir()
@@ -91,52 +98,47 @@ def test_an_unsupported_architecture_is_refused_with_the_fix(tmp_path, tiny_bart
         convert(tiny_bart, tmp_path / "x.gguf", "f16")
 
 
-def test_the_gguf_embeds_the_saved_stock_template_of_the_family(adapter_run):
+def test_the_gguf_embeds_the_saved_stock_template_of_the_family(adapter_run, f16):
     """Issue 36: a run on the SmolLM2 tokenizer's own (stock) template trains with its twin and saves the stock
     text; the GGUF llama.cpp's converter writes carries exactly that template (tokenizer.chat_template), so
     llama.cpp / Ollama serve the format the model was trained in."""
     from gguf import GGUFReader
 
     from alignkit.data.chat_families import identify, stock_template
-    from alignkit.export.gguf import export_gguf
 
     base = adapter_run.parent / "base"
     assert identify(json.loads((base / "tokenizer_config.json").read_text()).get("chat_template") or (base / "chat_template.jinja").read_text()) == "smollm2"  # fmt: skip
-    out = adapter_run.parent / "family"
-    argv = ["--config", "recipes/tiny/sft.yaml", "--model_name_or_path", str(base), "--load_in_4bit", "false",
-            "--max_steps", "2", "--output_dir", str(out), "--disable_tqdm", "true"]  # fmt: skip
-    run_recipe("sft", argv)
-    record = json.loads((out / "alignkit_run.json").read_text())
+    record = json.loads((adapter_run / "alignkit_run.json").read_text())
     assert record["lineage"][-1]["chat_template"] == {"family": "smollm2", "source": "twin"}
-    saved = (out / "chat_template.jinja").read_text(encoding="utf-8")
+    saved = (adapter_run / "chat_template.jinja").read_text(encoding="utf-8")
     assert saved == stock_template("smollm2")
-    path, parity = export_gguf(out, "f16")
-    field = GGUFReader(path).fields["tokenizer.chat_template"]
+    field = GGUFReader(f16[0]).fields["tokenizer.chat_template"]
     embedded = bytes(field.parts[field.data[0]]).decode("utf-8")
     assert embedded == saved
 
 
-def test_sigkill_during_export_keeps_the_old_gguf_and_the_models_own_files_are_never_the_out(adapter_run, tmp_path):
+def test_sigkill_during_export_keeps_the_old_gguf_and_the_models_own_files_are_never_the_out(f16, tmp_path, capsys):
     """Issue 43 case 7: a kill during `export gguf` left a 24-byte .gguf under the final name, and
     `--out M/model.safetensors` overwrote the merged weights with a partial GGUF. The GGUF is now written beside its
-    destination and renamed in once it passes parity; a file of the model folder is refused as --out."""
+    destination and renamed in once it passes parity; a file of the model folder is refused as --out. The merged
+    folder with its f16 export is the module's, copied."""
+    import shutil
     import signal
     import subprocess
     import sys
     import time
 
-    from alignkit.export.gguf import export_gguf
+    from alignkit.cli import main
+    from alignkit.export.outputs import OutputLock
 
-    path, _ = export_gguf(adapter_run, "f16")
-    merged = path.parent
+    merged = tmp_path / "merged"
+    shutil.copytree(f16[0].parent, merged)
+    path = merged / f16[0].name
     old = path.read_bytes()
     weights = (merged / "model.safetensors").read_bytes()
 
-    def cli(*argv):
-        return subprocess.Popen([sys.executable, "-m", "alignkit.cli", "export", "gguf", *map(str, argv)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-
-    proc = cli(merged, "--out", path)
+    proc = subprocess.Popen([sys.executable, "-m", "alignkit.cli", "export", "gguf", str(merged), "--out", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 300
     while not [p for p in merged.glob(f".{path.name}.alignkit-*.gguf") if p.stat().st_size > 0]:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
@@ -144,13 +146,15 @@ def test_sigkill_during_export_keeps_the_old_gguf_and_the_models_own_files_are_n
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert path.read_bytes() == old  # the old export, whole
+    assert [p for p in merged.glob(".*alignkit-*")]  # the killed one's scratch, until the next writer
 
-    refused = cli(merged, "--out", merged / "model.safetensors")
-    _, err = refused.communicate(timeout=300)
+    capsys.readouterr()
+    assert main(["export", "gguf", str(merged), "--out", str(merged / "model.safetensors")]) == 2
+    err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("alignkit:")]
-    assert refused.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    assert "is a file of the input folder" in lines[0]
+    assert len(lines) == 1 and "Traceback" not in err and "is a file of the input folder" in lines[0], err[-2000:]
     assert (merged / "model.safetensors").read_bytes() == weights
 
-    again, _ = export_gguf(merged, "f16", path)  # the next export clears the killed one's scratch
-    assert again == path and not list(merged.glob(".*alignkit-*"))
+    with OutputLock(path):  # what the next export of this output takes first: it clears the killed one's scratch
+        pass
+    assert not list(merged.glob(".*alignkit-*"))
