@@ -18,7 +18,9 @@ filter for torch elastic's per-rank failure lines:
 It also forwards SIGTERM and SIGINT to the launcher's children (accelerate's one-process launcher otherwise dies
 of them and leaves the training process running as an orphan): the run saves a checkpoint, marks itself
 ``interrupted`` and exits 128 + the signal's number, which the launcher then exits with. torch elastic's agent
-(multi-process launches) replaces these handlers with its own, which signal the workers likewise.
+(multi-process launches) replaces these handlers with its own: it signals the workers likewise, waits for them (up
+to torch's shutdown timeout, 30 s, before it kills them) and raises ``SignalException``, which exits 128 + the
+signal with no traceback (the ranks said what happened).
 """
 
 from __future__ import annotations
@@ -115,6 +117,10 @@ def child_exit_code(exc: BaseException) -> int | None:
     if type(exc).__name__ == "ChildFailedError" and hasattr(exc, "get_first_failure"):
         _, failure = exc.get_first_failure()
         return failure.exitcode
+    if type(exc).__name__ == "SignalException" and int(getattr(exc, "sigval", 0)) in (2, 15):
+        # torch elastic's agent got SIGTERM/SIGINT: it sent it on to the ranks and waited while they saved a
+        # checkpoint and exited 128 + the signal (their message printed), then raised this: exit as they did
+        return 128 + int(exc.sigval)
     return None
 
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import SFT_3_STEPS
 
 REPO = Path(__file__).resolve().parents[2]
-TRAIN = ["--config", "recipes/tiny/sft.yaml", "--load_in_4bit", "false", "--test_size", "0", "--max_steps", "2",
-         "--save_strategy", "steps", "--save_steps", "1", "--max_length", "128", "--disable_tqdm", "true"]  # fmt: skip
+TRAIN = SFT_3_STEPS  # the session's shared run (conftest.sft_3_steps): checkpoint-1..3 and the adapter
 
 
 def cli(*argv, cwd=REPO) -> subprocess.CompletedProcess:
@@ -35,12 +35,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> dict[str, Path]:
+def built(tmp_path_factory, sft_3_steps, sft_3_steps_merged) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("table")
-    done = cli("sft", *TRAIN, "--output_dir", root / "run")
-    assert done.returncode == 0, done.stderr[-3000:]
-    done = cli("merge", root / "run", "--output", root / "merged")
-    assert done.returncode == 0, done.stderr[-3000:]
     (root / "prompts.jsonl").write_text(json.dumps({"prompt": "What is 2 + 2?"}) + "\n")
     (root / "held_out.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "2 + 2?"},
                                                                   {"role": "assistant", "content": "4"}]}) + "\n")  # fmt: skip
@@ -49,7 +45,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
     )
     (root / "kto.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "completion": " a", "label": True}) + "\n"
                                             for i in range(8)))  # fmt: skip
-    return {"run": root / "run", "merged": root / "merged", "root": root}
+    return {"run": sft_3_steps, "merged": sft_3_steps_merged, "root": root}
 
 
 def truncate(path: Path) -> None:
@@ -59,6 +55,12 @@ def truncate(path: Path) -> None:
 def garble(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[:16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+
+
+def flip(path: Path) -> None:  # one bit mid-file: size and header intact; only the manifest's sha256 tells
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
 
 
@@ -107,13 +109,20 @@ CASES = [
          lambda f: ["report", f["run"], "--out", f["tmp"] / "r"], ("trainer_state.json", "Fix:")),
     Case("report-out-is-a-file", "report", ("run",), lambda f: (f["tmp"] / "x").write_text("mine"),
          lambda f: ["report", f["run"], "--out", f["tmp"] / "x"], ("is an existing file", "Fix:")),
-    Case("resume-garbled-optimizer", "sft", ("run",), lambda f: garble(f["run"] / "checkpoint-2" / "optimizer.pt"),
+    Case("resume-garbled-optimizer", "sft", ("run",), lambda f: garble(f["run"] / "checkpoint-3" / "optimizer.pt"),
          lambda f: ["sft", *TRAIN, "--output_dir", f["run"], "--resume_from_checkpoint", "true"],
-         ("checkpoint-2/optimizer.pt", "checkpoint-1", "Fix:")),
+         ("checkpoint-3/optimizer.pt", "checkpoint-2", "Fix:")),
     Case("resume-truncated-trainer-state", "sft", ("run",),
-         lambda f: truncate(f["run"] / "checkpoint-2" / "trainer_state.json"),
+         lambda f: truncate(f["run"] / "checkpoint-3" / "trainer_state.json"),
          lambda f: ["sft", *TRAIN, "--output_dir", f["run"], "--resume_from_checkpoint", "true"],
-         ("checkpoint-2/trainer_state.json", "Fix:")),
+         ("checkpoint-3/trainer_state.json", "Fix:")),
+    Case("resume-bit-flipped-adapter", "sft", ("run",), lambda f: flip(f["run"] / "checkpoint-3" / "adapter_model.safetensors"),
+         lambda f: ["sft", *TRAIN, "--output_dir", f["run"], "--resume_from_checkpoint", "true"],
+         ("checkpoint-3/adapter_model.safetensors", "sha256", "checkpoint-2", "Fix:")),
+    Case("merge-checkpoint-bit-flipped-adapter", "merge", ("run",),
+         lambda f: flip(f["run"] / "checkpoint-2" / "adapter_model.safetensors"),
+         lambda f: ["merge", f["run"] / "checkpoint-2", "--output", f["tmp"] / "m"],
+         ("checkpoint-2/adapter_model.safetensors", "sha256", "Fix:")),
     Case("kto-only-desirable-rows", "kto", (), nothing,
          lambda f: ["kto", "--config", "recipes/tiny/kto.yaml", "--model_name_or_path", "tiny:llama", "--datasets",
                     f["root"] / "kto.jsonl", "--test_size", "0", "--output_dir", f["tmp"] / "k"],

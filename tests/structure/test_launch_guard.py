@@ -4,6 +4,7 @@ in the environment this checkout is installed into it is in place (pip install, 
 from __future__ import annotations
 
 import site
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,11 @@ def test_exit_code_of_the_failed_child():
     failures[1].timestamp, failures[0].timestamp = 20, 10  # rank 0 failed first: the root cause
     assert child_exit_code(ChildFailedError("recipes/sft.py", failures)) == 2
     assert child_exit_code(ValueError("not a launcher's")) is None
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    # torch elastic's agent got SIGTERM (it signalled the ranks, which saved and exited 143): exit as they did
+    assert child_exit_code(SignalException("Process 1 got signal: 15", sigval=signal.SIGTERM)) == 143
+    assert child_exit_code(SignalException("Process 1 got signal: 1", sigval=signal.SIGHUP)) is None
 
 
 def test_the_hook_is_installed_here():
