@@ -3,8 +3,8 @@ in the environment this checkout is installed into it is in place (pip install, 
 
 from __future__ import annotations
 
-import site
 import signal
+import site
 import subprocess
 import sys
 from pathlib import Path
