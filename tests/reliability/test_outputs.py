@@ -48,6 +48,21 @@ def refused(done: subprocess.CompletedProcess, *words: str) -> str:
     return lines[0]
 
 
+def refused_here(capsys, *argv, words: tuple[str, ...] = ()) -> str:
+    """``alignkit <argv>`` in this process (the console script's own main): exit 2, one 'alignkit:' line containing
+    ``words``, no traceback (an unexpected exception would fail the test); returns that line."""
+    from alignkit.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("alignkit:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -127,22 +142,26 @@ def test_the_lock_names_its_holder(tmp_path):
 # --- through `alignkit merge` -----------------------------------------------------------------------------------
 
 
-def test_merge_keeps_the_users_x_tmp_and_refuses_destroying_outputs(adapter, tmp_path):
+def test_merge_keeps_the_users_x_tmp_and_refuses_destroying_outputs(adapter, tmp_path, capsys):
+    """Through `alignkit merge`'s main in this process (the refusals come before any model loads; a separate
+    interpreter would add only its start-up)."""
+    from alignkit.cli import main
+
     out = tmp_path / "X"
     (tmp_path / "X.tmp").mkdir()
     (tmp_path / "X.tmp" / "notes.txt").write_text("my notes")
-    done = cli("merge", adapter, "--output", out)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert main(["merge", str(adapter), "--output", str(out)]) == 0, capsys.readouterr().err[-2000:]
     assert (tmp_path / "X.tmp" / "notes.txt").read_text() == "my notes"  # issue 43 case 2: it was deleted
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
     assert sorted(os.listdir(tmp_path)) == ["X", "X.tmp"]  # no scratch or lock left behind
 
     before = snapshot(adapter)
     (tmp_path / "file").write_text("mine")
-    refused(cli("merge", adapter, "--output", tmp_path / "file"), "is an existing file", "Fix:")
-    refused(cli("merge", adapter, "--output", tmp_path / "X.tmp"), "not an earlier merge", "Fix:")
-    refused(cli("merge", adapter, "--output", adapter / "adapter_model.safetensors"), "file of the input folder")
-    refused(cli("merge", adapter, "--output", adapter), "is the input folder")
+    refused_here(capsys, "merge", adapter, "--output", tmp_path / "file", words=("is an existing file", "Fix:"))
+    refused_here(capsys, "merge", adapter, "--output", tmp_path / "X.tmp", words=("not an earlier merge", "Fix:"))
+    refused_here(capsys, "merge", adapter, "--output", adapter / "adapter_model.safetensors",
+                 words=("file of the input folder",))  # fmt: skip
+    refused_here(capsys, "merge", adapter, "--output", adapter, words=("is the input folder",))
     assert snapshot(adapter) == before and (tmp_path / "file").read_text() == "mine"
     assert (tmp_path / "X.tmp" / "notes.txt").read_text() == "my notes"
 
@@ -184,15 +203,19 @@ def test_a_second_merge_into_the_same_folder_is_refused_naming_the_first(adapter
     assert (out / "model.safetensors").is_file()
 
 
-def test_eval_generate_and_report_refuse_an_existing_file_at_out(adapter, tmp_path):
+def test_eval_generate_and_report_refuse_an_existing_file_at_out(adapter, tmp_path, capsys):
     data = REPO / "recipes" / "tiny" / "data"
     held_out = next(p for p in sorted(data.glob("*.jsonl")) if "messages" in p.read_text().splitlines()[0])
     (tmp_path / "f").write_text("mine")
     before = snapshot(adapter)
-    refused(cli("eval", adapter, "--data", held_out, "--out", tmp_path / "f"), "is an existing file", "--out")
-    refused(cli("report", adapter, "--out", tmp_path / "f"), "is an existing file", "--out")
-    refused(cli("generate", adapter, "--prompts", held_out, "--out", held_out), "is the --prompts file")
-    refused(cli("generate", adapter, "--prompts", held_out, "--out", tmp_path), "is a folder")
+    refused_here(
+        capsys, "eval", adapter, "--data", held_out, "--out", tmp_path / "f", words=("is an existing file", "--out")
+    )
+    refused_here(capsys, "report", adapter, "--out", tmp_path / "f", words=("is an existing file", "--out"))
+    refused_here(
+        capsys, "generate", adapter, "--prompts", held_out, "--out", held_out, words=("is the --prompts file",)
+    )
+    refused_here(capsys, "generate", adapter, "--prompts", held_out, "--out", tmp_path, words=("is a folder",))
     assert (tmp_path / "f").read_text() == "mine" and snapshot(adapter) == before
 
 

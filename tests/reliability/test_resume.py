@@ -15,7 +15,7 @@ resume from and alignkit's resume must skip.
 from __future__ import annotations
 
 import pytest
-from conftest import log_history, run_recipe
+from conftest import SFT_3_STEPS, log_history, run_recipe
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -27,6 +27,8 @@ SCHEDULE = ["--test_size", "0", "--max_steps", str(STEPS), "--save_strategy", "s
             "--per_device_train_batch_size", "2", "--lr_scheduler_type", "linear", "--disable_tqdm", "true"]  # fmt: skip
 COMMON = [*SCHEDULE, "--max_length", "128"]
 SFT_LORA = ["--config", "recipes/tiny/sft.yaml", "--load_in_4bit", "false", *COMMON]
+# the same run as the session's sft_3_steps, the reference of the kill-during-a-save test
+assert dict(zip(SFT_LORA[::2], SFT_LORA[1::2])) == dict(zip(SFT_3_STEPS[::2], SFT_3_STEPS[1::2]))
 SFT_QLORA = ["--config", "recipes/tiny/sft.yaml", "--load_in_4bit", "true", *COMMON]
 DPO_LORA = [
     "--config",
@@ -141,9 +143,8 @@ def test_killed_after_a_checkpoint_resumes_exactly(stage, argv, callbacks, tmp_p
     assert_same_trajectory(out, reference)
 
 
-def test_kill_during_a_save_never_leaves_a_resumable_broken_checkpoint(callbacks, tmp_path):
-    reference, out = tmp_path / "uninterrupted", tmp_path / "run"
-    run_recipe("sft", [*SFT_LORA, "--output_dir", str(reference)])
+def test_kill_during_a_save_never_leaves_a_resumable_broken_checkpoint(callbacks, sft_3_steps, tmp_path):
+    reference, out = sft_3_steps, tmp_path / "run"  # the session's uninterrupted run of SFT_LORA (conftest)
 
     real_save_rng = Trainer._save_rng_state
 
