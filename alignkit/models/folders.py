@@ -151,6 +151,13 @@ def _check_present(folder: Path, fix: str) -> None:
             check_json(folder / name, fix)
 
 
+def _check_saved_checkpoint(folder: Path) -> None:
+    """A checkpoint-N loaded as a model or adapter: the files a load reads against the sizes and sha256 its manifest
+    recorded (optimizer, scheduler and RNG state are a resume's to check)."""
+    if (folder / CHECKPOINT_MANIFEST).is_file():
+        check_manifest(folder, "load another checkpoint of the run, or its output_dir", skip=TRAINING_STATE)
+
+
 def check_model_folder(folder: str | Path, fix: str | None = None) -> Path:
     """A transformers model folder (a merged model, a full fine-tune): its files present (ConfigError from
     :func:`alignkit.models.sources.check_model_folder`), then config.json and the other JSON files parseable and its
@@ -162,6 +169,7 @@ def check_model_folder(folder: str | Path, fix: str | None = None) -> Path:
     from alignkit.models.sources import check_model_folder as check_complete
 
     check_complete(folder, what="model", tokenizer=False)  # every file there (the one owner of that check)
+    _check_saved_checkpoint(folder)
     _check_present(folder, fix)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -180,6 +188,7 @@ def check_adapter_folder(folder: str | Path, fix: str | None = None) -> Path:
     and the run record and tokenizer files when present. Returns the folder."""
     folder = Path(folder)
     fix = fix or f"resume the run that wrote {folder} from its last checkpoint, or train it again"
+    _check_saved_checkpoint(folder)
     _check_present(folder, fix)
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
@@ -194,8 +203,6 @@ def check_trained_folder(path: str | Path) -> None:
     folder = Path(path)
     if not folder.is_dir():
         return
-    if (folder / CHECKPOINT_MANIFEST).is_file():  # a checkpoint-N: its files against the sizes and hashes it saved
-        check_manifest(folder, "load another checkpoint of the run, or its output_dir", skip=TRAINING_STATE)
     if (folder / "adapter_config.json").is_file():
         check_adapter_folder(folder)
     else:
