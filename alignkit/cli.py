@@ -301,6 +301,20 @@ def init(argv: list[str]) -> int:
     return 0
 
 
+def serve(argv: list[str]) -> int:
+    """Serve a run, a merged model or a GGUF over an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
+    from alignkit.export.serve import serve as run_server
+
+    p = argparse.ArgumentParser(prog="alignkit serve", description=serve.__doc__)
+    p.add_argument("model", help="An adapter run (merged first into <run>-merged), a merged model folder or a .gguf.")
+    p.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1: this machine only).")
+    p.add_argument("--port", type=int, default=8000, help="Port to listen on (default 8000).")
+    p.add_argument("--seed", type=int, help="Torch seed for sampled replies (transformers models).")
+    args = p.parse_args(argv)
+    run_server(args.model, args.host, args.port, args.seed)
+    return 0
+
+
 def _generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_new_tokens", type=int, default=256, help="Longest reply, in tokens.")
     p.add_argument("--do_sample", action="store_true", help="Sample instead of greedy decoding.")
@@ -317,7 +331,7 @@ def _generation_kwargs(args) -> dict:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "merge": merge, "push": push, "export": export, "chat": chat, "generate": generate, "eval": evaluate,
-    "data": data, "report": report, "fetch": fetch, "recipes": recipes, "init": init,
+    "data": data, "report": report, "fetch": fetch, "recipes": recipes, "init": init, "serve": serve,
 }  # fmt: skip
 
 

@@ -246,6 +246,30 @@ def gate_conversations(path: str | Path | None = None) -> list[list[dict]]:
     return read_prompts(path)[1]
 
 
+def merged_folder(run_or_merged: str | Path) -> Path:
+    """The model folder for a merged/full model folder (itself) or an adapter run (its merge ``<run>-merged``,
+    made now unless an earlier merge of this run is there). ConfigError for a folder without a model."""
+    from alignkit.runs import RunRecord
+
+    folder = Path(run_or_merged)
+    if folder.is_dir() and (folder / "adapter_config.json").is_file():
+        check_adapter_folder(folder)
+    if not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():
+        from alignkit.export.merge import merge_adapter
+
+        merged = folder.parent / f"{folder.name}-merged"
+        record = RunRecord.read(merged) if (merged / "config.json").is_file() else None
+        if record and record.merge and record.last and record.last.from_adapter == str(folder):
+            logger.warning("%s is an adapter run: using its merge, %s", folder, merged)
+        else:
+            logger.warning("%s is an adapter run: merging it first", folder)
+            merged = Path(merge_adapter(folder).output_dir)
+        folder = merged
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder}: not a model folder (no config.json). Fix: give a merged model or an adapter run.")
+    return folder
+
+
 def export_gguf(
     run_or_merged: str | Path, outtype: str = "f16", out: str | Path | None = None, gate: bool = True,
     gate_prompts: str | Path | None = None, max_new_tokens: int = 64,
@@ -269,22 +293,7 @@ def export_gguf(
         from alignkit.export.llamacpp import require
 
         require()  # a missing build: one line before any work
-    folder = Path(run_or_merged)
-    if folder.is_dir() and (folder / "adapter_config.json").is_file():
-        check_adapter_folder(folder)
-    if not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():
-        from alignkit.export.merge import merge_adapter
-
-        merged = folder.parent / f"{folder.name}-merged"
-        record = RunRecord.read(merged) if (merged / "config.json").is_file() else None
-        if record and record.merge and record.last and record.last.from_adapter == str(folder):
-            logger.warning("%s is an adapter run: exporting its merge, %s", folder, merged)
-        else:
-            logger.warning("%s is an adapter run: merging it first", folder)
-            merged = Path(merge_adapter(folder).output_dir)
-        folder = merged
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"{folder}: not a model folder (no config.json). Fix: give a merged model or an adapter run.")
+    folder = merged_folder(run_or_merged)
     from alignkit.models.sources import check_model_folder as check_complete
 
     check_complete(folder, what="export")  # every file there

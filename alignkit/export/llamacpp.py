@@ -62,7 +62,7 @@ def require():
 def build_and_install() -> Path:
     """``alignkit fetch llama-cpp``: build the pinned sdist into a wheel in ``$ALIGNKIT_CACHE/wheels`` (once; its
     sha256 checked first) and pip-install it (no other package changes). Returns the wheel."""
-    from alignkit.export.gguf import CONVERTER_REQUIREMENT, CONVERTER_SHA256, CONVERTER_SDIST
+    from alignkit.export.gguf import CONVERTER_REQUIREMENT, CONVERTER_SDIST, CONVERTER_SHA256
     from alignkit.models.packaged import cache_dir, exclusive, sha256
 
     version = CONVERTER_REQUIREMENT.split("==")[1]
