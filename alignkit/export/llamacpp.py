@@ -226,6 +226,28 @@ def _prefix_share(want: list[int], got: list[int]) -> float:
     return n / max(len(want), 1)
 
 
+_REFERENCE: dict = {}  # (model folder, its weights' mtime, prompt, limit) -> (prompt ids, reply ids), per process
+
+
+def _reference_reply(model_dir, merged, tokenizer, messages, stops, max_new_tokens) -> tuple[list[int], list[int]]:
+    """The merged model's greedy reply (transformers, float32), computed once per process for a folder and prompt
+    (several outtypes exported in one process share it)."""
+    import json
+
+    import torch
+
+    weights = max((p.stat().st_mtime_ns for p in Path(model_dir).glob("*.safetensors")), default=0)
+    key = (str(Path(model_dir).resolve()), weights, json.dumps(messages), max_new_tokens)
+    if key not in _REFERENCE:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = merged.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        _REFERENCE[key] = (ids[0].tolist(), out[0, ids.shape[1] :].tolist())
+    return _REFERENCE[key]
+
+
 def chat_gate(model_dir: Path, gguf: Path, outtype: str, conversations, texts, bounds: dict,
               max_new_tokens: int = 64) -> ChatGate:  # fmt: skip
     """Run :class:`ChatGate`'s comparison: ``conversations`` (message lists ending on a user turn), ``texts``
@@ -241,14 +263,9 @@ def chat_gate(model_dir: Path, gguf: Path, outtype: str, conversations, texts, b
     llm = load(gguf)
     agree, exact, stopped, merged_stopped, same = [], 0, 0, 0, 0
     for messages in conversations:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            out = merged.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-        want = out[0, ids.shape[1] :].tolist()
+        ids, want = _reference_reply(model_dir, merged, tokenizer, messages, stops, max_new_tokens)
         prompt, got = greedy_reply(llm, messages, max_new_tokens)
-        same += prompt == ids[0].tolist()
+        same += prompt == ids
         agree.append(_prefix_share(want, got))
         exact += want == got
         stopped += bool(got) and got[-1] in stops

@@ -49,13 +49,13 @@ def f16(adapter_run):
     """(path, parity) of the run's f16 export (merged first into <run>-merged). Read-only: copy it to change it."""
     from alignkit.export.gguf import export_gguf
 
-    return export_gguf(adapter_run, "f16")  # an adapter run: merged first into <run>-merged
+    return export_gguf(adapter_run, "f16", gate=False)  # an adapter run: merged first into <run>-merged
 
 
 def test_merge_export_f16_and_q8_0_pass_the_parity_gate(adapter_run, f16):
     from alignkit.export.gguf import BOUNDS, export_gguf
 
-    written = {"f16": f16, "q8_0": export_gguf(adapter_run, "q8_0")}
+    written = {"f16": f16, "q8_0": export_gguf(adapter_run, "q8_0", gate=False)}
     for outtype, (path, parity) in written.items():
         assert path.is_file() and path.parent.name == f"{adapter_run.name}-merged"
         assert parity.passed and parity.max_abs_diff <= BOUNDS[outtype][0]
@@ -158,3 +158,90 @@ def test_sigkill_during_export_keeps_the_old_gguf_and_the_models_own_files_are_n
     with OutputLock(path):  # what the next export of this output takes first: it clears the killed one's scratch
         pass
     assert not list(merged.glob(".*alignkit-*"))
+
+
+# --- issue 40: llama.cpp's quantizer, the gate run in llama.cpp, the Modelfile, what vLLM reads -------------------
+
+
+def test_k_quant_is_written_by_llama_cpp_and_the_gate_runs_it_in_llama_cpp(adapter_run, tmp_path):
+    """q4_k_m: llama.cpp's quantizer writes it (the file type says Q4_K_M), llama.cpp runs it (the gate's figures),
+    and the Modelfile beside it stops on the tokenizer's end-of-turn tokens, which the merge's generation_config
+    holds too."""
+    import re
+
+    from gguf import GGUFReader
+
+    from alignkit.export.gguf import GATE_TEXTS, export_gguf
+    from alignkit.export.llamacpp import chat_gate
+
+    path, parity = export_gguf(adapter_run, "q4_k_m", tmp_path / "m-q4_k_m.gguf", gate=False)
+    assert parity is None
+    reader = GGUFReader(path)
+    assert int(reader.fields["general.file_type"].parts[-1][0]) == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert {t.tensor_type.name for t in reader.tensors} & {"Q4_K", "Q6_K"}
+    merged = adapter_run.parent / f"{adapter_run.name}-merged"
+    f16 = merged / f"{merged.name}-f16.gguf"
+    if not f16.is_file():
+        export_gguf(adapter_run, "f16", gate=False)
+    prompts = [[{"role": "user", "content": q}] for q in ("What is 2 + 3?", "Name a colour.", "Say hello.")]
+    bounds = {"agreement": 0.0, "stop_drop": 1.0, "ppl_change": 1e9}
+    same = chat_gate(merged, f16, "f16", prompts, GATE_TEXTS, bounds, max_new_tokens=12)
+    quant = chat_gate(merged, path, "q4_k_m", prompts, GATE_TEXTS, bounds, max_new_tokens=12)
+    assert same.same_prompt_ids == 1.0 and quant.same_prompt_ids == 1.0  # embedded template + tokenizer = transformers'
+    assert abs(same.ppl_change) < 0.01 < abs(quant.ppl_change)  # f16 scores as the merged model; 4 bits move it
+    assert same.agreement >= quant.agreement
+    text = (tmp_path / "m-q4_k_m.gguf.Modelfile").read_text()
+    assert text.splitlines()[1] == "FROM ./m-q4_k_m.gguf"
+    stops = re.findall(r'^PARAMETER stop "(.*)"$', text, flags=re.M)
+    eos = json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    assert sorted(tokenizer.convert_tokens_to_ids(stops)) == sorted(eos if isinstance(eos, list) else [eos])
+
+
+def test_a_failed_gate_keeps_the_file_and_exits_1_with_the_figures(adapter_run, tmp_path, monkeypatch):
+    """The gate's verdict against bounds no file can meet (agreement above 100%): the file stays, the error names
+    the figures and what to try, and the CLI exits 1."""
+    from alignkit import cli
+    from alignkit.export import gguf
+
+    monkeypatch.setitem(gguf.GATE_BOUNDS, "q8_0", {"agreement": 1.01, "stop_drop": 0.0, "ppl_change": 1.0})
+    monkeypatch.setattr(gguf, "GATE_PROMPTS", ("Say hello.",))
+    out = tmp_path / "m-q8_0.gguf"
+    assert cli.main(["export", "gguf", str(adapter_run), "--outtype", "q8_0", "--out", str(out),
+                     "--max_new_tokens", "8"]) == 1  # fmt: skip
+    assert out.is_file() and (tmp_path / "m-q8_0.gguf.Modelfile").is_file()
+    with pytest.raises(gguf.GGUFGateError, match=r"kept, but outside the q8_0 gate: reply-token agreement .*< 101%.*"
+                       r"Try: --outtype f16.*--no-gate"):  # fmt: skip
+        gguf.export_gguf(adapter_run, "q8_0", out, max_new_tokens=8)
+
+
+def test_a_missing_llama_cpp_build_is_one_line_with_the_fix(monkeypatch):
+    import sys
+
+    from alignkit.errors import PreflightError
+    from alignkit.export.llamacpp import require
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as with no build installed
+    with pytest.raises(PreflightError, match=r"llama.cpp is not installed.*Fix: run `alignkit fetch llama-cpp`"):
+        require()
+
+
+def test_the_merged_folder_carries_what_vllm_reads(adapter_run):
+    """`vllm serve <merged>` reads config.json, safetensors weights, the tokenizer, the chat template and the
+    generation config, whose eos_token_id must hold the end-of-turn ids (vLLM stops on them)."""
+    from transformers import AutoTokenizer
+
+    from alignkit.data.templates import end_of_turn_ids
+    from alignkit.export.gguf import merged_folder
+
+    merged = merged_folder(adapter_run)
+    names = {p.name for p in merged.iterdir()}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= names
+    assert any(n.endswith(".safetensors") for n in names)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    assert tokenizer.chat_template and ("chat_template.jinja" in names or "chat_template" in json.loads(
+        (merged / "tokenizer_config.json").read_text()))  # fmt: skip
+    eos = json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
+    assert set(end_of_turn_ids(tokenizer)) <= set(eos if isinstance(eos, list) else [eos])
