@@ -189,7 +189,7 @@ def test_k_quant_is_written_by_llama_cpp_and_the_gate_runs_it_in_llama_cpp(adapt
     same = chat_gate(merged, f16, "f16", prompts, GATE_TEXTS, bounds, max_new_tokens=12)
     quant = chat_gate(merged, path, "q4_k_m", prompts, GATE_TEXTS, bounds, max_new_tokens=12)
     assert same.same_prompt_ids == 1.0 and quant.same_prompt_ids == 1.0  # embedded template + tokenizer = transformers'
-    assert abs(same.ppl_change) < 0.01 < abs(quant.ppl_change)  # f16 scores as the merged model; 4 bits move it
+    assert abs(same.ppl_change) < 1e-3 and abs(same.ppl_change) < abs(quant.ppl_change)  # f16 scores as merged
     assert same.agreement >= quant.agreement
     text = (tmp_path / "m-q4_k_m.gguf.Modelfile").read_text()
     assert text.splitlines()[1] == "FROM ./m-q4_k_m.gguf"
