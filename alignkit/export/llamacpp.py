@@ -105,10 +105,12 @@ def quantize(source: Path, out: Path, outtype: str) -> Path:
 
 
 def load(gguf: Path, n_ctx: int = 2048, logits_all: bool = False):
-    """A ``llama_cpp.Llama`` on the file (CPU, quiet)."""
+    """A ``llama_cpp.Llama`` on the file (CPU, one thread, quiet)."""
     llama_cpp = require()
+    # One thread: the gate's models are small, and ggml's thread barriers spin, which on a busy shared machine
+    # costs more than a second thread gains.
     return llama_cpp.Llama(
-        model_path=str(gguf), n_ctx=n_ctx, logits_all=logits_all, verbose=False, n_threads=os.cpu_count() or 1
+        model_path=str(gguf), n_ctx=n_ctx, logits_all=logits_all, verbose=False, n_threads=1, n_threads_batch=1
     )
 
 
