@@ -125,6 +125,8 @@ def export(argv: list[str]) -> int:
     p.add_argument("model", help="A merged model folder, or an adapter run (merged first into <run>-merged).")
     p.add_argument("--outtype", default="f16", choices=OUTTYPES, help="Weight type of the GGUF file (default f16).")
     p.add_argument("--out", help="The .gguf file to write (default: <model>/<model>-<outtype>.gguf).")
+    p.add_argument("--gate", dest="gate", action="store_true", default=None,
+                   help="Require the llama.cpp gate (default: run it when llama.cpp is built; K-quants always).")  # fmt: skip
     p.add_argument("--no-gate", dest="gate", action="store_false",
                    help="Accept the file without running it in llama.cpp against the merged model.")  # fmt: skip
     p.add_argument("--gate-prompts", help="JSONL of held-out prompts for the gate ('prompt' or 'messages' rows).")

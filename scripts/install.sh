@@ -15,8 +15,8 @@ $PIP install -q -e ".[dev]"
 # (~1 min) to a safetensors dir in $ALIGNKIT_CACHE (default ~/.cache/alignkit); tests never download it themselves.
 # llama.cpp's GGUF converter (alignkit export gguf), from the pinned llama-cpp-python sdist on PyPI: fetched once too.
 alignkit fetch smollm2:SmolLM2-135M-Instruct gguf-converter
-# llama.cpp itself (K-quant export, the export gate, serving a GGUF): the same pinned sdist built once into a wheel
-# in $ALIGNKIT_CACHE/wheels (36 min on the loaded 2-core dev machine; with the cache kept, seconds) and installed.
-alignkit fetch llama-cpp
+# llama.cpp itself (K-quant export, the llama.cpp export gate, serving a GGUF) is opt-in: `alignkit fetch llama-cpp`
+# builds the same pinned sdist once into a wheel in $ALIGNKIT_CACHE/wheels (a long compile on 2 cores) and installs it.
+# Its tests are marked llamacpp and deselected by default (run them with -m llamacpp after that fetch).
 # Gemma 3 270M (gemma3:gemma-3-270m, 238 MB of wheels, ~80 s of CPU to convert, 1.1 GB) is not fetched here: only the
 # tests marked gemma3 need it (not part of the default run); `alignkit fetch gemma3:gemma-3-270m` fetches it.

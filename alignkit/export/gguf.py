@@ -273,7 +273,7 @@ def merged_folder(run_or_merged: str | Path) -> Path:
 
 
 def export_gguf(
-    run_or_merged: str | Path, outtype: str = "f16", out: str | Path | None = None, gate: bool = True,
+    run_or_merged: str | Path, outtype: str = "f16", out: str | Path | None = None, gate: bool | None = None,
     gate_prompts: str | Path | None = None, max_new_tokens: int = 64,
 ) -> tuple[Path, GGUFParity | None]:  # fmt: skip
     """Export a merged model (or an adapter run, merged first into ``<run>-merged``) to GGUF, write an Ollama
@@ -283,13 +283,26 @@ def export_gguf(
     GGUFParityError, the file removed); then, unless ``gate=False``, the file run in llama.cpp against the merged
     model (:func:`alignkit.export.llamacpp.chat_gate`, bounds :data:`GATE_BOUNDS`): outside them GGUFGateError
     with the figures and what to try, the file kept. Returns the .gguf path and the logit parity (None for K-quant
-    types). The figures go into the merged folder's alignkit_run.json (``exports``) and its model card."""
+    types). The figures go into the merged folder's alignkit_run.json (``exports``) and its model card.
+
+    ``gate=None`` (the default) runs the llama.cpp gate when llama.cpp is built (``alignkit fetch llama-cpp``) and
+    otherwise says once that only the transformers read-back ran; K-quant types always need the build.
+    ``gate=True`` requires it (PreflightError with the fix)."""
     from alignkit.export.card import write_model_card
     from alignkit.export.modelfile import write_modelfile
     from alignkit.runs import RunRecord
 
     if outtype not in OUTTYPES:
         raise ConfigError(f"--outtype: '{outtype}' is not one of {list(OUTTYPES)}. Fix: use f16 or q8_0.")
+    if gate is None:
+        from alignkit.export.llamacpp import available
+
+        gate = available()
+        if not gate and outtype not in QUANT_OUTTYPES:
+            print(
+                "gguf: llama.cpp is not built, so the file is checked by transformers' read-back only (no llama.cpp "
+                "chat gate). For the gate: `alignkit fetch llama-cpp` once (a long compile), then export again."
+            )
     conversations = gate_conversations(gate_prompts) if gate else []
     if gate or outtype in QUANT_OUTTYPES:
         from alignkit.export.llamacpp import require

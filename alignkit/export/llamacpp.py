@@ -36,6 +36,15 @@ CMAKE_ARGS = (
 QUANT_FTYPES = {"q6_k": 18, "q5_k_m": 17, "q4_k_m": 15}
 
 
+def available() -> bool:
+    """True when the pinned llama.cpp build is importable (``alignkit fetch llama-cpp`` has run)."""
+    try:
+        require()
+    except PreflightError:
+        return False
+    return True
+
+
 def require():
     """The ``llama_cpp`` module, or PreflightError naming the fix (a missing llama.cpp build)."""
     try:
@@ -45,8 +54,8 @@ def require():
 
         raise PreflightError(
             f"llama.cpp is not installed ({CONVERTER_REQUIREMENT} with its compiled library: {exc}). Fix: run "
-            "`alignkit fetch llama-cpp` once (scripts/install.sh does: it builds the pinned sdist once, a long "
-            "compile on 2 cores, and caches the wheel), or pass --no-gate with an outtype the converter writes (f16, q8_0)."
+            "`alignkit fetch llama-cpp` once (it builds the pinned sdist once, a long compile "
+            "on 2 cores not done by scripts/install.sh, and caches the wheel), or pass --no-gate with an outtype the converter writes (f16, q8_0)."
         ) from None
     from alignkit.export.gguf import CONVERTER_REQUIREMENT
 

@@ -163,6 +163,7 @@ def test_sigkill_during_export_keeps_the_old_gguf_and_the_models_own_files_are_n
 # --- issue 40: llama.cpp's quantizer, the gate run in llama.cpp, the Modelfile, what vLLM reads -------------------
 
 
+@pytest.mark.llamacpp  # needs `alignkit fetch llama-cpp` (not in install.sh)
 def test_k_quant_is_written_by_llama_cpp_and_the_gate_runs_it_in_llama_cpp(adapter_run, tmp_path):
     """q4_k_m: llama.cpp's quantizer writes it (the file type says Q4_K_M), llama.cpp runs it (the gate's figures),
     and the Modelfile beside it stops on the tokenizer's end-of-turn tokens, which the merge's generation_config
@@ -201,6 +202,7 @@ def test_k_quant_is_written_by_llama_cpp_and_the_gate_runs_it_in_llama_cpp(adapt
     assert sorted(tokenizer.convert_tokens_to_ids(stops)) == sorted(eos if isinstance(eos, list) else [eos])
 
 
+@pytest.mark.llamacpp  # needs `alignkit fetch llama-cpp` (not in install.sh)
 def test_a_failed_gate_keeps_the_file_and_exits_1_with_the_figures(adapter_run, tmp_path, monkeypatch):
     """The gate's verdict against bounds no file can meet (agreement above 100%): the file stays, the error names
     the figures and what to try, and the CLI exits 1."""
