@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from alignkit import runtime
 from alignkit.config import DPOConfig, SFTConfig, parse_recipe
-from conftest import REPO
 
 FAST = {"n": 512, "float32_gflops": 380.0, "bfloat16_gflops": 2382.0, "speedup": 6.27}  # AMX, benchmarks/README.md
 SLOW = {"n": 256, "float32_gflops": 140.0, "bfloat16_gflops": 0.5, "speedup": 0.004}  # bf16 without units
