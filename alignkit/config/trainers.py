@@ -101,7 +101,9 @@ class _StageDefaults:
     output_dir: str = _default("output_dir")
     report_to: Any = _default("report_to")
     logging_steps: float = _default("logging_steps")
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: by device)."})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision (default: by device; CPUs: docs/cpu-mixed-precision.md)."}
+    )
 
     def __post_init__(self):
         _device_defaults(self)
