@@ -68,6 +68,9 @@ class LineageEntry:
     merge: MergeInfo | None = None  # only on a merge entry
     # the chat format trained: {family, source (stock | twin | installed ...)}; family None: a custom template
     chat_template: dict[str, Any] | None = None
+    # the precision the run trained in: {weights, mixed_precision (bf16 | fp16 | no), bnb_4bit_compute (4-bit only),
+    # why, cpu {model, bf16_units, isa, isa_env, threads}, probe {n, float32_gflops, bfloat16_gflops, speedup}}
+    precision: dict[str, Any] = field(default_factory=dict)
 
     def group(self, cls: type[G], **overrides) -> G:
         """The config group ``cls`` (e.g. ``QuantizationArguments``) as this stage resolved it; keys ``cls`` does

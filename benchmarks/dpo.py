@@ -6,7 +6,7 @@ with trl's best settings for the device, on the same model, preference pairs, ef
 
 Both start from the base model with a fresh LoRA adapter; the reference policy is the base (adapter disabled), as trl
 does for PEFT models. Throughput is preference pairs per second over steps 2..N. trl 1.16's DPO has no padding-free
-mode (it warns and pads), so "tuned" is fp32 and no activation recomputation on CPU.
+mode (it warns and pads), so "tuned" is bf16 autocast where it pays (GPUs, CPUs with bf16 units) and no activation recomputation on CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import harness
 
-VARIANTS = ["alignkit", "trl_defaults", "trl_tuned"]
+VARIANTS = ["alignkit", "alignkit_fp32", "trl_defaults", "trl_tuned"]  # alignkit_fp32: --dtype float32
 
 
 def trl_settings(variant: str) -> dict:
@@ -25,15 +25,16 @@ def trl_settings(variant: str) -> dict:
     on_gpu = torch.cuda.is_available()
     if variant == "trl_defaults":  # trl 1.16: bf16=True, gradient_checkpointing=True; a CPU also needs use_cpu
         return {} if on_gpu else {"use_cpu": True}
-    return {"bf16": on_gpu and torch.cuda.is_bf16_supported(), "gradient_checkpointing": on_gpu}
+    bf16 = harness.fast_bf16()  # bf16 autocast where it pays (GPUs; CPUs with bf16 units)
+    return {"bf16": bf16, **({"use_cpu": True} if bf16 and not on_gpu else {}), "gradient_checkpointing": on_gpu}
 
 
 def plain_trl(size: harness.Size, data: Path, out: Path, steps: int, overrides: dict) -> dict:
     return _describe(*harness.train_plain_trl("dpo", size, data, out, steps, size.dpo_batch, overrides))
 
 
-def alignkit_default(size: harness.Size, data: Path, out: Path, steps: int) -> dict:
-    return _describe(*harness.train_alignkit("dpo", size, data, out, steps, size.dpo_batch))
+def alignkit_default(size: harness.Size, data: Path, out: Path, steps: int, dtype: str = "auto") -> dict:
+    return _describe(*harness.train_alignkit("dpo", size, data, out, steps, size.dpo_batch, ["--dtype", dtype]))
 
 
 def _describe(trainer, result: dict) -> dict:
@@ -46,8 +47,8 @@ def _describe(trainer, result: dict) -> dict:
 
 
 def run_variant(variant: str, size: harness.Size, data: Path, work: Path, steps: int) -> dict:
-    if variant == "alignkit":
-        return alignkit_default(size, data, work / variant, steps)
+    if variant.startswith("alignkit"):
+        return alignkit_default(size, data, work / variant, steps, "float32" if variant == "alignkit_fp32" else "auto")
     return plain_trl(size, data, work / variant, steps, trl_settings(variant))
 
 

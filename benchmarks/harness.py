@@ -452,6 +452,18 @@ AVX2_CAPS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "A
 ISA_CAPS = tuple(AVX2_CAPS)
 
 
+def fast_bf16() -> bool:
+    """bf16 autocast pays here: a GPU with bf16, or a CPU where alignkit's 'auto' rule (bf16 units and a GEMM probe,
+    alignkit.runtime.cpu_mixed_precision) picks bf16 mixed precision. What "tuned" trl rows use."""
+    import torch
+
+    from alignkit import runtime
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return runtime.cpu_mixed_precision()["bf16"]
+
+
 def load_average() -> str:
     try:
         return "/".join(f"{x:.2f}" for x in os.getloadavg())

@@ -6,7 +6,7 @@ with trl's best settings for the device, on the same model, data, sequence lengt
 
 One process tree: each variant runs in its own child process, one after the other, after a GEMM probe. Throughput
 counts non-padding tokens over steps 2..N (step 1 is warm-up). MFU = model FLOPs / probe FLOP/s in the row's compute
-dtype, with model FLOPs per token = 6 x params for full training and, for LoRA, 4 x frozen + 6 x trainable matmul
+dtype and against the fastest dtype the probe measured (bf16 on AMX/AVX512-BF16 CPUs: the machine's real limit), with model FLOPs per token = 6 x params for full training and, for LoRA, 4 x frozen + 6 x trainable matmul
 params (frozen weights need no weight gradient: forward 2, input-gradient 2; attention score FLOPs are not counted;
 recomputation by gradient checkpointing is not model FLOPs).
 """
@@ -19,13 +19,15 @@ from pathlib import Path
 import harness
 
 # The plain trl script's settings per variant, on top of what every variant shares (see plain_trl).
-VARIANTS = ["alignkit", "trl_defaults", "trl_tuned"]
+# alignkit: its defaults ('auto' precision: bf16 mixed precision where the CPU has bf16 units, else fp32);
+# alignkit_fp32: the same with --dtype float32 (pinned fp32).
+VARIANTS = ["alignkit", "alignkit_fp32", "trl_defaults", "trl_tuned"]
 
 
 def trl_settings(variant: str) -> dict:
     """trl_defaults: trl 1.16's own (bf16=True, packing and padding_free off, gradient_checkpointing on), plus the one
     flag a CPU needs to start at all (transformers refuses bf16 on CPU without use_cpu=True). trl_tuned: trl's best for
-    the device: fp32 where bf16 autocast is slow (CPU), padding-free (rows concatenated; trl then needs max_length=None,
+    the device: bf16 autocast where it pays (GPUs; CPUs with bf16 units, harness.fast_bf16), else fp32, padding-free (rows concatenated; trl then needs max_length=None,
     and the rows are built to fit, so nothing would be truncated anyway), no activation recomputation where memory is
     plentiful (CPU RAM), liger-kernel on GPU when installed."""
     import torch
@@ -33,8 +35,10 @@ def trl_settings(variant: str) -> dict:
     on_gpu = torch.cuda.is_available()
     if variant == "trl_defaults":
         return {} if on_gpu else {"use_cpu": True}
+    bf16 = harness.fast_bf16()
     return {
-        "bf16": on_gpu and torch.cuda.is_bf16_supported(),
+        "bf16": bf16,
+        **({"use_cpu": True} if bf16 and not on_gpu else {}),
         "padding_free": True,
         "max_length": None,
         "gradient_checkpointing": on_gpu,
@@ -53,8 +57,8 @@ def plain_trl(size: harness.Size, data: Path, out: Path, steps: int, overrides: 
     return _describe(*harness.train_plain_trl("sft", size, data, out, steps, size.batch, settings))
 
 
-def alignkit_default(size: harness.Size, data: Path, out: Path, steps: int) -> dict:
-    argv = ["--max_length", str(size.max_length)]
+def alignkit_default(size: harness.Size, data: Path, out: Path, steps: int, dtype: str = "auto") -> dict:
+    argv = ["--max_length", str(size.max_length), "--dtype", dtype]
     return _describe(*harness.train_alignkit("sft", size, data, out, steps, size.batch, argv))
 
 
@@ -67,8 +71,8 @@ def _describe(trainer, result: dict) -> dict:
 
 def run_variant(variant: str, size: harness.Size, data: Path, work: Path, steps: int) -> dict:
     out = work / variant
-    if variant == "alignkit":
-        return alignkit_default(size, data, out, steps)
+    if variant.startswith("alignkit"):
+        return alignkit_default(size, data, out, steps, "float32" if variant == "alignkit_fp32" else "auto")
     return plain_trl(size, data, out, steps, trl_settings(variant))
 
 
@@ -102,8 +106,9 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
         if row.get("time_boxed"):
             continue
         flops_per_token = 4 * row["frozen_params"] + 6 * row["trainable_params"]
-        peak = peaks["bfloat16" if row["bf16"] else "float32"]
-        row.update(dtype="bf16" if row["bf16"] else "fp32", mfu=100 * flops_per_token * row["tokens_per_s"] / peak)
+        own, fastest = peaks["bfloat16" if row["bf16"] else "float32"], max(peaks.values())
+        rate = flops_per_token * row["tokens_per_s"]
+        row.update(dtype="bf16" if row["bf16"] else "fp32", mfu=100 * rate / fastest, mfu_own=100 * rate / own)
     harness.add_ratios(rows, "tokens_per_s")
     print(
         f"\nSFT, {size.name} ({size.alignkit_name}): max_length {size.max_length}, batch {size.batch}, {steps} steps (timed: 2..{steps}), best of {args.repeats} rounds, LoRA r16, "
@@ -116,7 +121,7 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
         ("variant", "variant", "s"), ("threads", "threads", "d"), ("dtype", "dtype", "s"), ("batching", "batching", "s"), ("grad ckpt", "grad_ckpt", "d"),
         ("tokens/s", "tokens_per_s", ".0f"), ("samples/s", "samples_per_s", ".2f"), ("samples/s per round", "rounds", "s"),
         ("tok/CPU-s", "tokens_per_cpu_s", ".0f"), ("peak MiB", "peak_mib", ".0f"),
-        ("final loss", "final_loss", ".4f"), ("MFU %", "mfu", ".1f"), ("alignkit/this tok/s", "speedup", ".2f"),
+        ("final loss", "final_loss", ".4f"), ("MFU % (fastest probe)", "mfu", ".1f"), ("MFU % (own dtype)", "mfu_own", ".1f"), ("alignkit/this tok/s", "speedup", ".2f"),
         ("alignkit/this tok/CPU-s", "cpu_speedup", ".2f"),
         ("mem", "memory_ratio", ".2f"), ("loss", "loss_ratio", ".3f"),
     ], steps)  # fmt: skip

@@ -86,7 +86,9 @@ def recipe_parser(
 
 def build_recipe(parser: RecipeParser, values: dict[str, Any], print_config: bool = False) -> Recipe:
     """A validated :class:`Recipe` from checked values (``RecipeParser.read``)."""
-    groups = parser.finish(values, print_config)
+    from alignkit.config.trainers import precision_defaults
+
+    groups = parser.finish({**values, **precision_defaults(values, parser.types)}, print_config)
     recipe = Recipe(*groups[:6], extra=tuple(groups[6:]), explicit=frozenset(values))
     validate(recipe)
     return recipe

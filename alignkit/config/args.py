@@ -39,7 +39,8 @@ class ModelArguments:
     dtype: str = field(
         default="auto",
         metadata={
-            "help": "Weights/compute dtype: auto (bf16 on GPUs that support it, else fp32), float32, bfloat16, float16."
+            "help": "Weights/compute dtype: auto (bf16 on GPUs that support it; on CPUs fp32 weights, with bf16 autocast where "
+            "the CPU has bf16 units: docs/cpu-mixed-precision.md), float32, bfloat16, float16."
         },
     )
     attn_implementation: str | None = field(
@@ -138,7 +139,10 @@ class QuantizationArguments:
     bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 | fp4."})
     bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "Quantize the quantization constants too."})
     bnb_4bit_compute_dtype: str = field(
-        default="auto", metadata={"help": "auto (bf16 on capable GPUs, fp32 on CPU) | float32 | bfloat16 | float16."}
+        default="auto",
+        metadata={
+            "help": "auto (bf16 on capable GPUs and on CPUs with bf16 units, else fp32) | float32 | bfloat16 | float16."
+        },
     )
     bnb_4bit_quant_storage: str | None = field(
         default=None,

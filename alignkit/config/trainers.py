@@ -54,6 +54,33 @@ def fit_backend_to_device(args) -> None:
         args.use_cpu = True
 
 
+def precision_defaults(values: dict[str, Any], fields) -> dict[str, Any]:
+    """bf16 mixed precision on a CPU with bf16 units, as trainer-config values to add to the recipe's ``values``
+    (before the groups are built, so ``--print_config`` and the saved config show it): ``{bf16: True, use_cpu: True}``
+    (transformers 5.23 accepts bf16 on a CPU only with ``use_cpu``; accelerate 1.15 then wraps the model's forward in
+    ``torch.autocast("cpu", torch.bfloat16)``: fp32 weights, optimizer state and adapters, bf16 matmuls) when the
+    recipe's dtype key (``bnb_4bit_compute_dtype`` for a 4-bit model, else ``dtype``) is 'auto', it sets none of
+    bf16/fp16/use_cpu, no GPU is present, no DeepSpeed/FSDP launch, and :func:`runtime.cpu_mixed_precision` chose bf16.
+    Else ``{}``. ``fields``: the names the recipe's groups know (a stage without a trainer config gets ``{}``)."""
+    if "bf16" not in fields or any(k in values for k in ("bf16", "fp16", "use_cpu")):
+        return {}
+    key = values.get("bnb_4bit_compute_dtype", "auto") if values.get("load_in_4bit") else values.get("dtype", "auto")
+    if values.get("deepspeed") or values.get("fsdp") or runtime.env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return {}
+    if runtime.env_flag("ACCELERATE_USE_FSDP") or not runtime.uses_cpu_amp(key):
+        return {}
+    return {"bf16": True, "use_cpu": True}
+
+
+def precision_record(recipe) -> dict[str, Any]:
+    """The precision ``recipe`` trains in (:func:`runtime.precision_summary`: weights, mixed precision, 4-bit compute,
+    and on a CPU the decision, CPU facts and probe figures)."""
+    t, q = recipe.train, recipe.quant
+    mixed = "bf16" if getattr(t, "bf16", False) else "fp16" if getattr(t, "fp16", False) else "no"
+    key = q.bnb_4bit_compute_dtype if q.load_in_4bit else recipe.model.dtype
+    return runtime.precision_summary(key, mixed, q.load_in_4bit)
+
+
 _ALIGNKIT_DEFAULTS = dict(
     output_dir="outputs/run", report_to="none", logging_steps=1, save_strategy="steps", save_steps=500
 )
@@ -74,7 +101,9 @@ class _StageDefaults:
     output_dir: str = _default("output_dir")
     report_to: Any = _default("report_to")
     logging_steps: float = _default("logging_steps")
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: by device)."})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision (default: by device; CPUs: docs/cpu-mixed-precision.md)."}
+    )
 
     def __post_init__(self):
         _device_defaults(self)

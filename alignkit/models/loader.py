@@ -38,7 +38,7 @@ def get_quantization_config(quant_args: QuantizationArguments, task: str = "caus
         return None
     from transformers import BitsAndBytesConfig
 
-    compute = runtime.auto_dtype_name(quant_args.bnb_4bit_compute_dtype)
+    compute = runtime.compute_dtype_name(quant_args.bnb_4bit_compute_dtype)  # bf16 on AMX/AVX512-BF16 CPUs too
     # ZeRO-3 / FSDP flatten and split all parameters together: packed 4-bit weights must share the others' dtype.
     storage = runtime.quant_storage_name(quant_args.bnb_4bit_quant_storage, compute)
     return BitsAndBytesConfig(

@@ -14,6 +14,7 @@ from typing import Any
 
 from alignkit import runtime, speedups
 from alignkit.config import Recipe
+from alignkit.config.trainers import precision_record
 from alignkit.errors import ConfigError, NonFiniteLossError, RewardFunctionError
 from alignkit.export.outputs import is_disk_full
 from alignkit.models.loader import load_model
@@ -83,6 +84,8 @@ class Run:
         transformers.set_seed(self.recipe.train.seed)
         self.speedups["process"] = speedups.apply("process", recipe=self.recipe, stage=self.stage)
         t = self.recipe.train
+        self.precision = precision_record(self.recipe)  # once per run: logged, and written to alignkit_run.json
+        logger.info("precision: %s", self.precision)
         if runtime.is_main_process():
             self.lock.acquire()  # before any check: a live run's folder is never judged, resumed or overwritten
         check_output_dir(self.output_dir, self.recipe.run, t.resume_from_checkpoint)
@@ -379,6 +382,7 @@ class Run:
             config=r.resolved(),
             chat_template=_chat_template_entry(self.tokenizer),
             speedups={phase: names for phase, names in self.speedups.items() if names},
+            precision=getattr(self, "precision", {}),
         )
         base = parent.base_model_args if parent and parent.base_model_args.model_name_or_path else None
         base = base or BaseModelRef(r.model.model_name_or_path, r.model.gguf_file)

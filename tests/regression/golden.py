@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# Goldens are fp32 on every CPU: 'auto' must not turn into bf16 mixed precision on a CPU with bf16 units (AMX,
+# AVX512-BF16), here and in the processes regenerate.py and spread.py start (they inherit the environment).
+os.environ["ALIGNKIT_CPU_AMP"] = "off"
 GOLDEN = Path(__file__).with_name("golden.json")
 SIGNIFICANT_DIGITS = 7
 # Per metric (rtol, atol), derived from `python -m tests.regression.spread`: the largest relative difference between
