@@ -150,8 +150,11 @@ CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
             "discopop",
             "sft",
             "sigmoid_norm",
-        )
+        ),
+        # trl 1.16 GRPOConfig.loss_type (GRPOTrainer._compute_loss raises on any other only at the first step)
+        "GRPOConfig": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
     },  # fmt: skip
+    "importance_sampling_level": {"GRPOConfig": ("token", "sequence")},
     "f_divergence_type": {"DPOConfig": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")},
     # transformers 5.23 integrations (INTEGRATION_TO_CALLBACK), plus its "all" and "none"
     "report_to": {
