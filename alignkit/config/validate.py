@@ -163,6 +163,13 @@ def check_grpo_variants(recipe) -> None:
                 f"{key}: {getattr(t, key)!r} with loss_type {loss}: the {loss} loss does not read {key}, so it would "
                 f"be ignored. Fix: remove {key}, or set loss_type to one that uses it ({', '.join(losses)})."
             )
+    cap = t.epsilon if t.epsilon_high is None else t.epsilon_high
+    if loss == "cispo" and cap < 1:
+        raise ConfigError(
+            f"loss_type cispo with epsilon_high {t.epsilon_high} (so its cap is {cap}): CISPO caps each token's "
+            "importance ratio at epsilon_high, and a cap below 1 scales down even the on-policy tokens (ratio 1). "
+            "Fix: set epsilon_high: 5.0 (the ScaleRL paper's value) or any value >= 1."
+        )
     if loss == "dr_grpo" and not t.max_completion_length:
         raise ConfigError(
             "loss_type dr_grpo with max_completion_length null: Dr. GRPO divides the summed token losses by "
