@@ -86,8 +86,8 @@ def check_distributed(recipe) -> None:
 
 
 def check_alignment_methods(recipe) -> None:
-    """What trl's KTO and GRPO trainers would refuse only once the model is loaded."""
-    from alignkit.config.trainers import GRPOConfig, KTOConfig, RewardFunctionArguments
+    """What trl's KTO, GRPO and RLOO trainers would refuse only once the model is loaded."""
+    from alignkit.config.trainers import GRPOConfig, KTOConfig, RewardFunctionArguments, RLOOConfig
 
     t = recipe.train
     if isinstance(t, KTOConfig) and t.loss_type == "kto" and t.per_device_train_batch_size < 2:
@@ -97,7 +97,7 @@ def check_alignment_methods(recipe) -> None:
             "more (or loss_type: apo_zero_unpaired, which has no KL term)."
         )
     rewards = next((g for g in recipe.extra if isinstance(g, RewardFunctionArguments)), None)
-    if isinstance(t, GRPOConfig) and rewards is not None and t.reward_weights is not None:
+    if isinstance(t, (GRPOConfig, RLOOConfig)) and rewards is not None and t.reward_weights is not None:
         if len(t.reward_weights) != len(rewards.reward_funcs):
             raise ConfigError(
                 f"reward_weights has {len(t.reward_weights)} weights for {len(rewards.reward_funcs)} reward_funcs "
