@@ -126,6 +126,13 @@ RUNS = (
         "--num_generations 4 --per_device_train_batch_size 8 --max_completion_length 16 --lora_modules_to_save [lm_head]",
         ("loss", "grad_norm", "learning_rate", "reward"),
     ),
+    GoldenRun(
+        "rloo",
+        "rloo",
+        f"--model_name_or_path tiny:llama --datasets [{_D}/grpo.jsonl] --reward_funcs alignkit.testing.rewards:plain_letters "
+        "--num_generations 4 --per_device_train_batch_size 8 --max_completion_length 16 --lora_modules_to_save [lm_head]",
+        ("loss", "grad_norm", "learning_rate", "reward"),
+    ),
     *(
         GoldenRun(
             f"grpo_{variant}",
