@@ -1,6 +1,6 @@
 """The stage registry: one row per training stage, naming its trainer config, its data schema and its trainer.
 
-A new trl-backed stage (KTO, ORPO, reward modeling, GRPO...) is a recipe file ``recipes/<name>.py`` (its ``main``), a
+A new trl-backed stage (KTO, ORPO, reward modeling, GRPO, RLOO...) is a recipe file ``recipes/<name>.py`` (its ``main``), a
 config class in alignkit.config, a schema in alignkit.data.schemas, and one row here; ``alignkit <name>`` and
 ``accelerate launch recipes/<name>.py`` then both run it. Rows name their classes as strings, resolved on use, so
 that listing the stages (``alignkit --help``) imports neither torch nor trl.
@@ -119,6 +119,14 @@ STAGES: dict[str, Stage] = {
             "GRPOConfig",
             "GRPO",
             "trl:GRPOTrainer",
+            extra=("RewardFunctionArguments",),
+        ),
+        Stage(
+            "rloo",
+            "RLOO: REINFORCE leave-one-out on sampled completions, verifiable or learned rewards",
+            "RLOOConfig",
+            "GRPO",
+            "trl:RLOOTrainer",
             extra=("RewardFunctionArguments",),
         ),
         Stage(

@@ -21,8 +21,8 @@ G = TypeVar("G")
 # alignkit.config.trainers subclasses trl's and transformers' configs (importing them takes seconds): loaded on first
 # use, so that the parser, the key reference and ``alignkit <stage> --help`` do without them.
 _TRAINERS = (
-    "CPTConfig", "DPOConfig", "GRPOConfig", "KTOConfig", "RewardConfig", "RewardFunctionArguments", "SFTConfig",
-    "TaskArguments", "TaskConfig",
+    "CPTConfig", "DPOConfig", "GRPOConfig", "KTOConfig", "RewardConfig", "RewardFunctionArguments", "RLOOConfig",
+    "SFTConfig", "TaskArguments", "TaskConfig",
 )  # fmt: skip
 _EXPERIMENTAL = ("ORPOConfig", "SimPOConfig")  # alignkit.config.experimental, imported on first use
 _EMBEDDING = ("EmbedConfig", "EmbeddingArguments")  # alignkit.config.embedding (sentence-transformers), likewise
@@ -117,6 +117,7 @@ __all__ = [
     "RecipeParser",
     "RewardConfig",
     "RewardFunctionArguments",
+    "RLOOConfig",
     "RunArguments",
     "SFTConfig",
     "SimPOConfig",

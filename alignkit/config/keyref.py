@@ -41,6 +41,7 @@ COMMON_UPSTREAM: dict[str, tuple[str, ...]] = {
     "simpo": ("simpo_gamma", "max_length"),
     "reward": ("max_length", "center_rewards_coefficient"),
     "grpo": ("num_generations", "max_completion_length", "temperature", "beta"),
+    "rloo": ("num_generations", "max_completion_length", "temperature", "beta"),
     "embed": (),
     "task": ("predict_with_generate",),
 }  # fmt: skip

@@ -106,13 +106,21 @@ RANGES: dict[str, Rule] = {
 # key -> {config class name -> rule}: where one stage's key means something else (GRPO's beta is a KL weight, 0 by
 # default in trl 1.16: no KL term; DPO/KTO/ORPO/SimPO's beta is a temperature and must be positive).
 CLASS_RANGES: dict[str, dict[str, Rule]] = {
-    "beta": {"GRPOConfig": Rule("a number >= 0 (0: no KL term)", NON_NEGATIVE.ok, "0.04")},
-    "num_generations": {"GRPOConfig": Rule("a whole number >= 2", lambda x: _int(x) and x >= 2, "4")},
+    "beta": {
+        "GRPOConfig": Rule("a number >= 0 (0: no KL term)", NON_NEGATIVE.ok, "0.04"),
+        "RLOOConfig": Rule("a number >= 0 (0: no KL term)", NON_NEGATIVE.ok, "0.05"),
+    },
+    "num_generations": {
+        "GRPOConfig": Rule("a whole number >= 2", lambda x: _int(x) and x >= 2, "4"),
+        "RLOOConfig": Rule(
+            "a whole number >= 2 (the leave-one-out baseline needs another)", lambda x: _int(x) and x >= 2, "4"
+        ),
+    },
     "desirable_weight": {"KTOConfig": POSITIVE},
     "undesirable_weight": {"KTOConfig": POSITIVE},
     "simpo_gamma": {"SimPOConfig": NON_NEGATIVE},
     "cpo_alpha": {"SimPOConfig": NON_NEGATIVE},
-    "temperature": {"GRPOConfig": POSITIVE},
+    "temperature": {"GRPOConfig": POSITIVE, "RLOOConfig": POSITIVE},
 }
 
 
@@ -150,8 +158,11 @@ CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
             "discopop",
             "sft",
             "sigmoid_norm",
-        )
+        ),
+        # trl 1.16 GRPOConfig.loss_type (GRPOTrainer._compute_loss raises on any other only at the first step)
+        "GRPOConfig": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
     },  # fmt: skip
+    "importance_sampling_level": {"GRPOConfig": ("token", "sequence")},
     "f_divergence_type": {"DPOConfig": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")},
     # transformers 5.23 integrations (INTEGRATION_TO_CALLBACK), plus its "all" and "none"
     "report_to": {

@@ -176,6 +176,16 @@ class GRPOConfig(_StageDefaults, _LanguageModelSpeed, trl.GRPOConfig):
 
 
 @dataclass
+class RLOOConfig(_StageDefaults, _LanguageModelSpeed, trl.RLOOConfig):
+    """trl's RLOOConfig: REINFORCE leave-one-out (Ahmadian et al. 2024, arXiv:2402.14740). Each of a prompt's
+    ``num_generations`` completions is scored and its advantage is its reward minus the mean of the others' (its
+    group's leave-one-out baseline); ``beta`` > 0 (trl's default 0.05) adds a KL term against the starting adapter
+    (the adapter-disabled model). The rewards are GRPO's (``reward_funcs``), checked on the first rows the same way."""
+
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (trl's RLOO default: 1e-6)."})
+
+
+@dataclass
 class TaskConfig(_StageDefaults, transformers.Seq2SeqTrainingArguments):
     """Classical task heads: transformers' Seq2SeqTrainingArguments (a superset of TrainingArguments)."""
 
@@ -195,7 +205,7 @@ class TaskArguments:
 
 @dataclass
 class RewardFunctionArguments:
-    """The GRPO recipe's rewards (alignkit.train.rewards): each entry of ``reward_funcs`` is a built-in verifiable
+    """The GRPO and RLOO recipes' rewards (alignkit.train.rewards): each entry of ``reward_funcs`` is a built-in verifiable
     reward, a trained reward model (an alignkit reward output folder), or a Python function by import path."""
 
     reward_funcs: list[str] = field(

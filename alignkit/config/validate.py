@@ -86,8 +86,8 @@ def check_distributed(recipe) -> None:
 
 
 def check_alignment_methods(recipe) -> None:
-    """What trl's KTO and GRPO trainers would refuse only once the model is loaded."""
-    from alignkit.config.trainers import GRPOConfig, KTOConfig, RewardFunctionArguments
+    """What trl's KTO, GRPO and RLOO trainers would refuse only once the model is loaded."""
+    from alignkit.config.trainers import GRPOConfig, KTOConfig, RewardFunctionArguments, RLOOConfig
 
     t = recipe.train
     if isinstance(t, KTOConfig) and t.loss_type == "kto" and t.per_device_train_batch_size < 2:
@@ -97,11 +97,91 @@ def check_alignment_methods(recipe) -> None:
             "more (or loss_type: apo_zero_unpaired, which has no KL term)."
         )
     rewards = next((g for g in recipe.extra if isinstance(g, RewardFunctionArguments)), None)
-    if isinstance(t, GRPOConfig) and rewards is not None and t.reward_weights is not None:
+    if isinstance(t, (GRPOConfig, RLOOConfig)) and rewards is not None and t.reward_weights is not None:
         if len(t.reward_weights) != len(rewards.reward_funcs):
             raise ConfigError(
                 f"reward_weights has {len(t.reward_weights)} weights for {len(rewards.reward_funcs)} reward_funcs "
                 f"{rewards.reward_funcs}. Fix: give one weight per reward, in the same order, or drop reward_weights."
+            )
+
+
+# trl 1.16 GRPOTrainer._compute_loss: which loss_type reads which key. The clipped-ratio family takes epsilon,
+# epsilon_high and delta; cispo clips the (detached) ratio at epsilon_high alone; sapo's soft gate reads its two
+# temperatures and vespo's Gamma weighting its four k/lambda keys; a key the chosen loss does not read is ignored
+# without a word, so setting it is refused here.
+GRPO_LOSS_KEYS: dict[str, tuple[str, ...]] = {
+    "epsilon": ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"),
+    "epsilon_high": ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo"),
+    "delta": ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"),
+    "sapo_temperature_pos": ("sapo",),
+    "sapo_temperature_neg": ("sapo",),
+    "vespo_k_pos": ("vespo",),
+    "vespo_lambda_pos": ("vespo",),
+    "vespo_k_neg": ("vespo",),
+    "vespo_lambda_neg": ("vespo",),
+}
+# importance_sampling_level: sequence (GSPO, arXiv:2507.18071) is a per-sequence objective only where the loss averages
+# per sequence (grpo, sapo) or is built on it (luspo); the token-summing losses would weight each sequence by its
+# length (trl only warns), and vespo computes its own sequence weights from token ratios (trl only warns).
+GSPO_LOSSES = ("grpo", "sapo", "luspo")
+
+
+def check_grpo_variants(recipe) -> None:
+    """GRPO's loss variants (trl's ``loss_type``, ``importance_sampling_level``): the combinations trl 1.16 ignores
+    silently, only warns about, or refuses once the model is loaded. Raises ConfigError naming the key and the fix."""
+    import dataclasses
+
+    import trl
+
+    from alignkit.config.trainers import GRPOConfig
+
+    t = recipe.train
+    if not isinstance(t, GRPOConfig):
+        return
+    loss, level = t.loss_type, t.importance_sampling_level
+    if loss == "luspo" and level != "sequence":
+        raise ConfigError(
+            "loss_type luspo with importance_sampling_level token: LUSPO is GSPO's sequence-level loss scaled by "
+            "length; with token-level ratios it is neither. Fix: set importance_sampling_level: sequence."
+        )
+    if level == "sequence" and loss not in GSPO_LOSSES:
+        raise ConfigError(
+            f"importance_sampling_level sequence (GSPO) with loss_type {loss}: "
+            + (
+                "vespo computes its own sequence-level weights from the token ratios. "
+                if loss == "vespo"
+                else f"{loss} sums per-token terms, so each sequence's ratio is weighted by its length instead of "
+                "optimising the per-sequence objective. "
+            )
+            + f"Fix: set loss_type: grpo (GSPO as in its paper), or one of {list(GSPO_LOSSES)}; or "
+            "importance_sampling_level: token."
+        )
+    defaults = {f.name: f.default for f in dataclasses.fields(trl.GRPOConfig)}
+    for key, losses in GRPO_LOSS_KEYS.items():
+        if loss not in losses and getattr(t, key) != defaults[key]:
+            raise ConfigError(
+                f"{key}: {getattr(t, key)!r} with loss_type {loss}: the {loss} loss does not read {key}, so it would "
+                f"be ignored. Fix: remove {key}, or set loss_type to one that uses it ({', '.join(losses)})."
+            )
+    cap = t.epsilon if t.epsilon_high is None else t.epsilon_high
+    if loss == "cispo" and cap < 1:
+        raise ConfigError(
+            f"loss_type cispo with epsilon_high {t.epsilon_high} (so its cap is {cap}): CISPO caps each token's "
+            "importance ratio at epsilon_high, and a cap below 1 scales down even the on-policy tokens (ratio 1). "
+            "Fix: set epsilon_high: 5.0 (the ScaleRL paper's value) or any value >= 1."
+        )
+    if loss == "dr_grpo" and not t.max_completion_length:
+        raise ConfigError(
+            "loss_type dr_grpo with max_completion_length null: Dr. GRPO divides the summed token losses by "
+            "batch size x max_completion_length. Fix: set max_completion_length (e.g. 256)."
+        )
+    modes = ("token_truncate", "token_mask")
+    if loss == "vespo" and t.use_vllm and t.vllm_importance_sampling_correction:
+        if t.vllm_importance_sampling_mode not in modes:
+            raise ConfigError(
+                f"loss_type vespo with vllm_importance_sampling_mode {t.vllm_importance_sampling_mode}: VESPO folds "
+                f"the vLLM correction into its token ratios. Fix: set vllm_importance_sampling_mode to one of "
+                f"{list(modes)}, or vllm_importance_sampling_correction: false."
             )
 
 
@@ -135,6 +215,7 @@ CHECKS = (
     check_distributed,
     check_streaming,
     check_alignment_methods,
+    check_grpo_variants,
 )
 
 

@@ -191,5 +191,5 @@ def check_trainer_assumptions(trainer, stage: str) -> None:
         check_one_stop(trainer, stage)
     if stage == "kto":
         check_kl_pairs(trainer)
-    if stage == "grpo":
+    if stage in ("grpo", "rloo"):
         trainer.callback_handler.callbacks.insert(0, StopShare(getattr(trainer.args, "max_completion_length", None)))

@@ -59,6 +59,19 @@ _D = "recipes/tiny/data"
 _DPO_METRICS = ("loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/margins")
 _SFT_METRICS = ("loss", "grad_norm", "learning_rate", "num_tokens")
 _TASK = "--per_device_train_batch_size 8 --model_name_or_path"
+# GRPO's loss variants (docs/methods.md): the grpo run's command with the variant's keys and num_iterations 2, so that
+# every second step is off-policy and the clipping, gates and sequence-level ratios act (on-policy the ratio is 1).
+_GRPO_VARIANTS = {
+    "dapo": "--loss_type dapo",
+    "grpo": "--loss_type grpo",
+    "dr_grpo": "--loss_type dr_grpo",
+    "bnpo": "--loss_type bnpo --gradient_accumulation_steps 2",  # one process: bnpo == dapo unless it accumulates
+    "cispo": "--loss_type cispo --epsilon_high 5.0",
+    "sapo": "--loss_type sapo",
+    "luspo": "--loss_type luspo --importance_sampling_level sequence",
+    "vespo": "--loss_type vespo",
+    "gspo": "--loss_type grpo --importance_sampling_level sequence",
+}
 
 RUNS = (
     GoldenRun(
@@ -115,6 +128,24 @@ RUNS = (
         f"--model_name_or_path tiny:llama --datasets [{_D}/grpo.jsonl] --reward_funcs alignkit.testing.rewards:plain_letters "
         "--num_generations 4 --per_device_train_batch_size 8 --max_completion_length 16 --lora_modules_to_save [lm_head]",
         ("loss", "grad_norm", "learning_rate", "reward"),
+    ),
+    GoldenRun(
+        "rloo",
+        "rloo",
+        f"--model_name_or_path tiny:llama --datasets [{_D}/grpo.jsonl] --reward_funcs alignkit.testing.rewards:plain_letters "
+        "--num_generations 4 --per_device_train_batch_size 8 --max_completion_length 16 --lora_modules_to_save [lm_head]",
+        ("loss", "grad_norm", "learning_rate", "reward"),
+    ),
+    *(
+        GoldenRun(
+            f"grpo_{variant}",
+            "grpo",
+            f"--model_name_or_path tiny:llama --datasets [{_D}/grpo.jsonl] --reward_funcs alignkit.testing.rewards:plain_letters "
+            f"--num_generations 4 --per_device_train_batch_size 8 --max_completion_length 16 --lora_modules_to_save [lm_head] "
+            f"--num_iterations 2 {keys}",
+            ("loss", "grad_norm", "learning_rate"),  # reward: logged only at the steps that sample
+        )
+        for variant, keys in _GRPO_VARIANTS.items()
     ),
     GoldenRun(
         "task_seq_cls",
@@ -232,8 +263,10 @@ def load_golden() -> dict:
     return json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {"runs": {}}
 
 
-def save_golden(runs: dict[str, dict]) -> None:
-    """One value per line and sorted keys, so that a regenerated file reads as a step-by-step diff."""
+def save_golden(runs: dict[str, dict], machine: dict | None = None) -> None:
+    """One value per line and sorted keys, so that a regenerated file reads as a step-by-step diff. ``machine``: the
+    facts of the machine most runs were recorded on (default: this one); a run recorded elsewhere carries its own
+    ``machine`` entry."""
     from importlib.metadata import version
 
     golden = {
@@ -243,7 +276,7 @@ def save_golden(runs: dict[str, dict]) -> None:
             p: version(p)
             for p in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "tokenizers", "datasets")
         },
-        "machine": machine_facts(),
+        "machine": machine or machine_facts(),
         "runs": runs,
     }
     GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")

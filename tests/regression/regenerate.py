@@ -15,7 +15,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-from tests.regression.golden import RUNS, RUNS_BY_NAME, load_golden, mismatches, save_golden, trajectory  # noqa: E402
+from tests.regression.golden import (  # noqa: E402
+    RUNS,
+    RUNS_BY_NAME,
+    load_golden,
+    machine_facts,
+    mismatches,
+    save_golden,
+    trajectory,
+)
 
 
 def main(names: list[str]) -> None:
@@ -25,7 +33,8 @@ def main(names: list[str]) -> None:
     import torch
 
     torch.set_num_threads(1)  # as the tests run (tests/regression/conftest.py); results do not depend on it
-    stored = load_golden()["runs"]
+    golden = load_golden()
+    stored, stored_machine, here = golden["runs"], golden.get("machine"), machine_facts()
     runs = {name: entry for name, entry in stored.items() if name in RUNS_BY_NAME}  # drop runs that no longer exist
     with tempfile.TemporaryDirectory(prefix="alignkit-golden-") as tmp:
         for run in RUNS:
@@ -36,7 +45,9 @@ def main(names: list[str]) -> None:
             changes = mismatches(run.name, stored.get(run.name, {}).get("metrics", {}), now)
             print(f"{run.name}: " + ("unchanged" if not changes else "\n  ".join(["changed", *changes])))
             runs[run.name] = {"command": run.command, "metrics": now}
-    save_golden(runs)
+            if names and stored_machine and stored_machine != here:  # a partial regeneration on another machine
+                runs[run.name]["machine"] = here
+    save_golden(runs, machine=stored_machine if names and stored_machine else None)
     print("wrote tests/regression/golden.json; review it with: git diff tests/regression/golden.json")
 
 

@@ -21,7 +21,7 @@ def test_trajectory_matches_golden(run, tmp_path):
     assert not problems, (
         "training no longer computes what it did (tolerances per metric: tests/regression/golden.py TOLERANCES):\n  "
         + "\n  ".join(problems)
-        + f"\ngolden recorded on: {describe_machine(stored.get('machine'))}"
+        + f"\ngolden recorded on: {describe_machine(golden.get('machine') or stored.get('machine'))}"
         + f"\nthis machine:       {describe_machine(machine_facts())}"
         + "\nIf the change is intended, run `python -m tests.regression.regenerate` and review the diff of golden.json."
     )

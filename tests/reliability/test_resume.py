@@ -2,7 +2,7 @@
 losses and learning rates as the same run uninterrupted (within 1e-5 on CPU). For that the checkpoint must restore
 the adapter weights, the optimizer moments, the scheduler (a linear decay: a fresh one would restart at the peak
 rate), the RNG (LoRA dropout) and the dataloader position (every kill here is mid-epoch). Checked for SFT (4-bit),
-DPO, KTO, GRPO (4-bit; sampled completions, so the RNG too), CPT (packed blocks) and a task head (NER, 4-bit): one
+DPO, KTO, GRPO and RLOO (4-bit; sampled completions, so the RNG too), CPT (packed blocks) and a task head (NER, 4-bit): one
 run loop serves them all.
 The first step after the resume checks weights, data position and RNG; the second also the optimizer and scheduler.
 
@@ -54,6 +54,7 @@ KTO_LORA = [
 GRPO_QLORA = ["--config", "recipes/tiny/grpo.yaml", "--model_name_or_path", "tiny:llama", "--lora_modules_to_save", "[lm_head]",
               "--reward_funcs", "alignkit.testing.rewards:plain_letters", "--num_generations", "2",
               "--max_completion_length", "8", *SCHEDULE]  # fmt: skip
+RLOO_QLORA = ["--config", "recipes/tiny/rloo.yaml", *GRPO_QLORA[2:]]  # GRPO's run, RLOO's leave-one-out advantages
 
 # The same run loop serves CPT (packed blocks) and the task heads: resume is checked there too, on full precision.
 CPT_LORA = ["--config", "recipes/tiny/cpt.yaml", "--load_in_4bit", "false", *SCHEDULE]
@@ -125,8 +126,9 @@ def assert_same_trajectory(resumed, reference) -> None:
         ("task", NER_QLORA),
         ("kto", KTO_LORA),
         ("grpo", GRPO_QLORA),
+        ("rloo", RLOO_QLORA),
     ],
-    ids=["sft-qlora-4bit", "dpo-lora", "cpt-lora", "ner-qlora-4bit", "kto-lora", "grpo-qlora-4bit"],
+    ids=["sft-qlora-4bit", "dpo-lora", "cpt-lora", "ner-qlora-4bit", "kto-lora", "grpo-qlora-4bit", "rloo-qlora-4bit"],
 )
 def test_killed_after_a_checkpoint_resumes_exactly(stage, argv, callbacks, tmp_path):
     reference, out = tmp_path / "uninterrupted", tmp_path / "run"

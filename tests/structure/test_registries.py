@@ -156,7 +156,7 @@ def test_choice_lists_are_upstream_s():
     import re
 
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-    from trl import DPOConfig
+    from trl import DPOConfig, GRPOConfig
 
     from alignkit.config.ranges import CHOICES
 
@@ -164,4 +164,10 @@ def test_choice_lists_are_upstream_s():
     assert set(CHOICES["loss_type"]["DPOConfig"]) == set(re.findall(r"`'(\w+)'`", help_text["loss_type"]))
     divergences = help_text["f_divergence_type"].split("Only")[0]
     assert set(CHOICES["f_divergence_type"]["DPOConfig"]) == set(re.findall(r"`(\w+)`", divergences))
+    grpo_help = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(GRPOConfig)}
+    supported = grpo_help["loss_type"].split("Supported values are")[1].split(". ")[0]
+    assert set(CHOICES["loss_type"]["GRPOConfig"]) == set(re.findall(r"'(\w+)'", supported))
+    assert set(CHOICES["importance_sampling_level"]["GRPOConfig"]) == set(
+        re.findall(r"`'(\w+)'`", grpo_help["importance_sampling_level"])
+    )
     assert set(CHOICES["report_to"]["*"]) == set(INTEGRATION_TO_CALLBACK) | {"none", "all"}

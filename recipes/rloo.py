@@ -1,0 +1,33 @@
+"""RLOO: REINFORCE leave-one-out (arXiv:2402.14740) with trl's RLOOTrainer, the adapter on the (4-bit) backbone,
+completions from ``model.generate``; each completion's advantage is its reward minus the mean of its group's others.
+
+    accelerate launch recipes/rloo.py --config recipes/tiny/rloo.yaml      [--key value ...]      (or: alignkit rloo ...)
+
+Data and rewards are GRPO's: a ``prompt`` (text, or chat messages ending on the user) and the columns the rewards
+read; ``reward_funcs`` names built-in verifiable rewards, a reward stage's output folder, or your
+``module:function``, each checked on the first rows before the model loads. ``beta`` > 0 (trl's default 0.05) adds a
+KL term against the starting adapter.
+"""
+
+from alignkit.config import RewardFunctionArguments
+from alignkit.errors import run_cli
+from alignkit.stages import STAGES
+from alignkit.train import Run
+from alignkit.train.rewards import build_reward_functions
+
+STAGE = STAGES["rloo"]
+
+
+def main(argv=None):
+    recipe = STAGE.parse(argv)
+    with Run(recipe, stage=STAGE.name) as run:
+        tokenizer = run.load_tokenizer(chat=True)
+        data = run.load_data(STAGE.data_schema)
+        # the rewards are checked on the first rows before the model loads
+        rewards = build_reward_functions(recipe.group(RewardFunctionArguments), data["train"], tokenizer)
+        run.load_model()
+        return run.train(run.build_trainer(STAGE.trainer_class, data, reward_funcs=rewards))
+
+
+if __name__ == "__main__":
+    run_cli(main)
