@@ -40,7 +40,7 @@ COMMON_UPSTREAM: dict[str, tuple[str, ...]] = {
     "orpo": ("beta", "max_length"),
     "simpo": ("simpo_gamma", "max_length"),
     "reward": ("max_length", "center_rewards_coefficient"),
-    "grpo": ("num_generations", "max_completion_length", "temperature", "beta"),
+    "grpo": ("num_generations", "max_completion_length", "temperature", "beta", "loss_type", "importance_sampling_level"),
     "rloo": ("num_generations", "max_completion_length", "temperature", "beta"),
     "embed": (),
     "task": ("predict_with_generate",),
@@ -56,7 +56,7 @@ HELP = {
 ADVANCED = (
     "gguf_file", "revision", "allow_pickle_weights", "from_scratch", "config_overrides", "streaming_shuffle_buffer",
     "streaming_check_rows", "min_free_disk_gb", "mixture_seed", "max_eval_samples", "use_liger_kernel",
-    "gradient_checkpointing", "max_bad_rows", "nonfinite_rewards",
+    "gradient_checkpointing", "max_bad_rows", "nonfinite_rewards", "bnb_4bit_quant_storage", "wandb_group",
 )  # fmt: skip
 
 # The parser's own flags (not keys of any group), shown first.
