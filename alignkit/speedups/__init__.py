@@ -130,6 +130,12 @@ def _cpu_lm_head(ctx: Context) -> bool:
     return use_cpu_lm_head()
 
 
+def _fused_cpt_loss(ctx: Context) -> bool:
+    from alignkit.speedups.lm_head import fuse_causal_lm_loss
+
+    return fuse_causal_lm_loss(ctx.target)
+
+
 def _restore_lm_head() -> None:
     from alignkit.speedups.lm_head import restore_trl_lm_head
 
@@ -206,6 +212,17 @@ SPEEDUPS: tuple[Speedup, ...] = (
             Upstream(f"{_TRL_UTILS}:maybe_gather_lm_head_ctx"),
         ),
         doc="trl's fused LM head in native kernels on CPU (lm_head.py; tests/speedups/test_cpu_lm_head.py)",
+    ),
+    Speedup(
+        "cpt_fused_lm_head", "trainer", lambda ctx: ctx.stage == "cpt", _fused_cpt_loss,
+        upstream=(
+            Upstream(f"{_TRL_UTILS}:add_fused_lm_head", ("model", "temperature", "cast_lm_head_to_fp32", "outputs"),
+                     mentions=("fused_lm_head", "num_items_in_batch")),
+            Upstream("transformers:Trainer.compute_loss", ("self", "model", "inputs", "return_outputs",
+                                                           "num_items_in_batch")),
+        ),  # fmt: skip
+        doc="CPT's loss without the full logits: trl's fused LM head in chunks (lm_head.py; "
+        "tests/speedups/test_cpu_lm_head.py, the same loss and gradients)",
     ),
 )
 # fmt: on

@@ -178,6 +178,38 @@ def use_cpu_lm_head() -> bool:
     return True
 
 
+def fuse_causal_lm_loss(trainer) -> bool:
+    """CPT's loss through trl's fused LM head: transformers' ``Trainer`` asks the causal LM for its full
+    ``(batch, seq_len, vocab)`` logits and their cross-entropy (Gemma 3's 262,144 tokens at 4 x 256: 1 GiB of fp32
+    logits, plus as much again for each of the softmax and its gradient); here ``trainer.compute_loss`` (Trainer's
+    own, unchanged: loss kwargs, token averaging across ranks) runs the model with ``fused_lm_head=True``
+    (``trl.trainer.utils.add_fused_lm_head`` on the base model, as trl's SFTTrainer does), which scores the labeled
+    positions in chunks (on CPU :class:`CpuLogProb`'s, with ``cpu_lm_head``). The same loss: minus the summed
+    log-probability of each next token over the labeled positions, divided by ``num_items_in_batch`` or their count.
+    Evaluation goes the same way (its "logits" are then the per-token log-probabilities). Returns False (nothing
+    changed) when the trainer smooths labels or has its own ``compute_loss_func`` (they need the logits) or the
+    model has no output embeddings."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = trainer.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(trainer.compute_loss, "alignkit_fused", False) or base.get_output_embeddings() is None:
+        return False
+    if trainer.label_smoother is not None or trainer.compute_loss_func is not None:
+        return False
+    add_fused_lm_head(base, outputs=("log_probs",))
+    compute_loss = trainer.compute_loss
+
+    def fused_compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+        if inputs.get("labels") is not None:
+            inputs = {**inputs, "fused_lm_head": True}
+        return compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    fused_compute_loss.alignkit_fused = True
+    trainer.compute_loss = fused_compute_loss
+    return True
+
+
 def restore_trl_lm_head() -> None:
     """Undo :func:`use_cpu_lm_head`: trl's own function and Triton rule again (``speedups`` without cpu_lm_head)."""
     try:

@@ -236,12 +236,14 @@ def tiny_tokenizer(kind: str):
 GEMMA3_WINDOW = 8  # tiny:gemma3's sliding window (google/gemma-3-270m: 512), in tokens
 
 
-def _gemma3_model():
+def gemma3_model(tok=None):
     """Gemma 3's layout in miniature: 3 layers, the first two sliding-window (8 tokens) and the last full attention
-    (the real 270M: 15 of 18 sliding, window 512), 1 KV head, head_dim 16, tied embeddings, query_pre_attn_scalar."""
+    (the real 270M: 15 of 18 sliding, window 512), 1 KV head, head_dim 16, tied embeddings, query_pre_attn_scalar.
+    ``tok``: the tokenizer whose vocabulary the embedding gets (default tiny:gemma3's; the GGUF export test gives a
+    released model's, which llama.cpp's converter recognises). Returns (model, tokenizer), random weights."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    tok = _gemma3_tokenizer()
+    tok = tok if tok is not None else _gemma3_tokenizer()
     config = Gemma3TextConfig(
         vocab_size=len(tok),
         hidden_size=64,
@@ -289,7 +291,7 @@ def build_tiny(kind: str, out_dir: str | Path) -> Path:
 
         model = LlamaForCausalLM(config)
     elif kind == "gemma3":
-        model, tok = _gemma3_model()
+        model, tok = gemma3_model()
     elif kind == "bert":
         tok = _bert_tokenizer()
         config = BertConfig(

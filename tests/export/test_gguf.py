@@ -248,3 +248,55 @@ def test_the_merged_folder_carries_what_vllm_reads(adapter_run):
         (merged / "tokenizer_config.json").read_text()))  # fmt: skip
     eos = json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
     assert set(end_of_turn_ids(tokenizer)) <= set(eos if isinstance(eos, list) else [eos])
+
+
+def test_gemma3_layout_exports_through_llama_cpps_gemma3_converter_and_passes_the_gate(tmp_path):
+    """Issue 38: tiny:gemma3's layout (sliding-window layers of 8 tokens, tied embeddings, Gemma's +1 RMSNorm, 1 KV
+    head, query_pre_attn_scalar; 6 layers of head_dim 256, what a GGUF can express, see below) with SmolLM2's tokenizer (llama.cpp's converter only knows released tokenizers),
+    SFT-trained in Gemma's chat format, whose <end_of_turn> is added with a trainable (tied) row,
+    merged and exported: the GGUF is llama.cpp's gemma3 architecture with the window and one tied token table, and
+    its logits read back equal the merged model's on prompts longer than the window. The real Gemma 3 270M: the
+    gemma3-marked test in tests/demo/test_gemma3_model.py."""
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from alignkit.export.gguf import BOUNDS, export_gguf
+    from alignkit.export.parity import PARITY_PROMPTS, parity_batch
+    from alignkit.models.packaged import cache_dir, packaged_path
+    from alignkit.testing.tiny import GEMMA3_WINDOW, gemma3_model
+
+    if not any((cache_dir() / "gguf").glob("SmolLM2-135M-Instruct*/tokenizer.json")):
+        pytest.fail("the embedded SmolLM2 is missing. Fix: run `alignkit fetch smollm2:SmolLM2-135M-Instruct`.")
+    tokenizer = AutoTokenizer.from_pretrained(packaged_path("smollm2:SmolLM2-135M-Instruct"))
+    config = gemma3_model(tokenizer)[0].config
+    # What a GGUF can say of Gemma 3: llama.cpp fixes the layer pattern (5 sliding-window layers, then 1 full) and the
+    # attention scale (1/sqrt(head_dim)); transformers reads a gemma3 GGUF back with query_pre_attn_scalar 256. The
+    # real 270M is all of these (18 layers, head_dim 256); tiny:gemma3's 3 layers and head_dim 16 are not, and fail
+    # the gate (max |logit diff| 0.70 at f32): so 6 layers of head_dim 256 here.
+    config.num_hidden_layers, config.layer_types = 6, ["sliding_attention"] * 5 + ["full_attention"]
+    config.head_dim = config.query_pre_attn_scalar = 256
+    torch.manual_seed(0)
+    model = type(gemma3_model(tokenizer)[0])(config)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    out = tmp_path / "sft"
+    argv = ["--config", "recipes/tiny/sft.yaml", "--model_name_or_path", str(tmp_path / "base"), "--chat_template",
+            "gemma3", "--load_in_4bit", "false", "--max_steps", "2", "--output_dir", str(out), "--disable_tqdm",
+            "true"]  # fmt: skip
+    run_recipe("sft", argv)
+    path, parity = export_gguf(out, "f16")
+    assert parity.passed and parity.max_abs_diff <= BOUNDS["f16"][0], parity
+    merged = path.parent
+    assert json.loads((merged / "config.json").read_text())["tie_word_embeddings"] is True
+    batch = parity_batch(AutoTokenizer.from_pretrained(merged), PARITY_PROMPTS)
+    assert batch["attention_mask"].sum(1).max() > 2 * GEMMA3_WINDOW  # the gate reads past the window
+    reader = GGUFReader(path)
+    field = reader.fields["general.architecture"]
+    assert bytes(field.parts[field.data[0]]).decode() == "gemma3"
+    field = reader.fields["gemma3.attention.sliding_window"]
+    assert int(field.parts[field.data[0]][0]) == GEMMA3_WINDOW
+    names = {t.name for t in reader.tensors}
+    assert "token_embd.weight" in names and "output.weight" not in names  # one tied table, as Gemma ships it
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert int(embd.shape[-1]) == len(tokenizer) + 1  # the added <end_of_turn> has its (trained) row

@@ -110,3 +110,32 @@ def test_large_vocabulary_is_scored_in_bounded_chunks(monkeypatch):
     assert max(shapes) == 5 and len(shapes) == 2 * 5  # forward and backward, 5 chunks each
     for a, b in zip(*results, strict=True):
         assert torch.allclose(b.double(), a.double(), atol=1e-5, rtol=1e-4)
+
+
+def test_cpt_trains_through_the_fused_head_with_the_same_loss(tmp_path, monkeypatch):
+    """CPT (transformers' Trainer) on tiny:gemma3, with the ``cpt_fused_lm_head`` row and without: the same training
+    and evaluation losses, and with it the full-vocabulary cross-entropy of the model's own loss never runs (the
+    logits are scored in chunks by the fused head instead)."""
+    from conftest import run_recipe, train_losses
+    from transformers.loss import loss_utils
+
+    from alignkit.runs import RunRecord
+
+    calls, real = [], loss_utils.nn.functional.cross_entropy
+    monkeypatch.setattr(loss_utils.nn.functional, "cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    argv = ["--config", "recipes/tiny/cpt.yaml", "--model_name_or_path", "tiny:gemma3", "--load_in_4bit", "false",
+            "--lora_dropout", "0", "--optim", "sgd", "--learning_rate", "0.5", "--max_steps", "3", "--test_size",
+            "0.25", "--eval_strategy", "steps", "--eval_steps", "3", "--save_strategy", "no", "--disable_tqdm", "true"]  # fmt: skip
+    runs, ce_calls = {}, {}
+    for choice in ("[cpt_fused_lm_head]", "none"):
+        calls.clear()
+        out = runs[choice] = tmp_path / choice.strip("[]")
+        run_recipe("cpt", [*argv, "--output_dir", str(out), "--speedups", choice])
+        ce_calls[choice] = len(calls)
+    assert RunRecord.read(runs["[cpt_fused_lm_head]"]).last.speedups == {"trainer": ["cpt_fused_lm_head"]}
+    assert ce_calls == {"[cpt_fused_lm_head]": 0, "none": ce_calls["none"]} and ce_calls["none"] >= 3, ce_calls
+    fused, full = (train_losses(runs[c]) for c in ("[cpt_fused_lm_head]", "none"))
+    assert len(fused) == 3 and fused == pytest.approx(full, rel=1e-5), (fused, full)
+    assert fused[-1] < fused[0], "the loss did not fall: the comparison would prove nothing"
+    evals = [RunRecord.read(runs[c]).metrics["eval_loss"] for c in ("[cpt_fused_lm_head]", "none")]
+    assert evals[0] == pytest.approx(evals[1], rel=1e-5), evals
