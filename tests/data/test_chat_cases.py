@@ -171,3 +171,32 @@ def test_case5_inline_think_is_masked_by_a_reasoning_template_or_refused(family,
     assert code == 0, err
     text, trained = _trained(out[out.index("label preview:") :])
     assert THOUGHT in text and THOUGHT not in trained and "It is 4.<|im_end|>" in trained
+
+
+def test_case4_a_template_that_renders_the_tools_but_drops_the_calls_is_refused():
+    """A template (hand-written here, in the shape of templates that list the tools in the system turn and render
+    tool results as user turns but print only an assistant's content) would train a tool row with its call dropped:
+    rendering finds the call missing, so the row is refused, naming the families that render calls."""
+    from datasets import Dataset
+
+    from alignkit.data.chat_rows import check_rows
+    from alignkit.data.schemas import SFT
+    from alignkit.errors import DataError
+    from alignkit.models import apply_contract
+    from alignkit.testing.families import family_tokenizer
+
+    tok = family_tokenizer("qwen2_5", with_template=False)
+    tok.chat_template = (
+        "{{- '<|im_start|>system\\n' }}{%- if tools %}{%- for t in tools %}{{- t | tojson }}{%- endfor %}{%- endif %}"
+        "{{- '<|im_end|>\\n' }}{%- for m in messages %}{%- if m.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+        "{% generation %}{{- (m.content or '') + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}{%- else %}"
+        "{{- '<|im_start|>' + ('user' if m.role == 'tool' else m.role) + '\\n' + m.content + '<|im_end|>\\n' }}"
+        "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+    apply_contract(tok, chat=True, assistant_only_loss=True)
+    assert not tok.alignkit_template.features.tools
+    data = SFT.check(Dataset.from_list([_tool_row(reasoning=False)]), "tools.jsonl")
+    with pytest.raises(
+        DataError, match=r"tools.jsonl, row 1: uses tools, which this chat template does not render.*qwen2_5"
+    ):
+        check_rows(tok, data, "tools.jsonl")
