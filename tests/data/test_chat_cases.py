@@ -146,9 +146,10 @@ def test_cases_3_4_5_fields_a_template_cannot_render_are_refused_with_row_and_fi
     """A field the run's template would drop, or a call to an undeclared tool: exit 2 before training, the file,
     the row and the fix on stderr, no traceback."""
     data = write_jsonl(tmp_path / "tools.jsonl", [row])
-    code, _, err = _preview(capsys, tmp_path, data, "--chat_template", family)
-    assert code == 2 and re.search(match, err.replace("\n", " ")), err
-    assert "Traceback" not in err
+    code, out, err = _preview(capsys, tmp_path, data, "--chat_template", family)
+    said = (out + err).replace("\n", " ")  # the data preview shows a refused source's row and the error
+    assert code == 2 and re.search(match, said), said
+    assert "Traceback" not in said
 
 
 @pytest.mark.parametrize("family", ["qwen3", "chatml"])
