@@ -70,9 +70,11 @@ def _row_text(tokenizer, row: dict) -> str:
     """The text a row trains on, rendered as the run renders it: a chat row through the template; prompt +
     completion (SFT) or prompt + the longer reply (DPO) as text or chat."""
 
+    from alignkit.data.tools import row_tools
+
     def render(part) -> str:
-        if isinstance(part, list):  # chat messages
-            return tokenizer.apply_chat_template(part, tokenize=False)
+        if isinstance(part, list):  # chat messages, with the row's tools as the run renders them
+            return tokenizer.apply_chat_template(part, tools=row_tools(row), tokenize=False)
         return part if isinstance(part, str) else ""
 
     if "messages" in row:
