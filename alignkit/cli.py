@@ -261,8 +261,21 @@ def data(argv: list[str]) -> int:
                 from alignkit.data.preview import long_rows, long_rows_line
                 from alignkit.models.tokenizer import load_tokenizer
 
-                tokenizer = tokenizer or load_tokenizer(recipe.model, chat=True)
+                tokenizer = tokenizer or load_tokenizer(
+                    recipe.model, chat=True, assistant_only_loss=getattr(recipe.train, "assistant_only_loss", False)
+                )  # as the run loads it (train_on_reasoning: false needs the assistant-only mask)
                 same = len(converted) == len(rows)  # else on_bad_rows skipped some: rows count in the converted split
+                from alignkit.data.chat_rows import check_rows
+
+                try:  # the chat rows against the run's template (tools, reasoning, its own refusals), as the run does
+                    check_rows(
+                        tokenizer, converted, label, train_on_reasoning=recipe.model.train_on_reasoning,
+                        places=places if same else None,
+                    )  # fmt: skip
+                except DataError as exc:
+                    print(f"== {label}: refused: {exc}")
+                    refused = True
+                    continue
                 found = long_rows(tokenizer, converted, places if same else None, source.path, max_length)
                 if line := long_rows_line(found, max_length):
                     print(line)

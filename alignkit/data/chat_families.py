@@ -200,6 +200,38 @@ def saved_template(tokenizer) -> str | None:
     return info.stock if info is not None and info.stock else tokenizer.chat_template
 
 
+_SENTENCE_ENDS = ("</s>", "<｜end▁of▁sentence｜>")  # end-of-turn tokens that are a family's plain eos, not a chat mark
+
+
+def families_in_vocabulary(tokenizer) -> list[str]:
+    """Families whose end-of-turn token is one token of ``tokenizer``'s vocabulary and not its plain eos (a base
+    Gemma's ``<end_of_turn>``: ``gemma``, ``gemma3``): the formats a base model of that family can train in without
+    new embedding rows (tokens this run added are not counted). Used to name the fix when a recipe's ChatML does not
+    fit (issue 36, case 1)."""
+    out, added = [], set(getattr(tokenizer, "alignkit_new_token_ids", None) or ())
+    for name, family in FAMILIES.items():
+        token = family.end_of_turn
+        if token == tokenizer.eos_token or token in _SENTENCE_ENDS:
+            continue
+        ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1 and ids[0] not in added and tokenizer.convert_ids_to_tokens(ids[0]) == token:
+            out.append(name)
+    return out
+
+
+def family_hint(tokenizer) -> str:
+    """'; this vocabulary has <end_of_turn>, the end-of-turn of chat_template: gemma, gemma3 (its family's own
+    format, no new tokens)' or '' (see :func:`families_in_vocabulary`)."""
+    names = families_in_vocabulary(tokenizer)
+    if not names:
+        return ""
+    tokens = sorted({FAMILIES[n].end_of_turn for n in names})
+    return (
+        f"; this vocabulary has {', '.join(tokens)}, the end-of-turn token of chat_template: {', '.join(names)} "
+        "(the family's own format, no new tokens)"
+    )
+
+
 def add_end_of_turn_token(tokenizer, name: str) -> list[str]:
     """Make family ``name``'s end-of-turn token one special token of the vocabulary, as trl's
     ``clone_chat_template`` adds the source's tokens: used as is where the vocabulary has it (a base Gemma's

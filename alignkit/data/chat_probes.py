@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from alignkit.errors import ConfigError
 
 TOOL_NAME, TOOL_ARG, TOOL_RESULT = "add_numbers", "probe_arg_7f3", "probe_result_51c"
+CALL_VALUE = "probe_value_4a1"  # the call's argument value: rendered only where the assistant's call is
 REASONING = "probe_reasoning_9d2"
 PROBE_TOOLS = [
     {
@@ -22,11 +23,11 @@ PROBE_TOOLS = [
         "function": {
             "name": TOOL_NAME,
             "description": "Add two numbers.",
-            "parameters": {"type": "object", "properties": {TOOL_ARG: {"type": "number"}}, "required": [TOOL_ARG]},
+            "parameters": {"type": "object", "properties": {TOOL_ARG: {"type": "string"}}, "required": [TOOL_ARG]},
         },
     }
 ]
-_CALL = {"type": "function", "id": "call00001", "function": {"name": TOOL_NAME, "arguments": {TOOL_ARG: 2}}}
+_CALL = {"type": "function", "id": "call00001", "function": {"name": TOOL_NAME, "arguments": {TOOL_ARG: CALL_VALUE}}}
 
 # name -> (messages, apply_chat_template keyword arguments)
 PROBES: dict[str, tuple[list[dict], dict]] = {
@@ -105,7 +106,9 @@ def template_features(tokenizer, template: str) -> Features:
             features.refusals[name] = template_error(exc) or f"{type(exc).__name__}: {exc}"
     text = features.accepted
     features.system = "Answer briefly." in text.get("system", "")
-    features.tools = all(s in text.get("tools", "") for s in (TOOL_NAME, TOOL_ARG, TOOL_RESULT))
+    # the schema, the call (its argument value: a template may render the tools but drop the assistant's calls) and
+    # the result must all survive rendering
+    features.tools = all(s in text.get("tools", "") for s in (TOOL_NAME, TOOL_ARG, CALL_VALUE, TOOL_RESULT))
     features.reasoning = REASONING in text.get("reasoning", "")
     if not text:
         quoted = "; ".join(f"{k}: {v}" for k, v in features.refusals.items())

@@ -41,15 +41,20 @@ def _conversation(row: dict) -> list[dict]:
     return messages
 
 
-def check_rows(tokenizer, dataset, source: str, *, train_on_reasoning: bool = True) -> None:
-    """Render every chat row of ``dataset`` with ``tokenizer``'s template; DataError (source, row number, fix) for
-    a row the template refuses, or for tools / reasoning the template cannot render."""
+def check_rows(tokenizer, dataset, source: str, *, train_on_reasoning: bool = True, places=None) -> None:
+    """Render every chat row of ``dataset`` with ``tokenizer``'s template; DataError (file, row, fix) for a row the
+    template refuses, or for tools / reasoning the template cannot render. ``places``: where each row is in
+    ``source`` (:func:`alignkit.data.places.place`; None: rows count from 1). A streamed split is not read here."""
     from alignkit.data.chat_probes import template_error
+    from alignkit.data.places import place
     from alignkit.data.tools import row_tools
+
+    if not hasattr(dataset, "__len__"):
+        return
 
     info = getattr(tokenizer, "alignkit_template", None)
     features = getattr(info, "features", None)
-    name = (info.family if info else None) or "this"
+    name = f"the {info.family}" if info and info.family else "this"
     if features is None or not any(c in dataset.column_names for c in _CHAT_COLUMNS):
         return
     dropped = 0
@@ -61,21 +66,21 @@ def check_rows(tokenizer, dataset, source: str, *, train_on_reasoning: bool = Tr
         has_tools = bool(tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
         if has_tools and not features.tools:
             raise DataError(
-                source, i + 1, f"uses tools, which the {name} chat template does not render",
+                *place(places, source, i), f"uses tools, which {name} chat template does not render",
                 f"use a model whose template renders tool calls (families: {', '.join(families_with('tools', tokenizer))}), "
                 "or drop the tool turns",
             )  # fmt: skip
         reasoning = [m.get("reasoning_content") for m in messages if m.get("reasoning_content")]
         if reasoning and not features.reasoning:
             raise DataError(
-                source, i + 1, f"has reasoning_content, which the {name} chat template does not render (it would be "
+                *place(places, source, i), f"has reasoning_content, which {name} chat template does not render (it would be "
                 "dropped)", f"use a reasoning family's template ({', '.join(families_with('reasoning', tokenizer))}), or move "
                 "the reasoning into content",
             )  # fmt: skip
         inline = any("<think>" in (m.get("content") or "") for m in messages if m.get("role") == "assistant")
         if inline and not train_on_reasoning and not features.reasoning:
             raise DataError(
-                source, i + 1, f"has an inline <think> block, which the {name} chat template renders as plain "
+                *place(places, source, i), f"has an inline <think> block, which {name} chat template renders as plain "
                 "reply text, so train_on_reasoning: false cannot mask it",
                 "use a reasoning family's template, or set train_on_reasoning: true",
             )  # fmt: skip
@@ -86,7 +91,7 @@ def check_rows(tokenizer, dataset, source: str, *, train_on_reasoning: bool = Tr
             if message is None:
                 raise
             raise DataError(
-                source, i + 1, f"the chat template refuses this conversation: {message!r}",
+                *place(places, source, i), f"the chat template refuses this conversation: {message!r}",
                 "drop or rewrite the row (e.g. fold a system message into the first user turn for a template "
                 "without system turns)",
             ) from None  # fmt: skip
@@ -95,5 +100,5 @@ def check_rows(tokenizer, dataset, source: str, *, train_on_reasoning: bool = Tr
         logger.warning(
             "%s: in %d rows the %s template leaves out the reasoning of earlier assistant turns (as at inference); "
             "only the reasoning it renders is trained",
-            source, dropped, name,
+            source, dropped, name.removeprefix("the "),
         )  # fmt: skip

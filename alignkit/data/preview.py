@@ -7,19 +7,47 @@ from __future__ import annotations
 
 from alignkit.data.places import place
 
+ELIDE_EDGE = 40  # an untrained stretch longer than 3x this shows its first and last ELIDE_EDGE tokens only
+
 
 def label_preview(trainer, index: int = 0, max_tokens: int = 400) -> str:
+    """One collated training example as text, each trained token (label != -100) shown ``[in brackets]``, headed by
+    the chat format line (family and template source). A long untrained stretch (a tools preamble, a tool's
+    result) is shortened to its two ends, so the trained calls, thinking and replies after it stay in view; at most
+    ``max_tokens`` tokens are shown."""
     tokenizer = trainer.processing_class
     batch = next(iter(trainer.get_train_dataloader()))
     ids = batch["input_ids"][index].tolist()
     labels = batch.get("labels", batch["input_ids"])[index].tolist()
     if "completion_mask" in batch and "labels" not in batch:
         labels = [t if m else -100 for t, m in zip(ids, batch["completion_mask"][index].tolist())]
-    trained = sum(label != -100 for label in labels)
-    shown_pairs = list(zip(ids, labels))[:max_tokens]
-    pieces = [f"[{tokenizer.decode([t])}]" if label != -100 else tokenizer.decode([t]) for t, label in shown_pairs]
-    shown = f" (the first {max_tokens} shown)" if len(ids) > max_tokens else ""
-    legend = f"label preview: {trained}/{len(ids)} tokens are trained{shown}; trained tokens are shown [in brackets]"
+    flags = [label != -100 for label in labels]
+    trained = sum(flags)
+    pieces, shown, elided, i = [], 0, 0, 0
+    while i < len(ids) and shown < max_tokens:
+        j = i
+        while j < len(ids) and flags[j] == flags[i]:
+            j += 1
+        run = list(range(i, j))
+        if not flags[i] and len(run) > 3 * ELIDE_EDGE:
+            cut = len(run) - 2 * ELIDE_EDGE
+            run = [*run[:ELIDE_EDGE], None, *run[-ELIDE_EDGE:]]
+            elided += cut
+        for k in run[: max_tokens - shown + (None in run)]:
+            if k is None:
+                pieces.append(f" ⟨…{cut} untrained tokens not shown…⟩ ")
+                continue
+            text = tokenizer.decode([ids[k]])
+            pieces.append(f"[{text}]" if flags[k] else text)
+            shown += 1
+        i = j
+    notes = []
+    if elided:
+        notes.append(f"{elided} untrained tokens elided")
+    if shown < len(ids) - elided:
+        notes.append(f"the first {shown} shown")
+    extra = f" ({'; '.join(notes)})" if notes else ""
+    legend = f"label preview: {trained}/{len(ids)} tokens are trained{extra}; trained tokens are shown [in brackets]"
     return chat_format_line(tokenizer) + legend + "\n" + "".join(pieces)
 
 
@@ -42,9 +70,11 @@ def _row_text(tokenizer, row: dict) -> str:
     """The text a row trains on, rendered as the run renders it: a chat row through the template; prompt +
     completion (SFT) or prompt + the longer reply (DPO) as text or chat."""
 
+    from alignkit.data.tools import row_tools
+
     def render(part) -> str:
-        if isinstance(part, list):  # chat messages
-            return tokenizer.apply_chat_template(part, tokenize=False)
+        if isinstance(part, list):  # chat messages, with the row's tools as the run renders them
+            return tokenizer.apply_chat_template(part, tools=row_tools(row), tokenize=False)
         return part if isinstance(part, str) else ""
 
     if "messages" in row:

@@ -276,10 +276,20 @@ def check_source(
     return (bad or BadRows()).check(run, dataset, label, lines)
 
 
-def load_datasets(data_args: DataArguments, schema=None):
+def _still_aligned(places, rows):
+    """``places`` if it still has one entry per row of ``rows`` (rows skipped by on_bad_rows, or KTO's unpaired
+    doubling, shift them: then None, rows count from 1)."""
+    count = places.rows if isinstance(places, RowPlaces) else len(places) if places else None
+    return places if count == len(rows) else None
+
+
+def load_datasets(data_args: DataArguments, schema=None, row_check=None):
     """Load, check, mix and split every source into ``DatasetDict({'train', ['test']})``.
 
     ``schema`` (from :mod:`alignkit.data.schemas`) checks each source and selects the stage's columns.
+    ``row_check(dataset, label, places)``: a further check of each source's loaded split before mixing (the chat
+    rows against the run's template, :func:`alignkit.data.chat_rows.check_rows`), so its errors name the file and
+    line (``places``: :func:`alignkit.data.places.place`).
     """
     import datasets
 
@@ -326,6 +336,8 @@ def load_datasets(data_args: DataArguments, schema=None):
             if isinstance(places, RowPlaces) and places.rows != len(rows):
                 places = None  # not the rows datasets read: count them across the shards instead
             rows = check_source(rows, source, label, schema, places, num_proc=num_proc, bad=bad)
+        if row_check is not None:
+            row_check(rows, label, _still_aligned(places if schema is not None else None, rows))
         if source.role == "eval":  # a held-out file: the eval split, never trained
             tests.append(rows)
             held.append(label)
@@ -335,9 +347,10 @@ def load_datasets(data_args: DataArguments, schema=None):
         if test is not None:
             test_label = _label(source, source.test_split)
             if schema is not None:
-                test = check_source(
-                    test, source, test_label, schema, row_places(source, source.test_split), num_proc=num_proc, bad=bad
-                )
+                test_places = row_places(source, source.test_split)
+                test = check_source(test, source, test_label, schema, test_places, num_proc=num_proc, bad=bad)
+            if row_check is not None:
+                row_check(test, test_label, _still_aligned(test_places if schema is not None else None, test))
             tests.append(test)
             held.append(test_label)
     if tests and data_args.test_size:

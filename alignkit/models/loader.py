@@ -381,11 +381,13 @@ def fit_embeddings(model, tokenizer) -> None:
     # ds_shape: under ZeRO-3 the weight is a partition placeholder of shape [0]; its real size is kept there.
     if emb is not None and len(tokenizer) > getattr(emb.weight, "ds_shape", emb.weight.shape)[0]:
         if getattr(model, "is_loaded_in_4bit", False):
+            from alignkit.data.chat_families import family_hint
+
             raise PreflightError(
                 "the tokenizer needs more tokens than the 4-bit model's embeddings hold (the tokenizer contract "
                 "added a pad or a chat family's end-of-turn token). Fix: train without load_in_4bit, or use tokens "
                 "the vocabulary has (an existing pad_token; chat_template: chatml_eos for a vocabulary without "
-                "<|im_end|>)."
+                f"<|im_end|>{family_hint(tokenizer)})."
             )
         model.resize_token_embeddings(len(tokenizer))
 

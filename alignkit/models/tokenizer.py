@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from alignkit.config.args import ModelArguments
-from alignkit.data.chat_families import add_end_of_turn_token, family_names, prepare_chat_template
+from alignkit.data.chat_families import add_end_of_turn_token, family_hint, family_names, prepare_chat_template
 from alignkit.data.templates import (
     check_turn_ends,
     default_system_prompt,
@@ -113,7 +113,7 @@ def apply_contract(
             if name == "chatml"
             else f" (<|im_end|> is not a token of this vocabulary: turns end with eos {tokenizer.eos_token!r})"
         )
-        changes.append(f"tokenizer had no chat template; set alignkit's '{name}' template{why}")
+        changes.append(f"tokenizer had no chat template; set alignkit's '{name}' template{why}{family_hint(tokenizer)}")
     if chat:
         # Never replaced by another family's format: a family's stock template trains with its proven twin; any
         # template is checked by rendering, and refused with the fix if its assistant turns do not end on a stop

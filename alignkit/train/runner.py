@@ -137,21 +137,22 @@ class Run:
     def load_data(self, schema):
         from alignkit.data.sources import load_datasets
 
-        self.datasets = load_datasets(self.recipe.data, schema)
+        row_check = None
+        if self.tokenizer is not None:  # every chat row renders with the run's template, tools and reasoning kept
+            from alignkit.data.chat_rows import check_rows
+
+            def row_check(data, label, places):
+                check_rows(
+                    self.tokenizer, data, label, train_on_reasoning=self.recipe.model.train_on_reasoning, places=places
+                )
+
+        self.datasets = load_datasets(self.recipe.data, schema, row_check=row_check)
         train = self.datasets.get("train")
         if getattr(schema, "check_split", None) and hasattr(train, "__len__"):  # data that cannot teach: refused here
             schema.check_split(train, "train split")
         logger.info("data: %s", {k: len(v) if hasattr(v, "__len__") else "streamed" for k, v in self.datasets.items()})
         if getattr(self.recipe.train, "assistant_only_loss", False):
             checks.check_assistant_only_loss(self.datasets)
-        if self.tokenizer is not None:  # every chat row renders with the run's template, tools and reasoning kept
-            from alignkit.data.chat_rows import check_rows
-
-            for split, data in self.datasets.items():
-                if hasattr(data, "__len__"):
-                    check_rows(
-                        self.tokenizer, data, f"{split} split", train_on_reasoning=self.recipe.model.train_on_reasoning
-                    )
         return self.datasets
 
     def load_model(self, head: str | None = None, **head_kwargs):

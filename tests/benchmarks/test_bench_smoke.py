@@ -156,3 +156,12 @@ def test_allocator_variants_isolate_the_mallopt_setting(variant, runs, alignkit_
     parser = _load("sft").harness.variant_parser("x", ["alignkit", "trl_defaults", "trl_tuned"])
     assert parser.parse_args(["--variants", "alignkit", variant]).variants == ["alignkit", variant]
     assert parser.parse_args([]).variants == ["alignkit", "trl_defaults", "trl_tuned"]  # opt-in only
+
+
+def test_tool_sft_benchmark_prints_its_table(capsys):
+    """Wiring only (tiny:llama, random weights): the generated tool rows validate and train through the SFT recipe
+    in Qwen2.5's format, both models are asked with the tools and parsed by trl's parse_response."""
+    rows = _load("tool_sft").main(["--size", "tiny", "--steps", "1", "--train_rows", "4", "--eval_rows", "2", "--max_new_tokens", "4"])  # fmt: skip
+    assert len(rows) == 2 and all(0 <= r["well_formed"] <= 1 and r["right_call"] <= r["well_formed"] for r in rows)
+    out = capsys.readouterr().out
+    assert "well-formed call" in out and "chat format: qwen2_5" in out
