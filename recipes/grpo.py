@@ -9,24 +9,15 @@ verifiable ones, a reward stage's output folder, or your ``module:function``; ea
 before training. ``num_generations`` completions per prompt are scored against each other.
 """
 
-from alignkit.config import RewardFunctionArguments
 from alignkit.errors import run_cli
 from alignkit.stages import STAGES
-from alignkit.train import Run
-from alignkit.train.rewards import build_reward_functions
+from alignkit.train.online import reward_main
 
 STAGE = STAGES["grpo"]
 
 
 def main(argv=None):
-    recipe = STAGE.parse(argv)
-    with Run(recipe, stage=STAGE.name) as run:
-        tokenizer = run.load_tokenizer(chat=True)
-        data = run.load_data(STAGE.data_schema)
-        # the rewards are checked on the first rows before the model loads
-        rewards = build_reward_functions(recipe.group(RewardFunctionArguments), data["train"], tokenizer)
-        run.load_model()
-        return run.train(run.build_trainer(STAGE.trainer_class, data, reward_funcs=rewards))
+    return reward_main(STAGE, argv)
 
 
 if __name__ == "__main__":

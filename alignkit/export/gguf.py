@@ -267,6 +267,10 @@ def merged_folder(run_or_merged: str | Path) -> Path:
             logger.warning("%s is an adapter run: merging it first", folder)
             merged = Path(merge_adapter(folder).output_dir)
         folder = merged
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        from alignkit.models.sources import check_model_folder as check_complete
+
+        check_complete(folder, what="export")  # names what the folder lacks ('is empty', config.json, ...)
     if not (folder / "config.json").is_file():
         raise ConfigError(f"{folder}: not a model folder (no config.json). Fix: give a merged model or an adapter run.")
     return folder
