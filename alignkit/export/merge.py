@@ -13,6 +13,8 @@ adapter's small updates; neither method does that.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import torch
@@ -86,6 +88,9 @@ def merge_adapter(
             "(alignkit.models.load_model(..., task, num_labels=...))."
         )
     model_args, quant_args = trained_args(adapter_dir, last)
+    # Parity compares two fp32 computations: a 4-bit reference computing in bf16 (the 'auto' rule on a CPU or GPU
+    # with bf16 units) would differ from the fp32 merge by bf16 rounding, not by anything the merge did.
+    quant_args = dataclasses.replace(quant_args, bnb_4bit_compute_dtype="float32")
     method, output_dir = check_merge_request(adapter_dir, output_dir, method, quant_args.load_in_4bit)
     with staged_output(output_dir) as tmp:  # locked; built beside it, swapped in whole
         source = trained_base(model_args)
