@@ -14,7 +14,6 @@ adapter's small updates; neither method does that.
 from __future__ import annotations
 
 import dataclasses
-
 from pathlib import Path
 
 import torch
