@@ -35,6 +35,7 @@ class SignalStop(TrainerCallback):
 
     def __init__(self):
         self.signum: int | None = None
+        self.since = 0.0  # when the signal came (or another rank's was agreed on)
         self.previous: dict[int, object] = {}
 
     def __enter__(self) -> SignalStop:
@@ -70,10 +71,29 @@ class SignalStop(TrainerCallback):
         )
 
     def on_step_end(self, args, state, control, **kwargs):
+        agreed = _agreed_signal(self.signum, args)
+        if agreed is not None and self.signum is None:  # another rank's signal: this rank's own is on its way
+            import time
+
+            self.signum, self.since = agreed, time.monotonic()
         if self.signum is not None:
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def _agreed_signal(signum: int | None, args) -> int | None:
+    """The signal any rank got, the same on every rank (one tiny all-reduce per step under several processes): the
+    launcher forwards SIGTERM to each rank at a slightly different moment, and a rank that stopped a step before the
+    others would leave them waiting in a collective ("Connection closed by peer")."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return signum
+    flag = torch.tensor([signum or 0], dtype=torch.int64, device=args.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
 
 
 def reward_stopped(trainer, exc: RewardFunctionError) -> RewardFunctionError:

@@ -35,15 +35,7 @@ def test_sigterm_to_accelerate_launch_checkpoints_marks_interrupted_and_resumes_
            "--mixed_precision", "no", "--dynamo_backend", "no", "recipes/sft.py", *TRAIN, "--output_dir", str(out)]  # fmt: skip
     with open(log, "w") as sink:
         launcher = subprocess.Popen(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while "'loss'" not in log.read_text():  # training steps are under way
-            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
-        launcher.send_signal(signal.SIGTERM)
-        code = launcher.wait(timeout=300)
-    text = log.read_text()
-    assert code == 128 + signal.SIGTERM, text[-3000:]
-    lines = [line for line in text.splitlines() if line.startswith("alignkit:")]
+        text, lines = _sigterm_once_training(launcher, log)
     assert len(lines) == 1 and "SIGTERM" in lines[0] and "resume_from_checkpoint: true" in lines[0], text[-3000:]
     assert "Traceback" not in text
     assert json.loads((out / "alignkit_run.json").read_text())["status"] == "interrupted"
@@ -58,6 +50,20 @@ def test_sigterm_to_accelerate_launch_checkpoints_marks_interrupted_and_resumes_
     want, got = load_file(reference / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert max((want[k] - got[k]).abs().max().item() for k in want) == 0.0
     assert json.loads((out / "alignkit_run.json").read_text())["status"] == "finished"
+
+
+def _sigterm_once_training(launcher: subprocess.Popen, log: Path) -> tuple[str, list[str]]:
+    """SIGTERM the launcher once training steps are under way; assert it exits 128 + SIGTERM. Returns the log
+    and its ``alignkit:`` lines."""
+    deadline = time.monotonic() + 600
+    while "'loss'" not in log.read_text():  # training steps are under way
+        assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    code = launcher.wait(timeout=300)
+    text = log.read_text()
+    assert code == 128 + signal.SIGTERM, text[-3000:]
+    return text, [line for line in text.splitlines() if line.startswith("alignkit:")]
 
 
 def _runs(pid: str, out: Path) -> bool:
@@ -83,15 +89,7 @@ def _launch_two_ranks(out: Path, log: Path, *extra: str) -> subprocess.Popen:
 def test_sigterm_to_a_two_rank_launch_stops_both_ranks_and_resumes_exactly(tmp_path):
     out, reference, log = tmp_path / "run", tmp_path / "uninterrupted", tmp_path / "log.txt"
     launcher = _launch_two_ranks(out, log)
-    deadline = time.monotonic() + 600
-    while "'loss'" not in log.read_text():
-        assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.05)
-    launcher.send_signal(signal.SIGTERM)
-    code = launcher.wait(timeout=300)
-    text = log.read_text()
-    assert code == 128 + signal.SIGTERM, text[-3000:]
-    lines = [line for line in text.splitlines() if line.startswith("alignkit:")]
+    text, lines = _sigterm_once_training(launcher, log)
     assert len(lines) == 1 and "SIGTERM" in lines[0] and "Traceback" not in text, text[-3000:]  # said once, by rank 0
     assert json.loads((out / "alignkit_run.json").read_text())["status"] == "interrupted"
     saved = last_complete_checkpoint(out)
