@@ -1,6 +1,6 @@
 """The stage registry: one row per training stage, naming its trainer config, its data schema and its trainer.
 
-A new trl-backed stage (KTO, ORPO, reward modeling, GRPO, RLOO...) is a recipe file ``recipes/<name>.py`` (its ``main``), a
+A new trl-backed stage (KTO, ORPO, reward modeling, GRPO, RLOO, distillation...) is a recipe file ``recipes/<name>.py`` (its ``main``), a
 config class in alignkit.config, a schema in alignkit.data.schemas, and one row here; ``alignkit <name>`` and
 ``accelerate launch recipes/<name>.py`` then both run it. Rows name their classes as strings, resolved on use, so
 that listing the stages (``alignkit --help``) imports neither torch nor trl.
@@ -128,6 +128,21 @@ STAGES: dict[str, Stage] = {
             "GRPO",
             "trl:RLOOTrainer",
             extra=("RewardFunctionArguments",),
+        ),
+        Stage(
+            "online_dpo",
+            "online DPO: pairs of sampled completions ranked by a reward model or function, DPO's loss",
+            "OnlineDPOConfig",
+            "ONLINE_DPO",
+            "trl.experimental.online_dpo:OnlineDPOTrainer",
+            extra=("RewardFunctionArguments",),
+        ),
+        Stage(
+            "distill",
+            "distillation: the student samples, a teacher with its vocabulary scores every token",
+            "DistillConfig",
+            "DISTILL",
+            "trl:DistillationTrainer",
         ),
         Stage(
             "embed",

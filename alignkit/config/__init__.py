@@ -21,10 +21,10 @@ G = TypeVar("G")
 # alignkit.config.trainers subclasses trl's and transformers' configs (importing them takes seconds): loaded on first
 # use, so that the parser, the key reference and ``alignkit <stage> --help`` do without them.
 _TRAINERS = (
-    "CPTConfig", "DPOConfig", "GRPOConfig", "KTOConfig", "RewardConfig", "RewardFunctionArguments", "RLOOConfig",
-    "SFTConfig", "TaskArguments", "TaskConfig",
+    "CPTConfig", "DistillConfig", "DPOConfig", "GRPOConfig", "KTOConfig", "RewardConfig", "RewardFunctionArguments",
+    "RLOOConfig", "SFTConfig", "TaskArguments", "TaskConfig",
 )  # fmt: skip
-_EXPERIMENTAL = ("ORPOConfig", "SimPOConfig")  # alignkit.config.experimental, imported on first use
+_EXPERIMENTAL = ("OnlineDPOConfig", "ORPOConfig", "SimPOConfig")  # alignkit.config.experimental, imported on first use
 _EMBEDDING = ("EmbedConfig", "EmbeddingArguments")  # alignkit.config.embedding (sentence-transformers), likewise
 
 
@@ -106,11 +106,13 @@ __all__ = [
     "DPOConfig",
     "DataArguments",
     "DatasetSource",
+    "DistillConfig",
     "EmbedConfig",
     "EmbeddingArguments",
     "GRPOConfig",
     "KTOConfig",
     "ModelArguments",
+    "OnlineDPOConfig",
     "ORPOConfig",
     "QuantizationArguments",
     "Recipe",

@@ -42,6 +42,8 @@ COMMON_UPSTREAM: dict[str, tuple[str, ...]] = {
     "reward": ("max_length", "center_rewards_coefficient"),
     "grpo": ("num_generations", "max_completion_length", "temperature", "beta", "loss_type", "importance_sampling_level"),
     "rloo": ("num_generations", "max_completion_length", "temperature", "beta"),
+    "online_dpo": ("max_new_tokens", "max_length", "temperature", "beta", "loss_type", "missing_eos_penalty"),
+    "distill": ("teacher_model_name_or_path", "max_completion_length", "temperature", "beta"),
     "embed": (),
     "task": ("predict_with_generate",),
 }  # fmt: skip

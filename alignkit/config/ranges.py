@@ -109,6 +109,8 @@ CLASS_RANGES: dict[str, dict[str, Rule]] = {
     "beta": {
         "GRPOConfig": Rule("a number >= 0 (0: no KL term)", NON_NEGATIVE.ok, "0.04"),
         "RLOOConfig": Rule("a number >= 0 (0: no KL term)", NON_NEGATIVE.ok, "0.05"),
+        "OnlineDPOConfig": Rule("a number > 0 (DPO's temperature)", POSITIVE.ok, "0.1"),
+        "DistillConfig": Rule("a number in [0, 1] (0: forward KL, 1: reverse KL, 0.5: Jensen-Shannon)", UNIT.ok, "1.0"),
     },
     "num_generations": {
         "GRPOConfig": Rule("a whole number >= 2", lambda x: _int(x) and x >= 2, "4"),
@@ -120,7 +122,17 @@ CLASS_RANGES: dict[str, dict[str, Rule]] = {
     "undesirable_weight": {"KTOConfig": POSITIVE},
     "simpo_gamma": {"SimPOConfig": NON_NEGATIVE},
     "cpo_alpha": {"SimPOConfig": NON_NEGATIVE},
-    "temperature": {"GRPOConfig": POSITIVE, "RLOOConfig": POSITIVE},
+    "temperature": {
+        "GRPOConfig": POSITIVE,
+        "RLOOConfig": POSITIVE,
+        "OnlineDPOConfig": POSITIVE,
+        "DistillConfig": POSITIVE,
+    },
+    "max_new_tokens": {"OnlineDPOConfig": POSITIVE_INT},
+    "max_completion_length": {"DistillConfig": POSITIVE_INT},
+    "missing_eos_penalty": {
+        "OnlineDPOConfig": Rule("null or a number >= 0", lambda x: x is None or NON_NEGATIVE.ok(x), "1.0")
+    },
 }
 
 

@@ -186,6 +186,20 @@ class RLOOConfig(_StageDefaults, _LanguageModelSpeed, trl.RLOOConfig):
 
 
 @dataclass
+class DistillConfig(_StageDefaults, _LanguageModelSpeed, trl.DistillationConfig):
+    """trl's DistillationConfig: on-policy distillation (Agarwal et al. 2024, arXiv:2306.13649). The student (the
+    recipe's model, 4-bit + LoRA as any stage's) samples completions of the prompts (``max_completion_length``,
+    ``temperature``) and learns the teacher's full next-token distribution on them: the loss is the generalized
+    Jensen-Shannon divergence, ``beta`` 0 forward KL(teacher || student), 1 reverse KL (trl's default), 0.5 JSD.
+    ``teacher_model_name_or_path``: a merged alignkit run, a model folder or a model name (tiny:..., smollm2:...), with
+    the student's vocabulary (checked on the tokenizers before any weights load); it loads frozen in full precision."""
+
+    learning_rate: float = field(
+        default=1e-4, metadata={"help": "AdamW learning rate (trl's distillation default: 1e-6)."}
+    )
+
+
+@dataclass
 class TaskConfig(_StageDefaults, transformers.Seq2SeqTrainingArguments):
     """Classical task heads: transformers' Seq2SeqTrainingArguments (a superset of TrainingArguments)."""
 
@@ -205,8 +219,9 @@ class TaskArguments:
 
 @dataclass
 class RewardFunctionArguments:
-    """The GRPO and RLOO recipes' rewards (alignkit.train.rewards): each entry of ``reward_funcs`` is a built-in verifiable
-    reward, a trained reward model (an alignkit reward output folder), or a Python function by import path."""
+    """The GRPO, RLOO and online DPO recipes' rewards (alignkit.train.rewards): each entry of ``reward_funcs`` is a
+    built-in verifiable reward, a trained reward model (an alignkit reward output folder), or a Python function by
+    import path."""
 
     reward_funcs: list[str] = field(
         default_factory=lambda: ["format", "exact"],

@@ -97,11 +97,57 @@ def check_alignment_methods(recipe) -> None:
             "more (or loss_type: apo_zero_unpaired, which has no KL term)."
         )
     rewards = next((g for g in recipe.extra if isinstance(g, RewardFunctionArguments)), None)
-    if isinstance(t, (GRPOConfig, RLOOConfig)) and rewards is not None and t.reward_weights is not None:
+    online = _is(t, "OnlineDPOConfig")
+    if (isinstance(t, (GRPOConfig, RLOOConfig)) or online) and rewards is not None and t.reward_weights is not None:
         if len(t.reward_weights) != len(rewards.reward_funcs):
             raise ConfigError(
                 f"reward_weights has {len(t.reward_weights)} weights for {len(rewards.reward_funcs)} reward_funcs "
                 f"{rewards.reward_funcs}. Fix: give one weight per reward, in the same order, or drop reward_weights."
+            )
+
+
+def _is(train, name: str) -> bool:
+    """``train`` is alignkit's config class ``name`` (by name: the experimental ones are imported only when used)."""
+    return any(c.__name__ == name and c.__module__.startswith("alignkit.") for c in type(train).__mro__)
+
+
+def check_online_stages(recipe) -> None:
+    """Online DPO and distillation: what trl 1.16's OnlineDPOTrainer and DistillationTrainer would refuse, or get
+    wrong, only once the models are loaded."""
+    t, data = recipe.train, recipe.data
+    if _is(t, "OnlineDPOConfig"):
+        strategy = str(getattr(t, "eval_strategy", "no")).rsplit(".", 1)[-1].lower()
+        held = [s.path for s in data.datasets if s.test_split or s.role == "eval"]
+        if data.test_size > 0 or held or strategy != "no" or t.eval_on_start:
+            if data.test_size > 0:
+                what = f"test_size {data.test_size:g}"
+            elif held:
+                what = f"datasets[{held[0]}] holds out rows (test_split or role: eval)"
+            else:
+                what = f"eval_strategy {strategy}" if strategy != "no" else "eval_on_start"
+            raise ConfigError(
+                f"{what}: trl 1.16's OnlineDPOTrainer has no evaluation loop (its prompt-only rows reach the model's "
+                "forward and fail). Fix: set test_size: 0, eval_strategy: no and no test_split/role: eval; score the "
+                "output on held-out prompts with `alignkit eval OUTPUT_DIR --data held_out.jsonl` instead."
+            )
+    if _is(t, "DistillConfig"):
+        if not t.teacher_model_name_or_path:
+            raise ConfigError(
+                "teacher_model_name_or_path: required by distill. Fix: name the teacher: a merged alignkit run "
+                "(alignkit merge RUN --output DIR), a model folder, or a model name (tiny:llama, smollm2:...) that "
+                "uses the student's tokenizer."
+            )
+        if t.teacher_model_init_kwargs:
+            raise ConfigError(
+                "teacher_model_init_kwargs: alignkit loads the teacher itself (full precision, frozen, safetensors "
+                "only), so trl would refuse these. Fix: remove teacher_model_init_kwargs."
+            )
+        targets = recipe.adapter.lora_target_modules
+        if recipe.adapter.use_peft and "lm_head" in (targets if isinstance(targets, list) else [targets]):
+            raise ConfigError(
+                "lora_target_modules includes lm_head: trl's distillation loss reads lm_head.weight directly, so a "
+                "LoRA on the head would never train. Fix: remove lm_head from lora_target_modules (to train the head, "
+                "list it in lora_modules_to_save)."
             )
 
 
@@ -216,6 +262,7 @@ CHECKS = (
     check_streaming,
     check_alignment_methods,
     check_grpo_variants,
+    check_online_stages,
 )
 
 

@@ -305,6 +305,16 @@ GRPO = Schema(
     data="grpo",
     keep_other_columns=True,
 )
+# Online DPO reads GRPO's rows (a prompt and the columns its rewards read); distillation only the prompt, which the
+# student completes and the teacher scores token by token.
+ONLINE_DPO = dataclasses.replace(GRPO, name="online_dpo")
+DISTILL = Schema(
+    "distill",
+    (("prompt",),),
+    _check_prompt,
+    "give each row a 'prompt' (text, or messages ending on the user): the student completes it, the teacher scores it",
+    data="grpo",
+)
 
 
 def _check_embed(row, source, i):

@@ -30,12 +30,15 @@ PLOTS = {
     ),
     "margins": ("Preference reward margin (chosen - rejected)", ("rewards/margins", "eval_rewards/margins")),
     "accuracy": ("Preference reward accuracy", ("rewards/accuracies", "eval_rewards/accuracies")),
-    "kl": ("KL to the reference (KTO, GRPO)", ("kl", "eval_kl")),
+    "kl": ("KL to the reference (KTO, GRPO, online DPO)", ("kl", "eval_kl", "objective/kl")),
     "reward_model": (
         "Reward model: pairwise accuracy and margin",
         ("accuracy", "eval_accuracy", "margin", "eval_margin"),
     ),
-    "grpo_reward": ("GRPO reward (mean of the sampled completions)", ("reward", "rewards/*/mean")),
+    "grpo_reward": (
+        "GRPO/RLOO/online DPO reward (mean of the sampled completions)",
+        ("reward", "rewards/*/mean", "objective/scores"),
+    ),
     "grpo_reward_std": ("GRPO reward spread within groups", ("reward_std", "frac_reward_zero_std")),
     "completion_length": ("GRPO completion length (tokens)", ("completions/mean_length",)),
 }

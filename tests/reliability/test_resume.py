@@ -2,8 +2,8 @@
 losses and learning rates as the same run uninterrupted (within 1e-5 on CPU). For that the checkpoint must restore
 the adapter weights, the optimizer moments, the scheduler (a linear decay: a fresh one would restart at the peak
 rate), the RNG (LoRA dropout) and the dataloader position (every kill here is mid-epoch). Checked for SFT (4-bit),
-DPO, KTO, GRPO and RLOO (4-bit; sampled completions, so the RNG too), CPT (packed blocks) and a task head (NER, 4-bit): one
-run loop serves them all.
+DPO, KTO, GRPO, RLOO, online DPO and distillation (4-bit; sampled completions, so the RNG too), CPT (packed blocks) and
+a task head (NER, 4-bit): one run loop serves them all.
 The first step after the resume checks weights, data position and RNG; the second also the optimizer and scheduler.
 
 The kill is an exception nothing in the stack handles (SimulatedKill is a BaseException), raised either at the start
@@ -55,6 +55,13 @@ GRPO_QLORA = ["--config", "recipes/tiny/grpo.yaml", "--model_name_or_path", "tin
               "--reward_funcs", "alignkit.testing.rewards:plain_letters", "--num_generations", "2",
               "--max_completion_length", "8", *SCHEDULE]  # fmt: skip
 RLOO_QLORA = ["--config", "recipes/tiny/rloo.yaml", *GRPO_QLORA[2:]]  # GRPO's run, RLOO's leave-one-out advantages
+# online DPO: two sampled completions per prompt, ranked by the reward (its mean, objective/scores, is compared too);
+# distillation: the student's sampled completions scored by a frozen teacher (the tiny model's fp32 self)
+ONLINE_DPO_QLORA = ["--config", "recipes/tiny/online_dpo.yaml", "--model_name_or_path", "tiny:llama",
+                    "--lora_modules_to_save", "[lm_head]", "--reward_funcs", "alignkit.testing.rewards:plain_letters",
+                    "--max_new_tokens", "8", *SCHEDULE]  # fmt: skip
+DISTILL_QLORA = ["--config", "recipes/tiny/distill.yaml", "--teacher_model_name_or_path", "tiny:llama",
+                 "--lora_modules_to_save", "[lm_head]", "--max_completion_length", "8", *SCHEDULE]  # fmt: skip
 
 # The same run loop serves CPT (packed blocks) and the task heads: resume is checked there too, on full precision.
 CPT_LORA = ["--config", "recipes/tiny/cpt.yaml", "--load_in_4bit", "false", *SCHEDULE]
@@ -99,7 +106,7 @@ def callbacks(monkeypatch):
 
 
 def trajectory(output_dir) -> list[tuple[int, float, float, float, float | None]]:
-    return [(e["step"], e["epoch"], e["loss"], e["learning_rate"], e.get("reward"))
+    return [(e["step"], e["epoch"], e["loss"], e["learning_rate"], e.get("reward", e.get("objective/scores")))
             for e in log_history(output_dir) if "loss" in e]  # fmt: skip
 
 
@@ -127,8 +134,20 @@ def assert_same_trajectory(resumed, reference) -> None:
         ("kto", KTO_LORA),
         ("grpo", GRPO_QLORA),
         ("rloo", RLOO_QLORA),
+        ("online_dpo", ONLINE_DPO_QLORA),
+        ("distill", DISTILL_QLORA),
     ],
-    ids=["sft-qlora-4bit", "dpo-lora", "cpt-lora", "ner-qlora-4bit", "kto-lora", "grpo-qlora-4bit", "rloo-qlora-4bit"],
+    ids=[
+        "sft-qlora-4bit",
+        "dpo-lora",
+        "cpt-lora",
+        "ner-qlora-4bit",
+        "kto-lora",
+        "grpo-qlora-4bit",
+        "rloo-qlora-4bit",
+        "online-dpo-qlora-4bit",
+        "distill-qlora-4bit",
+    ],
 )
 def test_killed_after_a_checkpoint_resumes_exactly(stage, argv, callbacks, tmp_path):
     reference, out = tmp_path / "uninterrupted", tmp_path / "run"
