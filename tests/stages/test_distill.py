@@ -81,7 +81,9 @@ def test_distillation_lowers_the_held_out_divergence(teacher, tmp_path):
     after = agreement(student, teacher_model, tokenizer, prompts)
     with student.disable_adapter():  # the student as it started: the 4-bit base, its original head
         before = agreement(student, teacher_model, tokenizer, prompts)
-    print(f"held-out divergence {held_out[0]:.4f} -> {held_out[1]:.4f}; agreement with the teacher {before:.3f} -> {after:.3f}")
+    print(
+        f"held-out divergence {held_out[0]:.4f} -> {held_out[1]:.4f}; agreement with the teacher {before:.3f} -> {after:.3f}"
+    )
     assert after > before, (before, after)
 
 
@@ -134,7 +136,8 @@ def test_distill_bad_input_exits_2_without_a_traceback(entry, case, tmp_path):
     the key, or the file and row, and the fix; exit 2, no traceback, nothing written."""
     if case == "bad-row":
         row = {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
-        data, teacher = write_jsonl(tmp_path / "data.jsonl", [ROW, row]), "tiny:llama"
+        good = {"prompt": [{"role": "user", "content": "What is 1 + 1?"}]}
+        data, teacher = write_jsonl(tmp_path / "data.jsonl", [good, row]), "tiny:llama"
         expected = f"{data}, row 2: the prompt ends on an assistant turn"
     else:
         data, teacher = write_jsonl(tmp_path / "data.jsonl", [ROW] * 2), "tiny:gemma3"

@@ -116,7 +116,8 @@ def test_online_dpo_bad_input_exits_2_without_a_traceback(entry, case, tmp_path)
         expected = "reward_funcs[0]: 'my_rewards:exact_sum' could not be imported"
     else:
         row = {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "answer": 1}
-        data, extra = write_jsonl(tmp_path / "data.jsonl", [ROW, row]), []
+        good = {"prompt": [{"role": "user", "content": "What is 1 + 1?"}], "answer": 2}
+        data, extra = write_jsonl(tmp_path / "data.jsonl", [good, row]), []
         expected = f"{data}, row 2: the prompt ends on an assistant turn"
     head = (
         [sys.executable, entry]
