@@ -13,6 +13,7 @@ import functools
 import importlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -287,6 +288,45 @@ def data(argv: list[str]) -> int:
     return 0
 
 
+def plan(argv: list[str]) -> int:
+    """Estimate a recipe's memory per rank and its throughput from the model's config alone; say whether it fits."""
+    from alignkit.errors import ConfigError
+    from alignkit.train.plan import GPUS, plan_recipe, render
+
+    p = argparse.ArgumentParser(
+        prog="alignkit plan", description=plan.__doc__,
+        epilog="Any other --key value overrides the recipe, e.g. --per_device_train_batch_size 8. Method and "
+        "validation: docs/planning.md.",
+    )  # fmt: skip
+    p.add_argument("--config", required=True, help="The recipe (YAML) to plan.")
+    p.add_argument("--stage", choices=list(STAGES), help="The stage it is for (default: from the file name, else sft).")
+    p.add_argument("--gpu", help=f"Plan for this GPU instead of this machine: {', '.join(GPUS)}, or a size (24GB).")
+    p.add_argument("--num_processes", type=int, help="Ranks of the launch to plan for (default: this launch's).")
+    p.add_argument(
+        "--accelerate_config", help="The shipped launch config to plan for: ddp, zero2, zero3, zero3_offload."
+    )
+    p.add_argument("--model_config", help="The model's config.json (or its folder), for a model not on this machine.")
+    args, overrides = p.parse_known_args(argv)
+    if args.num_processes is not None and args.num_processes < 1:
+        p.error("--num_processes must be >= 1")
+    stage = args.stage or _stage_of(args.config)
+    recipe = STAGES[stage].parse(["--config", args.config, *overrides])
+    if args.num_processes and args.num_processes > 1 and not args.accelerate_config:
+        args.accelerate_config = "ddp"
+    result = plan_recipe(recipe, stage, gpu=args.gpu, num_processes=args.num_processes,
+                         accelerate_config=args.accelerate_config, model_config=args.model_config)  # fmt: skip
+    print(render(result))
+    if result.fits is False and not result.advice:
+        raise ConfigError("memory plan: nothing fits.")
+    return 0
+
+
+def _stage_of(config: str) -> str:
+    """The stage a recipe file is for, from its name (recipes/smollm2/dpo_qlora.yaml: dpo); sft when none is named."""
+    words = re.split(r"[^a-z]+", Path(config).stem.lower())
+    return next((w for w in words if w in STAGES), "sft")
+
+
 def recipes(argv: list[str]) -> int:
     """List the shipped recipes, accelerate configs and SLURM script (in the package: no checkout needed)."""
     from alignkit.scaffold import list_recipes
@@ -308,11 +348,23 @@ def init(argv: list[str]) -> int:
     )
     p.add_argument("--out", help="The recipe file to write (default: ./<stage>.yaml).")
     p.add_argument("--force", action="store_true", help="Replace files that exist.")
+    p.add_argument("--gpus", type=int, help="Also write the accelerate config for this many GPUs (ddp or ZeRO-3, "
+                   "chosen by the memory plan: alignkit plan).")  # fmt: skip
+    p.add_argument("--gpu", help="With --gpus: the GPU to plan for (alignkit plan --help lists them; default: this "
+                   "machine's, else A100-80GB).")  # fmt: skip
     args = p.parse_args(argv)
     out = args.out or f"{args.stage}.yaml"
     written = write_recipe(args.stage, out, model=args.model, data=args.data, force=args.force)
     print("\n".join(f"wrote {path}" for path in written))
-    print(f"run it: alignkit {args.stage} --config {out}")
+    if args.gpus is None:
+        print(f"run it: alignkit {args.stage} --config {out}")
+        return 0
+    from alignkit.scaffold import write_launch_config
+
+    files, why = write_launch_config(args.stage, out, args.gpus, args.gpu)
+    print("\n".join(f"wrote {path}" for path in files))
+    print(f"accelerate config: {why}")
+    print(f"run it: alignkit {args.stage} --config {out} --accelerate_config {files[0]}")
     return 0
 
 
@@ -346,7 +398,7 @@ def _generation_kwargs(args) -> dict:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "merge": merge, "push": push, "export": export, "chat": chat, "generate": generate, "eval": evaluate,
-    "data": data, "report": report, "fetch": fetch, "recipes": recipes, "init": init, "serve": serve,
+    "data": data, "report": report, "fetch": fetch, "recipes": recipes, "init": init, "plan": plan, "serve": serve,
 }  # fmt: skip
 
 

@@ -71,6 +71,9 @@ class LineageEntry:
     # the precision the run trained in: {weights, mixed_precision (bf16 | fp16 | no), bnb_4bit_compute (4-bit only),
     # why, cpu {model, bf16_units, isa, isa_env, threads}, probe {n, float32_gflops, bfloat16_gflops, speedup}}
     precision: dict[str, Any] = field(default_factory=dict)
+    # the memory plan made before the model loaded (alignkit.train.plan): {device, predicted_peak_mib, capacity_mib,
+    # fits, parts_mib, tokens_per_s}
+    memory_plan: dict[str, Any] = field(default_factory=dict)
 
     def group(self, cls: type[G], **overrides) -> G:
         """The config group ``cls`` (e.g. ``QuantizationArguments``) as this stage resolved it; keys ``cls`` does

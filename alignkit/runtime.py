@@ -247,3 +247,43 @@ def gpu_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def memory_facts() -> dict:
+    """This machine's memory in bytes: ``total`` (RAM, or the container's cgroup limit when lower) and ``available``
+    (the kernel's MemAvailable, capped by what the cgroup has left); None where Linux does not say."""
+    info: dict[str, int] = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            parts = value.split()
+            if parts and parts[0].isdigit():
+                info[key] = int(parts[0]) * 1024
+    except OSError:
+        pass
+    total, available = info.get("MemTotal"), info.get("MemAvailable")
+    limit, used = _cgroup_memory()
+    if limit is not None and (total is None or limit < total):
+        total = limit
+        if used is not None:
+            available = min(available or limit, max(0, limit - used))
+    return {"total": total, "available": available}
+
+
+def _cgroup_memory() -> tuple[int | None, int | None]:
+    """(limit, usage) of this process's cgroup v2 (or v1) memory controller; (None, None) when unlimited or absent."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):  # fmt: skip
+        try:
+            raw = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if not raw.isdigit() or int(raw) >= 1 << 60:
+            return None, None
+        try:
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            usage = None
+        return int(raw), usage
+    return None, None

@@ -138,6 +138,46 @@ def write_recipe(stage: str, out: str | Path, model: str | None = None, data: st
     return written
 
 
+def write_launch_config(
+    stage: str, recipe_file: str | Path, gpus: int, gpu: str | None = None
+) -> tuple[list[Path], str]:
+    """``alignkit init <stage> --gpus N``: the accelerate config for N GPUs beside ``recipe_file``, chosen by the
+    memory planner (alignkit.train.plan): data parallel (``ddp``) when the recipe's plan fits one GPU, else DeepSpeed
+    ZeRO-3 (weights, gradients and optimizer state split over the N ranks; its JSON copied beside it). ``gpu``: the
+    GPU to plan for (default: this machine's, else an A100-80GB). Returns (files written, a line saying why)."""
+    from alignkit import runtime
+    from alignkit.stages import STAGES
+    from alignkit.train.plan import GiB, plan_recipe
+
+    if gpus < 1:
+        raise ConfigError(f"alignkit init: --gpus {gpus}: not a count. Fix: a whole number >= 1.")
+    recipe_file = Path(recipe_file)
+    recipe = STAGES[stage].parse(["--config", str(recipe_file)])
+    gpu = gpu or (None if runtime.gpu_available() else "A100-80GB")
+    plan = plan_recipe(recipe, stage, gpu=gpu, num_processes=gpus, accelerate_config="ddp")
+    name = "ddp" if plan.fits or gpus == 1 else "zero3"
+    why = f"the plan needs {plan.total / GiB:.1f} GiB per GPU of {plan.capacity / GiB:.1f} GiB ({plan.setup.device})"
+    if name == "zero3":
+        zero = plan_recipe(recipe, stage, gpu=gpu, num_processes=gpus, accelerate_config="zero3")
+        why = f"{why} with data parallel; ZeRO-3 over {gpus}: {zero.total / GiB:.1f} GiB per GPU"
+    configs = shipped("accelerate_configs")
+    settings = yaml.safe_load((configs / f"{name}.yaml").read_text(encoding="utf-8"))
+    settings["num_processes"] = gpus
+    written = []
+    ds_file = (settings.get("deepspeed_config") or {}).get("deepspeed_config_file")
+    if ds_file:
+        json_out = recipe_file.parent / Path(ds_file).name
+        shutil.copyfile(_shipped_path(configs, ds_file, "accelerate_configs"), json_out)
+        settings["deepspeed_config"]["deepspeed_config_file"] = json_out.name  # beside the recipe, run from there
+        written.append(json_out)
+    out = recipe_file.parent / f"accelerate_{name}.yaml"
+    header = (
+        f"# accelerate config for {gpus} GPU(s), written by `alignkit init {stage} --gpus {gpus}`: {name}, as {why}.\n"
+    )
+    out.write_text(header + yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+    return [out, *written], f"{name}: {why}"
+
+
 def launch_command(stage: str, argv: list[str]) -> list[str] | None:
     """``alignkit <stage> ... --accelerate_config NAME|FILE [--num_processes N]``: the ``accelerate launch`` command
     that runs the stage's recipe module under that config (a shipped one by name: ddp, zero2, zero3, zero3_offload,
@@ -171,7 +211,7 @@ def launch_command(stage: str, argv: list[str]) -> list[str] | None:
         )
     settings = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
     ds_file = (settings.get("deepspeed_config") or {}).get("deepspeed_config_file")
-    if ds_file and not Path(ds_file).is_absolute():  # relative to the clone's root: resolve it in the shipped folder
+    if ds_file and not Path(ds_file).is_absolute() and not Path(ds_file).is_file():  # a shipped config's: the clone's
         settings["deepspeed_config"]["deepspeed_config_file"] = str(
             _shipped_path(configs, ds_file, "accelerate_configs")
         )

@@ -102,6 +102,10 @@ class Run:
             )
         checks.check_model_fits(self.recipe, self.source, self.head)  # the head first: it decides what hand-off means
         checks.check_handoff(self.recipe, self.source)
+        from alignkit.train.plan import preflight as memory_preflight
+
+        plan = memory_preflight(self.recipe, self.stage)  # refuses a run that clearly cannot fit, before loading
+        self.memory_plan = plan.record() if plan is not None else {}
         checks.protect_hub_token(t)
         self.hub_repo = self._claim_hub_push()
         self._setup_tracking()
@@ -384,6 +388,7 @@ class Run:
             chat_template=_chat_template_entry(self.tokenizer),
             speedups={phase: names for phase, names in self.speedups.items() if names},
             precision=getattr(self, "precision", {}),
+            memory_plan=getattr(self, "memory_plan", {}),
         )
         base = parent.base_model_args if parent and parent.base_model_args.model_name_or_path else None
         base = base or BaseModelRef(r.model.model_name_or_path, r.model.gguf_file)
