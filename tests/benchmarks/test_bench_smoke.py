@@ -165,3 +165,14 @@ def test_tool_sft_benchmark_prints_its_table(capsys):
     assert len(rows) == 2 and all(0 <= r["well_formed"] <= 1 and r["right_call"] <= r["well_formed"] for r in rows)
     out = capsys.readouterr().out
     assert "well-formed call" in out and "chat format: qwen2_5" in out
+
+
+def test_plan_check_prints_its_tables(capsys):
+    """The planner's validation script: the GPU tables (published figures, sizing) and a tiny row's prediction (the
+    measured rows need minutes: docs/planning.md)."""
+    plan_check = _load("plan_check")
+    plan_check.main(["--gpu"])
+    out = capsys.readouterr().out
+    assert "QLoRA paper" in out and "Llama-3.1-70B-Instruct" in out
+    rows = plan_check.main(["--only", "tiny-sft-qlora-b4x128", "--predict_only"])
+    assert rows[0]["config"] == "tiny-sft-qlora-b4x128" and rows[0]["predicted_mib"] > 0

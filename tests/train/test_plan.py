@@ -3,6 +3,7 @@ really hold; `alignkit plan` (table, exit 0; bad input, exit 2); and a stage ref
 anything loads. Measured peak memory against the planner: benchmarks/plan_check.py (docs/planning.md)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -134,3 +135,47 @@ def test_init_with_gpus_writes_the_accelerate_config_the_plan_picks(tmp_path, ca
     assert zero3["num_processes"] == 8 and zero3["deepspeed_config"]["deepspeed_config_file"] == "zero3.json"
     assert json.loads((big.parent / "zero3.json").read_text())["zero_optimization"]["stage"] == 3
     assert "ZeRO-3 over 8" in capsys.readouterr().out
+
+
+def test_a_model_not_here_is_planned_from_its_config(tiny_llama, tmp_path, capsys):
+    later = ["--model_name_or_path", str(tmp_path / "sft_output_not_yet_trained")]
+    assert main(["plan", "--config", "recipes/tiny/dpo.yaml", *later]) == 2
+    assert "--model_config" in capsys.readouterr().err
+    assert main(["plan", "--config", "recipes/tiny/dpo.yaml", *later, "--model_config", str(tiny_llama)]) == 0
+    assert "memory plan (dpo, per rank)" in capsys.readouterr().out
+
+
+def test_a_run_records_its_plan(tmp_path):
+    from alignkit.runs import RunRecord
+
+    out = tmp_path / "run"
+    argv = [
+        "sft",
+        "--config",
+        TINY,
+        "--max_steps",
+        "1",
+        "--test_size",
+        "0",
+        "--save_steps",
+        "10",
+        "--output_dir",
+        str(out),
+    ]
+    assert main(argv) == 0
+    plan = RunRecord.read(out).lineage[-1].memory_plan
+    assert plan["device"] == "cpu" and plan["fits"] is True and 300 < plan["predicted_peak_mib"] < 2000
+    assert set(plan["parts_mib"]) >= {"weights", "activations", "optimizer state"}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_parameter_count_is_the_checkpoints(kind):
+    """Llama (untied head, GQA) and Gemma 3 (tied head, four norms and q/k norms per layer, one kv head)."""
+    from safetensors import safe_open
+
+    from alignkit.testing import tiny_model_path
+
+    folder = tiny_model_path(kind)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    assert Arch.from_config(json.loads((folder / "config.json").read_text())).params()["total"] == stored
