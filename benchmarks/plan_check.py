@@ -165,8 +165,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--predict_only", action="store_true", help="Print the predictions without running anything.")
     p.add_argument("--gpu", action="store_true", help="Print the GPU tables (published figures, sizing) and stop.")
     args = p.parse_args(argv)
-    os.environ.update(ENV)
-    sys.path.insert(0, str(REPO))
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
     if args.gpu:
         print("| configuration | predicted GiB | published | source |\n|---|---|---|---|")
         for r in published():

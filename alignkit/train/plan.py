@@ -404,6 +404,8 @@ def estimate(arch: Arch, setup: Setup, source: str = "") -> Plan:
     if zero is not None:
         buckets = 3 * arch.hidden**2 * 2  # reduce + prefetch buckets ('auto': hidden^2 elements)
         rows.append(("DeepSpeed buffers", buckets, "reduce and prefetch buckets"))
+    elif n > 1:
+        rows.append(("DDP buckets", trainable * train_bytes, "DDP's all-reduce buckets: a copy of the gradients"))
     # --- the process
     dynamic = sum(b for _, b, _ in rows)
     if gpu:
@@ -522,10 +524,14 @@ def setup_from_recipe(recipe, stage: str, gpu: str | None = None, num_processes:
     if stage in ("grpo", "rloo"):
         seq = (getattr(t, "max_prompt_length", None) or 512) + (getattr(t, "max_completion_length", None) or 256)
         notes.append("GRPO/RLOO: prompt + completion length, generation not counted")
+    if not on_gpu and getattr(t, "bf16", False):
+        notes.append("CPU bf16 autocast: planned as fp32 activations (an upper bound; measured rows are fp32)")
     n = num_processes or runtime.world_size()
     zero, off_opt, off_params = ZERO_CONFIGS.get(accelerate_config or "", (None, False, False))
     if accelerate_config is None:
         zero = runtime.zero_stage(t)
+    elif accelerate_config not in ZERO_CONFIGS:
+        zero, off_opt, off_params = _launch_config(accelerate_config)
     return Setup(
         stage=stage,
         batch=int(getattr(t, "per_device_train_batch_size", 1) or 1),
@@ -551,6 +557,32 @@ def setup_from_recipe(recipe, stage: str, gpu: str | None = None, num_processes:
         head=head,
         notes=notes,
     )
+
+
+def _launch_config(path: str) -> tuple[int | None, bool, bool]:
+    """(ZeRO stage, optimizer offloaded, parameters offloaded) of an accelerate config file; ConfigError naming the
+    shipped names when ``path`` is neither."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--accelerate_config {path}: neither a file nor one of {sorted(ZERO_CONFIGS)}.")
+    settings = yaml.safe_load(file.read_text()) or {}
+    if settings.get("distributed_type") != "DEEPSPEED":
+        return None, False, False
+    ds = settings.get("deepspeed_config") or {}
+    zero = ds.get("zero_stage")
+    off_opt = ds.get("offload_optimizer_device") not in (None, "none")
+    off_params = ds.get("offload_param_device") not in (None, "none")
+    if ds.get("deepspeed_config_file"):
+        json_file = Path(ds["deepspeed_config_file"])
+        json_file = json_file if json_file.is_absolute() or json_file.is_file() else file.parent / json_file
+        if json_file.is_file():
+            zero_opt = json.loads(json_file.read_text()).get("zero_optimization", {})
+            zero = zero_opt.get("stage", zero)
+            off_opt = off_opt or zero_opt.get("offload_optimizer", {}).get("device", "none") != "none"
+            off_params = off_params or zero_opt.get("offload_param", {}).get("device", "none") != "none"
+    return (int(zero) if zero is not None else 2), off_opt, off_params
 
 
 def read_model_config(model_args, model_config: str | None = None) -> tuple[dict[str, Any], str]:
