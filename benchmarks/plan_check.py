@@ -72,8 +72,8 @@ def argv_for(label: str, data: dict[str, Path], out: Path) -> tuple[str, list[st
     stage, recipe, model, overrides = CONFIGS[label]
     argv = ["--config", str(REPO / recipe), "--model_name_or_path", model, "--datasets", str(data[stage]),
             "--output_dir", str(out), *COMMON, *overrides]  # fmt: skip
-    if stage == "dpo" and "--chat_template" not in overrides:
-        argv += ["--chat_template", "chatml"]
+    if stage == "dpo":
+        argv += ["--eval_on_start", "false"] + ([] if "--chat_template" in overrides else ["--chat_template", "chatml"])
     return stage, argv
 
 
@@ -114,9 +114,6 @@ def published() -> list[dict]:
         ("LLaMA 65B QLoRA (r=64, all linear, checkpointing), 1 x 512 tokens", "huggyllama--llama-65b",
          Setup(load_in_4bit=True, lora_r=64, seq=512, checkpointing=True, device="A6000", weights_dtype="bfloat16"),
          "fits one 48 GB GPU", "QLoRA paper (Dettmers et al. 2023, arXiv:2305.14314), abstract; Guanaco-65B card: r=64, all linear layers, sequence length 512"),
-        ("LLaMA 7B QLoRA (r=64, all linear, checkpointing), 1 x 512 tokens", "huggyllama--llama-7b",
-         Setup(load_in_4bit=True, lora_r=64, seq=512, checkpointing=True, device="24GB", weights_dtype="bfloat16"),
-         "7B/13B models in free Colab (T4, 15 GB)", "artidoro/qlora README"),
         ("Llama 2 7B QLoRA (torchtune: r=8, q/v/o + MLP, checkpointing), 2 x 512 tokens", "huggyllama--llama-7b",
          Setup(load_in_4bit=True, lora_r=8, lora_targets=["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                batch=2, seq=512, checkpointing=True, device="24GB", weights_dtype="bfloat16"),

@@ -83,9 +83,16 @@ MFU = {
 # ------------------------------------------------------------------ measured constants (docs/planning.md)
 # CPU: peak RSS of a whole run of the tiny model (python, torch, transformers, trl, peft, datasets, bitsandbytes
 # imported; the trainer built; a 2-layer model), measured on the project's Xeon; the planner adds the rest to it.
-CPU_PROCESS_BYTES = 690 * MiB
+CPU_PROCESS_BYTES = 650 * MiB
 # the tokenizer's memory grows with its vocabulary (SmolLM2 49,152 entries; Gemma 3 262,144)
 CPU_TOKENIZER_BYTES_PER_ENTRY = 600
+# CPU, measured on the project's Xeon (benchmarks/plan_check.py; docs/planning.md): what the heap keeps of the LM head's
+# temporaries (fp32 vocabulary rows per token) and of bitsandbytes' dequantized weights (rows of hidden +
+# intermediate per token and layer, without / with activation checkpointing)
+CPU_HEAD_ROWS = 8
+CPU_4BIT_TOKEN_ROWS = {False: 2.0, True: 4.5}
+# while the weights load, the share of the checkpoint's file whose mapped pages count in the peak RSS
+CPU_LOAD_FILE_SHARE = 1.0
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA context, cuBLAS/cuDNN workspaces: outside torch's allocator
 GPU_FRAGMENTATION = 0.08  # the caching allocator's reserve over what tensors hold at the peak
 # a refusal needs the estimate to exceed the device by this factor: the planner is validated to +-15%
@@ -126,6 +133,7 @@ class Arch:
     norms_per_layer: int = 2  # RMSNorm/LayerNorm vectors of size hidden per layer
     qk_norm: bool = False  # per-head q/k norms (Gemma 3, Qwen 3)
     qkv_bias: bool = False
+    stored_bytes: int = 2  # bytes per parameter of the checkpoint's weights (config 'dtype' / 'torch_dtype')
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Arch:
@@ -161,6 +169,7 @@ class Arch:
             norms_per_layer=4 if model_type in ("gemma2", "gemma3", "gemma3_text") else 2,
             qk_norm=model_type in ("gemma3", "gemma3_text", "qwen3", "qwen3_moe"),
             qkv_bias=bool(config.get("attention_bias")) or model_type == "qwen2",
+            stored_bytes=DTYPE_BYTES.get(str(get("dtype", "torch_dtype", default="bfloat16")), 2),
         )
 
     @property
@@ -249,6 +258,7 @@ class Plan:
     flops_per_token: float
     advice: list[str] = field(default_factory=list)
     source: str = ""
+    load: int = 0  # CPU: the peak while the weights load (bytes), when above the training step's (then ``total``)
 
     @property
     def fits(self) -> bool | None:
@@ -394,11 +404,19 @@ def estimate(arch: Arch, setup: Setup, source: str = "") -> Plan:
         head = tokens * min(arch.vocab, 32768) * 4 + tokens * arch.hidden * act_bytes
         head_note = "trl's fused LM head (Triton): one vocabulary tile in fp32"
     else:
-        chunk = max(1, min(1024, (256 * MiB) // (4 * arch.vocab)))
-        kept_probs = tokens * arch.vocab * 4
-        head = 2 * min(tokens, chunk) * arch.vocab * 4 + (kept_probs if kept_probs <= GiB else 0)
-        head_note = "alignkit's cpu_lm_head: chunk logits" + (" + fp32 probabilities kept" if kept_probs <= GiB else "")
+        # alignkit's cpu_lm_head: per chunk of tokens the fp32 logits, probabilities and their gradients, the forward's
+        # probabilities kept for backward while they fit 1 GiB; with alignkit's allocator setting (no trimming) the
+        # heap keeps them: measured, CPU_HEAD_ROWS fp32 vocabulary rows per token (docs/planning.md)
+        head = CPU_HEAD_ROWS * min(tokens, max(1024, GiB // (4 * arch.vocab))) * arch.vocab * 4
+        head_note = f"alignkit's cpu_lm_head: {CPU_HEAD_ROWS} fp32 vocabulary rows per token (measured)"
     rows.append(("logits", int(head), head_note))
+    if not gpu and setup.load_in_4bit:
+        # bitsandbytes on CPU dequantizes each Linear's weight to fp32 for every matmul (forward, backward and a
+        # recomputation); the heap keeps those temporaries: measured, one fp32 copy of the quantized weights plus
+        # CPU_4BIT_TOKEN_ROWS (checkpointing: more) rows of hidden + intermediate per token and layer
+        rows_per = CPU_4BIT_TOKEN_ROWS[setup.checkpointing]
+        q4 = p["linear"] * 4 + rows_per * tokens * arch.layers * (arch.hidden + arch.intermediate) * 4
+        rows.append(("4-bit dequantization (CPU)", int(q4), f"fp32 weights + {rows_per} rows/token/layer (measured)"))
     if setup.stage in REFERENCE_STAGES:
         rows.append(("reference pass", 0, "no gradients: one layer at a time, within the workspace above"))
     if zero is not None:
@@ -415,10 +433,16 @@ def estimate(arch: Arch, setup: Setup, source: str = "") -> Plan:
         rows.append(("process (measured)", CPU_PROCESS_BYTES, "python + torch/trl imports, tiny-model run"))
         rows.append(("tokenizer", arch.vocab * CPU_TOKENIZER_BYTES_PER_ENTRY, f"{arch.vocab} entries"))
     total = sum(b for _, b, _ in rows)
+    load = 0
+    if not gpu:  # loading maps the checkpoint's file while it builds the weights: both count in the peak RSS
+        process = CPU_PROCESS_BYTES + arch.vocab * CPU_TOKENIZER_BYTES_PER_ENTRY
+        load = int(process + CPU_LOAD_FILE_SHARE * p["total"] * arch.stored_bytes + weights)
+        if load > total:
+            total = load
     flops = flops_per_token(arch, setup)
     rate = _rate(setup)
     tps = rate / flops if rate else None
-    return Plan(setup, arch, rows, total, setup.memory, tps, flops, source=source)
+    return Plan(setup, arch, rows, total, setup.memory, tps, flops, source=source, load=load if load == total else 0)
 
 
 def flops_per_token(arch: Arch, setup: Setup) -> float:
@@ -628,7 +652,10 @@ def read_model_config(model_args, model_config: str | None = None) -> tuple[dict
         )
     if not Path(name).exists() and ":" not in name and shipped.is_file():
         return json.loads(shipped.read_text()), f"{name} (shipped with alignkit)"
-    source = resolve_source(model_args)
+    try:
+        source = resolve_source(model_args)
+    except ConfigError as exc:  # not there (yet): the planner can still work from the model's config.json
+        raise ConfigError(f"{exc} To plan without it: --model_config path/config.json (the base model's).") from None
     path = Path(source.base) / "config.json"
     if not path.is_file():
         state = (
@@ -726,6 +753,9 @@ def render(plan: Plan) -> str:
     width = max(len(r[0]) for r in plan.rows)
     for name, size, note in plan.rows:
         lines.append(f"  {name:<{width}}  {size / GiB:8.2f} GiB  {note}")
+    if plan.load:
+        lines.append(f"  {'(model load)':<{width}}  {plan.load / GiB:8.2f} GiB  the peak: the checkpoint's file mapped "
+                     "while the weights are built, above the training step's sum")  # fmt: skip
     lines.append(f"  {'total':<{width}}  {plan.total / GiB:8.2f} GiB  (validated to +-15%: docs/planning.md)")
     if plan.tokens_per_s:
         lines.append(f"  throughput ~{plan.tokens_per_s:,.0f} tokens/s per rank ({plan.flops_per_token / 1e9:.2f} "

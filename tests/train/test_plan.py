@@ -76,9 +76,9 @@ def test_checkpointing_zero_and_4bit_move_the_totals_the_right_way(tiny_arch):
     assert estimate(tiny_arch, Setup(**{**base.__dict__, "batch": 16})).total > plain.total
     full = Setup(**{**base.__dict__, "use_peft": False})
     zero3 = Setup(**{**full.__dict__, "num_processes": 8, "zero_stage": 3})
-    assert (
-        _rows(estimate(tiny_arch, zero3))["optimizer state"] * 8 <= _rows(estimate(tiny_arch, full))["optimizer state"]
-    )
+    total = tiny_arch.params()["total"]  # DeepSpeed: fp32 moments and master copy (12 B), split over the ranks
+    assert _rows(estimate(tiny_arch, zero3))["optimizer state"] == total * 12 // 8
+    assert _rows(estimate(tiny_arch, zero3))["weights"] < _rows(estimate(tiny_arch, full))["weights"]
     dpo = estimate(tiny_arch, Setup(**{**base.__dict__, "stage": "dpo"}))
     assert _rows(dpo)["activations"] > _rows(plain)["activations"] and "reference adapter" in _rows(dpo)
 
