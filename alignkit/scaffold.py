@@ -211,9 +211,12 @@ def launch_command(stage: str, argv: list[str]) -> list[str] | None:
         )
     settings = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
     ds_file = (settings.get("deepspeed_config") or {}).get("deepspeed_config_file")
-    if ds_file and not Path(ds_file).is_absolute() and not Path(ds_file).is_file():  # a shipped config's: the clone's
+    if ds_file and not Path(ds_file).is_absolute():
+        beside = config.resolve().parent / ds_file  # `alignkit init --gpus` writes the JSON beside its config
+        own = config.resolve().parent != configs.resolve() and beside.is_file()
+        # a shipped config names its JSON relative to the clone's root: resolve it in the shipped folder
         settings["deepspeed_config"]["deepspeed_config_file"] = str(
-            _shipped_path(configs, ds_file, "accelerate_configs")
+            beside if own else _shipped_path(configs, ds_file, "accelerate_configs")
         )
         config = Path(tempfile.mkdtemp(prefix="alignkit-accelerate-")) / config.name
         config.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")

@@ -24,7 +24,9 @@ What is counted, per rank (bytes):
 - **ZeRO**: stage 2 splits gradients and optimizer state over the ranks, stage 3 the weights too (plus one layer
   gathered at a time); offload moves optimizer state (and, with ``zero3_offload``, parameters) to CPU memory.
 - **the process**: on CPU the peak RSS includes Python, torch/transformers/trl and the tokenizer: a constant measured
-  on this project's machines (:data:`CPU_PROCESS_BYTES`, see docs/planning.md); on GPU the CUDA context and the
+  on this project's machines (:data:`CPU_PROCESS_BYTES`), plus what alignkit's allocator setting keeps in the heap
+  and bitsandbytes' fp32 dequantization temporaries (:data:`CPU_HEAP_TOKEN_ROWS`, :data:`CPU_4BIT_TOKEN_ROWS`,
+  measured: docs/planning.md); on GPU the CUDA context and the
   allocator's fragmentation (:data:`CUDA_CONTEXT_BYTES`, :data:`GPU_FRAGMENTATION`).
 
 Throughput: FLOPs per token: trl's forward figure (``trl.trainer.utils.compute_flops_per_token`` / 3) times the
@@ -86,11 +88,11 @@ MFU = {
 CPU_PROCESS_BYTES = 650 * MiB
 # the tokenizer's memory grows with its vocabulary (SmolLM2 49,152 entries; Gemma 3 262,144)
 CPU_TOKENIZER_BYTES_PER_ENTRY = 600
-# CPU, measured on the project's Xeon (benchmarks/plan_check.py; docs/planning.md): what the heap keeps of the LM head's
-# temporaries (fp32 vocabulary rows per token) and of bitsandbytes' dequantized weights (rows of hidden +
-# intermediate per token and layer, without / with activation checkpointing)
-CPU_HEAD_ROWS = 8
-CPU_4BIT_TOKEN_ROWS = {False: 2.0, True: 4.5}
+# CPU, measured on the project's Xeon (benchmarks/plan_check.py; docs/planning.md): what the heap keeps of a step's
+# freed temporaries, in rows of hidden + intermediate per token and layer, and of bitsandbytes' dequantized weights
+# (one fp32 copy plus rows per token and layer, without / with activation checkpointing)
+CPU_HEAP_TOKEN_ROWS = 4.0
+CPU_4BIT_TOKEN_ROWS = {False: 1.7, True: 4.5}
 # while the weights load, the share of the checkpoint's file whose mapped pages count in the peak RSS
 CPU_LOAD_FILE_SHARE = 1.0
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA context, cuBLAS/cuDNN workspaces: outside torch's allocator
@@ -404,12 +406,17 @@ def estimate(arch: Arch, setup: Setup, source: str = "") -> Plan:
         head = tokens * min(arch.vocab, 32768) * 4 + tokens * arch.hidden * act_bytes
         head_note = "trl's fused LM head (Triton): one vocabulary tile in fp32"
     else:
-        # alignkit's cpu_lm_head: per chunk of tokens the fp32 logits, probabilities and their gradients, the forward's
-        # probabilities kept for backward while they fit 1 GiB; with alignkit's allocator setting (no trimming) the
-        # heap keeps them: measured, CPU_HEAD_ROWS fp32 vocabulary rows per token (docs/planning.md)
-        head = CPU_HEAD_ROWS * min(tokens, max(1024, GiB // (4 * arch.vocab))) * arch.vocab * 4
-        head_note = f"alignkit's cpu_lm_head: {CPU_HEAD_ROWS} fp32 vocabulary rows per token (measured)"
+        # alignkit's cpu_lm_head: the forward's fp32 probabilities kept for backward while they fit 1 GiB, and one
+        # chunk's logits and probabilities (lm_head.py)
+        chunk = max(1, min(1024, (256 * MiB) // (4 * arch.vocab)))
+        kept = tokens * arch.vocab * 4
+        head = (kept if kept <= GiB else 0) + 2 * min(tokens, chunk) * arch.vocab * 4
+        head_note = "alignkit's cpu_lm_head: chunk logits" + (" + fp32 probabilities kept" if kept <= GiB else "")
     rows.append(("logits", int(head), head_note))
+    if not gpu:
+        # alignkit's allocator setting (no trimming, no mmap: speedups/cpu.py) keeps freed temporaries in the heap
+        kept_heap = CPU_HEAP_TOKEN_ROWS * tokens * arch.layers * (arch.hidden + arch.intermediate) * 4
+        rows.append(("heap retention (CPU)", int(kept_heap), f"{CPU_HEAP_TOKEN_ROWS} rows/token/layer (measured)"))
     if not gpu and setup.load_in_4bit:
         # bitsandbytes on CPU dequantizes each Linear's weight to fp32 for every matmul (forward, backward and a
         # recomputation); the heap keeps those temporaries: measured, one fp32 copy of the quantized weights plus

@@ -179,3 +179,15 @@ def test_parameter_count_is_the_checkpoints(kind):
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     assert Arch.from_config(json.loads((folder / "config.json").read_text())).params()["total"] == stored
+
+
+def test_the_written_zero3_config_launches_with_its_own_json(tmp_path):
+    from alignkit.scaffold import launch_command, write_launch_config, write_recipe
+
+    recipe = write_recipe("sft", tmp_path / "sft.yaml", model="meta-llama/Llama-3.1-70B-Instruct")[0]
+    config = write_launch_config("sft", recipe, 8, "24GB")[0][0]
+    command = launch_command("sft", ["--config", str(recipe), "--accelerate_config", str(config)])
+    import yaml
+
+    launched = yaml.safe_load(open(command[command.index("--config_file") + 1]))
+    assert launched["deepspeed_config"]["deepspeed_config_file"] == str(tmp_path / "zero3.json")
