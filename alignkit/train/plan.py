@@ -552,6 +552,8 @@ def setup_from_recipe(recipe, stage: str, gpu: str | None = None, num_processes:
         dtype = dtype  # a CPU run asked for 16-bit weights: as asked
     seq = getattr(t, "block_size", None) if stage == "cpt" else None
     seq = seq or getattr(t, "max_length", None) or getattr(t, "max_seq_length", None) or 1024
+    if stage in ("distill", "online_dpo"):
+        notes.append(f"{stage}: the teacher / judge model and generation are not counted")
     if stage in ("grpo", "rloo"):
         seq = (getattr(t, "max_prompt_length", None) or 512) + (getattr(t, "max_completion_length", None) or 256)
         notes.append("GRPO/RLOO: prompt + completion length, generation not counted")
