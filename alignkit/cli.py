@@ -323,8 +323,9 @@ def plan(argv: list[str]) -> int:
 
 def _stage_of(config: str) -> str:
     """The stage a recipe file is for, from its name (recipes/smollm2/dpo_qlora.yaml: dpo); sft when none is named."""
-    words = re.split(r"[^a-z]+", Path(config).stem.lower())
-    return next((w for w in words if w in STAGES), "sft")
+    stem = Path(config).stem.lower()
+    named = (s for s in sorted(STAGES, key=len, reverse=True) if re.search(rf"(^|[^a-z]){s}([^a-z]|$)", stem))
+    return next(named, "sft")  # the longest name first: online_dpo.yaml is online_dpo, not dpo
 
 
 def recipes(argv: list[str]) -> int:
