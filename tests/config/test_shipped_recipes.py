@@ -15,7 +15,8 @@ RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "data" not in 
 def _stage_for(path: Path) -> str:
     """The stage a recipe file is for, from its name (sft_qlora.yaml, dpo.yaml, task_ner.yaml, ner.yaml)."""
     name = path.stem
-    for stage in STAGES:
+    # the longest stage name that fits: online_dpo.yaml is online_dpo's, not dpo's
+    for stage in sorted(STAGES, key=len, reverse=True):
         if stage != "task" and (name.startswith(stage) or name.endswith(stage)):
             return stage
     return "task"
