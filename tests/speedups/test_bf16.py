@@ -83,6 +83,48 @@ def test_cpu_lm_head_sft_loss_in_bf16(monkeypatch):
     assert rel < SFT_LOSS_REL and token < TOKEN_ABS and cosine > GRAD_COSINE
 
 
+# measured (AMX / capped at AVX2): per-token log-probs MEASURE, per-row sums MEASURE relative, gradients cosine MEASURE
+HEAD_TOKEN_ABS, HEAD_SUM_REL, HEAD_COSINE = 0.1, 1e-3, 0.999
+
+
+def test_cpu_lm_head_bf16_gemms_against_fp32(monkeypatch):
+    """The CPU LM head's bf16 GEMMs (under bf16 autocast) against its fp32 path on the same hidden states and head,
+    at SmolLM2-135M's width (576) with logits as large as a trained model's (targets planted at logit ~20, others
+    spread with std ~3), several chunks: per-token log-probs, per-row sums of 64 tokens (what DPO/KTO compare) and the
+    gradients of hidden states and head."""
+    from alignkit.speedups import lm_head
+
+    monkeypatch.setattr(lm_head, "TOKEN_CHUNK", 100)
+    g = torch.Generator().manual_seed(0)
+    n, width, vocab = 256, 576, 4096
+    weight = torch.randn(vocab, width, generator=g) * 0.125  # logits std ~3
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    hidden = torch.randn(n, width, generator=g)
+    confident = torch.arange(n) % 2 == 0  # half the tokens: the target's logit pushed to ~20 (a trained model's)
+    w_t = weight[targets]
+    hidden[confident] += (20 - (hidden * w_t).sum(1, keepdim=True))[confident] * (w_t / w_t.square().sum(1, True))[
+        confident
+    ]
+    upstream = torch.linspace(-1, 1, n)
+
+    def run(context):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with context:
+            lp = lm_head.CpuFirstLogProbFunction.apply(h, w, None, targets, 1.0, 128, None, 1.0, ("log_probs",))[0]
+        (lp * upstream).sum().backward()
+        return lp.detach(), {"hidden": h.grad, "weight": w.grad}
+
+    lp32, g32 = run(torch.autocast("cpu", enabled=False))
+    lp16, g16 = run(bf16())
+    token = (lp16 - lp32).abs().max().item()
+    sums32, sums16 = lp32.view(4, 64).sum(1), lp16.view(4, 64).sum(1)
+    rel = ((sums16 - sums32).abs() / sums32.abs()).max().item()
+    cosine = _cosine(g32, g16)
+    print(f"LM head bf16 vs fp32: token log-probs {token:.4f} abs, sums {rel:.1e} rel, gradient cosine {cosine:.6f}")
+    assert lp16.dtype == torch.float32 and token > 0  # the bf16 GEMMs ran
+    assert token < HEAD_TOKEN_ABS and rel < HEAD_SUM_REL and cosine > HEAD_COSINE
+
+
 # measured (AMX / capped at AVX2), token log-probs: per-document bf16 vs fp32 0.002 / 0.002; per-document vs masked
 # SDPA, both bf16: 0.002 / 0.000
 ATTENTION_ABS = 0.02
