@@ -78,7 +78,7 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
 
     harness.add_ratios(rows, "samples_per_s")
     print(f"\nDPO, {size.name} ({size.alignkit_name}): batch {size.dpo_batch} pairs, {steps} steps (timed: 2..{steps}), best of {args.repeats} rounds, "
-          f"LoRA r16, {harness.machine(started_at)}")  # fmt: skip
+          f"{size.adapter()}, {harness.machine(started_at)}")  # fmt: skip
     harness.print_table(rows, [
         ("variant", "variant", "s"), ("threads", "threads", "d"), ("dtype", "dtype", "s"), ("grad ckpt", "grad_ckpt", "d"),
         ("pairs/s", "samples_per_s", ".2f"), ("pairs/s per round", "rounds", "s"),
