@@ -14,7 +14,8 @@ function.
 Precision: under CPU bf16 autocast (what a ``bf16: true`` trainer runs in; alignkit's ``dtype: auto`` on a CPU with
 bf16 units) the projections (logits, their recomputation and the input gradient) run as bf16 GEMMs (fp32
 accumulation inside the kernel, bf16 results, as autocast runs every other Linear); each chunk's logits are upcast to
-fp32 before anything is summed, so logsumexp, softmax, entropy, the log-probs (hence SFT losses and DPO/KTO
+fp32 and each token's target logit is recomputed in fp32 (one dot product per token, N x H: the GEMM's rounding of
+the one logit log p_t reads directly is not in it) before anything is summed, so logsumexp, softmax, entropy, the log-probs (hence SFT losses and DPO/KTO
 per-sequence sums) and the gradient's ``onehot - p`` are fp32, and the weight gradient (a trainable head) is
 accumulated across chunks in fp32. Without autocast (or with trl's ``cast_lm_head_to_fp32``, which turns it off
 around the call) everything is fp32, as before.
@@ -54,11 +55,19 @@ def _operands(weight, bias, gemm_dtype):
     return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-def _logits(hidden, weight, bias, scale: float) -> torch.Tensor:
+def _logits(hidden, weight, bias, scale: float, targets=None, exact=None) -> torch.Tensor:
     """fp32 logits (N, V) of one chunk; ``weight``/``bias`` from :func:`_operands` (bf16 operands: a bf16 GEMM whose
-    result is upcast)."""
+    result is upcast). With ``targets`` (N,) and ``exact`` (the fp32 ``(weight, bias)``), each token's target logit is
+    then recomputed in fp32 (one dot product per token) and written over the GEMM's: log p_t reads it directly, so
+    bf16's rounding of it (up to ~0.06 for a logit of ~20) is not in the log-prob."""
     with torch.autocast(hidden.device.type, enabled=False):  # the dtype is chosen here (backward has no autocast)
         z = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+        if exact is not None:
+            w32, b32 = exact
+            z_t = torch.linalg.vecdot(hidden.float(), w32[targets].float())
+            if b32 is not None:
+                z_t += b32[targets].float()
+            z.scatter_(1, targets[:, None], z_t[:, None])
     return z.mul_(scale) if scale != 1.0 else z
 
 
@@ -89,9 +98,10 @@ class CpuLogProb(torch.autograd.Function):
         kept = [] if needs_grad and n * weight.shape[0] * 4 <= KEEP_PROBS_BYTES else None
         step = chunk_tokens(weight.shape[0])
         w, b = _operands(weight, bias, gemm_dtype)
+        exact = (weight, bias) if gemm_dtype is not None else None  # bf16 GEMMs: the target logits again in fp32
         for s in range(0, n, step):
             e = min(s + step, n)
-            z = _logits(hidden[s:e], w, b, scale)
+            z = _logits(hidden[s:e], w, b, scale, targets[s:e], exact)
             t = targets[s:e, None]
             if want_top1:
                 top1[s:e] = z.argmax(-1) == targets[s:e]
@@ -137,7 +147,8 @@ class CpuLogProb(torch.autograd.Function):
             if kept is not None and grad_entropy is None:  # the forward's probabilities: no second projection
                 p, kept[k] = kept[k], None
             else:
-                log_p = _logits(hidden[s:e], w, b, ctx.scale).sub_(log_z[s:e, None])
+                exact = (weight, bias) if ctx.gemm_dtype is not None else None
+                log_p = _logits(hidden[s:e], w, b, ctx.scale, targets[s:e], exact).sub_(log_z[s:e, None])
                 p = log_p.exp()
             grad = None
             if grad_entropy is not None:  # -g_H * p * (log p + H)

@@ -174,7 +174,7 @@ def test_gemma3_sizes_train_both_sides_in_4bit_and_gemmas_format(script, capsys)
     starts at zero) are the same."""
     rows = _load(script).main(
         ["--size", "tiny_gemma3", "--steps", "2", "--repeats", "1", "--variants", "alignkit", "trl_tuned",
-         *(["--gemm_n", "256"] if script == "sft" else [])],
+         *(["--gemm_n", "256", "--gemm_budget", "0.2"] if script == "sft" else [])],
         in_process=True,
     )  # fmt: skip
     assert [r["variant"] for r in rows] == ["alignkit", "trl_tuned"]

@@ -108,14 +108,14 @@ def test_the_demo_stops_when_the_merge_fails_its_parity_gate(sft_3_steps, tmp_pa
     import json
 
     import torch
-    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
 
     from alignkit.demo.pipeline import merge_final
 
     merge_final(sft_3_steps, tmp_path / "clean")  # the gate passes: the demo goes on
     assert json.loads((tmp_path / "clean" / "alignkit_run.json").read_text())["merge"]["parity_passed"]
 
-    merge_and_unload = PeftModel.merge_and_unload
+    merge_and_unload = BaseTuner.merge_and_unload  # what PeftModel(...).merge_and_unload() runs
 
     def damaged(self, *args, **kwargs):
         model = merge_and_unload(self, *args, **kwargs)
@@ -123,7 +123,7 @@ def test_the_demo_stops_when_the_merge_fails_its_parity_gate(sft_3_steps, tmp_pa
             model.get_output_embeddings().weight[5] += 1.0
         return model
 
-    monkeypatch.setattr(PeftModel, "merge_and_unload", damaged)
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", damaged)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         merge_final(sft_3_steps, tmp_path / "final")

@@ -60,8 +60,8 @@ def test_softcapping_and_gpu_tensors_go_to_trl(monkeypatch):
 @pytest.mark.parametrize("keep_probs", [True, False])
 def test_bf16_autocast_runs_the_gemms_in_bf16_and_sums_in_fp32(keep_probs, monkeypatch):
     """Under CPU bf16 autocast (trl's bf16=True on CPU) the projections are bf16 GEMMs and everything after them fp32:
-    the log-probs and both gradients are those of fp32 log-softmax over ``linear(h.bf16(), w.bf16()).float()``
-    (autograd through those casts is the reference). With autocast turned off around the call (trl's
+    the log-probs and both gradients are those of fp32 log-softmax over ``linear(h.bf16(), w.bf16()).float()`` with
+    each target's logit recomputed in fp32 (autograd through those casts is the reference). With autocast turned off around the call (trl's
     ``cast_lm_head_to_fp32``) it is the fp32 path, bit for bit."""
     monkeypatch.setattr(lm_head, "TOKEN_CHUNK", 7)  # several chunks, the last one partial
     monkeypatch.setattr(lm_head, "KEEP_PROBS_BYTES", 1 << 30 if keep_probs else 0)
@@ -84,6 +84,7 @@ def test_bf16_autocast_runs_the_gemms_in_bf16_and_sums_in_fp32(keep_probs, monke
     lp, grad_h, grad_w = run(bf16())
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     z = torch.nn.functional.linear(h.bfloat16(), w.bfloat16()).float()
+    z = z.scatter(1, targets[:, None], (h * w[targets]).sum(-1, keepdim=True))  # the target logits in fp32
     reference = z.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
     (reference * torch.linspace(-1, 2, 19)).sum().backward()
     assert lp.dtype == grad_h.dtype == grad_w.dtype == torch.float32
