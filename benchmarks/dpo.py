@@ -3,6 +3,7 @@ with trl's best settings for the device, on the same model, preference pairs, ef
 
     python benchmarks/dpo.py --size tiny
     flock /tmp/alignkit-heavy.lock python benchmarks/dpo.py --size smollm2
+    python benchmarks/dpo.py --size gemma3 --variants alignkit trl_tuned --steps 3 --time_box 180   # Gemma 3 270M, QLoRA, its chat format
 
 Both start from the base model with a fresh LoRA adapter; the reference policy is the base (adapter disabled), as trl
 does for PEFT models. Throughput is preference pairs per second over steps 2..N. trl 1.16's DPO has no padding-free

@@ -3,6 +3,7 @@ with trl's best settings for the device, on the same model, data, sequence lengt
 
     python benchmarks/sft.py --size tiny            # seconds
     flock /tmp/alignkit-heavy.lock python benchmarks/sft.py --size smollm2   # minutes
+    python benchmarks/sft.py --size gemma3 --variants alignkit trl_tuned --steps 3 --time_box 180   # Gemma 3 270M, QLoRA, its chat format
 
 One process tree: each variant runs in its own child process, one after the other, after a GEMM probe. Throughput
 counts non-padding tokens over steps 2..N (step 1 is warm-up). MFU = model FLOPs / probe FLOP/s in the row's compute
