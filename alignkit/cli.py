@@ -3,7 +3,8 @@
 Training stages (``alignkit cpt|sft|dpo|task --config X.yaml [--key value ...]``) come from the stage registry
 (alignkit.stages) and run the same ``main`` as ``accelerate launch recipes/<stage>.py``; the other commands are
 functions taking their argv, listed in ``COMMANDS``. Every command exits 2 on bad input (message with the fix, no
-traceback; ``ALIGNKIT_TRACEBACK=1`` shows one), 1 when training stopped on a NaN/Inf loss, 0 otherwise.
+traceback; ``ALIGNKIT_TRACEBACK=1`` shows one), 1 when training stopped on a NaN/Inf loss or an output failed its gate
+(a merge's parity, a GGUF's), 0 otherwise.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alignkit import quiet
-from alignkit.errors import AlignkitError, DataError, run_cli
+from alignkit.errors import DataError, run_cli
 from alignkit.stages import STAGES
 
 
@@ -27,7 +28,7 @@ def merge(argv: list[str]) -> int:
     """Merge an adapter output into a standalone model (parity-gated); optionally push it to the Hub."""
     from alignkit.export.hub import preflight_push, push_folder
     from alignkit.export.merge import merge_adapter
-    from alignkit.export.parity import MERGE_METHODS
+    from alignkit.export.parity import MERGE_METHODS, require_parity
 
     p = argparse.ArgumentParser(prog="alignkit merge", description="Merge an adapter output into a standalone model.")
     p.add_argument("adapter_output", help="Output dir of an adapter run (or any PEFT adapter folder).")
@@ -43,7 +44,11 @@ def merge(argv: list[str]) -> int:
     )
     p.add_argument("--hub_model_id", help="Repo id, 'user/name' or 'name' (in your namespace).")
     p.add_argument("--private", action="store_true", help="Create the Hub repo private.")
-    p.add_argument("--force", action="store_true", help="Push even when the parity check fails.")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="Accept a merge above the parity bound (exit 0; pushed with --push_to_hub).",
+    )
     args = p.parse_args(argv)
     if args.max_logit_diff is not None and not args.max_logit_diff >= 0:
         p.error("--max_logit_diff must be >= 0 (a bound on max |logit difference|)")
@@ -53,14 +58,9 @@ def merge(argv: list[str]) -> int:
             p.error("--push_to_hub needs --hub_model_id")
         repo_id = preflight_push(args.hub_model_id, private=args.private)  # before the merge: fail fast
     result = merge_adapter(args.adapter_output, args.output, method=args.method, max_logit_diff=args.max_logit_diff)
+    require_parity(result, args.force, "not pushed to the Hub" if repo_id else "")  # above the bound: exit 1
     if repo_id is None:
         return 0
-    if not result.parity.passed and not args.force:
-        raise AlignkitError(
-            f"not pushing: the merged model's logits differ from base + adapter by {result.parity.max_abs_diff:.3g} > "
-            f"{result.parity.bound:g}. Fix: check the merge method (dequantize reproduces a 4-bit-trained model), raise "
-            "--max_logit_diff if the difference is expected, or pass --force."
-        )
     push_folder(result.output_dir, repo_id, private=args.private)
     return 0
 

@@ -63,6 +63,13 @@ class DivergenceError(NonFiniteLossError):
     status = "diverged"
 
 
+class MergeParityError(AlignkitError, RuntimeError):
+    """A merged model failed its parity gate (exit 1): its logits differ from base + adapter by more than the bound,
+    so it is not the model that was trained. The merged folder is kept for inspection; its record and card say so."""
+
+    exit_code = 1
+
+
 class RewardFunctionError(AlignkitError, RuntimeError):
     """A GRPO reward function failed during training (raised, or broke the reward contract)."""
 

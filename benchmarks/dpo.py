@@ -3,6 +3,7 @@ with trl's best settings for the device, on the same model, preference pairs, ef
 
     python benchmarks/dpo.py --size tiny
     flock /tmp/alignkit-heavy.lock python benchmarks/dpo.py --size smollm2
+    python benchmarks/dpo.py --size gemma3 --variants alignkit trl_tuned --steps 3 --time_box 180   # Gemma 3 270M, QLoRA, its chat format
 
 Both start from the base model with a fresh LoRA adapter; the reference policy is the base (adapter disabled), as trl
 does for PEFT models. Throughput is preference pairs per second over steps 2..N. trl 1.16's DPO has no padding-free
@@ -78,7 +79,7 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
 
     harness.add_ratios(rows, "samples_per_s")
     print(f"\nDPO, {size.name} ({size.alignkit_name}): batch {size.dpo_batch} pairs, {steps} steps (timed: 2..{steps}), best of {args.repeats} rounds, "
-          f"LoRA r16, {harness.machine(started_at)}")  # fmt: skip
+          f"{size.adapter()}, {harness.machine(started_at)}")  # fmt: skip
     harness.print_table(rows, [
         ("variant", "variant", "s"), ("threads", "threads", "d"), ("dtype", "dtype", "s"), ("grad ckpt", "grad_ckpt", "d"),
         ("pairs/s", "samples_per_s", ".2f"), ("pairs/s per round", "rounds", "s"),

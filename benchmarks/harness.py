@@ -35,6 +35,29 @@ class Size:
     steps: int  # the first step is warm-up; throughput is measured over the rest
     dpo_batch: int
     dpo_steps: int
+    load_in_4bit: bool = False  # QLoRA (nf4, double quantization, the LM head kept out), both sides alike
+    chat_template: str | None = None  # a family template for a model that has none (alignkit's chat_template key)
+
+    def adapter(self) -> str:
+        """The adapter as the tables name it."""
+        return f"{'QLoRA (nf4)' if self.load_in_4bit else 'LoRA'} r{LORA['r']}"
+
+    def alignkit_argv(self) -> list[str]:
+        """What alignkit's recipe is told beyond its defaults for this model: its 4-bit load and chat format."""
+        argv = ["--load_in_4bit", "true"] if self.load_in_4bit else []
+        return argv + (["--chat_template", self.chat_template] if self.chat_template else [])
+
+    def tokenizer(self):
+        """The model's tokenizer, with the family's stock chat template where the model has none (what a plain trl
+        user sets: ``tokenizer.chat_template = ...``)."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.path())
+        if self.chat_template and not tokenizer.chat_template:
+            from alignkit.data.chat_families import stock_template
+
+            tokenizer.chat_template = stock_template(self.chat_template)
+        return tokenizer
 
     def path(self) -> str:
         """A plain model directory, for the plain trl scripts."""
@@ -52,6 +75,31 @@ SIZES = {
     "smollm2": Size(
         "smollm2", "smollm2:SmolLM2-135M-Instruct", max_length=256, batch=8, steps=6, dpo_batch=4, dpo_steps=5
     ),
+    # tiny:gemma3 the way gemma3 runs (QLoRA, Gemma's template installed on a model without one): the CI smoke run
+    "tiny_gemma3": Size(
+        "tiny_gemma3",
+        "tiny:gemma3",
+        max_length=128,
+        batch=4,
+        steps=3,
+        dpo_batch=2,
+        dpo_steps=3,
+        load_in_4bit=True,
+        chat_template="gemma3",
+    ),  # fmt: skip
+    # Gemma 3 270M base (docs/gemma3.md): as alignkit's demo recipes train it, QLoRA in Gemma's own chat format;
+    # batch 4 x 256 tokens (the size issue 38 states peak RSS at); a step costs ~4x SmolLM2's
+    "gemma3": Size(
+        "gemma3",
+        "gemma3:gemma-3-270m",
+        max_length=256,
+        batch=4,
+        steps=5,
+        dpo_batch=2,
+        dpo_steps=5,
+        load_in_4bit=True,
+        chat_template="gemma3",
+    ),  # fmt: skip
 }
 
 LORA = dict(
@@ -189,7 +237,8 @@ def train_measurements(trainer, timer, batch: int) -> dict:
         tokens = logs[-1]["num_tokens"] - logs[0]["num_tokens"]
         result.update(tokens_per_s=tokens / seconds, tokens_per_cpu_s=tokens / cpu_seconds)
     frozen, trainable = matmul_parameters(trainer.model)
-    result.update(frozen_params=frozen, trainable_params=trainable)
+    quantized = sum(m.in_features * m.out_features for m in trainer.model.modules() if type(m).__name__ == "Linear4bit")
+    result.update(frozen_params=frozen, trainable_params=trainable, quantized_params=quantized)
     return result
 
 
@@ -307,22 +356,30 @@ def train_plain_trl(stage: str, size: Size, data: Path, out: Path, steps: int, b
     """What a user writes with trl alone: load, LoraConfig, <Stage>Config, <Stage>Trainer, train. Returns the trainer
     and its measurements."""
     import datasets
+    import torch
     import transformers
     import trl
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     config_cls, trainer_cls = {"sft": (trl.SFTConfig, trl.SFTTrainer), "dpo": (trl.DPOConfig, trl.DPOTrainer)}[stage]
+    quantization = None
+    if size.load_in_4bit:  # alignkit's QuantizationArguments defaults; 4-bit compute in the run's precision
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if settings.get("bf16", True) else torch.float32,
+            llm_int8_skip_modules=["lm_head"],
+        )  # fmt: skip
     transformers.set_seed(SEED)
     args = config_cls(
         output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps, learning_rate=LEARNING_RATE,
         logging_steps=1, save_strategy="no", report_to="none", seed=SEED, disable_tqdm=True, **settings,
     )  # fmt: skip
     trainer = trainer_cls(
-        model=AutoModelForCausalLM.from_pretrained(size.path()),
+        model=AutoModelForCausalLM.from_pretrained(size.path(), quantization_config=quantization),
         args=args,
         train_dataset=datasets.load_dataset("json", data_files=str(data), split="train"),
-        processing_class=AutoTokenizer.from_pretrained(size.path()),
+        processing_class=size.tokenizer(),
         peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA),
     )
     timer = step_timer()
@@ -338,7 +395,7 @@ def train_alignkit(
     ``timer``: one more callback for the trainer (the profiler's window). Returns the trainer and its measurements."""
     extra, timer = timer, step_timer()
     argv = [
-        "--model_name_or_path", size.alignkit_name, "--datasets", f"[{data}]", *argv,
+        "--model_name_or_path", size.alignkit_name, "--datasets", f"[{data}]", *size.alignkit_argv(), *argv,
         "--per_device_train_batch_size", str(batch), "--max_steps", str(steps),
         "--learning_rate", str(LEARNING_RATE), "--seed", str(SEED), "--disable_tqdm", "true",
         "--output_dir", str(out), "--overwrite_output_dir", "true",

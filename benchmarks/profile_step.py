@@ -137,9 +137,7 @@ def profile_child(stage: str, size: harness.Size, work: Path, steps: int, extra:
 
     timer = Window()
     if stage == "sft":
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(size.path())
+        tokenizer = size.tokenizer()
         data = harness.write_jsonl(work / "sft.jsonl", harness.sft_rows(tokenizer, size.max_length))
         argv, batch = ["--max_length", str(size.max_length), *extra], size.batch
     else:

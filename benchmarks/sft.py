@@ -3,6 +3,7 @@ with trl's best settings for the device, on the same model, data, sequence lengt
 
     python benchmarks/sft.py --size tiny            # seconds
     flock /tmp/alignkit-heavy.lock python benchmarks/sft.py --size smollm2   # minutes
+    python benchmarks/sft.py --size gemma3 --variants alignkit trl_tuned --steps 3 --time_box 180   # Gemma 3 270M, QLoRA, its chat format
 
 One process tree: each variant runs in its own child process, one after the other, after a GEMM probe. Throughput
 counts non-padding tokens over steps 2..N (step 1 is warm-up). MFU = model FLOPs / probe FLOP/s in the row's compute
@@ -88,10 +89,9 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
         return []
 
     import gemm
-    from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="alignkit-bench-sft-") as tmp:
-        tokenizer = AutoTokenizer.from_pretrained(size.path())
+        tokenizer = size.tokenizer()
         data = harness.write_jsonl(Path(tmp) / "sft.jsonl", harness.sft_rows(tokenizer, size.max_length))
         probes = {name: gemm.probe(name, args.gemm_n, args.gemm_budget) for name in ("float32", "bfloat16")}
         peaks = {name: p["flops"] for name, p in probes.items()}
@@ -111,7 +111,7 @@ def main(argv=None, in_process: bool = False) -> list[dict]:
         row.update(dtype="bf16" if row["bf16"] else "fp32", mfu=100 * rate / fastest, mfu_own=100 * rate / own)
     harness.add_ratios(rows, "tokens_per_s")
     print(
-        f"\nSFT, {size.name} ({size.alignkit_name}): max_length {size.max_length}, batch {size.batch}, {steps} steps (timed: 2..{steps}), best of {args.repeats} rounds, LoRA r16, "
+        f"\nSFT, {size.name} ({size.alignkit_name}): max_length {size.max_length}, batch {size.batch}, {steps} steps (timed: 2..{steps}), best of {args.repeats} rounds, {size.adapter()}, "
         f"{harness.machine(started_at)}"
     )
     print("GEMM probe: " + ", ".join(

@@ -192,6 +192,21 @@ def evaluate(path: Path, rows: list[dict], out_file: Path, chat_template: str | 
     return {"format": summary["format"], "exact": summary["exact"], "seconds": time.time() - started}
 
 
+def merge_final(adapter: Path, output: Path) -> None:
+    """``alignkit merge adapter --output output`` (parity-gated). Stops the demo (SystemExit, exit 1) when the merge
+    fails: above the parity bound the merged model is not the model the last stage trained, so its scores would
+    describe something else; the message names the adapter to look at and ``alignkit merge --force``."""
+    from alignkit.cli import main as cli
+
+    code = cli(["merge", str(adapter), "--output", str(output)])
+    if code != 0:
+        raise SystemExit(
+            f"[merge] the demo stops here: merging {adapter} into {output} failed (exit {code}; the reason is printed "
+            "above), so no final model is scored and no report is written. The trained adapter is kept; a merge "
+            "refused by the parity gate is kept too, with the gate's figures in its alignkit_run.json."
+        )
+
+
 def alignkit_cli(*argv: str) -> None:
     from alignkit.cli import main as cli
 
@@ -287,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             run_eval(stage, out_dir / stage)
 
     t = time.time()
-    alignkit_cli("merge", str(out_dir / stages[-1]), "--output", str(out_dir / "final"))
+    merge_final(out_dir / stages[-1], out_dir / "final")
     times["merge"] = time.time() - t
     run_eval("final", out_dir / "final")
     alignkit_cli("report", *(str(out_dir / s) for s in stages), "--out", str(out_dir / "report"))

@@ -250,7 +250,8 @@ def gate_conversations(path: str | Path | None = None) -> list[list[dict]]:
 
 def merged_folder(run_or_merged: str | Path) -> Path:
     """The model folder for a merged/full model folder (itself) or an adapter run (its merge ``<run>-merged``,
-    made now unless an earlier merge of this run is there). ConfigError for a folder without a model."""
+    made now unless an earlier merge of this run is there). ConfigError for a folder without a model;
+    MergeParityError when the merge made now fails its parity gate."""
     from alignkit.runs import RunRecord
 
     folder = Path(run_or_merged)
@@ -258,6 +259,7 @@ def merged_folder(run_or_merged: str | Path) -> Path:
         check_adapter_folder(folder)
     if not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():
         from alignkit.export.merge import merge_adapter
+        from alignkit.export.parity import require_parity
 
         merged = folder.parent / f"{folder.name}-merged"
         record = RunRecord.read(merged) if (merged / "config.json").is_file() else None
@@ -265,7 +267,7 @@ def merged_folder(run_or_merged: str | Path) -> Path:
             logger.warning("%s is an adapter run: using its merge, %s", folder, merged)
         else:
             logger.warning("%s is an adapter run: merging it first", folder)
-            merged = Path(merge_adapter(folder).output_dir)
+            merged = Path(require_parity(merge_adapter(folder), consequence="nothing exported from it").output_dir)
         folder = merged
     if folder.is_dir() and not (folder / "config.json").is_file():
         from alignkit.models.sources import check_model_folder as check_complete

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config.args import ModelArguments, QuantizationArguments
-from alignkit.errors import ConfigError
+from alignkit.errors import ConfigError, MergeParityError
 from alignkit.models import ModelSource, resolve_source
 from alignkit.runs import BaseModelRef, LineageEntry, MergeInfo, RunRecord
 
@@ -59,6 +59,25 @@ class MergeResult:
     output_dir: Path
     method: str
     parity: Parity
+
+
+def require_parity(result: MergeResult, force: bool = False, consequence: str = "") -> MergeResult:
+    """The parity gate's verdict as an exit: returns ``result`` when the merged model's max |logit diff| is within the
+    bound (or ``force``), else raises :class:`MergeParityError` (exit 1) naming the figures and the fixes; the merged
+    folder stays on disk either way (its alignkit_run.json and card say whether it passed). ``consequence``: what is
+    not done because of it (e.g. "not pushed to the Hub"), for the message."""
+    parity = result.parity
+    if parity.passed or force:
+        return result
+    then = f"; {consequence}" if consequence else ""
+    raise MergeParityError(
+        f"{result.output_dir}: the merged model failed the parity gate: its logits differ from base + adapter by "
+        f"{parity.max_abs_diff:.3g}, above the bound {parity.bound:g} (loss on the parity prompts "
+        f"{parity.loss_adapter:.5f} -> {parity.loss_merged:.5f}), so it is not the model that was trained{then}. The "
+        "folder is kept for inspection (its alignkit_run.json and model card record the figures). Fix: merge an adapter "
+        "trained on a 4-bit base with --method dequantize (the default); if the difference is expected, raise "
+        "--max_logit_diff or pass --force to accept it."
+    )
 
 
 def is_merge(folder: Path) -> bool:

@@ -211,7 +211,8 @@ SPEEDUPS: tuple[Speedup, ...] = (
             Upstream(f"{_TRL_UTILS}:_use_triton", ("device",)),
             Upstream(f"{_TRL_UTILS}:maybe_gather_lm_head_ctx"),
         ),
-        doc="trl's fused LM head in native kernels on CPU (lm_head.py; tests/speedups/test_cpu_lm_head.py)",
+        doc="trl's fused LM head in native kernels on CPU, its GEMMs in bf16 under bf16 autocast (lm_head.py; "
+        "tests/speedups/test_cpu_lm_head.py, test_bf16.py)",
     ),
     Speedup(
         "cpt_fused_lm_head", "trainer", lambda ctx: ctx.stage == "cpt", _fused_cpt_loss,

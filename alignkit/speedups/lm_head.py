@@ -11,6 +11,15 @@ head's memory does not grow with the vocabulary; the backward recomputes the chu
 forward's probabilities while all of them fit in ``KEEP_PROBS_BYTES``), so memory stays bounded. Anything else (GPU, logit softcapping) goes to trl's own
 function.
 
+Precision: under CPU bf16 autocast (what a ``bf16: true`` trainer runs in; alignkit's ``dtype: auto`` on a CPU with
+bf16 units) the projections (logits, their recomputation and the input gradient) run as bf16 GEMMs (fp32
+accumulation inside the kernel, bf16 results, as autocast runs every other Linear); each chunk's logits are upcast to
+fp32 and each token's target logit is recomputed in fp32 (one dot product per token, N x H: the GEMM's rounding of
+the one logit log p_t reads directly is not in it) before anything is summed, so logsumexp, softmax, entropy, the log-probs (hence SFT losses and DPO/KTO
+per-sequence sums) and the gradient's ``onehot - p`` are fp32, and the weight gradient (a trainable head) is
+accumulated across chunks in fp32. Without autocast (or with trl's ``cast_lm_head_to_fp32``, which turns it off
+around the call) everything is fp32, as before.
+
 Math (per token, z = logits * scale, p = softmax(z), t = target): log p_t = z_t - logsumexp(z); entropy
 H = -sum_j p_j log p_j; is_top1 = argmax(z) == t (the first maximum, as trl); mean_logits = mean_j z_j;
 log_sum_sq_probs = log sum_j p_j^2. Gradients: d log p_t / dz_j = 1[j=t] - p_j,
@@ -32,9 +41,33 @@ def chunk_tokens(vocab: int) -> int:
     return max(1, min(TOKEN_CHUNK, CHUNK_BYTES // (4 * vocab)))
 
 
-def _logits(hidden, weight, bias, scale: float) -> torch.Tensor:
-    with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits under bf16 autocast too (backward has none)
-        z = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+def cpu_autocast_dtype() -> torch.dtype | None:
+    """torch.bfloat16 while CPU autocast runs bf16 here (the head's GEMMs then run in bf16), else None (fp32)."""
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        return torch.bfloat16
+    return None
+
+
+def _operands(weight, bias, gemm_dtype):
+    """The head's weight and bias as the GEMMs take them: cast once per call (not per chunk) to ``gemm_dtype``, or
+    fp32."""
+    dtype = gemm_dtype or torch.float32
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _logits(hidden, weight, bias, scale: float, targets=None, exact=None) -> torch.Tensor:
+    """fp32 logits (N, V) of one chunk; ``weight``/``bias`` from :func:`_operands` (bf16 operands: a bf16 GEMM whose
+    result is upcast). With ``targets`` (N,) and ``exact`` (the fp32 ``(weight, bias)``), each token's target logit is
+    then recomputed in fp32 (one dot product per token) and written over the GEMM's: log p_t reads it directly, so
+    bf16's rounding of it (up to ~0.06 for a logit of ~20) is not in the log-prob."""
+    with torch.autocast(hidden.device.type, enabled=False):  # the dtype is chosen here (backward has no autocast)
+        z = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+        if exact is not None:
+            w32, b32 = exact
+            z_t = torch.linalg.vecdot(hidden.float(), w32[targets].float())
+            if b32 is not None:
+                z_t += b32[targets].float()
+            z.scatter_(1, targets[:, None], z_t[:, None])
     return z.mul_(scale) if scale != 1.0 else z
 
 
@@ -43,10 +76,15 @@ class CpuLogProb(torch.autograd.Function):
     entropy (N,) or None, is_top1 (N,) bool or None, mean_logits (N,) or None, log_sum_sq_probs (N,) or None); the
     last three are not differentiable (as in trl). ``grad_enabled``: the caller's ``torch.is_grad_enabled()`` (the
     forward always runs without grad, and ``ctx.needs_input_grad`` reads True under ``torch.no_grad`` too): the
-    probabilities are kept for backward only when a backward can come."""
+    probabilities are kept for backward only when a backward can come. ``gemm_dtype``: torch.bfloat16 runs the
+    projections as bf16 GEMMs (what CpuFirstLogProbFunction passes under CPU bf16 autocast; everything summed stays
+    fp32), None: fp32 GEMMs."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale: float, want: tuple[str, ...], grad_enabled: bool = True):
+    def forward(
+        ctx, hidden, weight, bias, targets, scale: float, want: tuple[str, ...], grad_enabled: bool = True,
+        gemm_dtype: torch.dtype | None = None,
+    ):  # fmt: skip
         ctx.set_materialize_grads(False)
         n = hidden.shape[0]
         want_entropy, want_top1 = "entropy" in want, "is_top1" in want
@@ -59,9 +97,11 @@ class CpuLogProb(torch.autograd.Function):
         needs_grad = grad_enabled and any(ctx.needs_input_grad[:3])
         kept = [] if needs_grad and n * weight.shape[0] * 4 <= KEEP_PROBS_BYTES else None
         step = chunk_tokens(weight.shape[0])
+        w, b = _operands(weight, bias, gemm_dtype)
+        exact = (weight, bias) if gemm_dtype is not None else None  # bf16 GEMMs: the target logits again in fp32
         for s in range(0, n, step):
             e = min(s + step, n)
-            z = _logits(hidden[s:e], weight, bias, scale)
+            z = _logits(hidden[s:e], w, b, scale, targets[s:e], exact)
             t = targets[s:e, None]
             if want_top1:
                 top1[s:e] = z.argmax(-1) == targets[s:e]
@@ -80,7 +120,7 @@ class CpuLogProb(torch.autograd.Function):
             if kept is not None:
                 kept.append(p)
         ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy if want_entropy else log_z)
-        ctx.scale, ctx.kept = scale, kept
+        ctx.scale, ctx.kept, ctx.gemm_dtype = scale, kept, gemm_dtype
         ctx.mark_non_differentiable(*(x for x in (top1, mean_logits, log_sum_sq) if x is not None))
         return logprobs, entropy, top1, mean_logits, log_sum_sq
 
@@ -101,12 +141,14 @@ class CpuLogProb(torch.autograd.Function):
         n = hidden.shape[0]
         kept, ctx.kept = ctx.kept, None
         step = chunk_tokens(weight.shape[0])
+        w, b = _operands(weight, bias, ctx.gemm_dtype)  # cast again rather than kept: no second head in memory
         for k, s in enumerate(range(0, n, step)):
             e = min(s + step, n)
             if kept is not None and grad_entropy is None:  # the forward's probabilities: no second projection
                 p, kept[k] = kept[k], None
             else:
-                log_p = _logits(hidden[s:e], weight, bias, ctx.scale).sub_(log_z[s:e, None])
+                exact = (weight, bias) if ctx.gemm_dtype is not None else None
+                log_p = _logits(hidden[s:e], w, b, ctx.scale, targets[s:e], exact).sub_(log_z[s:e, None])
                 p = log_p.exp()
             grad = None
             if grad_entropy is not None:  # -g_H * p * (log p + H)
@@ -119,17 +161,20 @@ class CpuLogProb(torch.autograd.Function):
                 continue
             if ctx.scale != 1.0:
                 grad.mul_(ctx.scale)
-            if grad_hidden is not None:
-                grad_hidden[s:e] = grad @ weight.float()
-            if grad_weight is not None:
-                grad_weight.addmm_(grad.t(), hidden[s:e].float())
+            if grad_hidden is not None:  # (N, V) @ (V, H): in the forward's GEMM dtype, stored fp32
+                grad_hidden[s:e] = grad.to(w.dtype) @ w
+            if grad_weight is not None:  # (V, N) @ (N, H), accumulated over chunks in fp32
+                if w.dtype == torch.float32:
+                    grad_weight.addmm_(grad.t(), hidden[s:e].float())
+                else:
+                    grad_weight += grad.t().to(w.dtype) @ hidden[s:e].to(w.dtype)
             if grad_bias is not None:
                 grad_bias += grad.sum(0)
         return (
             None if grad_hidden is None else grad_hidden.to(hidden.dtype),
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype),
-            None, None, None, None,
+            None, None, None, None, None,
         )  # fmt: skip
 
 
@@ -147,8 +192,9 @@ class CpuFirstLogProbFunction:
                 hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs
             )
         logprobs, entropy, top1, mean_logits, log_sum_sq = CpuLogProb.apply(
-            hidden, weight, bias, targets, float(logit_scale) / float(temperature), outputs, torch.is_grad_enabled()
-        )
+            hidden, weight, bias, targets, float(logit_scale) / float(temperature), outputs, torch.is_grad_enabled(),
+            cpu_autocast_dtype(),
+        )  # fmt: skip
         return logprobs, entropy, log_sum_sq, mean_logits, top1
 
 

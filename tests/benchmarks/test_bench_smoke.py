@@ -176,3 +176,27 @@ def test_plan_check_prints_its_tables(capsys):
     assert "QLoRA paper" in out and "Llama-3.1-70B-Instruct" in out
     rows = plan_check.main(["--only", "tiny-sft-qlora-b4x128", "--predict_only"])
     assert rows[0]["config"] == "tiny-sft-qlora-b4x128" and rows[0]["predicted_mib"] > 0
+
+
+@pytest.mark.parametrize("script", ["sft", "dpo"])
+def test_gemma3_sizes_train_both_sides_in_4bit_and_gemmas_format(script, capsys):
+    """``--size gemma3``'s settings on tiny:gemma3 (a model without a chat template): alignkit and plain trl both load
+    the backbone in 4-bit and train the rows in Gemma's format, so their first losses (before any update; LoRA B
+    starts at zero) are the same."""
+    rows = _load(script).main(
+        ["--size", "tiny_gemma3", "--steps", "2", "--repeats", "1", "--variants", "alignkit", "trl_tuned",
+         *(["--gemm_n", "256", "--gemm_budget", "0.2"] if script == "sft" else [])],
+        in_process=True,
+    )  # fmt: skip
+    assert [r["variant"] for r in rows] == ["alignkit", "trl_tuned"]
+    for row in rows:
+        assert row["frozen_params"] > 0 and row["quantized_params"] > 0  # Linear4bit layers on both sides
+    first = [r["losses"][0] for r in rows]
+    assert math.isclose(*first, rel_tol=1e-3), first
+    assert "QLoRA (nf4) r16" in capsys.readouterr().out
+
+
+def test_lm_head_bf16_benchmark_compares_the_two_precisions(capsys):
+    (row,) = _load("lm_head_bf16").main(["--size", "tiny", "--repeats", "1"])
+    assert row["tokens"] > 0 and 0 < row["token_abs"] < 0.1 and row["cosine"] > 0.99
+    assert "fp32/bf16" in capsys.readouterr().out

@@ -98,3 +98,37 @@ def test_stage_progress_line_reads_the_trainers_bar_and_loss(tmp_path):
         + " 40%|####  | 16/40 [00:31<00:45,  1.90s/it]"
     )
     assert progress.line().startswith("[sft] step 16/40, loss 1.234, ETA 00:45, ")
+
+
+def test_the_demo_stops_when_the_merge_fails_its_parity_gate(sft_3_steps, tmp_path, monkeypatch, capsys):
+    """The demo's merge step on a finished tiny run (full precision: bound 1e-3): a clean merge goes on; a merge whose
+    weights are damaged (one row of the merged LM head shifted by 1.0 after merge_and_unload, before saving) is caught
+    by the real parity gate (the saved model reloaded and scored against base + adapter), ``alignkit merge`` exits 1
+    with the figures and the fix, and the demo stops with a message instead of scoring that model."""
+    import json
+
+    import torch
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from alignkit.demo.pipeline import merge_final
+
+    merge_final(sft_3_steps, tmp_path / "clean")  # the gate passes: the demo goes on
+    assert json.loads((tmp_path / "clean" / "alignkit_run.json").read_text())["merge"]["parity_passed"]
+
+    merge_and_unload = BaseTuner.merge_and_unload  # what PeftModel(...).merge_and_unload() runs
+
+    def damaged(self, *args, **kwargs):
+        model = merge_and_unload(self, *args, **kwargs)
+        with torch.no_grad():
+            model.get_output_embeddings().weight[5] += 1.0
+        return model
+
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", damaged)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        merge_final(sft_3_steps, tmp_path / "final")
+    assert "[merge] the demo stops here" in str(exit_.value.code)  # a message: SystemExit exits 1 with it
+    err = capsys.readouterr().err
+    assert "MergeParityError" in err and "above the bound 0.001" in err and "--force" in err
+    merge = json.loads((tmp_path / "final" / "alignkit_run.json").read_text())["merge"]
+    assert not merge["parity_passed"] and merge["max_abs_logit_diff"] > 0.1  # kept for inspection, marked failed

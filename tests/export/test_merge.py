@@ -1,6 +1,6 @@
 """alignkit merge: the merged model reproduces base + adapter (full precision: 1e-4; 4-bit: stated bounds), loads with
-plain AutoModelForCausalLM, generates and stops at the chat template's end-of-turn token; the parity gate blocks a
-push until forced."""
+plain AutoModelForCausalLM, generates and stops at the chat template's end-of-turn token; a merge above the parity
+bound exits 1 and is not pushed until forced."""
 
 import json
 
@@ -123,9 +123,10 @@ def test_full_precision_merge_of_4bit_adapter_is_gated_before_push(chain, tmp_pa
         "--hub_model_id",
         "tiny-merged",
     ]
-    assert cli(argv) == 2  # refused, with the fix: the same exit code as every other refusal
+    assert cli(argv) == 1  # the gate failed (exit 1, as export gguf's): the merge is kept, nothing is pushed
     err = capsys.readouterr().err
-    assert "not pushing" in err and "--force" in err and not hub.named("upload_folder")
+    assert "MergeParityError" in err and "not pushed to the Hub" in err and "--force" in err
+    assert not hub.named("upload_folder")
     meta = json.loads((out / "alignkit_run.json").read_text())["merge"]
     assert (
         meta["method"] == "full_precision"

@@ -16,10 +16,11 @@ from regression.golden import run_recipe
 pytestmark = pytest.mark.regression
 
 STEPS = 50
-# measured on the AMX CPU (loss 6.3117 -> 5.5776 fp32, -> 5.5805 bf16): largest per-step relative loss difference
-# 1.2e-3, mean of the last 10 steps 2.2e-4 relative; with oneDNN/MKL/ATen capped at AVX2 (bf16 autocast without bf16
-# units): 1.2e-3 and 1.3e-4 (-> 5.5791). Bounds ~10x that.
-LOSS_REL, FINAL_REL = 1e-2, 3e-3
+# measured with the CPU LM head's GEMMs in bf16 (loss 6.3117 -> 5.5776 fp32): on the AMX CPU (-> 5.5874 bf16) largest
+# per-step relative loss difference 1.8e-3, mean of the last 10 steps 2.7e-4 relative; with oneDNN/MKL/ATen capped at
+# AVX2 (bf16 autocast without bf16 units; -> 5.6009): 4.2e-3 and 5.2e-4. (With the head in fp32: 1.2e-3 / 2.2e-4 and
+# 1.2e-3 / 1.3e-4.) Bounds ~5x the larger.
+LOSS_REL, FINAL_REL = 2e-2, 3e-3
 
 
 def _train(tmp_path, name: str) -> tuple[list[float], dict]:

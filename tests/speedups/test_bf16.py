@@ -29,8 +29,8 @@ def _cosine(a: dict, b: dict) -> float:
     return float(x @ y / (x.norm() * y.norm()))
 
 
-# measured (AMX / capped at AVX2): sums 1.8e-4 / 1.8e-4 relative, margins 0.002 / 0.003, gradients cosine 0.99997 /
-# 0.99997
+# measured (AMX / capped at AVX2), the LM head's GEMMs in bf16: sums 1.8e-4 / 1.8e-4 relative, margins 0.003 / 0.003,
+# gradients cosine 0.99997 / 0.99997 (with the head in fp32 before: 1.8e-4 / 1.8e-4, 0.002 / 0.003, 0.99997)
 DPO_SUM_REL, DPO_MARGIN_ABS, GRAD_COSINE = 2e-3, 0.03, 0.999
 
 
@@ -53,14 +53,14 @@ def test_shared_prompt_dpo_log_prob_sums_in_bf16(monkeypatch):
     assert rel < DPO_SUM_REL and margin < DPO_MARGIN_ABS and cosine > GRAD_COSINE
 
 
-# measured (AMX / capped at AVX2): loss 2.3e-5 / 8.6e-6 relative, per-token log-probs 0.002 / 0.002, gradients
-# cosine 0.99997 / 0.99997
+# measured (AMX / capped at AVX2), the LM head's GEMMs in bf16: loss 2.5e-5 / 1.0e-5 relative, per-token log-probs
+# 0.002 / 0.002, gradients cosine 0.99997 / 0.99997 (head in fp32 before: 2.3e-5 / 8.6e-6, 0.002 / 0.002)
 SFT_LOSS_REL, TOKEN_ABS = 1e-3, 0.02
 
 
 def test_cpu_lm_head_sft_loss_in_bf16(monkeypatch):
-    """An SFT forward and backward through trl's fused LM head on the CPU path (fp32 logits and logsumexp inside
-    bf16 autocast): the loss, the per-token log-probs and the adapter gradients, bf16 vs fp32."""
+    """An SFT forward and backward through trl's fused LM head on the CPU path (bf16 GEMMs, fp32 logsumexp and loss
+    inside bf16 autocast): the loss, the per-token log-probs and the adapter gradients, bf16 vs fp32."""
     _cpu_lm_head(monkeypatch)
     model = _model("CAUSAL_LM")
     inputs = DataCollatorForPreference(pad_token_id=0)(_pairs())
@@ -81,6 +81,49 @@ def test_cpu_lm_head_sft_loss_in_bf16(monkeypatch):
     cosine = _cosine(g32, g16)
     print(f"SFT bf16 vs fp32: loss {rel:.1e} rel, token log-probs {token:.3f} abs, gradient cosine {cosine:.5f}")
     assert rel < SFT_LOSS_REL and token < TOKEN_ABS and cosine > GRAD_COSINE
+
+
+# measured (AMX / capped at AVX2): per-token log-probs 0.016 / 0.016, per-row sums 8.2e-5 / 8.2e-5 relative, gradients
+# cosine 0.999991 / 0.999991 (without the fp32 target logit: 0.029, 1.9e-4); bounds ~6-12x
+HEAD_TOKEN_ABS, HEAD_SUM_REL, HEAD_COSINE = 0.1, 1e-3, 0.9999
+
+
+def test_cpu_lm_head_bf16_gemms_against_fp32(monkeypatch):
+    """The CPU LM head's bf16 GEMMs (under bf16 autocast) against its fp32 path on the same hidden states and head,
+    at SmolLM2-135M's width (576) with logits as large as a trained model's (targets planted at logit ~20, others
+    spread with std ~3), several chunks: per-token log-probs, per-row sums of 64 tokens (what DPO/KTO compare) and the
+    gradients of hidden states and head."""
+    from alignkit.speedups import lm_head
+
+    monkeypatch.setattr(lm_head, "TOKEN_CHUNK", 100)
+    g = torch.Generator().manual_seed(0)
+    n, width, vocab = 256, 576, 4096
+    weight = torch.randn(vocab, width, generator=g) * 0.125  # logits std ~3
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    hidden = torch.randn(n, width, generator=g)
+    confident = torch.arange(n) % 2 == 0  # half the tokens: the target's logit pushed to ~20 (a trained model's)
+    w_t = weight[targets]
+    hidden[confident] += (20 - (hidden * w_t).sum(1, keepdim=True))[confident] * (w_t / w_t.square().sum(1, True))[
+        confident
+    ]
+    upstream = torch.linspace(-1, 1, n)
+
+    def run(context):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with context:
+            lp = lm_head.CpuFirstLogProbFunction.apply(h, w, None, targets, 1.0, 128, None, 1.0, ("log_probs",))[0]
+        (lp * upstream).sum().backward()
+        return lp.detach(), {"hidden": h.grad, "weight": w.grad}
+
+    lp32, g32 = run(torch.autocast("cpu", enabled=False))
+    lp16, g16 = run(bf16())
+    token = (lp16 - lp32).abs().max().item()
+    sums32, sums16 = lp32.view(4, 64).sum(1), lp16.view(4, 64).sum(1)
+    rel = ((sums16 - sums32).abs() / sums32.abs()).max().item()
+    cosine = _cosine(g32, g16)
+    print(f"LM head bf16 vs fp32: token log-probs {token:.4f} abs, sums {rel:.1e} rel, gradient cosine {cosine:.6f}")
+    assert lp16.dtype == torch.float32 and token > 0  # the bf16 GEMMs ran
+    assert token < HEAD_TOKEN_ABS and rel < HEAD_SUM_REL and cosine > HEAD_COSINE
 
 
 # measured (AMX / capped at AVX2), token log-probs: per-document bf16 vs fp32 0.002 / 0.002; per-document vs masked

@@ -1,5 +1,7 @@
 """alignkit.speedups.lm_head: the CPU path gives trl's fused LM head outputs and gradients."""
 
+import contextlib
+
 import pytest
 import torch
 from trl.kernels import ChunkedLogProbFunction
@@ -55,19 +57,44 @@ def test_softcapping_and_gpu_tensors_go_to_trl(monkeypatch):
     assert len(calls) == 2
 
 
-def test_bf16_autocast_scores_in_fp32_and_back_propagates():
-    """Under CPU bf16 autocast (trl's bf16=True on CPU) the logits stay fp32, forward and backward alike."""
+@pytest.mark.parametrize("keep_probs", [True, False])
+def test_bf16_autocast_runs_the_gemms_in_bf16_and_sums_in_fp32(keep_probs, monkeypatch):
+    """Under CPU bf16 autocast (trl's bf16=True on CPU) the projections are bf16 GEMMs and everything after them fp32:
+    the log-probs and both gradients are those of fp32 log-softmax over ``linear(h.bf16(), w.bf16()).float()`` with
+    each target's logit recomputed in fp32 (autograd through those casts is the reference). With autocast turned off around the call (trl's
+    ``cast_lm_head_to_fp32``) it is the fp32 path, bit for bit."""
+    monkeypatch.setattr(lm_head, "TOKEN_CHUNK", 7)  # several chunks, the last one partial
+    monkeypatch.setattr(lm_head, "KEEP_PROBS_BYTES", 1 << 30 if keep_probs else 0)
     torch.manual_seed(0)
-    hidden, weight = torch.randn(9, 16, requires_grad=True), torch.randn(50, 16) * 0.3
-    targets = torch.randint(0, 50, (9,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        lp = lm_head.CpuFirstLogProbFunction.apply(hidden, weight, None, targets, 1.0, 128, None, 1.0, ("log_probs",))[
-            0
-        ]
-    lp.sum().backward()
-    exact = torch.log_softmax(hidden.detach() @ weight.T, -1).gather(1, targets[:, None]).squeeze(1)
-    assert lp.dtype == torch.float32 and torch.allclose(lp, exact, atol=1e-5)
-    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+    hidden, weight = torch.randn(19, 32), torch.randn(300, 32) * 0.5
+    targets = torch.randint(0, 300, (19,))
+
+    def run(*contexts):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with contextlib.ExitStack() as stack:
+            for c in contexts:
+                stack.enter_context(c)
+            lp = lm_head.CpuFirstLogProbFunction.apply(h, w, None, targets, 1.0, 128, None, 1.0, ("log_probs",))[0]
+        (lp * torch.linspace(-1, 2, 19)).sum().backward()
+        return lp.detach(), h.grad, w.grad
+
+    def bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    lp, grad_h, grad_w = run(bf16())
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    z = torch.nn.functional.linear(h.bfloat16(), w.bfloat16()).float()
+    z = z.scatter(1, targets[:, None], (h * w[targets]).sum(-1, keepdim=True))  # the target logits in fp32
+    reference = z.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    (reference * torch.linspace(-1, 2, 19)).sum().backward()
+    assert lp.dtype == grad_h.dtype == grad_w.dtype == torch.float32
+    assert torch.allclose(lp, reference.detach(), atol=1e-5)
+    for ours, ref in ((grad_h, h.grad), (grad_w, w.grad)):  # bf16 GEMM results: equal to a bf16 rounding
+        assert (ours - ref).abs().max() <= 1e-2 * ref.abs().max()
+    fp32 = run()
+    assert (lp - fp32[0]).abs().max() > 1e-4  # the bf16 GEMM ran: the checks above have teeth
+    for a, b in zip(run(bf16(), torch.autocast("cpu", enabled=False)), fp32, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_no_probabilities_are_kept_without_grad(monkeypatch):
