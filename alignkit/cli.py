@@ -157,12 +157,16 @@ def chat(argv: list[str]) -> int:
 
 
 def generate(argv: list[str]) -> int:
-    """Generate replies for a JSONL file of prompts (batched, greedy unless sampling is asked for)."""
+    """Generate replies for a file of prompts (batched, greedy unless sampling is asked for)."""
     from alignkit.export.generate import check_generate_out, generate_file, load_for_generation, read_prompts
 
     p = argparse.ArgumentParser(prog="alignkit generate", description=generate.__doc__)
     p.add_argument("model", help="An adapter run (loaded on its base) or a merged model.")
-    p.add_argument("--prompts", required=True, help="JSONL: 'messages' (chat, ending on a user turn) or 'prompt'.")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="JSONL 'messages' (ending on a user turn) or 'prompt'; or any training format (alpaca, sharegpt, hh...).",
+    )
     p.add_argument("--out", required=True, help="JSONL to write: each input row with its 'reply'.")
     p.add_argument("--batch_size", type=int, default=8, help="Prompts per generate() call.")
     _generation_flags(p)
@@ -182,7 +186,11 @@ def evaluate(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="alignkit eval", description=evaluate.__doc__)
     p.add_argument("model", help="An adapter run (loaded on its base) or a merged model.")
-    p.add_argument("--data", required=True, help="JSONL: 'messages' ending on the reference reply, or + 'answer'.")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="JSONL 'messages' ending on the reference reply, or + 'answer'; or any training format (alpaca, ...).",
+    )
     p.add_argument("--metric", default="exact", choices=METRICS, help="How a reply is scored (default exact).")
     p.add_argument("--pattern", help="--metric regex: a regular expression with one group around the answer.")
     p.add_argument("--out", help="Folder for eval_rows.jsonl and eval_summary.json (default: <model>/eval).")
@@ -201,20 +209,21 @@ def evaluate(argv: list[str]) -> int:
 
 
 def data(argv: list[str]) -> int:
-    """Preview a recipe's data: each source's format, converted rows and checks, then the trained-token preview."""
+    """Preview a recipe's data: each source's format, converted rows and checks, lengths, then the trained tokens."""
     from itertools import islice
 
     from alignkit.data.bad_rows import BadRows
     from alignkit.data.places import place
-    from alignkit.data.sources import check_source, load_source_split, row_places
+    from alignkit.data.sources import check_source, load_source_split, row_places, split_label
     from alignkit.data.streaming import stream_source
+    from alignkit.train.data_preview import length_line, task_row_lengths, untrained_start
 
     p = argparse.ArgumentParser(
         prog="alignkit data", description=data.__doc__,
         epilog="Any other --key value is a recipe override, e.g. --datasets data/train.jsonl.",
     )  # fmt: skip
     p.add_argument("action", choices=["preview"], help="preview: show what the stage would train on, then exit.")
-    p.add_argument("stage", choices=[s for s in STAGES if STAGES[s].schema], help="The stage whose recipe it is.")
+    p.add_argument("stage", choices=list(STAGES), help="The stage whose recipe it is (task: any task head).")
     p.add_argument("--n", type=int, default=2, help="Converted rows to show per source.")
     p.add_argument("--full", action="store_true", help="Show whole rows (default: each cut at 400 characters).")
     args, recipe_argv = p.parse_known_args(argv)
@@ -226,15 +235,50 @@ def data(argv: list[str]) -> int:
         print("   " + json.dumps(row, ensure_ascii=False)[:width])
 
     stage = STAGES[args.stage]
-    recipe = stage.parse(recipe_argv)
-    refused, bad = False, BadRows(recipe.data)  # on_bad_rows as the run applies it
+    is_task = stage.name == "task"
+
+    def parse(argv):
+        if is_task:
+            from alignkit.tasks import parse_task_recipe
+
+            return parse_task_recipe(argv)
+        return stage.parse(argv)
+
+    recipe = parse(recipe_argv)
+    config = next((recipe_argv[i + 1] for i, a in enumerate(recipe_argv[:-1]) if a == "--config"), None)
+    if start := untrained_start(recipe.model.model_name_or_path, config):  # continues a stage not trained yet
+        recipe_argv = [*recipe_argv, *start[0]]
+        recipe = parse(recipe_argv)
+        print(start[1])
     tokenizer = None
+
+    def get_tokenizer():
+        nonlocal tokenizer
+        from alignkit.models.tokenizer import load_tokenizer
+
+        tokenizer = tokenizer or load_tokenizer(
+            recipe.model, chat=not is_task, assistant_only_loss=getattr(recipe.train, "assistant_only_loss", False)
+        )  # as the run loads it (train_on_reasoning: false needs the assistant-only mask)
+        return tokenizer
+
+    if is_task:  # a task's schema (label_list, its columns) comes from the task module
+        from alignkit.tasks import build_task
+
+        task = build_task(recipe, get_tokenizer())
+        schema = task.schema
+    else:
+        schema = stage.data_schema
+    max_length = getattr(recipe.train, "max_length", None)
+    max_fraction = recipe.run.max_truncated_fraction
+    refused, bad = False, BadRows(recipe.data)  # on_bad_rows as the run applies it
     for source in recipe.data.datasets:
         for split in filter(None, (source.split, source.test_split)):
-            label, chosen = f"{source.path} [{split}]", []
+            trains = split == source.split and source.role != "eval"
+            shown, chosen = f"{source.path} [{split if split != source.split or trains else 'eval'}]", []
+            label = split_label(source, split)  # as the run names the split in its errors
             if source.streaming:  # read only as far as the checks and the rows shown
-                rows = stream_source(source, split, stage.data_schema, recipe.data, label, chosen)
-                print(f"== {label}: format {chosen[0][0]} ({chosen[0][1]}); streamed: the first "
+                rows = stream_source(source, split, schema, recipe.data, label, chosen)
+                print(f"== {shown}: format {chosen[0][0]} ({chosen[0][1]}); streamed: the first "
                       f"{recipe.data.streaming_check_rows} rows of each file pass the {stage.name} checks")  # fmt: skip
                 for row in islice(rows, args.n):
                     show(row)
@@ -244,42 +288,61 @@ def data(argv: list[str]) -> int:
                 continue
             places = row_places(source, split)
             try:
-                converted = check_source(rows, source, label, stage.data_schema, places, chosen, bad=bad)
+                converted = check_source(rows, source, label, schema, places, chosen, bad=bad)
             except DataError as exc:  # a refused source: the refusal beside the row it names, as read
-                print(f"== {label}: refused: {exc}")
+                print(f"== {shown}: refused: {exc}")
                 index = next((i for i in range(len(rows)) if exc.row is not None
-                              and place(places, label, i) == (exc.source, exc.row)), None)  # fmt: skip
+                              and place(places, label, i)[1] == exc.row
+                              and place(places, label, i)[0] in (exc.source, label)), None)  # fmt: skip
+                if index is None and exc.row is not None:  # a CoNLL word's line: the sentence holding it
+                    at = [(place(places, label, i), i) for i in range(len(rows))]
+                    index = max((i for (file, line), i in at if file == exc.source and line <= exc.row), default=None)
                 if index is not None:
-                    print(f"   row {exc.row} as read:")
+                    print(f"   row {place(places, label, index)[1]} as read:")
                     show(rows[index])
                 refused = True
                 continue
-            print(f"== {label}: format {chosen[0][0]} ({chosen[0][1]}); {len(converted)} rows pass the {stage.name} "
-                  f"checks; columns {converted.column_names}")  # fmt: skip
+            role = "" if trains else ", the eval split (never trained)"
+            if not chosen:  # a task's rows: read as they are, or by the CoNLL / SQuAD file readers
+                from alignkit.data.files import special_format
+
+                path = Path(source.path)
+                chosen = [((path.is_file() and special_format(path, source)) or source.format or "columns as read",
+                           "named" if source.format else "detected")]  # fmt: skip
+            print(f"== {shown}: format {chosen[0][0]} ({chosen[0][1]}); {len(converted)} rows pass the {stage.name} "
+                  f"checks{role}; columns {converted.column_names}")  # fmt: skip
             for row in converted.select(range(min(args.n, len(converted)))):
                 show(row)
-            if max_length := getattr(recipe.train, "max_length", None):  # huge rows, named by file and line
-                from alignkit.data.preview import long_rows, long_rows_line
-                from alignkit.models.tokenizer import load_tokenizer
+            if not max_length:
+                continue
+            if is_task:  # the input lengths the task's max_length cuts (QA: splits into windows)
+                lengths = task_row_lengths(get_tokenizer(), converted)
+                print(length_line(lengths, max_length, "train" if trains else "eval", max_fraction,
+                                  windows=task.name == "qa"))  # fmt: skip
+                continue
+            from alignkit.data.preview import long_rows, long_rows_line
 
-                tokenizer = tokenizer or load_tokenizer(
-                    recipe.model, chat=True, assistant_only_loss=getattr(recipe.train, "assistant_only_loss", False)
-                )  # as the run loads it (train_on_reasoning: false needs the assistant-only mask)
-                same = len(converted) == len(rows)  # else on_bad_rows skipped some: rows count in the converted split
-                from alignkit.data.chat_rows import check_rows
+            same = len(converted) == len(rows)  # else on_bad_rows skipped some: rows count in the converted split
+            from alignkit.data.chat_rows import check_rows
 
-                try:  # the chat rows against the run's template (tools, reasoning, its own refusals), as the run does
-                    check_rows(
-                        tokenizer, converted, label, train_on_reasoning=recipe.model.train_on_reasoning,
-                        places=places if same else None,
-                    )  # fmt: skip
-                except DataError as exc:
-                    print(f"== {label}: refused: {exc}")
-                    refused = True
-                    continue
-                found = long_rows(tokenizer, converted, places if same else None, source.path, max_length)
-                if line := long_rows_line(found, max_length):
-                    print(line)
+            try:  # the chat rows against the run's template (tools, reasoning, its own refusals), as the run does
+                check_rows(
+                    get_tokenizer(), converted, label, train_on_reasoning=recipe.model.train_on_reasoning,
+                    places=places if same else None,
+                )  # fmt: skip
+            except DataError as exc:
+                print(f"== {shown}: refused: {exc}")
+                refused = True
+                continue
+            found = long_rows(tokenizer, converted, places if same else None, source.path, max_length)
+            if line := long_rows_line(found, max_length):
+                print(line)
+            names = converted.column_names
+            if stage.name != "grpo" and len(converted) and ("prompt" in names or "messages" in names):
+                from alignkit.train.checks import full_lengths
+
+                lengths = full_lengths(tokenizer, converted)  # as the run's truncation check measures them
+                print(length_line(lengths, max_length, "train" if trains else "eval", max_fraction))
     if refused:
         return 2
     if stage.name not in ("sft", "dpo"):

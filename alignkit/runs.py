@@ -41,9 +41,9 @@ class MergeInfo:
     max_abs_logit_diff: float
     max_logit_diff_bound: float
     parity_passed: bool
-    loss_base_plus_adapter: float
-    loss_merged: float
-    loss_delta: float
+    loss_base_plus_adapter: float | None  # None: a task head (its logits compared, no loss on the prompts)
+    loss_merged: float | None
+    loss_delta: float | None
 
 
 @dataclass
@@ -54,6 +54,9 @@ class LineageEntry:
     output_dir: str | None = None
     task: str | None = None  # the model head: causal_lm, seq_cls, token_cls, qa, mlm, seq2seq
     head_config: dict[str, Any] = field(default_factory=dict)  # what the head was built with, e.g. {num_labels: 1}
+    # how the trained model is used, as it was trained and scored (alignkit.tasks: Task.inference): token_cls
+    # {aggregation_strategy: first}, qa {max_length, doc_stride, n_best_size, max_answer_length, ...}
+    inference: dict[str, Any] = field(default_factory=dict)
     datasets: list[dict[str, Any]] = field(default_factory=list)  # {path, weight, split}
     # what loading the data found: {held_out: {sources, rows, also_in_train}, skipped_rows: n, skipped: [{file, row,
     # problem}] (on_bad_rows: skip; the first 20)}

@@ -2,8 +2,11 @@
 
     python benchmarks/tasks.py                                              # the five tiny recipes
     flock /tmp/alignkit-heavy.lock python benchmarks/tasks.py --minilm     # all-MiniLM-L6-v2: NER, topics, QA
+    python benchmarks/tasks.py --recipes recipes/minilm/qa.yaml            # chosen recipes
 
-Wall time covers the whole recipe (load, tokenize, train, evaluate, save); train time is the trainer's own.
+Wall time covers the whole recipe (load, tokenize, train, evaluate, save); train time is the trainer's own; peak
+MiB is the child process's peak RSS (imports, model, data and training: what the recipe needs on a CPU), and the
+load average is read as each child ends (1 min), as the machine is shared.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ def child(recipe: str) -> None:
             "train_s": metrics["train_runtime"],
             "samples_per_s": metrics["train_samples_per_second"],
             "metrics": shown,
+            "peak_mib": harness.peak_memory_mib(),
+            "load": harness.load_average().split("/")[0],
         }
     )
 
@@ -54,11 +59,12 @@ def child(recipe: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--minilm", action="store_true", help="the all-MiniLM-L6-v2 recipes instead of the tiny ones")
+    parser.add_argument("--recipes", nargs="+", help="these task recipes instead")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
         return child(args.child)
-    rows = harness.run_variants(__file__, MINILM if args.minilm else TINY, [])
+    rows = harness.run_variants(__file__, args.recipes or (MINILM if args.minilm else TINY), [])
     print(harness.machine())
     columns = [("recipe", "variant", ""), ("task", "task", ""), ("model", "model", ""), ("precision", "precision", "")]
     columns += [
@@ -66,6 +72,8 @@ def main() -> None:
         ("wall s", "wall_s", ".1f"),
         ("train s", "train_s", ".1f"),
         ("rows/s", "samples_per_s", ".1f"),
+        ("peak MiB", "peak_mib", ".0f"),
+        ("load", "load", ""),
         ("held-out metrics", "metrics", ""),
     ]
     print(harness.table(rows, columns))

@@ -88,6 +88,21 @@ def check_tag_scheme(sentences: list[list[str]], lines: list[list[int]], path: s
     return scheme if prefixed else "plain"
 
 
+class SentenceLine(int):
+    """The line of a CoNLL sentence's first word, as a row's place (alignkit.data.places): the sentence's words are
+    on consecutive lines (a blank or ``-DOCSTART-`` line ends it), so word ``j`` is on :meth:`word_line` ``(j)``,
+    and an error about one word's tag names that word's line."""
+
+    def word_line(self, j: int) -> int:
+        return int(self) + j
+
+
+def word_line(row, j: int):
+    """The line of word ``j`` of a row placed at ``row``: a CoNLL sentence's (:class:`SentenceLine`), else ``row``
+    (a JSON line holds the whole word list)."""
+    return row.word_line(j) if isinstance(row, SentenceLine) else row
+
+
 def read_conll(text: str, path: str, tag_column=None) -> tuple[list[dict], list[int]]:
     """A CoNLL column file (one token per line, ``word [POS chunk] TAG`` separated by spaces or tabs, a blank line
     between sentences, ``-DOCSTART-`` lines skipped) -> rows ``{tokens, ner_tags}`` and each row's first line.
@@ -130,7 +145,7 @@ def read_conll(text: str, path: str, tag_column=None) -> tuple[list[dict], list[
         tags = [iob1_to_iob2(t) for t in tags]
         logger.info("%s: IOB1 tags (I- opening entities) converted to IOB2 (B- opens every entity)", path)
     rows = [{"tokens": [f[0] for f in s], "ner_tags": t} for s, t in zip(sentences, tags)]
-    return rows, [w[0] for w in lines]
+    return rows, [SentenceLine(w[0]) for w in lines]
 
 
 def looks_squad(text: str) -> bool:

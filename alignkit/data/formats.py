@@ -9,7 +9,7 @@ the first row) and logged once per source; a source that matches two formats is 
 | ``messages`` | ``messages``: [{role, content}] (OpenAI / HF chat) | itself |
 | ``prompt_completion`` | ``prompt``, ``completion`` | itself |
 | ``alpaca`` | ``instruction``, ``input`` (optional), ``output``, ``system``/``history`` (optional) | ``messages`` |
-| ``sharegpt`` | ``conversations``: [{from, value}] (``human``/``gpt``/``system``; ``roles:`` maps others) | ``messages`` |
+| ``sharegpt`` | ``conversations``: [{from, value}] (``human``/``gpt``/``system``, ``function_call``/``observation``; ``roles:`` maps others), ``tools`` | ``messages`` (tool calls as ``tool_calls``, results as ``tool`` messages), ``tools`` |
 | ``hh`` | ``chosen``, ``rejected``: whole ``\\n\\nHuman: ... \\n\\nAssistant: ...`` transcripts (Anthropic hh-rlhf) | DPO: ``prompt`` (the shared turns), ``chosen``/``rejected`` (the final replies); SFT: ``messages`` of ``chosen`` |
 | ``preference_messages`` | ``chosen``, ``rejected``: whole message lists with a common prefix (UltraFeedback-binarized) | DPO: ``prompt``, ``chosen``, ``rejected``; SFT: ``messages`` of ``chosen`` |
 | ``preference`` | ``prompt``, ``chosen``, ``rejected`` | itself |
@@ -40,7 +40,10 @@ from alignkit.errors import DataError, suggest
 
 logger = logging.getLogger(__name__)
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "function_call": "tool_call", "observation": "tool", "tool": "tool"}  # fmt: skip
+# LLaMA-Factory's sharegpt tool turns (its glaive-toolcall demo): a 'function_call' turn holds the call as JSON
+# ({"name", "arguments"}, or a list of them), an 'observation' turn the tool's result
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):(?: |(?=\n\n)|$)")  # a turn may be empty: "\n\nAssistant:" at the end
 
 
@@ -91,8 +94,31 @@ def _sharegpt(row: dict, stage: str, roles: dict) -> dict:
                 f"turn {j} has from={tag!r}, a role tag it does not know{suggest(str(tag), mapping).rstrip('?')}",
                 f"map it with roles: {{{tag}: assistant}} (or user / system) in this source",
             )
-        messages.append({"role": mapping[tag], "content": turn["value"]})
-    return {"messages": messages}
+        if mapping[tag] == "tool_call":
+            messages.append({"role": "assistant", "content": "", "tool_calls": _tool_calls(turn["value"], j)})
+        else:
+            messages.append({"role": mapping[tag], "content": turn["value"]})
+    return {"messages": messages, **({"tools": row["tools"]} if "tools" in row else {})}
+
+
+def _tool_calls(value, j: int) -> list[dict]:
+    """A sharegpt ``function_call`` turn's value (``{"name", "arguments"}`` as JSON text, or a list of them) as
+    OpenAI ``tool_calls``; the arguments stay JSON text (alignkit.data.tools parses them once the row is checked)."""
+    import json
+
+    fix = 'write the call as {"name": "<tool>", "arguments": {...}} (JSON text, as LLaMA-Factory\'s glaive demo does)'
+    try:
+        calls = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as exc:
+        raise RowError(f"turn {j} (function_call) is not JSON ({exc.msg})", fix) from None
+    out = []
+    for call in calls if isinstance(calls, list) else [calls]:
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            raise RowError(f"turn {j} (function_call) names no tool", fix)
+        arguments = call.get("arguments", {})
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        out.append({"type": "function", "function": {"name": call["name"], "arguments": text}})
+    return out
 
 
 def hh_turns(transcript: str) -> list[dict]:

@@ -60,7 +60,9 @@ def row_places(source: DatasetSource, split: str | None = None):
     return RowPlaces(shards)
 
 
-def _label(source: DatasetSource, split: str) -> str:
+def split_label(source: DatasetSource, split: str) -> str:
+    """How errors and logs name one split of a source: its path (the train split), ``path [eval]`` (a held-out
+    source), ``path [split]`` (another split)."""
     if source.role == "eval":
         return f"{source.path} [eval]"
     return source.path if split == "train" and source.split == "train" else f"{source.path} [{split}]"
@@ -308,7 +310,7 @@ def load_datasets(data_args: DataArguments, schema=None, row_check=None):
                 "give the held-out rows as a source of their own with role: eval (- path: test.jsonl, role: eval; "
                 "never trained), or use test_size",
             )  # fmt: skip
-        label = _label(source, source.split)
+        label = split_label(source, source.split)
         if source.streaming:  # read row by row as training goes (alignkit.data.streaming)
             from alignkit.data.streaming import stream_source
 
@@ -320,9 +322,9 @@ def load_datasets(data_args: DataArguments, schema=None, row_check=None):
             trains.append((source, stream))
             if source.test_split:
                 tests.append(
-                    stream_source(source, source.test_split, schema, data_args, _label(source, source.test_split))
+                    stream_source(source, source.test_split, schema, data_args, split_label(source, source.test_split))
                 )
-                held.append(_label(source, source.test_split))
+                held.append(split_label(source, source.test_split))
             continue
         rows = load_source_split(source)
         if rows is None:
@@ -345,7 +347,7 @@ def load_datasets(data_args: DataArguments, schema=None, row_check=None):
         trains.append((source, rows))
         test = load_source_split(source, source.test_split) if source.test_split else None
         if test is not None:
-            test_label = _label(source, source.test_split)
+            test_label = split_label(source, source.test_split)
             if schema is not None:
                 test_places = row_places(source, source.test_split)
                 test = check_source(test, source, test_label, schema, test_places, num_proc=num_proc, bad=bad)

@@ -119,8 +119,8 @@ def render_model_card(record: RunRecord) -> str:
             f"- method: `{merge.method}` ({MERGE_METHOD_TEXT[merge.method]})",
             f"- merged from: `{portable_name(lineage[-1].from_adapter)}`",
             f"- parity vs base + adapter: max |logit diff| {merge.max_abs_logit_diff:.3g} "
-            f"(bound {merge.max_logit_diff_bound:g}, {'passed' if merge.parity_passed else 'NOT passed'}); "
-            f"loss delta {merge.loss_delta:+.3g}",
+            f"(bound {merge.max_logit_diff_bound:g}, {'passed' if merge.parity_passed else 'NOT passed'})"
+            + (f"; loss delta {merge.loss_delta:+.3g}" if merge.loss_delta is not None else ""),
         ]
     if record.exports:
         lines += [

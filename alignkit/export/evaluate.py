@@ -1,7 +1,8 @@
 """Generation-based evaluation (``alignkit eval``; the demo pipeline scores its models with the same code).
 
 Rows are JSONL: ``messages`` ending on a user turn plus a reference ``answer``, ``messages`` ending on the
-reference assistant turn, or ``prompt`` + ``answer``. Replies are greedy (alignkit.export.generate). Metrics:
+reference assistant turn, or ``prompt`` + ``answer``; or held-out rows in any training data format (alpaca, sharegpt,
+hh, ...; JSON arrays and compressed files too), read as training reads them, the final reply the reference. Replies are greedy (alignkit.export.generate). Metrics:
 
 - ``exact``: the stripped reply equals the reference.
 - ``regex``: ``--pattern`` (one group) finds the answer in the reply: ``format`` is the share of replies where it
@@ -25,10 +26,17 @@ METRICS = ("exact", "regex", "rouge", "bleu")
 
 
 def read_eval_rows(path: str | Path) -> tuple[list[list[dict]], list[str]]:
-    """(conversations ending on a user turn, references) of an eval file; DataError naming the line otherwise."""
+    """(conversations ending on a user turn, references) of an eval file; DataError naming the line otherwise.
+    JSON lines in the layout above, or any training data format (alpaca, sharegpt, hh, ...: read by the training
+    readers, the final reply the reference; alignkit.export.generate.training_format_rows)."""
     from alignkit.data.schemas import check_messages
-    from alignkit.export.generate import jsonl_rows
+    from alignkit.export.generate import jsonl_rows, training_format_rows
 
+    if (published := training_format_rows(path)) is not None:
+        for (file, row), _, _, reply in published:
+            if reply is None or not str(reply).strip():
+                raise DataError(file, row, "has no final reply to score against", "end the row on the reference reply")
+        return [messages for _, _, messages, _ in published], [reply for _, _, _, reply in published]
     conversations, references = [], []
     for line_no, row in jsonl_rows(path):
         messages, answer = row.get("messages"), row.get("answer")

@@ -94,8 +94,56 @@ def jsonl_rows(path: str | Path):
         yield line_no, row
 
 
+def _own_layout(path: Path) -> bool:
+    """The file is alignkit's own prompt/eval layout: uncompressed JSON lines whose first row has ``messages``,
+    ``answer``, or a ``prompt`` without a reply column (read by :func:`jsonl_rows`, with its ``answer``)."""
+    if path.suffix != ".jsonl" or not path.is_file():
+        return path.suffix == ".jsonl"  # a missing .jsonl: jsonl_rows names it
+    first = next(jsonl_rows(path), (0, {}))[1]
+    return "messages" in first or "answer" in first or ("prompt" in first and not {"completion", "chosen"} & set(first))
+
+
+def training_format_rows(path: str | Path) -> list[tuple[tuple[str, int], dict, list[dict], object]] | None:
+    """``[((file, row), row as read, conversation, reference)]`` of a file in a training data format (alpaca,
+    sharegpt, hh, preference_messages, prompt_completion, messages; a JSON array, a compressed, CSV or parquet
+    file), read by the training readers (alignkit.data: the same detection, conversion and row places as a run's
+    ``datasets:`` source): the conversation up to the last user turn, the reference its final reply (None when the
+    conversation ends on the user). None for a file in alignkit's own prompt layout (:func:`_own_layout`)."""
+    from alignkit.config.args import DatasetSource
+    from alignkit.data.formats import convert_source
+    from alignkit.data.places import place
+    from alignkit.data.sources import load_source_split, row_places
+
+    if _own_layout(Path(path)):
+        return None
+    source = DatasetSource(path=str(path))
+    rows = load_source_split(source)
+    if rows is None or not len(rows):
+        raise DataError(str(path), None, "has no rows", "add held-out rows")
+    places = row_places(source)
+    converted = convert_source(rows, source, "sft", str(path), places)
+    out = []
+    for i, row in enumerate(converted):
+        messages = row.get("messages")
+        if messages is None:  # prompt_completion: text, or chat messages and a reply
+            prompt, reply = row.get("prompt"), row.get("completion")
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            reply = reply[-1]["content"] if isinstance(reply, list) and reply else reply
+        elif messages and messages[-1].get("role") == "assistant" and len(messages) > 1:
+            messages, reply = messages[:-1], messages[-1].get("content")
+        else:
+            reply = None
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # Arrow's null-filled keys
+        out.append((place(places, str(path), i), rows[i], messages, reply))
+    return out
+
+
 def read_prompts(path: str | Path) -> tuple[list[dict], list[list[dict]]]:
-    """Rows of a JSONL file and their conversations: a ``messages`` list ending on a user turn, or a ``prompt``."""
+    """Rows of a file and their conversations: JSON lines with a ``messages`` list ending on a user turn or a
+    ``prompt``; or any training data format (:func:`training_format_rows`: held-out alpaca, sharegpt, hh rows are
+    answered up to their last user turn, and written back as read, with the reply)."""
+    if (published := training_format_rows(path)) is not None:
+        return [row for _, row, _, _ in published], [messages for _, _, messages, _ in published]
     rows, conversations = [], []
     for line_no, row in jsonl_rows(path):
         messages = row.get("messages")

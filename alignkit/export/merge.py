@@ -130,7 +130,8 @@ def merge_adapter(
         if diff.dim() == 3:  # per-token logits: the non-padding positions
             diff = diff[batch["attention_mask"].bool()]
         diff = diff.max().item()
-        parity = Parity(max_abs_diff=diff, loss_adapter=ref_loss, loss_merged=merged_loss, bound=bound)
+        parity = Parity(max_abs_diff=diff, loss_adapter=ref_loss, loss_merged=merged_loss, bound=bound,
+                        what="logit" if task == "causal_lm" else f"{task} head logit")  # fmt: skip
         print(f"merged {adapter_dir} -> {output_dir} (method {method})\n{parity.summary()}")
 
         write_merge_record(tmp, record, adapter_dir, output_dir, method, parity, model_args, task, head)

@@ -75,8 +75,8 @@ def merge_embedding(
         reloaded = SentenceTransformer(str(tmp), device="cpu", local_files_only=True)
         exact = reloaded[0].auto_model.dtype == ref_dtype == torch.float32
         bound = max_diff if max_diff is not None else (m.EXACT_BOUND if exact else m.LOW_PRECISION_BOUND)
-        parity = m.Parity(max_abs_diff=(embed(reloaded) - ref).abs().max().item(), loss_adapter=0.0, loss_merged=0.0,
-                          bound=bound)  # fmt: skip
+        parity = m.Parity(max_abs_diff=(embed(reloaded) - ref).abs().max().item(), loss_adapter=None, loss_merged=None,
+                          bound=bound, what="embedding")  # fmt: skip
         print(f"merged {adapter_dir} -> {output_dir} (method {method}, a SentenceTransformer folder)\n"
               f"parity: max |embedding diff| = {parity.max_abs_diff:.3g} (bound {bound:g}, "
               f"{'ok' if parity.passed else 'ABOVE the bound'})")  # fmt: skip

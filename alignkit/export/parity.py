@@ -31,15 +31,21 @@ PARITY_CHAT = [{"role": "user", "content": "What is 23 + 19?"}, {"role": "assist
 
 @dataclass
 class Parity:
-    """Merged model vs base + adapter on fixed prompts."""
+    """Merged model vs base + adapter on fixed prompts. ``loss_adapter``/``loss_merged``: a causal LM's loss on the
+    prompts; None for a task head (no labels on the prompts: its logits are what is compared)."""
 
-    max_abs_diff: float  # over every vocabulary logit at every non-padding position
-    loss_adapter: float  # causal-LM loss of base + adapter on the prompts
-    loss_merged: float
+    max_abs_diff: (
+        float  # over every logit of the head (a vocabulary, the tags, QA's start/end) at non-padding positions
+    )
+    loss_adapter: float | None  # causal-LM loss of base + adapter on the prompts (None: a task head)
+    loss_merged: float | None
     bound: float
+    what: str = "logit"  # what max_abs_diff compares, for the summary line
 
     @property
-    def loss_delta(self) -> float:
+    def loss_delta(self) -> float | None:
+        if self.loss_adapter is None or self.loss_merged is None:
+            return None
         return self.loss_merged - self.loss_adapter
 
     @property
@@ -48,8 +54,11 @@ class Parity:
 
     def summary(self) -> str:
         verdict = "ok" if self.passed else f"ABOVE the bound {self.bound:g}"
+        line = f"parity: max |{self.what} diff| = {self.max_abs_diff:.3g} ({verdict})"
+        if self.loss_delta is None:
+            return line + " (a task head has no loss on the unlabelled parity prompts: its logits are compared)"
         return (
-            f"parity: max |logit diff| = {self.max_abs_diff:.3g} ({verdict}); loss on the parity prompts: "
+            f"{line}; loss on the parity prompts: "
             f"base+adapter {self.loss_adapter:.5f}, merged {self.loss_merged:.5f}, delta {self.loss_delta:+.3g}"
         )
 
@@ -128,15 +137,15 @@ def parity_batch(tokenizer, prompts) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def score(model, batch, causal: bool = True) -> tuple[torch.Tensor, float]:
-    """Logits on the parity prompts and, for a causal LM, its loss on them (other heads: 0.0)."""
+def score(model, batch, causal: bool = True) -> tuple[torch.Tensor, float | None]:
+    """Logits on the parity prompts and, for a causal LM, its loss on them (other heads: None, no labels)."""
     batch = batch.to(model.device)
     if not causal:  # a task head: its logits (QA: start and end logits, stacked on a last axis)
         # an encoder-decoder (seq2seq) scores the prompts as targets too: T5 has no decoder inputs without them
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         out = model(**batch, labels=labels) if getattr(model.config, "is_encoder_decoder", False) else model(**batch)
         logits = out.logits if "logits" in out else torch.stack([out.start_logits, out.end_logits], -1)
-        return logits.float().cpu(), 0.0
+        return logits.float().cpu(), None
     out = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100))
     return out.logits.float().cpu(), out.loss.item()
 

@@ -59,7 +59,7 @@ def load_trained(path: str | Path, merge: bool = False, dtype: str = "float32"):
     last = source.parent_run.last if source.parent_run else None
     task, head = (last.task or "causal_lm", head_kwargs(last.head_config)) if last else ("causal_lm", {})
     if source.adapter_dir is None:
-        return load_base_model(model_args, task=task, source=source, **head).eval(), tokenizer
+        return _from(load_base_model(model_args, task=task, source=source, **head).eval(), path), tokenizer
     quant = last.group(QuantizationArguments) if last else QuantizationArguments()
     with quiet_head_report():
         base = load_base_model(model_args, quant, task, dataclasses.replace(source, adapter_dir=None), **head)
@@ -68,9 +68,16 @@ def load_trained(path: str | Path, merge: bool = False, dtype: str = "float32"):
     if not quant.load_in_4bit:  # the run added tokens (a pad, a family's end-of-turn): rows the adapter restores
         fit_embeddings(base, tokenizer)
     if not merge:
-        return PeftModel.from_pretrained(base, source.adapter_dir).eval(), tokenizer
+        return _from(PeftModel.from_pretrained(base, source.adapter_dir).eval(), path), tokenizer
     if quant.load_in_4bit:
         import torch
 
         base = base.dequantize(dtype=torch.float32)
-    return PeftModel.from_pretrained(base, source.adapter_dir).merge_and_unload().eval(), tokenizer
+    return _from(PeftModel.from_pretrained(base, source.adapter_dir).merge_and_unload().eval(), path), tokenizer
+
+
+def _from(model, path):
+    """``model`` marked with the run folder it was loaded from (``alignkit_trained_from``), where the task's
+    ``predict`` reads the run's own settings (alignkit.tasks.qa.run_settings)."""
+    model.alignkit_trained_from = str(path)
+    return model

@@ -58,6 +58,13 @@ class Task:
         """Fill in what the task derives from the recipe's other keys, once, when the recipe is parsed (so the
         resolved config that is saved, and compared on resume, holds it)."""
 
+    @classmethod
+    def inference(cls, recipe) -> dict:
+        """How the trained model is used, as the run trained and scored it (``inference`` in ``alignkit_run.json``,
+        read back by the task's ``predict`` and the run summary's hint): e.g. token_cls
+        ``{aggregation_strategy: first}``, qa its windows. Plain JSON values; {} when the task has nothing to say."""
+        return {}
+
     @property
     def schema(self) -> Schema:
         raise NotImplementedError

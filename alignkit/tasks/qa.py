@@ -226,6 +226,16 @@ class QuestionAnswering(Task):
     name = "qa"
     Arguments = QuestionAnsweringArguments
 
+    @classmethod
+    def inference(cls, recipe) -> dict:
+        """The windows and post-processing the run trained and scored with (:func:`predict` reads them back)."""
+        args = recipe.group(cls.Arguments)
+        return {
+            "max_length": recipe.train.max_length, "doc_stride": args.doc_stride, "n_best_size": args.n_best_size,
+            "max_answer_length": args.max_answer_length,
+            "null_score_diff_threshold": args.null_score_diff_threshold if args.version_2_with_negative else None,
+        }  # fmt: skip
+
     def __init__(self, args, tokenizer, train_args):
         super().__init__(args, tokenizer, train_args)
         if not tokenizer.is_fast:
@@ -291,28 +301,59 @@ class QuestionAnswering(Task):
         return squad_metrics(predictions, self.eval_answers)
 
 
+_PREDICT_DEFAULTS = {"max_length": 384, "doc_stride": 128, "n_best_size": 20, "max_answer_length": 30,
+                     "null_score_diff_threshold": None}  # fmt: skip
+
+
+def run_settings(model, run: str | None = None) -> dict:
+    """The QA settings a trained model was trained and scored with: the ``inference`` of the last qa stage in the
+    ``alignkit_run.json`` of ``run`` (default: the folder the model was loaded from: ``load_trained``'s run folder,
+    else ``model.name_or_path``; a merged model's record keeps its run's lineage). {} when there is no such record (a model trained elsewhere)."""
+    from alignkit.runs import RunRecord
+
+    folder = run or getattr(model, "alignkit_trained_from", None) or getattr(model, "name_or_path", None)
+    if not folder:
+        return {}
+    try:
+        record = RunRecord.read(folder)
+    except Exception:  # an unreadable record: the caller's arguments or the SQuAD defaults
+        return {}
+    for entry in reversed(record.lineage if record else []):
+        if entry.inference:
+            return dict(entry.inference)
+    return {}
+
+
 def predict(
-    model, tokenizer, question: str, context: str, max_length: int = 384, doc_stride: int = 128,
-    n_best_size: int = 20, max_answer_length: int = 30, null_score_diff_threshold: float | None = None,
+    model, tokenizer, question: str, context: str, max_length: int | None = None, doc_stride: int | None = None,
+    n_best_size: int | None = None, max_answer_length: int | None = None,
+    null_score_diff_threshold: float | None = None, run: str | None = None,
 ) -> dict:  # fmt: skip
     """The answer span of ``question`` in ``context``, in the format transformers 4's question-answering pipeline
     returned (transformers 5 removed that pipeline): ``{'answer': str, 'start': int, 'end': int, 'score': float}``
     with ``start``/``end`` character offsets into ``context`` and ``score`` the span's start + end logit. Windows
-    and post-processing are the ones training's evaluation uses (:func:`window_features`, :func:`postprocess_qa`),
-    so pass the recipe's max_length / doc_stride / n_best_size / max_answer_length (and, for a SQuAD v2 model,
-    ``null_score_diff_threshold``: an empty answer means none)."""
+    and post-processing are the ones training's evaluation uses (:func:`window_features`, :func:`postprocess_qa`)
+    with the run's own settings: each argument left None is read from the run record (:func:`run_settings`: the
+    model's folder, or ``run``), else SQuAD's 384/128 windows, 20 candidates, 30-token answers. A SQuAD v2 run's
+    ``null_score_diff_threshold`` makes an empty answer mean none."""
     import torch
 
+    given = {"max_length": max_length, "doc_stride": doc_stride, "n_best_size": n_best_size,
+             "max_answer_length": max_answer_length, "null_score_diff_threshold": null_score_diff_threshold}  # fmt: skip
+    recorded = run_settings(model, run)
+    settings = {k: v if v is not None else recorded.get(k, _PREDICT_DEFAULTS[k]) for k, v in given.items()}
+    max_length, doc_stride = settings["max_length"], settings["doc_stride"]
     enc = window_features(tokenizer, [question], [context], [{"text": [], "answer_start": []}], max_length, doc_stride)
     offsets, example_index = enc.pop("offset_mapping"), enc.pop("example_index")
-    inputs = {
-        k: torch.tensor(enc[k]).to(model.device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc
-    }
+    features = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+    # a long context's last window is shorter: padded on the right, as training's collator pads (positions count
+    # from the left, so the offsets still point at the same tokens)
+    inputs = {k: v.to(model.device) for k, v in tokenizer.pad(features, padding=True, return_tensors="pt").items()}
     model.eval()
     with torch.no_grad():
         out = model(**inputs)
     answer, start, end, score = postprocess_qa(
         [context], example_index, offsets, out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy(),
-        n_best_size, max_answer_length, null_score_diff_threshold, spans=True,
+        settings["n_best_size"], settings["max_answer_length"], settings["null_score_diff_threshold"], spans=True,
     )[0]  # fmt: skip
     return {"answer": answer, "start": start, "end": end, "score": score}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from alignkit.data.file_formats import word_line
 from alignkit.data.schemas import Schema
 from alignkit.errors import ConfigError, DataError
 from alignkit.tasks.base import LabelArguments, Labels, Task
@@ -130,6 +131,14 @@ class TokenClassification(Task):
     name = "token_cls"
     Arguments = TokenClassificationArguments
 
+    @classmethod
+    def inference(cls, recipe) -> dict:
+        """``{aggregation_strategy: first}``: the head is trained (and scored) on each word's first sub-token, so
+        transformers' token-classification pipeline groups its entities as training did only with 'first'; its
+        'simple' (and no aggregation) reads every sub-token's tag, and cuts names whose later pieces were never
+        trained into several entities."""
+        return {"aggregation_strategy": "first"}
+
     def __init__(self, args, tokenizer, train_args):
         super().__init__(args, tokenizer, train_args)
         self.labels = Labels(args.label_list, self.name)
@@ -170,8 +179,12 @@ class TokenClassification(Task):
                 raise DataError(
                     source, i, f"{len(tokens)} words but {n_tags} tags", f"give '{tags_col}' one tag per word"
                 )
-            for tag in tags:
-                self.labels.id_of(tag, source, i, tags_col)
+            for j, tag in enumerate(tags):
+                try:
+                    self.labels.id_of(tag, source, i, tags_col)
+                except DataError as exc:  # named at its word (a CoNLL file: the word's line, not the sentence's)
+                    where = word_line(i, j)
+                    raise DataError(source, where, f"word {j + 1} {tokens[j]!r}: {exc.problem}", exc.fix) from None
 
         return Schema(
             self.name,

@@ -55,6 +55,12 @@ class Run:
         self.tokenizer = None
         self.model = None
         self.head_config: dict[str, Any] = {}
+        self.inference: dict[str, Any] = {}  # how the trained model is used (alignkit.tasks: Task.inference)
+        if self.stage == "task":
+            from alignkit.tasks import TASKS
+
+            if self.head in TASKS:
+                self.inference = TASKS[self.head].inference(recipe)
         self.speedups: dict[str, list[str]] = {}
         self.lock = OutputDirLock(self.output_dir)
         try:
@@ -268,9 +274,11 @@ class Run:
         if stop.signum is not None:
             self._write_metadata(status="interrupted")
             raise stop.error(trainer.state.global_step, self.output_dir)
-        if evaluate_before and trainer.is_deepspeed_enabled:
-            step0 = next(e for e in trainer.state.log_history if "eval_loss" in e)
-            before = {k.replace("eval_", "before_", 1): v for k, v in step0.items() if k.startswith("eval_")}
+        if not before and trainer.args.eval_on_start:  # the step-0 evaluation (DeepSpeed, or the recipe's
+            # eval_on_start: DPO's reward accuracy of the untrained policy) is the summary's "before" column
+            step0 = next((e for e in trainer.state.log_history if e.get("step") == 0 and "eval_loss" in e), {})
+            before = {k.replace("eval_", "before_", 1): v for k, v in step0.items()
+                      if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))}  # fmt: skip
         trainer.model.eval()  # train() leaves dropout and checkpointing on; generate() is garbage until eval()
         metrics = {**before, **result.metrics}
         if trainer.eval_dataset is not None:
@@ -340,7 +348,7 @@ class Run:
             run_summary(
                 self.stage, self.head, metrics, self.output_dir, adapter=bool(self.recipe.adapter.use_peft),
                 pipeline_task=head.pipeline if head else None, steps=steps, new_head=bool(head and head.new),
-                auto_class=head.auto_class if head else None,
+                auto_class=head.auto_class if head else None, inference=self.inference,
                 data=getattr(getattr(self, "datasets", None), "alignkit_report", None),
             ),
             flush=True,
@@ -377,6 +385,7 @@ class Run:
             output_dir=str(self.output_dir),
             task=self.head,
             head_config=self.head_config,
+            inference=self.inference,
             datasets=[describe_source(s) for s in r.data.datasets],
             data=getattr(getattr(self, "datasets", None), "alignkit_report", None) or {},
             adapter_handoff=r.model.adapter_handoff if self.source.adapter_dir else None,

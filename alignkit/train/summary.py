@@ -11,6 +11,7 @@ from typing import Any
 # Trainer bookkeeping, not results
 _NOT_RESULTS = (
     "runtime", "samples_per_second", "steps_per_second", "epoch", "total_flos", "wall_seconds", "preparation_time",
+    "num_tokens",
 )  # fmt: skip
 
 
@@ -24,7 +25,8 @@ def _number(value) -> str:
 
 def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
     """``(metric, before, after)`` rows: every ``eval_X`` (after training) next to its ``before_X`` (the untrained
-    model, when the stage evaluated it), the headline metrics first (loss last), then ``train_loss``."""
+    model, when the stage evaluated it, or the step-0 evaluation of ``eval_on_start``), the headline metrics first
+    (the eval split's loss last, named so), then ``train_loss``."""
     names: list[str] = []
     for key in metrics:
         for prefix in ("before_", "eval_"):
@@ -33,16 +35,20 @@ def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
                 if name not in names and not any(name.endswith(n) for n in _NOT_RESULTS):
                     names.append(name)
     names.sort(key=lambda n: n == "loss")  # stable: the task's own metrics first, in the order they were logged
-    rows = [(n, _number(metrics.get(f"before_{n}", "-")), _number(metrics.get(f"eval_{n}", "-"))) for n in names]
+    rows = [(n if n != "loss" else "loss (eval split)", _number(metrics.get(f"before_{n}", "-")),
+             _number(metrics.get(f"eval_{n}", "-"))) for n in names]  # fmt: skip
     if "train_loss" in metrics:
         rows.append(("train_loss (mean)", "-", _number(metrics["train_loss"])))
     return rows
 
 
 def next_commands(
-    output_dir: Path, head: str, adapter: bool, pipeline_task: str | None, auto_class: str | None = None
-) -> list[str]:
-    """What to run on the output: merge an adapter, then chat / eval (causal LMs) or a transformers pipeline."""
+    output_dir: Path, head: str, adapter: bool, pipeline_task: str | None, auto_class: str | None = None,
+    inference: dict | None = None,
+) -> list[str]:  # fmt: skip
+    """What to run on the output: merge an adapter, then chat / eval (causal LMs) or a transformers pipeline.
+    ``inference``: how the run says its model is used (the run record's ``inference``): a pipeline gets its
+    ``aggregation_strategy``; qa's predict reads its windows from the merged model's run record itself."""
     out = str(output_dir)
     merged = f"{out}-merged" if adapter else out
     commands = [f"alignkit merge {out}        # standalone model in {merged}"] if adapter else []
@@ -52,8 +58,10 @@ def next_commands(
             f"alignkit eval {out} --data held_out.jsonl --metric exact",
         ]
     elif pipeline_task:
+        aggregation = (inference or {}).get("aggregation_strategy")
+        extra = f", aggregation_strategy='{aggregation}'" if aggregation else ""
         commands.append(
-            f"python -c \"from transformers import pipeline; p = pipeline('{pipeline_task}', model='{merged}')\""
+            f"python -c \"from transformers import pipeline; p = pipeline('{pipeline_task}', model='{merged}'{extra})\""
         )
     elif head == "qa":  # transformers 5 removed its question-answering pipeline
         commands.append(
@@ -79,11 +87,12 @@ def run_summary(
     new_head: bool = False,
     auto_class: str | None = None,
     data: dict | None = None,
+    inference: dict | None = None,
 ) -> str:
     """The summary text (see the module docstring). ``adapter``: the output is a LoRA adapter (plus trained head);
     ``steps``: optimizer steps run; ``new_head``: the head was trained in full next to the adapter; ``pipeline_task``
     / ``auto_class``: how transformers loads the (merged) model; ``data``: what loading the data found (the eval
-    split's sources, rows skipped by ``on_bad_rows: skip``)."""
+    split's sources, rows skipped by ``on_bad_rows: skip``); ``inference``: how the model is used (the record's)."""
     seconds = metrics.get("train_wall_seconds")
     name = stage if head in (stage, "causal_lm") or stage != "task" else f"{stage} {head}"  # task runs name their head
     lines = [f"== alignkit {name}: finished" + (f" in {seconds:.0f} s" if isinstance(seconds, (int, float)) else "")]
@@ -107,5 +116,5 @@ def run_summary(
     if steps:
         lines.append(f"  steps: {steps}")
     lines.append("  next:")
-    lines += [f"    {c}" for c in next_commands(Path(output_dir), head, adapter, pipeline_task, auto_class)]
+    lines += [f"    {c}" for c in next_commands(Path(output_dir), head, adapter, pipeline_task, auto_class, inference)]
     return "\n".join(lines)

@@ -41,7 +41,8 @@ def test_the_documented_chains_are_found():
 
 
 def _stage_of(path: Path) -> str:
-    return path.stem.split("_")[0]
+    """The stage a recipe file is for: the longest stage name its stem starts with (online_dpo_qlora -> online_dpo)."""
+    return max((s for s in STAGES if path.stem == s or path.stem.startswith(s + "_")), key=len)
 
 
 @pytest.mark.parametrize("recipe,sft", CHAINS, ids=[f"{s.parent.name}/{s.stem}->{p.stem}" for p, s in CHAINS])

@@ -53,16 +53,29 @@ def test_a_held_out_file_is_the_eval_split_and_never_trains(tmp_path, capfd, tas
 
 def test_hh_jsonl_gz_as_published_trains_sft_then_dpo_skipping_the_empty_reply(tmp_path, capfd):
     data = write_hh(tmp_path / "harmless-base" / "train.jsonl.gz", n=24)
-    skip = ["--on_bad_rows", "skip", "--max_bad_rows", "1", "--datasets", str(data), "--test_size", "0",
-            "--disable_tqdm", "true", "--max_steps", "2", "--save_strategy", "no"]  # fmt: skip
+    skip = ["--on_bad_rows", "skip", "--max_bad_rows", "1", "--datasets", str(data), "--disable_tqdm", "true",
+            "--max_steps", "2", "--save_strategy", "no"]  # fmt: skip
     sft, dpo = tmp_path / "sft", tmp_path / "dpo"
-    run_recipe("sft", ["--config", "recipes/tiny/sft.yaml", "--max_length", "256", *skip, "--output_dir", str(sft)])
+    run_recipe("sft", ["--config", "recipes/tiny/sft.yaml", "--max_length", "256", "--test_size", "0", *skip,
+                       "--output_dir", str(sft)])  # fmt: skip
+    summary_sft = capfd.readouterr().out
     run_recipe("dpo", ["--config", "recipes/tiny/dpo.yaml", "--model_name_or_path", str(sft), "--max_length", "256",
-                       *skip, "--output_dir", str(dpo)])  # fmt: skip
+                       "--test_size", "4", "--eval_on_start", "true", *skip, "--output_dir", str(dpo)])  # fmt: skip
     summary = capfd.readouterr().out
+    # the DPO summary's "before" column is the eval_on_start evaluation (issue 39, item 10); its loss row is named
+    rows = {
+        line.split()[0]: line.split()
+        for line in summary.splitlines()
+        if line.startswith("  ") and len(line.split()) >= 3
+    }
+    assert rows["rewards/accuracies"][1] != "-" and "loss (eval split)" in summary, summary
+    logged = json.loads((dpo / "trainer_state.json").read_text())["log_history"]
+    step0 = next(e for e in logged if e.get("step") == 0 and "eval_loss" in e)
+    assert float(rows["loss"][3]) == pytest.approx(step0["eval_loss"], rel=1e-3)  # "loss (eval split) <before>"
     for out in (sft, dpo):
         listed = _record(out)["lineage"][-1]["data"]
         assert listed["skipped_rows"] == 1
         assert listed["skipped"][0]["file"] == str(data) and listed["skipped"][0]["row"] == 4
         assert "turn 4 (assistant) is empty" in listed["skipped"][0]["problem"]
-    assert summary.count("skipped rows (on_bad_rows: skip): 1, listed in alignkit_run.json") == 2
+    for out in (summary_sft, summary):
+        assert "skipped rows (on_bad_rows: skip): 1, listed in alignkit_run.json" in out

@@ -25,6 +25,21 @@ def test_tag_outside_the_label_list(tmp_path):
     assert "B-CITY" in error.problem and "label_list" in error.fix
 
 
+def test_a_conll_files_bad_tag_names_its_own_line(tmp_path):
+    """issue 39 (10): the line of the word with the bad tag, not the line its sentence starts on."""
+    data = tmp_path / "train.conll"
+    lines = ["-DOCSTART- -X- -X- O", "", "Alice NNP B-NP I-PER", "lives VBZ B-VP O", ". . O O", ""]
+    lines += ["Bob NNP B-NP I-PER", "works VBZ B-VP O", "in IN B-PP O", "Rome NNP B-NP I-CITY", ". . O O", ""]
+    data.write_text("\n".join(lines * 3))
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as info:
+        run_recipe(
+            "task", ["--config", "recipes/tiny/task_ner.yaml", "--datasets", str(data), "--output_dir", str(out)]
+        )
+    assert (info.value.source, info.value.row) == (str(data), 10)  # the sentence starts on line 7
+    assert "word 4 'Rome'" in info.value.problem and "B-CITY" in info.value.problem  # IOB1 I-CITY read as B-CITY
+
+
 def test_empty_token_and_tag_count(tmp_path):
     rows = ner_rows(4)
     rows[1] = {"tokens": ["Alice", " ", "Paris"], "ner_tags": ["B-PER", "O", "B-LOC"]}

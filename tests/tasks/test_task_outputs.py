@@ -11,6 +11,7 @@ import torch
 from conftest import run_recipe
 
 from alignkit.errors import DataError
+from alignkit.runs import RunRecord
 
 # CoNLL-2003 as published: word POS chunk NER, IOB1 tags (I- opens an entity), -DOCSTART- between documents
 CONLL = """-DOCSTART- -X- -X- O
@@ -85,10 +86,15 @@ def test_conll_file_trains_and_the_merged_ner_model_runs_in_a_pipeline(tmp_path,
     assert "== alignkit task token_cls: finished" in summary
     f1_row = next(line for line in summary.splitlines() if line.split()[:1] == ["f1"])
     assert float(f1_row.split()[-1]) == pytest.approx(metrics["eval_f1"], abs=5e-4)
-    assert f"alignkit merge {out}" in summary and "pipeline('token-classification'" in summary
+    assert f"alignkit merge {out}" in summary and "aggregation_strategy='first')" in summary  # the record's (issue 39)
+    assert RunRecord.read(out).last.inference == {"aggregation_strategy": "first"}
+    assert any(line.split()[:3] == ["loss", "(eval", "split)"] for line in summary.splitlines()), summary
 
     result = merge_adapter(out)
     assert result.parity.passed, result.parity.summary()
+    merge_line = capfd.readouterr().out  # a task head's parity: its logits, no loss of 0 on unlabelled prompts
+    assert "max |token_cls head logit diff|" in merge_line and "loss on the parity prompts" not in merge_line
+    assert RunRecord.read(result.output_dir).merge.loss_delta is None
     merged = str(result.output_dir)
     _no_new_head_warning(capfd, lambda: AutoModelForTokenClassification.from_pretrained(merged))
     ner = _no_new_head_warning(capfd, lambda: pipeline("token-classification", model=merged))
@@ -173,6 +179,18 @@ def test_squad_v2_json_trains_and_the_merged_qa_model_answers_as_in_memory(tmp_p
             assert (got["answer"], got["start"], got["end"]) == (want["answer"], want["start"], want["end"])
             assert got["score"] == pytest.approx(want["score"], abs=1e-4)
             assert got["answer"] == context[got["start"] : got["end"]]
+    # predict() reads the run's own windows from the run record (the merged folder's keeps the run's lineage)
+    assert RunRecord.read(merged).lineage[-2].inference == {
+        "max_length": 64, "doc_stride": 16, "n_best_size": 20, "max_answer_length": 30, "null_score_diff_threshold": 0.0
+    }  # fmt: skip
+    for m, t in ((model, tokenizer), (in_memory, in_memory_tokenizer)):
+        assert predict(m, t, "Where does Frank live?", context) == predict(
+            m, t, "Where does Frank live?", context, 64, 16, 20, 30, 0.0
+        )
+    long = " ".join(f"Person {k} lives in Town {k}." for k in range(40)) + " Frank lives in Madrid."
+    assert predict(model, tokenizer, "Where does Frank live?", long) != predict(
+        model, tokenizer, "Where does Frank live?", long, 128, 32
+    )  # other windows, another answer or score: the settings are applied, not ignored
 
 
 def test_merged_classifier_runs_in_a_pipeline_and_the_final_eval_is_not_repeated(tmp_path, capfd):
