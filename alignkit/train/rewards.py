@@ -40,9 +40,15 @@ BUILT_IN = ("format", "exact", "numeric")
 
 
 def completion_text(completion) -> str:
-    """A completion as text: trl passes a string, or for chat prompts a list of messages (the reply)."""
+    """A completion as text: trl passes a string, or for chat prompts a list of messages: the reply, or in tool-use
+    GRPO the whole rollout (assistant turns with tool calls, ``tool`` results, the final reply), of which only the
+    model's own turns count (a tool result is not the model's answer)."""
     if isinstance(completion, list):
-        return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
+        return "".join(
+            m.get("content") or ""
+            for m in completion
+            if isinstance(m, dict) and m.get("role", "assistant") == "assistant" and isinstance(m.get("content"), str)
+        )
     return completion if isinstance(completion, str) else ""
 
 
@@ -132,8 +138,8 @@ class CheckedReward:
     ``"refuse"`` or ``"skip"`` (the recipe's ``nonfinite_rewards``). Counts since it was made: ``skipped``
     (completions scored None, non-finite ones mapped to None included) and ``nonfinite`` (NaN/inf values)."""
 
-    def __init__(self, func: Callable, name: str, nonfinite: str = "refuse"):
-        self.func, self.name, self.nonfinite = func, name, nonfinite
+    def __init__(self, func: Callable, name: str, nonfinite: str = "refuse", observe: Callable | None = None):
+        self.func, self.name, self.nonfinite, self.observe = func, name, nonfinite, observe
         self.skipped = self.nonfinite_count = 0
         self.__name__ = getattr(func, "__name__", name)  # trl names the reward's metrics after it
 
@@ -149,6 +155,8 @@ class CheckedReward:
         skipped = sum(v is None for v in out)
         self.nonfinite_count += skipped - sum(v is None for v in _as_list(values))
         self.skipped += skipped
+        if self.observe is not None:  # e.g. alignkit.train.tools.log_tool_use, through trl's log_metric
+            self.observe(completions, **columns)
         return out
 
     def _failed(self, prompts, completions, columns, exc: Exception) -> RewardFunctionError:
@@ -266,8 +274,10 @@ def check_reward(func: Callable, name: str, rows, nonfinite: str = "refuse") -> 
     reward_values(values, len(prompts), name, nonfinite)
 
 
-def build_reward_functions(args, train, tokenizer=None) -> list[Callable]:
-    """The recipe's rewards, each checked on the first rows of ``train`` (a datasets.Dataset in GRPO's columns)."""
+def build_reward_functions(args, train, tokenizer=None, observe: Callable | None = None) -> list[Callable]:
+    """The recipe's rewards, each checked on the first rows of ``train`` (a datasets.Dataset in GRPO's columns).
+    ``observe(completions, **columns)``: called after the first reward on every batch (columns include trl's
+    ``log_metric``), e.g. to log the share of rollouts that used a tool."""
     if not args.reward_funcs:
         raise ConfigError("reward_funcs: empty. Fix: name at least one reward, e.g. reward_funcs: [format, exact].")
     if (
@@ -288,4 +298,7 @@ def build_reward_functions(args, train, tokenizer=None) -> list[Callable]:
     probe = train.select(range(min(2, len(train))))
     for spec, func in zip(args.reward_funcs, funcs):
         check_reward(func, spec, probe, args.nonfinite_rewards)
-    return [CheckedReward(func, spec, args.nonfinite_rewards) for func, spec in zip(funcs, args.reward_funcs)]
+    return [
+        CheckedReward(func, spec, args.nonfinite_rewards, observe if i == 0 else None)
+        for i, (func, spec) in enumerate(zip(funcs, args.reward_funcs))
+    ]

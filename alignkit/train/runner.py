@@ -144,17 +144,25 @@ class Run:
         self.tokenizer = load_tokenizer(self.recipe.model, source=self.source, **contract)
         return self.tokenizer
 
-    def load_data(self, schema):
+    def load_data(self, schema, row_check=None):
+        """Load, check, mix and split the recipe's datasets with the stage's ``schema``. ``row_check(data, label,
+        places)``: the stage's own check of each source's rows, after the chat-template check, so that its errors
+        name the file and line (:func:`alignkit.data.places.place`)."""
         from alignkit.data.sources import load_datasets
 
-        row_check = None
-        if self.tokenizer is not None:  # every chat row renders with the run's template, tools and reasoning kept
-            from alignkit.data.chat_rows import check_rows
+        stage_check, row_check = row_check, None
+        if self.tokenizer is not None or stage_check is not None:
 
             def row_check(data, label, places):
-                check_rows(
-                    self.tokenizer, data, label, train_on_reasoning=self.recipe.model.train_on_reasoning, places=places
-                )
+                if self.tokenizer is not None:  # every chat row renders with the run's template, tools and reasoning
+                    from alignkit.data.chat_rows import check_rows
+
+                    check_rows(
+                        self.tokenizer, data, label, train_on_reasoning=self.recipe.model.train_on_reasoning,
+                        places=places,
+                    )  # fmt: skip
+                if stage_check is not None:
+                    stage_check(data, label, places)
 
         self.datasets = load_datasets(self.recipe.data, schema, row_check=row_check)
         train = self.datasets.get("train")
