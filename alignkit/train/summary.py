@@ -37,7 +37,8 @@ def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
     names.sort(key=lambda n: n == "loss")  # stable: the task's own metrics first, in the order they were logged
     rows = [(n if n != "loss" else "loss (eval split)", _number(metrics.get(f"before_{n}", "-")),
              _number(metrics.get(f"eval_{n}", "-"))) for n in names]  # fmt: skip
-    if "train_tools/used_ratio" in metrics:  # tool-use GRPO: the share of rollouts that ran a tool (alignkit.train.tools)
+    # tool-use GRPO: the share of rollouts that ran a tool (alignkit.train.tools)
+    if "train_tools/used_ratio" in metrics:
         rows.append(("tools/used_ratio (train mean)", "-", _number(metrics["train_tools/used_ratio"])))
     if "train_loss" in metrics:
         rows.append(("train_loss (mean)", "-", _number(metrics["train_loss"])))
