@@ -1,43 +1,76 @@
 """GGUF export per outtype, checked in llama.cpp itself (issue 40): file size, seconds to export (converter, plus
-llama.cpp's quantizer for K-quants), and the export gate's figures against the merged transformers model: reply-token
-agreement and identical replies on held-out chat prompts, stop rate (replies ending on the family's end-of-turn
-token within the limit), perplexity change on the gate's held-out text.
+llama.cpp's quantizer for K-quants), and the export gate's figures against the merged transformers model (float32):
 
-    PYTHONPATH=$PWD python3 benchmarks/gguf_export.py [--model DIR] [--outtypes f16,q8_0,...] [--n 50]
+- on the demo's 50 held-out questions (its system prompt, greedy, ``--max_new_tokens``): reply-token agreement,
+  identical replies, stop rate (replies ending on the family's end-of-turn token within the limit; the merged
+  model's in brackets), and the perplexity change on the same 50 rows with their gold replies (chat text, rendered by
+  the model's template);
+- the export gate as ``alignkit export gguf`` runs it by default (its 12 built-in prompts, ``GATE_TEXTS``): the figures
+  :data:`alignkit.export.gguf.GATE_BOUNDS` is derived from (docs/serving.md states the rule).
 
-Prompts: the demo's held-out questions (alignkit.demo.data, the 'eval' split, with its system prompt).
+    PYTHONPATH=$PWD python3 benchmarks/gguf_export.py --model MERGED_DIR [--outtypes f16,q8_0,...] [--n 50]
+                                                      [--json rows.json]
+
+llama.cpp runs on one thread (the gate's setting); the reference replies are computed once per process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import re
 import tempfile
 import time
 from pathlib import Path
 
 
-def main() -> None:
+def held_out(n: int) -> tuple[list[list[dict]], list[list[dict]]]:
+    """The demo's held-out questions (its ``eval`` split, as ``python -m alignkit.demo.pipeline`` writes it) and the
+    same conversations closed by their gold reply (for perplexity)."""
     from alignkit.demo.data import make_rows
-    from alignkit.export.gguf import GATE_BOUNDS, GATE_TEXTS, OUTTYPES, convert
+
+    prompts, scored = [], []
+    for row in make_rows(n_eval=n)["eval"]:
+        a, b = map(int, re.search(r"(\d+) \+ (\d+)", row["messages"][-1]["content"]).groups())
+        prompts.append(row["messages"])
+        scored.append([*row["messages"], {"role": "assistant", "content": f"{a} + {b} = {a + b}.\nANSWER: {a + b}"}])
+    return prompts, scored
+
+
+def _cpu() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return name
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    from alignkit.export.gguf import GATE_BOUNDS, GATE_TEXTS, OUTTYPES, convert, gate_conversations
     from alignkit.export.llamacpp import chat_gate
-    from alignkit.models.packaged import packaged_path
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="A merged model folder (default: the embedded SmolLM2).")
+    p.add_argument("--model", required=True, help="A merged model folder (the demo's final/, a merged Gemma run).")
     p.add_argument("--outtypes", default="f16,q8_0,q6_k,q5_k_m,q4_k_m")
     p.add_argument("--n", type=int, default=50, help="Held-out questions (the demo's eval split).")
-    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--max_new_tokens", type=int, default=64, help="The gate's default limit.")
+    p.add_argument("--json", default=None, help="Also write the rows here (JSON), one update per outtype.")
     args = p.parse_args()
-    model = Path(args.model or packaged_path("smollm2:SmolLM2-135M-Instruct"))
-    conversations = [row["messages"] for row in make_rows(n_eval=args.n)["eval"]]
-    import os
-
-    print(f"model: {model.name}; {len(conversations)} held-out prompts; max_new_tokens {args.max_new_tokens}")
-    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} threads, load {os.getloadavg()}")
-    print("| outtype | MiB | export s | agreement | identical | stop rate (merged) | ppl change | gate |")
-    print("|---|---|---|---|---|---|---|---|")
+    model = Path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompts, scored = held_out(args.n)
+    texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in scored]
+    print(f"model: {model.name}; {len(prompts)} held-out questions; max_new_tokens {args.max_new_tokens}")
+    print(f"CPU: {_cpu()}, {os.cpu_count()} logical cores, llama.cpp on 1 thread; load at start {os.getloadavg()}")
+    head = "| outtype | MiB | export s | agreement | identical | stop rate (merged) | ppl change | gate |"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for outtype in args.outtypes.split(","):
@@ -46,19 +79,30 @@ def main() -> None:
             started = time.monotonic()
             convert(model, out, outtype)
             seconds = time.monotonic() - started
-            g = chat_gate(model, out, outtype, conversations, GATE_TEXTS, GATE_BOUNDS[outtype], args.max_new_tokens)
             mib = out.stat().st_size / 2**20
-            row = {"outtype": outtype, "mib": round(mib, 1), "seconds": round(seconds, 1),
-                   "agreement": g.agreement, "exact": g.exact, "stop_rate": g.stop_rate,
-                   "merged_stop_rate": g.merged_stop_rate, "ppl_change": g.ppl_change, "passed": g.passed}  # fmt: skip
+            bounds = GATE_BOUNDS[outtype]
+            h = chat_gate(model, out, outtype, prompts, texts, bounds, args.max_new_tokens)
+            g = chat_gate(model, out, outtype, gate_conversations(), GATE_TEXTS, bounds, args.max_new_tokens)
+            row = {"outtype": outtype, "mib": round(mib, 1), "seconds": round(seconds, 1), "load": os.getloadavg()[0]}
+            for name, c in (("held_out", h), ("gate", g)):
+                row[name] = {"prompts": c.prompts, "agreement": c.agreement, "exact": c.exact,
+                             "stop_rate": c.stop_rate, "merged_stop_rate": c.merged_stop_rate,
+                             "ppl_merged": c.ppl_merged, "ppl_gguf": c.ppl_gguf, "ppl_change": c.ppl_change,
+                             "same_prompt_ids": c.same_prompt_ids, "failures": c.failures()}  # fmt: skip
             rows.append(row)
-            print(
-                f"| {outtype} | {mib:.1f} | {seconds:.1f} | {g.agreement:.1%} | {g.exact:.0%} | {g.stop_rate:.0%} "
-                f"({g.merged_stop_rate:.0%}) | {g.ppl_change:+.2%} | {'ok' if g.passed else '; '.join(g.failures())} |",
-                flush=True,
-            )
+            print(f"[{outtype}] {mib:.1f} MiB in {seconds:.1f} s (load {row['load']:.1f}); held-out: {h.summary()}; "
+                  f"default gate: {g.summary()}", flush=True)  # fmt: skip
             out.unlink()
-    print(json.dumps(rows))
+            if args.json:
+                Path(args.json).write_text(json.dumps({"model": model.name, "cpu": _cpu(), "rows": rows}, indent=1))
+    for name, title in (("held_out", f"{len(prompts)} held-out demo questions"), ("gate", "the default gate")):
+        print(f"\n{model.name}, {title}:\n{head}\n|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            c = r[name]
+            print(f"| {r['outtype']} | {r['mib']:.1f} | {r['seconds']:.1f} | {c['agreement']:.1%} | {c['exact']:.0%} | "
+                  f"{c['stop_rate']:.0%} ({c['merged_stop_rate']:.0%}) | {c['ppl_change']:+.2%} | "
+                  f"{'; '.join(c['failures']) or 'ok'} |")  # fmt: skip
+    print(f"load at end {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -150,6 +150,36 @@ def is_end_of_generation(llm, token: int) -> bool:
     return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token))
 
 
+def trained_stop_ids(gguf: Path) -> list[int]:
+    """The GGUF's trained stop tokens as ids of its own vocabulary: its eos and the end-of-turn token of the family
+    whose stock template is embedded in it (the template the run saved and trained with,
+    :func:`alignkit.data.chat_families.identify`). ConfigError when llama.cpp would not end generation on one of
+    them (a served reply would run past the turn). A template of no known family: llama.cpp's own end-of-generation
+    tokens are all there is to go by, and the eos alone is returned."""
+    from alignkit.data.chat_families import end_of_turn_token, identify
+
+    llama_cpp = require()
+    llm = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    family = identify(embedded_template(llm))
+    ids = [llm.token_eos()]
+    if family and family != "chatml_eos":  # chatml_eos ends its turns with the eos itself
+        text = end_of_turn_token(family, None)
+        found = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        if len(found) != 1:
+            raise ConfigError(f"{gguf}: its vocabulary has no single token {text!r}, the {family} family's end of "
+                              "turn. Fix: export the merged model again with alignkit export gguf.")  # fmt: skip
+        ids += [i for i in found if i not in ids]
+    missing = [llm.detokenize([i], special=True).decode("utf-8", "replace") for i in ids
+               if not is_end_of_generation(llm, i)]  # fmt: skip
+    if missing:
+        raise ConfigError(
+            f"{gguf}: llama.cpp does not end generation on {missing}, the trained stop token(s) of this {family} "
+            "model, so replies would run past the turn. Fix: export it with alignkit export gguf (pinned "
+            "llama.cpp), or serve the merged folder."
+        )
+    return ids
+
+
 def greedy_reply(llm, messages: list[dict], max_new_tokens: int) -> tuple[list[int], list[int]]:
     """(prompt ids, reply ids) of a greedy reply: rendered with the embedded template, tokenized by the GGUF's
     tokenizer, stopped where llama.cpp stops (an end-of-generation token, kept as the last id) or at the limit."""
@@ -285,8 +315,9 @@ def chat_gate(model_dir: Path, gguf: Path, outtype: str, conversations, texts, b
     nll_m = nll_g = count = 0.0
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if tokenizer.bos_token_id is not None and llm.metadata.get("tokenizer.ggml.add_bos_token") == "true":
-            ids = [tokenizer.bos_token_id, *ids]
+        bos = tokenizer.bos_token_id
+        if bos is not None and llm.metadata.get("tokenizer.ggml.add_bos_token") == "true" and ids[:1] != [bos]:
+            ids = [bos, *ids]  # as llama.cpp tokenizes plain text (a rendered chat text may start with it already)
         with torch.no_grad():
             t = torch.tensor([ids])
             nll_m += merged(t, labels=t).loss.item() * (len(ids) - 1)

@@ -152,7 +152,13 @@ def _run(app, host: str, port: int, blocking: bool):
 
 
 def _serve_gguf(path: Path, host: str, port: int, blocking: bool):
-    from alignkit.export.llamacpp import require
+    """llama-cpp-python's OpenAI-compatible server on one GGUF: the chat template embedded in it (forced: not a
+    format llama-cpp-python guesses from it), llama.cpp's end-of-generation tokens, which must hold the trained stop
+    tokens (:func:`alignkit.export.llamacpp.trained_stop_ids`), and no repeat penalty unless a request asks for one
+    (:class:`_NoRepeatPenaltyByDefault`), so ``temperature=0`` gives llama.cpp's greedy reply."""
+    import os
+
+    from alignkit.export.llamacpp import require, trained_stop_ids
 
     require()
     try:
@@ -162,15 +168,51 @@ def _serve_gguf(path: Path, host: str, port: int, blocking: bool):
         raise PreflightError(
             f"llama-cpp-python's server cannot be imported ({exc}). Fix: pip install 'alignkit[serve]'."
         ) from None
-    import os
+    stops = trained_stop_ids(path)  # ConfigError when llama.cpp would not stop on one of them
+    settings = ModelSettings(
+        model=str(path), model_alias=path.name, chat_format="chat_template.default", n_ctx=4096, verbose=False,
+        n_threads=os.cpu_count() or 1,
+    )  # fmt: skip
+    app = create_app(server_settings=ServerSettings(host=host, port=port), model_settings=[settings])
+    print(f"alignkit serve: {path} on http://{host}:{port}/v1 (model id: {path.name}; llama.cpp, the embedded chat "
+          f"template, stop ids {stops})", flush=True)  # fmt: skip
+    return _run(_NoRepeatPenaltyByDefault(app), host, port, blocking)
 
-    app = create_app(
-        server_settings=ServerSettings(host=host, port=port),
-        model_settings=[
-            ModelSettings(
-                model=str(path), model_alias=path.name, n_ctx=4096, verbose=False, n_threads=os.cpu_count() or 1
-            )
-        ],  # fmt: skip
-    )
-    print(f"alignkit serve: {path} on http://{host}:{port}/v1 (model id: {path.name})", flush=True)
-    return _run(app, host, port, blocking)
+
+class _NoRepeatPenaltyByDefault:
+    """ASGI wrapper around llama-cpp-python's server: a completion request that does not set llama.cpp's
+    ``repeat_penalty`` gets 1.0 (none). llama-cpp-python defaults it to 1.1, which OpenAI clients cannot see or
+    send (it is not an OpenAI parameter) and which makes a ``temperature=0`` reply differ from the greedy reply that
+    ``alignkit chat``, transformers' server and the export gate give. A request may still set it (``extra_body``)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("completions"):
+            return await self.app(scope, receive, send)
+        import json
+
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        try:
+            request = json.loads(body)
+        except ValueError:
+            request = None  # the server answers a malformed body itself
+        if isinstance(request, dict) and "repeat_penalty" not in request:
+            body = json.dumps({**request, "repeat_penalty": 1.0}).encode()
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+            scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)

@@ -300,3 +300,86 @@ def test_gemma3_layout_exports_through_llama_cpps_gemma3_converter_and_passes_th
     assert "token_embd.weight" in names and "output.weight" not in names  # one tied table, as Gemma ships it
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
     assert int(embd.shape[-1]) == len(tokenizer) + 1  # the added <end_of_turn> has its (trained) row
+
+
+@pytest.mark.llamacpp  # needs `alignkit fetch llama-cpp` (not in install.sh)
+def test_serve_a_gguf_to_the_openai_client_gives_llama_cpps_greedy_reply(f16):
+    """`alignkit serve model.gguf`: llama-cpp-python's OpenAI-compatible server with the GGUF's embedded template
+    and its trained stop ids; the official `openai` client on loopback gets, at temperature 0, the greedy reply of
+    alignkit's own llama.cpp path (the gate's), in one piece and streamed."""
+    import socket
+    import time
+
+    openai = pytest.importorskip("openai")
+    from transformers import AutoTokenizer
+
+    from alignkit.data.templates import end_of_turn_ids
+    from alignkit.export.llamacpp import greedy_reply, is_end_of_generation, load, trained_stop_ids
+    from alignkit.export.serve import serve
+
+    path, _ = f16
+    tokenizer = AutoTokenizer.from_pretrained(path.parent)
+    assert trained_stop_ids(path) == end_of_turn_ids(tokenizer)  # the GGUF's ids of the trained stop tokens
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    handle = serve(path, port=port, blocking=False)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        assert [m.id for m in models.data] == [path.name]
+        llm = load(path)
+        for question in ("What is 2 + 3?", "Say hello."):
+            messages = [{"role": "user", "content": question}]
+            _, reply = greedy_reply(llm, messages, 16)
+            stopped = bool(reply) and is_end_of_generation(llm, reply[-1])
+            want = llm.detokenize(reply[:-1] if stopped else reply).decode("utf-8")
+            got = client.chat.completions.create(model=path.name, messages=messages, temperature=0, max_tokens=16)
+            assert got.choices[0].message.content == want and want
+            assert got.choices[0].finish_reason == ("stop" if stopped else "length")
+            stream = client.chat.completions.create(
+                model=path.name, messages=messages, temperature=0, max_tokens=16, stream=True
+            )  # fmt: skip
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want
+    finally:
+        handle.kill_server()
+
+
+@pytest.mark.parametrize("command", ["serve", "export"])
+def test_serving_a_gguf_or_a_k_quant_export_without_the_llama_cpp_build_is_one_line_exit_2(
+    tmp_path, monkeypatch, capsys, command
+):  # fmt: skip
+    import sys
+
+    from alignkit import cli
+
+    gguf = tmp_path / "m-f16.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as with no build installed
+    argv = {"serve": ["serve", str(gguf), "--port", "0"],
+            "export": ["export", "gguf", str(tmp_path), "--outtype", "q4_k_m"]}[command]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("alignkit:")]
+    assert len(lines) == 1 and "llama.cpp is not installed" in lines[0] and "alignkit fetch llama-cpp" in lines[0]
+    assert "Traceback" not in err and not list(tmp_path.glob("*q4_k_m*"))
+
+
+@pytest.mark.llamacpp  # needs `alignkit fetch llama-cpp` (not in install.sh)
+def test_a_file_llama_cpps_quantizer_refuses_is_a_config_error_with_the_fix(tmp_path):
+    """llama.cpp's quantizer cannot take the input (here a GGUF header with nothing after it): a ConfigError (one
+    line, exit 2 from the CLI) naming the file, the type and the fix."""
+    from alignkit.errors import ConfigError
+    from alignkit.export.llamacpp import quantize
+
+    bad = tmp_path / "m.f16"
+    bad.write_bytes(b"GGUF" + bytes(28))
+    with pytest.raises(ConfigError, match=r"could not write q4_k_m for this model.*Fix: use another --outtype"):
+        quantize(bad, tmp_path / "m-q4_k_m.gguf", "q4_k_m")

@@ -1,16 +1,82 @@
-"""The Ollama Modelfile beside every GGUF (issue 40): its stop parameters are the tokenizer's end-of-turn ids (what
-chat, the merged generation_config and the export gate stop on), its TEMPLATE is the family's, its SYSTEM the
-default prompt the family's template inserts; a family without an Ollama template says so instead of guessing."""
+"""The Ollama Modelfile beside every GGUF (issue 40).
+
+For each family of the chat-format table that Ollama has a template for, TEMPLATE and the stop parameters equal
+Ollama's published ones: the test data in ``data/ollama/`` are verbatim copies of ollama/ollama's ``template/``
+files (``SOURCE.json``: repository, commit, path and sha256 of each). Which template Ollama has for a family is
+decided as Ollama decides it on ``ollama create``: ``template.Named`` (template/template.go) picks the
+``index.json`` entry with the least Levenshtein distance to the GGUF's chat template, if under 100. The trained
+stop tokens (what chat, the merged generation_config and the export gate stop on) are all stopped on, as a stop
+parameter or as the eos llama.cpp always stops on; a family without an Ollama template says so instead of guessing.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+from pathlib import Path
 
 import pytest
 
-from alignkit.export.modelfile import GO_TEMPLATES, modelfile_text
+from alignkit.data.chat_families import FAMILIES, family_names, stock_template
+from alignkit.export.modelfile import OLLAMA_DIFFERS, OLLAMA_FOR_FAMILY, OLLAMA_TEMPLATES, modelfile_text
 
-FAMILIES = ["smollm2", "qwen2_5", "gemma3", "llama3", "phi3"]
+DATA = Path(__file__).parent / "data" / "ollama"
+# What Ollama's matcher picks for each family's stock template (None: no entry within distance 100).
+OLLAMA_PICKS = {
+    "llama3": "llama3-instruct", "llama3_1": "llama3-instruct", "gemma": "gemma-instruct",
+    "gemma3": "gemma3-instruct", "mistral": "mistral-instruct", "smollm2": "chatml", "phi3": "zephyr",
+}  # fmt: skip
+# alignkit's choices beyond the matcher's (each said in alignkit/export/modelfile.py): phi3's text is matched to
+# zephyr, which ends turns with </s>, not Phi-3's <|end|>; alignkit's own chatml and Qwen2.5 (no Ollama template)
+# get Ollama's ChatML, Phi-3.5 Ollama's Phi-3 (its layout).
+OVERRIDES = {"phi3": "phi-3", "phi3_5": "phi-3", "chatml": "chatml", "qwen2_5": "chatml"}
+
+
+def _distance_below(a: str, b: str, limit: int) -> int | None:
+    """Levenshtein distance of ``a`` and ``b`` (in code points, as Go's levenshtein over runes) if below ``limit``."""
+    if abs(len(a) - len(b)) >= limit:
+        return None
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        lo, hi = max(1, i - limit), min(len(b), i + limit)
+        cur = [limit + 1] * (len(b) + 1)
+        cur[0] = i if i <= limit else limit + 1
+        for j in range(lo, hi + 1):
+            cur[j] = min(prev[j - 1] + (a[i - 1] != b[j - 1]), prev[j] + 1, cur[j - 1] + 1)
+        if min(cur[lo - 1 : hi + 1]) > limit:
+            return None
+        prev = cur
+    return prev[-1] if prev[-1] < limit else None
+
+
+def ollama_named(template: str) -> str | None:
+    """Ollama's template.Named: the first index.json entry with the least distance, if under 100."""
+    best, name = 100, None
+    for entry in json.loads((DATA / "index.json").read_text(encoding="utf-8")):
+        d = _distance_below(template, entry["template"], best)
+        if d is not None and d < best:
+            best, name = d, entry["name"]
+    return name
+
+
+def test_the_test_data_are_ollamas_files_as_fetched():
+    source = json.loads((DATA / "SOURCE.json").read_text())
+    assert source["repository"] == "https://github.com/ollama/ollama" and len(source["commit"]) == 40
+    files = {p.name for p in DATA.iterdir()} - {"SOURCE.json"}
+    assert files == set(source["files"])
+    for name, entry in source["files"].items():
+        assert entry["path"] == f"template/{name}"
+        assert hashlib.sha256((DATA / name).read_bytes()).hexdigest() == entry["sha256"], name
+
+
+def test_the_families_ollama_recognises_get_its_template_and_stop_parameters():
+    picks = {name: ollama_named(stock_template(name)) for name in family_names()}
+    assert {k: v for k, v in picks.items() if v} == OLLAMA_PICKS
+    assert OLLAMA_FOR_FAMILY == {**OLLAMA_PICKS, **OVERRIDES}
+    for name in set(OLLAMA_FOR_FAMILY.values()):
+        stops = json.loads((DATA / f"{name}.json").read_text())["stop"]
+        assert OLLAMA_TEMPLATES[name] == ((DATA / f"{name}.gotmpl").read_text(encoding="utf-8"), tuple(stops)), name
 
 
 def _saved(tmp_path, family):
@@ -21,8 +87,8 @@ def _saved(tmp_path, family):
     return tmp_path / family, tokenizer
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_stop_parameters_are_the_tokenizers_end_of_turn_ids(tmp_path, family):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_modelfile_writes_ollamas_template_and_stops_and_stops_on_every_trained_token(tmp_path, family):
     from alignkit.data.templates import end_of_turn_ids
 
     folder, tokenizer = _saved(tmp_path, family)
@@ -30,14 +96,18 @@ def test_stop_parameters_are_the_tokenizers_end_of_turn_ids(tmp_path, family):
     assert found == family
     assert text.splitlines()[1] == "FROM ./m-f16.gguf"
     stops = re.findall(r'^PARAMETER stop "(.*)"$', text, flags=re.M)
-    assert [tokenizer.convert_tokens_to_ids(s) for s in stops] == end_of_turn_ids(tokenizer)
-    family_end = {"smollm2": "<|im_end|>", "qwen2_5": "<|im_end|>", "gemma3": "<end_of_turn>",
-                  "llama3": "<|eot_id|>", "phi3": "<|end|>"}[family]  # fmt: skip
-    assert family_end in stops
-    if family in GO_TEMPLATES:
-        assert f'TEMPLATE """{GO_TEMPLATES[family]}"""' in text
+    trained = tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))
+    assert FAMILIES[family].end_of_turn in trained
+    name = OLLAMA_FOR_FAMILY.get(family)
+    if name:
+        template = (DATA / f"{name}.gotmpl").read_text(encoding="utf-8")
+        assert re.findall(r'^TEMPLATE """(.*?)"""$', text, flags=re.M | re.S) == [template]
+        assert stops == json.loads((DATA / f"{name}.json").read_text())["stop"]  # Ollama's, in its order
+        assert set(trained) <= {*stops, tokenizer.eos_token}  # the eos: llama.cpp's end of generation
+        assert (OLLAMA_DIFFERS[family] in text) == (family in OLLAMA_DIFFERS)
     else:
-        assert "TEMPLATE" not in text.replace("no Ollama TEMPLATE", "") and "embedded in the GGUF" in text
+        assert "TEMPLATE" not in text and "Ollama publishes no template" in text
+        assert stops == trained
 
 
 def test_the_default_system_prompt_is_the_one_the_template_inserts(tmp_path):
