@@ -10,6 +10,12 @@ llama.cpp's quantizer for K-quants), and the export gate's figures against the m
 
     PYTHONPATH=$PWD python3 benchmarks/gguf_export.py --model MERGED_DIR [--outtypes f16,q8_0,...] [--n 50]
                                                       [--json rows.json]
+    PYTHONPATH=$PWD python3 benchmarks/gguf_export.py --derive smollm2.json gemma3.json   # GATE_BOUNDS by RULE
+
+RULE (per outtype, over every model and both prompt sets measured): agreement >= the lowest measured less 20
+points, rounded down to 5 points; stop rate >= the merged model's less (the largest measured drop + 10 points,
+rounded up to 5 points; none for f16/q8_0, whose stop rate must equal the merged model's); perplexity change <= twice
+the largest measured change + 1 point, rounded up to a whole percent.
 
 llama.cpp runs on one thread (the gate's setting); the reference replies are computed once per process.
 """
@@ -51,7 +57,31 @@ def _cpu() -> str:
     return name
 
 
+def derive(paths: list[str]) -> dict[str, dict[str, float]]:
+    """GATE_BOUNDS per outtype from benchmark JSON files, by RULE (module docstring)."""
+    import math
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    out = {}
+    for outtype in dict.fromkeys(r["outtype"] for run in runs for r in run["rows"]):
+        figures = [r[k] for run in runs for r in run["rows"] if r["outtype"] == outtype for k in ("held_out", "gate")
+                   if k in r]  # fmt: skip
+        agreement = math.floor((min(f["agreement"] for f in figures) - 0.20) * 20 + 1e-9) / 20
+        drop = max(max(f["merged_stop_rate"] - f["stop_rate"] for f in figures), 0.0)
+        stop_drop = 0.0 if outtype in ("f32", "f16", "bf16", "q8_0") else math.ceil((drop + 0.10) * 20 - 1e-9) / 20
+        ppl = math.ceil((2 * max(max(f["ppl_change"] for f in figures), 0.0) + 0.01) * 100 - 1e-9) / 100
+        out[outtype] = {"agreement": max(agreement, 0.0), "stop_drop": stop_drop, "ppl_change": ppl}
+        print(f"{outtype}: measured agreement >= {min(f['agreement'] for f in figures):.1%}, stop-rate drop <= "
+              f"{drop:.0%}, perplexity change <= {max(f['ppl_change'] for f in figures):+.2%} -> {out[outtype]}")  # fmt: skip
+    return out
+
+
 def main() -> None:
+    import sys
+
+    if sys.argv[1:2] == ["--derive"]:
+        print(json.dumps(derive(sys.argv[2:]), indent=1))
+        return
     from transformers import AutoTokenizer
 
     from alignkit.export.gguf import GATE_BOUNDS, GATE_TEXTS, OUTTYPES, convert, gate_conversations
@@ -63,6 +93,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=50, help="Held-out questions (the demo's eval split).")
     p.add_argument("--max_new_tokens", type=int, default=64, help="The gate's default limit.")
     p.add_argument("--json", default=None, help="Also write the rows here (JSON), one update per outtype.")
+    p.add_argument("--sets", default="held_out,gate", help="held_out (the demo's questions), gate (the default gate).")
     args = p.parse_args()
     model = Path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -81,23 +112,27 @@ def main() -> None:
             seconds = time.monotonic() - started
             mib = out.stat().st_size / 2**20
             bounds = GATE_BOUNDS[outtype]
-            h = chat_gate(model, out, outtype, prompts, texts, bounds, args.max_new_tokens)
-            g = chat_gate(model, out, outtype, gate_conversations(), GATE_TEXTS, bounds, args.max_new_tokens)
+            sets = {}
+            if "held_out" in args.sets:
+                sets["held_out"] = chat_gate(model, out, outtype, prompts, texts, bounds, args.max_new_tokens)
+            if "gate" in args.sets:
+                sets["gate"] = chat_gate(model, out, outtype, gate_conversations(), GATE_TEXTS, bounds,
+                                         args.max_new_tokens)  # fmt: skip
             row = {"outtype": outtype, "mib": round(mib, 1), "seconds": round(seconds, 1), "load": os.getloadavg()[0]}
-            for name, c in (("held_out", h), ("gate", g)):
+            for name, c in sets.items():
                 row[name] = {"prompts": c.prompts, "agreement": c.agreement, "exact": c.exact,
                              "stop_rate": c.stop_rate, "merged_stop_rate": c.merged_stop_rate,
                              "ppl_merged": c.ppl_merged, "ppl_gguf": c.ppl_gguf, "ppl_change": c.ppl_change,
                              "same_prompt_ids": c.same_prompt_ids, "failures": c.failures()}  # fmt: skip
             rows.append(row)
-            print(f"[{outtype}] {mib:.1f} MiB in {seconds:.1f} s (load {row['load']:.1f}); held-out: {h.summary()}; "
-                  f"default gate: {g.summary()}", flush=True)  # fmt: skip
+            said = "; ".join(f"{name}: {c.summary()}" for name, c in sets.items())
+            print(f"[{outtype}] {mib:.1f} MiB in {seconds:.1f} s (load {row['load']:.1f}); {said}", flush=True)
             out.unlink()
             if args.json:
                 Path(args.json).write_text(json.dumps({"model": model.name, "cpu": _cpu(), "rows": rows}, indent=1))
     for name, title in (("held_out", f"{len(prompts)} held-out demo questions"), ("gate", "the default gate")):
         print(f"\n{model.name}, {title}:\n{head}\n|---|---|---|---|---|---|---|---|")
-        for r in rows:
+        for r in (r for r in rows if name in r):
             c = r[name]
             print(f"| {r['outtype']} | {r['mib']:.1f} | {r['seconds']:.1f} | {c['agreement']:.1%} | {c['exact']:.0%} | "
                   f"{c['stop_rate']:.0%} ({c['merged_stop_rate']:.0%}) | {c['ppl_change']:+.2%} | "

@@ -155,27 +155,45 @@ def trained_stop_ids(gguf: Path) -> list[int]:
     whose stock template is embedded in it (the template the run saved and trained with,
     :func:`alignkit.data.chat_families.identify`). ConfigError when llama.cpp would not end generation on one of
     them (a served reply would run past the turn). A template of no known family: llama.cpp's own end-of-generation
-    tokens are all there is to go by, and the eos alone is returned."""
+    tokens are all there is to go by, and the eos alone is returned. Reads the vocabulary only (llama.h's
+    ``vocab_only`` load), no weights."""
     from alignkit.data.chat_families import end_of_turn_token, identify
 
     llama_cpp = require()
-    llm = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
-    family = identify(embedded_template(llm))
-    ids = [llm.token_eos()]
-    if family and family != "chatml_eos":  # chatml_eos ends its turns with the eos itself
-        text = end_of_turn_token(family, None)
-        found = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        if len(found) != 1:
-            raise ConfigError(f"{gguf}: its vocabulary has no single token {text!r}, the {family} family's end of "
-                              "turn. Fix: export the merged model again with alignkit export gguf.")  # fmt: skip
-        ids += [i for i in found if i not in ids]
-    missing = [llm.detokenize([i], special=True).decode("utf-8", "replace") for i in ids
-               if not is_end_of_generation(llm, i)]  # fmt: skip
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    quiet = logging.getLogger("llama-cpp-python")  # where llama-cpp-python sends llama.cpp's log (Llama(verbose=))
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), params)
+    finally:
+        quiet.setLevel(level)
+    if not model:
+        raise ConfigError(f"{gguf}: llama.cpp cannot read it. Fix: export it again with alignkit export gguf.")
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        buf = ctypes.create_string_buffer(1 << 20)
+        n = llama_cpp.llama_model_meta_val_str(model, b"tokenizer.chat_template", buf, len(buf))
+        family = identify(buf.value.decode("utf-8")) if n > 0 else None
+        ids = [int(llama_cpp.llama_vocab_eos(vocab))]
+        if family and family != "chatml_eos":  # chatml_eos ends its turns with the eos itself
+            text = end_of_turn_token(family, None).encode("utf-8")
+            found = (llama_cpp.llama_token * 4)()
+            count = llama_cpp.llama_tokenize(vocab, text, len(text), found, 4, False, True)
+            if count != 1:
+                raise ConfigError(f"{gguf}: its vocabulary has no single token {text.decode()!r}, the {family} "
+                                  "family's end of turn. Fix: export the merged model again with alignkit export "
+                                  "gguf.")  # fmt: skip
+            ids += [found[0]] if found[0] not in ids else []
+        missing = [i for i in ids if not llama_cpp.llama_vocab_is_eog(vocab, i)]
+    finally:
+        llama_cpp.llama_model_free(model)
     if missing:
         raise ConfigError(
-            f"{gguf}: llama.cpp does not end generation on {missing}, the trained stop token(s) of this {family} "
-            "model, so replies would run past the turn. Fix: export it with alignkit export gguf (pinned "
-            "llama.cpp), or serve the merged folder."
+            f"{gguf}: llama.cpp does not end generation on the token id(s) {missing}, trained stop token(s) of this "
+            f"{family} model, so replies would run past the turn. Fix: export it with alignkit export gguf (the "
+            "pinned llama.cpp), or serve the merged folder."
         )
     return ids
 
@@ -311,13 +329,18 @@ def chat_gate(model_dir: Path, gguf: Path, outtype: str, conversations, texts, b
         exact += want == got
         stopped += bool(got) and got[-1] in stops
         merged_stopped += bool(want) and want[-1] in stops
-    scorer = load(gguf, logits_all=True)
-    nll_m = nll_g = count = 0.0
+    scored = []
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         bos = tokenizer.bos_token_id
         if bos is not None and llm.metadata.get("tokenizer.ggml.add_bos_token") == "true" and ids[:1] != [bos]:
             ids = [bos, *ids]  # as llama.cpp tokenizes plain text (a rendered chat text may start with it already)
+        scored.append(ids)
+    # logits for every position: n_ctx x vocabulary floats (Gemma 3's 262k vocabulary: 1 MiB a position), so the
+    # context is only as long as the longest text
+    scorer = load(gguf, n_ctx=max(64, *(len(ids) for ids in scored)), logits_all=True)
+    nll_m = nll_g = count = 0.0
+    for ids in scored:
         with torch.no_grad():
             t = torch.tensor([ids])
             nll_m += merged(t, labels=t).loss.item() * (len(ids) - 1)
