@@ -94,7 +94,13 @@ def main() -> None:
     p.add_argument("--max_new_tokens", type=int, default=64, help="The gate's default limit.")
     p.add_argument("--json", default=None, help="Also write the rows here (JSON), one update per outtype.")
     p.add_argument("--sets", default="held_out,gate", help="held_out (the demo's questions), gate (the default gate).")
+    p.add_argument("--torch_threads", type=int, default=None,
+                   help="Threads for the transformers reference (1 on a loaded machine: OpenMP barriers spin).")  # fmt: skip
     args = p.parse_args()
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     model = Path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts, scored = held_out(args.n)

@@ -11,7 +11,7 @@ The parity gate loads the written GGUF back through transformers (``gguf_file=``
 compares its logits with the merged model's on the merge gate's prompts: max |logit diff| and the loss delta,
 refused above :data:`BOUNDS` for the outtype.
 
-    alignkit export gguf RUN_OR_MERGED_DIR --outtype f16|q8_0 [--out FILE]
+    alignkit export gguf RUN_OR_MERGED_DIR --outtype f16|bf16|q8_0|f32|q6_k|q5_k_m|q4_k_m [--out FILE] [--no-gate]
 """
 
 from __future__ import annotations
@@ -210,10 +210,11 @@ GATE_TEXTS = (
 )
 # llama.cpp gate bounds per outtype: minimum reply-token agreement with the merged model, the most the stop rate
 # may fall below the merged model's, the largest perplexity change on GATE_TEXTS. PROVISIONAL: set from how far each
-# type's rounding moves logits (the converter gate's measured f16/q8_0 figures above), not yet from a finished
-# SmolLM2 run of benchmarks/gguf_export.py (issue 40: it did not finish on the loaded 2-core machine); measured on a
-# tiny random Llama: q4_k_m agreement 44% on 3 prompts, perplexity change -0.14%, f16 within 0.1%. A wrong tensor,
-# template or tokenizer gives agreement ~0, stop rate ~0 and perplexity many times larger.
+# type's rounding moves logits (the converter gate's measured f16/q8_0 figures above); measured on a tiny random
+# Llama: q4_k_m agreement 44% on 3 prompts, perplexity change -0.14%, f16 within 0.1%. To be replaced by
+# `benchmarks/gguf_export.py --derive` (its docstring states the rule) once its SmolLM2 and Gemma 3 runs finish (they
+# did not on the loaded 2-core machine on 2026-12-06: benchmarks/README.md). A wrong tensor, template or tokenizer
+# gives agreement ~0, stop rate ~0 and perplexity many times larger.
 GATE_BOUNDS = {
     "f32": {"agreement": 0.95, "stop_drop": 0.0, "ppl_change": 0.01},
     "f16": {"agreement": 0.90, "stop_drop": 0.0, "ppl_change": 0.01},
