@@ -137,6 +137,8 @@ def main() -> None:
             if args.json:
                 Path(args.json).write_text(json.dumps({"model": model.name, "cpu": _cpu(), "rows": rows}, indent=1))
     for name, title in (("held_out", f"{len(prompts)} held-out demo questions"), ("gate", "the default gate")):
+        if not any(name in r for r in rows):
+            continue
         print(f"\n{model.name}, {title}:\n{head}\n|---|---|---|---|---|---|---|---|")
         for r in (r for r in rows if name in r):
             c = r[name]
