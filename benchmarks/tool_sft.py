@@ -43,35 +43,6 @@ MODELS = {
 FAMILY = "qwen2_5"
 
 
-def _prompts(tokenizer, conversations: list[list[dict]], tools) -> list[str]:
-    return [tokenizer.apply_chat_template(c, tools=tools, add_generation_prompt=True, tokenize=False) for c in conversations]  # fmt: skip
-
-
-def generate(model, tokenizer, conversations: list[list[dict]], tools, max_new_tokens: int, batch_size: int = 16):
-    """(prompt ids, reply ids up to and including the first stop token) per conversation, greedy, tools rendered."""
-    import torch
-
-    from alignkit.data.templates import end_of_turn_ids
-
-    stops = end_of_turn_ids(tokenizer)
-    tokenizer.padding_side = "left"
-    out = []
-    for i in range(0, len(conversations), batch_size):
-        texts = _prompts(tokenizer, conversations[i : i + batch_size], tools)
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            ids = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                pad_token_id=tokenizer.pad_token_id,
-            )  # fmt: skip
-        width = batch["input_ids"].shape[1]
-        for text, row in zip(texts, ids.tolist()):
-            reply = row[width:]
-            cut = next((k + 1 for k, t in enumerate(reply) if t in stops), len(reply))
-            out.append((tokenizer(text, add_special_tokens=False)["input_ids"], reply[:cut]))
-    return out
-
-
 def measure(model, tokenizer, held_out: list[dict], max_new_tokens: int, final_answer: bool = False) -> dict:
     """Share of held-out questions answered with a well-formed / right calculator call (parsed by trl's
     ``parse_response`` with the family's response schema); with ``final_answer``, also the share of right final
@@ -80,6 +51,7 @@ def measure(model, tokenizer, held_out: list[dict], max_new_tokens: int, final_a
 
     from alignkit.demo.data import score
     from alignkit.demo.tool_data import TOOLS, call, call_score, prompt
+    from alignkit.demo.tool_eval import generate  # greedy, tools rendered, replies cut after the first stop token
 
     add_response_schema(tokenizer)  # the family's parser (Qwen2.5's stock template -> trl's qwen3 response schema)
     started = time.time()

@@ -20,7 +20,7 @@ FIRST_TOKENS = 64  # a calculator call is ~30 SmolLM2 tokens
 TOOL_TIMEOUT = 5.0
 
 
-def _generate(model, tokenizer, conversations: list[list[dict]], tools, max_new_tokens: int, batch_size: int = 16):
+def generate(model, tokenizer, conversations: list[list[dict]], tools, max_new_tokens: int, batch_size: int = 16):
     """(prompt ids, reply ids up to and including the first end-of-turn) per conversation; greedy, tools rendered."""
     import torch
 
@@ -85,12 +85,12 @@ def evaluate_with_tools(path: Path, rows: list[dict], out_file: Path, max_new_to
     check_template(tokenizer, ["calculator"])  # renders tools and calls; sets trl's response parser
     tools = {"calculator": timed_tool(calculator, TOOL_TIMEOUT)}
     conversations = [list(r["messages"]) for r in rows]
-    firsts = _generate(model, tokenizer, conversations, TOOLS, FIRST_TOKENS)
+    firsts = generate(model, tokenizer, conversations, TOOLS, FIRST_TOKENS)
     replies = [[parse_response(tokenizer, ids, prefix=prefix, tools=TOOLS)] for prefix, ids in firsts]
     again = [i for i, reply in enumerate(replies) if reply[0].get("tool_calls")]
     for i in again:
         replies[i] += run_calls(replies[i][0], tools)
-    seconds = _generate(model, tokenizer, [conversations[i] + replies[i] for i in again], TOOLS, max_new_tokens)
+    seconds = generate(model, tokenizer, [conversations[i] + replies[i] for i in again], TOOLS, max_new_tokens)
     for i, (prefix, ids) in zip(again, seconds):
         replies[i].append(parse_response(tokenizer, ids, prefix=prefix, tools=TOOLS))
     scored = []

@@ -264,8 +264,6 @@ def check_trainer(trainer, run_args, rows_before: dict[str, int] | None = None, 
         check_stop_tokens(trainer, split, data, run_args.max_truncated_fraction, dropped, (splits or {}).get(split))
     if args.save_strategy == "no":
         return
-    if args.save_strategy == "no":
-        return
     needed_gb = _checkpoint_bytes(trainer.model) * _planned_checkpoints(args) / 2**30
     free_gb = shutil.disk_usage(args.output_dir).free / 2**30
     if free_gb < needed_gb + run_args.min_free_disk_gb:

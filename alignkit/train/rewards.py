@@ -211,22 +211,29 @@ class RewardCounts(TrainerCallback):
             state.log_history[-1].update(counts)  # the trainer appended its copy of ``logs`` before the callbacks
 
 
-def import_reward(spec: str, index: int) -> Callable:
-    """``package.module:function`` -> the function; ConfigError naming the entry if it cannot be imported (a module
-    that calls ``sys.exit`` on import is reported as such)."""
-    module_name, _, name = spec.partition(":")
+def import_user_module(spec: str, where: str, hint: str = ""):
+    """The module of a user's ``package.module:function`` entry (``where``: the recipe key naming it, e.g.
+    ``tools[0]``); ConfigError naming the entry and the fix if it cannot be imported (a module that calls
+    ``sys.exit`` on import is reported as such). ``hint``: what else the key accepts, appended to the fix."""
+    module_name = spec.partition(":")[0]
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except SystemExit as exc:
         raise ConfigError(
-            f"reward_funcs[{index}]: importing '{module_name}' called sys.exit({exc.code!r}). Fix: do not exit at "
-            'import time (move script code under `if __name__ == "__main__":`).'
+            f"{where}: importing '{module_name}' called sys.exit({exc.code!r}). Fix: do not exit at import time "
+            '(move script code under `if __name__ == "__main__":`).'
         ) from None
     except Exception as exc:  # noqa: BLE001 - the user's module: any import error is theirs to fix
         raise ConfigError(
-            f"reward_funcs[{index}]: '{spec}' could not be imported ({type(exc).__name__}: {exc}). Fix: give "
-            "'package.module:function' of a module on PYTHONPATH (or a built-in: format, exact, numeric)."
+            f"{where}: '{spec}' could not be imported ({type(exc).__name__}: {exc}). Fix: give "
+            f"'package.module:function' of a module on PYTHONPATH{hint}."
         ) from None
+
+
+def import_reward(spec: str, index: int) -> Callable:
+    """``package.module:function`` -> the function; ConfigError naming the entry if it cannot be imported."""
+    module = import_user_module(spec, f"reward_funcs[{index}]", " (or a built-in: format, exact, numeric)")
+    module_name, _, name = spec.partition(":")
     func = getattr(module, name, None)
     if not callable(func):
         raise ConfigError(

@@ -183,6 +183,11 @@ class Run:
             )
         r = self.recipe
         self.head_config = {k: v for k, v in head_kwargs.items() if isinstance(v, (int, float, str, bool, dict))}
+        import transformers
+
+        # the adapter's initial weights come from the seed alone, not from what consumed random numbers since setup
+        # (a second run in the same process, data preparation, caches): the same recipe gives the same run
+        transformers.set_seed(r.train.seed)
         self.model = load_model(
             r.model,
             r.quant,

@@ -48,7 +48,7 @@ class _Timeout(BaseException):  # BaseException: a tool's own ``except Exception
 
 def _import(spec: str, index: int) -> Callable:
     """``package.module:function`` -> the callable; ConfigError naming the entry and the fix."""
-    import importlib
+    from alignkit.train.rewards import import_user_module
 
     where = f"tools[{index}]"
     module_name, sep, name = spec.partition(":")
@@ -57,18 +57,7 @@ def _import(spec: str, index: int) -> Callable:
             f"{where}: '{spec}' is not an import path. Fix: name the function as 'package.module:function' (a "
             "module on PYTHONPATH), e.g. alignkit.demo.tool_data:calculator."
         )
-    try:
-        module = importlib.import_module(module_name)
-    except SystemExit as exc:
-        raise ConfigError(
-            f"{where}: importing '{module_name}' called sys.exit({exc.code!r}). Fix: do not exit at import time "
-            '(move script code under `if __name__ == "__main__":`).'
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - the user's module: any import error is theirs to fix
-        raise ConfigError(
-            f"{where}: '{spec}' could not be imported ({type(exc).__name__}: {exc}). Fix: give "
-            "'package.module:function' of a module on PYTHONPATH."
-        ) from None
+    module = import_user_module(spec, where)
     if not hasattr(module, name):
         raise ConfigError(f"{where}: module '{module_name}' has no '{name}'. Fix: name a function it defines.")
     func = getattr(module, name)
