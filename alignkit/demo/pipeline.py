@@ -69,7 +69,8 @@ class DemoMethod:
     """A row of the methods table (docs/methods.md): a stage run after the demo's SFT. ``recipe``: the stage recipe
     it runs (``alignkit.recipes.<recipe>``); ``config``: its YAML, ``recipes/demo/<config>.yaml``; ``label``: the
     table's row; ``data``: its rows, ``<out_dir>/data/<data>.jsonl``; ``overrides``: recipe arguments on top of the
-    YAML; ``tools``: evaluated with the calculator available (:mod:`alignkit.demo.tool_eval`)."""
+    YAML; ``tools``: evaluated with the calculator available (:mod:`alignkit.demo.tool_eval`); ``teacher``: the
+    stage it continues is the teacher (``--teacher_model_name_or_path``) and the student starts from the base model."""
 
     recipe: str
     config: str
@@ -77,17 +78,20 @@ class DemoMethod:
     data: str
     overrides: tuple[str, ...] = ()
     tools: bool = False
+    teacher: bool = False
 
 
 # The methods table's rows beyond DEMO_STAGES (``grpo`` there is GRPO's default loss, dapo), each run after SFT with
-# --start_from. The distilled student is not a row here yet: it starts from the base model with the default chain's
-# merged DPO model as teacher (recipes/demo/distill.yaml); its row needs a teacher override added here.
+# --start_from; ``distill`` after the default chain (--start_from outputs/demo/final, the merged DPO model, is the
+# teacher; the student is the base model, 4-bit + LoRA, as recipes/demo/distill.yaml).
 METHODS: dict[str, DemoMethod] = {
     "dr_grpo": DemoMethod("grpo", "grpo", "+GRPO (dr_grpo)", "grpo", ("--loss_type", "dr_grpo")),
     "rloo": DemoMethod("rloo", "rloo", "+RLOO", "grpo"),
     "online_dpo": DemoMethod("online_dpo", "online_dpo", "+online DPO", "grpo"),
     "tool_sft": DemoMethod("sft", "sft_tools", "+tool-call SFT (calculator)", "tool_sft", tools=True),
     "tool_grpo": DemoMethod("grpo", "grpo_tools", "+tool-use GRPO (calculator)", "tool_grpo", tools=True),
+    "distill": DemoMethod("distill", "distill", "distilled student (teacher: the merged DPO model)", "grpo",
+                          teacher=True),  # fmt: skip
 }
 # Sized for 2 CPU cores; a trained reply is ~15 tokens, the base model's rambling is cut here.
 MAX_NEW_TOKENS = 40
@@ -106,7 +110,12 @@ def stage_overrides(
     ``model``: the base the first stage starts from, and the chat format of every stage."""
     data = out_dir / "data"
     args = ["--output_dir", str(out_dir / stage), "--overwrite_output_dir", "true"]
-    args += ["--model_name_or_path", str(out_dir / previous) if previous else model.name]  # an absolute one: itself
+    teacher = stage in METHODS and METHODS[stage].teacher
+    if teacher and not previous:
+        raise ValueError(f"{stage}: needs the teacher it learns from (--start_from a merged model)")
+    args += ["--model_name_or_path", str(out_dir / previous) if previous and not teacher else model.name]
+    if teacher:
+        args += ["--teacher_model_name_or_path", str(out_dir / previous)]  # an absolute one: itself
     if model.chat_template:
         args += ["--chat_template", model.chat_template]
     if stage in PAIRS:
@@ -334,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     start = Path(args.start_from).resolve() if args.start_from else None
     if start is not None and not (start / "alignkit_run.json").is_file():
         p.error(f"--start_from {args.start_from}: not a finished alignkit stage output (no alignkit_run.json)")
+    if start is None and stages[0] in METHODS and METHODS[stages[0]].teacher:
+        p.error(f"--stages {stages[0]}: learns from a teacher; give it with --start_from (the default chain's merged "
+                "model: outputs/demo/final)")
     os.environ.update(OFFLINE_ENV)  # after the model fetch (pip, PyPI) nothing here or in the stages goes online
     from transformers.utils import logging as hf_logging
 

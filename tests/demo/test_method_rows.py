@@ -51,7 +51,11 @@ def test_each_method_row_runs_its_recipe_on_its_data_after_the_given_sft(stage, 
         ["--config", f"recipes/demo/{yaml}.yaml", *stage_overrides(stage, tmp_path, str(start))]
     )
     assert recipe.train.output_dir == str(tmp_path / stage)
-    assert recipe.model.model_name_or_path == str(start) and recipe.model.adapter_handoff == "continue"
+    if METHODS[stage].teacher:  # the given run teaches; the student starts from the base model
+        assert recipe.train.teacher_model_name_or_path == str(start)
+        assert recipe.model.model_name_or_path == "smollm2:SmolLM2-135M-Instruct"
+    else:
+        assert recipe.model.model_name_or_path == str(start) and recipe.model.adapter_handoff == "continue"
     source = recipe.data.datasets[0]
     assert source.path == str(tmp_path / "data" / f"{METHODS[stage].data}.jsonl")
     assert (tmp_path / "data" / f"{METHODS[stage].data}.jsonl").is_file()
@@ -63,6 +67,13 @@ def test_each_method_row_runs_its_recipe_on_its_data_after_the_given_sft(stage, 
         assert row["tools"] == TOOLS and row["prompt"][-1]["role"] == "user" and "answer" in row
     if stage == "tool_sft":
         assert recipe.model.chat_template == "qwen2_5"
+
+
+def test_a_distilled_student_needs_its_teacher_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--stages", "distill", "--out_dir", str(tmp_path / "demo")])
+    assert exit_.value.code == 2 and "--start_from" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
 
 
 def test_method_rows_do_not_shadow_the_chain_stages():
