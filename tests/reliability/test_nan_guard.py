@@ -98,3 +98,30 @@ def test_a_fitted_runs_loss_noise_is_not_divergence(tmp_path):
         guard.on_log(args, SimpleNamespace(global_step=step), None, logs={"loss": loss, "learning_rate": 1e-3})
     with pytest.raises(DivergenceError, match="jumped"):
         guard.on_log(args, SimpleNamespace(global_step=7), None, logs={"loss": 2.5, "learning_rate": 1e-3})
+
+
+def test_a_converged_runs_bump_is_not_divergence_a_climb_back_is(tmp_path):
+    """Issue 39: a MiniLM QA run converged from ~6 to ~0.06 was stopped at step 189 for a loss of 0.29 (4.8x its
+    median, above LOSS_FLOOR): a bump that undoes 4% of what the run learned. The guard now also asks a jump to climb
+    LOSS_UNDONE of the way back to the run's early loss; the same run climbing back to 3.0 still stops, and a run
+    whose loss never fell is judged by the ratio alone (a jump from ~2 to 9 stops)."""
+    from types import SimpleNamespace
+
+    from alignkit.errors import DivergenceError
+    from alignkit.train.callbacks import NonFiniteGuard
+
+    args = SimpleNamespace(output_dir=str(tmp_path), deepspeed=None, learning_rate=3e-5)
+
+    def feed(guard, losses, start=1):
+        for step, loss in enumerate(losses, start=start):
+            guard.on_log(args, SimpleNamespace(global_step=step), None, logs={"loss": loss, "learning_rate": 3e-5})
+
+    falling = [6.0, 5.2, 4.1, 3.0, 2.2, 1.5, 0.9, 0.5, 0.3, 0.2, 0.12, 0.08, 0.07, 0.06, 0.05, 0.06, 0.07, 0.06]
+    guard = NonFiniteGuard()
+    feed(guard, [*falling, 0.29, 0.08, 0.06])  # the bump of the QA run: trains on
+    with pytest.raises(DivergenceError, match=r"loss 3 jumped from ~0.07 \(early in the run ~4.1\)"):
+        feed(guard, [3.0], start=len(falling) + 4)
+    flat = NonFiniteGuard()
+    feed(flat, [2.1, 2.0, 1.9, 2.0, 2.1, 2.0])
+    with pytest.raises(DivergenceError, match="jumped"):
+        feed(flat, [9.0], start=7)
