@@ -59,7 +59,8 @@ class LineageEntry:
     inference: dict[str, Any] = field(default_factory=dict)
     datasets: list[dict[str, Any]] = field(default_factory=list)  # {path, weight, split}
     # what loading the data found: {held_out: {sources, rows, also_in_train}, skipped_rows: n, skipped: [{file, row,
-    # problem}] (on_bad_rows: skip; the first 20)}
+    # problem}] (on_bad_rows: skip; the first 20), prompt_fills_max_length: [{file, row}] (DPO/KTO rows trl drops: the
+    # first 20), prompt_fills_max_length_rows: n}
     data: dict[str, Any] = field(default_factory=dict)
     adapter_handoff: str | None = None  # how this stage used from_adapter: continue | reference | merge
     from_adapter: str | None = None  # the earlier stage's adapter (a merge: the adapter merged)

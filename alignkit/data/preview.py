@@ -1,7 +1,8 @@
 """Label preview: one collated training example with the tokens that carry a label marked, so a user sees
 exactly what the model learns (as the trainer's own collator builds it); and :func:`long_rows`, the rows of a source
 longer than ``max_length`` named by file and line (a single 50 MB row among them), which training truncates or drops
-and the truncation report counts."""
+and the truncation report counts; and :func:`prompts_filling`, the DPO/KTO rows trl drops (their prompt alone fills
+``max_length``), named the same way."""
 
 from __future__ import annotations
 
@@ -114,6 +115,40 @@ def long_rows(tokenizer, rows, places, label: str, max_length: int) -> list[tupl
         if tokens > max_length:
             found.append((*place(places, label, index), tokens, exact))
     return sorted(found, key=lambda f: -f[2])
+
+
+def prompts_filling(tokenizer, rows, places, label: str, max_length: int) -> list[tuple[str, int]]:
+    """``(source, row)`` of each row of ``rows`` (a checked DPO or KTO source split, in its file's order) whose prompt
+    alone has ``max_length`` tokens or more, rendered as trl 1.16's DPOTrainer and KTOTrainer render it (a chat prompt
+    through the template with the generation prompt and the row's ``tools``; a text prompt tokenized with its
+    special tokens): with ``truncation_mode: keep_start`` (KTO's only mode) those trainers drop such a row, whose
+    reply the collator would cut whole. The prompt alone is measured (trl keeps the part of it that prefixes
+    prompt + reply, the same tokens with every stock template); a huge one is estimated (:func:`count_tokens`).
+    ``places``: :func:`alignkit.data.sources.row_places`."""
+    from alignkit.data.tools import row_tools
+
+    if "prompt" not in (rows.column_names or []):
+        return []
+    specials = len(tokenizer("")["input_ids"])  # what tokenizing a text prompt adds (a bos)
+    found = []
+    for index, row in enumerate(rows):
+        prompt, extra = row["prompt"], 0
+        if isinstance(prompt, list):
+            text = tokenizer.apply_chat_template(
+                prompt, tools=row_tools(row), add_generation_prompt=True, tokenize=False
+            )
+        else:
+            text, extra = prompt or "", specials
+        size = len(text.encode("utf-8"))  # every token covers at least one byte
+        if size + extra < max_length:
+            continue
+        if size <= 16 * max_length:
+            tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            tokens = count_tokens(tokenizer, text, max_length)[0]
+        if tokens + extra >= max_length:
+            found.append(place(places, label, index))
+    return found
 
 
 def long_rows_line(found: list[tuple[str, int, int, bool]], max_length: int, shown: int = 5) -> str:

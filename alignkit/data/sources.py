@@ -278,10 +278,12 @@ def check_source(
     return (bad or BadRows()).check(run, dataset, label, lines)
 
 
-def _still_aligned(places, rows):
-    """``places`` if it still has one entry per row of ``rows`` (rows skipped by on_bad_rows, or KTO's unpaired
-    doubling, shift them: then None, rows count from 1)."""
+def _still_aligned(places, rows, schema=None):
+    """``places`` if it still has one entry per row of ``rows``; KTO's pairs unpaired into two rows each: each
+    place twice (rows skipped by on_bad_rows shift them: then None, rows count from 1)."""
     count = places.rows if isinstance(places, RowPlaces) else len(places) if places else None
+    if count and getattr(schema, "data", None) == "kto" and len(rows) == 2 * count and "label" in rows.column_names:
+        return repeat_each(places, 2)
     return places if count == len(rows) else None
 
 
@@ -339,7 +341,7 @@ def load_datasets(data_args: DataArguments, schema=None, row_check=None):
                 places = None  # not the rows datasets read: count them across the shards instead
             rows = check_source(rows, source, label, schema, places, num_proc=num_proc, bad=bad)
         if row_check is not None:
-            row_check(rows, label, _still_aligned(places if schema is not None else None, rows))
+            row_check(rows, label, _still_aligned(places if schema is not None else None, rows, schema))
         if source.role == "eval":  # a held-out file: the eval split, never trained
             tests.append(rows)
             held.append(label)
@@ -352,7 +354,7 @@ def load_datasets(data_args: DataArguments, schema=None, row_check=None):
                 test_places = row_places(source, source.test_split)
                 test = check_source(test, source, test_label, schema, test_places, num_proc=num_proc, bad=bad)
             if row_check is not None:
-                row_check(test, test_label, _still_aligned(test_places if schema is not None else None, test))
+                row_check(test, test_label, _still_aligned(test_places if schema is not None else None, test, schema))
             tests.append(test)
             held.append(test_label)
     if tests and data_args.test_size:

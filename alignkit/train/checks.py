@@ -162,12 +162,16 @@ def fitting_length(lengths: list[int], max_fraction: float, multiple: int = 8) -
             "max": ordered[-1]}  # fmt: skip
 
 
-def check_stop_tokens(trainer, split: str, data, max_fraction: float, dropped: int = 0, rows=None) -> int:
+def check_stop_tokens(
+    trainer, split: str, data, max_fraction: float, dropped: int = 0, rows=None, named: list | None = None
+) -> int:
     """Count the rows of a tokenized SFT split whose trained tokens lost a stop token (eos, end-of-turn) to
     truncation: fewer stop tokens among the labels than trained spans (assistant turns, or the completion); for DPO
-    rows, prompt + the longer response beyond max_length (trl's collator keeps the start). ``dropped``: rows the
-    trainer already dropped for the same reason (their trained part, or a DPO pair's whole prompt, beyond
-    max_length), counted with them. Returns the count. Packed data is not checked.
+    rows, prompt + the longer response beyond max_length, for KTO rows prompt + completion (trl's collators keep the
+    start). ``dropped``: rows the trainer already dropped for the same reason (their trained part, or a DPO/KTO
+    row's whole prompt, beyond max_length), counted with them; ``named``: ``(file, row)`` of the rows in the data
+    whose prompt fills max_length (:func:`alignkit.data.preview.prompts_filling`), named beside that count. Returns
+    the count. Packed data is not checked.
 
     The train split is refused above ``max_fraction`` of its rows, with the smallest max_length that keeps the
     limit (:func:`fitting_length` over ``rows``, the split before the trainer tokenized it). An eval split is never
@@ -188,6 +192,12 @@ def check_stop_tokens(trainer, split: str, data, max_fraction: float, dropped: i
             return 0
         for prompt, chosen, rejected in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"]):
             cut += len(prompt) + max(len(chosen), len(rejected)) > max_length
+    elif {"prompt_ids", "completion_ids"} <= set(columns):
+        # KTO: trl's collator cuts prompt + completion to max_length from the end (KTO has no other mode)
+        if max_length is None:
+            return 0
+        for prompt, completion in zip(data["prompt_ids"], data["completion_ids"]):
+            cut += len(prompt) + len(completion) > max_length
     elif "labels" in columns:
         for labels in data["labels"]:
             labels = np.asarray(labels)
@@ -201,16 +211,22 @@ def check_stop_tokens(trainer, split: str, data, max_fraction: float, dropped: i
         return 0
     share = (cut + dropped) / total
     stop = tokenizer.convert_ids_to_tokens(stops[0].item())
+    where = ""
+    if dropped and named:  # by file and row, as the data checks name rows
+        shown = ", ".join(f"{file} row {row}" for file, row in named[:5])
+        where = f"; prompts of max_length tokens or more in the data: {shown}" + (
+            f" and {len(named) - 5} more" if len(named) > 5 else ""
+        )
     if split != "train":  # scored, never trained: a cut row's loss leaves out its end, and that is all
         logger.warning(
             "max_length %s cuts the stop token (%r) off %d of the %d %s rows%s (%.0f%%): they are scored without "
             "their ends (nothing trains on them)", max_length, stop, cut, total, split,
-            f" and leaves {dropped} more out of the eval" if dropped else "", 100 * share,
+            f" and leaves {dropped} more out of the eval{where}" if dropped else "", 100 * share,
         )  # fmt: skip
         return cut + dropped
     what = (
         f"max_length {max_length} cuts the stop token ({stop!r}) off {cut} of {total} {split} rows"
-        + (f" and leaves nothing to train in {dropped} more (dropped: a prompt or row longer than max_length)"
+        + (f" and leaves nothing to train in {dropped} more (dropped: a prompt or row longer than max_length{where})"
            if dropped else "")
         + f" ({share:.0%}): trained so, the model learns not to stop"
     )  # fmt: skip
@@ -243,11 +259,15 @@ def _planned_checkpoints(args) -> int:
     return min(planned, args.save_total_limit) if args.save_total_limit else planned
 
 
-def check_trainer(trainer, run_args, rows_before: dict[str, int] | None = None, splits: dict | None = None) -> None:
+def check_trainer(
+    trainer, run_args, rows_before: dict[str, int] | None = None, splits: dict | None = None,
+    named: list | None = None,
+) -> None:  # fmt: skip
     """What is known only once the trainer has tokenized the data and wrapped the model. ``rows_before``: each
     split's rows before the trainer tokenized them; the rows it dropped (trl drops a row whose trained part lies
     wholly beyond max_length, e.g. a huge prompt) count as truncated. ``splits``: those rows, to measure their
-    lengths when max_length is refused."""
+    lengths when max_length is refused. ``named``: ``(file, row)`` of the rows whose prompt fills max_length (DPO,
+    KTO), named beside the dropped count."""
     args = trainer.args
     for split, data in (("train", trainer.train_dataset), ("test", trainer.eval_dataset)):
         if data is None or not hasattr(data, "__len__"):  # streamed data has no length
@@ -261,7 +281,9 @@ def check_trainer(trainer, run_args, rows_before: dict[str, int] | None = None, 
             )  # fmt: skip
         before = (rows_before or {}).get(split)
         dropped = max(0, before - len(data)) if isinstance(before, int) else 0
-        check_stop_tokens(trainer, split, data, run_args.max_truncated_fraction, dropped, (splits or {}).get(split))
+        check_stop_tokens(
+            trainer, split, data, run_args.max_truncated_fraction, dropped, (splits or {}).get(split), named
+        )
     if args.save_strategy == "no":
         return
     needed_gb = _checkpoint_bytes(trainer.model) * _planned_checkpoints(args) / 2**30

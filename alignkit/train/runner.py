@@ -325,12 +325,15 @@ class Run:
         the trainer gives up meanwhile (alignkit rotates checkpoints itself)."""
         r = self.recipe
         check_trainer_assumptions(trainer, self.stage)  # row order, pairing, one end-of-turn (before the checks)
-        from trl import DPOTrainer, SFTTrainer
+        from trl import DPOTrainer, KTOTrainer, SFTTrainer
 
-        # SFT drops rows whose trained part lies wholly beyond max_length, DPO pairs whose prompt fills it: truncated
-        datasets = (getattr(self, "datasets", None) or {}) if isinstance(trainer, (SFTTrainer, DPOTrainer)) else {}
+        # SFT drops rows whose trained part lies wholly beyond max_length, DPO/KTO rows whose prompt fills it: truncated
+        trims = (SFTTrainer, DPOTrainer, KTOTrainer)
+        datasets = (getattr(self, "datasets", None) or {}) if isinstance(trainer, trims) else {}
         rows = {k: v for k, v in datasets.items() if hasattr(v, "__len__")}
-        checks.check_trainer(trainer, r.run, {k: len(v) for k, v in rows.items()}, rows)
+        report = getattr(datasets, "alignkit_report", None) or {}
+        named = [(e["file"], e["row"]) for e in report.get("prompt_fills_max_length", [])]
+        checks.check_trainer(trainer, r.run, {k: len(v) for k, v in rows.items()}, rows, named)
         trainer.add_callback(NonFiniteGuard(enabled=r.run.stop_on_nonfinite))
         if rewards := [f for f in getattr(trainer, "reward_funcs", None) or [] if isinstance(f, CheckedReward)]:
             RewardCounts(rewards).install(trainer)  # skipped / non-finite rewards per function, in every log

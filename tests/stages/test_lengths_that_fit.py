@@ -1,6 +1,7 @@
 """Lengths that fit (issue 39, case 4): a max_length the truncation limit refuses names the smallest max_length that
 keeps it, from the rows' measured lengths (p95/p99/max), and that length then passes; an eval split is never refused
-(nothing trains on it) and its warning says so; DPO's count includes the pairs trl drops before its collator cuts."""
+(nothing trains on it) and its warning says so; DPO's and KTO's counts include the rows trl drops before its
+collator cuts, named by file and row."""
 
 from __future__ import annotations
 
@@ -63,3 +64,27 @@ def test_dpo_counts_the_pairs_trl_drops_with_the_cut_ones(tmp_path):
             "--datasets", str(data), "--test_size", "0", "--max_length", "90", "--output_dir", str(tmp_path / "o")]  # fmt: skip
     with pytest.raises(DataError, match=rf"off \d+ of {len(rows)} train rows and leaves nothing to train in 1 more"):
         run_recipe("dpo", argv)
+
+
+def test_kto_counts_and_names_the_rows_trl_drops(tmp_path):
+    """trl 1.16's KTOTrainer drops a row whose prompt alone fills max_length (its collator would cut the whole
+    completion): the truncation count includes it, names its file and row, and a run that allows it records it."""
+    pairs = [json.loads(line) for line in (TINY_DATA / "dpo.jsonl").read_text().splitlines()][:16]
+    rows = [{"prompt": p["prompt"], "completion": p["chosen" if i % 2 else "rejected"], "label": bool(i % 2)}
+            for i, p in enumerate(pairs)]  # fmt: skip
+    prompt = rows[2]["prompt"]
+    rows[2]["prompt"] = [*prompt[:-1], {**prompt[-1], "content": prompt[-1]["content"] + " word" * 200}]
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--config", "recipes/tiny/kto.yaml", "--model_name_or_path", "tiny:llama", "--load_in_4bit", "false",
+            "--max_steps", "1", "--datasets", str(data), "--test_size", "0", "--max_length", "90",
+            "--save_strategy", "no", "--disable_tqdm", "true"]  # fmt: skip
+    pattern = (
+        rf"off (\d+) of 16 train rows and leaves nothing to train in 1 more \(dropped: a prompt or row longer "
+        rf"than max_length; prompts of max_length tokens or more in the data: {re.escape(str(data))} row 3\)"
+    )
+    with pytest.raises(DataError, match=pattern):
+        run_recipe("kto", [*argv, "--output_dir", str(tmp_path / "a")])
+    run_recipe("kto", [*argv, "--max_truncated_fraction", "1", "--output_dir", str(tmp_path / "b")])
+    report = json.loads((tmp_path / "b" / "alignkit_run.json").read_text())["lineage"][-1]["data"]
+    assert report["prompt_fills_max_length"] == [{"file": str(data), "row": 3}]
