@@ -197,12 +197,12 @@ def evaluate(argv: list[str]) -> int:
     p.add_argument("--max_new_tokens", type=int, default=256, help="Longest reply, in tokens.")
     p.add_argument("--batch_size", type=int, default=16, help="Prompts per generate() call.")
     args = p.parse_args(argv)
-    conversations, references = read_eval_rows(args.data)  # bad data, metric or pattern: before the model loads
+    conversations, references, tools = read_eval_rows(args.data, with_tools=True)  # bad data: before the model loads
     score(["x"], ["x"], args.metric, args.pattern)
     out = str(check_eval_out(args.out or Path(args.model) / "eval", args.model))
     model, tokenizer = load_for_generation(args.model)
     _, summary = run_eval(model, tokenizer, conversations, references, args.metric, args.pattern, out,
-                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)  # fmt: skip
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, tools=tools)  # fmt: skip
     print(json.dumps(summary))
     print(f"per-row replies and scores: {Path(out) / 'eval_rows.jsonl'}", file=sys.stderr)
     return 0
@@ -216,7 +216,14 @@ def data(argv: list[str]) -> int:
     from alignkit.data.places import place
     from alignkit.data.sources import check_source, load_source_split, row_places, split_label
     from alignkit.data.streaming import stream_source
-    from alignkit.train.data_preview import length_line, task_row_lengths, untrained_start
+    from alignkit.train.data_preview import (
+        PROMPT_STAGES,
+        length_line,
+        prompt_length_line,
+        prompt_lengths,
+        task_row_lengths,
+        untrained_start,
+    )
 
     p = argparse.ArgumentParser(
         prog="alignkit data", description=data.__doc__,
@@ -313,7 +320,8 @@ def data(argv: list[str]) -> int:
                   f"checks{role}; columns {converted.column_names}")  # fmt: skip
             for row in converted.select(range(min(args.n, len(converted)))):
                 show(row)
-            if not max_length:
+            prompts_only = stage.name in PROMPT_STAGES  # GRPO, RLOO, online DPO: the policy completes the prompts
+            if not max_length and not prompts_only:
                 continue
             if is_task:  # the input lengths the task's max_length cuts (QA: splits into windows)
                 lengths = task_row_lengths(get_tokenizer(), converted)
@@ -334,11 +342,17 @@ def data(argv: list[str]) -> int:
                 print(f"== {shown}: refused: {exc}")
                 refused = True
                 continue
+            if prompts_only:  # their lengths as trl tokenizes them, and what it does with a long one
+                lengths = prompt_lengths(tokenizer, converted)
+                print(
+                    prompt_length_line(lengths, stage.name, recipe.train, "train" if trains else "eval", max_fraction)
+                )
+                continue
             found = long_rows(tokenizer, converted, places if same else None, source.path, max_length)
             if line := long_rows_line(found, max_length):
                 print(line)
             names = converted.column_names
-            if stage.name != "grpo" and len(converted) and ("prompt" in names or "messages" in names):
+            if len(converted) and ("prompt" in names or "messages" in names):
                 from alignkit.train.checks import full_lengths
 
                 lengths = full_lengths(tokenizer, converted)  # as the run's truncation check measures them

@@ -94,3 +94,59 @@ def length_line(lengths: list[int], max_length: int, split: str, max_fraction: f
         return line + (f": the run refuses this (max_truncated_fraction {max_fraction:g}). Fix: max_length: "
                        f"{fit['fits']} (cuts {fit['cut']:.1%})")  # fmt: skip
     return line + f" (max_truncated_fraction {max_fraction:g} allows it)"
+
+
+PROMPT_STAGES = ("grpo", "rloo", "online_dpo")  # the policy completes prompt rows: only prompts are in the data
+
+
+def prompt_lengths(tokenizer, rows) -> list[int]:
+    """Each prompt row's length in tokens as the on-policy trainers tokenize it before generating: a chat prompt
+    through the template with the generation prompt (and the row's ``tools``), a text prompt as it is."""
+    from alignkit.data.tools import row_tools
+
+    out = []
+    for row in rows:
+        prompt = row["prompt"]
+        if isinstance(prompt, list):
+            text = tokenizer.apply_chat_template(
+                prompt, tools=row_tools(row), add_generation_prompt=True, tokenize=False
+            )
+            out.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        else:
+            out.append(len(tokenizer(prompt or "")["input_ids"]))
+    return out
+
+
+def prompt_length_line(lengths: list[int], stage: str, train_args, split: str, max_fraction: float) -> str:
+    """'   prompt lengths in tokens: p50 41, p95 88, p99 120, max 131; ...' for GRPO/RLOO/online DPO prompt rows, with
+    what the run does about long prompts. trl 1.16's GRPO and RLOO keep every prompt whole (they have no
+    max_prompt_length): the longest sequence is the longest prompt plus ``max_completion_length``. Online DPO cuts a
+    prompt from the left where prompt + completion exceeds ``max_length``: prompts longer than ``max_length -
+    max_new_tokens`` may lose their start; above ``max_fraction`` of them the line names the smallest max_length that
+    keeps that share (an eval split: scored so, never refused; the run refuses neither)."""
+    from alignkit.train.checks import fitting_length
+
+    if not lengths:
+        return ""
+    fit = fitting_length(lengths, max_fraction)
+    ordered = sorted(lengths)
+    p50 = ordered[(len(ordered) - 1) // 2]
+    line = f"   prompt lengths in tokens: p50 {p50}, p95 {fit['p95']}, p99 {fit['p99']}, max {fit['max']}; "
+    if stage != "online_dpo":
+        completion = getattr(train_args, "max_completion_length", None)
+        longest = f" + max_completion_length {completion} = {fit['max'] + completion} tokens" if completion else ""
+        return line + (f"{stage} keeps every prompt whole (trl has no max_prompt_length): the longest sequence is "
+                       f"{fit['max']}{longest}")  # fmt: skip
+    max_length, new = train_args.max_length, train_args.max_new_tokens
+    room = max_length - new
+    cut = sum(x > room for x in lengths)
+    line += (f"max_length {max_length} - max_new_tokens {new} leaves {room} for a prompt: {cut} of {len(lengths)} "
+             f"prompts may lose their start ({cut / len(lengths):.1%})")  # fmt: skip
+    if not cut:
+        return line
+    if split != "train":
+        return line + " (an eval split)"
+    if cut / len(lengths) > max_fraction:
+        return line + (f"; above max_truncated_fraction {max_fraction:g}: max_length: {fit['fits'] + new} keeps "
+                       f"all but {fit['cut']:.1%} whole")  # fmt: skip
+    return line
