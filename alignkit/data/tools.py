@@ -93,8 +93,8 @@ def _parsed(value):
     return value
 
 
-def _with_object_arguments(messages: list) -> list:
-    """``messages`` with every ``tool_calls[].function.arguments`` JSON string parsed to its object: templates apply
+def with_object_arguments(messages: list) -> list:
+    """A copy of ``messages`` with every ``tool_calls[].function.arguments`` JSON string parsed to its object: templates apply
     ``| tojson`` to the arguments (Qwen2.5, Llama 3.1), which would print a string form escaped a second time."""
     out = []
     for message in messages:
@@ -131,7 +131,7 @@ def normalize_tool_rows(dataset, tools=None):
     shared = json.dumps(_parsed(tools)) if tools is not None else None
 
     def convert(row):
-        out = {c: _with_object_arguments(row[c]) if isinstance(row[c], list) else row[c] for c in chat}
+        out = {c: with_object_arguments(row[c]) if isinstance(row[c], list) else row[c] for c in chat}
         own = _parsed(row.get("tools"))
         out["tools"] = json.dumps(own) if own else shared
         return out

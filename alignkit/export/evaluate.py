@@ -25,19 +25,22 @@ from alignkit.export.outputs import check_output, staged_output
 METRICS = ("exact", "regex", "rouge", "bleu")
 
 
-def read_eval_rows(path: str | Path) -> tuple[list[list[dict]], list[str]]:
+def read_eval_rows(path: str | Path, with_tools: bool = False):
     """(conversations ending on a user turn, references) of an eval file; DataError naming the line otherwise.
-    JSON lines in the layout above, or any training data format (alpaca, sharegpt, hh, ...: read by the training
-    readers, the final reply the reference; alignkit.export.generate.training_format_rows)."""
+    JSON lines in the layout above (a row may carry ``tools``), or any training data format (alpaca, sharegpt, hh,
+    ...: read by the training readers, the final reply the reference; alignkit.export.generate.training_format_rows).
+    ``with_tools``: (conversations, references, tools), each row's tools (or None) to render its prompt with."""
     from alignkit.data.schemas import check_messages
-    from alignkit.export.generate import jsonl_rows, training_format_rows
+    from alignkit.data.tools import with_object_arguments
+    from alignkit.export.generate import jsonl_rows, own_row_tools, training_format_rows
 
     if (published := training_format_rows(path)) is not None:
-        for (file, row), _, _, reply in published:
+        for (file, row), _, _, reply, _ in published:
             if reply is None or not str(reply).strip():
                 raise DataError(file, row, "has no final reply to score against", "end the row on the reference reply")
-        return [messages for _, _, messages, _ in published], [reply for _, _, _, reply in published]
-    conversations, references = [], []
+        conversations, references = [p[2] for p in published], [p[3] for p in published]
+        return (conversations, references, [p[4] for p in published]) if with_tools else (conversations, references)
+    conversations, references, tools = [], [], []
     for line_no, row in jsonl_rows(path):
         messages, answer = row.get("messages"), row.get("answer")
         if messages is not None:
@@ -53,10 +56,10 @@ def read_eval_rows(path: str | Path) -> tuple[list[list[dict]], list[str]]:
                 str(path), line_no, f"'answer' is {answer!r}", "give the reference answer as text or a number"
             )
         if ends_on_reply and len(messages) > 1:
-            conversations.append(messages[:-1])
+            conversations.append(with_object_arguments(messages[:-1]))
             references.append(messages[-1]["content"])
         elif "answer" in row and messages and not ends_on_reply:
-            conversations.append(messages)
+            conversations.append(with_object_arguments(messages))
             references.append(answer)
         elif "answer" in row and messages is None and isinstance(row.get("prompt"), str) and row["prompt"].strip():
             conversations.append([{"role": "user", "content": row["prompt"]}])
@@ -67,9 +70,10 @@ def read_eval_rows(path: str | Path) -> tuple[list[list[dict]], list[str]]:
                 "'messages'/'prompt' and 'answer'",
                 "add the reference as 'answer', or end 'messages' with the assistant's reply",
             )  # fmt: skip
+        tools.append(own_row_tools(row, path, line_no))
     if not conversations:
         raise DataError(str(path), None, "has no rows", "add held-out rows, one JSON object per line")
-    return conversations, references
+    return (conversations, references, tools) if with_tools else (conversations, references)
 
 
 def _same(found: str, reference) -> bool:
@@ -122,14 +126,17 @@ def check_eval_out(out: str | Path, model: str | Path) -> Path:
 
 def evaluate(
     model, tokenizer, conversations: list[list[dict]], references: list, metric: str, pattern: str | None = None,
-    out: str | Path | None = None, max_new_tokens: int = 256, batch_size: int = 64,
+    out: str | Path | None = None, max_new_tokens: int = 256, batch_size: int = 64, tools: list | None = None,
 ) -> tuple[list[dict], dict]:  # fmt: skip
     """Generate replies, score them, write ``eval_rows.jsonl`` and ``eval_summary.json`` into ``out`` (if given;
-    an earlier eval folder there is replaced whole, anything else refused: see :func:`check_eval_out`)."""
+    an earlier eval folder there is replaced whole, anything else refused: see :func:`check_eval_out`).
+    ``tools``: each conversation's tools (or None), rendered with its prompt as training renders it."""
     from alignkit.export.generate import generate_replies
 
     score(["x"], ["x"], metric, pattern)  # a bad metric or pattern fails before any generation
-    replies = generate_replies(model, tokenizer, conversations, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    replies = generate_replies(
+        model, tokenizer, conversations, batch_size=batch_size, max_new_tokens=max_new_tokens, tools=tools
+    )
     rows, summary = score(replies, references, metric, pattern)
     rows = [
         {"prompt": c[-1]["content"], "reference": ref, "reply": reply, **s}

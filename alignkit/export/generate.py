@@ -31,13 +31,21 @@ def load_for_generation(path: str | Path, merge: bool = False):
     return load_trained(path, merge=merge)
 
 
+def prompt_text(tokenizer, messages: list[dict], tools: list | None = None) -> str:
+    """The text a chat prompt is generated from: ``messages`` (ending on a user or tool turn) through the chat
+    template with the generation prompt and the row's ``tools`` (JSON function schemas), as training renders the
+    same row (trl's trainers pass a row's tools to ``apply_chat_template``)."""
+    return tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
+
+
 @torch.no_grad()
 def generate_replies(
     model, tokenizer, conversations: list[list[dict]], batch_size: int = 64, max_new_tokens: int = 256,
-    progress: bool = False, **generation,
+    progress: bool = False, tools: list | None = None, **generation,
 ) -> list[str]:  # fmt: skip
     """Replies to chat prompts (each a message list ending on a user turn), batched with left padding; greedy unless
-    ``generation`` asks for sampling (``do_sample``, ``temperature``, ``top_p``)."""
+    ``generation`` asks for sampling (``do_sample``, ``temperature``, ``top_p``). ``tools``: each conversation's tools
+    (a list of JSON function schemas, or None), rendered with it (:func:`prompt_text`)."""
     model.eval()
     tokenizer.padding_side = "left"
     replies: list[str] = []
@@ -49,8 +57,8 @@ def generate_replies(
         starts = tqdm(starts, desc="generate", unit="batch", total=len(starts))
     for i in starts:
         texts = [
-            tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-            for c in conversations[i : i + batch_size]
+            prompt_text(tokenizer, c, tools[i + j] if tools else None)
+            for j, c in enumerate(conversations[i : i + batch_size])
         ]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         out = model.generate(
@@ -103,16 +111,19 @@ def _own_layout(path: Path) -> bool:
     return "messages" in first or "answer" in first or ("prompt" in first and not {"completion", "chosen"} & set(first))
 
 
-def training_format_rows(path: str | Path) -> list[tuple[tuple[str, int], dict, list[dict], object]] | None:
-    """``[((file, row), row as read, conversation, reference)]`` of a file in a training data format (alpaca,
+def training_format_rows(path: str | Path) -> list[tuple[tuple[str, int], dict, list[dict], object, object]] | None:
+    """``[((file, row), row as read, conversation, reference, tools)]`` of a file in a training data format (alpaca,
     sharegpt, hh, preference_messages, prompt_completion, messages; a JSON array, a compressed, CSV or parquet
     file), read by the training readers (alignkit.data: the same detection, conversion and row places as a run's
     ``datasets:`` source): the conversation up to the last user turn, the reference its final reply (None when the
-    conversation ends on the user). None for a file in alignkit's own prompt layout (:func:`_own_layout`)."""
+    conversation ends on the user), the row's tools as training renders them (JSON function schemas, call
+    arguments as objects: :func:`alignkit.data.tools.normalize_tool_rows`; None without). None for a file in
+    alignkit's own prompt layout (:func:`_own_layout`)."""
     from alignkit.config.args import DatasetSource
     from alignkit.data.formats import convert_source
     from alignkit.data.places import place
     from alignkit.data.sources import load_source_split, row_places
+    from alignkit.data.tools import normalize_tool_rows, row_tools
 
     if _own_layout(Path(path)):
         return None
@@ -121,7 +132,7 @@ def training_format_rows(path: str | Path) -> list[tuple[tuple[str, int], dict, 
     if rows is None or not len(rows):
         raise DataError(str(path), None, "has no rows", "add held-out rows")
     places = row_places(source)
-    converted = convert_source(rows, source, "sft", str(path), places)
+    converted = normalize_tool_rows(convert_source(rows, source, "sft", str(path), places))
     out = []
     for i, row in enumerate(converted):
         messages = row.get("messages")
@@ -134,17 +145,30 @@ def training_format_rows(path: str | Path) -> list[tuple[tuple[str, int], dict, 
         else:
             reply = None
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # Arrow's null-filled keys
-        out.append((place(places, str(path), i), rows[i], messages, reply))
+        out.append((place(places, str(path), i), rows[i], messages, reply, row_tools(row)))
     return out
 
 
-def read_prompts(path: str | Path) -> tuple[list[dict], list[list[dict]]]:
-    """Rows of a file and their conversations: JSON lines with a ``messages`` list ending on a user turn or a
-    ``prompt``; or any training data format (:func:`training_format_rows`: held-out alpaca, sharegpt, hh rows are
-    answered up to their last user turn, and written back as read, with the reply)."""
+def own_row_tools(row: dict, path: str | Path, line_no: int) -> list | None:
+    """A row of alignkit's own layout's ``tools`` (a list of JSON function schemas, or that list as JSON text) as
+    objects, checked (DataError naming the line); None without."""
+    from alignkit.data.tools import row_tools, tool_names
+
+    tool_names(row.get("tools"), str(path), line_no)
+    return row_tools(row)
+
+
+def read_prompts(path: str | Path, with_tools: bool = False):
+    """``(rows, conversations)`` of a file: JSON lines with a ``messages`` list ending on a user turn (and any
+    ``tools``) or a ``prompt``; or any training data format (:func:`training_format_rows`: held-out alpaca, sharegpt,
+    hh rows are answered up to their last user turn, and written back as read, with the reply). ``with_tools``:
+    ``(rows, conversations, tools)``, each row's tools (or None) to render its prompt with, as training does."""
+    from alignkit.data.tools import with_object_arguments
+
     if (published := training_format_rows(path)) is not None:
-        return [row for _, row, _, _ in published], [messages for _, _, messages, _ in published]
-    rows, conversations = [], []
+        rows, conversations = [p[1] for p in published], [p[2] for p in published]
+        return (rows, conversations, [p[4] for p in published]) if with_tools else (rows, conversations)
+    rows, conversations, tools = [], [], []
     for line_no, row in jsonl_rows(path):
         messages = row.get("messages")
         if (
@@ -154,7 +178,7 @@ def read_prompts(path: str | Path) -> tuple[list[dict], list[list[dict]]]:
             and messages[-1].get("role") == "user"
         ):
             check_messages(messages, str(path), line_no, "messages", must_end_on_assistant=False)
-            conversations.append(messages)
+            conversations.append(with_object_arguments(messages))
         elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
             conversations.append([{"role": "user", "content": row["prompt"]}])
         else:
@@ -162,10 +186,11 @@ def read_prompts(path: str | Path) -> tuple[list[dict], list[list[dict]]]:
                 str(path), line_no, "has neither 'messages' ending on a user turn nor a 'prompt'",
                 "give each row 'prompt' (text) or 'messages' whose last message is the user's",
             )  # fmt: skip
+        tools.append(own_row_tools(row, path, line_no))
         rows.append(row)
     if not rows:
         raise DataError(str(path), None, "has no rows", "add prompts, one JSON object per line")
-    return rows, conversations
+    return (rows, conversations, tools) if with_tools else (rows, conversations)
 
 
 def check_generate_out(out: str | Path, prompts: str | Path, model: str | Path | None = None) -> Path:
@@ -183,10 +208,12 @@ def check_generate_out(out: str | Path, prompts: str | Path, model: str | Path |
 
 def generate_file(model, tokenizer, prompts: str | Path, out: str | Path, batch_size: int = 8, **generation) -> Path:
     """``alignkit generate``: every row of ``prompts`` with its ``reply``, written to ``out`` (JSONL)."""
-    rows, conversations = read_prompts(prompts)
+    rows, conversations, tools = read_prompts(prompts, with_tools=True)
     out = check_generate_out(out, prompts)
     out.parent.mkdir(parents=True, exist_ok=True)  # before the replies are made, not after
-    replies = generate_replies(model, tokenizer, conversations, batch_size=batch_size, progress=True, **generation)
+    replies = generate_replies(
+        model, tokenizer, conversations, batch_size=batch_size, progress=True, tools=tools, **generation
+    )
     if out.exists() and not out.is_file():  # a device or pipe: no file to replace
         out.write_text("".join(json.dumps({**row, "reply": reply}) + "\n" for row, reply in zip(rows, replies)))
     else:

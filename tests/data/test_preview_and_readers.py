@@ -153,3 +153,90 @@ def test_generate_and_eval_read_held_out_rows_in_the_training_formats(tmp_path):
     own = tmp_path / "held_out.jsonl"  # alignkit's own layout keeps working
     own.write_text(json.dumps({"prompt": "2 + 2?", "answer": "4"}) + "\n")
     assert read_eval_rows(own) == ([[{"role": "user", "content": "2 + 2?"}]], ["4"])
+
+
+def test_preview_of_prompt_rows_prints_their_lengths_and_what_trl_does_with_them(tmp_path, capsys):
+    """GRPO/RLOO/online DPO rows are prompts: the preview prints their lengths as trl tokenizes them before generating
+    (the template with the generation prompt). GRPO keeps every prompt whole (trl 1.16 has no max_prompt_length),
+    so the line gives the longest sequence; online DPO cuts a prompt's start beyond max_length - max_new_tokens, and
+    above max_truncated_fraction names the max_length that keeps the limit, which then cuts none."""
+    from alignkit.config import ModelArguments
+    from alignkit.models.tokenizer import load_tokenizer
+
+    system = {"role": "system", "content": "You are a careful calculator."}
+    rows = [{"prompt": [system, {"role": "user", "content": f"What is {i} + {i + 1}?" + " Explain." * (30 * (i < 2))}],
+             "answer": 2 * i + 1} for i in range(20)]  # fmt: skip
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = load_tokenizer(ModelArguments(model_name_or_path="tiny:llama"), chat=True)  # where the tiny chain starts
+    lengths = [len(tok.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"])
+               for r in rows]  # fmt: skip
+    common = ["--datasets", str(data), "--test_size", "0", "--output_dir", str(tmp_path / "out")]
+    code, out = _cli(["data", "preview", "grpo", "--config", "recipes/tiny/grpo.yaml", *common], capsys)
+    assert code == 0, out
+    assert (f"p99 {max(lengths)}, max {max(lengths)}; grpo keeps every prompt whole (trl has no max_prompt_length): "
+            f"the longest sequence is {max(lengths)} + max_completion_length 24 = {max(lengths) + 24} tokens") in out  # fmt: skip
+    room = sorted(lengths)[-3] + 1  # the two long prompts do not fit: 10% of the rows
+    argv = ["data", "preview", "online_dpo", "--config", "recipes/tiny/online_dpo.yaml", *common]
+    code, out = _cli([*argv, "--max_length", str(room + 24)], capsys)
+    line = next(line for line in out.splitlines() if "prompt lengths in tokens" in line)
+    assert f"leaves {room} for a prompt: 2 of 20 prompts may lose their start (10.0%); above" in line, line
+    fits = int(line.split("max_length: ")[-1].split()[0])
+    code, out = _cli([*argv, "--max_length", str(fits)], capsys)
+    assert code == 0 and f"leaves {fits - 24} for a prompt: 0 of 20 prompts" in out, out
+
+
+def test_generate_and_eval_render_tool_rows_with_their_tools_as_training_does(tmp_path, monkeypatch):
+    """A row's tools reach generation: glaive rows (sharegpt, tools as JSON text; a .jsonl.gz copy) and alignkit's
+    own layout (messages ending on the user, tools) are rendered with them. SFT trains on the glaive rows (tiny:llama
+    with Qwen2.5's stock template); the prompt `alignkit generate` feeds the trained model is, token for token, the
+    start of the row as training rendered it, the rest being the final reply and its end-of-turn."""
+    import gzip
+
+    from conftest import run_recipe
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from alignkit.export.evaluate import read_eval_rows
+    from alignkit.export.generate import generate_file, load_for_generation, prompt_text
+    from alignkit.train import runner
+
+    data = tmp_path / "glaive_toolcall_en_demo.json"
+    data.write_text(json.dumps([glaive_row(23, 45), glaive_row(12, 30)]))
+    trainers, real_train = [], runner.Run.train
+    monkeypatch.setattr(runner.Run, "train", lambda self, trainer, **kw: trainers.append(trainer) or real_train(self, trainer, **kw))  # fmt: skip
+    out = tmp_path / "sft"
+    run_recipe("sft", ["--config", "recipes/tiny/sft.yaml", "--datasets", str(data), "--test_size", "0",
+                       "--load_in_4bit", "false", "--chat_template", "qwen2_5", "--max_length", "1024",
+                       "--config_overrides", '{"max_position_embeddings": 1024}', "--max_steps", "1",
+                       "--save_strategy", "no", "--disable_tqdm", "true", "--output_dir", str(out)])  # fmt: skip
+    tok = trainers[-1].processing_class
+    trained = [tok.decode(ids) for ids in trainers[-1].train_dataset["input_ids"]]
+
+    class Prompts(LogitsProcessor):  # max_new_tokens 1: called once per generate() call, on its prompt
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, input_ids, scores):
+            self.seen.append(tok.decode(input_ids[0]))
+            return scores
+
+    model, tokenizer = load_for_generation(out)
+    gz = tmp_path / "held_out.jsonl.gz"
+    gz.write_bytes(
+        gzip.compress("".join(json.dumps(glaive_row(a, b)) + "\n" for a, b in ((23, 45), (12, 30))).encode())
+    )
+    own = tmp_path / "own.jsonl"
+    own.write_text(json.dumps({"messages": [{"role": "user", "content": "What is 23 + 45?"}], "tools": GLAIVE_TOOLS}))
+    for prompts in (data, gz, own):
+        seen = Prompts()
+        generate_file(model, tokenizer, prompts, tmp_path / "replies.jsonl", batch_size=1, max_new_tokens=1,
+                      logits_processor=LogitsProcessorList([seen]))  # fmt: skip
+        for prompt, text, reply in zip(seen.seen, trained, ("It is 68.", "It is 42.")):
+            assert '"name": "calculator"' in prompt and text.startswith(prompt), (prompt, text)
+            if prompts != own:  # the whole conversation up to its final reply
+                assert text[len(prompt) :] == f"{reply}<|im_end|>\n"
+        assert len(seen.seen) == (1 if prompts == own else 2)
+    conversations, references, tools = read_eval_rows(gz, with_tools=True)  # eval: the same prompts, the same tools
+    assert references == ["It is 68.", "It is 42."]
+    assert [trained[i].startswith(prompt_text(tokenizer, c, t)) for i, (c, t) in enumerate(zip(conversations, tools))] == [True, True]  # fmt: skip
+    assert read_eval_rows(gz, with_tools=True)[2][0] == json.loads(GLAIVE_TOOLS)
