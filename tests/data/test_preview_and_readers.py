@@ -9,6 +9,7 @@ training readers; ShareGPT `function_call`/`observation` turns (LLaMA-Factory's 
 from __future__ import annotations
 
 import json
+import re
 
 import datasets
 import pytest
@@ -182,8 +183,9 @@ def test_preview_of_prompt_rows_prints_their_lengths_and_what_trl_does_with_them
     line = next(line for line in out.splitlines() if "prompt lengths in tokens" in line)
     assert f"leaves {room} for a prompt: 2 of 20 prompts may lose their start (10.0%); above" in line, line
     fits = int(line.split("max_length: ")[-1].split()[0])
-    code, out = _cli([*argv, "--max_length", str(fits)], capsys)
-    assert code == 0 and f"leaves {fits - 24} for a prompt: 0 of 20 prompts" in out, out
+    code, out = _cli([*argv, "--max_length", str(fits)], capsys)  # keeps the limit: at most 1 of 20 (5%) cut
+    assert code == 0 and re.search(rf"leaves {fits - 24} for a prompt: [01] of 20 prompts", out), out
+    assert "above max_truncated_fraction" not in out
 
 
 def test_generate_and_eval_render_tool_rows_with_their_tools_as_training_does(tmp_path, monkeypatch):
