@@ -328,7 +328,7 @@ def data(argv: list[str]) -> int:
                 print(length_line(lengths, max_length, "train" if trains else "eval", max_fraction,
                                   windows=task.name == "qa"))  # fmt: skip
                 continue
-            from alignkit.data.preview import long_rows, long_rows_line
+            from alignkit.data.preview import long_rows, long_rows_line, prompts_filling
 
             same = len(converted) == len(rows)  # else on_bad_rows skipped some: rows count in the converted split
             from alignkit.data.chat_rows import check_rows
@@ -351,6 +351,14 @@ def data(argv: list[str]) -> int:
             found = long_rows(tokenizer, converted, places if same else None, source.path, max_length)
             if line := long_rows_line(found, max_length):
                 print(line)
+            if stage.name in ("dpo", "kto") and getattr(recipe.train, "truncation_mode", "keep_start") == "keep_start":
+                filling = prompts_filling(tokenizer, converted, places if same else None, label, max_length)
+                if filling:  # trl drops these rows; the run counts them with the cut ones
+                    rows_named = list(dict.fromkeys(filling))  # a KTO pair unpaired is one row of its file
+                    named = ", ".join(f"{file} row {row}" for file, row in rows_named[:5])
+                    more = f" and {len(rows_named) - 5} more" if len(rows_named) > 5 else ""
+                    print(f"   {len(rows_named)} row(s) whose prompt alone fills max_length {max_length} (trl drops "
+                          f"them; the truncation count includes them): {named}{more}")  # fmt: skip
             names = converted.column_names
             if len(converted) and ("prompt" in names or "messages" in names):
                 from alignkit.train.checks import full_lengths

@@ -66,9 +66,10 @@ def test_dpo_counts_the_pairs_trl_drops_with_the_cut_ones(tmp_path):
         run_recipe("dpo", argv)
 
 
-def test_kto_counts_and_names_the_rows_trl_drops(tmp_path):
+def test_kto_counts_and_names_the_rows_trl_drops(tmp_path, capsys):
     """trl 1.16's KTOTrainer drops a row whose prompt alone fills max_length (its collator would cut the whole
-    completion): the truncation count includes it, names its file and row, and a run that allows it records it."""
+    completion): the truncation count includes it, names its file and row, a run that allows it records it, and
+    `alignkit data preview kto` names it."""
     pairs = [json.loads(line) for line in (TINY_DATA / "dpo.jsonl").read_text().splitlines()][:16]
     rows = [{"prompt": p["prompt"], "completion": p["chosen" if i % 2 else "rejected"], "label": bool(i % 2)}
             for i, p in enumerate(pairs)]  # fmt: skip
@@ -88,3 +89,9 @@ def test_kto_counts_and_names_the_rows_trl_drops(tmp_path):
     run_recipe("kto", [*argv, "--max_truncated_fraction", "1", "--output_dir", str(tmp_path / "b")])
     report = json.loads((tmp_path / "b" / "alignkit_run.json").read_text())["lineage"][-1]["data"]
     assert report["prompt_fills_max_length"] == [{"file": str(data), "row": 3}]
+    from alignkit.cli import main as cli  # the preview says so before any run
+
+    capsys.readouterr()
+    assert cli(["data", "preview", "kto", *argv, "--output_dir", str(tmp_path / "c")]) == 0
+    assert f"1 row(s) whose prompt alone fills max_length 90 (trl drops them; the truncation count includes them): " \
+           f"{data} row 3" in capsys.readouterr().out  # fmt: skip
