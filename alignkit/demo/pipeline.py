@@ -90,8 +90,9 @@ METHODS: dict[str, DemoMethod] = {
     "online_dpo": DemoMethod("online_dpo", "online_dpo", "+online DPO", "grpo"),
     "tool_sft": DemoMethod("sft", "sft_tools", "+tool-call SFT (calculator)", "tool_sft", tools=True),
     "tool_grpo": DemoMethod("grpo", "grpo_tools", "+tool-use GRPO (calculator)", "tool_grpo", tools=True),
-    "distill": DemoMethod("distill", "distill", "distilled student (teacher: the merged DPO model)", "grpo",
-                          teacher=True),  # fmt: skip
+    "distill": DemoMethod(
+        "distill", "distill", "distilled student (teacher: the merged DPO model)", "grpo", teacher=True
+    ),  # fmt: skip
 }
 # Sized for 2 CPU cores; a trained reply is ~15 tokens, the base model's rambling is cut here.
 MAX_NEW_TOKENS = 40
@@ -344,8 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     if start is not None and not (start / "alignkit_run.json").is_file():
         p.error(f"--start_from {args.start_from}: not a finished alignkit stage output (no alignkit_run.json)")
     if start is None and stages[0] in METHODS and METHODS[stages[0]].teacher:
-        p.error(f"--stages {stages[0]}: learns from a teacher; give it with --start_from (the default chain's merged "
-                "model: outputs/demo/final)")
+        p.error(
+            f"--stages {stages[0]}: learns from a teacher; give it with --start_from (the default chain's merged "
+            "model: outputs/demo/final)"
+        )
     os.environ.update(OFFLINE_ENV)  # after the model fetch (pip, PyPI) nothing here or in the stages goes online
     from transformers.utils import logging as hf_logging
 
