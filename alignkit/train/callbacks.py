@@ -45,6 +45,7 @@ class NonFiniteGuard(TrainerCallback):
         self.model = None
         self.losses: list[float] = []
         self.zero_since: int | None = None
+        self.zero_steps = 0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.model = model
@@ -68,13 +69,20 @@ class NonFiniteGuard(TrainerCallback):
             self._warn_flat_rewards(step, logs)
             return
         grad_norm, lr, loss = logs.get("grad_norm"), logs.get("learning_rate") or 0, logs.get("loss")
-        if grad_norm is not None:
-            self.zero_since = (self.zero_since or step) if grad_norm == 0 and lr > 0 else None
-            if self.zero_since is not None and step - self.zero_since + 1 >= self.ZERO_GRAD_STEPS:
+        # Online DPO: a step whose sampled pairs all tied (every chosen scored as its rejected; often the same text,
+        # whose DPO loss is log 2 with gradient exactly 0) has nothing to learn from: not evidence of divergence, so
+        # it neither counts toward nor breaks a run of zero-gradient steps.
+        tied = logs.get("objective/scores_margin") == 0
+        if "objective/scores_margin" in logs:
+            self._warn_flat_rewards(step, {"frac_reward_zero_std": 1 if tied else 0})
+        if grad_norm is not None and not tied:
+            self.zero_steps = self.zero_steps + 1 if grad_norm == 0 and lr > 0 else 0
+            self.zero_since = (self.zero_since or step) if self.zero_steps else None
+            if self.zero_steps >= self.ZERO_GRAD_STEPS:
                 raise _stopped(
                     args,
-                    f"steps {self.zero_since}-{step}: gradient norm 0 at learning_rate {lr:g}, so the model has stopped "
-                    "learning (its weights diverged)",
+                    f"steps {self.zero_since}-{step}: gradient norm 0 at learning_rate {lr:g} on {self.zero_steps} "
+                    "steps that had something to learn, so the model has stopped learning (its weights diverged)",
                     before=self.zero_since - 1,  # step k's gradient is of the weights step k-1 wrote
                     error=DivergenceError,
                 )
@@ -93,16 +101,17 @@ class NonFiniteGuard(TrainerCallback):
             self.losses.append(loss)
 
     def _warn_flat_rewards(self, step: int, logs: dict) -> None:
-        """GRPO learns from reward differences within a prompt's group: say so once if none has any."""
+        """GRPO/RLOO learn from reward differences within a prompt's group, online DPO from the score margin of its
+        sampled pair: say so once if none has any for ``ZERO_GRAD_STEPS`` logged steps."""
         flat = logs.get("frac_reward_zero_std") == 1
         self.flat_steps = getattr(self, "flat_steps", 0) + 1 if flat else 0
         if self.flat_steps == self.ZERO_GRAD_STEPS and not getattr(self, "warned_flat", False):
             self.warned_flat = True
             logger.warning(
-                "steps %d-%d: every prompt's sampled completions got the same reward, so GRPO has nothing to learn from "
-                "(advantages and gradients are 0). Fix: check reward_pattern against a few completions (alignkit "
-                "generate), raise max_completion_length or temperature, or start from an SFT output that already "
-                "answers in the format sometimes.",
+                "steps %d-%d: every prompt's sampled completions got the same reward, so the run has nothing to learn "
+                "from (advantages, or online DPO's pair margins, and gradients are 0). Fix: check reward_pattern "
+                "against a few completions (alignkit generate), raise max_completion_length or temperature, or start "
+                "from an SFT output that already answers in the format sometimes.",
                 step - self.flat_steps + 1, step,
             )  # fmt: skip
 

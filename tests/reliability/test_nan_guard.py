@@ -125,3 +125,37 @@ def test_a_converged_runs_bump_is_not_divergence_a_climb_back_is(tmp_path):
     feed(flat, [2.1, 2.0, 1.9, 2.0, 2.1, 2.0])
     with pytest.raises(DivergenceError, match="jumped"):
         feed(flat, [9.0], start=7)
+
+
+def test_online_dpo_steps_whose_sampled_pairs_tie_are_not_divergence(tmp_path, caplog):
+    """SmolLM2's demo online DPO was stopped at step 13 as diverged: 6 of its 13 steps had gradient norm exactly 0,
+    each one where both sampled completions scored the same (``objective/scores_margin`` 0, most often the same
+    text, whose DPO loss is log 2 with gradient 0). Such a step has nothing to learn from: it neither counts toward
+    nor breaks a run of zero-gradient steps, and three in a row are warned about (as GRPO's tied groups); zero
+    gradients on steps with a margin still stop the run."""
+    from types import SimpleNamespace
+
+    from alignkit.errors import DivergenceError
+    from alignkit.train.callbacks import NonFiniteGuard
+
+    args = SimpleNamespace(output_dir=str(tmp_path), deepspeed=None, learning_rate=5e-5)
+
+    def log(guard, step, grad_norm, margin):
+        logs = {"loss": 0.6931, "grad_norm": grad_norm, "learning_rate": 5e-5, "objective/scores_margin": margin}
+        guard.on_log(args, SimpleNamespace(global_step=step), None, logs=logs)
+
+    guard = NonFiniteGuard()
+    # the demo run's steps 1-13 (grad_norm, objective/scores_margin) as logged
+    demo = [(0.26, 0.25), (0.54, 0.25), (0, 0), (0.70, 0.25), (0.71, 0.25), (0, 0), (0, 0), (0.54, 0.25), (0, 0),
+            (0.32, 0.25), (0, 0), (0, 0), (0, 0)]  # fmt: skip
+    with caplog.at_level("WARNING", logger="alignkit.train.callbacks"):
+        for step, (grad_norm, margin) in enumerate(demo, start=1):
+            log(guard, step, grad_norm, margin)
+    assert "same reward" in caplog.text  # steps 11-13 tied
+    stuck = NonFiniteGuard()
+    log(stuck, 1, 0.3, 0.25)
+    log(stuck, 2, 0.0, 0.25)
+    log(stuck, 3, 0.0, 0)  # a tie between them does not reset the count
+    log(stuck, 4, 0.0, 0.5)
+    with pytest.raises(DivergenceError, match="steps 2-5: gradient norm 0 .* on 3 steps that had something to learn"):
+        log(stuck, 5, 0.0, 0.25)
