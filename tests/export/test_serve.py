@@ -193,3 +193,31 @@ def test_a_bad_tools_file_is_one_line_exit_2_before_the_model_loads(text, says, 
     assert main(["chat", str(tmp_path / "no-model"), "--tools", str(tools)]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit:")]
     assert len(lines) == 1 and str(tools) in lines[0] and says in lines[0], lines
+
+
+@pytest.mark.llamacpp  # needs `alignkit fetch llama-cpp` (not in install.sh)
+def test_a_gguf_served_by_llama_cpp_returns_the_tool_call_as_text(tool_served, tmp_path):
+    """llama-cpp-python 0.3.36's server renders the tools with the template embedded in the GGUF, but does not parse
+    the model's own tool-call text (docs/serving.md): the call comes back as `message.content` with
+    finish_reason "stop"; read with the family's parser, it is the call the model was trained to make."""
+    from transformers import AutoTokenizer
+
+    from alignkit.data.tools import set_response_parser
+    from alignkit.export.gguf import export_gguf
+
+    _, folder = tool_served
+    path, _ = export_gguf(folder, "f32", out=tmp_path / "tool-f32.gguf", gate=False)
+    handle, client, models, _ = _start(path)
+    try:
+        reply = client.chat.completions.create(
+            model=path.name, messages=QUESTION, tools=TOOLS, temperature=0, max_tokens=80, seed=0
+        )  # fmt: skip
+    finally:
+        handle.kill_server()
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and not choice.message.tool_calls, choice
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert set_response_parser(tokenizer)
+    prompt = tokenizer.apply_chat_template(QUESTION, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    parsed = tokenizer.parse_response(choice.message.content, prefix=prompt)
+    assert parsed["tool_calls"] == [{"type": "function", "function": CALL}], choice.message.content
