@@ -144,15 +144,18 @@ def export(argv: list[str]) -> int:
 
 def chat(argv: list[str]) -> int:
     """Chat with a trained model (a run's adapter on its base, or a merged model), streaming the reply."""
+    from alignkit.data.tools import read_tools_file
     from alignkit.export.generate import chat_loop, load_for_generation
 
     p = argparse.ArgumentParser(prog="alignkit chat", description=chat.__doc__)
     p.add_argument("model", help="An adapter run (loaded on its base, 4-bit if trained so) or a merged model.")
     p.add_argument("--system", help="A system prompt for every turn.")
+    p.add_argument("--tools", help="JSON file: an OpenAI 'tools' list, rendered into every prompt by the template.")
     _generation_flags(p)
     args = p.parse_args(argv)
+    tools = read_tools_file(args.tools) if args.tools else None  # a bad file fails before the model loads
     model, tokenizer = load_for_generation(args.model)
-    chat_loop(model, tokenizer, system=args.system, **_generation_kwargs(args))
+    chat_loop(model, tokenizer, system=args.system, tools=tools, **_generation_kwargs(args))
     return 0
 
 

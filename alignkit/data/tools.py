@@ -35,6 +35,22 @@ def tool_names(tools, source, row) -> set[str]:
     return names
 
 
+def read_tools_file(path) -> list[dict]:
+    """The function schemas of a JSON file holding an OpenAI ``tools`` list (``alignkit chat/generate --tools``);
+    DataError naming the file and the fix for a missing file, bad JSON or an entry without a function name."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise DataError(str(path), None, "file not found", "give a JSON file holding the tools list")
+    text = Path(path).read_text(encoding="utf-8-sig")
+    try:
+        tools = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(str(path), None, f"not valid JSON ({exc.msg})", TOOLS_FIX) from None
+    tool_names(tools, str(path), None)
+    return tools
+
+
 def uses_tools(messages) -> bool:
     return any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in messages or [])
 
@@ -79,6 +95,24 @@ def _check_call(call, declared: set[str], source, row, where: str) -> None:
             raise DataError(source, row, f"{where}.function.arguments is not valid JSON ({exc.msg})", "write the arguments as a JSON object (or a string holding one)") from None  # fmt: skip
     if not isinstance(arguments, dict):
         raise DataError(source, row, f"{where}.function.arguments is a {type(arguments).__name__}, not an object", "write the arguments as a JSON object")  # fmt: skip
+
+
+def set_response_parser(tokenizer) -> bool:
+    """Give ``tokenizer`` the response parser of its chat template's family unless it has one: trl's
+    ``add_response_schema`` (what trl's GRPOTrainer uses to read rollouts), matched on the exact stock template text
+    (Qwen2.5 and Qwen3: ``<tool_call>`` JSON blocks; Llama 3.1/3.2, gpt-oss, ...). ``tokenizer.parse_response`` and
+    transformers' server (``transformers serve``, which reads ``tokenizer.response_template`` before its own
+    per-``model_type`` table) then return tool calls as ``tool_calls``. Returns False when trl knows no parser for the
+    template (replies are then plain text)."""
+    if any(getattr(tokenizer, name, None) is not None for name in ("response_template", "response_schema")):
+        return True
+    from trl.chat_template_utils import add_response_schema
+
+    try:
+        add_response_schema(tokenizer)
+    except ValueError:
+        return False
+    return True
 
 
 _CHAT_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected")

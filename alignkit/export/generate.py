@@ -223,10 +223,13 @@ def generate_file(model, tokenizer, prompts: str | Path, out: str | Path, batch_
     return out
 
 
-def chat_loop(model, tokenizer, system: str | None = None, max_new_tokens: int = 256, **generation) -> None:
+def chat_loop(model, tokenizer, system: str | None = None, max_new_tokens: int = 256, tools: list | None = None,
+              **generation) -> None:  # fmt: skip
     """``alignkit chat``: a conversation on stdin/stdout. At a terminal each reply streams token by token
     (transformers' TextStreamer); with stdin piped, each input line is the next user turn and each reply is printed
-    on one line (its newlines as spaces), so a script can drive it. The conversation keeps its history."""
+    on one line (its newlines as spaces), so a script can drive it. The conversation keeps its history. ``tools``:
+    JSON function schemas rendered into every prompt (:func:`prompt_text`); a reply that calls one shows the call as
+    the family writes it."""
     from transformers import TextStreamer
 
     interactive = sys.stdin.isatty()
@@ -245,7 +248,7 @@ def chat_loop(model, tokenizer, system: str | None = None, max_new_tokens: int =
                 break
             continue
         messages.append({"role": "user", "content": line})
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = prompt_text(tokenizer, messages, tools)
         batch = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if interactive else None
         with torch.no_grad():

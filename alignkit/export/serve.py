@@ -89,15 +89,22 @@ def serve(target: str | Path, host: str = "127.0.0.1", port: int = 8000, seed: i
         from transformers.cli.serving.utils import set_torch_seed
 
         set_torch_seed(seed)
-    app = _transformers_app(folder)
-    print(f"alignkit serve: {folder} on http://{host}:{port}/v1 (model id: {folder})", flush=True)
+    app, tools = _transformers_app(folder)
+    print(f"alignkit serve: {folder} on http://{host}:{port}/v1 (model id: {folder}; {tools})", flush=True)
     return _run(app, host, port, blocking)
 
 
 def _transformers_app(folder: Path):
-    """transformers' server app (``transformers serve``'s handlers, put together as its ``Serve`` does) with
-    ``folder`` as its one, preloaded model on the CPU in float32, and ``/v1/models`` listing that model (transformers
-    lists the Hub cache there instead)."""
+    """(app, what it does with tool calls): transformers' server app (``transformers serve``'s handlers, put together
+    as its ``Serve`` does) with ``folder`` as its one, preloaded model on the CPU in float32, and ``/v1/models``
+    listing that model (transformers lists the Hub cache there instead).
+
+    Tool calls: transformers' server parses a reply with the tokenizer's ``response_template``, else with a parser
+    it keys on ``config.model_type`` (Qwen models only). A model trained in a family's format whose architecture is
+    another (SmolLM2, a Llama, in Qwen2.5's format) would stream its ``<tool_call>`` block as plain text, so the
+    loaded tokenizer is given its template's parser (:func:`alignkit.data.tools.set_response_parser`, trl's, the one
+    tool-use GRPO reads rollouts with): a reply that calls a tool comes back as ``message.tool_calls`` with
+    ``finish_reason="tool_calls"``, in one piece or streamed."""
     from fastapi.responses import JSONResponse
     from transformers.cli.serving.chat_completion import ChatCompletionHandler
     from transformers.cli.serving.completion import CompletionHandler
@@ -108,7 +115,18 @@ def _transformers_app(folder: Path):
     from transformers.cli.serving.transcription import TranscriptionHandler
     from transformers.cli.serving.utils import GenerationState
 
+    from alignkit.data.chat_families import identify
+    from alignkit.data.tools import set_response_parser
+
     manager = ModelManager(device="cpu", dtype="float32", force_model=str(folder))
+    (loaded,) = manager.loaded_models.values()
+    tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+    family = identify(tokenizer.chat_template)
+    template = f"the {family} template" if family else "this chat template"
+    if set_response_parser(tokenizer):
+        tools = f"tool calls read with {template}'s response parser"
+    else:
+        tools = f"no response parser for {template}: tool calls stay in the reply text"
     state = GenerationState(continuous_batching=False, compile=False, cb_config=None)
     app = build_server(
         manager, ChatCompletionHandler(model_manager=manager, generation_state=state, chat_template_kwargs={}),
@@ -126,7 +144,7 @@ def _transformers_app(folder: Path):
                                                           "created": int(folder.stat().st_mtime)}]})  # fmt: skip
 
     app.add_api_route("/v1/models", list_models, methods=["GET"])
-    return app
+    return app, tools
 
 
 def _run(app, host: str, port: int, blocking: bool):

@@ -203,9 +203,10 @@ def check_row_tools(data, label: str, places, schemas: dict[str, dict], fix: str
 def check_template(tokenizer, names: list[str]) -> None:
     """The run's chat template renders a whole tool exchange (the call and the result) and trl has a response
     parser for it; ConfigError naming the fix otherwise. Sets the tokenizer's response parser as trl would."""
-    from trl.chat_template_utils import add_response_schema, supports_tool_calling
+    from trl.chat_template_utils import supports_tool_calling
 
     from alignkit.data.chat_families import family_names
+    from alignkit.data.tools import set_response_parser
 
     family = getattr(getattr(tokenizer, "alignkit_template", None), "family", None)
     which = f"family {family}" if family else "the model's own, no known family"
@@ -217,15 +218,12 @@ def check_template(tokenizer, names: list[str]) -> None:
             f"family whose template renders tools ({families}; qwen2_5 uses ChatML's tokens, as SmolLM2 does), "
             "after an SFT in that format so that the model knows it."
         )
-    if getattr(tokenizer, "response_template", None) is None and getattr(tokenizer, "response_schema", None) is None:
-        try:
-            add_response_schema(tokenizer)
-        except ValueError:
-            raise ConfigError(
-                f"tools {names}: trl has no response parser for the run's chat template ({which}), so the tool calls "
-                f"in a completion could not be read. Fix: use a family whose parser trl ships ({families}), or set "
-                "the tokenizer's response_template in its folder."
-            ) from None
+    if not set_response_parser(tokenizer):
+        raise ConfigError(
+            f"tools {names}: trl has no response parser for the run's chat template ({which}), so the tool calls "
+            f"in a completion could not be read. Fix: use a family whose parser trl ships ({families}), or set "
+            "the tokenizer's response_template in its folder."
+        )
 
 
 def load_tools(args) -> dict[str, tuple[Callable, dict]]:
