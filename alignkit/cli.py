@@ -539,6 +539,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    process_entry = argv is None  # the console script / python -m alignkit.cli, not an in-process call
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in quiet.VERBOSE_FLAGS for a in argv):  # every third-party line (alignkit.quiet), in child ranks too
         argv = [a for a in argv if a not in quiet.VERBOSE_FLAGS]
@@ -558,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         command = _stage_main(argv[0]) if argv[0] in STAGES else COMMANDS[argv[0]]
     try:
-        result = run_cli(command, argv[1:])
+        result = run_cli(command, argv[1:], process_entry=process_entry)
     except SystemExit as exit_:  # run_cli's exit 2 / 1, argparse's 2, --help's 0
         return exit_.code if isinstance(exit_.code, int) else 1
     return result if isinstance(result, int) else 0

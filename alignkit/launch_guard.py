@@ -80,6 +80,10 @@ def install(orig_argv: list[str] | None = None) -> bool:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _forward)
+    import atexit
+    import gc
+
+    atexit.register(gc.freeze)  # the launcher's exit skips the final collections over torch's objects (errors.py)
     return True
 
 
