@@ -386,11 +386,55 @@ LAUNCHED = {
 SECRET = "hf_" + "launcherLeakProbe0123456789"
 
 
+# Through `accelerate launch` itself: one case per recipe (sft, dpo, cpt, task) and both multi-rank configs; the
+# rest of the sample runs through the same run_cli the recipe's __main__ calls, in this process (each launch costs
+# two interpreters importing torch/trl: ~10 s).
+THROUGH_ACCELERATE = {"sft-bad-json-line", "cpt-empty-text", "range-qa-doc_stride-0", "dpo-wrong-role",
+                      "sft-every-row-beyond-max-length"}  # fmt: skip
+
+
 def test_launched_sample_is_big_and_known():
     assert len(LAUNCHED) >= 10 and set(LAUNCHED) <= {c.id for c in CASES}
+    assert THROUGH_ACCELERATE <= set(LAUNCHED)
+    through = [c for c in CASES if c.id in THROUGH_ACCELERATE]
+    assert {RECIPE[c.stage] for c in through} == set(RECIPE.values())  # every recipe under the launcher
+    assert {LAUNCHED[c.id] for c in through} == set(LAUNCHED.values())  # one process, DDP and ZeRO-3
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.id in LAUNCHED], ids=lambda c: c.id)
+def _said_once_without_a_traceback_or_the_secret(case: Case, code, said: str, names: dict[str, str]) -> None:
+    assert code == 2, f"{case.id}: exit {code}\n{said[-3000:]}"
+    assert "Traceback" not in said and "CalledProcessError" not in said and "ChildFailedError" not in said, said[-3000:]
+    assert SECRET not in said, f"{case.id}: the hub token was printed"
+    errors = [line for line in said.splitlines() if line.startswith("alignkit: ")]
+    assert len(errors) == 1, f"{case.id}: one message, from rank 0: {errors}"
+    assert errors[0].startswith(f"alignkit: {case.error.__name__}: "), errors
+    _says_where_and_how(case, errors[0], names)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in set(LAUNCHED) - THROUGH_ACCELERATE], ids=lambda c: c.id)
+def test_bad_input_through_run_cli_exits_2_with_one_line_and_no_secret(
+    case, tmp_path, pickle_model, monkeypatch, capfd
+):
+    """The rest of the launched sample: the recipe's main under run_cli (what its __main__ runs), in this process."""
+    import runpy
+
+    from conftest import REPO
+
+    from alignkit.errors import run_cli
+
+    names, argv = _set_up(case, tmp_path, pickle_model, monkeypatch)
+    before = snapshot(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    recipe = runpy.run_path(str(REPO / "recipes" / f"{RECIPE[case.stage]}.py"), run_name="alignkit_recipe")
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        run_cli(recipe["main"], [*argv, "--hub_token", SECRET])
+    out, err = capfd.readouterr()
+    _said_once_without_a_traceback_or_the_secret(case, exited.value.code, out + err, names)
+    assert snapshot(tmp_path) == before, f"{case.id}: the case's files changed"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in THROUGH_ACCELERATE], ids=lambda c: c.id)
 def test_bad_input_through_accelerate_launch_exits_2_without_a_traceback_or_a_secret(
     case, tmp_path, pickle_model, monkeypatch
 ):
@@ -423,14 +467,7 @@ def test_bad_input_through_accelerate_launch_exits_2_without_a_traceback_or_a_se
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
 
-    said = done.stdout + done.stderr
-    assert done.returncode == 2, f"{case.id}: exit {done.returncode}\n{said[-3000:]}"
-    assert "Traceback" not in said and "CalledProcessError" not in said and "ChildFailedError" not in said, said[-3000:]
-    assert SECRET not in said, f"{case.id}: the hub token was printed"
-    errors = [line for line in said.splitlines() if line.startswith("alignkit: ")]
-    assert len(errors) == 1, f"{case.id}: one message, from rank 0: {errors}"
-    assert errors[0].startswith(f"alignkit: {case.error.__name__}: "), errors
-    _says_where_and_how(case, errors[0], names)
+    _said_once_without_a_traceback_or_the_secret(case, done.returncode, done.stdout + done.stderr, names)
     assert snapshot(tmp_path) == before, f"{case.id}: the case's files changed"
 
 
