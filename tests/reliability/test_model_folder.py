@@ -39,6 +39,17 @@ def _one_line(done: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def _alignkit_in_process(capfd, *argv: str) -> subprocess.CompletedProcess:
+    """``alignkit <argv>`` through the same ``alignkit.cli.main`` in this process (the console script's entry; each
+    command also runs as a subprocess in tests/reliability/test_reliability_table.py, and ``alignkit dpo`` below)."""
+    from alignkit.cli import main
+
+    capfd.readouterr()
+    code = main(list(argv))
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["alignkit", *argv], code, out, err)
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("folders")
@@ -80,7 +91,7 @@ def test_missing_model_files_names_what_a_folder_lacks(folders):
         (["merge"], "empty", ["adapter_config.json", "empty"]),
     ],
 )  # fmt: skip
-def test_an_empty_or_incomplete_model_folder_exits_2_with_one_line(argv, folder, words, folders, tmp_path):
+def test_an_empty_or_incomplete_model_folder_exits_2_with_one_line(argv, folder, words, folders, tmp_path, capfd):
     path = str(folders / folder)
     if argv[0] == "eval":
         argv = ["eval", path, *argv[1:], "--out", str(tmp_path / "eval")]
@@ -91,7 +102,7 @@ def test_an_empty_or_incomplete_model_folder_exits_2_with_one_line(argv, folder,
         argv = ["generate", path, "--prompts", str(prompts), "--out", str(tmp_path / "r.jsonl")]
     else:
         argv = [*argv, path]
-    line = _one_line(_alignkit(*argv))
+    line = _one_line(_alignkit_in_process(capfd, *argv))
     assert path in line and all(w in line for w in words), line
     assert not (tmp_path / "out").exists()
 
