@@ -109,14 +109,24 @@ def test_preference_recipes_are_one_body():
 
 
 @pytest.mark.parametrize("stage", ["cpt", "sft", "dpo"])
-def test_stage_recipes_refuse_the_task_key(stage):
-    done = subprocess.run(
-        [sys.executable, f"recipes/{stage}.py", "--config", f"recipes/tiny/{stage}.yaml", "--task", "qa"],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "unknown key 'task'" in done.stderr and "a key of the task recipe" in done.stderr
-    assert "Traceback" not in done.stderr
+def test_stage_recipes_refuse_the_task_key(stage, capfd):
+    """``python recipes/sft.py`` as a script; cpt and dpo through the same run_cli their __main__ calls, in-process."""
+    argv = ["--config", f"recipes/tiny/{stage}.yaml", "--task", "qa"]
+    if stage == "sft":
+        done = subprocess.run([sys.executable, f"recipes/{stage}.py", *argv], cwd=REPO, capture_output=True, text=True)
+        code, stderr = done.returncode, done.stderr
+    else:
+        import runpy
+
+        from alignkit.errors import run_cli
+
+        main = runpy.run_path(str(REPO / "recipes" / f"{stage}.py"), run_name="alignkit_recipe")["main"]
+        with pytest.raises(SystemExit) as exited:
+            run_cli(main, argv)
+        code, stderr = exited.value.code, capfd.readouterr().err
+    assert code == 2, stderr[-2000:]
+    assert "unknown key 'task'" in stderr and "a key of the task recipe" in stderr
+    assert "Traceback" not in stderr
 
 
 def test_task_recipe_refuses_another_tasks_key():
