@@ -2,8 +2,11 @@
 writes them (`alignkit merge | export | chat | generate | eval | report | <stage>`). Each case asserts exit 2, one
 `alignkit:` line naming the file (or key) with a fix, no traceback, and every input folder byte-identical afterwards.
 
-Only the command line is used, so the same table runs against any checkout (``PYTHONPATH=<checkout>``): that is how
-the before/after counts in the issue's closing note were taken.
+Only the command line's entry points are used, so the same table runs against any checkout
+(``PYTHONPATH=<checkout>``): that is how the before/after counts in the issue's closing note were taken. The first case
+of each entry point runs as a subprocess (``python -m alignkit.cli``, ``python recipes/embed.py``); the others call
+the same entry (``alignkit.cli.main``, the recipe's main under ``run_cli``) in this process, output captured at the
+file descriptors (a subprocess costs ~6 s of imports).
 """
 
 from __future__ import annotations
@@ -28,6 +31,28 @@ def cli(*argv, cwd=REPO) -> subprocess.CompletedProcess:
     """``alignkit <argv>``, or ``python recipes/<stage>.py`` when argv starts with that script (the recipe entry)."""
     head = [sys.executable] if str(argv[0]).startswith("recipes/") else [sys.executable, "-m", "alignkit.cli"]
     return subprocess.run([*head, *map(str, argv)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def cli_in_process(capfd, *argv) -> subprocess.CompletedProcess:
+    """What :func:`cli` runs, through the same entry point in this process."""
+    argv = [str(a) for a in argv]
+    capfd.readouterr()
+    if argv[0].startswith("recipes/"):
+        import runpy
+
+        from alignkit.errors import run_cli
+
+        main = runpy.run_path(str(REPO / argv[0]), run_name="alignkit_recipe")["main"]
+        try:
+            code = run_cli(main, argv[1:])
+        except SystemExit as exited:
+            code = exited.code
+    else:
+        from alignkit.cli import main
+
+        code = main(argv)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -137,8 +162,11 @@ CASES = [
 ]  # fmt: skip
 
 
+SUBPROCESS = {next(c.name for c in CASES if c.entry == entry) for entry in dict.fromkeys(c.entry for c in CASES)}
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_case_is_one_line_exit_2_and_changes_nothing(case, built, tmp_path):
+def test_case_is_one_line_exit_2_and_changes_nothing(case, built, tmp_path, capfd):
     folders = {"root": built["root"], "tmp": tmp_path}
     for name in case.folders:
         folders[name] = tmp_path / name
@@ -146,7 +174,7 @@ def test_case_is_one_line_exit_2_and_changes_nothing(case, built, tmp_path):
     case.damage(folders)
     before = {name: snapshot(folders[name]) for name in case.folders}
     around = sorted(os.listdir(tmp_path))
-    done = cli(*case.argv(folders))
+    done = cli(*case.argv(folders)) if case.name in SUBPROCESS else cli_in_process(capfd, *case.argv(folders))
     lines = [line for line in done.stderr.splitlines() if line.startswith("alignkit:")]
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
