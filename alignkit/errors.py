@@ -97,7 +97,7 @@ def skip_final_collections() -> None:
     """For a process's own entry point (a recipe run as a script, ``alignkit``, a launcher): keep the garbage collector
     off what is alive now and at exit. torch, transformers, trl and peft leave ~0.5 M tracked objects once imported;
     each full collection walks them all (~0.4 s on 2 cores), a short run makes a few, and the interpreter's exit makes
-    several more (2-3 s per process, measured: docs/testing.md). ``gc.freeze`` moves what is alive now (mostly the
+    several more (2-3 s per process; docs/testing.md, "Suite time"). ``gc.freeze`` moves what is alive now (mostly the
     imported modules) out of every later collection, and once more at exit (an ``atexit`` hook: the interpreter's
     final passes then skip it). Nothing changes but that: objects still die by reference counting, later cyclic
     garbage is still collected, and Python never promised finalizers for what is alive at exit. Not for a long-lived
