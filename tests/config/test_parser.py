@@ -112,18 +112,24 @@ def test_yaml_words_that_look_like_booleans_stay_words(recipe_file):
     assert recipe.train.save_strategy == "no" and recipe.train.eval_strategy == "no"
 
 
-def test_a_recipe_given_bad_input_prints_the_fix_not_a_traceback(tmp_path):
-    import subprocess
-    import sys
+def test_a_recipe_given_bad_input_prints_the_fix_not_a_traceback(tmp_path, capfd):
+    """recipes/sft.py's main under the run_cli its __main__ calls, in this process (``python recipes/sft.py`` as a
+    script: tests/structure/test_registries.py)."""
+    import runpy
 
     from conftest import REPO
 
+    from alignkit.errors import run_cli
+
     out = tmp_path / "out"
     argv = ["--config", "recipes/tiny/sft.yaml", "--max_steps", "ten", "--output_dir", str(out)]
-    done = subprocess.run([sys.executable, "recipes/sft.py", *argv], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 2
-    assert "alignkit: ConfigError: max_steps: 'ten' is not a valid int. Fix:" in done.stderr
-    assert "Traceback" not in done.stderr and not out.exists()
+    main = runpy.run_path(str(REPO / "recipes" / "sft.py"), run_name="alignkit_recipe")["main"]
+    with pytest.raises(SystemExit) as exited:
+        run_cli(main, argv)
+    stderr = capfd.readouterr().err
+    assert exited.value.code == 2
+    assert "alignkit: ConfigError: max_steps: 'ten' is not a valid int. Fix:" in stderr
+    assert "Traceback" not in stderr and not out.exists()
 
 
 def test_yaml_merge_keys_and_anchors_work_and_stay_strict(tmp_path):

@@ -188,14 +188,15 @@ def test_sigkill_during_a_re_merge_leaves_the_old_merge_whole(adapter, sft_3_ste
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_a_second_merge_into_the_same_folder_is_refused_naming_the_first(adapter, tmp_path):
+def test_a_second_merge_into_the_same_folder_is_refused_naming_the_first(adapter, tmp_path, capsys):
     out = tmp_path / "merged"
     first = spawn("merge", adapter, "--output", out)
     try:
         wait_for(lambda: (tmp_path / ".merged.alignkit-lock").exists(), first)
         first.send_signal(signal.SIGSTOP)  # held mid-merge (a slow merge of a big model), its lock still taken
-        second = cli("merge", adapter, "--output", out)
-        refused(second, "being written by another alignkit command", f"pid {first.pid}", "Fix:")
+        # the second through alignkit's main in this process (the first, a subprocess, holds the lock)
+        words = ("being written by another alignkit command", f"pid {first.pid}", "Fix:")
+        refused_here(capsys, "merge", adapter, "--output", out, words=words)
     finally:
         first.send_signal(signal.SIGCONT)
         _, err = first.communicate(timeout=600)
