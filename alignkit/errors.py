@@ -93,6 +93,9 @@ class RunInterrupted(AlignkitError, RuntimeError):
         self.exit_code = 128 + signum
 
 
+RANK_WAITS_FOR_RANK_0 = 10.0  # seconds a rank other than 0 waits before it exits on bad input (run_cli)
+
+
 def skip_final_collections() -> None:
     """For a process's own entry point (a recipe run as a script, ``alignkit``, a launcher): keep the garbage collector
     off what is alive now and at exit. torch, transformers, trl and peft leave ~0.5 M tracked objects once imported;
@@ -129,4 +132,10 @@ def run_cli(main, argv=None, process_entry: bool | None = None):
             raise
         if int(os.environ.get("RANK", "0")) == 0:  # under a launcher every rank fails alike: say it once
             print(f"alignkit: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr, flush=True)
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and isinstance(exc, (ConfigError, DataError, PreflightError)):
+            import time
+
+            # the launcher stops every rank when the first one exits: give rank 0 (on a loaded machine, seconds
+            # behind) the time to say it; its exit ends this wait
+            time.sleep(RANK_WAITS_FOR_RANK_0)
         raise SystemExit(getattr(exc, "exit_code", 1 if isinstance(exc, NonFiniteLossError) else 2)) from None
