@@ -93,7 +93,7 @@ class RunInterrupted(AlignkitError, RuntimeError):
         self.exit_code = 128 + signum
 
 
-RANK_WAITS_FOR_RANK_0 = 10.0  # seconds a rank other than 0 waits before it exits on bad input (run_cli)
+RANK_WAITS_FOR_RANK_0 = 5.0  # seconds a rank other than 0 waits before it exits on bad input (run_cli)
 
 
 def skip_final_collections() -> None:
