@@ -15,7 +15,10 @@ llama.cpp's quantizer for K-quants), and the export gate's figures against the m
 RULE (per outtype, over every model and both prompt sets measured): agreement >= the lowest measured less 20
 points, rounded down to 5 points; stop rate >= the merged model's less (the largest measured drop + 10 points,
 rounded up to 5 points; none for f16/q8_0, whose stop rate must equal the merged model's); perplexity change <= twice
-the largest measured change + 1 point, rounded up to a whole percent.
+the largest measured change **in either direction** + 1 point, rounded up to a whole percent (rounding moves
+perplexity both ways; measured moves of -40% at q5_k_m would otherwise leave it a 1% bound, tighter than f16's). Then
+the bounds are made monotone in the types' precision (f16, q8_0, q6_k, q5_k_m, q4_k_m): a coarser type is never held
+to a tighter bound than a finer one.
 
 llama.cpp runs on one thread (the gate's setting); the reference replies are computed once per process.
 """
@@ -69,11 +72,22 @@ def derive(paths: list[str]) -> dict[str, dict[str, float]]:
         agreement = math.floor((min(f["agreement"] for f in figures) - 0.20) * 20 + 1e-9) / 20
         drop = max(max(f["merged_stop_rate"] - f["stop_rate"] for f in figures), 0.0)
         stop_drop = 0.0 if outtype in ("f32", "f16", "bf16", "q8_0") else math.ceil((drop + 0.10) * 20 - 1e-9) / 20
-        ppl = math.ceil((2 * max(max(f["ppl_change"] for f in figures), 0.0) + 0.01) * 100 - 1e-9) / 100
+        moved = max(abs(f["ppl_change"]) for f in figures)
+        ppl = math.ceil((2 * moved + 0.01) * 100 - 1e-9) / 100
         out[outtype] = {"agreement": max(agreement, 0.0), "stop_drop": stop_drop, "ppl_change": ppl}
         print(f"{outtype}: measured agreement >= {min(f['agreement'] for f in figures):.1%}, stop-rate drop <= "
-              f"{drop:.0%}, perplexity change <= {max(f['ppl_change'] for f in figures):+.2%} -> {out[outtype]}")  # fmt: skip
+              f"{drop:.0%}, perplexity moved <= {moved:.2%} -> {out[outtype]}")  # fmt: skip
+    finer = None
+    for outtype in PRECISION_ORDER:  # monotone: a coarser type never gets a tighter bound than a finer one
+        if outtype in out and finer is not None:
+            b, f = out[outtype], out[finer]
+            b.update(agreement=min(b["agreement"], f["agreement"]), stop_drop=max(b["stop_drop"], f["stop_drop"]),
+                     ppl_change=max(b["ppl_change"], f["ppl_change"]))  # fmt: skip
+        finer = outtype if outtype in out else finer
     return out
+
+
+PRECISION_ORDER = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
 
 
 def main() -> None:

@@ -209,20 +209,22 @@ GATE_TEXTS = (
     "Question: What is 45 + 37?\nAnswer: 45 + 37 = 82.\nANSWER: 82",
 )
 # llama.cpp gate bounds per outtype: minimum reply-token agreement with the merged model, the most the stop rate
-# may fall below the merged model's, the largest perplexity change on GATE_TEXTS. PROVISIONAL: set from how far each
-# type's rounding moves logits (the converter gate's measured f16/q8_0 figures above); measured on a tiny random
-# Llama: q4_k_m agreement 44% on 3 prompts, perplexity change -0.14%, f16 within 0.1%. To be replaced by
-# `benchmarks/gguf_export.py --derive` (its docstring states the rule) once its SmolLM2 and Gemma 3 runs finish (they
-# did not on the loaded 2-core machine on 2026-12-06: benchmarks/README.md). A wrong tensor, template or tokenizer
-# gives agreement ~0, stop rate ~0 and perplexity many times larger.
+# may fall below the merged model's, the largest perplexity change on GATE_TEXTS. f16, q8_0, q6_k, q5_k_m, q4_k_m:
+# derived by the rule in benchmarks/gguf_export.py's docstring from the measured table (benchmarks/results/gguf_*.json:
+# the demo's final SmolLM2 and Gemma 3 270M, 50 held-out questions and the default gate each, 2026-12-06; README and
+# benchmarks/README.md show it); tests/export/test_gguf.py checks these equal `--derive` of those files. Not measured:
+# f32 (kept tighter than f16) and bf16 (given q8_0's: a mantissa of 8 bits, as q8_0's integers). Reply agreement
+# carries no bound at q5_k_m and q4_k_m: an undertrained 135M-270M model's greedy replies part after one flipped
+# token (9.8-21% measured), so there the stop rate and the perplexity catch a broken file. A wrong tensor, template
+# or tokenizer gives agreement ~0, stop rate ~0 and perplexity many times larger (tests: a corrupted tensor).
 GATE_BOUNDS = {
     "f32": {"agreement": 0.95, "stop_drop": 0.0, "ppl_change": 0.01},
-    "f16": {"agreement": 0.90, "stop_drop": 0.0, "ppl_change": 0.01},
-    "bf16": {"agreement": 0.75, "stop_drop": 0.0, "ppl_change": 0.03},
-    "q8_0": {"agreement": 0.75, "stop_drop": 0.0, "ppl_change": 0.03},
-    "q6_k": {"agreement": 0.60, "stop_drop": 0.10, "ppl_change": 0.08},
-    "q5_k_m": {"agreement": 0.45, "stop_drop": 0.10, "ppl_change": 0.15},
-    "q4_k_m": {"agreement": 0.30, "stop_drop": 0.20, "ppl_change": 0.40},
+    "f16": {"agreement": 0.8, "stop_drop": 0.0, "ppl_change": 0.02},
+    "bf16": {"agreement": 0.45, "stop_drop": 0.0, "ppl_change": 0.14},
+    "q8_0": {"agreement": 0.45, "stop_drop": 0.0, "ppl_change": 0.14},
+    "q6_k": {"agreement": 0.25, "stop_drop": 0.1, "ppl_change": 0.4},
+    "q5_k_m": {"agreement": 0.0, "stop_drop": 0.1, "ppl_change": 0.82},
+    "q4_k_m": {"agreement": 0.0, "stop_drop": 0.1, "ppl_change": 0.82},
 }
 _TRY = {
     "f32": "check the model and its tokenizer",

@@ -384,3 +384,32 @@ def test_a_file_llama_cpps_quantizer_refuses_is_a_config_error_with_the_fix(tmp_
     bad.write_bytes(b"GGUF" + bytes(28))
     with pytest.raises(ConfigError, match=r"could not write q4_k_m for this model.*Fix: use another --outtype"):
         quantize(bad, tmp_path / "m-q4_k_m.gguf", "q4_k_m")
+
+
+def test_gate_bounds_are_the_rule_applied_to_the_measured_table():
+    """Issue 40: the llama.cpp gate's bounds per type are derived from measurement: GATE_BOUNDS equals
+    `benchmarks/gguf_export.py --derive` of the stored table (the demo's final SmolLM2 and Gemma 3 270M, f16 to
+    q4_k_m, 50 held-out questions and the default gate), and no coarser type is held tighter than a finer one."""
+    import importlib.util
+    from pathlib import Path
+
+    from alignkit.export.gguf import GATE_BOUNDS
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("gguf_bench", root / "benchmarks" / "gguf_export.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tables = sorted(str(p) for p in (root / "benchmarks" / "results").glob("gguf_*.json"))
+    assert len(tables) == 2
+    derived = bench.derive(tables)
+    assert set(derived) == {"f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"}
+    for outtype, bounds in derived.items():
+        assert GATE_BOUNDS[outtype] == bounds, outtype
+    order = [t for t in bench.PRECISION_ORDER if t in derived]
+    for finer, coarser in zip(order, order[1:]):
+        assert GATE_BOUNDS[coarser]["agreement"] <= GATE_BOUNDS[finer]["agreement"]
+        assert GATE_BOUNDS[coarser]["ppl_change"] >= GATE_BOUNDS[finer]["ppl_change"]
+    for table in tables:  # every stop rate of the 50 held-out questions at f16/q8_0 is 100%
+        for row in json.loads(Path(table).read_text())["rows"]:
+            if row["outtype"] in ("f16", "q8_0"):
+                assert row["held_out"]["prompts"] == 50 and row["held_out"]["stop_rate"] == 1.0
