@@ -42,10 +42,32 @@ def _document_bounds(position_ids, cu_seq_lens, batch: int, length: int) -> list
     return [[*row.nonzero().flatten().tolist(), length] for row in restarts]
 
 
+def _fp32_under_cpu_bf16(query, key, value):
+    """(query, key, value, context) for the SDPA calls: under CPU bf16 autocast, the three in fp32 and autocast off
+    around the calls (the attention is then the fp32 path's, exactly); else as they are, with no context.
+
+    Why: torch 2.13's CPU flash-attention kernel runs its bf16 backward ~2x slower than its fp32 one at these shapes
+    (SmolLM2: head dim 64, 9/3 heads, documents of 60-244 tokens, 1 thread: forward + backward of a batch's documents
+    97 vs 46 ms; the bf16 forward alone is faster, 3.0 vs 9.4 ms), so bf16 attention made a bf16 autocast step slower,
+    not faster (benchmarks/README.md, "bf16 step profile"). The queries and keys arrive in fp32 anyway (RoPE multiplies
+    the bf16 projections by fp32 cos/sin), the values are upcast from bf16, the output goes to o_proj, whose GEMM
+    autocast runs in bf16 as before."""
+    import contextlib
+
+    import torch
+
+    if (
+        query.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    ):
+        return query.float(), key.float(), value.float(), torch.autocast("cpu", enabled=False)
+    return query, key, value, contextlib.nullcontext()
+
+
 def per_document_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """An ``AttentionInterface`` function. query: (batch, heads, L, head_dim); key/value: (batch, kv_heads, L,
     head_dim). Returns ((batch, L, heads, head_dim), None) like ``sdpa_attention_forward``."""
-    import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, _, length, _ = query.shape
@@ -57,6 +79,15 @@ def per_document_sdpa(module, query, key, value, attention_mask, dropout: float 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     gqa = key.shape[1] != query.shape[1]
     bounds = _document_bounds(kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"), batch, length)
+    query, key, value, precision = _fp32_under_cpu_bf16(query, key, value)
+    with precision:
+        return _per_document(query, key, value, bounds, dropout, scaling, gqa), None
+
+
+def _per_document(query, key, value, bounds, dropout, scaling, gqa: bool):
+    """Causal SDPA per document (``bounds``: per row, document starts plus the end; None: each row is one)."""
+    import torch
+
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if bounds is None:
         out = sdpa(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
@@ -70,13 +101,19 @@ def per_document_sdpa(module, query, key, value, attention_mask, dropout: float 
             ]  # fmt: skip
             rows.append(torch.cat(docs, dim=2))
         out = torch.cat(rows, dim=0)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
 
 
 def shared_prompt_sdpa(query, key, value, layout, dropout: float = 0.0, scaling=None):
     """Attention over preference pairs laid out as ``[p c r]`` per pair (``layout``: (start, P, C, R) per pair, in
     one sequence): ``p c`` causal; ``r`` attends to ``p`` (all of it) and causally to itself, never to ``c``.
     query: (1, heads, T, head_dim); key/value: (1, kv_heads, T, head_dim). Returns (1, T, heads, head_dim)."""
+    query, key, value, precision = _fp32_under_cpu_bf16(query, key, value)
+    with precision:
+        return _shared_prompt(query, key, value, layout, dropout, scaling)
+
+
+def _shared_prompt(query, key, value, layout, dropout, scaling):
     import torch
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
