@@ -136,6 +136,18 @@ def _fused_cpt_loss(ctx: Context) -> bool:
     return fuse_causal_lm_loss(ctx.target)
 
 
+def _bf16_lora(ctx: Context) -> bool:
+    from alignkit.speedups.bf16_lora import use_bf16_lora
+
+    return use_bf16_lora(ctx.target)
+
+
+def _restore_peft_lora() -> None:
+    from alignkit.speedups.bf16_lora import restore_peft_lora
+
+    restore_peft_lora()
+
+
 def _restore_lm_head() -> None:
     from alignkit.speedups.lm_head import restore_trl_lm_head
 
@@ -213,6 +225,16 @@ SPEEDUPS: tuple[Speedup, ...] = (
         ),
         doc="trl's fused LM head in native kernels on CPU, its GEMMs in bf16 under bf16 autocast (lm_head.py; "
         "tests/speedups/test_cpu_lm_head.py, test_bf16.py)",
+    ),
+    Speedup(
+        "cpu_bf16_lora", "trainer", _no_gpu, _bf16_lora, undo=_restore_peft_lora,
+        upstream=(
+            Upstream("peft.tuners.lora.layer:Linear.forward", ("self", "x"),
+                     mentions=("base_layer", "lora_dropout", "scaling", "_cast_input_dtype", "lora_variant")),
+            Upstream("peft.tuners.lora.layer:LoraLayer.__init__", mentions=("merged_adapters", "lora_variant")),
+        ),  # fmt: skip
+        doc="LoRA layers under CPU bf16 autocast: the frozen base weight cast to bf16 once, not every step; one input "
+        "cast, dropout in bf16 (bf16_lora.py; tests/speedups/test_bf16_lora.py)",
     ),
     Speedup(
         "cpt_fused_lm_head", "trainer", lambda ctx: ctx.stage == "cpt", _fused_cpt_loss,
