@@ -114,7 +114,8 @@ class CpuLogProb(torch.autograd.Function):
             if want_entropy:
                 log_p = z.sub_(log_z[s:e, None])
                 p = log_p.exp()
-                entropy[s:e] = -torch.linalg.vecdot(p, log_p)
+                with torch.autocast(hidden.device.type, enabled=False):  # CPU autocast runs vecdot in bf16
+                    entropy[s:e] = -torch.linalg.vecdot(p, log_p)
             elif kept is not None:
                 p = z.sub_(log_z[s:e, None]).exp_()
             if kept is not None:

@@ -203,3 +203,31 @@ def test_4bit_training_layout_holds_in_bf16(monkeypatch):
         assert worst < 1e-6
     finally:
         runtime.cpu_mixed_precision.cache_clear()
+
+
+# measured (AMX): 8.8e-5 (with the entropy's dot product left to autocast, which runs linalg.vecdot in bf16 on CPU:
+# 0.022)
+ENTROPY_ABS = 1e-3
+
+
+def test_cpu_lm_head_entropy_is_fp32_under_bf16():
+    """The CPU LM head's entropy under bf16 autocast: its bf16 GEMM's logits, then -sum p log p in fp32 (CPU autocast
+    lists linalg.vecdot among its bf16 ops: the dot product must run with autocast off). Against the same bf16 logits'
+    entropy in fp64, at SmolLM2's width, several chunks."""
+    from alignkit.speedups import lm_head
+
+    g = torch.Generator().manual_seed(0)
+    n, width, vocab = 256, 576, 4096
+    weight = torch.randn(vocab, width, generator=g) * 0.125
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    hidden = torch.randn(n, width, generator=g)
+    with bf16():
+        entropy = lm_head.CpuFirstLogProbFunction.apply(
+            hidden, weight, None, targets, 1.0, 128, None, 1.0, ("log_probs", "entropy")
+        )[1]
+    with torch.autocast("cpu", enabled=False):
+        log_p = torch.nn.functional.linear(hidden.bfloat16(), weight.bfloat16()).double().log_softmax(-1)
+    reference = -(log_p.exp() * log_p).sum(-1)
+    worst = (entropy.double() - reference).abs().max().item()
+    print(f"CPU LM head entropy under bf16 vs fp64 of the same logits: {worst:.1e}")
+    assert entropy.dtype == torch.float32 and worst < ENTROPY_ABS
