@@ -92,7 +92,7 @@ def bf16_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
         h = xb
         if type(dropout) is torch.nn.Dropout and dropout.training and 0 < dropout.p < 1:
             mask, keep = keep_mask(xb.shape, dropout.p)
-            h = xb * mask  # 0/1: exact in bf16; the dropout's 1/keep goes into the scale
+            h = torch.where(mask, xb, 0.0)  # exact in bf16 (no mask cast, forward or backward); 1/keep: in the scale
             scale = scale / keep
         elif type(dropout) is not torch.nn.Identity:
             h = dropout(xb)
