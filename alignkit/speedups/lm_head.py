@@ -50,9 +50,18 @@ def cpu_autocast_dtype() -> torch.dtype | None:
 
 def _operands(weight, bias, gemm_dtype):
     """The head's weight and bias as the GEMMs take them: cast once per call (not per chunk) to ``gemm_dtype``, or
-    fp32."""
+    fp32. A frozen head (LoRA: the tied embedding; SmolLM2's 49,152 x 576) cast to bf16 is kept with the weight
+    until the weight changes (another storage or an in-place write), instead of cast again in every forward and
+    backward."""
     dtype = gemm_dtype or torch.float32
-    return weight.to(dtype), None if bias is None else bias.to(dtype)
+    if dtype == weight.dtype or weight.requires_grad:
+        return weight.to(dtype), None if bias is None else bias.to(dtype)
+    key = (weight.data_ptr(), weight._version, weight.shape, dtype)
+    kept = getattr(weight, "_alignkit_cast", None)
+    if kept is None or kept[0] != key:
+        kept = (key, weight.detach().to(dtype))
+        weight._alignkit_cast = kept
+    return kept[1], None if bias is None else bias.to(dtype)
 
 
 def _logits(hidden, weight, bias, scale: float, targets=None, exact=None) -> torch.Tensor:

@@ -231,3 +231,25 @@ def test_cpu_lm_head_entropy_is_fp32_under_bf16():
     worst = (entropy.double() - reference).abs().max().item()
     print(f"CPU LM head entropy under bf16 vs fp64 of the same logits: {worst:.1e}")
     assert entropy.dtype == torch.float32 and worst < ENTROPY_ABS
+
+
+def test_cpu_lm_head_keeps_a_frozen_heads_bf16_copy_until_it_changes():
+    """A frozen head's bf16 copy is made once and made again after an in-place write or for a new tensor: the
+    log-probs under bf16 autocast always match a head that was never cast before."""
+    from alignkit.speedups import lm_head
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(512, 64, generator=g)
+    hidden, targets = torch.randn(32, 64, generator=g), torch.randint(0, 512, (32,), generator=g)
+
+    def log_probs(w):
+        with bf16(), torch.no_grad():
+            return lm_head.CpuFirstLogProbFunction.apply(hidden, w, None, targets, 1.0, 128, None, 1.0, ())[0]
+
+    first = log_probs(weight)
+    kept = weight._alignkit_cast[1]
+    assert torch.equal(log_probs(weight), first) and weight._alignkit_cast[1] is kept  # cast once
+    with torch.no_grad():
+        weight.mul_(0.5)
+    assert torch.equal(log_probs(weight), log_probs(weight.clone()))  # the in-place write was seen
+    assert not torch.equal(log_probs(weight), first)
