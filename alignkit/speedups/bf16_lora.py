@@ -92,8 +92,8 @@ def bf16_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
         h = xb
         if type(dropout) is torch.nn.Dropout and dropout.training and 0 < dropout.p < 1:
             mask, keep = keep_mask(xb.shape, dropout.p)
-            h = torch.where(mask, xb, 0.0)  # exact in bf16 (no mask cast, forward or backward); 1/keep: in the scale
-            scale = scale / keep
+            h = xb * mask.to(_BF16)  # 0/1: exact in bf16 (a bf16 mask: no cast inside mul, forward or backward)
+            scale = scale / keep  # the dropout's 1/keep
         elif type(dropout) is not torch.nn.Identity:
             h = dropout(xb)
         result = result + layer.lora_B[name](layer.lora_A[name](h)) * scale
