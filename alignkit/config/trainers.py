@@ -16,9 +16,9 @@ from alignkit import runtime
 
 def _device_defaults(args) -> None:
     """Decide by device, before transformers sets up its state in __post_init__. Precision: trl defaults to bf16=True;
-    alignkit takes bf16 only on GPUs that support it. On CPUs without bf16 units bf16 is many times slower than fp32;
-    even with AMX (measured, benchmarks/sft.py on SmolLM2) a bf16-autocast LoRA step is only ~1.2x faster than fp32
-    and the loss after 6 steps is 8% off the fp32 one. Backend: see :func:`fit_backend_to_device`. Only
+    alignkit takes bf16 weights only on GPUs that support it. On CPUs without bf16 units bf16 is many times slower
+    than fp32; on CPUs with them 'auto' adds bf16 autocast on fp32 weights (:func:`precision_defaults`; SmolLM2 LoRA
+    on AMX: ~2x fp32 at 1 thread, benchmarks/README.md). Backend: see :func:`fit_backend_to_device`. Only
     ``args`` changes: threads and the allocator are the process phase of alignkit.speedups, applied by a run."""
     import importlib.util
 

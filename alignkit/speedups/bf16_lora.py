@@ -1,29 +1,31 @@
 """peft's LoRA ``Linear`` under CPU bf16 autocast without its per-step casts: the frozen base weight cast to bf16 once
-(not in every forward), the layer input cast once for the base GEMM and the adapter together, dropout on bf16.
+(not in every forward), the layer input cast once for the base GEMM and the adapter together, dropout on bf16 with a
+mask from 32 random bits per element instead of ``bernoulli_``.
 
 Under ``torch.autocast("cpu", torch.bfloat16)`` (what a ``bf16: true`` trainer wraps its forward in; alignkit's
 ``dtype: auto`` on a CPU with bf16 units) peft 0.21's ``lora.Linear.forward`` does, per LoRA layer and forward:
 
 - ``base_layer(x)``: autocast casts the frozen fp32 weight to bf16. autocast caches only casts of leaf tensors that
   require grad, and only until the autocast region exits, so the whole frozen backbone is read in fp32 and written in
-  bf16 again every step (SmolLM2-135M: 106M values), plus the input cast;
+  bf16 again every step (SmolLM2-135M: 106M values);
 - ``x = self._cast_input_dtype(x, lora_A.weight.dtype)``: the input goes to the adapter's fp32 (a copy where it is
-  bf16: o_proj and down_proj take bf16 activations), dropout runs in fp32 (mask, scale, product), and autocast casts
-  the dropped-out input to bf16 again for lora_A's GEMM.
+  bf16: o_proj and down_proj take bf16 activations), dropout runs in fp32 (``bernoulli_``: one uniform double per
+  element, ~10 ns each on one core: 2.1-3.1 s of a SmolLM2 step at 1 thread, 13-18% of it), and autocast casts the
+  dropped-out input to bf16 again for lora_A's GEMM.
 
 Here, on CPU under bf16 autocast only, for plain LoRA (no DoRA or other variant, no ``adapter_names``, not merged,
-adapters enabled, a plain ``nn.Linear`` base without hooks): the base GEMM takes a bf16 copy of the frozen weight kept on the layer
-(made when the weight first appears, again whenever the weight tensor changes: another storage or an in-place write,
-or an adapter merge), the layer input is cast to bf16 once, and the adapter branch runs on that bf16 input with
-dropout as a 0/1 mask (exact in bf16) and the dropout's 1/(1-p) folded into the adapter's scale. Everything else,
-every fp32 run and every GPU tensor goes to peft's own forward.
+adapters enabled, a plain ``nn.Linear`` base without hooks): the base GEMM takes a bf16 copy of the frozen weight
+kept on the layer (made when the weight first appears and again whenever it changes: another storage, an in-place
+write, an adapter merge), the input is cast to bf16 once, and the adapter branch runs on that bf16 input with dropout
+as a 0/1 mask (:func:`keep_mask`; exact in bf16) and the dropout's 1/(1-p) folded into the adapter's scale.
+Everything else (every fp32 run, GPU tensors, merged or disabled adapters, variants) goes to peft's own forward.
 
-The same mathematics: the base GEMM gets the very bf16 values autocast would have made (round-to-nearest of the same
-fp32 weight; bit for bit the same output); the adapter weights, their gradients and the optimizer stay fp32 (autocast
-casts lora_A/lora_B per forward as before); the adapter branch differs from peft's by the rounding of one bf16 cast
-(dropout and its scale applied before vs after rounding the input to bf16), and the two gradient contributions
-to the layer input (base and adapter) are summed in bf16 before the cast back (peft: in fp32). Proven against peft's
-path and fp32 on the same batch: tests/speedups/test_bf16_lora.py.
+The same mathematics: the base GEMM gets the very bf16 values autocast would make (round-to-nearest of the same fp32
+weight: the same output bit for bit); the adapter weights, their gradients and the optimizer stay fp32 (autocast
+casts lora_A/lora_B per forward as before); dropout keeps each input with probability 1-p (p rounded to a multiple of
+2^-32) and divides by that probability; the adapter branch rounds its input to bf16 before the dropout instead of
+after, and the base and adapter gradients of the layer input are summed in bf16 before the cast back (peft: in fp32).
+Proven against peft's path and fp32 on the same batch, and in a recipe run: tests/speedups/test_bf16_lora.py.
 """
 
 from __future__ import annotations

@@ -200,3 +200,16 @@ def test_lm_head_bf16_benchmark_compares_the_two_precisions(capsys):
     (row,) = _load("lm_head_bf16").main(["--size", "tiny", "--repeats", "1"])
     assert row["tokens"] > 0 and 0 < row["token_abs"] < 0.1 and row["cosine"] > 0.99
     assert "fp32/bf16" in capsys.readouterr().out
+
+
+def test_bf16_step_benchmark_times_the_variants_interleaved(capsys):
+    """One tiny SFT step per variant (fp32, bf16 autocast as on main, with this branch's LoRA path), a shorter batch
+    each step, then one profiled step per variant sorted into kinds; peft's own forward is back afterwards."""
+    from peft.tuners.lora import layer as lora_layer
+
+    forward = lora_layer.Linear.forward
+    _load("bf16_step").main(["--size", "tiny", "--rounds", "1", "--variants", "fp32", "bf16_before", "bf16_lora",
+                             "--vary", "3", "--profile", "--top", "3"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert all(f"\n{v} " in out for v in ("fp32", "bf16_before", "bf16_lora")) and "shares: " in out
+    assert lora_layer.Linear.forward is forward
