@@ -94,11 +94,12 @@ def _per_document(query, key, value, bounds, dropout, scaling, gqa: bool):
     else:
         rows = []
         for b, starts in enumerate(bounds):
-            docs = [
-                sdpa(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e],
-                     dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
-                for s, e in zip(starts[:-1], starts[1:])
-            ]  # fmt: skip
+            # split, not one slice per document: a slice's backward writes its gradient into a zero-filled tensor of
+            # the whole row and the documents' are added up (documents x row work); split's backward is one cat
+            lengths = [e - s for s, e in zip(starts[:-1], starts[1:])]
+            parts = (t[b : b + 1].split(lengths, dim=2) for t in (query, key, value))
+            docs = [sdpa(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
+                    for q, k, v in zip(*parts)]  # fmt: skip
             rows.append(torch.cat(docs, dim=2))
         out = torch.cat(rows, dim=0)
     return out.transpose(1, 2).contiguous()

@@ -17,7 +17,8 @@ Here, on CPU under bf16 autocast only, for plain LoRA (no DoRA or other variant,
 adapters enabled, a plain ``nn.Linear`` base without hooks): the base GEMM takes a bf16 copy of the frozen weight
 kept on the layer (made when the weight first appears and again whenever it changes: another storage, an in-place
 write, an adapter merge), the input is cast to bf16 once, and the adapter branch runs on that bf16 input with dropout
-as a 0/1 mask (:func:`keep_mask`; exact in bf16) and the dropout's 1/(1-p) folded into the adapter's scale.
+as a 0/1 mask (:func:`keep_mask`; exact in bf16), the dropout's 1/(1-p) folded into the adapter's scale, and the
+scale applied to lora_A's (tokens, r) output instead of lora_B's (tokens, out_features) one (the same product).
 Everything else (every fp32 run, GPU tensors, merged or disabled adapters, variants) goes to peft's own forward.
 
 The same mathematics: the base GEMM gets the very bf16 values autocast would make (round-to-nearest of the same fp32
@@ -98,7 +99,7 @@ def bf16_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
             scale = scale / keep  # the dropout's 1/keep
         elif type(dropout) is not torch.nn.Identity:
             h = dropout(xb)
-        result = result + layer.lora_B[name](layer.lora_A[name](h)) * scale
+        result = result + layer.lora_B[name](layer.lora_A[name](h) * scale)  # scaled at rank r, not out_features
     return result
 
 
