@@ -340,3 +340,26 @@ if __name__ == "__main__":
 
     for k in sys.argv[1:] or TINY_KINDS:
         print(k, tiny_model_path(k))
+
+
+def tiny_llama_with_smollm2_tokenizer(out_dir: str | Path, max_position_embeddings: int = 512) -> Path:
+    """A tiny random Llama body (2 layers, hidden 64) with the embedded SmolLM2's tokenizer, saved to ``out_dir``:
+    for what needs a released model's tokenizer (llama.cpp's converter recognises SmolLM2's pre-tokenizer, not the
+    synthetic tiny ones; the Qwen2.5 tool preamble needs more than their 512 positions). Seeded, so the same body
+    every call. Needs ``alignkit fetch smollm2:SmolLM2-135M-Instruct`` (scripts/install.sh does it); never downloads."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from alignkit.models.packaged import packaged_path
+
+    out_dir = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(packaged_path("smollm2:SmolLM2-135M-Instruct"))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_position_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -15,11 +15,9 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 @pytest.fixture(scope="module")
 def adapter_run(tmp_path_factory):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from alignkit.export.gguf import CONVERTER_REQUIREMENT
-    from alignkit.models.packaged import cache_dir, packaged_path
+    from alignkit.models.packaged import cache_dir
+    from alignkit.testing.tiny import tiny_llama_with_smollm2_tokenizer
 
     converter = cache_dir() / "llama.cpp" / CONVERTER_REQUIREMENT.split("==")[1] / "convert_hf_to_gguf.py"
     if not converter.is_file():  # tests never download: install.sh fetches it, once
@@ -28,15 +26,7 @@ def adapter_run(tmp_path_factory):
     if not any(tokenizer_dir.glob("SmolLM2-135M-Instruct*/tokenizer.json")):  # tests never download the model either
         pytest.fail("the embedded SmolLM2 is missing. Fix: run `alignkit fetch smollm2:SmolLM2-135M-Instruct`.")
     root = tmp_path_factory.mktemp("gguf")
-    tokenizer = AutoTokenizer.from_pretrained(packaged_path("smollm2:SmolLM2-135M-Instruct"))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
+    tiny_llama_with_smollm2_tokenizer(root / "base")
     out = root / "sft"
     argv = ["--config", "recipes/tiny/sft.yaml", "--model_name_or_path", str(root / "base"), "--load_in_4bit",
             "false", "--max_steps", "3", "--output_dir", str(out), "--disable_tqdm", "true"]  # fmt: skip

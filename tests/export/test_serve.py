@@ -99,21 +99,10 @@ def tool_served(tmp_path_factory):
     (``alignkit.demo.tool_data.call``, arguments as OpenAI's JSON string) until it makes that call: full fine-tuning
     (LoRA on a random tiny body barely moves the loss in seconds), 60 steps. Its greedy call's smallest top-2 logit
     margin is 5.0 (4.7 trained and run with AVX2 only), far above rounding: the same call on every CPU."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from alignkit.models.packaged import packaged_path
+    from alignkit.testing.tiny import tiny_llama_with_smollm2_tokenizer
 
     root = tmp_path_factory.mktemp("tool_use")
-    tokenizer = AutoTokenizer.from_pretrained(packaged_path("smollm2:SmolLM2-135M-Instruct"))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
+    tiny_llama_with_smollm2_tokenizer(root / "base", max_position_embeddings=1024)
     row = {"messages": [*QUESTION, tool_data.call(23, 19)], "tools": TOOLS}
     data = write_jsonl(root / "tool_sft.jsonl", [row] * 4)
     argv = ["--config", "recipes/tiny/sft.yaml", "--model_name_or_path", str(root / "base"), "--chat_template",
