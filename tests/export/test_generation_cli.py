@@ -46,7 +46,9 @@ def test_chat_reads_piped_prompts_and_stops_at_the_end_of_turn(sft_run):
     prompts = [r["messages"][1]["content"] for r in ROWS[:3]]
     done = _alignkit("chat", str(sft_run), "--max_new_tokens", "60", stdin="\n".join(prompts) + "\n")
     assert done.returncode == 0, done.stderr[-2000:]
-    replies = done.stdout.strip("\n").split("\n")
+    lines = done.stdout.split("\n")  # one line per reply, each ended by a newline (an empty reply is an empty line)
+    assert lines[-1] == "", done.stdout
+    replies = lines[:-1]
     model, tokenizer = load_for_generation(sft_run)
     want = chat_reference(model, tokenizer, prompts, 60)
     assert replies == [t["reply"] for t in want], (replies, want)

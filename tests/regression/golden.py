@@ -36,6 +36,13 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "learning_rate": (1e-7, 0.0),  # exact: the schedule
     "num_tokens": (0.0, 0.0),  # exact: what was trained
 }
+# Per run, where a loss amplifies rounding by design, derived the same way: vespo weighs each completion by a Gamma
+# function of its sequence-level importance ratio (a product over its tokens), so its loss moved 1.87e-4 relative
+# between AMX and AVX2 caps at 2 threads (`python -m tests.regression.spread grpo_vespo`, 2026-12-06; the suite under
+# the AVX2 caps failed on 1.0e-4 at step 5), against 9.0e-7 for every other run's loss.
+RUN_TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
+    "grpo_vespo": {"loss": (2e-3, 1e-6)},  # 10.7x the measured spread
+}
 
 
 @dataclass(frozen=True)
@@ -222,7 +229,10 @@ def _round(value: float) -> float:
     return float(f"{float(value):.{SIGNIFICANT_DIGITS}g}")
 
 
-def tolerance(key: str) -> tuple[float, float]:
+def tolerance(key: str, run: str | None = None) -> tuple[float, float]:
+    """(rtol, atol) of metric ``key`` (of golden run ``run``: RUN_TOLERANCES first)."""
+    if key in RUN_TOLERANCES.get(run, {}):
+        return RUN_TOLERANCES[run][key]
     if key.startswith("rewards/") or key == "margin":  # preference rewards and the reward model's margin
         return TOLERANCES["rewards/*"]
     if key == "objective/scores":  # online DPO's mean reward of the sampled completions, as GRPO's 'reward'
@@ -310,7 +320,7 @@ def mismatches(name: str, golden: dict, now: dict[str, list[float]]) -> list[str
         if want is None or got is None or len(want) != len(got):
             problems.append(f"{name}/{key}: golden {want} vs now {got}")
             continue
-        rtol, atol = tolerance(key)
+        rtol, atol = tolerance(key, name)
         bad = [i for i, (w, g) in enumerate(zip(want, got)) if not math.isclose(g, w, rel_tol=rtol, abs_tol=atol)]
         if bad:
             steps = ", ".join(f"step {i + 1}: {want[i]} -> {got[i]}" for i in bad)

@@ -75,7 +75,7 @@ def main(names: list[str]) -> None:
     print(describe_machine(results[first]["machine"]))
     for label in others:
         print(f"  variant: {label}: CPU capability {results[label]['machine']['cpu_capability']}")
-    worst: dict[str, tuple[float, str]] = {}
+    worst: dict[str, tuple[float, float, str]] = {}  # metric kind -> (rel. difference, its rtol, where), tightest
     for label in others:
         for run, metrics in results[label]["runs"].items():
             for key, values in metrics.items():
@@ -83,11 +83,12 @@ def main(names: list[str]) -> None:
                 for step, (a, b) in enumerate(zip(values, ref, strict=True), start=1):
                     rel = abs(a - b) / max(abs(b), 1e-12)
                     kind = _metric_kind(key)
-                    if rel > worst.get(kind, (-1.0, ""))[0]:
-                        worst[kind] = (rel, f"{run} step {step} ({label})")
+                    rtol = tolerance(kind, run)[0]
+                    old_rel, old_rtol, _ = worst.get(kind, (-1.0, 1.0, ""))
+                    if rel * old_rtol > old_rel * rtol:  # the smallest margin rtol / rel (RUN_TOLERANCES included)
+                        worst[kind] = (rel, rtol, f"{run} step {step} ({label})")
     print(f"\n{'metric':<16}{'largest rel. difference':>24}  {'rtol':>8}  {'margin':>8}  where")
-    for kind, (rel, where) in sorted(worst.items()):
-        rtol = tolerance(kind)[0]
+    for kind, (rel, rtol, where) in sorted(worst.items()):
         margin = f"{rtol / rel:.0f}x" if rel > 0 else "exact"
         print(f"{kind:<16}{rel:>24.2e}  {rtol:>8.0e}  {margin:>8}  {where}")
 
