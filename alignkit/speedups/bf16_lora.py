@@ -1,35 +1,41 @@
 """peft's LoRA ``Linear`` under CPU bf16 autocast without its per-step casts: the frozen base weight cast to bf16 once
-(not in every forward), the layer input cast once for the base GEMM and the adapter together, dropout on bf16 with a
-mask from 32 random bits per element instead of ``bernoulli_``.
+(not in every forward), the layer input cast once for the base GEMM, the adapter and the sibling layers reading the
+same input, dropout on bf16 with a mask from 16 random bits per element instead of ``bernoulli_``.
 
 Under ``torch.autocast("cpu", torch.bfloat16)`` (what a ``bf16: true`` trainer wraps its forward in; alignkit's
 ``dtype: auto`` on a CPU with bf16 units) peft 0.21's ``lora.Linear.forward`` does, per LoRA layer and forward:
 
 - ``base_layer(x)``: autocast casts the frozen fp32 weight to bf16. autocast caches only casts of leaf tensors that
   require grad, and only until the autocast region exits, so the whole frozen backbone is read in fp32 and written in
-  bf16 again every step (SmolLM2-135M: 106M values);
+  bf16 again every step (SmolLM2-135M: 106M values), and so is a frozen adapter (trl's 'ref' copy that DPO and KTO
+  run the reference pass with);
 - ``x = self._cast_input_dtype(x, lora_A.weight.dtype)``: the input goes to the adapter's fp32 (a copy where it is
   bf16: o_proj and down_proj take bf16 activations), dropout runs in fp32 (``bernoulli_``: one uniform double per
   element, ~10 ns each on one core: 2.1-3.1 s of a SmolLM2 step at 1 thread, 13-18% of it), and autocast casts the
-  dropped-out input to bf16 again for lora_A's GEMM.
+  dropped-out input to bf16 again for lora_A's GEMM; q/k/v_proj (and gate/up_proj) each cast the same input.
 
 Here, on CPU under bf16 autocast only, for plain LoRA (no DoRA or other variant, no ``adapter_names``, not merged,
-adapters enabled, a plain ``nn.Linear`` base without hooks): the base GEMM takes a bf16 copy of the frozen weight
-kept on the layer (made when the weight first appears and again whenever it changes: another storage, an in-place
-write, an adapter merge), the input is cast to bf16 once, and the adapter branch runs on that bf16 input with dropout
-as a 0/1 mask (:func:`keep_mask`; exact in bf16), the dropout's 1/(1-p) folded into the adapter's scale, and the
-scale applied to lora_A's (tokens, r) output instead of lora_B's (tokens, out_features) one (the same product).
-Everything else (every fp32 run, GPU tensors, merged or disabled adapters, variants) goes to peft's own forward.
+a plain ``nn.Linear`` base without hooks): the base GEMM takes a bf16 copy of the frozen weight kept on the layer
+(made when the weight first appears and again whenever it changes: another storage, an in-place write, an adapter
+merge), as does a frozen adapter's GEMM; the input is cast to bf16 once (:func:`bf16_input`, shared with the sibling
+layers that read the same tensor), and the adapter branch runs on that bf16 input with dropout as a 0/1 mask
+(:func:`keep_mask`; exact in bf16), the dropout's 1/(1-p) folded into the adapter's scale, and the scale applied to
+lora_A's (tokens, r) output instead of lora_B's (tokens, out_features) one (the same product). With adapters disabled
+(trl's reference pass on a model without a 'ref' copy) the layer is the base GEMM alone, as in peft. Everything else
+(every fp32 run, GPU tensors, merged adapters, variants) goes to peft's own forward.
 
 The same mathematics: the base GEMM gets the very bf16 values autocast would make (round-to-nearest of the same fp32
-weight: the same output bit for bit); the adapter weights, their gradients and the optimizer stay fp32 (autocast
-casts lora_A/lora_B per forward as before); dropout keeps each input with probability 1-p (p rounded to a multiple of
-2^-32) and divides by that probability; the adapter branch rounds its input to bf16 before the dropout instead of
-after, and the base and adapter gradients of the layer input are summed in bf16 before the cast back (peft: in fp32).
+weight: the same output bit for bit), and so does a frozen adapter's; trained adapter weights, their gradients and
+the optimizer stay fp32 (autocast casts lora_A/lora_B per forward as before); dropout keeps each input with
+probability 1-p (p rounded to a multiple of 2^-16, see :func:`keep_mask`) and divides by that probability; the
+adapter branch rounds its input to bf16 before the dropout instead of after, and the layer input's gradients (base,
+adapter, sibling layers) are summed in bf16 before the one cast back (peft: each cast back, summed in fp32).
 Proven against peft's path and fp32 on the same batch, and in a recipe run: tests/speedups/test_bf16_lora.py.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -44,34 +50,68 @@ def cpu_bf16_autocast(x: torch.Tensor) -> bool:
 def frozen_bf16_weight(layer) -> torch.Tensor:
     """The bf16 copy of ``layer.base_layer.weight`` (frozen, fp32), kept on ``layer`` and made again when the weight's
     storage, version counter or the layer's merged adapters change."""
-    weight = layer.base_layer.weight
-    key = (weight.data_ptr(), weight._version, weight.shape, tuple(layer.merged_adapters))
-    kept = getattr(layer, "_alignkit_bf16_weight", None)
+    return _kept_bf16(layer, "_alignkit_bf16_weight", layer.base_layer.weight, tuple(layer.merged_adapters))
+
+
+def _kept_bf16(owner, attr: str, weight: torch.Tensor, extra=()) -> torch.Tensor:
+    """``weight.to(bf16)``, kept on ``owner`` under ``attr`` until the weight's storage, version counter or shape (or
+    ``extra``) change: the very values autocast would make, made once instead of every forward."""
+    key = (weight.data_ptr(), weight._version, weight.shape, extra)
+    kept = getattr(owner, attr, None)
     if kept is None or kept[0] != key:
         with torch.no_grad():
             kept = (key, weight.detach().to(_BF16))
-        layer._alignkit_bf16_weight = kept
+        setattr(owner, attr, kept)
     return kept[1]
 
 
+_last_input: tuple = ()  # (weakref to the input, its version, grad mode, its bf16 cast)
+
+
+def bf16_input(x: torch.Tensor) -> torch.Tensor:
+    """``x.to(bf16)``, shared by the sibling layers that read the same input in one forward (q/k/v_proj read one
+    hidden state, gate/up_proj another): the cast is made once per input tensor, again if ``x`` changes in place or
+    the grad mode differs; autograd sums the siblings' input gradients in bf16 and casts them back once. The last
+    cast is held here until the next one (one activation: SmolLM2, 1,237 tokens: 1.4 MB)."""
+    global _last_input
+    if x.dtype == _BF16:
+        return x
+    grad = torch.is_grad_enabled()
+    if _last_input and _last_input[0]() is x and _last_input[1] == x._version and _last_input[2] == grad:
+        return _last_input[3]
+    xb = x.to(_BF16)
+    _last_input = (weakref.ref(x), x._version, grad, xb)
+    return xb
+
+
+MASK_BITS = 16  # random bits per dropout decision where p rounds finely enough (see keep_mask)
+
+
 def keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
-    """Dropout's keep mask: a bool tensor of ``shape``, each element False (dropped) with probability ``p`` (rounded
-    to a multiple of 2^-32), independently; and the probability of True, 1 - that p (what the kept values are divided
-    by). From 32 uniform random bits per element, drawn 64 at a time from torch's CPU generator (its seeded stream):
-    ~4x faster than ``bernoulli_`` (one uniform double, two 32-bit draws, per element; SmolLM2's 210 LoRA inputs
-    per step: 2.1 of 12.6 s at 1 thread in a bf16 step's profile)."""
+    """Dropout's keep mask: a bool tensor of ``shape``, each element False (dropped) with probability ``p`` rounded
+    to a multiple of 2^-16 (2^-32 where that rounding would move p by more than 1e-3 of itself: p < 0.0077 or
+    1 - p < 0.0077), independently; and the probability of True, 1 - that p (what the kept values are divided by, so
+    the dropout stays unbiased). At p = 0.05 (alignkit's default ``lora_dropout``) the rounded p is 0.0500031.
+    Uniform random bits are drawn 64 at a time from torch's CPU generator (its seeded stream), 16 per element: ~8x
+    fewer than ``bernoulli_`` (one uniform double, two 32-bit draws, per element; SmolLM2's 210 LoRA inputs per step
+    were 2.1 of 12.6 s of a bf16 step at 1 thread) and half of 32-bit decisions (0.40 s of a 3.07 s step at 2
+    threads, benchmarks/bf16_step.py)."""
     n = 1
     for d in shape:
         n *= d
-    bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-(2**63), None)  # every 64-bit value equally likely
-    threshold = round(p * 2**32)
-    mask = bits.view(torch.int32)[:n].view(shape) >= threshold - 2**31
-    return mask, 1.0 - threshold / 2**32
+    bits, dtype = MASK_BITS, torch.int16
+    if min(p, 1 - p) * 2**bits < 0.5e3:  # the rounding to 2^-16 would move p by more than 1e-3 of itself
+        bits, dtype = 32, torch.int32
+    per_draw = 64 // bits
+    draws = torch.empty((n + per_draw - 1) // per_draw, dtype=torch.int64).random_(-(2**63), None)  # all 64 bits
+    threshold = round(p * 2**bits)
+    mask = draws.view(dtype)[:n].view(shape) >= threshold - 2 ** (bits - 1)
+    return mask, 1.0 - threshold / 2**bits
 
 
 def _fast(layer, x, args, kwargs) -> bool:
     """This call can take the bf16 path (see the module docstring)."""
-    if args or kwargs or not cpu_bf16_autocast(x) or layer.merged or layer.disable_adapters:
+    if args or kwargs or not cpu_bf16_autocast(x) or layer.merged:
         return False
     base = layer.base_layer
     if type(base) is not torch.nn.Linear or base.weight.requires_grad or base.weight.dtype != torch.float32:
@@ -85,9 +125,11 @@ def bf16_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """peft ``lora.Linear.forward`` for plain LoRA under CPU bf16 autocast. x: (..., in_features), any float dtype.
     Returns bf16 (..., out_features), as peft's forward returns under autocast."""
     base = layer.base_layer
-    xb = x.to(_BF16)
+    xb = bf16_input(x)
     bias = None if base.bias is None else base.bias.to(_BF16)
     result = torch.nn.functional.linear(xb, frozen_bf16_weight(layer), bias)
+    if layer.disable_adapters:
+        return result
     for name in layer.active_adapters:
         if name not in layer.lora_A:
             continue
@@ -99,8 +141,20 @@ def bf16_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
             scale = scale / keep  # the dropout's 1/keep
         elif type(dropout) is not torch.nn.Identity:
             h = dropout(xb)
-        result = result + layer.lora_B[name](layer.lora_A[name](h) * scale)  # scaled at rank r, not out_features
+        down = _adapter_linear(layer.lora_A[name], h) * scale  # scaled at rank r, not out_features
+        result = result + _adapter_linear(layer.lora_B[name], down)
     return result
+
+
+def _adapter_linear(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """An adapter's ``nn.Linear`` on bf16 ``h``: a trained one as autocast runs it (its fp32 weight cast in the
+    forward, its gradient fp32); a frozen one (trl's 'ref' copy for DPO/KTO's reference pass) with a kept bf16 copy
+    of its weight, the same values autocast would make every forward."""
+    weight = module.weight
+    if weight.requires_grad or type(module) is not torch.nn.Linear or module._forward_hooks:
+        return module(h)
+    bias = None if module.bias is None else _kept_bf16(module, "_alignkit_bf16_bias", module.bias)
+    return torch.nn.functional.linear(h, _kept_bf16(module, "_alignkit_bf16_weight", weight), bias)
 
 
 def _patched_forward(self, x, *args, **kwargs):

@@ -185,3 +185,76 @@ def test_a_bf16_sft_run_applies_the_row_and_trains_as_peft_does(tmp_path):
     worst = max(abs(a - b) / abs(b) for a, b in zip(row, peft, strict=True))
     print(f"bf16 SFT with vs without cpu_bf16_lora: losses {row} vs {peft}, worst {worst:.1e} rel")
     assert row[0] == peft[0] and worst < RECIPE_LOSS_REL
+
+
+def test_keep_mask_rounds_p_to_16_bits_where_that_is_fine_else_32():
+    """p = 0.05 (alignkit's lora_dropout) draws 16 bits per element: the returned keep probability is 1 - p rounded
+    to 2^-16 (so the dropout stays unbiased) and the dropped share matches it; p = 0.001 (rounding to 2^-16 would
+    move it by 1.7% of itself) takes 32 bits; every element is decided independently of its neighbours."""
+    torch.manual_seed(0)
+    mask, keep = bf16_lora.keep_mask(torch.Size([2000, 1000]), 0.05)
+    assert keep == 1 - 3277 / 2**16 and abs((1 - keep) - 0.05) < 1e-5
+    dropped = 1 - mask.float().mean().item()
+    assert abs(dropped - (1 - keep)) < 5 * (0.05 * 0.95 / mask.numel()) ** 0.5, dropped
+    pairs = (~mask[:, 0::2] & ~mask[:, 1::2]).float().mean().item()  # two neighbours from one 64-bit draw
+    assert abs(pairs - 0.05**2) < 5 * (0.05**2 / (mask.numel() / 2)) ** 0.5, pairs
+    mask, keep = bf16_lora.keep_mask(torch.Size([4000, 1000]), 0.001)
+    assert keep == 1 - round(0.001 * 2**32) / 2**32
+    assert abs((1 - mask.float().mean().item()) - 0.001) < 5 * (0.001 / mask.numel()) ** 0.5
+
+
+def test_sibling_layers_share_one_input_cast(patched):
+    """q/k/v_proj (and gate/up_proj) read the same hidden state: it is cast to bf16 once; a changed input (in place),
+    another tensor or another grad mode gets its own cast. The tiny model's loss and gradients under bf16 with the
+    shared cast are those of test_bf16_lora_against_peft_bf16_and_fp32 (that test runs this path)."""
+    x = torch.randn(4, 8, requires_grad=True)
+    h = x * 1.0
+    first = bf16_lora.bf16_input(h)
+    assert bf16_lora.bf16_input(h) is first and first.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert bf16_lora.bf16_input(h) is not first
+    other = h.clone()
+    assert bf16_lora.bf16_input(other) is not first
+    with torch.no_grad():
+        h.mul_(2)
+    again = bf16_lora.bf16_input(h)
+    assert again is not first and torch.equal(again, h.to(torch.bfloat16))
+    casts = []
+    model = _model()
+    original = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        if args and args[0] is torch.bfloat16 and self.dim() == 3:
+            casts.append(tuple(self.shape))
+        return original(self, *args, **kwargs)
+
+    with bf16(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "to", counting_to)
+        model(**_batch(), use_cache=False)
+    layers = model.config.num_hidden_layers
+    # one cast per fp32 input: the hidden state q/k/v_proj read and the one gate/up_proj read (o_proj's and
+    # down_proj's inputs arrive in bf16 here); without sharing 5 per decoder layer
+    assert len(casts) == 2 * layers, casts
+
+
+def test_a_frozen_adapter_and_disabled_adapters_give_peft_bf16_bit_for_bit(patched, monkeypatch):
+    """A frozen adapter (trl's 'ref' copy, DPO/KTO's reference pass) runs on kept bf16 copies of its weights, and
+    disabled adapters run the base GEMM alone: the outputs equal peft's under bf16 autocast bit for bit."""
+    model = _model()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(False)
+    batch = _batch()
+    with torch.no_grad(), bf16():
+        mine = model(**batch, use_cache=False).logits
+        with model.disable_adapter():
+            mine_off = model(**batch, use_cache=False).logits
+    kept = [m for m in model.modules() if hasattr(m, "_alignkit_bf16_weight") and isinstance(m, torch.nn.Linear)]
+    assert kept, "the frozen adapter's weights were not kept in bf16"
+    monkeypatch.setattr(lora_layer.Linear, "forward", patched)
+    with torch.no_grad(), bf16():
+        peft = model(**batch, use_cache=False).logits
+        with model.disable_adapter():
+            peft_off = model(**batch, use_cache=False).logits
+    assert torch.equal(mine, peft) and torch.equal(mine_off, peft_off)
+    assert not torch.equal(mine, mine_off)
