@@ -114,7 +114,67 @@ def shared_prompt_sdpa(query, key, value, layout, dropout: float = 0.0, scaling=
         return _shared_prompt(query, key, value, layout, dropout, scaling)
 
 
+BATCHED_PAIRS_MAX_MASK = 32 << 20  # mask elements (pairs x L x L) up to which the pairs run as one padded batch
+
+
 def _shared_prompt(query, key, value, layout, dropout, scaling):
+    """The pairs as one padded batch (one SDPA call, one gather in and one out: every layer of a DPO step had run
+    ~680 small ops here, two SDPA calls and the slices and concatenations around them per pair) while its mask stays
+    within BATCHED_PAIRS_MAX_MASK elements; else one pair at a time (:func:`_shared_prompt_per_pair`). The same
+    attention either way: each query sees exactly the keys it sees there (padding is masked out of every real row)."""
+    import torch
+
+    plan = _pair_plan(tuple(layout), query.shape[2], query.device)
+    if plan is None:
+        return _shared_prompt_per_pair(query, key, value, layout, dropout, scaling)
+    gather, scatter, mask, pairs, width = plan
+    gqa = key.shape[1] != query.shape[1]
+
+    def batched(t):  # (1, heads, T, d) -> (pairs, heads, width, d)
+        heads, dim = t.shape[1], t.shape[3]
+        return t[0].index_select(1, gather).view(heads, pairs, width, dim).transpose(0, 1)
+
+    out = torch.nn.functional.scaled_dot_product_attention(
+        batched(query), batched(key), batched(value), attn_mask=mask, dropout_p=dropout, scale=scaling,
+        enable_gqa=gqa,
+    )  # fmt: skip
+    heads, dim = out.shape[1], out.shape[3]
+    return out.transpose(1, 2).reshape(pairs * width, heads, dim).index_select(0, scatter).unsqueeze(0)
+
+
+_PLAN: list = [None, None]  # the last layout and its plan: every layer of a forward (and the reference) reuses it
+
+
+def _pair_plan(layout, length: int, device):
+    """(gather (pairs * width,), scatter (T,), mask (pairs, 1, width, width) bool, pairs, width) for ``layout``, or
+    None when the mask would pass BATCHED_PAIRS_MAX_MASK. Pair i's tokens ``[p c r]`` fill row i from column 0
+    (padding columns gather token 0 and are masked out as keys; as queries they see only column 0 and are dropped);
+    the mask is causal except that r never sees c; ``scatter`` puts each of the T tokens back in its place."""
+    import torch
+
+    key = (layout, length, device)
+    if _PLAN[0] == key:
+        return _PLAN[1]
+    pairs, width = len(layout), max(p + c + r for _, p, c, r in layout)
+    plan = None
+    if pairs * width * width <= BATCHED_PAIRS_MAX_MASK and sum(p + c + r for _, p, c, r in layout) == length:
+        gather = torch.zeros(pairs, width, dtype=torch.long)
+        scatter = torch.empty(length, dtype=torch.long)
+        mask = torch.zeros(pairs, 1, width, width, dtype=torch.bool)
+        mask[:, 0, :, 0] = True  # every row sees at least one key (padding rows: column 0; real rows see it anyway)
+        for i, (start, p, c, r) in enumerate(layout):
+            n = p + c + r
+            gather[i, :n] = torch.arange(start, start + n)
+            scatter[start : start + n] = torch.arange(i * width, i * width + n)
+            visible = torch.ones(n, n, dtype=torch.bool).tril()
+            visible[p + c :, p : p + c] = False  # r attends to p and itself, never to c
+            mask[i, 0, :n, :n] = visible
+        plan = (gather.flatten().to(device), scatter.to(device), mask.to(device), pairs, width)
+    _PLAN[0], _PLAN[1] = key, plan
+    return plan
+
+
+def _shared_prompt_per_pair(query, key, value, layout, dropout, scaling):
     import torch
 
     sdpa = torch.nn.functional.scaled_dot_product_attention

@@ -139,19 +139,21 @@ def bf16_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
             mask, keep = keep_mask(xb.shape, dropout.p)
             h = xb * mask.to(_BF16)  # 0/1: exact in bf16 (a bf16 mask: no cast inside mul, forward or backward)
             scale = scale / keep  # the dropout's 1/keep
-        elif type(dropout) is not torch.nn.Identity:
-            h = dropout(xb)
+        elif type(dropout) is not torch.nn.Identity and not (type(dropout) is torch.nn.Dropout and dropout.p == 0):
+            h = dropout(xb)  # p = 0 (trl's disable_dropout) is the identity: no call, no copy
         down = _adapter_linear(layer.lora_A[name], h) * scale  # scaled at rank r, not out_features
         result = result + _adapter_linear(layer.lora_B[name], down)
     return result
 
 
 def _adapter_linear(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """An adapter's ``nn.Linear`` on bf16 ``h``: a trained one as autocast runs it (its fp32 weight cast in the
-    forward, its gradient fp32); a frozen one (trl's 'ref' copy for DPO/KTO's reference pass) with a kept bf16 copy
-    of its weight, the same values autocast would make every forward."""
+    """An adapter's ``nn.Linear`` on bf16 ``h``: one being trained as autocast runs it (its fp32 weight cast in the
+    forward, its gradient fp32); one without gradient (a frozen adapter, or any under ``torch.no_grad``: trl's 'ref'
+    copy in DPO/KTO's reference pass, which peft's ``set_adapter`` marks trainable while it is active) with a kept
+    bf16 copy of its weight, the same values autocast would make every forward, made again when the weight changes."""
     weight = module.weight
-    if weight.requires_grad or type(module) is not torch.nn.Linear or module._forward_hooks:
+    trained = weight.requires_grad and torch.is_grad_enabled()
+    if trained or type(module) is not torch.nn.Linear or module._forward_hooks or module._forward_pre_hooks:
         return module(h)
     bias = None if module.bias is None else _kept_bf16(module, "_alignkit_bf16_bias", module.bias)
     return torch.nn.functional.linear(h, _kept_bf16(module, "_alignkit_bf16_weight", weight), bias)

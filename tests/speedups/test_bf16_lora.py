@@ -237,13 +237,15 @@ def test_sibling_layers_share_one_input_cast(patched):
     assert len(casts) == 2 * layers, casts
 
 
-def test_a_frozen_adapter_and_disabled_adapters_give_peft_bf16_bit_for_bit(patched, monkeypatch):
-    """A frozen adapter (trl's 'ref' copy, DPO/KTO's reference pass) runs on kept bf16 copies of its weights, and
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_frozen_adapter_and_disabled_adapters_give_peft_bf16_bit_for_bit(patched, monkeypatch, frozen):
+    """An adapter without gradient (frozen, or trainable under ``torch.no_grad``: trl's 'ref' copy in DPO/KTO's
+    reference pass is marked trainable by peft's ``set_adapter``) runs on kept bf16 copies of its weights, and
     disabled adapters run the base GEMM alone: the outputs equal peft's under bf16 autocast bit for bit."""
     model = _model()
     for name, p in model.named_parameters():
         if "lora_" in name:
-            p.requires_grad_(False)
+            p.requires_grad_(not frozen)
     batch = _batch()
     with torch.no_grad(), bf16():
         mine = model(**batch, use_cache=False).logits

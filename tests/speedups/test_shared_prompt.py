@@ -71,9 +71,21 @@ def _cpu_lm_head(monkeypatch, compact: bool = True):
         monkeypatch.setattr(trl_utils, "_use_triton", lambda device: False)
 
 
-@pytest.mark.parametrize("compact", [True, False])
-def test_shared_prompt_forward_equals_two_rows(compact, monkeypatch):
+@pytest.mark.parametrize("compact,batched", [(True, True), (False, True), (True, False)])
+def test_shared_prompt_forward_equals_two_rows(compact, batched, monkeypatch):
+    """Log-probs (and the other outputs) and LoRA gradients of the shared-prompt forward equal the two-row forward's;
+    ``batched``: the pairs' attention as one padded batch (the default), else one pair at a time (what pairs whose
+    mask would pass BATCHED_PAIRS_MAX_MASK take)."""
+    from alignkit.speedups import attention
+
     _cpu_lm_head(monkeypatch, compact)  # compact=False stayed compact once compact=True had patched trl
+    monkeypatch.setattr(attention, "_PLAN", [None, None])
+    if not batched:
+        monkeypatch.setattr(attention, "BATCHED_PAIRS_MAX_MASK", 0)
+    calls = []
+    for name in ("_shared_prompt_per_pair", "_pair_plan"):
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     model = _model()
     inputs = DataCollatorForPreference(pad_token_id=0)(_pairs())
     plain, plain_grads = _score(model, inputs, shared=False)
@@ -86,6 +98,7 @@ def test_shared_prompt_forward_equals_two_rows(compact, monkeypatch):
             assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5), name
     assert torch.equal(plain.label_mask, shared.label_mask)
     assert plain.log_probs.abs().sum() > 0
+    assert ("_shared_prompt_per_pair" in calls) != batched and "_pair_plan" in calls
     assert plain_grads.keys() == shared_grads.keys() and len(plain_grads) > 10
     for name, g in plain_grads.items():
         assert g.abs().max() > 0, name
