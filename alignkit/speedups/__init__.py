@@ -214,7 +214,8 @@ SPEEDUPS: tuple[Speedup, ...] = (
             Upstream("trl:DPOTrainer._compute_loss", ("self", "model", "inputs", "return_outputs")),
             Upstream("trl:DPOTrainer.compute_ref_log_probs", ("self", "model", "inputs")),
         ),  # fmt: skip
-        doc="DPO: one prompt forward per pair (shared_prompt.py; tests/speedups/test_shared_prompt.py, 1e-5)",
+        doc="DPO: one prompt forward per pair, the pairs' attention as one padded batch (shared_prompt.py, "
+        "attention.py; tests/speedups/test_shared_prompt.py, 1e-5)",
     ),
     Speedup(
         "cpu_lm_head", "trainer", _no_gpu, _cpu_lm_head, undo=_restore_lm_head,
@@ -230,11 +231,13 @@ SPEEDUPS: tuple[Speedup, ...] = (
         "cpu_bf16_lora", "trainer", _no_gpu, _bf16_lora, undo=_restore_peft_lora,
         upstream=(
             Upstream("peft.tuners.lora.layer:Linear.forward", ("self", "x"),
-                     mentions=("base_layer", "lora_dropout", "scaling", "_cast_input_dtype", "lora_variant")),
+                     mentions=("base_layer", "lora_dropout", "scaling", "_cast_input_dtype", "lora_variant",
+                               "disable_adapters")),
             Upstream("peft.tuners.lora.layer:LoraLayer.__init__", mentions=("merged_adapters", "lora_variant")),
         ),  # fmt: skip
-        doc="LoRA layers under CPU bf16 autocast: the frozen base weight cast to bf16 once, not every step; one input "
-        "cast, dropout in bf16 (bf16_lora.py; tests/speedups/test_bf16_lora.py)",
+        doc="LoRA layers under CPU bf16 autocast: weights without gradient (the base; an adapter frozen or under no_grad) cast to bf16 "
+        "once, not every step; one input cast shared by sibling layers; dropout in bf16 from 16 random bits "
+        "(bf16_lora.py; tests/speedups/test_bf16_lora.py)",
     ),
     Speedup(
         "cpt_fused_lm_head", "trainer", lambda ctx: ctx.stage == "cpt", _fused_cpt_loss,

@@ -142,7 +142,7 @@ def _shared_prompt(query, key, value, layout, dropout, scaling):
     return out.transpose(1, 2).reshape(pairs * width, heads, dim).index_select(0, scatter).unsqueeze(0)
 
 
-_PLAN: list = [None, None]  # the last layout and its plan: every layer of a forward (and the reference) reuses it
+_PLAN: list = [None]  # (layout key, plan) of the last layout: every layer of a forward (and the reference) reuses it
 
 
 def _pair_plan(layout, length: int, device):
@@ -152,9 +152,9 @@ def _pair_plan(layout, length: int, device):
     the mask is causal except that r never sees c; ``scatter`` puts each of the T tokens back in its place."""
     import torch
 
-    key = (layout, length, device)
-    if _PLAN[0] == key:
-        return _PLAN[1]
+    key, last = (layout, length, device), _PLAN[0]  # one read, one write: a (key, plan) pair, never half of one
+    if last is not None and last[0] == key:
+        return last[1]
     pairs, width = len(layout), max(p + c + r for _, p, c, r in layout)
     plan = None
     if pairs * width * width <= BATCHED_PAIRS_MAX_MASK and sum(p + c + r for _, p, c, r in layout) == length:
@@ -170,7 +170,7 @@ def _pair_plan(layout, length: int, device):
             visible[p + c :, p : p + c] = False  # r attends to p and itself, never to c
             mask[i, 0, :n, :n] = visible
         plan = (gather.flatten().to(device), scatter.to(device), mask.to(device), pairs, width)
-    _PLAN[0], _PLAN[1] = key, plan
+    _PLAN[0] = (key, plan)
     return plan
 
 

@@ -7,8 +7,8 @@ Under ``torch.autocast("cpu", torch.bfloat16)`` (what a ``bf16: true`` trainer w
 
 - ``base_layer(x)``: autocast casts the frozen fp32 weight to bf16. autocast caches only casts of leaf tensors that
   require grad, and only until the autocast region exits, so the whole frozen backbone is read in fp32 and written in
-  bf16 again every step (SmolLM2-135M: 106M values), and so is a frozen adapter (trl's 'ref' copy that DPO and KTO
-  run the reference pass with);
+  bf16 again every step (SmolLM2-135M: 106M values), and a frozen adapter, or trl's 'ref' copy in DPO/KTO's
+  reference pass, goes through ``nn.Linear`` and autocast's cast in every forward;
 - ``x = self._cast_input_dtype(x, lora_A.weight.dtype)``: the input goes to the adapter's fp32 (a copy where it is
   bf16: o_proj and down_proj take bf16 activations), dropout runs in fp32 (``bernoulli_``: one uniform double per
   element, ~10 ns each on one core: 2.1-3.1 s of a SmolLM2 step at 1 thread, 13-18% of it), and autocast casts the
@@ -76,9 +76,9 @@ def bf16_input(x: torch.Tensor) -> torch.Tensor:
     global _last_input
     if x.dtype == _BF16:
         return x
-    grad = torch.is_grad_enabled()
-    if _last_input and _last_input[0]() is x and _last_input[1] == x._version and _last_input[2] == grad:
-        return _last_input[3]
+    grad, last = torch.is_grad_enabled(), _last_input  # one read of the slot: another thread may replace it
+    if last and last[0]() is x and last[1] == x._version and last[2] == grad:
+        return last[3]
     xb = x.to(_BF16)
     _last_input = (weakref.ref(x), x._version, grad, xb)
     return xb
@@ -104,15 +104,15 @@ def keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
         bits, dtype = 32, torch.int32
     per_draw = 64 // bits
     draws = torch.empty((n + per_draw - 1) // per_draw, dtype=torch.int64).random_(-(2**63), None)  # all 64 bits
-    threshold = round(p * 2**bits)
+    threshold = min(round(p * 2**bits), 2**bits - 1)  # p within 2^-33 of 1 still keeps something
     mask = draws.view(dtype)[:n].view(shape) >= threshold - 2 ** (bits - 1)
     return mask, 1.0 - threshold / 2**bits
 
 
 def _fast(layer, x, args, kwargs) -> bool:
     """This call can take the bf16 path (see the module docstring)."""
-    if args or kwargs or not cpu_bf16_autocast(x) or layer.merged:
-        return False
+    if args or kwargs or not cpu_bf16_autocast(x) or layer.merged or torch.is_inference_mode_enabled():
+        return False  # inference tensors have no version counter (and a kept copy made there cannot train)
     base = layer.base_layer
     if type(base) is not torch.nn.Linear or base.weight.requires_grad or base.weight.dtype != torch.float32:
         return False
@@ -147,16 +147,41 @@ def bf16_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _adapter_linear(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """An adapter's ``nn.Linear`` on bf16 ``h``: one being trained as autocast runs it (its fp32 weight cast in the
-    forward, its gradient fp32); one without gradient (a frozen adapter, or any under ``torch.no_grad``: trl's 'ref'
-    copy in DPO/KTO's reference pass, which peft's ``set_adapter`` marks trainable while it is active) with a kept
-    bf16 copy of its weight, the same values autocast would make every forward, made again when the weight changes."""
+    """An adapter's ``nn.Linear`` on bf16 ``h``: being trained (a weight that requires grad, grad mode on) as autocast
+    runs it (its fp32 weight cast in the forward, its gradient fp32); otherwise (a frozen adapter; trl's 'ref' copy in
+    DPO/KTO's reference pass, which peft's ``set_adapter`` marks trainable while it is active; evaluation under
+    ``torch.no_grad``) with a kept bf16 copy of its weight, the same values autocast would make. The copy is made again
+    when the weight changes: a new storage or version counter, and for a trainable weight every optimizer step too
+    (fused optimizers, transformers' default ``adamw_torch_fused``, write weights in place without a new version)."""
     weight = module.weight
-    trained = weight.requires_grad and torch.is_grad_enabled()
-    if trained or type(module) is not torch.nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+    trainable = weight.requires_grad
+    if (trainable and torch.is_grad_enabled()) or type(module) is not torch.nn.Linear:
         return module(h)
-    bias = None if module.bias is None else _kept_bf16(module, "_alignkit_bf16_bias", module.bias)
-    return torch.nn.functional.linear(h, _kept_bf16(module, "_alignkit_bf16_weight", weight), bias)
+    if module._forward_hooks or module._forward_pre_hooks or (trainable and not _count_optimizer_steps()):
+        return module(h)
+    extra = (_optimizer_steps[0],) if trainable else ()
+    bias = None if module.bias is None else _kept_bf16(module, "_alignkit_bf16_bias", module.bias, extra)
+    return torch.nn.functional.linear(h, _kept_bf16(module, "_alignkit_bf16_weight", weight, extra), bias)
+
+
+_optimizer_steps = [0]  # optimizer steps taken in this process since the count began (any torch optimizer)
+_step_hook: list = []
+
+
+def _count_optimizer_steps() -> bool:
+    """Count every optimizer step from now on (``torch.optim.Optimizer``'s global post-step hook: plain, foreach and
+    fused torch optimizers and those built on its ``step`` wrapper). False the first time (nothing counted before: the
+    caller does not keep a trainable weight this once), True after."""
+    if _step_hook:
+        return True
+
+    def counted(optimizer, args, kwargs):
+        _optimizer_steps[0] += 1
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    _step_hook.append(register_optimizer_step_post_hook(counted))
+    return False
 
 
 def _patched_forward(self, x, *args, **kwargs):

@@ -161,7 +161,7 @@ def test_online_dpo_steps_whose_sampled_pairs_tie_are_not_divergence(tmp_path, c
         log(stuck, 5, 0.0, 0.25)
 
 
-def test_the_gradient_check_is_one_fused_norm_and_still_names_the_tensor():
+def test_the_gradient_check_is_one_fused_norm_and_still_names_the_tensor(tmp_path):
     """The pre-update check reads one fused norm over all gradients: finite gradients pass (huge ones too, whose norm
     overflows fp32: the per-tensor check then finds nothing to name), a NaN or inf anywhere stops the run naming the
     first tensor that holds it."""
@@ -170,7 +170,8 @@ def test_the_gradient_check_is_one_fused_norm_and_still_names_the_tensor():
     from alignkit.train.callbacks import NonFiniteGuard
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-    guard, args, state = NonFiniteGuard(), SimpleNamespace(deepspeed=None, output_dir="out", learning_rate=2e-4), SimpleNamespace(global_step=6)
+    guard, state = NonFiniteGuard(), SimpleNamespace(global_step=6)
+    args = SimpleNamespace(deepspeed=None, output_dir=str(tmp_path), learning_rate=2e-4)
     guard.on_train_begin(args, state, None, model=model)
     for p in model.parameters():
         p.grad = torch.full_like(p, 1e30)  # finite; the norm of all of them is inf in fp32

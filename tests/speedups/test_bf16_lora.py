@@ -252,7 +252,7 @@ def test_a_frozen_adapter_and_disabled_adapters_give_peft_bf16_bit_for_bit(patch
         with model.disable_adapter():
             mine_off = model(**batch, use_cache=False).logits
     kept = [m for m in model.modules() if hasattr(m, "_alignkit_bf16_weight") and isinstance(m, torch.nn.Linear)]
-    assert kept, "the frozen adapter's weights were not kept in bf16"
+    assert kept, "the adapter's weights were not kept in bf16"
     monkeypatch.setattr(lora_layer.Linear, "forward", patched)
     with torch.no_grad(), bf16():
         peft = model(**batch, use_cache=False).logits
@@ -260,3 +260,45 @@ def test_a_frozen_adapter_and_disabled_adapters_give_peft_bf16_bit_for_bit(patch
             peft_off = model(**batch, use_cache=False).logits
     assert torch.equal(mine, peft) and torch.equal(mine_off, peft_off)
     assert not torch.equal(mine, mine_off)
+
+
+@pytest.mark.parametrize("optim", ["fused", "foreach"])
+def test_a_forward_without_grad_after_an_optimizer_step_sees_the_new_adapter(patched, optim):
+    """Evaluation or generation (``torch.no_grad``) after an optimizer step uses the updated adapter: fused AdamW
+    (transformers' default ``adamw_torch_fused``) writes the weights in place without a new version counter, so a
+    trainable adapter's kept copy is made again after every optimizer step (found in review: without that the kept
+    copy went stale, off by up to 2.27)."""
+    layer = _layer(32, 16)
+    x = torch.randn(4, 32)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.5, **({"fused": True} if optim == "fused" else {"foreach": True}))
+    with torch.no_grad(), bf16():
+        layer(x)  # the first one starts the optimizer-step count
+        before = layer(x)
+    assert hasattr(layer.lora_A["default"], "_alignkit_bf16_weight")  # kept
+    with bf16():
+        layer(x).float().pow(2).sum().backward()
+    opt.step()
+    with torch.no_grad(), bf16():
+        after, peft = layer(x), patched(layer, x)
+    assert not torch.equal(peft, before) and torch.equal(after, peft)
+
+
+def test_inference_mode_takes_pefts_forward_and_training_goes_on(patched):
+    """Under ``torch.inference_mode`` (transformers' pipelines) the layer is peft's (inference tensors have no
+    version counter), and nothing kept there leaks into a later training step."""
+    layer = _layer(32, 16)
+    with torch.inference_mode(), bf16():
+        h = torch.randn(4, 32) * 1.0
+        assert torch.equal(layer(h), patched(layer, h))
+        layer(torch.randn(4, 32).to(torch.bfloat16))
+    x = torch.randn(4, 32, requires_grad=True)
+    with bf16():
+        layer(x).float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_keep_mask_with_p_next_to_one_still_divides_by_a_positive_keep():
+    """p within 2^-33 of 1: the threshold stays below 2^32 (it wrapped around: everything kept, keep 0)."""
+    mask, keep = bf16_lora.keep_mask(torch.Size([1000]), 1 - 1e-10)
+    assert keep > 0 and not mask.any()

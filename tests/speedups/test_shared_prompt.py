@@ -79,7 +79,7 @@ def test_shared_prompt_forward_equals_two_rows(compact, batched, monkeypatch):
     from alignkit.speedups import attention
 
     _cpu_lm_head(monkeypatch, compact)  # compact=False stayed compact once compact=True had patched trl
-    monkeypatch.setattr(attention, "_PLAN", [None, None])
+    monkeypatch.setattr(attention, "_PLAN", [None])
     if not batched:
         monkeypatch.setattr(attention, "BATCHED_PAIRS_MAX_MASK", 0)
     calls = []
