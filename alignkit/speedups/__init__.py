@@ -235,9 +235,9 @@ SPEEDUPS: tuple[Speedup, ...] = (
                                "disable_adapters")),
             Upstream("peft.tuners.lora.layer:LoraLayer.__init__", mentions=("merged_adapters", "lora_variant")),
         ),  # fmt: skip
-        doc="LoRA layers under CPU bf16 autocast: weights without gradient (the base; an adapter frozen or under no_grad) cast to bf16 "
-        "once, not every step; one input cast shared by sibling layers; dropout in bf16 from 16 random bits "
-        "(bf16_lora.py; tests/speedups/test_bf16_lora.py)",
+        doc="LoRA layers under CPU bf16 autocast: weights without gradient (the base; an adapter frozen or under "
+        "no_grad) cast to bf16 once, not every step; one input cast shared by sibling layers; dropout in bf16 from "
+        "16 random bits (bf16_lora.py; tests/speedups/test_bf16_lora.py)",
     ),
     Speedup(
         "cpt_fused_lm_head", "trainer", lambda ctx: ctx.stage == "cpt", _fused_cpt_loss,
