@@ -271,7 +271,8 @@ def load_model(
     - ``merge``: the adapter is merged into the full-precision base (never into 4-bit weights), saved once as
       ``<adapter_dir>/merged_base-<hash>`` (safetensors), loaded from there (4-bit if asked) and a new adapter is
       trained. DPO reference: the merged backbone (trl's ``ref`` copies the new adapter, whose LoRA B is zero, so it
-      adds exactly nothing). Output: an adapter for the merged base, which ``base_model_args`` records.
+      adds exactly nothing; the ``zero_ref_adapter`` speed-up deletes that copy before training). Output: an
+      adapter for the merged base, which ``base_model_args`` records.
     - ``reference``: the adapter stays frozen under a new trainable adapter. trl 1.16 activates one adapter at a
       time for the reference pass, so the frozen adapter is merged into the full-precision weights in memory instead
       (exact; nothing written). DPO reference: the backbone with the new adapter inactive, i.e. the earlier model.

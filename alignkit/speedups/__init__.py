@@ -142,6 +142,12 @@ def _bf16_lora(ctx: Context) -> bool:
     return use_bf16_lora(ctx.target)
 
 
+def _zero_ref_adapter(ctx: Context) -> bool:
+    from alignkit.speedups.reference import drop_zero_ref_adapter
+
+    return drop_zero_ref_adapter(ctx.target)
+
+
 def _restore_peft_lora() -> None:
     from alignkit.speedups.bf16_lora import restore_peft_lora
 
@@ -218,6 +224,21 @@ SPEEDUPS: tuple[Speedup, ...] = (
         "attention.py; tests/speedups/test_shared_prompt.py, 1e-5)",
     ),
     Speedup(
+        "zero_ref_adapter", "trainer", lambda ctx: True, _zero_ref_adapter,
+        upstream=(
+            Upstream("trl:DPOTrainer.compute_ref_log_probs", ("self", "model", "inputs"),
+                     mentions=("use_adapter", "peft_config")),
+            Upstream("trl:DPOTrainer._compute_loss", ("self", "model", "inputs", "return_outputs"),
+                     mentions=("use_adapter", "peft_config")),
+            Upstream("trl:KTOTrainer.compute_ref_log_probs", mentions=("use_adapter", "peft_config")),
+            Upstream(f"{_TRL_UTILS}:use_adapter", ("model", "adapter_name")),
+            Upstream("peft:PeftModel.delete_adapter", ("self", "adapter_name")),
+        ),  # fmt: skip
+        doc="trl's 'ref' copy of a fresh LoRA adapter (lora_B zero: it adds nothing) deleted, so the reference pass "
+        "runs the base model: the same reference log-probs bit for bit (reference.py; "
+        "tests/speedups/test_zero_ref_adapter.py)",
+    ),
+    Speedup(
         "cpu_lm_head", "trainer", _no_gpu, _cpu_lm_head, undo=_restore_lm_head,
         upstream=(
             Upstream(f"{_TRL_UTILS}:_ChunkedLogProbFunction.forward", _LOG_PROB_PARAMS),
@@ -237,7 +258,8 @@ SPEEDUPS: tuple[Speedup, ...] = (
         ),  # fmt: skip
         doc="LoRA layers under CPU bf16 autocast: weights without gradient (the base; an adapter frozen or under "
         "no_grad) cast to bf16 once, not every step; one input cast shared by sibling layers; dropout in bf16 from "
-        "16 random bits (bf16_lora.py; tests/speedups/test_bf16_lora.py)",
+        "16 random bits; a trained layer as one autograd node (LoraLinear) (bf16_lora.py; "
+        "tests/speedups/test_bf16_lora.py)",
     ),
     Speedup(
         "cpt_fused_lm_head", "trainer", lambda ctx: ctx.stage == "cpt", _fused_cpt_loss,

@@ -21,15 +21,20 @@ merge), as does a frozen adapter's GEMM; the input is cast to bf16 once (:func:`
 layers that read the same tensor), and the adapter branch runs on that bf16 input with dropout as a 0/1 mask
 (:func:`keep_mask`; exact in bf16), the dropout's 1/(1-p) folded into the adapter's scale, and the scale applied to
 lora_A's (tokens, r) output instead of lora_B's (tokens, out_features) one (the same product). With adapters disabled
-(trl's reference pass on a model without a 'ref' copy) the layer is the base GEMM alone, as in peft. Everything else
-(every fp32 run, GPU tensors, merged adapters, variants) goes to peft's own forward.
+(trl's reference pass on a model without a 'ref' copy) the layer is the base GEMM alone, as in peft. A layer whose
+one active adapter is being trained (grad mode on; plain bias-free lora_A/lora_B, the base bias frozen) runs as one
+autograd node (:class:`LoraLinear`: its forward and backward GEMMs written out, the adapter's product added inside
+lora_B's GEMM) instead of the ~20 nodes autograd records for peft's ops. Everything else (every fp32 run, GPU tensors,
+merged adapters, variants) goes to peft's own forward.
 
 The same mathematics: the base GEMM gets the very bf16 values autocast would make (round-to-nearest of the same fp32
 weight: the same output bit for bit), and so does a frozen adapter's; trained adapter weights, their gradients and
 the optimizer stay fp32 (autocast casts lora_A/lora_B per forward as before); dropout keeps each input with
 probability 1-p (p rounded to a multiple of 2^-16, see :func:`keep_mask`) and divides by that probability; the
-adapter branch rounds its input to bf16 before the dropout instead of after, and the layer input's gradients (base,
-adapter, sibling layers) are summed in bf16 before the one cast back (peft: each cast back, summed in fp32).
+adapter branch rounds its input to bf16 before the dropout instead of after, a trained layer's output (and its input
+gradient) is rounded to bf16 once where peft rounds the base and adapter terms before adding them, and the layer
+input's gradients (base, adapter, sibling layers) are summed in bf16 before the one cast back (peft: each cast back,
+summed in fp32).
 Proven against peft's path and fp32 on the same batch, and in a recipe run: tests/speedups/test_bf16_lora.py.
 """
 
@@ -127,6 +132,14 @@ def bf16_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     base = layer.base_layer
     xb = bf16_input(x)
     bias = None if base.bias is None else base.bias.to(_BF16)
+    name = _trained_alone(layer, x)
+    if name is not None:
+        dropout, scale, mask = layer.lora_dropout[name], layer.scaling[name], None
+        if type(dropout) is torch.nn.Dropout and dropout.training and dropout.p > 0:
+            keep_bool, keep = keep_mask(xb.shape, dropout.p)
+            mask, scale = keep_bool.to(_BF16), scale / keep
+        lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        return LoraLinear.apply(xb, frozen_bf16_weight(layer), bias, lora_a, lora_b, mask, scale)
     result = torch.nn.functional.linear(xb, frozen_bf16_weight(layer), bias)
     if layer.disable_adapters:
         return result
@@ -146,6 +159,73 @@ def bf16_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     return result
 
 
+def _trained_alone(layer, x: torch.Tensor) -> str | None:
+    """The one active adapter's name when this call trains it alone (grad mode on, its lora_A/lora_B plain bias-free
+    ``nn.Linear``s with trainable weights and no hooks; the base bias frozen), so :class:`LoraLinear` can run the
+    layer; else None."""
+    if not torch.is_grad_enabled() or layer.disable_adapters or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A:
+        return None
+    base_bias = layer.base_layer.bias
+    if base_bias is not None and base_bias.requires_grad:
+        return None
+    for m in (layer.lora_A[name], layer.lora_B[name]):
+        if type(m) is not torch.nn.Linear or m.bias is not None or not m.weight.requires_grad:
+            return None
+        if m._forward_hooks or m._forward_pre_hooks or m.weight.dtype != torch.float32:
+            return None
+    dropout = layer.lora_dropout[name]
+    if type(dropout) is torch.nn.Identity or (type(dropout) is torch.nn.Dropout and (dropout.p == 0 or dropout.p < 1)):
+        return name
+    return None
+
+
+class LoraLinear(torch.autograd.Function):
+    """One trained LoRA layer, forward and backward, as one autograd node: out = x W^T + b + (s (x*m) A^T) B^T.
+
+    xb: (..., in) bf16; weight: (out, in) bf16 (the kept frozen copy); bias: (out,) bf16 or None (frozen); lora_a:
+    (r, in) and lora_b: (out, r) fp32 trainable; mask: (..., in) bf16 0/1 or None; scale: float (peft's scaling,
+    divided by the dropout's keep probability). Returns bf16 (..., out).
+
+    The GEMMs are those autocast runs (bf16 operands, fp32 accumulation inside the kernel, bf16 results): the
+    adapter's fp32 weights cast once per forward, their gradients computed in bf16 and returned fp32 (autocast's
+    cast back), the adapter's product added inside lora_B's GEMM (``addmm``: one rounding, where peft rounds the base
+    and adapter outputs before adding them) and the input gradient's two terms likewise. What autograd would record as
+    ~20 nodes per layer (casts, views, transposes, the dropout and scale multiplies, the add) is one."""
+
+    @staticmethod
+    def forward(ctx, xb, weight, bias, lora_a, lora_b, mask, scale: float):
+        x2 = xb.reshape(-1, xb.shape[-1])
+        a, b = lora_a.to(_BF16), lora_b.to(_BF16)
+        h = x2 if mask is None else x2 * mask.reshape(x2.shape)
+        down = torch.mm(h, a.t()).mul_(scale)  # (N, r): scaled at rank r, not out_features
+        out = torch.nn.functional.linear(x2, weight, bias).addmm_(down, b.t())
+        ctx.save_for_backward(h, None if mask is None else mask.reshape(x2.shape), weight, a, b, down)
+        ctx.scale, ctx.xshape = scale, xb.shape
+        return out.view(*xb.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, mask, weight, a, b, down = ctx.saved_tensors
+        need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
+        g = grad.reshape(-1, grad.shape[-1]).to(_BF16)
+        grad_a = grad_b = grad_x = None
+        if need_b:
+            grad_b = torch.mm(g.t(), down).float()  # (out, r)
+        gd = torch.mm(g, b).mul_(ctx.scale)  # (N, r)
+        if need_a:
+            grad_a = torch.mm(gd.t(), h).float()  # (r, in)
+        if need_x:
+            if mask is None:
+                grad_x = torch.mm(g, weight).addmm_(gd, a)
+            else:
+                grad_x = torch.mm(g, weight).add_(torch.mm(gd, a).mul_(mask))
+            grad_x = grad_x.view(ctx.xshape)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
 def _adapter_linear(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     """An adapter's ``nn.Linear`` on bf16 ``h``: being trained (a weight that requires grad, grad mode on) as autocast
     runs it (its fp32 weight cast in the forward, its gradient fp32); otherwise (a frozen adapter; trl's 'ref' copy in
@@ -159,24 +239,31 @@ def _adapter_linear(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
         return module(h)
     if module._forward_hooks or module._forward_pre_hooks or (trainable and not _count_optimizer_steps()):
         return module(h)
-    extra = (_optimizer_steps[0],) if trainable else ()
+    extra = (_steps(weight),) if trainable else ()
     bias = None if module.bias is None else _kept_bf16(module, "_alignkit_bf16_bias", module.bias, extra)
     return torch.nn.functional.linear(h, _kept_bf16(module, "_alignkit_bf16_weight", weight, extra), bias)
 
 
-_optimizer_steps = [0]  # optimizer steps taken in this process since the count began (any torch optimizer)
 _step_hook: list = []
 
 
+def _steps(weight: torch.Tensor) -> int:
+    """Optimizer steps taken on ``weight`` since :func:`_count_optimizer_steps` began counting."""
+    return getattr(weight, "_alignkit_steps", 0)
+
+
 def _count_optimizer_steps() -> bool:
-    """Count every optimizer step from now on (``torch.optim.Optimizer``'s global post-step hook: plain, foreach and
-    fused torch optimizers and those built on its ``step`` wrapper). False the first time (nothing counted before: the
-    caller does not keep a trainable weight this once), True after."""
+    """Count, on each parameter, the optimizer steps that hold it from now on (``torch.optim.Optimizer``'s global
+    post-step hook: plain, foreach and fused torch optimizers and those built on its ``step`` wrapper; read by
+    :func:`_steps`). False the first time (nothing counted before: the caller does not keep a trainable weight this
+    once), True after."""
     if _step_hook:
         return True
 
     def counted(optimizer, args, kwargs):
-        _optimizer_steps[0] += 1
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p._alignkit_steps = _steps(p) + 1
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
 

@@ -1,0 +1,71 @@
+"""trl's 'ref' adapter dropped when it adds nothing, so the reference pass runs the base model.
+
+trl 1.16's DPO, KTO, GRPO and RLOO trainers, given a ``PeftModel`` and no ``ref_model``, add a frozen copy of the
+adapter being trained under the name ``ref`` (``add_adapter("ref", ...)``, then ``copy_`` of every ``.default.``
+parameter) and run each step's reference pass with only it active (``use_adapter(model, "ref")``); without a ``ref``
+adapter they disable the adapters for that pass instead (``use_adapter(model, None)``: the base model). When the run
+starts a new LoRA adapter (a DPO recipe on a base or instruct model; ``adapter_handoff: merge`` or ``reference``),
+peft starts every ``lora_B`` at zero, so the copy adds exactly nothing, ``result + (dropout(x) A^T) B^T s = result +
+0``, yet every step's reference pass computes its two GEMMs per layer (and walks the model to activate it), in every
+precision, and the copy holds one adapter's memory.
+
+:func:`drop_zero_ref_adapter` deletes such a copy before training (``PeftModel.delete_adapter``), so trl takes its own
+adapters-disabled path: the same reference log-probs bit for bit (a float plus zero is itself; only the sign of a zero
+sum could differ, which no log-prob reads). It applies only where that holds exactly: a plain LoRA ``ref`` config (no
+DoRA, LoRA bias, ``modules_to_save``, trainable tokens or target parameters), every LoRA pair of the copy with one
+factor all zero and the other finite. A continued adapter (``adapter_handoff: continue``: its ``lora_B`` trained) is
+kept, as trl made it. Proven on the DPO recipe: tests/speedups/test_zero_ref_adapter.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+REF = "ref"  # the adapter name trl 1.16 gives its frozen reference copy
+
+
+def zero_ref_adapter(model) -> bool:
+    """True when ``model`` (a ``PeftModel``) holds trl's ``ref`` adapter and that adapter adds exactly zero to every
+    layer it is on (see the module docstring for the conditions)."""
+    from peft import LoraConfig
+
+    config = getattr(model, "peft_config", {}).get(REF)
+    if type(config) is not LoraConfig or config.use_dora or config.lora_bias or config.modules_to_save:
+        return False
+    if getattr(config, "trainable_token_indices", None) or getattr(config, "target_parameters", None):
+        return False
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, param in model.named_parameters():
+        if f".{REF}." not in f"{name}.":
+            continue
+        for factor in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+            if f".{factor}.{REF}" in name:
+                pairs.setdefault(name.replace(f".{factor}.{REF}", f".{{}}.{REF}"), {})[factor[-1]] = param
+                break
+        else:
+            return False  # a 'ref' parameter that is not a LoRA factor
+    if not pairs:
+        return False
+    with torch.no_grad():
+        for factors in pairs.values():
+            if set(factors) != {"A", "B"}:
+                return False
+            a, b = factors["A"], factors["B"]
+            if not ((not b.any() and torch.isfinite(a).all()) or (not a.any() and torch.isfinite(b).all())):
+                return False
+    return True
+
+
+def drop_zero_ref_adapter(trainer) -> bool:
+    """Delete trl's ``ref`` adapter from ``trainer``'s model when :func:`zero_ref_adapter` holds and the trainer has
+    no separate ``ref_model``; the active adapter stays the trained one. Returns True when it deleted it."""
+    if getattr(trainer, "ref_model", True) is not None:
+        return False
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not zero_ref_adapter(model):
+        return False
+    active = model.active_adapter
+    model.delete_adapter(REF)
+    if model.active_adapter != active:  # peft keeps the remaining adapter active; say so if that ever changes
+        raise RuntimeError(f"peft changed the active adapter from {active!r} to {model.active_adapter!r}")
+    return True

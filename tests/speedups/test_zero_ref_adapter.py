@@ -1,0 +1,113 @@
+"""alignkit.speedups.reference: trl's 'ref' copy of a fresh LoRA adapter is deleted (the reference pass then runs the
+base model, as trl does without one) and the DPO run is the same bit for bit; any other 'ref' adapter is kept."""
+
+import sys
+
+import pytest
+import torch
+from conftest import REPO, log_history, run_recipe, write_jsonl
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from alignkit import speedups
+from alignkit.speedups.reference import REF, zero_ref_adapter
+from alignkit.testing import tiny_model_path
+
+
+def _with_ref(config: LoraConfig, trained_b: bool = False, embeddings: bool = False):
+    """A PeftModel on the tiny Llama with trl 1.16's 'ref' copy of its adapter, made as DPOTrainer makes it
+    (``add_adapter`` then ``copy_`` of every ``.default.`` parameter)."""
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path("llama")), config)
+    if trained_b:
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_A" in name:
+                torch.nn.init.normal_(p, std=0.01)
+    model.add_adapter(REF, config)
+    for name, param in model.named_parameters():
+        if ".default." in name:
+            model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
+    return model
+
+
+def _lora(**kw):
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **kw)
+
+
+@pytest.mark.parametrize(
+    "config,trained,expected",
+    [
+        (_lora(), False, True),  # a fresh adapter: lora_B zero
+        (LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]), False, True),  # embeddings: lora_embedding_A zero
+        (_lora(), True, False),  # a continued (trained) adapter
+        (LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]), True, False),
+    ],
+)
+def test_only_an_adapter_that_adds_nothing_counts_as_zero(config, trained, expected):
+    """Zero exactly when the reference pass with the copy gives the base model's logits bit for bit."""
+    model = _with_ref(config, trained_b=trained)
+    assert zero_ref_adapter(model) is expected
+    ids = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        model.set_adapter(REF)
+        with_ref = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert torch.equal(with_ref, base) is expected
+
+
+@pytest.mark.parametrize("config", [_lora(use_dora=True), _lora(modules_to_save=["lm_head"])])
+def test_other_adapter_kinds_are_kept(config):
+    """DoRA (a magnitude vector, not a product with a zero factor) and ``modules_to_save`` (a copy of a whole
+    module, trained with the adapter) are not judged: the copy stays, as trl made it."""
+    assert not zero_ref_adapter(_with_ref(config))
+
+
+def test_a_poisoned_factor_is_not_zero():
+    """lora_B zero but lora_A with a NaN: peft's output is NaN there, the base model's is not."""
+    model = _with_ref(_lora())
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_A.ref" in n)[0, 0] = float("nan")
+    assert not zero_ref_adapter(model)
+
+
+def test_dpo_on_a_new_adapter_drops_the_copy_and_trains_the_same(tmp_path, monkeypatch):
+    """The DPO recipe on a new adapter, with and without the row: the row ran (trl's 'ref' adapter is gone, the
+    trained one stays active) and every logged loss, reward, log-prob and evaluation figure is the same, bit for bit
+    (the reference log-probs are the base model's either way; LoRA dropout 0)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from stages.test_dpo import _preference_rows
+
+    from alignkit.train import runner
+
+    seen, real_train = [], runner.Run.train
+
+    def train(self, trainer, **kwargs):
+        seen.append(trainer)
+        return real_train(self, trainer, **kwargs)
+
+    monkeypatch.setattr(runner.Run, "train", train)
+    data = write_jsonl(tmp_path / "pref.jsonl", _preference_rows(16, seed=5))
+    others = "[" + ",".join(n for n in speedups.NAMES if n != "zero_ref_adapter") + "]"
+    logs, kept = {}, {}
+    for name, choice in (("row", "auto"), ("without", others)):
+        out = tmp_path / name
+        run_recipe("dpo", ["--model_name_or_path", "tiny:llama", "--load_in_4bit", "false", "--datasets", str(data),
+                           "--test_size", "4", "--max_length", "64", "--max_steps", "3",
+                           "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--eval_strategy", "steps",
+                           "--eval_steps", "3", "--seed", "0", "--output_dir", str(out), "--disable_tqdm", "true",
+                           "--save_steps", "1000", "--lora_dropout", "0", "--speedups", choice])  # fmt: skip
+        model = seen[-1].accelerator.unwrap_model(seen[-1].model)
+        kept[name] = (REF in model.peft_config, model.active_adapter)
+        logs[name] = log_history(out)
+    assert kept == {"row": (False, "default"), "without": (True, "default")}, kept
+    keys = ["loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "eval_loss"]
+    compared = 0
+    for a, b in zip(logs["row"], logs["without"], strict=True):
+        for key in keys:
+            if key in a:
+                assert a[key] == b[key], (key, a, b)
+                compared += 1
+    assert compared >= 14
+    losses = [e["loss"] for e in logs["row"] if "loss" in e]
+    assert losses[-1] < losses[0] and any(e.get("rewards/margins", 0) != 0 for e in logs["row"])
