@@ -177,7 +177,7 @@ def _trained_alone(layer, x: torch.Tensor) -> str | None:
         if m._forward_hooks or m._forward_pre_hooks or m.weight.dtype != torch.float32:
             return None
     dropout = layer.lora_dropout[name]
-    if type(dropout) is torch.nn.Identity or (type(dropout) is torch.nn.Dropout and (dropout.p == 0 or dropout.p < 1)):
+    if type(dropout) is torch.nn.Identity or (type(dropout) is torch.nn.Dropout and dropout.p < 1):
         return name
     return None
 
@@ -193,7 +193,9 @@ class LoraLinear(torch.autograd.Function):
     adapter's fp32 weights cast once per forward, their gradients computed in bf16 and returned fp32 (autocast's
     cast back), the adapter's product added inside lora_B's GEMM (``addmm``: one rounding, where peft rounds the base
     and adapter outputs before adding them) and the input gradient's two terms likewise. What autograd would record as
-    ~20 nodes per layer (casts, views, transposes, the dropout and scale multiplies, the add) is one."""
+    ~20 nodes per layer (casts, views, transposes, the dropout and scale multiplies, the add) is one. Under reentrant
+    gradient checkpointing the first forward runs without grad (peft's two roundings, kept weight copies) and the
+    recomputation with it (this one): the two differ by bf16 rounding of the layer output only."""
 
     @staticmethod
     def forward(ctx, xb, weight, bias, lora_a, lora_b, mask, scale: float):
