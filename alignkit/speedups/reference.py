@@ -13,8 +13,10 @@ precision, and the copy holds one adapter's memory.
 adapters-disabled path: the same reference log-probs bit for bit (a float plus zero is itself; only the sign of a zero
 sum could differ, which no log-prob reads). It applies only where that holds exactly: a plain LoRA ``ref`` config (no
 DoRA, LoRA bias, ``modules_to_save``, trainable tokens or target parameters), every LoRA pair of the copy with one
-factor all zero and the other finite. A continued adapter (``adapter_handoff: continue``: its ``lora_B`` trained) is
-kept, as trl made it. Proven on the DPO recipe: tests/speedups/test_zero_ref_adapter.py.
+factor all zero and the other finite, and its dropout drawing no random numbers (p = 0: trl's ``disable_dropout``,
+DPO's and KTO's default; with lora_dropout > 0 in GRPO/RLOO the copy's dropout draws from torch's generator in each
+reference pass, and without it every later draw, the sampling and the policy's dropout masks, would differ). A
+continued adapter (``adapter_handoff: continue``: its ``lora_B`` trained) is kept, as trl made it. Proven on the DPO recipe: tests/speedups/test_zero_ref_adapter.py.
 """
 
 from __future__ import annotations
@@ -46,6 +48,13 @@ def zero_ref_adapter(model) -> bool:
             return False  # a 'ref' parameter that is not a LoRA factor
     if not pairs:
         return False
+    for module in model.modules():  # a dropout with p > 0 draws random numbers in a training-mode reference pass
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, torch.nn.ModuleDict) or REF not in dropouts:
+            continue
+        dropout = dropouts[REF]
+        if type(dropout) is not torch.nn.Identity and not (type(dropout) is torch.nn.Dropout and dropout.p == 0):
+            return False
     with torch.no_grad():
         for factors in pairs.values():
             if set(factors) != {"A", "B"}:

@@ -111,3 +111,31 @@ def test_dpo_on_a_new_adapter_drops_the_copy_and_trains_the_same(tmp_path, monke
     assert compared >= 14
     losses = [e["loss"] for e in logs["row"] if "loss" in e]
     assert losses[-1] < losses[0] and any(e.get("rewards/margins", 0) != 0 for e in logs["row"])
+
+
+def test_a_copy_whose_dropout_draws_random_numbers_is_kept():
+    """lora_dropout > 0 where trl keeps dropout (GRPO/RLOO: disable_dropout false): the copy's dropout draws from
+    torch's generator in every training-mode reference pass, so deleting it shifts every later draw (the sampling, the
+    policy's dropout masks; found in review: an RLOO run's step-2 reward 0.7968 with the row, 0.7238 without). With
+    trl's disable_dropout (p = 0, DPO's and KTO's default) the copy is dropped."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    model = _with_ref(_lora(lora_dropout=0.05))
+    model.train()
+    ids = torch.randint(3, 200, (2, 12))
+    draws = {}
+    for mode in ("ref", "disabled"):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            if mode == "ref":
+                model.set_adapter(REF)
+                model(input_ids=ids)
+                model.set_adapter("default")
+            else:
+                with model.disable_adapter():
+                    model(input_ids=ids)
+        draws[mode] = torch.rand(4)
+    assert not torch.equal(draws["ref"], draws["disabled"])
+    assert not zero_ref_adapter(model)
+    disable_dropout_in_model(model)
+    assert zero_ref_adapter(model)
