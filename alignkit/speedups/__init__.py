@@ -231,6 +231,8 @@ SPEEDUPS: tuple[Speedup, ...] = (
             Upstream("trl:DPOTrainer._compute_loss", ("self", "model", "inputs", "return_outputs"),
                      mentions=("use_adapter", "peft_config")),
             Upstream("trl:KTOTrainer.compute_ref_log_probs", mentions=("use_adapter", "peft_config")),
+            Upstream("trl:GRPOTrainer._generate_and_score_completions", mentions=("use_adapter", "peft_config")),
+            Upstream("trl:RLOOTrainer._generate_and_score_completions", mentions=("use_adapter", "peft_config")),
             Upstream(f"{_TRL_UTILS}:use_adapter", ("model", "adapter_name")),
             Upstream("peft:PeftModel.delete_adapter", ("self", "adapter_name")),
         ),  # fmt: skip

@@ -233,15 +233,17 @@ def _adapter_linear(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     runs it (its fp32 weight cast in the forward, its gradient fp32); otherwise (a frozen adapter; trl's 'ref' copy in
     DPO/KTO's reference pass, which peft's ``set_adapter`` marks trainable while it is active; evaluation under
     ``torch.no_grad``) with a kept bf16 copy of its weight, the same values autocast would make. The copy is made again
-    when the weight changes: a new storage or version counter, and for a trainable weight every optimizer step too
-    (fused optimizers, transformers' default ``adamw_torch_fused``, write weights in place without a new version)."""
+    when the weight changes: a new storage or version counter, or an optimizer step that holds the weight (fused
+    optimizers, transformers' default ``adamw_torch_fused``, write weights in place without a new version; counted
+    for frozen weights too, which may be unfrozen, trained and frozen again)."""
     weight = module.weight
     trainable = weight.requires_grad
     if (trainable and torch.is_grad_enabled()) or type(module) is not torch.nn.Linear:
         return module(h)
-    if module._forward_hooks or module._forward_pre_hooks or (trainable and not _count_optimizer_steps()):
+    counting = _count_optimizer_steps()  # a frozen weight may be trained later (unfrozen) and frozen again
+    if module._forward_hooks or module._forward_pre_hooks or (trainable and not counting):
         return module(h)
-    extra = (_steps(weight),) if trainable else ()
+    extra = (_steps(weight),)
     bias = None if module.bias is None else _kept_bf16(module, "_alignkit_bf16_bias", module.bias, extra)
     return torch.nn.functional.linear(h, _kept_bf16(module, "_alignkit_bf16_weight", weight, extra), bias)
 

@@ -16,7 +16,9 @@ DoRA, LoRA bias, ``modules_to_save``, trainable tokens or target parameters), ev
 factor all zero and the other finite, and its dropout drawing no random numbers (p = 0: trl's ``disable_dropout``,
 DPO's and KTO's default; with lora_dropout > 0 in GRPO/RLOO the copy's dropout draws from torch's generator in each
 reference pass, and without it every later draw, the sampling and the policy's dropout masks, would differ). A
-continued adapter (``adapter_handoff: continue``: its ``lora_B`` trained) is kept, as trl made it. Proven on the DPO recipe: tests/speedups/test_zero_ref_adapter.py.
+continued adapter (``adapter_handoff: continue``: its ``lora_B`` trained) is kept, as trl made it. Checkpoints and
+the output folder then hold no ``ref/`` adapter subfolder. Proven on the DPO recipe:
+tests/speedups/test_zero_ref_adapter.py.
 """
 
 from __future__ import annotations

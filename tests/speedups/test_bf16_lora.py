@@ -359,3 +359,30 @@ def test_a_trained_layer_whose_input_needs_no_gradient_computes_none(patched):
         layer(torch.randn(5, 32)).float().sum().backward()
     assert layer.lora_A["default"].weight.grad is None or layer.lora_A["default"].weight.grad.abs().sum() == 0
     assert layer.lora_B["default"].weight.grad.abs().sum() > 0
+
+
+def test_a_copy_kept_while_frozen_follows_steps_taken_while_unfrozen(patched):
+    """An adapter kept in bf16 while frozen, then unfrozen and trained with fused AdamW (no new version counter) and
+    frozen again, is copied again (found in review: the copy was keyed without a step count, off by 13.1)."""
+    layer = _layer(32, 16)
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.5)
+    x = torch.randn(4, 32)
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    opt = torch.optim.AdamW(params, lr=0.5, fused=True)
+    for p in params:
+        p.requires_grad_(False)
+    with torch.no_grad(), bf16():
+        before = layer(x)
+    assert hasattr(layer.lora_A["default"], "_alignkit_bf16_weight")  # kept while frozen
+    for p in params:
+        p.requires_grad_(True)
+    for _ in range(2):
+        with bf16():
+            layer(x).float().pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    for p in params:
+        p.requires_grad_(False)
+    with torch.no_grad(), bf16():
+        after, peft = layer(x), patched(layer, x)
+    assert not torch.equal(peft, before) and torch.equal(after, peft)
