@@ -135,6 +135,22 @@ def trainers(monkeypatch):
     return seen
 
 
+@pytest.fixture
+def recipe_trainers(monkeypatch):
+    """The trainers recipes hand to the run loop in this test, in order (the real ones; the run loop still trains
+    them)."""
+    from alignkit.train import runner
+
+    seen, real_train = [], runner.Run.train
+
+    def train(self, trainer, **kwargs):
+        seen.append(trainer)
+        return real_train(self, trainer, **kwargs)
+
+    monkeypatch.setattr(runner.Run, "train", train)
+    return seen
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

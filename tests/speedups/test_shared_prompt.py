@@ -157,7 +157,7 @@ def test_batches_of_another_shape_are_left_to_trl():
     assert shared_prompt.pair_batch(ids, left, labels) is None
 
 
-def test_dpo_recipe_trains_the_same_with_shared_prompts(tmp_path, monkeypatch):
+def test_dpo_recipe_trains_the_same_with_shared_prompts(tmp_path, monkeypatch, recipe_trainers):
     """The whole DPO stage, default (shared prompts) vs transformers' sdpa (trl's two-row forward): the same losses,
     rewards and evaluation, step by step (LoRA dropout 0: no random masks)."""
     import sys
@@ -165,15 +165,7 @@ def test_dpo_recipe_trains_the_same_with_shared_prompts(tmp_path, monkeypatch):
     sys.path.insert(0, str(REPO / "tests"))
     from stages.test_dpo import _preference_rows
 
-    from alignkit.train import runner
-
-    seen, real_train = [], runner.Run.train
-
-    def train(self, trainer, **kwargs):
-        seen.append(trainer)
-        return real_train(self, trainer, **kwargs)
-
-    monkeypatch.setattr(runner.Run, "train", train)
+    seen = recipe_trainers
     shared_calls, real_shared = [], shared_prompt._shared_forward
     monkeypatch.setattr(shared_prompt, "_shared_forward", lambda *a: shared_calls.append(1) or real_shared(*a))
     data = write_jsonl(tmp_path / "pref.jsonl", _preference_rows(24, seed=3))

@@ -71,22 +71,14 @@ def test_a_poisoned_factor_is_not_zero():
     assert not zero_ref_adapter(model)
 
 
-def test_dpo_on_a_new_adapter_drops_the_copy_and_trains_the_same(tmp_path, monkeypatch):
+def test_dpo_on_a_new_adapter_drops_the_copy_and_trains_the_same(tmp_path, recipe_trainers):
     """The DPO recipe on a new adapter, with and without the row: the row ran (trl's 'ref' adapter is gone, the
     trained one stays active) and every logged loss, reward, log-prob and evaluation figure is the same, bit for bit
     (the reference log-probs are the base model's either way; LoRA dropout 0)."""
     sys.path.insert(0, str(REPO / "tests"))
     from stages.test_dpo import _preference_rows
 
-    from alignkit.train import runner
-
-    seen, real_train = [], runner.Run.train
-
-    def train(self, trainer, **kwargs):
-        seen.append(trainer)
-        return real_train(self, trainer, **kwargs)
-
-    monkeypatch.setattr(runner.Run, "train", train)
+    seen = recipe_trainers
     data = write_jsonl(tmp_path / "pref.jsonl", _preference_rows(16, seed=5))
     others = "[" + ",".join(n for n in speedups.NAMES if n != "zero_ref_adapter") + "]"
     logs, kept = {}, {}
