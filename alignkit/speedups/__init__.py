@@ -235,6 +235,9 @@ SPEEDUPS: tuple[Speedup, ...] = (
             Upstream("trl:RLOOTrainer._generate_and_score_completions", mentions=("use_adapter", "peft_config")),
             Upstream(f"{_TRL_UTILS}:use_adapter", ("model", "adapter_name")),
             Upstream("peft:PeftModel.delete_adapter", ("self", "adapter_name")),
+            Upstream("peft:PeftModel.disable_adapter.__wrapped__", ("self",),
+                     mentions=("get_model_status", "enabled", "disable_adapter_layers", "enable_adapter_layers",
+                               "_adapters_disabled", "is_prompt_learning", "is_adaption_prompt")),
         ),  # fmt: skip
         doc="trl's 'ref' copy of a fresh LoRA adapter (lora_B zero: it adds nothing) deleted, so the reference pass "
         "runs the base model: the same reference log-probs bit for bit (reference.py; "

@@ -16,12 +16,19 @@ DoRA, LoRA bias, ``modules_to_save``, trainable tokens or target parameters), ev
 factor all zero and the other finite, and its dropout drawing no random numbers (p = 0: trl's ``disable_dropout``,
 DPO's and KTO's default; with lora_dropout > 0 in GRPO/RLOO the copy's dropout draws from torch's generator in each
 reference pass, and without it every later draw, the sampling and the policy's dropout masks, would differ). A
-continued adapter (``adapter_handoff: continue``: its ``lora_B`` trained) is kept, as trl made it. Checkpoints and
+continued adapter (``adapter_handoff: continue``: its ``lora_B`` trained) is kept, as trl made it. trl's
+adapters-disabled path enters peft's ``disable_adapter()`` once per step, which builds peft's whole model status
+(~75 ms on SmolLM2-135M) to read one flag: that model's ``disable_adapter`` becomes :func:`disable_lora_adapter`,
+peft's code path with the flag read directly. Checkpoints and
 the output folder then hold no ``ref/`` adapter subfolder. Proven on the DPO recipe:
 tests/speedups/test_zero_ref_adapter.py.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
 
 import torch
 
@@ -79,4 +86,38 @@ def drop_zero_ref_adapter(trainer) -> bool:
     model.delete_adapter(REF)
     if model.active_adapter != active:  # peft keeps the remaining adapter active; say so if that ever changes
         raise RuntimeError(f"peft changed the active adapter from {active!r} to {model.active_adapter!r}")
+    model.disable_adapter = functools.partial(disable_lora_adapter, model)  # this model only
     return True
+
+
+IRREGULAR = (
+    "The model contains some adapter layers that are enabled and others that are disabled. This is most likely "
+    "unintentional. After exiting the disable_adapter context, all adapters will be enabled"
+)  # peft 0.21's warning, word for word
+
+
+@contextlib.contextmanager
+def disable_lora_adapter(model):
+    """peft 0.21's ``PeftModel.disable_adapter`` for a LoRA model, without its ``get_model_status()``: peft reads
+    one fact from that status (whether every adapter layer is enabled, none, or some: "irregular"), but builds the
+    whole report to get it (every layer's repr, parameters, devices, the trainable-parameter count: ~75 ms per call on
+    SmolLM2-135M, once per step in trl's reference pass). Here that fact comes from the layers' ``disable_adapters``
+    flags, the same ones peft's status reads; the rest is peft's own code path: the same warning, the same
+    ``disable_adapter_layers()`` / ``enable_adapter_layers()`` calls and ``_adapters_disabled`` flag, in the same
+    order. Set on the one model whose 'ref' copy :func:`drop_zero_ref_adapter` deleted (trl's reference pass then
+    enters this once per step)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    was_disabled = model._adapters_disabled
+    flags = {not m.disable_adapters for m in model.modules() if isinstance(m, BaseTunerLayer)}
+    enabled = flags.pop() if len(flags) == 1 else "irregular"
+    if enabled == "irregular":
+        warnings.warn(IRREGULAR, stacklevel=3)
+    try:
+        model.base_model.disable_adapter_layers()
+        model._adapters_disabled = True
+        yield
+    finally:
+        if enabled is not False:
+            model.base_model.enable_adapter_layers()
+        model._adapters_disabled = was_disabled

@@ -10,6 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from alignkit import speedups
+from alignkit.speedups import reference
 from alignkit.speedups.reference import REF, zero_ref_adapter
 from alignkit.testing import tiny_model_path
 
@@ -90,9 +91,10 @@ def test_dpo_on_a_new_adapter_drops_the_copy_and_trains_the_same(tmp_path, recip
                            "--eval_steps", "3", "--seed", "0", "--output_dir", str(out), "--disable_tqdm", "true",
                            "--save_steps", "1000", "--lora_dropout", "0", "--speedups", choice])  # fmt: skip
         model = seen[-1].accelerator.unwrap_model(seen[-1].model)
-        kept[name] = (REF in model.peft_config, model.active_adapter)
+        fast = getattr(model.disable_adapter, "func", None) is reference.disable_lora_adapter
+        kept[name] = (REF in model.peft_config, model.active_adapter, fast)
         logs[name] = log_history(out)
-    assert kept == {"row": (False, "default"), "without": (True, "default")}, kept
+    assert kept == {"row": (False, "default", True), "without": (True, "default", False)}, kept
     keys = ["loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "eval_loss"]
     compared = 0
     for a, b in zip(logs["row"], logs["without"], strict=True):
@@ -131,3 +133,38 @@ def test_a_copy_whose_dropout_draws_random_numbers_is_kept():
     assert not zero_ref_adapter(model)
     disable_dropout_in_model(model)
     assert zero_ref_adapter(model)
+
+
+@pytest.mark.parametrize("state", ["enabled", "disabled", "irregular"])
+def test_disable_adapter_without_the_status_report_does_what_peft_does(state):
+    """disable_lora_adapter vs peft's own ``disable_adapter`` on the same model, from each starting state: inside,
+    every layer disabled and the base model's logits; after, the same layer flags, ``_adapters_disabled`` and
+    warning as peft's."""
+    import warnings
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from alignkit.speedups.reference import disable_lora_adapter
+
+    model = _with_ref(_lora(), trained_b=True)
+    model.delete_adapter(REF)
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    ids = torch.randint(3, 200, (2, 12))
+    outcomes = []
+    for context in (model.disable_adapter, lambda: disable_lora_adapter(model)):
+        for i, layer in enumerate(layers):
+            layer.enable_adapters(state == "enabled" or (state == "irregular" and i % 2 == 0))
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            with context():
+                inside = (
+                    all(layer.disable_adapters for layer in layers),
+                    model._adapters_disabled,
+                    model(input_ids=ids).logits,
+                )
+        after = ([layer.disable_adapters for layer in layers], model._adapters_disabled)
+        outcomes.append((inside, after, [str(w.message) for w in caught if "adapter layers" in str(w.message)]))
+    (peft_inside, peft_after, peft_warned), (mine_inside, mine_after, mine_warned) = outcomes
+    assert peft_inside[:2] == mine_inside[:2] == (True, True) and torch.equal(peft_inside[2], mine_inside[2])
+    assert peft_after == mine_after and peft_warned == mine_warned
+    assert bool(peft_warned) == (state == "irregular")
