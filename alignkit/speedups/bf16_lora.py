@@ -132,7 +132,7 @@ def bf16_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     base = layer.base_layer
     xb = bf16_input(x)
     bias = None if base.bias is None else base.bias.to(_BF16)
-    name = _trained_alone(layer, x)
+    name = _trained_alone(layer)
     if name is not None:
         dropout, scale, mask = layer.lora_dropout[name], layer.scaling[name], None
         if type(dropout) is torch.nn.Dropout and dropout.training and dropout.p > 0:
@@ -159,7 +159,7 @@ def bf16_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     return result
 
 
-def _trained_alone(layer, x: torch.Tensor) -> str | None:
+def _trained_alone(layer) -> str | None:
     """The one active adapter's name when this call trains it alone (grad mode on, its lora_A/lora_B plain bias-free
     ``nn.Linear``s with trainable weights and no hooks; the base bias frozen), so :class:`LoraLinear` can run the
     layer; else None."""

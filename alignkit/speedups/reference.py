@@ -16,12 +16,12 @@ DoRA, LoRA bias, ``modules_to_save``, trainable tokens or target parameters), ev
 factor all zero and the other finite, and its dropout drawing no random numbers (p = 0: trl's ``disable_dropout``,
 DPO's and KTO's default; with lora_dropout > 0 in GRPO/RLOO the copy's dropout draws from torch's generator in each
 reference pass, and without it every later draw, the sampling and the policy's dropout masks, would differ). A
-continued adapter (``adapter_handoff: continue``: its ``lora_B`` trained) is kept, as trl made it. trl's
-adapters-disabled path enters peft's ``disable_adapter()`` once per step, which builds peft's whole model status
+continued adapter (``adapter_handoff: continue``: its ``lora_B`` trained) is kept, as trl made it. Checkpoints and
+the output folder then hold no ``ref/`` adapter subfolder.
+
+trl's adapters-disabled path enters peft's ``disable_adapter()`` once per step, which builds peft's whole model status
 (~75 ms on SmolLM2-135M) to read one flag: that model's ``disable_adapter`` becomes :func:`disable_lora_adapter`,
-peft's code path with the flag read directly. Checkpoints and
-the output folder then hold no ``ref/`` adapter subfolder. Proven on the DPO recipe:
-tests/speedups/test_zero_ref_adapter.py.
+peft's code path with the flag read directly. Proven on the DPO recipe: tests/speedups/test_zero_ref_adapter.py.
 """
 
 from __future__ import annotations
