@@ -238,6 +238,14 @@ SPEEDUPS: tuple[Speedup, ...] = (
             Upstream("peft:PeftModel.disable_adapter.__wrapped__", ("self",),
                      mentions=("get_model_status", "enabled", "disable_adapter_layers", "enable_adapter_layers",
                                "_adapters_disabled", "is_prompt_learning", "is_adaption_prompt")),
+            Upstream("peft.tuners.tuners_utils:BaseTuner._enable_adapter_layers", ("self", "enabled"),
+                     mentions=("modules", "BaseTunerLayer", "AuxiliaryTrainingWrapper", "enable_adapters")),
+            Upstream("peft.tuners.tuners_utils:BaseTuner.disable_adapter_layers", ("self",),
+                     mentions=("active_adapters", "peft_config", "bias_val", "_enable_adapter_layers")),
+            Upstream("peft.tuners.tuners_utils:BaseTuner.enable_adapter_layers", ("self",),
+                     mentions=("_enable_adapter_layers",)),
+            Upstream("peft.utils.other:AuxiliaryTrainingWrapper.enable_adapters", ("self", "enabled")),
+            Upstream("peft.tuners.tuners_utils:BaseTunerLayer.enable_adapters", ("self", "enabled")),
         ),  # fmt: skip
         doc="trl's 'ref' copy of a fresh LoRA adapter (lora_B zero: it adds nothing) deleted, so the reference pass "
         "runs the base model: the same reference log-probs bit for bit (reference.py; "

@@ -161,10 +161,49 @@ def test_disable_adapter_without_the_status_report_does_what_peft_does(state):
                     all(layer.disable_adapters for layer in layers),
                     model._adapters_disabled,
                     model(input_ids=ids).logits,
+                    {n: p.requires_grad for n, p in model.named_parameters()},
                 )
-        after = ([layer.disable_adapters for layer in layers], model._adapters_disabled)
+        after = (
+            [layer.disable_adapters for layer in layers],
+            model._adapters_disabled,
+            {n: p.requires_grad for n, p in model.named_parameters()},
+        )
         outcomes.append((inside, after, [str(w.message) for w in caught if "adapter layers" in str(w.message)]))
     (peft_inside, peft_after, peft_warned), (mine_inside, mine_after, mine_warned) = outcomes
     assert peft_inside[:2] == mine_inside[:2] == (True, True) and torch.equal(peft_inside[2], mine_inside[2])
+    assert peft_inside[3] == mine_inside[3]  # every parameter's requires_grad, inside and (in after) after
     assert peft_after == mine_after and peft_warned == mine_warned
     assert bool(peft_warned) == (state == "irregular")
+
+
+def test_one_walk_finds_the_modules_in_modules_order():
+    """modules_in_order is ``list(root.modules())``: the same modules once each, in the same order, with a module
+    shared between two parents and a child registered as None."""
+    from alignkit.speedups.reference import modules_in_order
+
+    model = _with_ref(_lora(), trained_b=True)
+    shared = torch.nn.Linear(2, 2)
+    model.base_model.model.model.layers[0].extra = shared
+    model.base_model.model.model.layers[1].extra = shared
+    model.base_model.model.model.layers[1].register_module("nothing", None)
+    assert [id(m) for m in modules_in_order(model)] == [id(m) for m in model.modules()]
+
+
+def test_a_lora_bias_warns_inside_disable_adapter_as_peft_does():
+    """peft's ``disable_adapter_layers`` warns when the active adapter trains biases (LoraConfig ``bias``); the one
+    walk keeps that warning, word for word, and the same parameters trainable after."""
+    import warnings
+
+    from alignkit.speedups.reference import disable_lora_adapter
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path("llama")), _lora(bias="lora_only"))
+    messages, grads = [], []
+    for context in (model.disable_adapter, lambda: disable_lora_adapter(model)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with context():
+                pass
+        messages.append([str(w.message) for w in caught if "bias configured" in str(w.message)])
+        grads.append({n: p.requires_grad for n, p in model.named_parameters()})
+    assert messages[0] and messages[0] == messages[1]
+    assert grads[0] == grads[1]
