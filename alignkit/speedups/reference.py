@@ -154,7 +154,8 @@ def disable_lora_adapter(model):
                 if bias != "none":
                     warnings.warn(
                         f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the "
-                        "same output as the base model would without adaption."
+                        "same output as the base model would without adaption.",
+                        stacklevel=3,
                     )
             for layer in layers:
                 layer.enable_adapters(False)
