@@ -529,12 +529,17 @@ def _stage_quick_answer(stage: str, argv: list[str]) -> int | None:
     return 0
 
 
+def _summary(fn) -> str:
+    """A command's docstring's first paragraph as one line (a first line alone may stop mid-sentence)."""
+    return " ".join(line.strip() for line in (fn.__doc__ or "").strip().split("\n\n")[0].splitlines())
+
+
 def usage() -> str:
     lines = ["usage: alignkit [-v] <command> [options]   (alignkit <command> --help for its options; -v: show every "
              "third-party warning)", "", "stages:"]  # fmt: skip
     lines += [f"  {s.name:<8} {s.summary} (recipes/{s.name}.py)" for s in STAGES.values()]
     lines += ["", "commands:"]
-    lines += [f"  {name:<8} {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in COMMANDS.items()]
+    lines += [f"  {name:<8} {_summary(fn)}" for name, fn in COMMANDS.items()]
     return "\n".join(lines) + "\n"
 
 
