@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +21,8 @@ from typing import Any, TypeVar
 from alignkit.errors import ConfigError
 
 FILE = "alignkit_run.json"
+CHECKPOINT = "checkpoint"  # the status of a checkpoint-N folder's record (RunRecord.for_model)
+_CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")  # transformers' PREFIX_CHECKPOINT_DIR-<global step>
 FORMAT = 1
 G = TypeVar("G")
 
@@ -128,6 +131,11 @@ class RunRecord:
     def finished(self) -> bool:
         return self.status == "finished"
 
+    @property
+    def usable(self) -> bool:
+        """True when the folder holds a whole model: a finished run, or a checkpoint of one (:meth:`for_model`)."""
+        return self.status in ("finished", CHECKPOINT)
+
     # ---------------------------------------------------------------- file
     @staticmethod
     def path(folder: str | Path) -> Path:
@@ -151,6 +159,21 @@ class RunRecord:
                 f"{path}: not a readable run record ({exc}). Fix: rerun the stage that wrote {Path(folder)}."
             ) from exc
         return cls.from_json(data, source=str(path))
+
+    @classmethod
+    def for_model(cls, folder: str | Path) -> RunRecord | None:
+        """The record that describes the model in ``folder``: its own ``alignkit_run.json``; for a ``checkpoint-N``
+        folder without one (what transformers' Trainer saves inside a run's output dir), the record of that run, with
+        status ``checkpoint`` and no metrics (the checkpoint is that run's model at step N: the same base,
+        quantization, head and chat template, not its final figures); else None. Every reader that loads, merges or
+        describes a trained model reads this, so a checkpoint is not taken for a bare PEFT folder (whose base would
+        load in full precision, not as the 4-bit base it was trained on). Raises ConfigError as :meth:`read`."""
+        folder = Path(folder)
+        own = cls.read(folder)
+        if own is not None or not _CHECKPOINT_NAME.fullmatch(folder.name) or not folder.is_dir():
+            return own
+        run = cls.read(folder.parent)
+        return None if run is None else dataclasses.replace(run, status=CHECKPOINT, metrics={}, exports=[])
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str = FILE) -> RunRecord:

@@ -72,7 +72,7 @@ def merge_adapter(
             "output_dir again, or train the stage again."
         )
     check_adapter_folder(adapter_dir, fix=f"resume or rerun the run that wrote {adapter_dir}")
-    record = RunRecord.read(adapter_dir)
+    record = RunRecord.for_model(adapter_dir)
     last = record.last if record else None
     task = (last.task if last else None) or "causal_lm"
     head = head_kwargs(last.head_config) if last else {}

@@ -49,7 +49,7 @@ def merge_embedding(
     from alignkit.export import parity as m
 
     adapter_dir = Path(adapter_dir)
-    record = RunRecord.read(adapter_dir)
+    record = RunRecord.for_model(adapter_dir)
     model_args, quant_args = m.trained_args(adapter_dir, record.last)
     method, output_dir = m.check_merge_request(adapter_dir, output_dir, method, quant_args.load_in_4bit)
     with staged_output(output_dir) as tmp:  # locked; built beside it, swapped in whole

@@ -26,7 +26,7 @@ class RewardModel:
     def __init__(self, path: str | Path, batch_size: int = 8):
         from alignkit.export.generate import load_for_generation
 
-        record = RunRecord.read(path) if RunRecord.exists(path) else None
+        record = RunRecord.for_model(path)
         stages = [e.stage for e in record.lineage] if record else []
         if "reward" not in stages:
             raise ConfigError(

@@ -82,7 +82,7 @@ def _is_adapter_output(name: str, _) -> bool:
 def _adapter_output(name: str, model_args: ModelArguments) -> ModelSource:
     path = Path(name)
     adapter_cfg = json.loads((path / "adapter_config.json").read_text())
-    parent = RunRecord.read(path)
+    parent = RunRecord.for_model(path)
     base_args = dataclasses.replace(model_args, model_name_or_path=adapter_cfg["base_model_name_or_path"])
     if parent and parent.base_model_args.model_name_or_path:  # the base as the parent run named it (GGUF, tiny:)
         base_args.model_name_or_path = parent.base_model_args.model_name_or_path
@@ -97,8 +97,8 @@ def _adapter_output(name: str, model_args: ModelArguments) -> ModelSource:
 
 
 def _run_output(name: str, _) -> ModelSource:
-    parent = RunRecord.read(name)  # a merged/full alignkit output: a plain model with a lineage
-    if not parent.finished:
+    parent = RunRecord.for_model(name)  # a merged/full alignkit output (or its checkpoint): a plain model with a lineage
+    if not parent.usable:
         raise ConfigError(
             f"model_name_or_path: {name} holds a {parent.stage} run that did not finish (status: {parent.status}), so "
             "there is no model to start from. Fix: finish or rerun that stage, or resume it (resume_from_checkpoint: "
@@ -201,7 +201,7 @@ SCHEMES: tuple[Scheme, ...] = (
     Scheme("plain file", "README.md", _is_plain_file, _plain_file),
     Scheme("gguf", "model.Q4_1.gguf", _is_gguf, _gguf),
     Scheme("adapter output", "outputs/sft", _is_adapter_output, _adapter_output),
-    Scheme("run output", "outputs/dpo-merged", lambda n, _: RunRecord.exists(n), _run_output),
+    Scheme("run output", "outputs/dpo-merged", lambda n, _: RunRecord.for_model(n) is not None, _run_output),
     Scheme("local dir or hub id", "HuggingFaceTB/SmolLM2-135M-Instruct", lambda n, _: True, _local_dir),
 )  # fmt: skip
 

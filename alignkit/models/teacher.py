@@ -33,8 +33,8 @@ def check_teacher(name: str, student_tokenizer):
     from alignkit.models.tokenizer import load_tokenizer
     from alignkit.runs import RunRecord
 
-    if Path(name).is_dir() and RunRecord.exists(name):
-        last = RunRecord.read(name).last
+    if Path(name).is_dir() and (record := RunRecord.for_model(name)) is not None:
+        last = record.last
         if last is not None and (last.task or "causal_lm") != "causal_lm":
             raise ConfigError(
                 f"{KEY}: '{name}' is a {last.stage} run with a {last.task} head, not a causal language model. Fix: "

@@ -315,7 +315,7 @@ def run_settings(model, run: str | None = None) -> dict:
     if not folder:
         return {}
     try:
-        record = RunRecord.read(folder)
+        record = RunRecord.for_model(folder)
     except Exception:  # an unreadable record: the caller's arguments or the SQuAD defaults
         return {}
     for entry in reversed(record.lineage if record else []):

@@ -223,3 +223,30 @@ def test_a_4bit_adapter_trained_with_bf16_compute_merges_within_the_exact_bound(
     result = merge_adapter(run, tmp_path / "merged")
     assert result.method == "dequantize"
     assert result.parity.passed and result.parity.max_abs_diff < EXACT, result.parity.summary()
+
+
+def test_a_checkpoint_of_a_4bit_run_merges_and_loads_as_that_run_trained_it(tmp_path, monkeypatch):
+    """A ``checkpoint-N`` folder has no ``alignkit_run.json`` of its own: its run's record describes it
+    (``RunRecord.for_model``), so merging it dequantizes the 4-bit base it was trained on (not a full-precision base
+    that parity would compare with itself), and ``load_trained`` puts its adapter on the 4-bit base."""
+    from alignkit.models import load_trained
+    from alignkit.runs import CHECKPOINT, RunRecord
+
+    from .conftest import FAST, REPO, run_recipe
+
+    monkeypatch.chdir(REPO)
+    run = tmp_path / "sft"
+    run_recipe("sft", ["--config", "recipes/tiny/sft.yaml", "--output_dir", str(run), *FAST,
+                       "--save_strategy", "steps", "--save_steps", "1"])  # fmt: skip
+    checkpoint = run / "checkpoint-1"
+    assert not RunRecord.exists(checkpoint) and RunRecord.read(run).last.group(QuantizationArguments).load_in_4bit
+    record = RunRecord.for_model(checkpoint)
+    assert record.status == CHECKPOINT and record.usable and not record.metrics
+    assert RunRecord.for_model(tmp_path / "checkpoint-9") is None  # no such folder: not its parent's record
+    model, _ = load_trained(checkpoint)
+    assert model.get_base_model().is_loaded_in_4bit
+    result = merge_adapter(checkpoint, tmp_path / "merged")
+    assert result.method == "dequantize"
+    assert result.parity.passed and result.parity.max_abs_diff < EXACT, result.parity.summary()
+    merged = RunRecord.read(tmp_path / "merged")
+    assert merged.finished and merged.merge.method == "dequantize"
