@@ -97,7 +97,9 @@ def _adapter_output(name: str, model_args: ModelArguments) -> ModelSource:
 
 
 def _run_output(name: str, _) -> ModelSource:
-    parent = RunRecord.for_model(name)  # a merged/full alignkit output (or its checkpoint): a plain model with a lineage
+    parent = RunRecord.for_model(
+        name
+    )  # a merged/full alignkit output (or its checkpoint): a plain model with a lineage
     if not parent.usable:
         raise ConfigError(
             f"model_name_or_path: {name} holds a {parent.stage} run that did not finish (status: {parent.status}), so "
