@@ -115,15 +115,28 @@ def choose_cpu_amp(setting: str, bf16_units: list[str], probe: dict | None) -> t
     return True, f"{'/'.join(bf16_units)} and the bf16 GEMM is {probe['speedup']}x fp32"
 
 
+def env_choice(name: str, choices: tuple[str, ...], what: str) -> str:
+    """The value of environment variable ``name`` (stripped, lower case), one of ``choices``; the first choice when
+    it is unset or empty. ``what``: what the variable sets, for the error. Raises ConfigError (with did-you-mean)
+    for any other value: a typo must not silently mean the default."""
+    from alignkit.errors import ConfigError, suggest
+
+    value = os.environ.get(name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise ConfigError(
+            f"{name}={os.environ[name]!r} ({what}) is not one of {', '.join(choices)}.{suggest(value, choices)} "
+            f"Fix: set it to one of them, or unset it (default: {choices[0]})."
+        )
+    return value
+
+
 @functools.cache
 def cpu_mixed_precision() -> dict:
     """Whether 'auto' means bf16 mixed precision on this CPU (fp32 weights, optimizer state and adapters; bf16
     matmuls under ``torch.autocast('cpu')``): ``{"bf16": bool, "why": str, "cpu": cpu_facts(), "probe": dict|None}``.
     Once per process; the probe runs only where the CPU has bf16 units and :data:`CPU_AMP_ENV` is auto (default).
-    Raises ValueError for another :data:`CPU_AMP_ENV` value."""
-    setting = os.environ.get(CPU_AMP_ENV, "auto").strip().lower() or "auto"
-    if setting not in ("auto", "off", "on"):
-        raise ValueError(f"{CPU_AMP_ENV}={setting!r}: expected auto, off or on.")
+    Raises ConfigError for another :data:`CPU_AMP_ENV` value."""
+    setting = env_choice(CPU_AMP_ENV, ("auto", "off", "on"), "bf16 mixed precision on CPUs with bf16 units")
     facts = cpu_facts()
     probe = gemm_probe() if setting == "auto" and facts["bf16_units"] else None
     bf16, why = choose_cpu_amp(setting, facts["bf16_units"], probe)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from alignkit.runtime import gpu_available
+from alignkit.runtime import env_choice, gpu_available
 
 
 def physical_cores() -> int:
@@ -121,7 +121,7 @@ def fit_cpu_allocator() -> bool:
     import ctypes
     import platform
 
-    if os.environ.get("ALIGNKIT_CPU_ALLOCATOR", "").lower() == "system" or gpu_available():
+    if env_choice("ALIGNKIT_CPU_ALLOCATOR", ("alignkit", "system"), "the CPU allocator") == "system" or gpu_available():
         return False
     preload = os.environ.get("LD_PRELOAD", "")
     if any(a in preload for a in ("jemalloc", "tcmalloc", "mimalloc")) or "malloc" in os.environ.get(

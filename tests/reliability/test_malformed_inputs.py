@@ -72,6 +72,18 @@ def checkpoint_without_manifest(case_dir: Path, out: Path, mp) -> None:
     (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"\0" * 32)
 
 
+def env_typo(name: str, value: str) -> Callable:
+    """An alignkit environment variable set to a value it does not take (read once per process: cache cleared)."""
+
+    def prepare(case_dir: Path, out: Path, mp) -> None:
+        from alignkit import runtime
+
+        mp.setenv(name, value)
+        runtime.cpu_mixed_precision.cache_clear()  # a refusal is not cached: the next call reads the restored value
+
+    return prepare
+
+
 def finished_run(case_dir: Path, out: Path, mp) -> None:
     (out / "alignkit_run.json").write_text(json.dumps({"status": "finished", "stage": "sft"}))
     (out / "adapter_model.safetensors").write_bytes(b"weights of a finished run")
@@ -173,6 +185,10 @@ CASES = [
     # ---------------------------------------------------------------- output dir, resume, disk, Hub
     Case("output-dir-unwritable", "sft", PreflightError, ("output_dir", "{case}/a_file/out", "not writable"),
          config=dict(output_dir="{case}/a_file/out"), prepare=output_dir_under_a_file),
+    Case("env-cpu-amp-typo", "sft", ConfigError, ("ALIGNKIT_CPU_AMP='fast'", "auto, off, on"),
+         prepare=env_typo("ALIGNKIT_CPU_AMP", "fast")),
+    Case("env-allocator-typo", "sft", ConfigError, ("ALIGNKIT_CPU_ALLOCATOR='sytem'", "Did you mean 'system'"),
+         prepare=env_typo("ALIGNKIT_CPU_ALLOCATOR", "sytem")),
     Case("finished-run-without-overwrite", "sft", PreflightError, ("{out}", "finished", "overwrite_output_dir"),
          prepare=finished_run),
     Case("unfinished-checkpoints-without-resume", "sft", PreflightError, ("{out}", "resume_from_checkpoint"),
