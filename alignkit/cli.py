@@ -168,7 +168,8 @@ def generate(argv: list[str]) -> int:
     p.add_argument(
         "--prompts",
         required=True,
-        help="JSONL 'messages' (ending on a user turn) or 'prompt'; or any training format (alpaca, sharegpt, hh...).",
+        help="JSONL/JSON (plain or .gz...): 'prompt', or 'messages' (the prompt: up to a final assistant reply, if any); "
+        "or any training format (alpaca, sharegpt, hh...).",
     )
     p.add_argument("--out", required=True, help="JSONL to write: each input row with its 'reply'.")
     p.add_argument("--batch_size", type=int, default=8, help="Prompts per generate() call.")

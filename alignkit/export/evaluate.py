@@ -1,8 +1,10 @@
 """Generation-based evaluation (``alignkit eval``; the demo pipeline scores its models with the same code).
 
-Rows are JSONL: ``messages`` ending on a user turn plus a reference ``answer``, ``messages`` ending on the
-reference assistant turn, or ``prompt`` + ``answer``; or held-out rows in any training data format (alpaca, sharegpt,
-hh, ...; JSON arrays and compressed files too), read as training reads them, the final reply the reference. Replies are greedy (alignkit.export.generate). Metrics:
+Rows (JSON lines or a JSON array, plain or compressed, CSV, parquet: the same rows read the same way whatever the file,
+alignkit.export.generate.held_out_rows): ``messages`` ending on a user turn plus a reference ``answer``, ``messages``
+ending on the reference assistant turn, or ``prompt`` + ``answer``; or held-out rows in any training data format
+(alpaca, sharegpt, hh, ...), read as training reads them, the final reply the reference. Replies are greedy
+(alignkit.export.generate). Metrics:
 
 - ``exact``: the stripped reply equals the reference.
 - ``regex``: ``--pattern`` (one group) finds the answer in the reply: ``format`` is the share of replies where it
@@ -32,16 +34,18 @@ def read_eval_rows(path: str | Path, with_tools: bool = False):
     ``with_tools``: (conversations, references, tools), each row's tools (or None) to render its prompt with."""
     from alignkit.data.schemas import check_messages
     from alignkit.data.tools import with_object_arguments
-    from alignkit.export.generate import jsonl_rows, own_row_tools, training_format_rows
+    from alignkit.export.generate import own_layout_rows, own_row_tools, training_format_rows
 
-    if (published := training_format_rows(path)) is not None:
+    own = own_layout_rows(path)
+    if own is None:
+        published = training_format_rows(path)
         for (file, row), _, _, reply, _ in published:
             if reply is None or not str(reply).strip():
                 raise DataError(file, row, "has no final reply to score against", "end the row on the reference reply")
         conversations, references = [p[2] for p in published], [p[3] for p in published]
         return (conversations, references, [p[4] for p in published]) if with_tools else (conversations, references)
     conversations, references, tools = [], [], []
-    for line_no, row in jsonl_rows(path):
+    for line_no, row in own:
         messages, answer = row.get("messages"), row.get("answer")
         if messages is not None:
             check_messages(messages, str(path), line_no, "messages", must_end_on_assistant=False)

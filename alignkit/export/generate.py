@@ -84,49 +84,92 @@ def stop_missing(ids: list[int], stops: list[int], max_new_tokens: int) -> bool:
     return len(ids) >= max_new_tokens and not any(t in stops for t in ids)
 
 
-def jsonl_rows(path: str | Path):
-    """(file line, row) of each non-blank line of a JSONL file; DataError naming the line for bad JSON."""
-    if not Path(path).is_file():
+def _drop_nulls(row: dict) -> dict:
+    """A row read through datasets (CSV, parquet) without the keys Arrow filled with null: absent in the file."""
+    row = {k: v for k, v in row.items() if v is not None}
+    if isinstance(row.get("messages"), list):
+        row["messages"] = [
+            {k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in row["messages"]
+        ]
+    return row
+
+
+def held_out_rows(path: str | Path) -> list[tuple[int, dict]]:
+    """``[(row number, row)]`` of a held-out file, the same rows whatever its name: JSON lines or a JSON array, in
+    a ``.jsonl`` or ``.json`` file, plain or compressed (``.gz``, ``.bz2``, ``.xz``, ``.zst``), each row as written
+    (a JSON-lines row numbered by its line, blank lines counted; an array's by its place, from 1); a CSV or parquet
+    file through datasets' readers, the columns a row leaves empty dropped, numbered as a run numbers them. DataError
+    naming the file (not found, unreadable, no rows) or the row (bad JSON, not an object)."""
+    from alignkit.config.args import DatasetSource
+    from alignkit.data.files import data_suffix, read_text, special_format
+    from alignkit.data.places import place
+    from alignkit.data.sources import load_source_split, row_places
+
+    path = Path(path)
+    if not path.is_file():
         raise DataError(
             str(path), None, "file not found", "check the path (relative paths start from the current directory)"
         )
-    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise DataError(str(path), line_no, f"not valid JSON ({exc})", "write one JSON object per line") from None
-        if not isinstance(row, dict):
-            raise DataError(str(path), line_no, "is not a JSON object", "write one {...} object per line")
-        yield line_no, row
+    source = DatasetSource(path=str(path))
+    if data_suffix(path) in (".jsonl", ".json") and not special_format(path, source):
+        text = read_text(path)
+        if text.lstrip().startswith("["):  # a JSON array of rows
+            try:
+                array = json.loads(text)
+            except ValueError as exc:
+                raise DataError(str(path), getattr(exc, "lineno", None), f"is not valid JSON ({exc})",
+                                "correct the JSON array") from None  # fmt: skip
+            numbered = list(enumerate(array if isinstance(array, list) else [array], start=1))
+        else:
+            numbered = []
+            for line_no, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    numbered.append((line_no, json.loads(line)))
+                except ValueError as exc:
+                    raise DataError(
+                        str(path), line_no, f"not valid JSON ({exc})", "write one JSON object per line"
+                    ) from None
+        for row_no, row in numbered:
+            if not isinstance(row, dict):
+                raise DataError(str(path), row_no, "is not a JSON object", "write one {...} object per row")
+        return numbered
+    rows = load_source_split(source)
+    if rows is None:
+        return []
+    places = row_places(source)
+    return [(place(places, str(path), i)[1], _drop_nulls(row)) for i, row in enumerate(rows.to_list())]
 
 
-def _own_layout(path: Path) -> bool:
-    """The file is alignkit's own prompt/eval layout: uncompressed JSON lines whose first row has ``messages``,
-    ``answer``, or a ``prompt`` without a reply column (read by :func:`jsonl_rows`, with its ``answer``)."""
-    if path.suffix != ".jsonl" or not path.is_file():
-        return path.suffix == ".jsonl"  # a missing .jsonl: jsonl_rows names it
-    first = next(jsonl_rows(path), (0, {}))[1]
-    return "messages" in first or "answer" in first or ("prompt" in first and not {"completion", "chosen"} & set(first))
+def own_layout_rows(path: str | Path) -> list[tuple[int, dict]] | None:
+    """:func:`held_out_rows` of a file in alignkit's own prompt/eval layout, None for a training data format. Decided
+    by the first row's keys, never by the file's name or compression: ``messages`` (ending on a user turn, or on
+    the reply), ``answer``, or a ``prompt`` without a reply column (``completion``, ``chosen``) is alignkit's own;
+    anything else (alpaca, sharegpt, hh, preference, prompt/completion rows) goes to the training readers
+    (:func:`training_format_rows`). A folder, glob or Hub id: None."""
+    if not Path(path).is_file():
+        return None if Path(path).exists() else held_out_rows(path)  # a missing file: held_out_rows names it
+    rows = held_out_rows(path)
+    first = rows[0][1] if rows else {}
+    own = "messages" in first or "answer" in first or ("prompt" in first and not {"completion", "chosen"} & set(first))
+    return rows if own else None
 
 
-def training_format_rows(path: str | Path) -> list[tuple[tuple[str, int], dict, list[dict], object, object]] | None:
+def training_format_rows(path: str | Path) -> list[tuple[tuple[str, int], dict, list[dict], object, object]]:
     """``[((file, row), row as read, conversation, reference, tools)]`` of a file in a training data format (alpaca,
     sharegpt, hh, preference_messages, prompt_completion, messages; a JSON array, a compressed, CSV or parquet
     file), read by the training readers (alignkit.data: the same detection, conversion and row places as a run's
     ``datasets:`` source): the conversation up to the last user turn, the reference its final reply (None when the
     conversation ends on the user), the row's tools as training renders them (JSON function schemas, call
-    arguments as objects: :func:`alignkit.data.tools.normalize_tool_rows`; None without). None for a file in
-    alignkit's own prompt layout (:func:`_own_layout`)."""
+    arguments as objects: :func:`alignkit.data.tools.normalize_tool_rows`; None without). A file in alignkit's own
+    layout is read by :func:`own_layout_rows` instead (callers ask it first). DataError naming the file/row."""
     from alignkit.config.args import DatasetSource
     from alignkit.data.formats import convert_source
     from alignkit.data.places import place
     from alignkit.data.sources import load_source_split, row_places
     from alignkit.data.tools import normalize_tool_rows, row_tools
 
-    if _own_layout(Path(path)):
-        return None
     source = DatasetSource(path=str(path))
     rows = load_source_split(source)
     if rows is None or not len(rows):
@@ -159,32 +202,39 @@ def own_row_tools(row: dict, path: str | Path, line_no: int) -> list | None:
 
 
 def read_prompts(path: str | Path, with_tools: bool = False):
-    """``(rows, conversations)`` of a file: JSON lines with a ``messages`` list ending on a user turn (and any
-    ``tools``) or a ``prompt``; or any training data format (:func:`training_format_rows`: held-out alpaca, sharegpt,
-    hh rows are answered up to their last user turn, and written back as read, with the reply). ``with_tools``:
-    ``(rows, conversations, tools)``, each row's tools (or None) to render its prompt with, as training does."""
+    """``(rows, conversations)`` of a held-out file, the same rows read the same way whatever its name or compression
+    (:func:`held_out_rows`). alignkit's own layout (:func:`own_layout_rows`): a ``prompt`` (text), or ``messages``
+    (and any ``tools``): ending on a user (or tool) turn, the whole list is the prompt; ending on an assistant reply,
+    the messages before that reply are. Any training data format (:func:`training_format_rows`: alpaca, sharegpt,
+    hh rows are answered up to their last user turn). Rows are written back as read, with the reply.
+    ``with_tools``: ``(rows, conversations, tools)``, each row's tools (or None) to render its prompt with, as
+    training does. DataError naming the file and row, with the fix."""
     from alignkit.data.tools import with_object_arguments
 
-    if (published := training_format_rows(path)) is not None:
+    own = own_layout_rows(path)
+    if own is None:
+        published = training_format_rows(path)
         rows, conversations = [p[1] for p in published], [p[2] for p in published]
         return (rows, conversations, [p[4] for p in published]) if with_tools else (rows, conversations)
     rows, conversations, tools = [], [], []
-    for line_no, row in jsonl_rows(path):
+    for line_no, row in own:
         messages = row.get("messages")
-        if (
-            isinstance(messages, list)
-            and messages
-            and isinstance(messages[-1], dict)
-            and messages[-1].get("role") == "user"
-        ):
+        if messages is not None:
             check_messages(messages, str(path), line_no, "messages", must_end_on_assistant=False)
+            if messages[-1]["role"] == "assistant":  # a training row: the model answers what came before the reply
+                if not any(m["role"] == "user" for m in messages[:-1]):
+                    raise DataError(
+                        str(path), line_no, "has 'messages' with no user turn before the final reply",
+                        "give the row a user turn for the model to answer",
+                    )  # fmt: skip
+                messages = messages[:-1]
             conversations.append(with_object_arguments(messages))
         elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
             conversations.append([{"role": "user", "content": row["prompt"]}])
         else:
             raise DataError(
-                str(path), line_no, "has neither 'messages' ending on a user turn nor a 'prompt'",
-                "give each row 'prompt' (text) or 'messages' whose last message is the user's",
+                str(path), line_no, "has neither 'messages' nor a 'prompt' (text)",
+                "give each row 'prompt' (text) or 'messages' (a user turn, optionally the reply after it)",
             )  # fmt: skip
         tools.append(own_row_tools(row, path, line_no))
         rows.append(row)

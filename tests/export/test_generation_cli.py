@@ -131,7 +131,9 @@ def test_eval_regex_and_bad_input(sft_run, tmp_path, capsys):
 @pytest.mark.parametrize(
     "reader, row, says",
     [
-        ("prompts", {"messages": ["hi"]}, "has neither 'messages' ending on a user turn"),
+        ("prompts", {"prompt": 5}, "has neither 'messages' nor a 'prompt' (text)"),
+        ("prompts", {"messages": ["hi"]}, "messages[0] lacks 'role' or 'content'"),
+        ("prompts", {"messages": [{"role": "assistant", "content": "x"}]}, "no user turn before the final reply"),
         ("prompts", {"messages": [{"role": "user"}]}, "messages[0] lacks 'role' or 'content'"),
         ("prompts", {"messages": [{"role": "user", "content": 5}]}, "content that is not text"),
         ("eval", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "answer": "a"},
@@ -150,6 +152,79 @@ def test_prompt_and_eval_rows_are_checked_before_the_model_loads(reader, row, sa
     path.write_text(json.dumps(row) + "\n")
     with pytest.raises(DataError, match=rf"rows.jsonl, row 1: .*{re.escape(says)}.*Fix"):
         (read_prompts if reader == "prompts" else read_eval_rows)(path)
+
+
+def _held_out_copies(rows: list[dict], folder) -> list:
+    """The same rows as each held-out file docs/data.md names: JSON lines (.jsonl, and in a .json), a JSON array,
+    each compressed (.gz, .bz2, .xz), and parquet."""
+    import bz2
+    import gzip
+    import lzma
+
+    import datasets
+
+    lines, array = "".join(json.dumps(r) + "\n" for r in rows).encode(), json.dumps(rows).encode()
+    files = {"held.jsonl": lines, "held_lines.json": lines, "held.json": array, "held.jsonl.gz": gzip.compress(lines),
+             "held.jsonl.bz2": bz2.compress(lines), "held.json.xz": lzma.compress(array)}  # fmt: skip
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    datasets.Dataset.from_list(rows).to_parquet(str(folder / "held.parquet"))
+    return [folder / name for name in files] + [folder / "held.parquet"]
+
+
+def test_every_held_out_file_of_the_same_rows_is_read_the_same_way(tmp_path):
+    """An ordinary SFT file (messages ending on the assistant's reply, as `alignkit init sft` writes them) is read
+    alike by generate and eval, whatever the file's name or compression: the prompt is the messages before the final
+    reply, the reference that reply, the rows written back as read. alignkit's own layout (messages ending on the
+    user, a prompt, an answer) likewise: a .jsonl.gz or a JSON array of them is no training format."""
+    from alignkit.errors import DataError
+    from alignkit.export.evaluate import read_eval_rows
+    from alignkit.export.generate import read_prompts
+
+    sft, own = tmp_path / "sft", tmp_path / "own"
+    sft.mkdir(), own.mkdir()
+    want = [r["messages"][:-1] for r in ROWS[:3]]
+    for path in _held_out_copies(ROWS[:3], sft):
+        assert read_prompts(path) == (ROWS[:3], want), path
+        assert read_eval_rows(path) == (want, [r["messages"][-1]["content"] for r in ROWS[:3]]), path
+    user = [{"role": "user", "content": "2 + 2?"}]
+    rows = [{"messages": user, "answer": "4"}, {"messages": [*user, {"role": "assistant", "content": "4"}]},
+            {"messages": user, "answer": "four"}]  # fmt: skip
+    for path in _held_out_copies(rows, own)[:-1]:  # (parquet: one type per column)
+        assert read_prompts(path) == (rows, [user] * 3), path
+        assert read_eval_rows(path) == ([user] * 3, ["4", "4", "four"]), path
+    import gzip
+
+    (own / "bad.jsonl.gz").write_bytes(gzip.compress(b'{"messages": [{"role": "user", "content": "q"}]}\n'))
+    with pytest.raises(DataError, match=r"bad.jsonl.gz, row 1: needs 'messages' ending on the reference reply"):
+        read_eval_rows(own / "bad.jsonl.gz")  # the same refusal as for the plain file: no reference to score against
+
+
+def test_generate_answers_an_sft_file_plain_or_compressed(tmp_path):
+    """`alignkit generate` on 3 rows of the sample SFT data (each ending on the assistant's reply), as .jsonl and as
+    .jsonl.gz: exit 0, each row written back as read with its reply, the replies the same for both files and equal to
+    the Python API's greedy replies to the messages before each final reply (tiny:llama's own weights)."""
+    import gzip
+
+    from alignkit.export.generate import generate_replies, load_for_generation
+    from alignkit.testing import tiny_model_path
+
+    model_dir = tiny_model_path("llama")
+    text = "".join(json.dumps(r) + "\n" for r in ROWS[:3])
+    (tmp_path / "held.jsonl").write_text(text)
+    (tmp_path / "held.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    replies = {}
+    for name in ("held.jsonl", "held.jsonl.gz"):
+        out = tmp_path / f"{name}.replies.jsonl"
+        done = _alignkit("generate", str(model_dir), "--prompts", str(tmp_path / name), "--out", str(out),
+                         "--max_new_tokens", "6")  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        written = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [{k: v for k, v in w.items() if k != "reply"} for w in written] == ROWS[:3]
+        replies[name] = [w["reply"] for w in written]
+    model, tokenizer = load_for_generation(model_dir)
+    want = generate_replies(model, tokenizer, [r["messages"][:-1] for r in ROWS[:3]], 8, max_new_tokens=6)
+    assert replies["held.jsonl"] == replies["held.jsonl.gz"] == want
 
 
 def test_a_regex_group_that_does_not_take_part_is_no_match():
