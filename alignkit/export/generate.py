@@ -19,7 +19,7 @@ import torch
 from alignkit.data.schemas import check_messages
 from alignkit.data.templates import end_of_turn_ids
 from alignkit.errors import ConfigError, DataError
-from alignkit.export.outputs import check_output, staged_output
+from alignkit.export.outputs import check_output, make_folders, remove_folders, staged_output
 
 
 def load_for_generation(path: str | Path, merge: bool = False):
@@ -257,18 +257,25 @@ def check_generate_out(out: str | Path, prompts: str | Path, model: str | Path |
 
 
 def generate_file(model, tokenizer, prompts: str | Path, out: str | Path, batch_size: int = 8, **generation) -> Path:
-    """``alignkit generate``: every row of ``prompts`` with its ``reply``, written to ``out`` (JSONL)."""
+    """``alignkit generate``: every row of ``prompts`` with its ``reply``, written to ``out`` (JSONL). Folders made
+    for ``out`` are removed again if generation fails before writing. Raises DataError/ConfigError (bad rows, bad
+    ``out``)."""
     rows, conversations, tools = read_prompts(prompts, with_tools=True)
     out = check_generate_out(out, prompts)
-    out.parent.mkdir(parents=True, exist_ok=True)  # before the replies are made, not after
-    replies = generate_replies(
-        model, tokenizer, conversations, batch_size=batch_size, progress=True, tools=tools, **generation
-    )
-    if out.exists() and not out.is_file():  # a device or pipe: no file to replace
-        out.write_text("".join(json.dumps({**row, "reply": reply}) + "\n" for row, reply in zip(rows, replies)))
-    else:
-        with staged_output(out, "file") as scratch:  # written beside it and renamed: never half a file under its name
-            scratch.write_text("".join(json.dumps({**row, "reply": reply}) + "\n" for row, reply in zip(rows, replies)))
+    made = make_folders(out.parent)  # before the replies are made, not after (a bad path fails first)
+    try:
+        replies = generate_replies(
+            model, tokenizer, conversations, batch_size=batch_size, progress=True, tools=tools, **generation
+        )
+        text = "".join(json.dumps({**row, "reply": reply}) + "\n" for row, reply in zip(rows, replies))
+        if out.exists() and not out.is_file():  # a device or pipe: no file to replace
+            out.write_text(text)
+        else:
+            with staged_output(out, "file") as scratch:  # written beside it and renamed: never half a file there
+                scratch.write_text(text)
+    except BaseException:
+        remove_folders(made)  # nothing written: no folder left behind
+        raise
     print(f"wrote {len(rows)} replies to {out}", file=sys.stderr)
     return out
 

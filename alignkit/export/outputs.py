@@ -74,6 +74,36 @@ def check_output(
     return out
 
 
+def make_folders(path: str | Path) -> list[Path]:
+    """``mkdir -p path``, returning the folders this call created, deepest first ([] when ``path`` existed), for
+    :func:`remove_folders` to take back should the command that needed them write nothing. Raises the OSError
+    mkdir raises, having removed what it created before failing."""
+    path, missing = Path(path), []
+    at = path
+    while not at.exists() and not at.is_symlink() and at != at.parent:
+        missing.append(at)
+        at = at.parent
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        remove_folders(missing)
+        raise
+    return missing
+
+
+def remove_folders(folders: list[Path]) -> None:
+    """Remove folders :func:`make_folders` created (deepest first), each only while it is empty: the first that
+    holds anything stops it (its parents hold it). A folder that existed before is never in the list, so a refused
+    or previewing command leaves the disk as it found it."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
+
+
 class OutputLock:
     """An exclusive lock on one output path for the life of a merge or export: a ``flock`` on
     ``<parent>/.<name>.alignkit-lock`` (removed on release). A second holder is refused with a PreflightError that
@@ -83,12 +113,13 @@ class OutputLock:
         self.out = Path(out)
         self.path = self.out.parent / f".{self.out.name}{LOCK}"
         self.fd: int | None = None
+        self.created: list[Path] = []  # the parent folders acquire made: removed on release while empty
 
     def acquire(self) -> OutputLock:
         import fcntl
 
         try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.created = make_folders(self.out.parent)
         except OSError as exc:
             raise PreflightError(f"{self.out.parent}: cannot be created ({exc.strerror}). Fix: choose a writable "
                                  "output path.") from None  # fmt: skip
@@ -96,6 +127,7 @@ class OutputLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
+                remove_folders(self.created)
                 raise PreflightError(f"{self.out.parent}: not writable ({exc.strerror}). Fix: choose a writable "
                                      "output path.") from None  # fmt: skip
             try:
@@ -103,6 +135,7 @@ class OutputLock:
             except BlockingIOError:
                 holder = lock_holder(self.path)
                 os.close(fd)
+                remove_folders(self.created)
                 raise PreflightError(
                     f"{self.out}: being written by another alignkit command that is still going ({holder}). Fix: "
                     "wait for it to finish, or choose another output path."
@@ -125,10 +158,13 @@ class OutputLock:
         return self
 
     def release(self) -> None:
+        """Drop the lock and its file; remove the parent folders acquire created if nothing was written there."""
         if self.fd is not None:
             self.path.unlink(missing_ok=True)
             os.close(self.fd)
             self.fd = None
+        remove_folders(self.created)
+        self.created = []
 
     def __enter__(self) -> OutputLock:
         return self.acquire()
@@ -208,21 +244,21 @@ class OutputDirLock:
     """An exclusive lock on ``output_dir`` for the life of one run, so a second run into it is refused instead of
     writing over the first. It is a ``flock`` on the directory itself: nothing is written into the folder, and the
     kernel drops the lock when the holding process ends however it ends, so a lock is never stale. Rank 0 takes it
-    for all ranks of a launch. ``release`` also removes the folder if this run created it and it is still empty (a
-    run that failed before writing anything leaves nothing behind)."""
+    for all ranks of a launch. ``release`` also removes every folder this run created for it (``output_dir`` and
+    any missing parents: ``created``, deepest first) that is still empty, so a run refused before writing anything,
+    or a preview, leaves no folder behind; a folder that existed before is never removed."""
 
     def __init__(self, output_dir: Path):
         self.output_dir = Path(output_dir)
         self.fd: int | None = None
-        self.created = False
+        self.created: list[Path] = []
 
     def acquire(self) -> None:
         import fcntl
 
         out = self.output_dir
-        self.created = not out.exists()
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            self.created = make_folders(out)
             self.fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             raise PreflightError(
@@ -242,11 +278,8 @@ class OutputDirLock:
         if self.fd is not None:
             os.close(self.fd)  # drops the flock
             self.fd = None
-        if self.created:
-            try:
-                self.output_dir.rmdir()  # only if still empty
-            except OSError:
-                pass
+        remove_folders(self.created)  # each only if still empty
+        self.created = []
 
 
 def lock_holder(path: Path) -> str:

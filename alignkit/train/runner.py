@@ -43,8 +43,8 @@ class Run:
     ``head``: the model head it trains (a row of alignkit.models.heads), by default the stage's own.
 
     Setup (seed, the process speed-ups, output-dir lock and checks, resume, hand-off checks, Hub and W&B) runs on
-    construction; leaving the ``with`` block releases the output dir, and on an error before anything was written
-    removes the folder if this run created it. ``speedups``: what alignkit.speedups applied, by phase."""
+    construction; leaving the ``with`` block releases the output dir and removes, while empty, every folder this
+    run created for it (``output_dir`` and its missing parents: a refused run or a preview leaves none). ``speedups``: what alignkit.speedups applied, by phase."""
 
     def __init__(self, recipe: Recipe, stage: str, head: str | None = None):
         self.recipe, self.stage = recipe, get_stage(stage).name
@@ -77,7 +77,8 @@ class Run:
         self.close()
 
     def close(self) -> None:
-        """Release the output dir; remove it if this run created it and left it empty (refused, or label_preview)."""
+        """Release the output dir; remove each folder this run created for it (``output_dir``, then each missing parent
+        it made) that is still empty (refused, or label_preview); a folder that existed before is never touched."""
         self.lock.release()
 
     # ------------------------------------------------------------------ setup
