@@ -261,6 +261,8 @@ class OutputDirLock:
             self.created = make_folders(out)
             self.fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
+            remove_folders(self.created)
+            self.created = []
             raise PreflightError(
                 f"output_dir {out}: not writable ({exc.strerror}). Fix: choose a writable output_dir."
             ) from exc
