@@ -70,7 +70,16 @@ def list_recipes() -> str:
 
 
 def _help_comment(help_text: str, width: int = 72) -> str:
-    first = re.split(r"(?<=[.:;])\s", help_text, maxsplit=1)[0].rstrip(".:;")
+    """The help's first clause (up to the first ``.`` or ``;`` that ends a clause outside brackets: a
+    ``(QA: per window)`` or ``e.g.`` does not cut it), shortened to ``width`` characters with ``...``."""
+    depth, end = 0, len(help_text)
+    for i, char in enumerate(help_text):
+        depth += (char in "([{") - (char in ")]}")
+        if (depth == 0 and char in ".;" and help_text[i + 1 : i + 2] in ("", " ")
+                and not re.search(r"\b(e\.g|i\.e|etc|vs)$", help_text[:i])):  # fmt: skip
+            end = i
+            break
+    first = help_text[:end].rstrip()
     return first if len(first) <= width else first[: width - 3].rstrip() + "..."
 
 

@@ -171,15 +171,6 @@ def stages_training(head: str) -> list[str]:
     return [s.name for s in STAGES.values() if s.head == head]
 
 
-def key_reference() -> dict[str, list[dict]]:
-    """Every stage's recipe keys (alignkit.config.keyref rows), from the live config dataclasses: what ``keys.json``
-    and docs/keys.md hold (``python scripts/write_key_reference.py``)."""
-    from alignkit.config import MODEL_GROUPS
-    from alignkit.config.keyref import key_rows
-
-    return {s.name: key_rows((*MODEL_GROUPS, s.config_class, *s.extra_classes), s.name) for s in STAGES.values()}
-
-
 def get_stage(name: str) -> Stage:
     if name not in STAGES:
         raise ConfigError(f"unknown stage '{name}'.{suggest(name, STAGES)} Fix: use one of {sorted(STAGES)}.")

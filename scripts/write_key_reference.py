@@ -7,7 +7,7 @@
 from pathlib import Path
 
 from alignkit.config.keyref import write_reference
-from alignkit.stages import key_reference
+from alignkit.tasks import key_reference
 
 if __name__ == "__main__":
     write_reference(key_reference(), Path(__file__).resolve().parents[1] / "docs")

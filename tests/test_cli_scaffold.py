@@ -1,6 +1,7 @@
 """alignkit.scaffold: `alignkit recipes`, `alignkit init <stage>` and the `--accelerate_config` launch command, from
 the shipped files (the wheel's contents and a run from it: tests/structure/test_install.py)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,14 @@ def test_init_writes_a_commented_recipe_with_sample_data(stage, tmp_path):
     values = yaml.safe_load(text)
     assert values["output_dir"] == f"outputs/{stage}" and text.startswith(f"# alignkit {stage} recipe")
     assert "# LoRA rank" in text or "lora_r" not in values  # each key carries its help
+    for line in text.splitlines():  # every key (each task head's too), its help's first clause, brackets whole
+        if re.match(r"\w+:", line):
+            comment = line.partition(" # ")[2]
+            assert comment, f"no help comment: {line}"
+            assert all(comment.count(a) == comment.count(b) for a, b in ("()", "[]")) or comment.endswith("..."), line
+    if stage == "task":
+        assert re.search(r"^max_length: \d+ +# Max tokens per input \(QA: per window\)$", text, re.M), text
+        assert re.search(r"^label_list: .* # token_cls/seq_cls: every label, in id order", text, re.M), text
     for source in values["datasets"]:
         path = source["path"] if isinstance(source, dict) else source
         assert (tmp_path / path).is_file(), path  # the sample data, copied beside the recipe

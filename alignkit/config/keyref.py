@@ -60,6 +60,9 @@ ADVANCED = (
     "streaming_check_rows", "min_free_disk_gb", "mixture_seed", "max_eval_samples", "use_liger_kernel",
     "gradient_checkpointing", "max_bad_rows", "nonfinite_rewards", "bnb_4bit_quant_storage", "wandb_group",
     "numeric_tolerance", "tool_timeout",
+    # task heads (alignkit/tasks/): the tuning knobs; --help keeps each head's data columns and labels
+    "whole_word_masking", "mlm_probability", "doc_stride", "n_best_size", "max_answer_length",
+    "null_score_diff_threshold", "source_prefix", "max_target_length", "text_pair_column", "label_all_tokens",
 )  # fmt: skip
 
 # The parser's own flags (not keys of any group), shown first.

@@ -17,6 +17,28 @@ for _module in pkgutil.iter_modules(__path__):  # every task module registers it
     importlib.import_module(f"{__name__}.{_module.name}")
 
 TASKS: dict[str, type[Task]] = dict(sorted(Task.REGISTRY.items()))
+# Every head's own key groups (``Task.Arguments``), each once: the task recipe's parser reads all of them (a key of
+# another head is refused by name), and its key reference lists all of them.
+HEAD_GROUPS: tuple[type, ...] = tuple(dict.fromkeys(t.Arguments for t in TASKS.values() if t.Arguments))
+
+
+def recipe_parser(stage):
+    """The parser of ``stage``'s recipe (an :class:`alignkit.stages.Stage`), as its recipe reads it: the stage
+    whose head the recipe's ``task:`` picks (``head=None``, the task stage) also reads every head's keys
+    (:data:`HEAD_GROUPS`)."""
+    return stage.parser(HEAD_GROUPS if stage.head is None else ())
+
+
+def key_reference() -> dict[str, list[dict]]:
+    """Every stage's recipe keys (alignkit.config.keyref rows), from the live dataclasses of the parser each recipe
+    reads (:func:`recipe_parser`), the task heads' keys included: what ``keys.json`` and docs/keys.md hold
+    (``python scripts/write_key_reference.py``), so ``alignkit <stage> --help-all`` and ``alignkit init`` list
+    every key ``python recipes/<stage>.py --help-all`` does. Lives here, not in alignkit.stages, because the heads'
+    key groups are defined in this layer."""
+    from alignkit.config.keyref import key_rows
+    from alignkit.stages import STAGES
+
+    return {s.name: key_rows(recipe_parser(s).dataclass_types, s.name) for s in STAGES.values()}
 
 
 def parse_task_recipe(argv: list[str] | None = None):
@@ -26,8 +48,7 @@ def parse_task_recipe(argv: list[str] | None = None):
     from alignkit.stages import STAGES
 
     stage = STAGES["task"]
-    every = tuple(dict.fromkeys(t.Arguments for t in TASKS.values() if t.Arguments))
-    values, print_config = stage.parser(every).read(argv)
+    values, print_config = recipe_parser(stage).read(argv)
     name = values.get("task")
     if name not in TASKS:
         hint = suggest(str(name), TASKS) if name else ""
@@ -69,4 +90,13 @@ def build_task(recipe, tokenizer) -> Task:
     return task
 
 
-__all__ = ["TASKS", "Task", "build_task", "parse_task_recipe", "task_of"]
+__all__ = [
+    "HEAD_GROUPS",
+    "TASKS",
+    "Task",
+    "build_task",
+    "key_reference",
+    "parse_task_recipe",
+    "recipe_parser",
+    "task_of",
+]
