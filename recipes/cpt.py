@@ -4,9 +4,7 @@ QLoRA or full) or from scratch (``from_scratch: true``: random init from the mod
     accelerate launch recipes/cpt.py --config recipes/tiny/cpt.yaml [--key value ...]      (or: alignkit cpt ...)
 """
 
-from transformers import default_data_collator
-
-from alignkit.data.packing import pack_text_blocks
+from alignkit.data.packing import collate_blocks, pack_text_blocks
 from alignkit.errors import run_cli
 from alignkit.stages import STAGES
 from alignkit.train import Run
@@ -25,8 +23,7 @@ def main(argv=None):
                 for s, ds in data.items()
             }
         run.load_model()
-        # blocks carry their labels (alignkit.data.packing): the default collator only stacks them
-        return run.train(run.build_trainer(STAGE.trainer_class, blocks, data_collator=default_data_collator))
+        return run.train(run.build_trainer(STAGE.trainer_class, blocks, data_collator=collate_blocks))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,6 @@ pairs + label), qa (SQuAD: question, context, answers), mlm (text; perplexity be
 target; BLEU/ROUGE with predict_with_generate). Rows are checked before the model loads.
 """
 
-from transformers import Seq2SeqTrainer, Trainer
-
 from alignkit.errors import run_cli
 from alignkit.tasks import build_task, parse_task_recipe, task_of
 from alignkit.train import Run
@@ -24,7 +22,7 @@ def main(argv=None):
             features = task.preprocess(data)
         model = run.load_model(**task.head_kwargs())
         trainer = run.build_trainer(
-            Seq2SeqTrainer if task.generates else Trainer,
+            task.trainer_class,
             features,
             data_collator=task.collator(model),
             compute_metrics=task.compute_metrics,

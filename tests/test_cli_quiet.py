@@ -1,11 +1,14 @@
 """Quiet by default (alignkit/quiet.py): a stage prints no third-party warning line; the known lines are dropped by
 logger and text only, and -v / ALIGNKIT_VERBOSE=1 shows them."""
 
+import ast
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # What a third-party warning line looks like: warnings.warn's "file:line: SomethingWarning: ...", a logging record at
@@ -53,3 +56,45 @@ def test_tiny_sft_prints_no_third_party_warning(tmp_path):
     noise = [line for line in lines if WARNING_LINE.search(line)]
     assert not noise, "third-party warning lines:\n" + "\n".join(noise)
     assert WARNING_LINE.search("x.py:3: FutureWarning: `gradient_checkpointing` is deprecated")  # the check can see
+
+
+RECIPES = sorted(p for p in (REPO / "recipes").glob("*.py") if p.name != "__init__.py")
+
+
+def _module_level_imports(tree: ast.Module) -> list[str]:
+    """The modules a file imports when it is run, in order (imports inside functions run later, after alignkit)."""
+    found, todo = [], list(tree.body)
+    while todo:
+        node = todo.pop(0)
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append(node.module or "")
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            todo[:0] = [child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt)]
+    return found
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_imports_alignkit_before_any_third_party_module(recipe):
+    """alignkit's import installs the filters (and its environment defaults): a third-party module a recipe imports
+    first (transformers' trainers import bitsandbytes) prints its lines before they exist."""
+    modules = [m.split(".")[0] for m in _module_level_imports(ast.parse(recipe.read_text()))]
+    third_party = [m for m in modules if m not in sys.stdlib_module_names and m != "__future__"]
+    assert third_party and third_party[0] == "alignkit", f"{recipe.name} imports {third_party[:1]} before alignkit"
+
+
+def test_bad_key_run_of_a_recipe_prints_only_the_error():
+    """`python recipes/task.py` with a misspelt key: the ConfigError and nothing else; with ALIGNKIT_VERBOSE=1 the
+    bitsandbytes line shows (so this run does import bitsandbytes and the check can see it)."""
+    argv = [sys.executable, "recipes/task.py", "--config", "recipes/tiny/task_cls.yaml", "--lable_list", "a"]
+    for verbose in ("0", "1"):
+        done = subprocess.run(
+            argv, capture_output=True, text=True, cwd=REPO, timeout=300,
+            env={**os.environ, "PYTHONPATH": str(REPO), "ALIGNKIT_VERBOSE": verbose},
+        )  # fmt: skip
+        assert done.returncode == 2 and "unknown key 'lable_list'" in done.stderr, done.stderr[-2000:]
+        assert ("kernels-community" in done.stdout + done.stderr) == (verbose == "1"), done.stderr[-2000:]
+        if verbose == "0":
+            lines = (done.stdout + done.stderr).strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("alignkit: ConfigError"), done.stdout + done.stderr

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 
+def collate_blocks(features: list[dict]) -> dict:
+    """Stack packed blocks (:func:`pack_text_blocks`) into a batch of ``[batch, block_size]`` tensors with
+    transformers' ``default_data_collator``: blocks are full and carry their labels, so nothing is padded or masked."""
+    from transformers import default_data_collator
+
+    return default_data_collator(features)
+
+
 def pack_text_blocks(dataset, tokenizer, block_size: int, num_proc: int | None = None):
     """Tokenize ``text``, join documents with eos, and cut the stream into ``block_size`` blocks.
 

@@ -72,6 +72,15 @@ class Task:
     def head_kwargs(self) -> dict:
         return {}
 
+    @property
+    def trainer_class(self) -> type:
+        """The transformers trainer the recipe builds around the task: ``Seq2SeqTrainer`` when it generates at eval
+        (``generates``: predict_with_generate), else ``Trainer``. Resolved here so that recipes/task.py imports
+        nothing before alignkit (whose import installs alignkit.quiet's filters)."""
+        from transformers import Seq2SeqTrainer, Trainer
+
+        return Seq2SeqTrainer if self.generates else Trainer
+
     def preprocess(self, datasets):
         raise NotImplementedError
 
