@@ -5,6 +5,14 @@ Each line is matched by its logger (or warning category) and its text, so nothin
 - bitsandbytes' ``Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'``: the
   optional ``kernels`` package (Hub-downloaded CPU kernels) is absent; bitsandbytes falls back to its own.
 - DeepSpeed's ``Setting accelerator to CPU. If you have GPU ...``: printed on every machine without a GPU.
+- transformers' ``The following layers were not sharded: model.norm.weight, ...`` and ``The following TP rules were
+  not applied on any of the layers``: its tensor-parallel plan check (``verify_tp_plan``), which runs when the
+  ``transformers.modeling_utils`` logger's own level is WARNING or above (set by code that silences that logger)
+  and compares the model class's built-in TP plan with its weights. alignkit never loads with tensor parallelism,
+  so nothing is sharded and the line describes no problem with the load.
+- transformers' ``The modules are dequantized in torch.float32 and casted to torch.float32.``: printed by
+  ``dequantize(dtype=...)`` (merging a 4-bit adapter run), restating the dtype alignkit asked for. The variant
+  without a dtype (``... please specify `dtype` in `dequantize```) still shows.
 - PyTorch's ``'pin_memory' argument is set as true but no accelerator is found``: transformers' default
   ``dataloader_pin_memory`` on a machine without a GPU; pinning does nothing there.
 - transformers' ``is_gradient_checkpointing is deprecated`` FutureWarning: raised by peft and trl reading the old
@@ -26,6 +34,11 @@ import warnings
 LOG_LINES = (
     ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community"),
     ("DeepSpeed", r"Setting accelerator to CPU\. If you have GPU"),
+    (
+        "transformers.distributed.tensor_parallel",
+        r"^The following (layers were not sharded|TP rules were not applied on any of the layers): ",
+    ),
+    ("transformers.integrations.bitsandbytes", r"^The modules are dequantized in \S+ and casted to \S+\.$"),
 )
 # (category, message pattern): lines that go through warnings.warn.
 WARNINGS = (

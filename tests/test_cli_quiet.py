@@ -2,6 +2,7 @@
 logger and text only, and -v / ALIGNKIT_VERBOSE=1 shows them."""
 
 import ast
+import logging
 import os
 import re
 import subprocess
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from alignkit.models.trained import quiet_head_report
 
 REPO = Path(__file__).resolve().parents[1]
 # What a third-party warning line looks like: warnings.warn's "file:line: SomethingWarning: ...", a logging record at
@@ -22,6 +25,13 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
     "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. Please make sure ...")
 logging.getLogger("bitsandbytes.backends.cpu.ops").warning("another bitsandbytes line")
 logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were ...")
+tp = logging.getLogger("transformers.distributed.tensor_parallel")
+tp.warning("The following layers were not sharded: model.norm.weight, model.layers.*.input_layernorm.weight")
+tp.warning("The following TP rules were not applied on any of the layers: {'layers.*.mlp.up_proj': 'colwise'}")
+tp.warning("another tensor-parallel line")
+bnb = logging.getLogger("transformers.integrations.bitsandbytes")
+bnb.warning("The modules are dequantized in torch.float32 and casted to torch.float32.")
+bnb.warning("The modules are dequantized in torch.float32. If you want to change the dtype, please specify ...")
 warnings.warn("'pin_memory' argument is set as true but no accelerator is found, then device pinned memory ...")
 warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
 warnings.warn("another warning")
@@ -39,9 +49,13 @@ def _planted(**env) -> str:
 def test_known_lines_are_dropped_and_nothing_else():
     quiet = _planted()
     assert "another bitsandbytes line" in quiet and "another warning" in quiet
-    assert not re.search(r"kernels-community|Setting accelerator|pin_memory|is_gradient_checkpointing", quiet), quiet
+    assert "another tensor-parallel line" in quiet and "If you want to change the dtype" in quiet
+    known = (r"kernels-community|Setting accelerator|pin_memory|is_gradient_checkpointing|not sharded|TP rules|"
+             r"casted to")  # fmt: skip
+    assert not re.search(known, quiet), quiet
     loud = _planted(ALIGNKIT_VERBOSE="1")
-    for text in ("kernels-community", "Setting accelerator to CPU", "pin_memory", "is_gradient_checkpointing"):
+    for text in ("kernels-community", "Setting accelerator to CPU", "pin_memory", "is_gradient_checkpointing",
+                 "were not sharded", "TP rules were not applied", "casted to torch.float32"):  # fmt: skip
         assert text in loud, text
 
 
@@ -98,3 +112,34 @@ def test_bad_key_run_of_a_recipe_prints_only_the_error():
         if verbose == "0":
             lines = (done.stdout + done.stderr).strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("alignkit: ConfigError"), done.stdout + done.stderr
+
+
+def test_quiet_head_report_drops_the_load_report_and_leaves_the_logger_level():
+    """transformers 5 runs its tensor-parallel plan check (the "not sharded" lines) when transformers.modeling_utils'
+    own level is WARNING or above: quiet_head_report drops the load report by a filter, the level stays."""
+    log, seen = logging.getLogger("transformers.modeling_utils"), []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log.addHandler(handler)
+    level = log.level
+    try:
+        with quiet_head_report():
+            assert log.level == level
+            log.warning("MODEL LOAD REPORT: newly initialized: score.weight")
+            log.error("a real error")
+        log.warning("after the load")
+    finally:
+        log.removeHandler(handler)
+    assert seen == ["a real error", "after the load"] and log.level == level and not log.filters
+
+
+def test_loading_an_adapter_run_prints_no_tensor_parallel_line(sft_3_steps):
+    """An adapter run's base loads under quiet_head_report (load_trained: merge, chat, eval, generate; a DPO or
+    reward run starting from it): no "not sharded" line even with every filter off (ALIGNKIT_VERBOSE=1)."""
+    code = f"from alignkit.models import load_trained; load_trained({str(sft_3_steps)!r}); print('loaded')"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "ALIGNKIT_VERBOSE": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-3000:]
+    assert not re.search(r"not sharded|TP rules", done.stderr), done.stderr[-3000:]

@@ -18,17 +18,25 @@ import logging
 from pathlib import Path
 
 
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 @contextlib.contextmanager
 def quiet_head_report():
     """Silence transformers' load report while a base loads whose head an adapter restores next: its "newly
-    initialized" warning is about the head that ``modules_to_save`` then replaces with the trained one."""
-    log = logging.getLogger("transformers.modeling_utils")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    initialized" warning is about the head that ``modules_to_save`` then replaces with the trained one.
+
+    A filter on ``transformers.modeling_utils`` drops its records below ERROR; the logger's level is left alone,
+    because transformers 5 reads ``logger.level >= WARNING`` as the switch for its tensor-parallel plan check
+    (``verify_tp_plan``), which, on a model loaded without tensor parallelism, reports every norm as "not sharded"."""
+    log, drop = logging.getLogger("transformers.modeling_utils"), _BelowError()
+    log.addFilter(drop)
     try:
         yield
     finally:
-        log.setLevel(level)
+        log.removeFilter(drop)
 
 
 def head_kwargs(head_config: dict) -> dict:
