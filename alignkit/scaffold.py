@@ -26,6 +26,9 @@ CLONE = PACKAGE.parent
 # The template of `alignkit init <stage>`: the stage's tiny recipe (a seconds-long smoke run on CPU).
 TEMPLATES = {"task": "tiny/task_cls.yaml"}
 LAUNCH_FLAGS = ("accelerate_config", "num_processes")
+# Keys that name an earlier run: the tiny recipes' ``outputs/tiny/<stage>`` becomes ``outputs/<stage>``, the
+# output_dir of the recipe `alignkit init <stage>` writes (its default --out).
+STARTS_FROM = ("model_name_or_path", "teacher_model_name_or_path")
 
 
 def shipped(kind: str) -> Path:
@@ -117,6 +120,8 @@ def write_recipe(stage: str, out: str | Path, model: str | None = None, data: st
             line = f"model_name_or_path: {model}"
         elif key and key.group(1) == "output_dir":
             line = f"output_dir: outputs/{out.stem}"
+        elif key and key.group(1) in STARTS_FROM:  # an earlier tiny run: where `alignkit init <that stage>` writes it
+            line = re.sub(r"^(\w+:\s*)outputs/tiny/(\S+)", r"\1outputs/\2", line)
         path = re.match(r"^(\s*-\s*path:\s*)(\S+)(.*)$", line)
         if path:
             if data is not None:
@@ -128,10 +133,12 @@ def write_recipe(stage: str, out: str | Path, model: str | None = None, data: st
         if key and "#" not in line and helps.get(key.group(1)):
             line = f"{line:<40} # {_help_comment(helps[key.group(1)])}"
         lines.append(line)
-    if model is None and re.search(r"^model_name_or_path: outputs/", "\n".join(lines), flags=re.M):
+    if re.search(rf"^({'|'.join(STARTS_FROM)}):\s*outputs/", "\n".join(lines), flags=re.M):
         lines.insert(
             4, "# It starts from an SFT output: run `alignkit init sft` and that recipe first, or pass --model."
         )
+    # sample data already there as shipped (dpo and kto share dpo.jsonl) is kept, not refused
+    copies = [(src, dst) for src, dst in copies if not (dst.is_file() and dst.read_bytes() == src.read_bytes())]
     for target in [out, *(dst for _, dst in copies)]:
         if target.exists() and not force:
             raise ConfigError(f"alignkit init: {target} exists. Fix: remove it, choose --out, or pass --force.")

@@ -49,6 +49,22 @@ def test_init_recipe_parses_and_takes_your_data(tmp_path, monkeypatch):
     assert [s.path for s in recipe.data.datasets] == [str(data)] and not (tmp_path / "data").exists()
 
 
+def test_init_recipes_chain_from_the_sft_recipe_init_writes(tmp_path):
+    """`alignkit init sft` writes to outputs/sft; the recipes that start from an SFT run read it there (not the
+    clone's outputs/tiny/sft), and dpo then kto share their sample data file rather than refusing it."""
+    sft = yaml.safe_load(write_recipe("sft", tmp_path / "sft.yaml")[0].read_text())
+    for stage, key in [("dpo", "model_name_or_path"), ("kto", "model_name_or_path"), ("grpo", "model_name_or_path"),
+                       ("distill", "teacher_model_name_or_path")]:  # fmt: skip
+        written = write_recipe(stage, tmp_path / f"{stage}.yaml")
+        text = written[0].read_text()
+        assert yaml.safe_load(text)[key] == sft["output_dir"] == "outputs/sft", stage
+        assert "run `alignkit init sft` and that recipe first" in text, stage
+    assert (tmp_path / "data" / "dpo.jsonl").read_bytes() == (REPO / "recipes/tiny/data/dpo.jsonl").read_bytes()
+    (tmp_path / "data" / "dpo.jsonl").write_text("{}\n")  # edited by the user: never replaced unasked
+    with pytest.raises(ConfigError, match="dpo.jsonl exists"):
+        write_recipe("kto", tmp_path / "kto2.yaml")
+
+
 def test_recipes_lists_what_ships():
     text = list_recipes()
     for name in ("tiny/sft.yaml", "smollm2/dpo_qlora.yaml", "zero3_offload", "multinode_zero3.sbatch"):

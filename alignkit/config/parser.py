@@ -67,6 +67,20 @@ def _scalar_types(tp) -> set:
     return {tp}
 
 
+def _check_kind(key: str, value: Any, tp) -> None:
+    """ConfigError naming ``key`` for a YAML value of the wrong kind that no later check would name: a number other
+    than 0/1 or a list for a true/false key, a list or mapping for a text key, a single number for a list key."""
+    if value is None:
+        return
+    wanted = _scalar_types(tp)
+    if wanted == {bool} and not isinstance(value, bool) and not (isinstance(value, int) and value in (0, 1)):
+        raise ConfigError(f"{key}: {value!r} is not a valid bool. Fix: set {key} to true or false.")
+    if _is_str_type(tp) and isinstance(value, (list, dict)):
+        raise ConfigError(f"{key}: {value!r} is not text. Fix: set {key} to one string, e.g. {key}: value.")
+    if (tp is list or typing.get_origin(tp) is list) and not isinstance(value, (list, dict)):
+        raise ConfigError(f"{key}: {value!r} is not a list. Fix: write {key} as a list, e.g. {key}: [item, ...].")
+
+
 def _coerce(key: str, value: Any, tp) -> Any:
     """YAML reads '1e-3' as a string (YAML 1.1); turn strings into the field's number/bool type."""
     if isinstance(value, bool) and str in _scalar_types(tp) and bool not in _scalar_types(tp):
@@ -74,6 +88,9 @@ def _coerce(key: str, value: Any, tp) -> Any:
     if isinstance(value, str) and typing.get_origin(tp) is list:  # one item where a list is wanted: --key item
         return [value]
     if not isinstance(value, str):
+        _check_kind(key, value, tp)
+        if isinstance(value, int) and _scalar_types(tp) == {bool}:
+            return bool(value)  # 0 / 1, as the strings "0" / "1" are read
         if (
             isinstance(value, int)
             and not isinstance(value, bool)

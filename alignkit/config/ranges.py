@@ -45,6 +45,9 @@ EVERY = Rule("a whole number >= 1, or a fraction in (0, 1) of the total steps", 
 # null: sentence-transformers' default (transformers 5 folds a ratio into warmup_steps)
 OPTIONAL_UNIT = Rule("null or a number in [0, 1]", lambda x: x is None or (_num(x) and 0 <= x <= 1), "0.1")
 OPTIONAL_POSITIVE_INT = Rule("null or a whole number >= 1", lambda x: x is None or (_int(x) and x >= 1), "512")
+# POSITIVE's example is a learning rate; these keys are > 0 too, with an example of their own
+WEIGHT = Rule(POSITIVE.text, POSITIVE.ok, "1.0")
+TEMPERATURE = Rule(POSITIVE.text, POSITIVE.ok, "1.0")
 
 # key -> rule. A key absent from a recipe's groups is skipped (every stage has its own subset).
 RANGES: dict[str, Rule] = {
@@ -59,7 +62,7 @@ RANGES: dict[str, Rule] = {
     "warmup_steps": NON_NEGATIVE,
     # length of the run and its batches
     "max_steps": STEPS,
-    "num_train_epochs": POSITIVE,
+    "num_train_epochs": Rule(POSITIVE.text, POSITIVE.ok, "3"),
     "per_device_train_batch_size": POSITIVE_INT,
     "per_device_eval_batch_size": POSITIVE_INT,
     "gradient_accumulation_steps": POSITIVE_INT,
@@ -71,7 +74,7 @@ RANGES: dict[str, Rule] = {
     "dataloader_num_workers": NON_NEGATIVE_INT,
     # adapter
     "lora_r": POSITIVE_INT,
-    "lora_alpha": POSITIVE,
+    "lora_alpha": Rule(POSITIVE.text, POSITIVE.ok, "16"),
     "lora_dropout": FRACTION,
     # data and lengths
     "test_size": Rule(
@@ -121,15 +124,15 @@ CLASS_RANGES: dict[str, dict[str, Rule]] = {
             "a whole number >= 2 (the leave-one-out baseline needs another)", lambda x: _int(x) and x >= 2, "4"
         ),
     },
-    "desirable_weight": {"KTOConfig": POSITIVE},
-    "undesirable_weight": {"KTOConfig": POSITIVE},
+    "desirable_weight": {"KTOConfig": WEIGHT},
+    "undesirable_weight": {"KTOConfig": WEIGHT},
     "simpo_gamma": {"SimPOConfig": NON_NEGATIVE},
     "cpo_alpha": {"SimPOConfig": NON_NEGATIVE},
     "temperature": {
-        "GRPOConfig": POSITIVE,
-        "RLOOConfig": POSITIVE,
-        "OnlineDPOConfig": POSITIVE,
-        "DistillConfig": POSITIVE,
+        "GRPOConfig": TEMPERATURE,
+        "RLOOConfig": TEMPERATURE,
+        "OnlineDPOConfig": TEMPERATURE,
+        "DistillConfig": TEMPERATURE,
     },
     "max_new_tokens": {"OnlineDPOConfig": POSITIVE_INT},
     "max_completion_length": {"DistillConfig": POSITIVE_INT},

@@ -5,6 +5,7 @@ Every source is schema-checked on its own before mixing, so an error names the f
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -12,7 +13,7 @@ import random
 import re
 from pathlib import Path
 
-from alignkit.config.args import DataArguments, DatasetSource
+from alignkit.config.args import EVAL_SPLITS, DataArguments, DatasetSource
 from alignkit.data.bad_rows import BadRows
 from alignkit.data.files import (
     FILE_BUILDERS,
@@ -115,10 +116,12 @@ def load_source_split(source: DatasetSource, split: str | None = None):
         rows = [row for f, fmt in files for row in read_whole(f, source, fmt)[0]]
         return datasets.Dataset.from_list(rows) if files else None
     if is_glob(source.path):  # shards: data/train-*.parquet, corpus/**/*.jsonl
+        _check_split_label(source)
         return _load_shards(source, split)
     if path.is_file() and (fmt := special_format(path, source)):  # CoNLL / SQuAD files: read whole
         if split != source.split:
             return None
+        _check_split_label(source)
         return datasets.Dataset.from_list(read_whole(path, source, fmt)[0])
     if path.is_file():
         builder = FILE_BUILDERS.get(data_suffix(path))
@@ -130,6 +133,7 @@ def load_source_split(source: DatasetSource, split: str | None = None):
             )  # fmt: skip
         if split != source.split:
             return None  # a single file has one split
+        _check_split_label(source)
         check_file(path)
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
@@ -169,6 +173,21 @@ def load_source_split(source: DatasetSource, split: str | None = None):
             "check the path, or the dataset id and your network access",
         ) from exc
     return loaded[split] if split in loaded else None
+
+
+def _check_split_label(source: DatasetSource) -> None:
+    """A file or a glob of shards holds one split: its ``split`` only says whether the rows train (``train``) or are
+    held out (EVAL_SPLITS: role eval). Any other name is a DataError with the closest one: a typo such as ``tset``
+    would otherwise train on the held-out rows."""
+    known = ("train", *EVAL_SPLITS)
+    if str(source.split).lower() not in known:
+        close = difflib.get_close_matches(str(source.split).lower(), known, n=1, cutoff=0.6)
+        raise DataError(
+            source.path, None, f"split '{source.split}' is not a split of a file or glob, which holds one: trained, "
+            f"or held out when split is one of {', '.join(EVAL_SPLITS)}",
+            (f"did you mean split: {close[0]}? " if close else "") + "Write split: test (or role: eval) for held-out "
+            "rows, or leave split out to train on them",
+        )  # fmt: skip
 
 
 def _load_shards(source, split: str):

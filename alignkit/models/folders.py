@@ -178,6 +178,13 @@ def check_model_folder(folder: str | Path, fix: str | None = None) -> Path:
         shards = ["model.safetensors"]
     for shard in shards:
         if not (folder / shard).is_file():
+            pickles = sorted(f.name for f in folder.iterdir() if f.name.endswith((".bin", ".pt", ".pth", ".ckpt")))
+            if pickles and not any(f.name.endswith(".safetensors") for f in folder.iterdir()):
+                raise PreflightError(
+                    f"{folder}: holds only pickle weights ({', '.join(pickles[:3])}), which can run code when loaded, "
+                    "so alignkit does not load them. Fix: convert them to safetensors (load the model with "
+                    "transformers and save_pretrained it: safetensors is the default)."
+                )
             raise damaged(folder / shard, "missing (a half-written model folder)", fix)
         check_safetensors(folder / shard, fix)
     return folder

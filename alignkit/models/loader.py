@@ -20,7 +20,7 @@ import torch
 
 from alignkit import runtime, speedups
 from alignkit.config.args import AdapterArguments, ModelArguments, QuantizationArguments
-from alignkit.errors import ConfigError, PreflightError
+from alignkit.errors import ConfigError, PreflightError, suggest
 from alignkit.models.heads import check_head_exists, get_head
 from alignkit.models.sources import ModelSource, resolve_source
 from alignkit.stages import stages_training
@@ -221,6 +221,7 @@ def apply_adapter(
     if peft_config is None:
         return model
     _check_target_modules(model, peft_config)
+    _check_modules_to_save(model, adapter_args.lora_modules_to_save)
     return get_peft_model(model, peft_config)
 
 
@@ -243,6 +244,22 @@ def _check_target_modules(model, peft_config) -> None:
     if missing:
         raise ConfigError(
             f"lora_target_modules: {missing} not found in the model. Fix: use 'all-linear' or some of {linear}."
+        )
+
+
+def _check_modules_to_save(model, names) -> None:
+    """Each of the recipe's ``lora_modules_to_save`` names a module (peft matches a full name or its dotted ending);
+    peft skips a name that matches nothing, so a typo (``lm_headd``) trained and saved nothing of it, silently."""
+    if not names:
+        return
+    full = [n for n, _ in model.named_modules()]
+    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in full)]
+    if missing:
+        top = sorted({n.split(".")[-1] for n in full if n and not n.split(".")[-1].isdigit()})
+        close = suggest(missing[0], top)
+        raise ConfigError(
+            f"lora_modules_to_save: {missing} not found in the model.{close} Fix: name modules it has (e.g. lm_head, "
+            "embed_tokens), or remove the key."
         )
 
 

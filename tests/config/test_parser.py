@@ -100,6 +100,34 @@ def test_bad_values_fail_with_fix(recipe_file):
         parse_recipe(SFTConfig, ["--config", str(recipe_file), "--max_steps", "ten"])
 
 
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("assistant_only_loss: 2", "assistant_only_loss: 2 is not a valid bool"),  # was taken as true
+        ("load_in_4bit: []", "load_in_4bit: \\[\\] is not a valid bool"),  # was taken as false
+        ("output_dir: [a]", "output_dir: \\['a'\\] is not text"),  # was "SFTConfig: expected str, ..."
+        ("chat_template: {a: 1}", "chat_template: .* is not text"),
+        ("datasets: 5", "datasets: 5 is not a list"),  # was "DataArguments: 'int' object is not iterable"
+        ("num_train_epochs: -1", "e.g. num_train_epochs: 3\\)"),  # the example was a learning rate (2e-4)
+        ("lora_alpha: 0", "e.g. lora_alpha: 16\\)"),
+    ],
+)
+def test_a_yaml_value_of_the_wrong_kind_names_its_key(recipe_file, line, message):
+    key = line.split(":")[0]
+    kept = [x for x in recipe_file.read_text().splitlines() if not x.startswith(f"{key}:")]
+    if key == "datasets":
+        kept = [x for x in kept if not x.startswith(" ")]
+    recipe_file.write_text("\n".join([*kept, line]) + "\n")
+    with pytest.raises(ConfigError, match=message):
+        parse_recipe(SFTConfig, ["--config", str(recipe_file)])
+
+
+def test_a_yaml_bool_may_be_0_or_1(recipe_file):
+    recipe_file.write_text(recipe_file.read_text() + "assistant_only_loss: 1\nload_in_4bit: 0\n")
+    recipe = parse_recipe(SFTConfig, ["--config", str(recipe_file)])
+    assert recipe.train.assistant_only_loss is True and recipe.quant.load_in_4bit is False
+
+
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         parse_recipe(SFTConfig, ["--config", str(tmp_path / "nope.yaml")])

@@ -117,6 +117,20 @@ def test_held_out_rows_never_train_even_when_upsampled(tmp_path):
     assert counts == {"a": 2 * (20 - held_a), "b": 10 - (8 - held_a)}  # the weight applies to the training rows
 
 
+def test_a_file_split_that_names_no_split_is_refused_not_trained(tmp_path):
+    """A file holds one split: `split: test` makes it the eval split; `split: tset` (a typo) trained it, held-out rows
+    included, without a word. Now a DataError with the closest name; train and the eval names still work."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"a{i}"} for i in range(6)])
+    held = write_jsonl(tmp_path / "held.jsonl", [{"text": f"b{i}"} for i in range(3)])
+    for split, match in [("tset", "split 'tset' is not a split.*did you mean split: test"), ("mine", "split 'mine'")]:
+        with pytest.raises(DataError, match=match):
+            load_datasets(DataArguments(datasets=[str(train), {"path": str(held), "split": split}]), CPT)
+    data = load_datasets(DataArguments(datasets=[str(train), {"path": str(held), "split": "Validation"}]), CPT)
+    assert {k: len(v) for k, v in data.items()} == {"train": 6, "test": 3}
+    data = load_datasets(DataArguments(datasets=[{"path": str(train), "split": "train"}, str(held)]), CPT)
+    assert {k: len(v) for k, v in data.items()} == {"train": 9}
+
+
 def test_a_glob_of_shards_is_one_source(tmp_path):
     """Issue 19: local folders of shards load as one source, in file-name order; a pattern that matches nothing
     or mixes file types is an error naming it."""

@@ -95,6 +95,20 @@ def test_unknown_target_module_is_a_clear_error():
         )
 
 
+def test_unknown_module_to_save_is_a_clear_error():
+    """peft skips a modules_to_save name that matches nothing: lm_headd trained and saved no head, silently."""
+    with pytest.raises(ConfigError, match=r"lora_modules_to_save: \['lm_headd'\] not found.*Did you mean 'lm_head'"):
+        load_model(
+            ModelArguments(model_name_or_path="tiny:llama"),
+            adapter_args=AdapterArguments(lora_r=4, lora_modules_to_save=["lm_headd"]),
+        )
+    model = load_model(
+        ModelArguments(model_name_or_path="tiny:llama"),
+        adapter_args=AdapterArguments(lora_r=4, lora_modules_to_save=["lm_head"]),
+    )
+    assert model.peft_config["default"].modules_to_save == ["lm_head"]
+
+
 def test_pickle_only_weights_are_refused(tmp_path, tiny_llama):
     import shutil
 

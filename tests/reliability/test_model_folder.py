@@ -63,6 +63,9 @@ def folders(tmp_path_factory):
     (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    pickled = root / "pickled"  # a folder saved with safe_serialization=False: pytorch_model.bin only
+    shutil.copytree(tiny_model_path("llama"), pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")  # never loaded: the name is what counts
     return root
 
 
@@ -105,6 +108,19 @@ def test_an_empty_or_incomplete_model_folder_exits_2_with_one_line(argv, folder,
     line = _one_line(_alignkit_in_process(capfd, *argv))
     assert path in line and all(w in line for w in words), line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["sft", "--datasets", str(TINY_DATA / "sft.jsonl"), "--model_name_or_path"], ["chat"], ["export", "gguf"]],
+)
+def test_a_pickle_only_model_folder_is_named_as_such_by_every_command(argv, folders, tmp_path, capfd):
+    """Training refused a .bin-only folder as pickle weights; chat, eval, generate and export called it "missing (a
+    half-written model folder)" and said to write it again. Both now say what it is and to convert it."""
+    path = str(folders / "pickled")
+    argv = [*argv, path, "--output_dir", str(tmp_path / "out")] if argv[0] == "sft" else [*argv, path]
+    line = _one_line(_alignkit_in_process(capfd, *argv))
+    assert path in line and "only pickle weights" in line and "half-written" not in line, line
 
 
 def test_a_text_prompt_with_message_replies_exits_2_naming_the_row(tmp_path):
