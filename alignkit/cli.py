@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alignkit import quiet
-from alignkit.errors import DataError, run_cli
+from alignkit.errors import DataError, run_cli, stdout_closed
 from alignkit.stages import STAGES
 
 
@@ -545,6 +545,15 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``alignkit <command> [options]``: the exit status (0, 2 for bad input, 1 for a stopped run, 141 when the
+    reader of the output left, as in ``alignkit recipes | head -1``)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError as exc:
+        return stdout_closed(exc)
+
+
+def _main(argv: list[str] | None) -> int:
     process_entry = argv is None  # the console script / python -m alignkit.cli, not an in-process call
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in quiet.VERBOSE_FLAGS for a in argv):  # every third-party line (alignkit.quiet), in child ranks too

@@ -114,10 +114,40 @@ def skip_final_collections() -> None:
         skip_final_collections.registered = True
 
 
+STDOUT_CLOSED = 141  # 128 + SIGPIPE: the exit status of a command whose reader went away (``yes | head -1``)
+
+
+def stdout_closed(exc: BrokenPipeError) -> int:
+    """The exit status for a BrokenPipeError: :data:`STDOUT_CLOSED` when it is standard output that is closed (the
+    reader of ``alignkit init sft | head -1`` took what it wanted and left), with standard output pointed at
+    /dev/null so the interpreter's last flush fails no more, instead of a traceback. Re-raises ``exc`` when standard
+    output still writes (a pipe to a child process broke: a real error)."""
+    import os
+    import select
+    import sys
+
+    try:
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)  # a pipe whose reader left polls POLLERR
+        gone = any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll here, or no file behind stdout: take it as closed
+        fd, gone = None, True
+    if not gone:
+        raise exc
+    if fd is not None:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+        except OSError:
+            pass
+    return STDOUT_CLOSED
+
+
 def run_cli(main, argv=None, process_entry: bool | None = None):
     """Run a command-line entry point. Bad input (an AlignkitError, found before training starts) prints its message,
     which names the file, row or key and the fix, instead of a traceback through alignkit's internals, and exits 2;
-    a run stopped on a NaN/Inf loss exits 1. ``ALIGNKIT_TRACEBACK=1`` re-raises, for debugging. ``process_entry``
+    a run stopped on a NaN/Inf loss exits 1; output cut off by its reader (``| head``) exits 141 without a
+    traceback (:func:`stdout_closed`). ``ALIGNKIT_TRACEBACK=1`` re-raises, for debugging. ``process_entry``
     (default: ``argv`` is None, i.e. ``main`` reads this process's own command line) applies
     :func:`skip_final_collections`; in-process calls with an argv leave the collector alone."""
     import os
@@ -127,6 +157,8 @@ def run_cli(main, argv=None, process_entry: bool | None = None):
         skip_final_collections()
     try:
         return main(argv)
+    except BrokenPipeError as exc:
+        raise SystemExit(stdout_closed(exc)) from None
     except AlignkitError as exc:
         if os.environ.get("ALIGNKIT_TRACEBACK") == "1":
             raise
