@@ -288,7 +288,7 @@ class RecipeParser:
                 raise
             except (TypeError, ValueError) as exc:  # an upstream config's own check (transformers, trl)
                 raise ConfigError(
-                    f"{cls.__name__}: {exc}. Fix: correct the value it names (--help lists every key)."
+                    f"{cls.__name__}: {str(exc).rstrip('.')}. Fix: correct the value it names (--help lists every key)."
                 ) from exc
         return tuple(instances)
 

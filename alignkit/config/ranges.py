@@ -306,6 +306,17 @@ def check_combinations(values: dict[str, Any], classes) -> None:
             "other. Fix: remove one of them."
         )
     procs = f" x {world} processes" if world > 1 else ""
+    strategy = str(_value("eval_strategy", values, classes) or "no").rsplit(".", 1)[-1].lower()
+    eval_key = "num_generations_eval" if values.get("num_generations_eval") is not None else "num_generations"
+    eval_ng, eval_batch = values.get(eval_key, ng), _value("per_device_eval_batch_size", values, classes)
+    if strategy != "no" and _int(eval_ng) and _int(eval_batch) and eval_ng >= 1 and (eval_batch * world) % eval_ng:
+        multiple = eval_ng // math.gcd(eval_ng, world)
+        raise ConfigError(
+            f"{eval_key} ({eval_ng}) must divide the completions generated per evaluation batch: "
+            f"per_device_eval_batch_size ({eval_batch}){procs} = {eval_batch * world}. Fix: set "
+            f"per_device_eval_batch_size to a multiple of {multiple} (e.g. {multiple * max(1, eval_batch // multiple)}"
+            f"), or num_generations_eval to one of {_divisors(eval_batch * world) or [1]}."
+        )
     if gen_size is not None:
         if gen_size % (batch * world):
             raise ConfigError(

@@ -232,6 +232,11 @@ def _run_recipe_cli(stage, argv, capfd):
             ["--generation_batch_size", "8", "--steps_per_generation", "2"],
             "generation_batch_size (8) and steps_per_generation (2) are both set",
         ),  # fmt: skip
+        (
+            "grpo",
+            ["--test_size", "4", "--eval_strategy", "steps", "--eval_steps", "2", "--per_device_eval_batch_size", "3"],
+            "num_generations (4) must divide the completions generated per evaluation batch: per_device_eval_batch_size (3) = 3. Fix: set per_device_eval_batch_size to a multiple of 4",
+        ),  # fmt: skip
         # transformers said "Your setup doesn't support bf16/gpu. You need to assign use_cpu"
         (
             "sft",
@@ -283,3 +288,11 @@ def test_bf16_without_a_gpu_names_use_cpu_and_with_it_trains(tmp_path, capfd):
     argv = ["--bf16", "true", "--use_cpu", "true", "--output_dir", str(tmp_path / "o"), "--print_config"]
     code, captured = _run_recipe_cli("sft", argv, capfd)
     assert code in (0, None) and "bf16: true" in captured.out
+
+
+def test_an_upstream_message_passed_through_ends_in_one_period(tmp_path, capfd):
+    """A check alignkit leaves to transformers (its message names the right keys) keeps its words, not a '..'."""
+    argv = ["--dataloader_prefetch_factor", "2", "--output_dir", str(tmp_path / "o")]
+    code, captured = _run_recipe_cli("sft", argv, capfd)
+    line = captured.err.strip().splitlines()[-1]
+    assert code == 2 and "--dataloader_num_workers > 0. Fix: correct the value it names" in line, line
