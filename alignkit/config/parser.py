@@ -273,9 +273,11 @@ class RecipeParser:
     def build(self, values: dict[str, Any]) -> tuple:
         """Instantiate every group from a flat dict of values (already key-checked). The values the recipe sets are
         range-checked first (alignkit.config.ranges), so that upstream classes never see them."""
-        from alignkit.config.ranges import check_values
+        from alignkit.config.ranges import check_combinations, check_values
 
-        check_values({k: _coerce(k, v, self.types[k]) for k, v in values.items()}, self.owners)
+        coerced = {k: _coerce(k, v, self.types[k]) for k, v in values.items()}
+        check_values(coerced, self.owners)
+        check_combinations(coerced, self.dataclass_types)
         instances = []
         for cls in self.dataclass_types:
             names = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -286,7 +288,7 @@ class RecipeParser:
                 raise
             except (TypeError, ValueError) as exc:  # an upstream config's own check (transformers, trl)
                 raise ConfigError(
-                    f"{cls.__name__}: {exc}. Fix: correct the value it names (--help lists every key)."
+                    f"{cls.__name__}: {str(exc).rstrip('.')}. Fix: correct the value it names (--help lists every key)."
                 ) from exc
         return tuple(instances)
 

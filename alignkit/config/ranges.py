@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -250,3 +251,98 @@ def check_ranges(groups) -> None:
         if g is not None:
             fields = [f.name for f in dataclasses.fields(g) if f.init]
             check_values({name: getattr(g, name) for name in fields}, {name: [type(g)] for name in fields})
+
+
+def _value(key: str, values: dict[str, Any], classes) -> Any:
+    """The recipe's value of ``key``, else the default of the first class that has it (None: no class has it)."""
+    if key in values:
+        return values[key]
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            if f.name == key and f.init:
+                if f.default is not dataclasses.MISSING:
+                    return f.default
+                if f.default_factory is not dataclasses.MISSING:
+                    return f.default_factory()
+    return None
+
+
+def _divisors(n: int, low: int = 2) -> list[int]:
+    return [d for d in range(low, n + 1) if n % d == 0]
+
+
+def check_combinations(values: dict[str, Any], classes) -> None:
+    """Checks across keys that trl and transformers make in their configs' __post_init__, made here first so that
+    the error names the keys the recipe has (trl names generation_batch_size, which it derives from the batch keys)
+    and values that work. ``values``: the recipe's coerced values; ``classes``: the stage's dataclasses."""
+    for bf16, fp16 in (("bf16", "fp16"), ("bf16_full_eval", "fp16_full_eval")):
+        if values.get(bf16) is True and values.get(fp16) is True:
+            raise ConfigError(
+                f"{bf16} and {fp16} are both true: a run uses one precision. Fix: set one of them to false ({bf16} "
+                "where the hardware has it; leave bf16 unset for alignkit to choose by device), or remove both."
+            )
+    names = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    if "use_cpu" in names and (values.get("bf16") is True or values.get("bf16_full_eval") is True):
+        from alignkit import runtime
+
+        key = "bf16" if values.get("bf16") is True else "bf16_full_eval"
+        if not values.get("use_cpu") and not runtime.gpu_available():
+            raise ConfigError(
+                f"{key}: true on a machine without a GPU needs use_cpu: true (transformers takes bf16 on a CPU only "
+                "as CPU autocast). Fix: add use_cpu: true, or remove bf16 (alignkit then chooses bf16 autocast on a "
+                "CPU with bf16 units, fp32 otherwise: docs/cpu-mixed-precision.md)."
+            )
+    if "num_generations" not in names or "generation_batch_size" not in names:
+        return
+    ng = _value("num_generations", values, classes)
+    batch = _value("per_device_train_batch_size", values, classes)
+    if not (_int(ng) and _int(batch)) or ng < 1 or batch < 1:
+        return  # check_values names a bad value itself
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    gen_size, steps = values.get("generation_batch_size"), values.get("steps_per_generation")
+    if gen_size is not None and steps is not None:
+        raise ConfigError(
+            f"generation_batch_size ({gen_size}) and steps_per_generation ({steps}) are both set; each fixes the "
+            "other. Fix: remove one of them."
+        )
+    procs = f" x {world} processes" if world > 1 else ""
+    strategy = str(_value("eval_strategy", values, classes) or "no").rsplit(".", 1)[-1].lower()
+    eval_key = "num_generations_eval" if values.get("num_generations_eval") is not None else "num_generations"
+    eval_ng, eval_batch = values.get(eval_key, ng), _value("per_device_eval_batch_size", values, classes)
+    if strategy != "no" and _int(eval_ng) and _int(eval_batch) and eval_ng >= 1 and (eval_batch * world) % eval_ng:
+        multiple = eval_ng // math.gcd(eval_ng, world)
+        raise ConfigError(
+            f"{eval_key} ({eval_ng}) must divide the completions generated per evaluation batch: "
+            f"per_device_eval_batch_size ({eval_batch}){procs} = {eval_batch * world}. Fix: set "
+            f"per_device_eval_batch_size to a multiple of {multiple} (e.g. {multiple * max(1, eval_batch // multiple)}"
+            f"), or num_generations_eval to one of {_divisors(eval_batch * world) or [1]}."
+        )
+    if gen_size is not None:
+        if gen_size % (batch * world):
+            raise ConfigError(
+                f"generation_batch_size ({gen_size}) must be a multiple of per_device_train_batch_size ({batch}){procs}"
+                f"{f' (= {batch * world})' if world > 1 else ''}. Fix: set generation_batch_size to e.g. {batch * world * max(1, gen_size // (batch * world))}"
+                ", or remove it (default: per_device_train_batch_size x gradient_accumulation_steps)."
+            )
+        if gen_size % ng:
+            raise ConfigError(
+                f"generation_batch_size ({gen_size}) must be a multiple of num_generations ({ng}): each prompt's {ng} "
+                f"completions are scored as one group in one generation batch. Fix: set num_generations to one of "
+                f"{_divisors(gen_size)}, or generation_batch_size to a multiple of {math.lcm(ng, batch * world)}."
+            )
+        return
+    key = "steps_per_generation" if steps is not None else "gradient_accumulation_steps"
+    accum = steps if steps is not None else _value("gradient_accumulation_steps", values, classes)
+    if not _int(accum) or accum < 1:
+        return
+    size = batch * world * accum
+    if size % ng:
+        batches = sorted({ng // math.gcd(ng, world * accum) * k for k in (1, 2)})
+        accums = ng // math.gcd(ng, batch * world)
+        raise ConfigError(
+            f"num_generations ({ng}) must divide the completions generated per step: per_device_train_batch_size "
+            f"({batch}) x {key} ({accum}){procs} = {size}; each prompt's {ng} completions are scored as one group. "
+            f"Fix: set num_generations to one of {_divisors(size) or [2]}"
+            + (" (with a larger batch)" if size < 2 else "")
+            + f", or per_device_train_batch_size to {' or '.join(map(str, batches))}, or {key} to {accums}."
+        )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,17 +205,20 @@ _SENTENCE_ENDS = ("</s>", "<｜end▁of▁sentence｜>")  # end-of-turn tokens t
 
 
 def families_in_vocabulary(tokenizer) -> list[str]:
-    """Families whose end-of-turn token is one token of ``tokenizer``'s vocabulary and not its plain eos (a base
-    Gemma's ``<end_of_turn>``: ``gemma``, ``gemma3``): the formats a base model of that family can train in without
-    new embedding rows (tokens this run added are not counted). Used to name the fix when a recipe's ChatML does not
-    fit (issue 36, case 1)."""
+    """Families whose end-of-turn token is one token of ``tokenizer``'s vocabulary and not its plain eos, and whose
+    other marker tokens (:func:`marker_tokens`) are too (a base Gemma's ``<start_of_turn>``/``<end_of_turn>``:
+    ``gemma``, ``gemma3``): the formats a base model of that family can train in without new embedding rows (tokens
+    this run added are not counted). Used to name the fix when a recipe's ChatML does not fit (issue 36, case 1)."""
     out, added = [], set(getattr(tokenizer, "alignkit_new_token_ids", None) or ())
+
+    def have(token):
+        return _one_token(tokenizer, token) and tokenizer.convert_tokens_to_ids(token) not in added
+
     for name, family in FAMILIES.items():
         token = family.end_of_turn
         if token == tokenizer.eos_token or token in _SENTENCE_ENDS:
             continue
-        ids = tokenizer(token, add_special_tokens=False)["input_ids"]
-        if len(ids) == 1 and ids[0] not in added and tokenizer.convert_ids_to_tokens(ids[0]) == token:
+        if all(have(t) for t in marker_tokens(name, tokenizer)):
             out.append(name)
     return out
 
@@ -232,25 +236,59 @@ def family_hint(tokenizer) -> str:
     )
 
 
-def add_end_of_turn_token(tokenizer, name: str) -> list[str]:
-    """Make family ``name``'s end-of-turn token one special token of the vocabulary, as trl's
-    ``clone_chat_template`` adds the source's tokens: used as is where the vocabulary has it (a base Gemma's
-    ``<end_of_turn>``), else added; ``tokenizer.alignkit_new_token_ids`` lists added ids (their embedding rows are
-    trained and saved with the adapter). Returns what changed, for the contract's report."""
+# A turn or structure marker a template writes as one special token: gpt-oss/Llama 3/Phi/ChatML's <|...|>,
+# DeepSeek's full-width <｜...｜>, Gemma's <start_of_turn>/<end_of_turn>. Tags such as <think> and <tool_call> are
+# content the assistant writes inside its turn (the real Qwen/DeepSeek vocabularies hold them as ordinary, non-special
+# tokens) and Mistral v0.2's [INST] is plain text in its vocabulary: neither is a marker here.
+_MARKER = re.compile(r"<\|[^|<>\s{}]{1,40}\|>|<｜[^｜<>\s{}]{1,40}｜>|<(?:start|end)_of_turn>")
+_JINJA_COMMENT = re.compile(r"\{#.*?#\}", re.S)
+
+
+@functools.cache
+def _template_markers(name: str) -> tuple[str, ...]:
+    text = _JINJA_COMMENT.sub("", stock_template(name) + twin_template(name))
+    return tuple(dict.fromkeys(_MARKER.findall(text)))
+
+
+def marker_tokens(name: str, tokenizer) -> tuple[str, ...]:
+    """Every special token family ``name``'s template writes as a turn or structure marker, its end-of-turn token
+    first, then the rest in the order the template text has them (gpt-oss: <|return|>, <|start|>, <|end|>,
+    <|message|>, <|channel|>, <|call|>). Derived from the template text (stock and twin, Jinja comments left out),
+    so every family's set follows its template. chatml_eos: the tokenizer's eos only (its <|im_start|> is text)."""
     token = end_of_turn_token(name, tokenizer)
-    tokenizer.alignkit_new_token_ids = []
-    if token is None:
-        return []
+    if name == "chatml_eos":
+        return (token,) if token else ()
+    return tuple(dict.fromkeys([t for t in (token,) if t] + list(_template_markers(name))))
+
+
+def _one_token(tokenizer, token: str) -> bool:
     ids = tokenizer(token, add_special_tokens=False)["input_ids"]
-    if len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == token:
-        if token not in tokenizer.all_special_tokens:
-            tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+    return len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == token
+
+
+def add_family_tokens(tokenizer, name: str) -> list[str]:
+    """Make every marker token of family ``name`` (:func:`marker_tokens`: its end-of-turn token and turn
+    delimiters) one special token of the vocabulary, as trl's ``clone_chat_template`` adds the source's tokens: used
+    as is where the vocabulary has it (a base Gemma's ``<start_of_turn>``/``<end_of_turn>``), else added, so no
+    marker is split into pieces (a split end-of-turn of an earlier turn would end its trained span off the stop
+    token, and generation could not stop on it). ``tokenizer.alignkit_new_token_ids`` lists added ids (their
+    embedding rows are trained and saved with the adapter). Returns what changed, for the contract's report."""
+    tokenizer.alignkit_new_token_ids = []
+    markers = marker_tokens(name, tokenizer)
+    missing = [t for t in markers if not _one_token(tokenizer, t)]
+    unmarked = [t for t in markers if t not in missing and t not in tokenizer.all_special_tokens]
+    if unmarked:
+        tokenizer.add_special_tokens({"additional_special_tokens": unmarked}, replace_extra_special_tokens=False)
+    if not missing:
         return []
-    tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
-    tokenizer.alignkit_new_token_ids = [tokenizer.convert_tokens_to_ids(token)]
+    tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    tokenizer.alignkit_new_token_ids = [tokenizer.convert_tokens_to_ids(t) for t in missing]
+    n = len(missing)
     return [
-        f"chat_template {name}: its end-of-turn token {token!r} is not in the vocabulary; added it as a special "
-        "token (embeddings grow by one; its rows are trained and saved with the adapter)"
+        f"chat_template {name}: its marker token{'s' if n > 1 else ''} {', '.join(map(repr, missing))} "
+        f"{'are' if n > 1 else 'is'} not in the vocabulary; added {'them' if n > 1 else 'it'} as special "
+        f"token{'s' if n > 1 else ''} (embeddings grow by {n}; {'their' if n > 1 else 'its'} rows are trained and "
+        "saved with the adapter)"
     ]
 
 

@@ -130,7 +130,7 @@ def prove_twin(tokenizer, stock: str, twin: str, family: str) -> Features:
     ``stock`` accepts, with the stock template's refusals refused alike, and every assistant turn marked by
     ``{% generation %}`` through a special token (the turn's stop token). Returns the stock template's
     :class:`Features`; ConfigError naming the probe otherwise."""
-    from alignkit.data.templates import assistant_spans, span_stop, special_ids
+    from alignkit.data.templates import span_stop, special_ids, turn_spans
 
     features = template_features(tokenizer, stock)
     special = special_ids(tokenizer)
@@ -149,7 +149,8 @@ def prove_twin(tokenizer, stock: str, twin: str, family: str) -> Features:
         out = tokenizer.apply_chat_template(
             messages, chat_template=twin, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **kwargs
         )
-        ids, spans = list(out["input_ids"]), assistant_spans(list(out["assistant_masks"]))
+        ids = list(out["input_ids"])
+        spans = turn_spans(ids, list(out["assistant_masks"]), tokenizer)
         want = assistant_turns(messages)
         if len(spans) != want or any(span_stop(ids[a:b], special, tokenizer) is None for a, b in spans):
             ends = [tokenizer.decode(ids[max(a, b - 3) : b]) for a, b in spans]

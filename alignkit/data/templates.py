@@ -128,6 +128,20 @@ def assistant_spans(mask: list[int]) -> list[tuple[int, int]]:
     return spans
 
 
+def turn_spans(ids: list[int], mask: list[int], tokenizer) -> list[tuple[int, int]]:
+    """:func:`assistant_spans`, with spans separated only by blank tokens joined into one turn: a twin that marks a
+    turn's end marker and the eos after the last turn in two blocks (trl's Phi-3 twin: ``<|end|>\n`` then
+    ``</s>``) leaves the newline between them unmarked on a vocabulary that writes it as two tokens (Llama 2's
+    ``▁`` + ``\n`` after a special token); that is still one assistant turn, ending on a stop token."""
+    spans: list[tuple[int, int]] = []
+    for a, b in assistant_spans(mask):
+        if spans and all(_is_blank(tokenizer, t) for t in ids[spans[-1][1] : a]):
+            spans[-1] = (spans[-1][0], b)
+        else:
+            spans.append((a, b))
+    return spans
+
+
 def span_stop(ids: list[int], special: set[int], tokenizer) -> int | None:
     """The stop token a trained span ends on: its last special token, followed by whitespace at most; else None."""
     for token in reversed(ids):
@@ -149,7 +163,8 @@ def check_turn_ends(tokenizer, assistant_only_loss: bool) -> list[int]:
     probe = accepted_probe(tokenizer)
     if assistant_only_loss:
         out = tokenizer.apply_chat_template(probe, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        ids, spans = list(out["input_ids"]), assistant_spans(list(out["assistant_masks"]))
+        ids = list(out["input_ids"])
+        spans = turn_spans(ids, list(out["assistant_masks"]), tokenizer)
         if len(spans) != 2:
             raise ConfigError(
                 "assistant_only_loss: the chat template does not mark assistant turns with {% generation %} ... "
@@ -224,4 +239,30 @@ def end_of_turn_ids(tokenizer) -> list[int]:
         except ConfigError:
             stops = []
         ids += [i for i in stops if i not in ids]
+        ids += [i for i in _tool_call_stops(tokenizer) if i not in ids]
     return ids
+
+
+def _tool_call_stops(tokenizer) -> list[int]:
+    """The stop tokens a family's template ends a tool-calling assistant turn with where that differs from its
+    end-of-turn token (gpt-oss: ``<|call|>``), found by rendering the tools probe with the family's training twin:
+    generation must stop on them too."""
+    from alignkit.data.chat_families import FAMILIES, identify, twin_template
+    from alignkit.data.chat_probes import PROBES
+
+    name = identify(tokenizer.chat_template)
+    if name not in FAMILIES:
+        return []
+    messages, kwargs = PROBES["tools"]
+    try:
+        out = tokenizer.apply_chat_template(
+            messages, chat_template=twin_template(name), tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=True, **kwargs,
+        )  # fmt: skip
+    except Exception:  # noqa: BLE001 - a template that cannot render tools has no tool-call stop
+        return []
+    ids, special = list(out["input_ids"]), special_ids(tokenizer)
+    stops = (
+        span_stop(ids[a:b], special, tokenizer) for a, b in turn_spans(ids, list(out["assistant_masks"]), tokenizer)
+    )
+    return [i for i in dict.fromkeys(stops) if i is not None]

@@ -401,9 +401,11 @@ def fit_embeddings(model, tokenizer) -> None:
         if getattr(model, "is_loaded_in_4bit", False):
             from alignkit.data.chat_families import family_hint
 
+            added = tokenizer.convert_ids_to_tokens(list(getattr(tokenizer, "alignkit_new_token_ids", None) or ()))
+            what = f"the chat family's marker tokens {', '.join(added)}" if added else "a pad token"
             raise PreflightError(
                 "the tokenizer needs more tokens than the 4-bit model's embeddings hold (the tokenizer contract "
-                "added a pad or a chat family's end-of-turn token). Fix: train without load_in_4bit, or use tokens "
+                f"added {what}). Fix: train without load_in_4bit, or use tokens "
                 "the vocabulary has (an existing pad_token; chat_template: chatml_eos for a vocabulary without "
                 f"<|im_end|>{family_hint(tokenizer)})."
             )

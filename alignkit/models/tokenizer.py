@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from alignkit.config.args import ModelArguments
-from alignkit.data.chat_families import add_end_of_turn_token, family_hint, family_names, prepare_chat_template
+from alignkit.data.chat_families import add_family_tokens, family_hint, family_names, prepare_chat_template
 from alignkit.data.templates import (
     check_turn_ends,
     default_system_prompt,
@@ -125,7 +125,7 @@ def apply_contract(
             )
         installed = bool(chat_template) and chat_template in family_names()
         if installed:
-            changes += add_end_of_turn_token(tokenizer, chat_template)
+            changes += add_family_tokens(tokenizer, chat_template)
         info = prepare_chat_template(
             tokenizer,
             installed=installed,

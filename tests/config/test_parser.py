@@ -182,3 +182,117 @@ def test_yaml_merge_keys_and_anchors_work_and_stay_strict(tmp_path):
     path.write_text("x-d: &d\n  lora_r: 4\n<<: *d\nlora_r: 8\nlora_r: 16\nmodel_name_or_path: tiny:llama\n")
     with pytest.raises(ConfigError, match="'lora_r' is set twice, on line 4 and line 5"):
         parse_recipe(SFTConfig, ["--config", str(path)])
+
+
+def _run_recipe_cli(stage, argv, capfd):
+    import runpy
+
+    from conftest import REPO
+
+    from alignkit.errors import run_cli
+
+    main = runpy.run_path(str(REPO / "recipes" / f"{stage}.py"), run_name="alignkit_recipe")["main"]
+    with pytest.raises(SystemExit) as exited:
+        run_cli(main, ["--config", f"recipes/tiny/{stage}.yaml", *argv])
+    return exited.value.code, capfd.readouterr()
+
+
+@pytest.mark.parametrize(
+    "stage,argv,message",
+    [
+        # trl named generation_batch_size, a key the recipe never set (it is per_device_train_batch_size x
+        # gradient_accumulation_steps), with 'Fix: correct the value it names'
+        (
+            "grpo",
+            ["--num_generations", "3"],
+            "num_generations (3) must divide the completions generated per step: per_device_train_batch_size (4) x gradient_accumulation_steps (1) = 4; each prompt's 3 completions are scored as one group. Fix: set num_generations to one of [2, 4], or per_device_train_batch_size to 3 or 6, or gradient_accumulation_steps to 3.",
+        ),  # fmt: skip
+        (
+            "rloo",
+            ["--num_generations", "3"],
+            "num_generations (3) must divide the completions generated per step: per_device_train_batch_size (4) x gradient_accumulation_steps (1) = 4",
+        ),  # fmt: skip
+        (
+            "grpo",
+            ["--num_generations", "4", "--steps_per_generation", "3", "--per_device_train_batch_size", "2"],
+            "per_device_train_batch_size (2) x steps_per_generation (3) = 6",
+        ),  # fmt: skip
+        (
+            "grpo",
+            ["--generation_batch_size", "6"],
+            "generation_batch_size (6) must be a multiple of per_device_train_batch_size (4). Fix:",
+        ),  # fmt: skip
+        (
+            "grpo",
+            ["--generation_batch_size", "8", "--num_generations", "3"],
+            "generation_batch_size (8) must be a multiple of num_generations (3)",
+        ),  # fmt: skip
+        (
+            "grpo",
+            ["--generation_batch_size", "8", "--steps_per_generation", "2"],
+            "generation_batch_size (8) and steps_per_generation (2) are both set",
+        ),  # fmt: skip
+        (
+            "grpo",
+            ["--test_size", "4", "--eval_strategy", "steps", "--eval_steps", "2", "--per_device_eval_batch_size", "3"],
+            "num_generations (4) must divide the completions generated per evaluation batch: per_device_eval_batch_size (3) = 3. Fix: set per_device_eval_batch_size to a multiple of 4",
+        ),  # fmt: skip
+        # transformers said "Your setup doesn't support bf16/gpu. You need to assign use_cpu"
+        (
+            "sft",
+            ["--bf16", "true", "--fp16", "true"],
+            "bf16 and fp16 are both true: a run uses one precision. Fix: set one of them to false",
+        ),  # fmt: skip
+        (
+            "dpo",
+            ["--bf16_full_eval", "true", "--fp16_full_eval", "true", "--use_cpu", "true"],
+            "bf16_full_eval and fp16_full_eval are both true",
+        ),  # fmt: skip
+    ],
+)
+def test_keys_that_do_not_fit_together_are_named_before_trl_sees_them(stage, argv, message, tmp_path, capfd):
+    """Defect 16e-2: a combination trl or transformers would refuse in its own words (naming a key the recipe never
+    set, or another problem) is refused first, naming the recipe's keys and values that work: exit 2, no traceback,
+    nothing written."""
+    out = tmp_path / "out"
+    code, captured = _run_recipe_cli(stage, [*argv, "--output_dir", str(out)], capfd)
+    line = captured.err.strip().splitlines()[-1]
+    assert code == 2 and line.startswith("alignkit: ConfigError: ") and message in line, line
+    assert "Traceback" not in captured.err and ".." not in line and "correct the value it names" not in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [  # the values the num_generations message above offers, each accepted
+        ["--num_generations", "2"],
+        ["--num_generations", "3", "--per_device_train_batch_size", "3"],
+        ["--num_generations", "3", "--per_device_train_batch_size", "6"],
+        ["--num_generations", "3", "--gradient_accumulation_steps", "3"],
+    ],
+)
+def test_the_offered_num_generations_fixes_are_accepted(argv, tmp_path, capfd):
+    code, captured = _run_recipe_cli("grpo", [*argv, "--output_dir", str(tmp_path / "o"), "--print_config"], capfd)
+    assert code in (0, None) and "num_generations:" in captured.out, captured.err[-500:]
+
+
+def test_bf16_without_a_gpu_names_use_cpu_and_with_it_trains(tmp_path, capfd):
+    """transformers' own words were 'Your setup doesn't support bf16/gpu'; the key to add is use_cpu."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    code, captured = _run_recipe_cli("sft", ["--bf16", "true", "--output_dir", str(tmp_path / "o")], capfd)
+    assert code == 2 and "bf16: true on a machine without a GPU needs use_cpu: true" in captured.err
+    assert "Traceback" not in captured.err
+    argv = ["--bf16", "true", "--use_cpu", "true", "--output_dir", str(tmp_path / "o"), "--print_config"]
+    code, captured = _run_recipe_cli("sft", argv, capfd)
+    assert code in (0, None) and "bf16: true" in captured.out
+
+
+def test_an_upstream_message_passed_through_ends_in_one_period(tmp_path, capfd):
+    """A check alignkit leaves to transformers (its message names the right keys) keeps its words, not a '..'."""
+    argv = ["--dataloader_prefetch_factor", "2", "--output_dir", str(tmp_path / "o")]
+    code, captured = _run_recipe_cli("sft", argv, capfd)
+    line = captured.err.strip().splitlines()[-1]
+    assert code == 2 and "--dataloader_num_workers > 0. Fix: correct the value it names" in line, line

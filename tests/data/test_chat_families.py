@@ -91,8 +91,8 @@ def test_chat_template_family_on_a_base_tokenizer(family, tmp_path):
     eot = tok.eos_token if family == "chatml_eos" else FAMILIES.get(family, FAMILIES["qwen2_5"]).end_of_turn
     eot_id = tok.convert_tokens_to_ids(eot)
     assert eot_id in tok.alignkit_stop_ids
-    if family != "chatml_eos":  # added as one special token, its rows trained
-        assert tok.alignkit_new_token_ids == [eot_id] and any("not in the vocabulary" in c for c in changes)
+    if family != "chatml_eos":  # added as one special token (first of the family's markers), its rows trained
+        assert tok.alignkit_new_token_ids[0] == eot_id and any("not in the vocabulary" in c for c in changes)
     save_tokenizer(tok, tmp_path)
     assert (tmp_path / "chat_template.jinja").read_text(encoding="utf-8") == stock_template(family)
 
@@ -257,7 +257,8 @@ def test_sft_with_chat_template_gemma3_on_a_base_model(tmp_path):
 
     eot = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<end_of_turn>")
     assert eot in json.loads((out / "generation_config.json").read_text())["eos_token_id"]
-    assert json.loads((out / "adapter_config.json").read_text())["trainable_token_indices"] == [eot]
+    sot = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<start_of_turn>")  # every marker, one token each
+    assert json.loads((out / "adapter_config.json").read_text())["trainable_token_indices"] == [eot, sot]
     entry = json.loads((out / "alignkit_run.json").read_text())["lineage"][-1]
     assert entry["chat_template"] == {"family": "gemma3", "source": "installed, twin"}
     assert "gemma3" in (out / "README.md").read_text()
@@ -346,3 +347,51 @@ def test_alignkit_stock_templates_are_the_public_verbatim_copies():
         "mistral": "26a59556925c987317ce5291811ba3b7f32ec4c647c400c6cc7e3a9993007ba7",
         "phi4": "a41fb8727c4f1e722e53cb1ea935038a1177b8bdf09387f3b048f9da5255ef3e",
     }
+
+
+def _chat(tools: bool, reasoning: bool) -> dict:
+    """Two assistant turns (so an earlier turn's end marker is rendered too), with a tool call and its result where
+    the family renders tools and a reasoning block where it renders reasoning."""
+    row = _tool_row() if tools else {"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "It is 5."}]}  # fmt: skip
+    messages = [*row["messages"], {"role": "user", "content": "And 2 + 4?"}, {"role": "assistant", "content": "6."}]
+    if reasoning:
+        messages[-1] = {**messages[-1], "reasoning_content": "Two plus four makes six."}
+    described = [{"type": "function", "function": {"name": "add", "description": "Add.", "parameters": {"type": "object", "properties": {}}}}]  # fmt: skip
+    return {"messages": messages, **({"tools": described} if tools else {})}
+
+
+@pytest.mark.parametrize("family", ["chatml", *sorted(TABLE)])
+def test_every_family_installed_on_a_base_vocabulary_adds_every_marker_as_one_token(family):
+    """Defect 16e-1: chat_template: gptoss on tiny:llama added only <|return|>, so <|end|> (which closes earlier
+    turns) was split into pieces and the twin's first span ended on 'd|>'. Every marker the family's template writes
+    (stop tokens and turn delimiters, derived from the template text) is now one special token: the rendered chat
+    has each marker as its own id, as many times as the text has it, and every trained span ends on a stop token,
+    the last on the family's own end-of-turn token."""
+    from alignkit.data.chat_families import marker_tokens
+    from alignkit.data.templates import span_stop, turn_spans
+    from alignkit.testing.tiny import _base_llama_tokenizer
+
+    tok = _base_llama_tokenizer()
+    size = len(tok)
+    apply_contract(tok, chat_template=family, chat=True, assistant_only_loss=True)
+    markers = marker_tokens(family, tok)
+    new = [m for m in markers if m not in (tok.eos_token, tok.bos_token)]
+    assert tok.convert_ids_to_tokens(tok.alignkit_new_token_ids) == new and len(tok) == size + len(new)
+    tools, reasoning = TABLE.get(family, (False, False))
+    chat = _chat(tools, reasoning)
+    out = tok.apply_chat_template(chat["messages"], tools=chat.get("tools"), tokenize=True, return_dict=True, return_assistant_tokens_mask=True)  # fmt: skip
+    ids = out["input_ids"]
+    text = tok.apply_chat_template(chat["messages"], tools=chat.get("tools"), tokenize=False)
+    for marker in markers:
+        assert text.count(marker) == ids.count(tok.convert_tokens_to_ids(marker)), marker  # never split in pieces
+    spans = turn_spans(ids, out["assistant_masks"], tok)
+    assert len(spans) == sum(m["role"] == "assistant" for m in chat["messages"])
+    stops = set(tok.alignkit_stop_ids)
+    assert all(span_stop(ids[a:b], stops, tok) is not None for a, b in spans), [tok.decode(ids[a:b]) for a, b in spans]
+    eot = FAMILIES[family].end_of_turn if family in FAMILIES else "<|im_end|>"
+    last = ids[spans[-1][0] : spans[-1][1]]
+    assert tok.convert_tokens_to_ids(eot) in last and "6." in tok.decode(last)
+    if tools:
+        assert any("add" in tok.decode(ids[a:b]) for a, b in spans[:-1])  # the call is trained
+    if reasoning:
+        assert "Two plus four" in text

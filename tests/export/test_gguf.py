@@ -244,7 +244,7 @@ def test_the_merged_folder_carries_what_vllm_reads(adapter_run):
 def test_gemma3_layout_exports_through_llama_cpps_gemma3_converter_and_passes_the_gate(tmp_path):
     """Issue 38: tiny:gemma3's layout (sliding-window layers of 8 tokens, tied embeddings, Gemma's +1 RMSNorm, 1 KV
     head, query_pre_attn_scalar; 6 layers of head_dim 256, what a GGUF can express, see below) with SmolLM2's tokenizer (llama.cpp's converter only knows released tokenizers),
-    SFT-trained in Gemma's chat format, whose <end_of_turn> is added with a trainable (tied) row,
+    SFT-trained in Gemma's chat format, whose <end_of_turn> and <start_of_turn> are added with trainable (tied) rows,
     merged and exported: the GGUF is llama.cpp's gemma3 architecture with the window and one tied token table, and
     its logits read back equal the merged model's on prompts longer than the window. The real Gemma 3 270M: the
     gemma3-marked test in tests/demo/test_gemma3_model.py."""
@@ -290,7 +290,9 @@ def test_gemma3_layout_exports_through_llama_cpps_gemma3_converter_and_passes_th
     names = {t.name for t in reader.tensors}
     assert "token_embd.weight" in names and "output.weight" not in names  # one tied table, as Gemma ships it
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    assert int(embd.shape[-1]) == len(tokenizer) + 1  # the added <end_of_turn> has its (trained) row
+    assert (
+        int(embd.shape[-1]) == len(tokenizer) + 2
+    )  # the added <end_of_turn>, <start_of_turn> have their (trained) rows
 
 
 @pytest.mark.llamacpp  # needs `alignkit fetch llama-cpp` (not in install.sh)
