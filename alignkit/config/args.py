@@ -420,7 +420,13 @@ class DataArguments:
 class RunArguments:
     """How alignkit runs the stage (around the trainer)."""
 
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing over a finished run."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the run in output_dir: its checkpoints move to superseded-checkpoints/, deleted once "
+            "this run finishes."
+        },
+    )
     label_preview: bool = field(
         default=False, metadata={"help": "Print one tokenized example with trained tokens marked, then exit."}
     )

@@ -210,6 +210,47 @@ def last_complete_checkpoint(output_dir: Path, before: int | None = None) -> Pat
     return next((p for p in reversed(found) if checkpoint_is_complete(p)), None)
 
 
+# Where a run moves the checkpoints of the run it replaces (overwrite_output_dir) or of the steps it retrains (a resume
+# from an earlier checkpoint by path): kept whole, never taken by a resume; an overwriting run deletes it once it has
+# finished (alignkit.train.output_folder.drop_replaced_checkpoints).
+SUPERSEDED_DIR = "superseded-checkpoints"
+
+
+def superseded(output_dir: Path) -> list[Path]:
+    """The checkpoints set aside in ``output_dir``'s SUPERSEDED_DIR (every earlier run's), oldest first."""
+    return sorted((Path(output_dir) / SUPERSEDED_DIR).glob(f"*/{PREFIX_CHECKPOINT_DIR}-*"))
+
+
+def set_aside(output_dir: Path, after: int) -> list[Path]:
+    """Move every complete checkpoint past step ``after`` into ``SUPERSEDED_DIR/<UTC time>/`` and delete the
+    incomplete ones (a save a kill cut short: nothing in it can be resumed). Returns the new paths."""
+    import shutil
+    import time
+
+    later = [p for p in checkpoints(output_dir) if checkpoint_step(p) > after]
+    if not later:
+        return []
+    stamp = Path(output_dir) / SUPERSEDED_DIR / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    moved, dest, n = [], stamp, 1
+    while dest.exists():  # two runs started within one second
+        n += 1
+        dest = stamp.with_name(f"{stamp.name}-{n}")
+    for folder in later:
+        if not checkpoint_is_complete(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.warning("%s: deleted (a save cut short, not resumable; this run writes that step again)", folder)
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        folder.rename(dest / folder.name)  # one rename: the checkpoint is whole in one place or the other
+        moved.append(dest / folder.name)
+    if moved:
+        logger.warning(
+            "%s: %s of another run (past step %d, where this run starts) moved to %s; never resumed from",
+            output_dir, ", ".join(p.name for p in moved), after, dest,
+        )  # fmt: skip
+    return moved
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -229,13 +270,10 @@ class AtomicCheckpoints(TrainerCallback):
         self.save_total_limit = save_total_limit
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # Checkpoints past the step this run starts from belong to another trajectory (an overwritten run, or the
-        # future of an earlier checkpoint resumed by path). This run rewrites them file by file, so they stop counting.
+        # Checkpoints past the step this run starts from belong to another trajectory (the run overwrite_output_dir
+        # replaces, or the future of an earlier checkpoint resumed by path): moved aside whole, never rewritten in place
         if state.is_world_process_zero:
-            for folder in checkpoints(args.output_dir):
-                if checkpoint_step(folder) > state.global_step and (folder / CHECKPOINT_MANIFEST).is_file():
-                    (folder / CHECKPOINT_MANIFEST).unlink()
-                    logger.warning("%s: from another run; no longer a resume candidate", folder)
+            set_aside(Path(args.output_dir), after=state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
         from accelerate import PartialState

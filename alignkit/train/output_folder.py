@@ -12,7 +12,7 @@ from pathlib import Path
 from alignkit.errors import PreflightError
 from alignkit.export.outputs import OutputDirLock  # noqa: F401 (the run lock; merge and export share its module)
 from alignkit.runs import RunRecord
-from alignkit.train.callbacks import checkpoints
+from alignkit.train.callbacks import SUPERSEDED_DIR, checkpoints, superseded
 from alignkit.train.resume import wants_resume
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,64 @@ def check_output_dir(output_dir: Path, run_args, resume) -> None:
             f"output_dir {out}: only {free_gb:.1f} GiB free, below min_free_disk_gb={run_args.min_free_disk_gb}. "
             "Fix: free disk space or choose another output_dir."
         )
+
+
+def inputs_of(recipe, source) -> list[tuple[str, str]]:
+    """(key, local path) of everything a run reads from disk: the model (and the adapter output it hands off from,
+    with the adapters folded under it), the tokenizer, chat template, teacher and reward model, and each dataset
+    (a glob: the folder above its first wildcard). Names that are not local paths (Hub ids, tiny:...) are left out."""
+    m, t = recipe.model, recipe.train
+    found = [("model_name_or_path", m.model_name_or_path), ("model_name_or_path (its base)", source.base),
+             ("model_name_or_path (its adapter)", source.adapter_dir),
+             *(("model_name_or_path (an adapter under it)", a) for a in source.fold_adapters),
+             ("tokenizer_name_or_path", m.tokenizer_name_or_path),
+             ("chat_template_path", getattr(t, "chat_template_path", None)),
+             ("teacher_model_name_or_path", getattr(t, "teacher_model_name_or_path", None)),
+             ("reward_model_path", getattr(t, "reward_model_path", None))]  # fmt: skip
+    for i, ds in enumerate(getattr(recipe.data, "datasets", None) or []):
+        path = str(getattr(ds, "path", ds) or "")
+        parts = Path(path).parts
+        if any(c in path for c in "*?["):  # a glob of shards: its fixed part
+            parts = parts[: next(n for n, part in enumerate(parts) if any(c in part for c in "*?["))]
+        found.append((f"datasets[{i}].path", str(Path(*parts)) if parts else None))
+    return [(key, str(path)) for key, path in found if isinstance(path, str) and path and Path(path).exists()]
+
+
+def check_output_not_input(output_dir: Path, recipe, source) -> None:
+    """Refuse an ``output_dir`` that is, holds or lies inside something the run reads (:func:`inputs_of`): the
+    run would write over its own model, adapter or data (overwrite_output_dir would replace the adapter a run starts
+    from). PreflightError naming both keys and the fix, before any model loads."""
+    out = Path(output_dir).resolve()
+    for key, path in inputs_of(recipe, source):
+        where = Path(path).resolve()
+        if out == where:
+            how = "is"
+        elif where.is_relative_to(out):
+            how = "holds"
+        elif out.is_relative_to(where):
+            how = "lies inside"
+        else:
+            continue
+        raise PreflightError(
+            f"output_dir {output_dir}: {how} {key} ({path}), which this run reads; its outputs and checkpoints would "
+            f"be written over what it loads. Fix: choose an output_dir outside {path} (e.g. {_sibling(output_dir)})."
+        )
+
+
+def _sibling(output_dir: Path) -> str:
+    out = Path(output_dir)
+    return str(out.with_name(f"{out.name}-next")) if out.name else "outputs/next"
+
+
+def drop_replaced_checkpoints(output_dir: Path) -> None:
+    """After an overwriting run finished: delete the checkpoints of the runs it replaced (moved aside into
+    ``SUPERSEDED_DIR`` when it started): overwrite_output_dir asked for it, and the new run is complete."""
+    folder = Path(output_dir) / SUPERSEDED_DIR
+    old = superseded(output_dir)
+    if folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+        logger.info("overwrite_output_dir: deleted the replaced run's %s (%s)", SUPERSEDED_DIR,
+                    ", ".join(p.name for p in old) or "empty")  # fmt: skip
 
 
 RUN_ID_FILE = ".alignkit_run_id"

@@ -16,6 +16,7 @@ from alignkit.train.callbacks import (
     checkpoint_is_complete,
     checkpoints,
     last_complete_checkpoint,
+    superseded,
 )
 from alignkit.train.checkpoint_files import check_checkpoint, marked
 
@@ -38,6 +39,12 @@ def resolve_resume(output_dir: Path, resume) -> str | None:
         if last is None:
             partial = ", ".join(p.name for p in checkpoints(output_dir))
             found = f"only incomplete checkpoints ({partial}: cut short while saving)" if partial else "no checkpoint"
+            if aside := superseded(output_dir):  # another run's, set aside when this folder's run was replaced
+                found += (
+                    f" of its own run ({', '.join(str(p.relative_to(output_dir)) for p in aside[-4:])} are checkpoints "
+                    "of an earlier run that an overwriting or resumed run set aside, never resumed from; give one's "
+                    "path to resume_from_checkpoint to train on from it)"
+                )
             raise PreflightError(
                 f"resume_from_checkpoint: true, but {output_dir} holds {found}. Fix: start the run without "
                 "resume_from_checkpoint (with overwrite_output_dir: true), or give the path of a complete checkpoint."

@@ -26,7 +26,13 @@ from alignkit.train import checks, resume
 from alignkit.train.assumptions import check_trainer_assumptions, set_stop_ids
 from alignkit.train.callbacks import PICKLED_ARGS, AtomicCheckpoints, NonFiniteGuard, ResolvedConfigToWandb
 from alignkit.train.distributed import debug_callback, end_process_group_at_exit
-from alignkit.train.output_folder import OutputDirLock, check_output_dir, check_shared_output_dir
+from alignkit.train.output_folder import (
+    OutputDirLock,
+    check_output_dir,
+    check_output_not_input,
+    check_shared_output_dir,
+    drop_replaced_checkpoints,
+)
 from alignkit.train.rewards import CheckedReward, RewardCounts
 from alignkit.train.stopping import SignalStop, disk_full_stop, reward_stopped
 
@@ -93,6 +99,7 @@ class Run:
         t = self.recipe.train
         self.precision = precision_record(self.recipe)  # once per run: logged, and written to alignkit_run.json
         logger.info("precision: %s", self.precision)
+        check_output_not_input(self.output_dir, self.recipe, self.source)  # before anything is written there
         if runtime.is_main_process():
             self.lock.acquire()  # before any check: a live run's folder is never judged, resumed or overwritten
         check_output_dir(self.output_dir, self.recipe.run, t.resume_from_checkpoint)
@@ -383,6 +390,8 @@ class Run:
         trainer.state.save_to_json(str(self.output_dir / "trainer_state.json"))
         (self.output_dir / CONFIG_FILE).write_text(self.recipe.dump())
         self._write_metadata(status="finished", metrics=metrics)
+        if self.recipe.run.overwrite_output_dir and not self.resume_checkpoint:  # the replaced run's, asked for
+            drop_replaced_checkpoints(self.output_dir)
         from alignkit.export.card import write_model_card
 
         write_model_card(self.output_dir)
