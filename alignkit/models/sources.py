@@ -10,12 +10,17 @@ alignkit stage).
 | adapter output | ``outputs/sft`` | the adapter's base, with the adapter to hand off and its lineage |
 | run output | ``outputs/dpo-merged`` | a plain model written by alignkit, with its lineage |
 | local dir | ``/models/llama`` | itself (with ``gguf_file``: that file, converted once) |
+| unreachable hub id | ``foo/model`` offline | refused at once when neither cached nor reachable (:func:`check_hub_name`) |
 | hub id | ``HuggingFaceTB/SmolLM2-135M-Instruct`` | itself (transformers downloads it, if the Hub is reachable) |
+
+A name that is evidently local (``./x``, ``~/x``, ``a/b/c``, or ``outputs/x`` where ``outputs`` is a folder here) and
+does not exist is refused at once ("missing path"), never sent to the Hub.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,16 +126,39 @@ def _plain_file(name: str, _) -> ModelSource:
     )
 
 
+def _local_root(name: str) -> str | None:
+    """Why ``name`` is evidently a local path, not a Hub id: it starts with ./ ../ / or ~, has more parts than a Hub
+    id's 'namespace/name', or its first part is a folder here (``outputs/`` in ``outputs/sft``). None otherwise."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return "it is a path"
+    first = name.split("/", 1)[0]
+    if "/" in name and Path(first).is_dir():
+        return f"'{first}' is a folder here"
+    return None
+
+
 def _is_missing_path(name: str, _) -> bool:
-    # not a Hub id ('namespace/name') either: say so, rather than the Hub client's "Repo id must be in the form"
-    return not Path(name).exists() and (name.count("/") > 1 or name.startswith((".", "/", "~")))
+    # said at once, with no network call: transformers would take it for a Hub id and retry the Hub for ~30 s
+    return not Path(name).expanduser().exists() and _local_root(name) is not None
+
+
+def missing_path_error(name: str, key: str = "model_name_or_path") -> ConfigError:
+    """The ConfigError for a local-looking ``name`` that does not exist (see :func:`_local_root`)."""
+    hub = ""
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        hub = (
+            f" ('{name}' is read as a local path because {_local_root(name)}; for the Hub model of that name, run "
+            "from a folder without it)"
+        )
+    return ConfigError(
+        f"{key}: '{name}' does not exist. Fix: check the path, or point it at a model or an earlier stage's "
+        "output_dir (run that stage first), a Hub id, or a built-in name such as tiny:llama or "
+        f"smollm2:SmolLM2-135M-Instruct{hub}."
+    )
 
 
 def _missing(name: str, _) -> ModelSource:
-    raise ConfigError(
-        f"model_name_or_path: '{name}' does not exist. Fix: point it at a model or an earlier stage's output_dir "
-        "(run that stage first), a Hub id, or a built-in name such as tiny:llama or smollm2:SmolLM2-135M-Instruct."
-    )
+    raise missing_path_error(name)
 
 
 def _is_unknown_prefix(name: str, _) -> bool:
@@ -187,6 +215,73 @@ def check_model_folder(
         )
 
 
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached from here, said at once: ``HF_HUB_OFFLINE`` set, or no TCP connection to
+    ``HF_ENDPOINT`` (default https://huggingface.co) within 3 s (a failed DNS lookup fails at once). None when it
+    answers, or when a proxy is configured (then huggingface_hub's own requests decide). Asked once per process;
+    without it, huggingface_hub retries a Hub id 5 times with backoff (~25-50 s of warnings) before failing."""
+    import os
+
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    return _probe(constants.ENDPOINT)
+
+
+@functools.cache
+def _probe(endpoint: str) -> str | None:
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=3).close()
+    except OSError as exc:
+        return f"{url.hostname}:{port} does not answer ({exc.strerror or exc})"
+    return None
+
+
+def is_cached_hub_model(name: str) -> bool:
+    """True when the Hub model ``name`` is in the local Hugging Face cache (its config.json, read offline)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def check_hub_name(name: str, key: str = "model_name_or_path") -> None:
+    """A name that is not a local path: a local-looking one that does not exist is refused at once
+    (:func:`missing_path_error`); a Hub id neither cached nor reachable is refused at once, naming why the Hub cannot
+    be reached. ConfigError; nothing is sent but one TCP connection attempt (none with ``HF_HUB_OFFLINE``)."""
+    if Path(name).expanduser().exists():
+        return
+    if _local_root(name) is not None:
+        raise missing_path_error(name, key)
+    if not is_hub_id(name) or is_cached_hub_model(name):
+        return
+    if why := hub_unreachable():
+        raise ConfigError(
+            f"{key}: '{name}' is not a folder here, so it would be a Hub id, and the Hub cannot be reached ({why}); it "
+            "is not in the local Hugging Face cache either. Fix: check the name (a local folder? an earlier stage's "
+            "output_dir?), or download it where the Hub is reachable (the cache, HF_HOME, is then used offline)."
+        )
+
+
+def _is_unreachable_hub_id(name: str, _) -> bool:
+    return is_hub_id(name) and not is_cached_hub_model(name) and hub_unreachable() is not None
+
+
+def _unreachable_hub_id(name: str, _) -> ModelSource:
+    check_hub_name(name)
+    return ModelSource(base=name)  # reached only if the Hub answered meanwhile
+
+
 def _local_dir(name: str, model_args: ModelArguments) -> ModelSource:
     if Path(name).is_dir():  # a Hub id is not a folder here: transformers resolves it
         # (its tokenizer may come from elsewhere: an adapter's folder, tokenizer_name_or_path; load_tokenizer says)
@@ -204,6 +299,7 @@ SCHEMES: tuple[Scheme, ...] = (
     Scheme("gguf", "model.Q4_1.gguf", _is_gguf, _gguf),
     Scheme("adapter output", "outputs/sft", _is_adapter_output, _adapter_output),
     Scheme("run output", "outputs/dpo-merged", lambda n, _: RunRecord.for_model(n) is not None, _run_output),
+    Scheme("unreachable hub id", "foo/model (offline)", _is_unreachable_hub_id, _unreachable_hub_id),
     Scheme("local dir or hub id", "HuggingFaceTB/SmolLM2-135M-Instruct", lambda n, _: True, _local_dir),
 )  # fmt: skip
 

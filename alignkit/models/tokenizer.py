@@ -15,7 +15,7 @@ from alignkit.data.templates import (
     resolve_chat_template,
 )
 from alignkit.errors import ConfigError, PreflightError
-from alignkit.models.sources import resolve_source
+from alignkit.models.sources import check_hub_name, resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     source = source or resolve_source(model_args)
+    if model_args.tokenizer_name_or_path:  # a mistyped path or an unreachable Hub id: said at once, not after retries
+        check_hub_name(model_args.tokenizer_name_or_path, "tokenizer_name_or_path")
     name = model_args.tokenizer_name_or_path or source.adapter_dir or source.base
     kwargs = {"trust_remote_code": model_args.trust_remote_code, "revision": model_args.revision}
     try:
