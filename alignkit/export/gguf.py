@@ -277,7 +277,9 @@ def merged_folder(run_or_merged: str | Path) -> Path:
 
         check_complete(folder, what="export")  # names what the folder lacks ('is empty', config.json, ...)
     if not (folder / "config.json").is_file():
-        raise ConfigError(f"{folder}: not a model folder (no config.json). Fix: give a merged model or an adapter run.")
+        gone = " does not exist" if not folder.exists() else " is not a model folder (no config.json)"
+        raise ConfigError(f"{folder}:{gone}. Fix: give a merged model or an adapter run (a local folder; export reads no "
+                          "Hub id).")  # fmt: skip
     return folder
 
 

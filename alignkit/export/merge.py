@@ -60,6 +60,11 @@ def merge_adapter(
     from transformers import AutoTokenizer
 
     adapter_dir = Path(adapter_dir)
+    if not adapter_dir.exists():
+        raise ConfigError(
+            f"{adapter_dir}: does not exist. Fix: pass a run's output_dir (a local folder with adapter_config.json and "
+            "adapter_model.safetensors; merge reads no Hub id)."
+        )
     if not (adapter_dir / "adapter_config.json").is_file():
         empty = " (the folder is empty)" if adapter_dir.is_dir() and not any(adapter_dir.iterdir()) else ""
         raise ConfigError(

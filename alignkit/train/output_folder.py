@@ -52,8 +52,8 @@ def check_output_dir(output_dir: Path, run_args, resume) -> None:
 
 def inputs_of(recipe, source) -> list[tuple[str, str]]:
     """(key, local path) of everything a run reads from disk: the model (and the adapter output it hands off from,
-    with the adapters folded under it), the tokenizer, chat template, teacher and reward model, and each dataset
-    (a glob: the folder above its first wildcard). Names that are not local paths (Hub ids, tiny:...) are left out."""
+    with the adapters folded under it), the tokenizer, chat template, teacher and reward models (``reward_model_path``,
+    ``reward_funcs`` folders), and each dataset (a glob: the folder above its first wildcard). Names that are not local paths (Hub ids, tiny:...) are left out."""
     m, t = recipe.model, recipe.train
     found = [("model_name_or_path", m.model_name_or_path), ("model_name_or_path (its base)", source.base),
              ("model_name_or_path (its adapter)", source.adapter_dir),
@@ -62,6 +62,9 @@ def inputs_of(recipe, source) -> list[tuple[str, str]]:
              ("chat_template_path", getattr(t, "chat_template_path", None)),
              ("teacher_model_name_or_path", getattr(t, "teacher_model_name_or_path", None)),
              ("reward_model_path", getattr(t, "reward_model_path", None))]  # fmt: skip
+    for group in recipe.extra:  # the reward models of GRPO/RLOO/online DPO: reward stage output folders
+        funcs = getattr(group, "reward_funcs", None) or []
+        found += [(f"reward_funcs[{i}]", f) for i, f in enumerate(funcs) if isinstance(f, str) and Path(f).is_dir()]
     for i, ds in enumerate(getattr(recipe.data, "datasets", None) or []):
         path = str(getattr(ds, "path", ds) or "")
         parts = Path(path).parts

@@ -70,3 +70,17 @@ def test_eval_of_a_mistyped_output_path_names_it_without_hub_retries(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "'outputs/nonexist' does not exist" in done.stderr and "Traceback" not in done.stderr
     assert "Retry" not in done.stderr and "huggingface.co" not in done.stderr
+
+
+@pytest.mark.parametrize("name", ["outputs/nonexist", "foo/nonexist"])
+def test_merge_and_export_name_a_missing_folder(name, tmp_path, monkeypatch, no_network):
+    """merge and export read local folders only: a missing one is named as missing, not as 'not an adapter output'."""
+    from alignkit.export.gguf import merged_folder
+    from alignkit.export.merge import merge_adapter
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    with pytest.raises(ConfigError, match=rf"^{name}: does not exist\. Fix: .*merge reads no Hub id"):
+        merge_adapter(name)
+    with pytest.raises(ConfigError, match=rf"^{name}: does not exist\. Fix: .*export reads no Hub id"):
+        merged_folder(name)

@@ -10,6 +10,7 @@ any model loads.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -91,6 +92,21 @@ def test_an_output_dir_over_the_model_it_starts_from_is_refused(sft_3_steps, tmp
     with pytest.raises(PreflightError, match=rf"output_dir {out}: {how} {key} \({sft}\).*Fix: choose an output_dir"):
         run_recipe("dpo", _dpo_from(sft, out, "--overwrite_output_dir", "true"))
     assert {p: p.stat().st_mtime_ns for p in sft.rglob("*")} == before  # the adapter is untouched
+
+
+@pytest.mark.parametrize(
+    "stage, key",
+    [("distill", "teacher_model_name_or_path"), ("grpo", "reward_funcs"), ("sft", "tokenizer_name_or_path")],
+)
+def test_an_output_dir_over_a_teacher_reward_model_or_tokenizer_is_refused(stage, key, sft_3_steps, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(sft_3_steps, other)
+    value = json.dumps([str(other)]) if key == "reward_funcs" else str(other)
+    argv = ["--config", f"recipes/tiny/{stage}.yaml", f"--{key}", value, "--model_name_or_path", "tiny:llama",
+            "--load_in_4bit", "false", "--max_steps", "1", "--output_dir", str(other), "--overwrite_output_dir", "true"]  # fmt: skip
+    with pytest.raises(PreflightError, match=rf"output_dir {other}: is {re.escape(key)}"):
+        run_recipe(stage, argv)
+    assert (other / "adapter_model.safetensors").is_file() and (other / "checkpoint-3").is_dir()
 
 
 def test_an_output_dir_holding_the_data_is_refused(tmp_path):
