@@ -245,17 +245,21 @@ def _probe(endpoint: str) -> str | None:
     return None
 
 
-def is_cached_hub_model(name: str) -> bool:
-    """True when the Hub model ``name`` is in the local Hugging Face cache (its config.json, read offline)."""
+def is_cached_hub_model(name: str, revision: str | None = None) -> bool:
+    """True when the Hub model ``name`` (at ``revision``) is in the local Hugging Face cache (its config.json, or
+    a tokenizer's files, read offline)."""
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+        return any(
+            isinstance(try_to_load_from_cache(name, f, revision=revision), str)
+            for f in ("config.json", "tokenizer_config.json")
+        )
     except ValueError:  # not a valid repo id
         return False
 
 
-def check_hub_name(name: str, key: str = "model_name_or_path") -> None:
+def check_hub_name(name: str, key: str = "model_name_or_path", revision: str | None = None) -> None:
     """A name that is not a local path: a local-looking one that does not exist is refused at once
     (:func:`missing_path_error`); a Hub id neither cached nor reachable is refused at once, naming why the Hub cannot
     be reached. ConfigError; nothing is sent but one TCP connection attempt (none with ``HF_HUB_OFFLINE``)."""
@@ -263,7 +267,7 @@ def check_hub_name(name: str, key: str = "model_name_or_path") -> None:
         return
     if _local_root(name) is not None:
         raise missing_path_error(name, key)
-    if not is_hub_id(name) or is_cached_hub_model(name):
+    if not is_hub_id(name) or is_cached_hub_model(name, revision):
         return
     if why := hub_unreachable():
         raise ConfigError(
@@ -273,12 +277,12 @@ def check_hub_name(name: str, key: str = "model_name_or_path") -> None:
         )
 
 
-def _is_unreachable_hub_id(name: str, _) -> bool:
-    return is_hub_id(name) and not is_cached_hub_model(name) and hub_unreachable() is not None
+def _is_unreachable_hub_id(name: str, model_args: ModelArguments) -> bool:
+    return is_hub_id(name) and not is_cached_hub_model(name, model_args.revision) and hub_unreachable() is not None
 
 
-def _unreachable_hub_id(name: str, _) -> ModelSource:
-    check_hub_name(name)
+def _unreachable_hub_id(name: str, model_args: ModelArguments) -> ModelSource:
+    check_hub_name(name, revision=model_args.revision)
     return ModelSource(base=name)  # reached only if the Hub answered meanwhile
 
 

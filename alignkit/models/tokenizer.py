@@ -36,7 +36,7 @@ def load_tokenizer(
 
     source = source or resolve_source(model_args)
     if model_args.tokenizer_name_or_path:  # a mistyped path or an unreachable Hub id: said at once, not after retries
-        check_hub_name(model_args.tokenizer_name_or_path, "tokenizer_name_or_path")
+        check_hub_name(model_args.tokenizer_name_or_path, "tokenizer_name_or_path", model_args.revision)
     name = model_args.tokenizer_name_or_path or source.adapter_dir or source.base
     kwargs = {"trust_remote_code": model_args.trust_remote_code, "revision": model_args.revision}
     try:

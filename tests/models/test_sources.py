@@ -84,3 +84,19 @@ def test_merge_and_export_name_a_missing_folder(name, tmp_path, monkeypatch, no_
         merge_adapter(name)
     with pytest.raises(ConfigError, match=rf"^{name}: does not exist\. Fix: .*export reads no Hub id"):
         merged_folder(name)
+
+
+def test_a_cached_hub_id_offline_is_left_to_transformers(tmp_path, monkeypatch, no_network):
+    """The refusal is only for a Hub id that cannot load: one in the Hugging Face cache loads offline."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--foo--cached" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--foo--cached" / "refs").mkdir()
+    (cache / "models--foo--cached" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert resolve_source(ModelArguments(model_name_or_path="foo/cached")).base == "foo/cached"
+    with pytest.raises(ConfigError, match="the Hub cannot be reached"):
+        resolve_source(ModelArguments(model_name_or_path="foo/uncached"))
