@@ -390,7 +390,7 @@ class Run:
         trainer.state.save_to_json(str(self.output_dir / "trainer_state.json"))
         (self.output_dir / CONFIG_FILE).write_text(self.recipe.dump())
         self._write_metadata(status="finished", metrics=metrics)
-        if self.recipe.run.overwrite_output_dir and not self.resume_checkpoint:  # the replaced run's, asked for
+        if self.recipe.run.overwrite_output_dir:  # the replaced run's (also when this resumes the overwriting run)
             drop_replaced_checkpoints(self.output_dir)
         from alignkit.export.card import write_model_card
 

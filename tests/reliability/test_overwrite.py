@@ -61,6 +61,20 @@ def test_an_overwriting_run_stopped_early_keeps_the_old_checkpoints_aside(sft_3_
     assert "cut short" not in str(refused.value)
 
 
+def test_a_resumed_overwriting_run_drops_the_replaced_checkpoints_when_it_finishes(sft_3_steps, callbacks, tmp_path):  # noqa: F811
+    out, argv = tmp_path / "run", [*NEW_RUN, "--max_steps", "2"]
+    shutil.copytree(sft_3_steps, out)
+    callbacks.append(KillAtStepStart(1))  # after the new run's checkpoint-1
+    with pytest.raises(SimulatedKill):
+        run_recipe("sft", [*argv, "--output_dir", str(out)])
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-1"] and len(superseded(out)) == 3
+    assert resolve_resume(out, "true") == str(out / "checkpoint-1")  # the new run's, not the replaced run's -3
+    callbacks.clear()
+    run_recipe("sft", [*argv, "--output_dir", str(out), "--resume_from_checkpoint", "true"])
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / SUPERSEDED_DIR).exists()
+
+
 def test_a_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(sft_3_steps, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(sft_3_steps, out)
