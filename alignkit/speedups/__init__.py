@@ -148,19 +148,6 @@ def _zero_ref_adapter(ctx: Context) -> bool:
     return drop_zero_ref_adapter(ctx.target)
 
 
-def _unsharded_cpu(ctx: Context) -> bool:
-    """No GPU, and the parameters are whole on this rank (not ZeRO-3 / FSDP shards gathered by module hooks)."""
-    from alignkit.runtime import parameter_sharding
-
-    return _no_gpu(ctx) and parameter_sharding(getattr(ctx.target, "args", None)) is None
-
-
-def _fused_rms_norm(ctx: Context) -> bool:
-    from alignkit.speedups.norm import fuse_rms_norms
-
-    return fuse_rms_norms(ctx.target.model) > 0
-
-
 def _restore_peft_lora() -> None:
     from alignkit.speedups.bf16_lora import restore_peft_lora
 
@@ -286,16 +273,6 @@ SPEEDUPS: tuple[Speedup, ...] = (
         "no_grad) cast to bf16 once, not every step; one input cast shared by sibling layers; dropout in bf16 from "
         "16 random bits; a trained layer as one autograd node (LoraLinear) (bf16_lora.py; "
         "tests/speedups/test_bf16_lora.py)",
-    ),
-    Speedup(
-        "fused_rms_norm", "trainer", _unsharded_cpu, _fused_rms_norm,
-        upstream=(
-            Upstream("transformers.models.llama.modeling_llama:LlamaRMSNorm.forward", ("self", "hidden_states"),
-                     mentions=("variance_epsilon", "weight", "pow", "mean", "rsqrt")),
-        ),
-        doc="Llama-form RMSNorm (Llama, Qwen, Mistral, SmolLM2) as one autograd node running the same forward ops and "
-        "autograd's own derivative formulas: outputs and gradients equal bit for bit (norm.py; "
-        "tests/speedups/test_rms_norm.py)",
     ),
     Speedup(
         "cpt_fused_lm_head", "trainer", lambda ctx: ctx.stage == "cpt", _fused_cpt_loss,
