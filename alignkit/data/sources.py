@@ -31,6 +31,7 @@ from alignkit.data.formats import convert_source
 from alignkit.data.pairing import check_held_out_prompts, held_out_report, held_out_split
 from alignkit.data.places import RowPlaces, repeat_each
 from alignkit.errors import DataError
+from alignkit.hub import hub_unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -163,13 +164,15 @@ def load_source_split(source: DatasetSource, split: str | None = None):
         raise DataError(
             source.path, None, "file not found", "check the path (relative paths start from the current directory)"
         )
+    unreachable = hub_unreachable()  # an unreachable Hub turns the process offline: a cached dataset loads at once
     try:  # a Hub dataset id
         loaded = datasets.load_dataset(source.path, source.name)
     except Exception as exc:
+        why = f"; the Hub cannot be reached: {unreachable}, and it is not in the local cache" if unreachable else ""
         raise DataError(
             source.path,
             None,
-            f"not a local file or folder, and loading it from the Hub failed ({type(exc).__name__})",
+            f"not a local file or folder, and loading it from the Hub failed ({type(exc).__name__}{why})",
             "check the path, or the dataset id and your network access",
         ) from exc
     return loaded[split] if split in loaded else None

@@ -31,6 +31,7 @@ from pathlib import Path
 from alignkit.data.files import FILE_BUILDERS, data_suffix, is_glob, open_binary, shard_files
 from alignkit.data.formats import FORMATS, RowError, choose, renames
 from alignkit.errors import DataError
+from alignkit.hub import hub_unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class HubStream:
     def open(self):
         import datasets
 
+        if not Path(self.path).exists():  # a Hub id: an unreachable Hub turns the process offline (alignkit.hub)
+            hub_unreachable()
         try:
             return datasets.load_dataset(self.path, self.name, split=self.split, streaming=True)
         except ValueError as exc:

@@ -12,6 +12,7 @@ import fnmatch
 from pathlib import Path
 
 from alignkit.errors import PreflightError
+from alignkit.hub import hub_unreachable
 from alignkit.models.folders import check_file
 
 # What a pushed repo holds: card, weights, configs, tokenizer, chat template, alignkit's metadata and curves.
@@ -47,6 +48,11 @@ def preflight_push(hub_model_id: str, private: bool | None = None, token: str | 
     from huggingface_hub import HfApi
 
     token = _token(token)
+    if why := hub_unreachable():  # said at once, not after huggingface_hub's retries
+        raise PreflightError(
+            f"push_to_hub: the Hub could not be reached ({why}). Fix: check network access (and HF_HUB_OFFLINE, "
+            "HF_ENDPOINT), or set push_to_hub: false and push later with `alignkit push`."
+        )
     api = HfApi(token=token)
     try:
         user = api.whoami()

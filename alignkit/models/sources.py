@@ -11,7 +11,7 @@ alignkit stage).
 | run output | ``outputs/dpo-merged`` | a plain model written by alignkit, with its lineage |
 | local dir | ``/models/llama`` | itself (with ``gguf_file``: that file, converted once) |
 | unreachable hub id | ``foo/model`` offline | refused at once when neither cached nor reachable (:func:`check_hub_name`) |
-| hub id | ``HuggingFaceTB/SmolLM2-135M-Instruct`` | itself (transformers downloads it, if the Hub is reachable) |
+| hub id | ``HuggingFaceTB/SmolLM2-135M-Instruct`` | itself (transformers downloads it, if the Hub is reachable; from the cache, offline, if not: :mod:`alignkit.hub`) |
 
 A name that is evidently local (``./x``, ``~/x``, ``a/b/c``, or ``outputs/x`` where ``outputs`` is a folder here) and
 does not exist is refused at once ("missing path"), never sent to the Hub.
@@ -20,7 +20,6 @@ does not exist is refused at once ("missing path"), never sent to the Hub.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from alignkit.config.args import ModelArguments
 from alignkit.errors import ConfigError
+from alignkit.hub import hub_unreachable
 from alignkit.models import packaged
 from alignkit.runs import LineageEntry, RunRecord
 
@@ -215,36 +215,6 @@ def check_model_folder(
         )
 
 
-def hub_unreachable() -> str | None:
-    """Why the Hub cannot be reached from here, said at once: ``HF_HUB_OFFLINE`` set, or no TCP connection to
-    ``HF_ENDPOINT`` (default https://huggingface.co) within 3 s (a failed DNS lookup fails at once). None when it
-    answers, or when a proxy is configured (then huggingface_hub's own requests decide). Asked once per process;
-    without it, huggingface_hub retries a Hub id 5 times with backoff (~25-50 s of warnings) before failing."""
-    import os
-
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode():
-        return "HF_HUB_OFFLINE is set"
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    return _probe(constants.ENDPOINT)
-
-
-@functools.cache
-def _probe(endpoint: str) -> str | None:
-    import socket
-    from urllib.parse import urlsplit
-
-    url = urlsplit(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=3).close()
-    except OSError as exc:
-        return f"{url.hostname}:{port} does not answer ({exc.strerror or exc})"
-    return None
-
-
 def is_cached_hub_model(name: str, revision: str | None = None) -> bool:
     """True when the Hub model ``name`` (at ``revision``) is in the local Hugging Face cache (its config.json, or
     a tokenizer's files, read offline)."""
@@ -267,9 +237,11 @@ def check_hub_name(name: str, key: str = "model_name_or_path", revision: str | N
         return
     if _local_root(name) is not None:
         raise missing_path_error(name, key)
-    if not is_hub_id(name) or is_cached_hub_model(name, revision):
+    if not is_hub_id(name):
         return
-    if why := hub_unreachable():
+    # asked for every Hub id, cached or not: an unreachable Hub turns the process offline (alignkit.hub), so a cached
+    # one then loads from the cache at once instead of after huggingface_hub's retries
+    if (why := hub_unreachable()) and not is_cached_hub_model(name, revision):
         raise ConfigError(
             f"{key}: '{name}' is not a folder here, so it would be a Hub id, and the Hub cannot be reached ({why}); it "
             "is not in the local Hugging Face cache either. Fix: check the name (a local folder? an earlier stage's "
@@ -278,7 +250,8 @@ def check_hub_name(name: str, key: str = "model_name_or_path", revision: str | N
 
 
 def _is_unreachable_hub_id(name: str, model_args: ModelArguments) -> bool:
-    return is_hub_id(name) and not is_cached_hub_model(name, model_args.revision) and hub_unreachable() is not None
+    # every Hub id asks (see check_hub_name), so a cached one loads offline when the Hub does not answer
+    return is_hub_id(name) and hub_unreachable() is not None and not is_cached_hub_model(name, model_args.revision)
 
 
 def _unreachable_hub_id(name: str, model_args: ModelArguments) -> ModelSource:

@@ -84,7 +84,8 @@ PATCH_PATTERNS = {
     "imports a private upstream name": r"from (trl|transformers|peft|bitsandbytes|accelerate|sentence_transformers)"
     r"[\w.]* import .*\b_[a-z]\w*",
     "overrides a private upstream method": r"def _load_model\b",
-    "sets a flag upstream reads": r"accepts_loss_kwargs = |\[\"load_universal\"\] = |support_avx512bf16_for_cpu",
+    "sets a flag upstream reads": r"accepts_loss_kwargs = |\[\"load_universal\"\] = |support_avx512bf16_for_cpu"
+    r"|HF_HUB_OFFLINE = ",
 }
 
 
