@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ class Run:
 
     Setup (seed, the process speed-ups, output-dir lock and checks, resume, hand-off checks, Hub and W&B) runs on
     construction; leaving the ``with`` block releases the output dir and removes, while empty, every folder this
-    run created for it (``output_dir`` and its missing parents: a refused run or a preview leaves none). ``speedups``: what alignkit.speedups applied, by phase."""
+    run created for it (``output_dir`` and its missing parents: a refused run leaves none). A preview
+    (``label_preview``) neither creates nor touches ``output_dir``, nor claims a Hub repo. ``speedups``: what alignkit.speedups applied, by phase."""
 
     def __init__(self, recipe: Recipe, stage: str, head: str | None = None):
         self.recipe, self.stage = recipe, get_stage(stage).name
@@ -69,6 +71,9 @@ class Run:
                 self.inference = TASKS[self.head].inference(recipe)
         self.speedups: dict[str, list[str]] = {}
         self.lock = OutputDirLock(self.output_dir)
+        logging.basicConfig(  # before the model source: it may say the Hub cannot be reached (alignkit.hub)
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
+        )
         try:
             self.source = resolve_source(recipe.model)
             self._setup()
@@ -91,18 +96,17 @@ class Run:
     def _setup(self) -> None:
         import transformers
 
-        logging.basicConfig(
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
-        )
         transformers.set_seed(self.recipe.train.seed)
         self.speedups["process"] = speedups.apply("process", recipe=self.recipe, stage=self.stage)
         t = self.recipe.train
         self.precision = precision_record(self.recipe)  # once per run: logged, and written to alignkit_run.json
         logger.info("precision: %s", self.precision)
         check_output_not_input(self.output_dir, self.recipe, self.source)  # before anything is written there
-        if runtime.is_main_process():
+        preview = self.recipe.run.label_preview  # prints one batch and writes nothing: output_dir is left untouched
+        if runtime.is_main_process() and not preview:
             self.lock.acquire()  # before any check: a live run's folder is never judged, resumed or overwritten
-        check_output_dir(self.output_dir, self.recipe.run, t.resume_from_checkpoint)
+        if not preview:
+            check_output_dir(self.output_dir, self.recipe.run, t.resume_from_checkpoint)
         self.resume_checkpoint = resume.resolve_resume(self.output_dir, t.resume_from_checkpoint)
         self.resume_universal = False
         if self.resume_checkpoint:
@@ -121,7 +125,7 @@ class Run:
         plan = memory_preflight(self.recipe, self.stage)  # refuses a run that clearly cannot fit, before loading
         self.memory_plan = plan.record() if plan is not None else {}
         checks.protect_hub_token(t)
-        self.hub_repo = self._claim_hub_push()
+        self.hub_repo = None if preview else self._claim_hub_push()  # a preview creates no Hub repo either
         self._setup_tracking()
 
     def _claim_hub_push(self) -> str | None:
@@ -232,6 +236,10 @@ class Run:
         if rendered:
             splits = {k: tokenize_with_rendered_spans(v, self.tokenizer, f"{k} split") for k, v in splits.items()}
             args.assistant_only_loss = False
+        output_dir, scratch = args.output_dir, None
+        if self.recipe.run.label_preview:  # transformers' Trainer creates output_dir: a preview leaves it untouched
+            scratch = tempfile.TemporaryDirectory(prefix="alignkit-preview-")
+            args.output_dir = scratch.name
         try:
             trainer = trainer_cls(
                 model=self.model,
@@ -244,6 +252,9 @@ class Run:
         finally:
             if rendered:
                 args.assistant_only_loss = True
+            if scratch is not None:
+                args.output_dir = output_dir
+                scratch.cleanup()
         if not self.recipe.run.label_preview:
             done = [n for phase in ("process", "model") for n in self.speedups.get(phase, [])]
             self.speedups["trainer"] = speedups.apply(

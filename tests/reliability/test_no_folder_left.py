@@ -79,3 +79,24 @@ def test_a_failed_write_removes_the_folders_it_made_and_only_while_empty(cwd):
     (cwd / "x" / "y" / "note.txt").write_text("someone else's")  # written into a folder we made
     remove_folders(made)
     assert _tree(cwd / "x") == ["y", "y/note.txt"]  # z (empty) removed; y holds a file, so y and x stay
+
+
+@pytest.mark.parametrize("entry", ["data-preview", "label-preview"])
+def test_a_preview_never_touches_output_dir(entry, cwd, capsys):
+    """A preview writes nothing, so it takes no output_dir at all, not even for a moment: one that cannot be made (its
+    parent is a file) does not stop it, and in one that exists nothing changes (its entries, and its mtime, which any
+    file made and removed there, such as a write probe, would move)."""
+    from alignkit.cli import main as cli
+
+    def preview(output_dir: str) -> int:
+        if entry == "data-preview":
+            return cli(["data", "preview", "sft", *SFT[:2], "--output_dir", output_dir, "--datasets", "good.jsonl"])
+        return cli(["sft", *SFT, "--output_dir", output_dir, "--datasets", "good.jsonl", "--label_preview", "true"])
+
+    (cwd / "kept" / "notes.txt").write_text("mine")
+    mtime = (cwd / "kept").stat().st_mtime_ns
+    assert preview("kept") == 0, capsys.readouterr().err[-2000:]
+    assert _tree(cwd / "kept") == ["notes.txt"] and (cwd / "kept").stat().st_mtime_ns == mtime
+    (cwd / "a_file").write_text("not a folder")
+    assert preview("a_file/run") == 0, capsys.readouterr().err[-2000:]
+    assert "label preview: " in capsys.readouterr().out  # the preview itself ran: one batch, trained tokens marked
