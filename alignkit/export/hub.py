@@ -46,19 +46,17 @@ def _scrub(exc: Exception, token: str) -> str:
 def preflight_push(hub_model_id: str, private: bool | None = None, token: str | None = None) -> str:
     """Check token and repo access before any work; create the repo if missing. Returns the full repo id."""
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import OfflineModeIsEnabled
 
     token = _token(token)
-    if why := hub_unreachable():  # said at once, not after huggingface_hub's retries
-        raise PreflightError(
-            f"push_to_hub: the Hub could not be reached ({why}). Fix: check network access (and HF_HUB_OFFLINE, "
-            "HF_ENDPOINT), or set push_to_hub: false and push later with `alignkit push`."
-        )
+    hub_unreachable()  # an unreachable Hub turns the process offline: whoami then fails at once, not after retries
     api = HfApi(token=token)
     try:
         user = api.whoami()
     except Exception as exc:
+        detail = f"offline: {hub_unreachable()}" if isinstance(exc, OfflineModeIsEnabled) else _scrub(exc, token)
         raise PreflightError(
-            f"push_to_hub: the Hub did not accept the token or could not be reached ({_scrub(exc, token)}). Fix: check "
+            f"push_to_hub: the Hub did not accept the token or could not be reached ({detail}). Fix: check "
             "network access and HF_HUB_OFFLINE, and that the token (`hf auth whoami`) is valid."
         ) from None
     repo_id = hub_model_id if "/" in hub_model_id else f"{user['name']}/{hub_model_id}"

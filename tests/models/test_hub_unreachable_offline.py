@@ -76,3 +76,11 @@ def test_a_hub_dataset_id_with_the_hub_unreachable_is_refused_naming_why(unreach
         load_datasets(DataArguments(datasets=["someone/some-dataset"]))
     assert unreachable_hub.HF_HUB_OFFLINE is True  # datasets, imported before, was switched offline too
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # and so are child processes
+
+
+def test_a_push_with_the_hub_unreachable_is_refused_at_once_naming_why(unreachable_hub):
+    from alignkit.errors import PreflightError
+    from alignkit.export.hub import preflight_push
+
+    with pytest.raises(PreflightError, match=r"could not be reached \(offline: 127\.0\.0\.1:\d+ does not answer"):
+        preflight_push("org/tiny", token="hf_aTokenThatIsNeverSent")
