@@ -164,8 +164,8 @@ def _check_value_kind(key: str, value: Any, tp, default: Any = None) -> None:
     else:
         example = _KIND_EXAMPLES.get(named[0], "value")
     quoted = ""
-    if str in kinds and isinstance(value, (int, float)):
-        quoted = f" (quote text that YAML would read as a number: {key}: '{value}')"
+    if str in kinds and not isinstance(value, (list, dict)):
+        quoted = f" (quote text that YAML would read as another kind: {key}: '{value}')"
     raise ConfigError(f"{key}: {value!r} is {what}. Fix: set {key} to {wanted}, e.g. {key}: {example}{quoted}.")
 
 
