@@ -8,6 +8,7 @@ that listing the stages (``alignkit --help``) imports neither torch nor trl.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from functools import cached_property
@@ -59,16 +60,12 @@ class Stage:
         parser = self.parser()
         return build_recipe(parser, *parser.read(argv))
 
-    def owner_elsewhere(self, key: str) -> str | None:
-        """The first other stage whose recipe has ``key``."""
-        import dataclasses
-
-        for other in STAGES.values():
-            if other.name != self.name:
-                groups = (other.config_class, *other.extra_classes)
-                if any(key in {f.name for f in dataclasses.fields(g)} for g in groups):
-                    return other.name
-        return None
+    def owner_elsewhere(self, key: str) -> list[str]:
+        """The other stages whose recipe takes ``key``, in registry order: their keys as the checked-in key
+        reference lists them (alignkit.config.keyref, the same rows ``--help-all`` prints; the task recipe's include
+        every head's keys, e.g. ``label_list``), so that a key given to the wrong stage names the stage it belongs
+        to rather than a look-alike key of this one."""
+        return [name for name in _stages_by_key().get(key, ()) if name != self.name]
 
 
 STAGES: dict[str, Stage] = {
@@ -164,6 +161,18 @@ STAGES: dict[str, Stage] = {
         ),
     )
 }
+
+
+@functools.cache
+def _stages_by_key() -> dict[str, tuple[str, ...]]:
+    """key -> the stages whose recipe takes it (registry order), from the checked-in key reference."""
+    from alignkit.config.keyref import load_reference
+
+    reference, found = load_reference(), {}
+    for name in STAGES:
+        for row in reference.get(name, ()):
+            found.setdefault(row["key"], []).append(name)
+    return {key: tuple(names) for key, names in found.items()}
 
 
 def stages_training(head: str) -> list[str]:

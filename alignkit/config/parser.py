@@ -69,19 +69,107 @@ def _scalar_types(tp) -> set:
 
 def _check_kind(key: str, value: Any, tp) -> None:
     """ConfigError naming ``key`` for a YAML value of the wrong kind that no later check would name: a number other
-    than 0/1 or a list for a true/false key, a list or mapping for a text key, a single number for a list key."""
+    than 0/1 or a list for a true/false key, a single number for a list key (any other kind: :func:`_check_value_kind`)."""
     if value is None:
         return
     wanted = _scalar_types(tp)
     if wanted == {bool} and not isinstance(value, bool) and not (isinstance(value, int) and value in (0, 1)):
         raise ConfigError(f"{key}: {value!r} is not a valid bool. Fix: set {key} to true or false.")
-    if _is_str_type(tp) and isinstance(value, (list, dict)):
-        raise ConfigError(f"{key}: {value!r} is not text. Fix: set {key} to one string, e.g. {key}: value.")
     if (tp is list or typing.get_origin(tp) is list) and not isinstance(value, (list, dict)):
         raise ConfigError(f"{key}: {value!r} is not a list. Fix: write {key} as a list, e.g. {key}: [item, ...].")
 
 
-def _coerce(key: str, value: Any, tp) -> Any:
+# A right value of a text key without a default, for the message refusing a value of another kind.
+_TEXT_EXAMPLES = {
+    "chat_template": "chatml",
+    "model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "tokenizer_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "teacher_model_name_or_path": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "reward_model_path": "outputs/reward",
+    "attn_implementation": "sdpa",
+    "resume_from_checkpoint": "outputs/sft/checkpoint-500",
+    "run_name": "sft-lr2e-4",
+    "hub_model_id": "your-name/your-model",
+    "eos_token": "'<|im_end|>'",
+    "pad_token": "'<|pad|>'",
+    "metric_for_best_model": "eval_loss",
+    "task": "classification",
+}
+_KIND_NAMES = {
+    str: "text",
+    bool: "true/false",
+    int: "a whole number",
+    float: "a number",
+    list: "a list",
+    dict: "a mapping",
+}
+_KIND_EXAMPLES = {bool: "true", int: "8", float: "0.1", list: "[a, b]", dict: "{name: value}"}
+
+
+def _kinds(tp) -> tuple[type, ...] | None:
+    """The Python kinds a YAML value of a key typed ``tp`` may have (an int where a float is wanted; an enum or a
+    path: text), or None where the type says nothing checkable (Any, an upstream class a YAML value cannot be)."""
+    import enum
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        found: list[type] = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            kinds = _kinds(arg)
+            if kinds is None:
+                return None
+            found += [k for k in kinds if k not in found]
+        return tuple(found)
+    if origin is typing.Literal:
+        return tuple(dict.fromkeys(type(v) for v in typing.get_args(tp) if v is not None))
+    if tp in (list, tuple) or origin in (list, tuple):
+        return (list,)
+    if tp is dict or origin is dict:
+        return (dict,)
+    if tp is float:
+        return (float, int)
+    if tp in (str, bool, int):
+        return (tp,)
+    if isinstance(tp, type) and (issubclass(tp, (enum.Enum, Path))):
+        return (str,)
+    return None
+
+
+def _check_value_kind(key: str, value: Any, tp, default: Any = None) -> None:
+    """ConfigError naming ``key`` when a YAML value is of none of the kinds its type takes (``chat_template: 5``: a
+    number for a text key, ``lora_r: [8]``, ``learning_rate: {a: 1}``), with a right value to write; else nothing."""
+    kinds = _kinds(tp)
+    if value is None or not kinds or isinstance(value, kinds):
+        return
+    if bool in kinds and isinstance(value, int) and value in (0, 1):
+        return
+    if isinstance(value, bool) and int in kinds:
+        return  # true/false for a number: the range checks name it
+    got = next((name for k, name in _KIND_NAMES.items() if isinstance(value, k) and k is not int), None)
+    got = got or ("a number" if isinstance(value, (int, float)) else type(value).__name__)
+    named = [k for k in kinds if not (k is int and float in kinds)]  # float's int is "a number" already
+    wanted = " or ".join(dict.fromkeys(_KIND_NAMES.get(k, k.__name__) for k in named))
+    what = "not text" if named == [str] else f"{got}, not {wanted}"
+    if (
+        default is not None
+        and not isinstance(default, bool)
+        and isinstance(default, kinds)
+        and default not in ("", [], {})
+    ):
+        example = yaml.safe_dump(_plain(default), default_flow_style=True).removesuffix("\n...\n").strip()
+    elif named[0] is str:
+        example = _TEXT_EXAMPLES.get(key, "value")
+    else:
+        example = _KIND_EXAMPLES.get(named[0], "value")
+    quoted = ""
+    if str in kinds and not isinstance(value, (list, dict)):
+        quoted = f" (quote text that YAML would read as another kind: {key}: '{value}')"
+    raise ConfigError(f"{key}: {value!r} is {what}. Fix: set {key} to {wanted}, e.g. {key}: {example}{quoted}.")
+
+
+def _coerce(key: str, value: Any, tp, default: Any = None) -> Any:
     """YAML reads '1e-3' as a string (YAML 1.1); turn strings into the field's number/bool type."""
     if isinstance(value, bool) and str in _scalar_types(tp) and bool not in _scalar_types(tp):
         return "yes" if value else "no"  # YAML 1.1 reads `save_strategy: no` as False; the field wants the word
@@ -89,6 +177,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
         return [value]
     if not isinstance(value, str):
         _check_kind(key, value, tp)
+        _check_value_kind(key, value, tp, default)
         if isinstance(value, int) and _scalar_types(tp) == {bool}:
             return bool(value)  # 0 / 1, as the strings "0" / "1" are read
         if (
@@ -151,13 +240,14 @@ class RecipeParser:
     """Parse ``--config recipe.yaml`` plus ``--key value`` overrides into typed dataclass instances."""
 
     def __init__(self, dataclass_types: tuple[type, ...] | list[type], elsewhere=None, name: str = "<stage>"):
-        """``elsewhere(key)``: for a key this recipe does not know, the name of the recipe that does (or None), so the
-        error can say where the key belongs. ``name``: the stage, for the usage line of ``--help``."""
+        """``elsewhere(key)``: for a key this recipe does not know, the names of the other stages whose recipes take
+        it (a list, or one name or None), so the error says where the key belongs. ``name``: the stage, for the usage line of ``--help``."""
         self.dataclass_types = tuple(dataclass_types)
         self.name = name
         self.elsewhere = elsewhere
         self.owners: dict[str, list[type]] = {}
         self.types: dict[str, Any] = {}
+        self.defaults: dict[str, Any] = {}  # a field's default, as the example of a right value in a kind error
         for cls in self.dataclass_types:
             hints = _field_types(cls)
             for f in dataclasses.fields(cls):
@@ -165,20 +255,29 @@ class RecipeParser:
                     continue
                 self.owners.setdefault(f.name, []).append(cls)
                 self.types.setdefault(f.name, hints.get(f.name, f.type))
+                self.defaults.setdefault(f.name, None if f.default is dataclasses.MISSING else f.default)
 
     @property
     def valid_keys(self) -> list[str]:
         return sorted(self.owners)
 
     def _check_key(self, key: str, where: str) -> None:
-        if key not in self.owners:
-            hint = suggest(key, self.valid_keys)
-            owner = self.elsewhere(key) if self.elsewhere and not hint else None
-            if owner:
-                hint = f" '{key}' is a key of the {owner} recipe (alignkit {owner}), not of this one."
+        """ConfigError for a key this recipe does not take: naming the other stage(s) whose recipe takes it
+        (``--label_list`` to sft: the task recipe's), else the closest key of this recipe (a typo)."""
+        if key in self.owners:
+            return
+        others = self.elsewhere(key) if self.elsewhere else []
+        others = [others] if isinstance(others, str) else list(others or ())
+        if others:
+            recipes = f"the {others[0]} recipe" if len(others) == 1 else f"the {', '.join(others)} recipes"
             raise ConfigError(
-                f"{where}: unknown key '{key}'.{hint} Fix: correct the key, or run with --help to list the valid ones."
+                f"{where}: unknown key '{key}': it is a key of {recipes}, not of the {self.name} recipe. Fix: "
+                f"remove it, or train with the stage that takes it (alignkit {' / '.join(others)} --config ...)."
             )
+        raise ConfigError(
+            f"{where}: unknown key '{key}'.{suggest(key, self.valid_keys)} Fix: correct the key, or run with --help "
+            "to list the valid ones."
+        )
 
     def load_yaml(self, path: str | Path) -> dict[str, Any]:
         path = Path(path)
@@ -275,7 +374,7 @@ class RecipeParser:
         range-checked first (alignkit.config.ranges), so that upstream classes never see them."""
         from alignkit.config.ranges import check_combinations, check_values
 
-        coerced = {k: _coerce(k, v, self.types[k]) for k, v in values.items()}
+        coerced = {k: _coerce(k, v, self.types[k], self.defaults.get(k)) for k, v in values.items()}
         check_values(coerced, self.owners)
         check_combinations(coerced, self.dataclass_types)
         instances = []

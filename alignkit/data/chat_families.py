@@ -140,6 +140,43 @@ def end_of_turn_token(name: str, tokenizer) -> str | None:
     return FAMILIES[name].end_of_turn
 
 
+_EOS = "\x00alignkit-eos\x00"  # what a template's eos_token renders as while its turn ends are read off
+
+
+@functools.cache
+def stop_tokens(name: str) -> tuple[str, ...]:
+    """Every marker token family ``name``'s template ends an assistant turn with where generation must stop, in any
+    of its branches: its end-of-turn token first, then what a tool call, a built-in tool call (Llama 3.1's
+    ``<|eom_id|>``) or a reasoning turn ends on (gpt-oss: ``<|call|>``). Found by rendering the training twin with
+    each probe of :mod:`alignkit.data.chat_probes` cut after every assistant turn that a reply ends (one followed by
+    a tool result, or the conversation's end: where a sampler stops) and reading the marker the turn's
+    ``{% generation %}`` span ends on, whitespace after it allowed; a turn ending on the tokenizer's eos adds
+    nothing (eos is always a stop). No tokenizer needed: the GGUF export checks llama.cpp's vocabulary with it."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from alignkit.data.chat_probes import PROBES
+
+    found = [] if name == "chatml_eos" else [end_of_turn_token(name, None)]
+    twin = twin_template(name)
+    for messages, kwargs in PROBES.values():
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant" or (i + 1 < len(messages) and messages[i + 1]["role"] == "user"):
+                continue
+            try:
+                (text,), (marks,) = render_jinja_template(
+                    [messages[: i + 1]], chat_template=twin, return_assistant_tokens_mask=True,
+                    bos_token="", eos_token=_EOS, **kwargs,
+                )  # fmt: skip
+            except Exception:  # noqa: BLE001 - a template's refusal of the probe: that branch does not exist
+                continue
+            end = max((b for a, b in marks), default=0)
+            tail = text[:end].rstrip()
+            ends = [m for m in _MARKER.finditer(tail) if m.end() == len(tail)]
+            if ends and ends[-1].group() not in found:
+                found.append(ends[-1].group())
+    return tuple(found)
+
+
 @dataclass
 class TemplateInfo:
     """What a run trains with: the ``family`` (None: an unknown template), the template ``source`` ('stock': the

@@ -59,6 +59,17 @@ PROBES: dict[str, tuple[list[dict], dict]] = {
         ],
         {"tools": PROBE_TOOLS},
     ),
+    # the same call to a tool the template treats as built in (Llama 3.1's ``builtin_tools``: ``<|python_tag|>``
+    # and the call's own end token, ``<|eom_id|>``); a template without that branch renders the 'tools' text
+    "builtin_tools": (
+        [
+            {"role": "user", "content": "What is 2 + 2?"},
+            {"role": "assistant", "content": "", "tool_calls": [_CALL]},
+            {"role": "tool", "name": TOOL_NAME, "tool_call_id": "call00001", "content": TOOL_RESULT},
+            {"role": "assistant", "content": "It is 4."},
+        ],
+        {"tools": PROBE_TOOLS, "builtin_tools": [TOOL_NAME]},
+    ),
     "reasoning": (
         [
             {"role": "user", "content": "What is 2 + 2?"},
@@ -144,7 +155,7 @@ def prove_twin(tokenizer, stock: str, twin: str, family: str) -> Features:
                 f"from the stock template (from character {at}: stock {expected[at : at + 40]!r}, twin "
                 f"{got[at : at + 40]!r}). Fix: report this to alignkit; meanwhile set assistant_only_loss: false."
             )
-        if name == "tools" and not features.tools:
+        if name in ("tools", "builtin_tools") and not features.tools:
             continue  # the template drops tool turns (tool rows are refused for it): same text is all there is to prove
         out = tokenizer.apply_chat_template(
             messages, chat_template=twin, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **kwargs

@@ -230,8 +230,10 @@ def _first_stop(ids: list[int], special: set[int], tokenizer) -> int | None:
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn: eos, plus the special token the chat template closes turns with
-    (``<|im_end|>`` in ChatML) when that differs from eos. generate() must stop at either."""
+    """Token ids that end an assistant turn: eos, the special token the chat template closes turns with
+    (``<|im_end|>`` in ChatML) when that differs from eos, and, for a family's template, every token it ends an
+    assistant turn with in any branch (:func:`family_stops`: a tool call's, a built-in tool call's, a reasoning
+    turn's). generate() must stop at each."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if tokenizer.chat_template:
         try:
@@ -239,30 +241,17 @@ def end_of_turn_ids(tokenizer) -> list[int]:
         except ConfigError:
             stops = []
         ids += [i for i in stops if i not in ids]
-        ids += [i for i in _tool_call_stops(tokenizer) if i not in ids]
+        ids += [i for i in family_stops(tokenizer) if i not in ids]
     return ids
 
 
-def _tool_call_stops(tokenizer) -> list[int]:
-    """The stop tokens a family's template ends a tool-calling assistant turn with where that differs from its
-    end-of-turn token (gpt-oss: ``<|call|>``), found by rendering the tools probe with the family's training twin:
-    generation must stop on them too."""
-    from alignkit.data.chat_families import FAMILIES, identify, twin_template
-    from alignkit.data.chat_probes import PROBES
+def family_stops(tokenizer) -> list[int]:
+    """The ids of :func:`alignkit.data.chat_families.stop_tokens` of the family whose template the tokenizer has
+    (stock or twin; Llama 3.1: ``<|eot_id|>``, ``<|eom_id|>``; gpt-oss: ``<|return|>``, ``<|call|>``), each where
+    it is one special token of the vocabulary; [] for a template of no family."""
+    from alignkit.data.chat_families import identify, stop_tokens
 
     name = identify(tokenizer.chat_template)
-    if name not in FAMILIES:
+    if name is None:
         return []
-    messages, kwargs = PROBES["tools"]
-    try:
-        out = tokenizer.apply_chat_template(
-            messages, chat_template=twin_template(name), tokenize=True, return_dict=True,
-            return_assistant_tokens_mask=True, **kwargs,
-        )  # fmt: skip
-    except Exception:  # noqa: BLE001 - a template that cannot render tools has no tool-call stop
-        return []
-    ids, special = list(out["input_ids"]), special_ids(tokenizer)
-    stops = (
-        span_stop(ids[a:b], special, tokenizer) for a, b in turn_spans(ids, list(out["assistant_masks"]), tokenizer)
-    )
-    return [i for i in dict.fromkeys(stops) if i is not None]
+    return [tokenizer.convert_tokens_to_ids(t) for t in stop_tokens(name) if _single_special(tokenizer, t)]

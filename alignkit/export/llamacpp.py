@@ -151,13 +151,14 @@ def is_end_of_generation(llm, token: int) -> bool:
 
 
 def trained_stop_ids(gguf: Path) -> list[int]:
-    """The GGUF's trained stop tokens as ids of its own vocabulary: its eos and the end-of-turn token of the family
-    whose stock template is embedded in it (the template the run saved and trained with,
+    """The GGUF's trained stop tokens as ids of its own vocabulary: its eos and every token the family whose stock
+    template is embedded in it ends an assistant turn with (:func:`alignkit.data.chat_families.stop_tokens`: Llama
+    3.1's ``<|eot_id|>`` and ``<|eom_id|>``; the embedded template is the one the run saved and trained with,
     :func:`alignkit.data.chat_families.identify`). ConfigError when llama.cpp would not end generation on one of
     them (a served reply would run past the turn). A template of no known family: llama.cpp's own end-of-generation
     tokens are all there is to go by, and the eos alone is returned. Reads the vocabulary only (llama.h's
     ``vocab_only`` load), no weights."""
-    from alignkit.data.chat_families import end_of_turn_token, identify
+    from alignkit.data.chat_families import identify, stop_tokens
 
     llama_cpp = require()
     params = llama_cpp.llama_model_default_params()
@@ -177,14 +178,14 @@ def trained_stop_ids(gguf: Path) -> list[int]:
         n = llama_cpp.llama_model_meta_val_str(model, b"tokenizer.chat_template", buf, len(buf))
         family = identify(buf.value.decode("utf-8")) if n > 0 else None
         ids = [int(llama_cpp.llama_vocab_eos(vocab))]
-        if family and family != "chatml_eos":  # chatml_eos ends its turns with the eos itself
-            text = end_of_turn_token(family, None).encode("utf-8")
+        for token in stop_tokens(family) if family else ():  # chatml_eos: none, it ends turns with the eos
+            text = token.encode("utf-8")
             found = (llama_cpp.llama_token * 4)()
             count = llama_cpp.llama_tokenize(vocab, text, len(text), found, 4, False, True)
             if count != 1:
-                raise ConfigError(f"{gguf}: its vocabulary has no single token {text.decode()!r}, the {family} "
-                                  "family's end of turn. Fix: export the merged model again with alignkit export "
-                                  "gguf.")  # fmt: skip
+                raise ConfigError(f"{gguf}: its vocabulary has no single token {token!r}, where the {family} "
+                                  "family ends an assistant turn. Fix: export the merged model again with alignkit "
+                                  "export gguf.")  # fmt: skip
             ids += [found[0]] if found[0] not in ids else []
         missing = [i for i in ids if not llama_cpp.llama_vocab_is_eog(vocab, i)]
     finally:

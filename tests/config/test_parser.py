@@ -108,6 +108,13 @@ def test_bad_values_fail_with_fix(recipe_file):
         ("output_dir: [a]", "output_dir: \\['a'\\] is not text"),  # was "SFTConfig: expected str, ..."
         ("chat_template: {a: 1}", "chat_template: .* is not text"),
         ("datasets: 5", "datasets: 5 is not a list"),  # was "DataArguments: 'int' object is not iterable"
+        # defect 17b-2: a number, list or mapping for a text or union key failed inside transformers or trl
+        ("chat_template: 5", "chat_template: 5 is not text. Fix: .*e.g. chat_template: chatml .*chat_template: '5'"),
+        ("run_name: 2024", "run_name: 2024 is not text.*run_name: '2024'"),
+        ("lora_r: [8]", "lora_r: \\[8\\] is a list, not a whole number.*e.g. lora_r: 16"),
+        ("learning_rate: {a: 1}", "learning_rate: .* is a mapping, not a number.*e.g. learning_rate: 2.0e-05"),
+        ("pad_to_multiple_of: [8]", "pad_to_multiple_of: .* is a list, not a whole number or text"),
+        ("lora_target_modules: 5", "lora_target_modules: 5 is a number, not a list or text.*all-linear"),
         ("num_train_epochs: -1", "e.g. num_train_epochs: 3\\)"),  # the example was a learning rate (2e-4)
         ("lora_alpha: 0", "e.g. lora_alpha: 16\\)"),
     ],
@@ -296,3 +303,12 @@ def test_an_upstream_message_passed_through_ends_in_one_period(tmp_path, capfd):
     code, captured = _run_recipe_cli("sft", argv, capfd)
     line = captured.err.strip().splitlines()[-1]
     assert code == 2 and "--dataloader_num_workers > 0. Fix: correct the value it names" in line, line
+
+
+def test_a_number_for_chat_template_on_the_command_line_is_judged_as_text(recipe_file):
+    """Defect 17b-2: a command-line value is always text: ``--chat_template 5`` is the template spec '5', which names
+    no family, file or Jinja text (the YAML number 5 is refused as not text, above)."""
+    with pytest.raises(ConfigError, match="chat_template: '5' is neither a template name, a file nor Jinja text"):
+        parse_recipe(SFTConfig, ["--config", str(recipe_file), "--chat_template", "5"])
+    with pytest.raises(ConfigError, match="lora_r: \\[8\\] is a list, not a whole number"):
+        parse_recipe(SFTConfig, ["--config", str(recipe_file), "--lora_r", "[8]"])
