@@ -57,7 +57,7 @@ def check_rows(tokenizer, dataset, source: str, *, train_on_reasoning: bool = Tr
     name = f"the {info.family}" if info and info.family else "this"
     if features is None or not any(c in dataset.column_names for c in _CHAT_COLUMNS):
         return
-    dropped = 0
+    dropped, unasked, extra = 0, 0, features.prompt_extra.strip()
     for i, row in enumerate(dataset):
         messages = _conversation(row)
         if not messages:
@@ -96,9 +96,22 @@ def check_rows(tokenizer, dataset, source: str, *, train_on_reasoning: bool = Tr
                 "without system turns)",
             ) from None  # fmt: skip
         dropped += any(r not in text for r in reasoning)
+        unasked += bool(extra) and any(
+            m.get("role") == "assistant" and not m.get("tool_calls") and not str(m.get("content") or "").lstrip().startswith(extra)
+            for m in messages
+        )  # fmt: skip
     if dropped:
         logger.warning(
             "%s: in %d rows the %s template leaves out the reasoning of earlier assistant turns (as at inference); "
             "only the reasoning it renders is trained",
             source, dropped, name.removeprefix("the "),
+        )  # fmt: skip
+    if unasked:
+        logger.warning(
+            "%s: in %d rows an assistant reply does not start with %r, which %s chat template's generation prompt "
+            "ends with: alignkit chat/generate/eval and every server ask the model after %r, but these rows train "
+            "the reply without it. Fix: start each reply with it (DeepSeek-R1's data: '<think>\\n...\\n</think>\\n\\n' "
+            "before the answer, an empty block for a reply without reasoning), or use a template whose generation "
+            "prompt is where its replies start",
+            source, unasked, features.prompt_extra, name, features.prompt_extra,
         )  # fmt: skip
