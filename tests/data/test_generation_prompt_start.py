@@ -41,3 +41,31 @@ def test_other_families_ask_where_their_replies_start():
             tok = family_tokenizer(family)
             apply_contract(tok, chat=True, assistant_only_loss=True)
             assert tok.alignkit_template.features.prompt_extra == "", family
+
+
+def test_a_rejected_reply_is_checked_as_a_chosen_one(caplog):
+    """Defect rev17d-4: a preference row's rejected reply was never rendered by the checks: reasoning_content or a
+    tool call the template drops (Llama 3.0 renders neither) trained a rejected reply with that part silently gone
+    (a dropped call: an empty reply). Now refused with the row, as in a chosen reply; Qwen3's earlier turns that
+    leave out an inline <think> are counted like reasoning_content."""
+    import pytest
+
+    from alignkit.errors import DataError
+
+    tok = family_tokenizer("llama3")
+    apply_contract(tok, chat=True)
+    prompt = [{"role": "user", "content": "2+2?"}]
+    ok = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "4"}]}
+    thought = {**ok, "rejected": [{"role": "assistant", "content": "5", "reasoning_content": "guess"}]}
+    call = {**ok, "rejected": [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {}}}]}]}  # fmt: skip
+    with pytest.raises(DataError, match=r"dpo.jsonl.*row 2.*reasoning_content"):
+        check_rows(tok, Dataset.from_list([{**ok, "rejected": [{"role": "assistant", "content": "5"}]}, thought]), "dpo.jsonl")  # fmt: skip
+    with pytest.raises(DataError, match=r"row 1.*uses tools"):
+        check_rows(tok, Dataset.from_list([call]), "dpo.jsonl")
+    qwen = family_tokenizer("qwen3")
+    apply_contract(qwen, chat=True, assistant_only_loss=True)
+    inline = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>count</think>4"},
+              {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="alignkit.data.chat_rows"):
+        check_rows(qwen, Dataset.from_list([{"messages": inline}]), "sft.jsonl")
+    assert "sft.jsonl: in 1 rows the qwen3 template leaves out the reasoning of earlier assistant turns" in caplog.text
