@@ -105,6 +105,7 @@ class Features:
     system: bool = False
     tools: bool = False
     reasoning: bool = False
+    prompt_extra: str = ""  # what the generation prompt ends with that a rendered reply does not start with
 
 
 def template_features(tokenizer, template: str) -> Features:
@@ -121,6 +122,7 @@ def template_features(tokenizer, template: str) -> Features:
     # the result must all survive rendering
     features.tools = all(s in text.get("tools", "") for s in (TOOL_NAME, TOOL_ARG, CALL_VALUE, TOOL_RESULT))
     features.reasoning = REASONING in text.get("reasoning", "")
+    features.prompt_extra = prompt_extra(tokenizer, template)
     if not text:
         quoted = "; ".join(f"{k}: {v}" for k, v in features.refusals.items())
         raise ConfigError(
@@ -128,6 +130,22 @@ def template_features(tokenizer, template: str) -> Features:
             "use the model's own template or a family's (chat_template: <family>, e.g. gemma3, llama3, qwen3)."
         )
     return features
+
+
+def prompt_extra(tokenizer, template: str) -> str:
+    """What ``template``'s generation prompt ends with that its rendering of a reply does not have at that place, or
+    '': DeepSeek-R1-distill's prompt ends '<｜Assistant｜><think>\n' where a reply renders right after
+    '<｜Assistant｜>', so chat, generate, eval and every server ask the model after '<think>\n' while a reply
+    without it trains without it. Found by rendering one exchange with and without the generation prompt."""
+    import os
+
+    exchange = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "It is 4."}]
+    try:
+        given = render(tokenizer, template, exchange[:1], add_generation_prompt=True)
+        through = render(tokenizer, template, exchange)
+    except Exception:  # noqa: BLE001 - a template that refuses this exchange has its refusal recorded elsewhere
+        return ""
+    return given[len(os.path.commonprefix([given, through])) :]
 
 
 def assistant_turns(messages: list[dict]) -> int:

@@ -152,14 +152,15 @@ def span_stop(ids: list[int], special: set[int], tokenizer) -> int | None:
     return None
 
 
-def check_turn_ends(tokenizer, assistant_only_loss: bool) -> list[int]:
+def check_turn_ends(tokenizer, assistant_only_loss: bool, last_turn: bool = False) -> list[int]:
     """Render :data:`PROBE_CHAT` with the tokenizer's chat template and check that each assistant turn ends on a
     token generation can stop on; return those stop-token ids.
 
     With ``assistant_only_loss`` the template must mark assistant turns (``{% generation %}``, any whitespace
     control) and each marked span must end on a special token: ``<|im_end|>`` left outside the block, or written
     as text pieces by a vocabulary without it, is never learned. Without it, the token after each reply must be a
-    special token. Raises ConfigError with the fix otherwise."""
+    special token. Raises ConfigError with the fix otherwise. ``last_turn``: return only the stop token of the
+    last assistant turn (the reply a generation prompt asks for; earlier turns are history)."""
     probe = accepted_probe(tokenizer)
     if assistant_only_loss:
         out = tokenizer.apply_chat_template(probe, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
@@ -195,7 +196,7 @@ def check_turn_ends(tokenizer, assistant_only_loss: bool) -> list[int]:
             "{% generation %} ... {% endgeneration %}; for a vocabulary without that token (e.g. <|im_end|> is "
             f"not one token here) set chat_template: chatml_eos, which ends turns with {eos!r}."
         )
-    return sorted(set(stops))
+    return [stops[-1]] if last_turn else sorted(set(stops))
 
 
 def accepted_probe(tokenizer, template: str | None = None) -> list[dict]:
@@ -230,14 +231,19 @@ def _first_stop(ids: list[int], special: set[int], tokenizer) -> int | None:
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn: eos, the special token the chat template closes turns with
-    (``<|im_end|>`` in ChatML) when that differs from eos, and, for a family's template, every token it ends an
-    assistant turn with in any branch (:func:`family_stops`: a tool call's, a built-in tool call's, a reasoning
-    turn's). generate() must stop at each."""
+    """Token ids that end an assistant turn: eos, the special token the chat template closes the reply being
+    generated with (``<|im_end|>`` in ChatML) when that differs from eos, and, for a family's template, every token
+    it ends a reply with in any branch (:func:`family_stops`: a tool call's, a built-in tool call's). generate() must
+    stop at each.
+
+    Read from the conversation's LAST assistant turn, the one generation writes: a template may close earlier
+    turns, which are history, with another token (gpt-oss rewrites a past final message to end on ``<|end|>``,
+    the token that also closes its analysis channel; its reply ends on ``<|return|>``). A stop on such a history
+    marker would cut every reasoning reply after its thinking."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if tokenizer.chat_template:
         try:
-            stops = check_turn_ends(tokenizer, assistant_only_loss=False)
+            stops = check_turn_ends(tokenizer, assistant_only_loss=False, last_turn=True)
         except ConfigError:
             stops = []
         ids += [i for i in stops if i not in ids]

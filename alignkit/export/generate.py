@@ -69,14 +69,44 @@ def generate_replies(
             **{"do_sample": False, **generation},
         )
         new = out[:, batch["input_ids"].shape[1] :]
-        cut += sum(stop_missing(row, end_of_turn_ids(tokenizer), max_new_tokens) for row in new.tolist())
-        replies += tokenizer.batch_decode(new, skip_special_tokens=True)
+        stops = end_of_turn_ids(tokenizer)
+        cut += sum(stop_missing(row, stops, max_new_tokens) for row in new.tolist())
+        for j, row in enumerate(new.tolist()):
+            prefix = tokenizer(texts[j], add_special_tokens=False)["input_ids"]
+            replies.append(reply_text(tokenizer, row, prefix, stops, tools[i + j] if tools else None))
     if cut:
         print(
             f"alignkit: {cut} of {len(replies)} replies were cut at max_new_tokens {max_new_tokens} before a stop "
             "token (raise --max_new_tokens to see them whole)", file=sys.stderr,
         )  # fmt: skip
     return replies
+
+
+def reply_text(tokenizer, ids: list[int], prefix: list[int], stops: list[int], tools: list | None = None) -> str:
+    """A generated reply (``ids``, after the prompt ``prefix``) as text: the reply's content, read by the family's
+    response parser (trl's ``parse_response``, :func:`alignkit.data.tools.set_response_parser`), without the
+    reasoning written before it (Qwen3's and DeepSeek-R1's ``<think>`` block, gpt-oss's analysis channel, whose
+    channel markers a plain decode would run together with the answer): what training rendered as the reply's
+    ``content``, so ``exact`` compares the answer and a chat's history holds what training saw. A reply with tool
+    calls, or from a template without a parser, is the decoded text (special tokens skipped), the calls as the
+    family writes them."""
+    end = next((k + 1 for k, t in enumerate(ids) if t in stops), len(ids))
+    ids = ids[:end]
+    plain = tokenizer.decode(ids, skip_special_tokens=True)
+    from alignkit.data.tools import set_response_parser
+
+    if not set_response_parser(tokenizer):
+        return plain
+    from trl.chat_template_utils import parse_response
+
+    try:
+        parsed = parse_response(tokenizer, ids, prefix=prefix, tools=tools)
+    except Exception:  # noqa: BLE001 - a reply the parser cannot read is shown as decoded
+        return plain
+    content, thought = parsed.get("content"), parsed.get("reasoning_content") or parsed.get("thinking")
+    if parsed.get("tool_calls") or not isinstance(content, str) or not (content or thought):
+        return plain  # a call, or nothing the parser could read (a reply cut before any channel): as written
+    return content
 
 
 def stop_missing(ids: list[int], stops: list[int], max_new_tokens: int) -> bool:
@@ -313,7 +343,8 @@ def chat_loop(model, tokenizer, system: str | None = None, max_new_tokens: int =
                 **batch, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
                 streamer=streamer, **generation,
             )  # fmt: skip
-        reply = tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        new = out[0, batch["input_ids"].shape[1] :].tolist()
+        reply = reply_text(tokenizer, new, batch["input_ids"][0].tolist(), stops, tools)
         messages.append({"role": "assistant", "content": reply})
         if not interactive:
             print(" ".join(reply.split("\n")), flush=True)

@@ -368,7 +368,7 @@ def test_every_family_installed_on_a_base_vocabulary_adds_every_marker_as_one_to
     has each marker as its own id, as many times as the text has it, and every trained span ends on a stop token,
     the last on the family's own end-of-turn token."""
     from alignkit.data.chat_families import marker_tokens
-    from alignkit.data.templates import span_stop, turn_spans
+    from alignkit.data.templates import span_stop, special_ids, turn_spans
     from alignkit.testing.tiny import _base_llama_tokenizer
 
     tok = _base_llama_tokenizer()
@@ -386,8 +386,13 @@ def test_every_family_installed_on_a_base_vocabulary_adds_every_marker_as_one_to
         assert text.count(marker) == ids.count(tok.convert_tokens_to_ids(marker)), marker  # never split in pieces
     spans = turn_spans(ids, out["assistant_masks"], tok)
     assert len(spans) == sum(m["role"] == "assistant" for m in chat["messages"])
-    stops = set(tok.alignkit_stop_ids)
-    assert all(span_stop(ids[a:b], stops, tok) is not None for a, b in spans), [tok.decode(ids[a:b]) for a, b in spans]
+    # every span ends on a marker token; the last (the reply generation writes) on a stop token: earlier turns are
+    # history, which gpt-oss closes with <|end|>, not a stop (defect rev17d-1)
+    special = special_ids(tok)
+    assert all(span_stop(ids[a:b], special, tok) is not None for a, b in spans), [
+        tok.decode(ids[a:b]) for a, b in spans
+    ]
+    assert span_stop(ids[spans[-1][0] : spans[-1][1]], set(tok.alignkit_stop_ids), tok) is not None
     eot = FAMILIES[family].end_of_turn if family in FAMILIES else "<|im_end|>"
     last = ids[spans[-1][0] : spans[-1][1]]
     assert tok.convert_tokens_to_ids(eot) in last and "6." in tok.decode(last)
