@@ -5,6 +5,7 @@ chat, RewardModel, a later stage) puts the adapter back on it, not on the base t
 
 import json
 
+import pytest
 import torch
 from conftest import run_recipe
 
@@ -38,3 +39,16 @@ def test_an_adapter_trained_on_a_merged_run_loads_on_that_merged_run(sft_3_steps
     ids = tokenizer("What is 2 + 3?", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, expected(ids).logits, atol=1e-5)
+
+
+def test_a_reward_model_from_an_sft_adapter_is_told_to_start_from_its_merge(sft_3_steps, tmp_path):
+    """The reward stage trains a new head, so it cannot continue an SFT adapter; the fix names the way that works:
+    merge the SFT run, then start from the merged folder (which the test above shows loads on the right weights)."""
+    from alignkit.errors import PreflightError
+
+    out = tmp_path / "reward"
+    with pytest.raises(PreflightError) as info:
+        run_recipe("reward", ["--config", "recipes/tiny/reward.yaml", "--model_name_or_path", str(sft_3_steps),
+                              "--output_dir", str(out)])  # fmt: skip
+    assert f"alignkit merge {sft_3_steps}" in str(info.value)
+    assert not (out / "alignkit_run.json").exists()
