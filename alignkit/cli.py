@@ -145,7 +145,7 @@ def export(argv: list[str]) -> int:
 def chat(argv: list[str]) -> int:
     """Chat with a trained model (a run's adapter on its base, or a merged model), streaming the reply."""
     from alignkit.data.tools import read_tools_file
-    from alignkit.export.generate import chat_loop, load_for_generation
+    from alignkit.export.generate import chat_loop, check_generates, load_for_generation
 
     p = argparse.ArgumentParser(prog="alignkit chat", description=chat.__doc__)
     p.add_argument("model", help="An adapter run (loaded on its base, 4-bit if trained so) or a merged model.")
@@ -154,6 +154,7 @@ def chat(argv: list[str]) -> int:
     _generation_flags(p)
     args = p.parse_args(argv)
     tools = read_tools_file(args.tools) if args.tools else None  # a bad file fails before the model loads
+    check_generates(args.model, "chat")
     model, tokenizer = load_for_generation(args.model)
     chat_loop(model, tokenizer, system=args.system, tools=tools, **_generation_kwargs(args))
     return 0
@@ -161,7 +162,13 @@ def chat(argv: list[str]) -> int:
 
 def generate(argv: list[str]) -> int:
     """Generate replies for a file of prompts (batched, greedy unless sampling is asked for)."""
-    from alignkit.export.generate import check_generate_out, generate_file, load_for_generation, read_prompts
+    from alignkit.export.generate import (
+        check_generate_out,
+        check_generates,
+        generate_file,
+        load_for_generation,
+        read_prompts,
+    )
 
     p = argparse.ArgumentParser(prog="alignkit generate", description=generate.__doc__)
     p.add_argument("model", help="An adapter run (loaded on its base) or a merged model.")
@@ -177,6 +184,7 @@ def generate(argv: list[str]) -> int:
     args = p.parse_args(argv)
     check_generate_out(args.out, args.prompts, args.model)  # a bad --out and bad prompts fail before the model loads
     read_prompts(args.prompts)
+    check_generates(args.model, "generate")
     model, tokenizer = load_for_generation(args.model)
     generate_file(model, tokenizer, args.prompts, args.out, batch_size=args.batch_size, **_generation_kwargs(args))
     return 0
@@ -186,7 +194,7 @@ def evaluate(argv: list[str]) -> int:
     """Score a model's greedy replies on held-out rows (exact, regex, rouge, bleu); per-row outputs + summary."""
     from alignkit.export.evaluate import METRICS, check_eval_out, read_eval_rows, score
     from alignkit.export.evaluate import evaluate as run_eval
-    from alignkit.export.generate import load_for_generation
+    from alignkit.export.generate import check_generates, load_for_generation
 
     p = argparse.ArgumentParser(prog="alignkit eval", description=evaluate.__doc__)
     p.add_argument("model", help="An adapter run (loaded on its base) or a merged model.")
@@ -203,6 +211,7 @@ def evaluate(argv: list[str]) -> int:
     args = p.parse_args(argv)
     conversations, references, tools = read_eval_rows(args.data, with_tools=True)  # bad data: before the model loads
     score(["x"], ["x"], args.metric, args.pattern)
+    check_generates(args.model, "eval")
     out = str(check_eval_out(args.out or Path(args.model) / "eval", args.model))
     model, tokenizer = load_for_generation(args.model)
     _, summary = run_eval(model, tokenizer, conversations, references, args.metric, args.pattern, out,

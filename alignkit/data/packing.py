@@ -12,7 +12,8 @@ def collate_blocks(features: list[dict]) -> dict:
 
 
 def pack_text_blocks(dataset, tokenizer, block_size: int, num_proc: int | None = None):
-    """Tokenize ``text``, join documents with eos, and cut the stream into ``block_size`` blocks.
+    """Tokenize ``text`` (each document with the tokenizer's special tokens, e.g. bos, as trl tokenizes text), join
+    documents with eos, and cut the stream into ``block_size`` blocks.
 
     The tail that does not fill a block is dropped, as in the HF course's group_texts (per 1000 documents). A
     ``datasets.IterableDataset`` (a streamed source) is packed lazily, as the trainer reads it; ``num_proc``
@@ -23,7 +24,11 @@ def pack_text_blocks(dataset, tokenizer, block_size: int, num_proc: int | None =
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def tokenize(batch):
-        return {"input_ids": [tokenizer(t, add_special_tokens=False)["input_ids"] + eos for t in batch["text"]]}
+        # Each document as trl's SFTTrainer (and transformers' run_clm) tokenizes text: with the tokenizer's own
+        # special tokens, so a family that starts every sequence with bos (Llama 3, Gemma, Mistral) trains on the
+        # sequences it sees at inference; then eos, unless the tokenizer already ends the document with it.
+        ids = tokenizer(batch["text"])["input_ids"]
+        return {"input_ids": [doc if eos and doc[-1:] == eos else doc + eos for doc in ids]}
 
     def group(batch):
         stream = [tok for ids in batch["input_ids"] for tok in ids]

@@ -31,6 +31,35 @@ def load_for_generation(path: str | Path, merge: bool = False):
     return load_trained(path, merge=merge)
 
 
+def check_generates(path: str | Path, command: str) -> None:
+    """ConfigError, before any model loads, when ``path`` is an alignkit run (or its merge, or a checkpoint) whose
+    head does not write replies: a reward model, a task head (classification, NER, QA, masked-LM, seq2seq) or
+    sentence embeddings. ``alignkit chat/generate/eval/serve`` render chat prompts for a causal LM's ``generate``;
+    such a model would fail inside transformers (no ``generate``, no chat template) with a traceback."""
+    from alignkit.errors import ConfigError
+    from alignkit.runs import RunRecord
+    from alignkit.stages import stages_training
+
+    record = RunRecord.for_model(path) if Path(path).is_dir() else None
+    last = record.lineage[-1] if record and record.lineage else None
+    head = (last.task or "causal_lm") if last else "causal_lm"
+    if head == "causal_lm":
+        return
+    if last.stage == "reward":
+        what = "a reward model (a one-output score head)"
+        use = (
+            f"score (prompt, reply) pairs with alignkit.export.reward_model.RewardModel('{path}').score(prompts, "
+            "replies), or name the folder in reward_funcs of a grpo, rloo or online_dpo recipe"
+        )
+    else:
+        what = f"the {last.stage} stage's {head} model"
+        use = f"use it as its model card ({Path(path) / 'README.md'}) says, e.g. alignkit.models.load_trained('{path}')"
+    raise ConfigError(
+        f"{path}: {what}, which does not write replies, so alignkit {command} cannot run it. Fix: {use}; "
+        f"alignkit {command} takes a run of {'/'.join(stages_training('causal_lm'))} or its merged folder."
+    )
+
+
 def prompt_text(tokenizer, messages: list[dict], tools: list | None = None) -> str:
     """The text a chat prompt is generated from: ``messages`` (ending on a user or tool turn) through the chat
     template with the generation prompt and the row's ``tools`` (JSON function schemas), as training renders the

@@ -20,6 +20,20 @@ from alignkit.errors import ConfigError
 from alignkit.runs import RunRecord
 
 
+def pair_ids(tokenizer, prompt, completion) -> list[int]:
+    """The token ids of one (prompt, completion) pair as trl's RewardTrainer tokenizes the pairs a reward model trains
+    on: chat messages through the chat template (which writes its own bos), text with eos appended and the
+    tokenizer's special tokens (bos for Llama 3, Gemma, Mistral). So the head scores the sequences it learned on."""
+    if isinstance(prompt, list) or isinstance(completion, list):
+        prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if not isinstance(completion, list):
+            completion = [{"role": "assistant", "content": completion}]
+        return list(tokenizer.apply_chat_template([*prompt, *completion], tokenize=True, return_dict=True)["input_ids"])
+    eos = tokenizer.eos_token or ""
+    text = prompt + completion
+    return list(tokenizer(text=text if text.endswith(eos) else text + eos)["input_ids"])
+
+
 class RewardModel:
     """``path``: a reward stage output (or its merge). Raises ConfigError if it is not one."""
 
@@ -37,26 +51,18 @@ class RewardModel:
         self.model, self.tokenizer = load_for_generation(path)
         self.tokenizer.padding_side = "right"  # trl's RewardTrainer pads on the right; the head reads the last token
 
-    def _text(self, prompt, completion) -> str:
-        if isinstance(prompt, list) or isinstance(completion, list):
-            prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            if not isinstance(completion, list):
-                completion = [{"role": "assistant", "content": completion}]
-            return self.tokenizer.apply_chat_template([*prompt, *completion], tokenize=False)
-        eos = self.tokenizer.eos_token or ""
-        text = prompt + completion
-        return text if text.endswith(eos) else text + eos  # as trl's RewardTrainer appends eos to text pairs
+    def encode(self, prompt, completion) -> list[int]:
+        """The token ids of one (prompt, completion) pair (:func:`pair_ids`)."""
+        return pair_ids(self.tokenizer, prompt, completion)
 
     @torch.no_grad()
     def score(self, prompts: list, completions: list) -> list[float]:
         """One reward per (prompt, completion) pair; ``len(prompts) == len(completions)``."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts and {len(completions)} completions: give one of each per pair")
-        texts = [self._text(p, c) for p, c in zip(prompts, completions)]
+        encoded = [{"input_ids": self.encode(p, c)} for p, c in zip(prompts, completions)]
         scores: list[float] = []
-        for i in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                texts[i : i + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(self.model.device)
+        for i in range(0, len(encoded), self.batch_size):
+            batch = self.tokenizer.pad(encoded[i : i + self.batch_size], return_tensors="pt").to(self.model.device)
             scores += self.model(**batch).logits[:, 0].float().tolist()
         return scores

@@ -50,6 +50,9 @@ def servable_folder(target: str | Path) -> Path:
             f"{folder}: has no model (neither config.json nor adapter_config.json). Fix: give the run's output_dir "
             "after training finished, its merged folder, or a .gguf file."
         )
+    from alignkit.export.generate import check_generates
+
+    check_generates(folder, "serve")  # a reward model or task head: before it is merged for nothing
     folder = merged_folder(folder)
     from transformers import AutoTokenizer
 

@@ -168,10 +168,17 @@ def check_source_head(source: ModelSource, task: str) -> None:
     loads; the loader again, for direct callers)."""
     trained = source.lineage[-1].task if source.lineage else None
     if source.adapter_dir and trained and trained != task:
+        merge_first = (
+            f"; or, to train the {task} head on this run's weights (a reward model from SFT), merge it first "
+            f"(alignkit merge {source.adapter_dir}) and start from the merged folder"
+            if trained == "causal_lm"
+            else ""
+        )
         raise PreflightError(
             f"model_name_or_path: {source.adapter_dir} holds a {trained} adapter, and this stage trains a {task} head. "
             f"Fix: start this stage from a model with that head (for {'/'.join(stages_training('causal_lm'))}: a "
-            f"causal LM or its CPT/SFT output; for {'/'.join(stages_training('seq_cls'))}: a causal LM base)."
+            f"causal LM or its CPT/SFT output; for {'/'.join(stages_training('seq_cls'))}: a causal LM base)"
+            f"{merge_first}."
         )
 
 

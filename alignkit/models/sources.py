@@ -89,11 +89,14 @@ def _adapter_output(name: str, model_args: ModelArguments) -> ModelSource:
     adapter_cfg = json.loads((path / "adapter_config.json").read_text())
     parent = RunRecord.for_model(path)
     base_args = dataclasses.replace(model_args, model_name_or_path=adapter_cfg["base_model_name_or_path"])
-    if parent and parent.base_model_args.model_name_or_path:  # the base as the parent run named it (GGUF, tiny:)
-        base_args.model_name_or_path = parent.base_model_args.model_name_or_path
+    lineage = list(parent.lineage) if parent else []
+    # A run that started from an earlier run's merged (or full) folder trained its adapter on that folder, which
+    # adapter_config.json names; records written before alignkit recorded it named that folder's own base instead.
+    from_run_folder = len(lineage) >= 2 and lineage[-1].from_adapter is None
+    if parent and parent.base_model_args.model_name_or_path and not from_run_folder:
+        base_args.model_name_or_path = parent.base_model_args.model_name_or_path  # as the run named it (GGUF, tiny:)
         base_args.gguf_file = parent.base_model_args.gguf_file
     base = resolve_source(base_args)
-    lineage = list(parent.lineage) if parent else []
     fold = list(base.fold_adapters)
     if lineage and lineage[-1].adapter_handoff == "reference":  # this adapter sits on top of its parent's
         under = resolve_source(dataclasses.replace(model_args, model_name_or_path=lineage[-1].from_adapter))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 from alignkit.data.schemas import Schema
@@ -119,11 +120,32 @@ class Labels:
             raise ConfigError(f"label_list: has duplicates {label_list}. Fix: list every label once.")
         self.names = [str(name) for name in label_list]
         self.ids = {name: i for i, name in enumerate(self.names)}
+        # Labels that are all whole numbers (star ratings 1-5, sentiment -1/0/1, Yelp's 1/2): an integer in the data
+        # is a label name, as transformers' run_classification maps label values, never a position in the list (which
+        # would shift every label by one, or swap them, silently).
+        self.numeric_names = all(re.fullmatch(r"-?\d+", name) for name in self.names)
+
+    def lookup(self, value) -> int:
+        """The id of a checked label value (:meth:`id_of`): a name, or an integer id (a name when the names are
+        numbers)."""
+        if isinstance(value, int) and not self.numeric_names:
+            return value
+        return self.ids[str(value)]
 
     def id_of(self, value, source: str, row: int, column: str) -> int:
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise DataError(
                 source, row, f"'{column}' value {value!r} is not a label name or id", f"use one of {self.names}"
+            )
+        if isinstance(value, int) and self.numeric_names:
+            if str(value) in self.ids:
+                return self.ids[str(value)]
+            raise DataError(
+                source,
+                row,
+                f"'{column}' label {value} is not in label_list {self.names} (whole numbers in the data are label "
+                "names when every label is one)",
+                "add it to label_list, or fix the row",
             )
         if isinstance(value, int):
             if 0 <= value < len(self.names):

@@ -28,7 +28,10 @@ class SequenceClassificationArguments(LabelArguments):
         default=None, metadata={"help": "seq_cls: second text of a pair (NLI, paraphrase)."}
     )
     label_column: str = field(
-        default="label", metadata={"help": "seq_cls: the label column (a name in label_list, or its id)."}
+        default="label",
+        metadata={
+            "help": "seq_cls: the label column (a name in label_list, or its id; numbers are names if all labels are)."
+        },
     )
 
 
@@ -57,12 +60,10 @@ class SequenceClassification(Task):
         return self.labels.head_kwargs()
 
     def preprocess(self, datasets):
-        ids = self.labels.ids
-
         def features(batch):
             texts = [batch[c] for c in self.text_columns]
             enc = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
-            enc["labels"] = [v if isinstance(v, int) else ids[v] for v in batch[self.args.label_column]]
+            enc["labels"] = [self.labels.lookup(v) for v in batch[self.args.label_column]]
             return enc
 
         return self._map(datasets, features)

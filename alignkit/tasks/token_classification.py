@@ -119,7 +119,8 @@ class TokenClassificationArguments(LabelArguments):
 
     tokens_column: str = field(default="tokens", metadata={"help": "token_cls: the column of word lists."})
     tags_column: str = field(
-        default="ner_tags", metadata={"help": "token_cls: the column of tag lists (names or ids)."}
+        default="ner_tags",
+        metadata={"help": "token_cls: the column of tag lists (names or ids; numbers are names if all labels are)."},
     )
     label_all_tokens: bool = field(
         default=False,
@@ -197,13 +198,11 @@ class TokenClassification(Task):
         return self.labels.head_kwargs()
 
     def preprocess(self, datasets):
-        ids = self.labels.ids
-
         def features(batch):
             enc, word_ids = encode_words(self.tokenizer, batch[self.args.tokens_column], self.max_length)
             enc["labels"] = [
                 align_labels(
-                    [t if isinstance(t, int) else ids[t] for t in tags],
+                    [self.labels.lookup(t) for t in tags],
                     word_ids[k],
                     self.args.label_all_tokens,
                     self.continuation_ids,

@@ -436,8 +436,11 @@ class Run:
             precision=getattr(self, "precision", {}),
             memory_plan=getattr(self, "memory_plan", {}),
         )
-        base = parent.base_model_args if parent and parent.base_model_args.model_name_or_path else None
-        base = base or BaseModelRef(r.model.model_name_or_path, r.model.gguf_file)
+        # The base the new adapter sits on: an earlier adapter's base as that run named it (GGUF, tiny:) when this
+        # stage continues or stacks on its adapter; else the model this stage loaded: a merged or full run folder is
+        # itself the base (its own record names the base *it* was trained from, without the weights merged into it).
+        continues = self.source.adapter_dir and parent and parent.base_model_args.model_name_or_path
+        base = parent.base_model_args if continues else BaseModelRef(r.model.model_name_or_path, r.model.gguf_file)
         loaded = getattr(self.model, "alignkit_source", None)
         if entry.adapter_handoff == "merge" and loaded:  # the new adapter belongs to the merged base the loader wrote
             base = BaseModelRef(loaded.base)
