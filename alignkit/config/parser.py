@@ -125,7 +125,10 @@ def _kinds(tp) -> tuple[type, ...] | None:
     if origin is typing.Literal:
         return tuple(dict.fromkeys(type(v) for v in typing.get_args(tp) if v is not None))
     if tp in (list, tuple) or origin in (list, tuple):
-        return (list,)
+        items = typing.get_args(tp)
+        # a list of mappings or of anything (datasets: [...]) takes one mapping for a one-item list
+        one_mapping = not items or any(a is Any or a is dict or typing.get_origin(a) is dict for a in items)
+        return (list, dict) if one_mapping else (list,)
     if tp is dict or origin is dict:
         return (dict,)
     if tp is float:

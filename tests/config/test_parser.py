@@ -129,6 +129,18 @@ def test_a_yaml_value_of_the_wrong_kind_names_its_key(recipe_file, line, message
         parse_recipe(SFTConfig, ["--config", str(recipe_file)])
 
 
+def test_a_single_dataset_mapping_stands_for_a_one_item_list(recipe_file):
+    """``datasets: {path: ..., streaming: true}`` (one source written as a mapping, as the streaming docs do) is
+    accepted as a list of one, as it was before the value-kind checks; a list of text still refuses a mapping."""
+    kept = [x for x in recipe_file.read_text().splitlines() if not x.startswith("datasets:") and not x.startswith(" ")]
+    recipe_file.write_text("\n".join([*kept, "datasets: {path: recipes/tiny/data/sft.jsonl}"]) + "\n")
+    recipe = parse_recipe(SFTConfig, ["--config", str(recipe_file)])
+    assert [d.path for d in recipe.data.datasets] == ["recipes/tiny/data/sft.jsonl"]
+    recipe_file.write_text("\n".join([*kept, "datasets: [recipes/tiny/data/sft.jsonl]", "lora_target_modules: {a: 1}"]))
+    with pytest.raises(ConfigError, match="lora_target_modules: .* is a mapping, not a list or text"):
+        parse_recipe(SFTConfig, ["--config", str(recipe_file)])
+
+
 def test_a_yaml_bool_may_be_0_or_1(recipe_file):
     recipe_file.write_text(recipe_file.read_text() + "assistant_only_loss: 1\nload_in_4bit: 0\n")
     recipe = parse_recipe(SFTConfig, ["--config", str(recipe_file)])
