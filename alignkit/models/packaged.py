@@ -245,6 +245,9 @@ def convert_gguf(gguf: Path, out_dir: Path, extras: list[Path] | tuple[Path, ...
     fresh interpreter without a launcher's environment (a ZeRO-3 rank would build and save the model partitioned).
     ``extras`` (a licence) are copied into ``out_dir``."""
     extra = [str(p) for p in extras]
+    # said here: the child's own log lines are captured (only its last error line is shown)
+    logger.warning("converting %s to safetensors, once, into %s (SmolLM2-135M: about a minute on 2 quiet cores)",
+                   gguf.name, out_dir)  # fmt: skip
     code = f"from pathlib import Path; from alignkit.models.packaged import _convert; _convert(Path({str(gguf)!r}), Path({str(out_dir)!r}), {extra!r})"
     done = subprocess.run([sys.executable, "-c", code], env=runtime.clean_env(), capture_output=True, text=True)
     if done.returncode != 0 or not (out_dir / "config.json").is_file():
@@ -259,7 +262,6 @@ def _convert(gguf: Path, out_dir: Path, extras: list[str] = ()) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    logger.warning("converting %s to safetensors (once, into %s)", gguf.name, out_dir)
     kwargs = {"gguf_file": gguf.name}
     config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(

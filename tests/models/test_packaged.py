@@ -64,3 +64,13 @@ def test_a_wheel_pip_cannot_download_names_pips_error_as_text(tmp_path, monkeypa
     message = str(error.value)
     assert "(ERROR: No matching distribution found for alignkit-no-such-wheel==1.0). Fix: allow pip" in message
     assert "['" not in message and str(tmp_path) in message
+
+
+def test_a_conversion_says_so_before_it_starts_and_a_failed_one_quotes_its_error(tmp_path, caplog):
+    """The conversion runs in a child whose output is captured: the console line comes from this process."""
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF not really")
+    with caplog.at_level("WARNING", logger="alignkit.models.packaged"), pytest.raises(PreflightError) as error:
+        packaged.convert_gguf(bad, tmp_path / "out")
+    assert any("converting broken.gguf to safetensors, once" in r.getMessage() for r in caplog.records)
+    assert "could not be converted to safetensors (" in str(error.value) and "['" not in str(error.value)
