@@ -19,6 +19,25 @@ def redact(text: str) -> str:
     return _SECRET_VALUE.sub("<redacted>", text)
 
 
+# How to install DeepSpeed (the ZeRO accelerate configs, a recipe's `deepspeed:` key): it builds against the installed
+# torch, so after it and without build isolation (pip's isolated build would fetch another torch); DS_BUILD_OPS=0
+# leaves its kernels to first use. scripts/install.sh runs it; pyproject.toml's deepspeed extra holds the same range.
+DEEPSPEED_INSTALL = 'DS_BUILD_OPS=0 pip install --no-build-isolation "deepspeed>=0.19.8,<0.20"'
+
+
+def deepspeed_missing(what: str) -> str | None:
+    """The one-line error for ``what`` (a launch config, a key) that needs DeepSpeed when it is not installed, else
+    None."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        return None
+    return (
+        f"{what} needs DeepSpeed, which is not installed. Fix: install it after torch: {DEEPSPEED_INSTALL} "
+        "(scripts/install.sh does), or train without DeepSpeed (--accelerate_config ddp, or no deepspeed key)."
+    )
+
+
 def suggest(key: str, valid) -> str:
     """' Did you mean 'x'?' for the closest of ``valid`` to a mistyped ``key``, or ''."""
     import difflib

@@ -15,6 +15,9 @@ filter for torch elastic's per-rank failure lines:
   child's own error; the launcher exits with that code (1 when the child died of a signal). The command line is
   never printed; with ``ALIGNKIT_TRACEBACK=1`` the launcher's traceback is printed, every secret redacted.
 
+accelerate's DeepSpeed launcher without DeepSpeed installed (an ImportError that ends in a bare ``pip3 install
+deepspeed``, which would build against another torch) becomes one line with the install command; exit 2.
+
 It also forwards SIGTERM and SIGINT to the launcher's children (accelerate's one-process launcher otherwise dies
 of them and leaves the training process running as an orphan): the run saves a checkpoint, marks itself
 ``interrupted`` and exits 128 + the signal's number, which the launcher then exits with. torch elastic's agent
@@ -67,7 +70,12 @@ def install(orig_argv: list[str] | None = None) -> bool:
 
     def hook(exc_type, exc, tb):
         code = child_exit_code(exc)
-        if code is None:
+        if code is None and isinstance(exc, ImportError) and "DeepSpeed is not installed" in str(exc):
+            from alignkit.errors import deepspeed_missing  # accelerate's DeepSpeed launcher, before any child starts
+
+            print(f"alignkit: {deepspeed_missing('this accelerate config')}", file=sys.stderr)
+            code = BAD_INPUT
+        elif code is None:
             return previous(exc_type, exc, tb)
         _report(exc_type, exc, tb, code)
         for stream in (sys.stdout, sys.stderr):

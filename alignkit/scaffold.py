@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from alignkit.config.keyref import load_reference
-from alignkit.errors import ConfigError, suggest
+from alignkit.errors import ConfigError, deepspeed_missing, suggest
 
 PACKAGE = Path(__file__).resolve().parent
 CLONE = PACKAGE.parent
@@ -226,6 +226,9 @@ def launch_command(stage: str, argv: list[str]) -> list[str] | None:
             f"{names} (alignkit recipes lists them), or the path of an accelerate config file."
         )
     settings = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    if str(settings.get("distributed_type", "")).upper() == "DEEPSPEED" or settings.get("deepspeed_config"):
+        if missing := deepspeed_missing(f"--accelerate_config {name} (a DeepSpeed config)"):
+            raise ConfigError(missing)  # else accelerate's launcher raises ImportError with a bare `pip3 install`
     ds_file = (settings.get("deepspeed_config") or {}).get("deepspeed_config_file")
     if ds_file and not Path(ds_file).is_absolute():
         beside = config.resolve().parent / ds_file  # `alignkit init --gpus` writes the JSON beside its config

@@ -1,6 +1,7 @@
 """alignkit.scaffold: `alignkit recipes`, `alignkit init <stage>` and the `--accelerate_config` launch command, from
 the shipped files (the wheel's contents and a run from it: tests/structure/test_install.py)."""
 
+import os
 import re
 import subprocess
 import sys
@@ -95,3 +96,46 @@ def test_bad_launch_flag_exits_2_without_traceback():
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2 and "--accelerate_config nope" in done.stderr and "Traceback" not in done.stderr
+
+
+# DeepSpeed is optional (pyproject's deepspeed extra; scripts/install.sh installs it). A machine without it sees the
+# install command that works (after torch, no build isolation), not accelerate's traceback ending in `pip3 install`.
+# `sys.modules["deepspeed"] = None` makes it uninstalled for importlib's find_spec, as accelerate and alignkit ask.
+HIDE_DEEPSPEED = "import sys; sys.modules['deepspeed'] = None\n"
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3", "zero3_offload", "multinode_zero3"])
+def test_deepspeed_launch_without_deepspeed_names_the_install_command(config, monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    with pytest.raises(
+        ConfigError, match=rf"--accelerate_config {config} .*DS_BUILD_OPS=0 pip install --no-build-isolation"
+    ):
+        launch_command("sft", ["--config", "x.yaml", "--accelerate_config", config, "--num_processes", "2"])
+    assert launch_command("sft", ["--config", "x.yaml", "--accelerate_config", "ddp"])  # no DeepSpeed needed
+
+
+def test_deepspeed_key_without_deepspeed_exits_2_before_any_model_loads(tmp_path):
+    (tmp_path / "ds.json").write_text('{"train_batch_size": "auto"}')
+    code = HIDE_DEEPSPEED + (
+        "from alignkit.cli import main\n"
+        f"sys.exit(main(['sft', '--config', 'recipes/tiny/sft.yaml', '--deepspeed', {str(tmp_path / 'ds.json')!r}, "
+        f"'--output_dir', {str(tmp_path / 'out')!r}]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "deepspeed: " in done.stderr and "DS_BUILD_OPS=0 pip install --no-build-isolation" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_accelerate_launch_of_a_deepspeed_config_without_deepspeed_exits_2_with_the_fix(tmp_path):
+    """`accelerate launch --config_file accelerate_configs/zero2.yaml recipes/sft.py ...` itself (launch_guard)."""
+    (tmp_path / "sitecustomize.py").write_text(HIDE_DEEPSPEED)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}"}
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/zero2.yaml",
+         "--num_processes", "1", "recipes/sft.py", "--config", "recipes/tiny/sft.yaml",
+         "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "DS_BUILD_OPS=0 pip install --no-build-isolation" in done.stderr and "Traceback" not in done.stderr

@@ -106,6 +106,10 @@ class _StageDefaults:
     )
 
     def __post_init__(self):
+        from alignkit.errors import ConfigError, deepspeed_missing
+
+        if getattr(self, "deepspeed", None) and (missing := deepspeed_missing(f"deepspeed: {self.deepspeed}")):
+            raise ConfigError(missing)  # else transformers' __post_init__ fails on the missing package's metadata
         _device_defaults(self)
         super().__post_init__()
 

@@ -143,7 +143,9 @@ class StageProgress:
     ETA) and the last logged loss. On a console (a TTY) the line is rewritten in place; otherwise (CI, a file) a
     line is printed at most every 30 s."""
 
-    _STEP = re.compile(r"(\d+)/(\d+) \[[\d:]+<([\d:?]+), +[\d.?]+(?:s/it|it/s)\]")  # the trainer's bar
+    # the trainer's bar: no description before its percentage (transformers' 'Loading weights: 100%|...| 272/272'
+    # and datasets' 'Tokenizing ...' bars have one)
+    _STEP = re.compile(r"(?:^|[\r\n]) *\d+%\|[^|\r\n]*\| *(\d+)/(\d+) \[[\d:]+<([\d:?]+), +[\d.?]+(?:s/it|it/s)\]")
     _LOSS = re.compile(r"'loss': '?([\d.eE+-]+)")
     _REWARD = re.compile(r"'reward': '?([\d.eE+-]+)")
 

