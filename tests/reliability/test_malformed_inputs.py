@@ -275,7 +275,7 @@ CASES = [
          + json.dumps({"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n"),
     Case("task-key-of-another-task", "token_cls", ConfigError, ("doc_stride", "task qa"), config=dict(doc_stride=8)),
     Case("task-unknown", "token_cls", ConfigError, ("task", "'ner'", "is not a task"), config=dict(task="ner")),
-    Case("stage-key-of-another-stage", "sft", ConfigError, ("'beta'", "dpo recipe"), config=dict(beta=0.1)),
+    Case("stage-key-of-another-stage", "sft", ConfigError, ("'beta'", "key of the dpo, kto", "alignkit dpo"), config=dict(beta=0.1)),
     Case("task-key-in-stage-recipe", "sft", ConfigError, ("'task'", "task recipe"), cli=("--task", "qa")),
     # ---------------------------------------------------------------- found by a fresh user's session
     Case("sft-on-an-encoder", "sft", ConfigError, ("tiny:bert", "not a causal", "alignkit task"), config=dict(model_name_or_path="tiny:bert")),
