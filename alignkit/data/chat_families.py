@@ -144,6 +144,7 @@ _EOS = "\x00alignkit-eos\x00"  # what a template's eos_token renders as while it
 
 
 @functools.cache
+@functools.cache  # the family's twin and the probes are fixed: rendered once per process
 def stop_tokens(name: str) -> tuple[str, ...]:
     """Every marker token family ``name``'s template ends an assistant turn with where generation must stop, in any
     of its branches: its end-of-turn token first, then what a tool call, a built-in tool call (Llama 3.1's
